@@ -1,0 +1,145 @@
+"""InferenceService: compiled Open Inference Protocol serving with safe roll-outs."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from crds.common import Accelerator, Condition, KubeModel, Resources
+
+DEFAULT_IMAGE = "ghcr.io/kubeforge/runtime:0.1.0"
+
+
+class ModelRef(KubeModel):
+    """The model to serve. Exactly one of modelVersion or uri."""
+
+    model_version: str | None = Field(
+        default=None, max_length=253, description="A ModelVersion in the same namespace."
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=4096,
+        pattern=r"^(models:/[^/@]+(/\d+|@[\w-]+)|runs:/.+|file:///.+|/.+)$",
+        description="models:/name@alias, models:/name/N, runs:/<run>/<path>, or a path/file:// URI.",
+    )
+
+
+class CompileMode(StrEnum):
+    aot = "aot"
+    jit = "jit"
+    eager = "eager"
+
+
+class CompileBackend(StrEnum):
+    auto = "auto"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+    rocm = "rocm"
+    npu = "npu"
+    mlu = "mlu"
+    cpu = "cpu"
+    eager = "eager"
+
+
+class CompileSpec(KubeModel):
+    """Ahead-of-time compilation for the target hardware (kubeforge-serve compile, in an init container)."""
+
+    mode: CompileMode = Field(
+        default=CompileMode.aot,
+        description="aot (torch.export + AOTInductor, cached), jit (torch.compile at start-up) or eager.",
+    )
+    backend: CompileBackend = Field(
+        default=CompileBackend.auto,
+        description="auto picks the best backend for the hardware found; naming one that is not available fails.",
+    )
+    warmup_batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 8], max_length=16, description="Batch sizes compiled and checked against eager."
+    )
+    cache_claim_name: str | None = Field(
+        default=None, max_length=253, description="PersistentVolumeClaim for the compile cache shared by pods."
+    )
+
+
+class BatchingSpec(KubeModel):
+    """Dynamic batching per model."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="Largest batch formed.")
+    max_delay_ms: float = Field(default=2.0, ge=0, le=10000, description="Longest a request waits for a batch.")
+    max_queue_size: int = Field(
+        default=1024, ge=1, description="Queued requests before 429/RESOURCE_EXHAUSTED (back-pressure)."
+    )
+
+
+class AutoscalingSpec(KubeModel):
+    """A HorizontalPodAutoscaler for the stable deployment."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(default=1, ge=1, le=1000, description="Most replicas.")
+    target_cpu_utilization: int | None = Field(default=None, ge=1, le=100, description="Target CPU percent.")
+    target_concurrency: int | None = Field(
+        default=None, ge=1, description="Target in-flight requests per pod (custom metric kubeforge_inflight)."
+    )
+
+
+class CanarySpec(KubeModel):
+    """A second model receiving a share of the traffic."""
+
+    model: ModelRef = Field(description="The canary model.")
+    traffic_percent: int = Field(default=10, ge=0, le=100, description="Percent of requests sent to the canary.")
+
+
+class PortsSpec(KubeModel):
+    """Ports the server listens on."""
+
+    http: int = Field(default=8080, ge=1, le=65535, description="REST (OIP v2) and /metrics.")
+    grpc: int = Field(default=8081, ge=1, le=65535, description="gRPC GRPCInferenceService.")
+
+
+class InferenceServiceSpec(KubeModel):
+    """Desired state of an InferenceService."""
+
+    image: str = Field(default=DEFAULT_IMAGE, max_length=1024, description="Container image with the runtime.")
+    model: ModelRef = Field(description="The model to serve.")
+    accelerator: Accelerator = Field(default_factory=Accelerator, description="Accelerators per pod.")
+    compile: CompileSpec = Field(default_factory=CompileSpec, description="Compilation for the hardware.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Dynamic batching.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas of the stable model (no autoscaling).")
+    autoscaling: AutoscalingSpec | None = Field(default=None, description="Autoscale instead of fixed replicas.")
+    canary: CanarySpec | None = Field(default=None, description="Canary roll-out of a second model.")
+    ports: PortsSpec = Field(default_factory=PortsSpec, description="Listening ports.")
+    resources: Resources | None = Field(default=None, description="CPU and memory per pod.")
+    env: dict[str, str] | None = Field(default=None, description="Extra environment variables.")
+
+
+class InferenceServicePhase(StrEnum):
+    pending = "Pending"
+    compiling = "Compiling"
+    ready = "Ready"
+    rolling_out = "RollingOut"
+    failed = "Failed"
+
+
+class TrafficTarget(KubeModel):
+    """Share of the traffic one model receives."""
+
+    model_uri: str = Field(description="The model.")
+    percent: int = Field(ge=0, le=100, description="Percent of requests.")
+    ready_replicas: int = Field(default=0, description="Ready pods serving it.")
+
+
+class InferenceServiceStatus(KubeModel):
+    """Observed state of an InferenceService."""
+
+    phase: InferenceServicePhase | None = Field(default=None, description="Lifecycle phase.")
+    conditions: list[Condition] | None = Field(default=None, description="Ready, PredictorReady, CanaryReady.")
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    url: str | None = Field(default=None, description="In-cluster URL of the REST endpoint.")
+    grpc_address: str | None = Field(default=None, description="host:port of the gRPC endpoint.")
+    replicas: int | None = Field(default=None, description="Pods of the stable model (scale subresource).")
+    ready_replicas: int | None = Field(default=None, description="Ready pods of the stable model.")
+    selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
+    traffic: list[TrafficTarget] | None = Field(default=None, description="Traffic split.")
+    traffic_summary: str | None = Field(default=None, description="Traffic split as text, for printer columns.")
+    model_uri: str | None = Field(default=None, description="Resolved URI of the stable model.")
+    backend: str | None = Field(default=None, description="Compile backend the pods report.")
