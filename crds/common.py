@@ -6,10 +6,12 @@ Descriptions are the documentation: they become `kubectl explain` text and docs/
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubeforge.io"
@@ -17,8 +19,47 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One validation rule, enforced with the same message at two doors.
+
+    `cel` runs in the API server (an `x-kubernetes-validations` entry of the model's schema, `self` being
+    the object the model describes); `check` is its pydantic mirror (True when the object is valid), run
+    by the operator, which re-checks defensively, and by the training runtime on local YAML. A transition
+    rule (its CEL uses `oldSelf`) compares an update with the stored object: `transition(old, new)`
+    mirrors it, and pydantic alone cannot run it.
+    """
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool] | None = None
+    transition: Callable[[Any, Any], bool] | None = None
+    field_path: str | None = None
+    reason: str | None = None
+
+    def to_schema(self) -> dict[str, Any]:
+        """The `x-kubernetes-validations` entry."""
+        entry: dict[str, Any] = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            entry["fieldPath"] = self.field_path
+        if self.reason:
+            entry["reason"] = self.reason
+        return entry
+
+
+def _add_rules(schema: dict[str, Any], cls: type[Any]) -> None:
+    """json_schema_extra of every KubeModel: carries the class's rules into its JSON schema."""
+    rules: tuple[Rule, ...] = getattr(cls, "x_rules", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [r.to_schema() for r in rules]
+
+
 class KubeModel(BaseModel):
-    """Base of every API type: camelCase on the wire, unknown fields rejected."""
+    """Base of every API type: camelCase on the wire, unknown fields rejected.
+
+    A subclass lists its cross-field rules in `x_rules`; they become CEL rules of the CRD and are
+    checked here with identical messages.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -26,11 +67,71 @@ class KubeModel(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        json_schema_extra=_add_rules,
     )
+
+    x_rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        errors = [r.message for r in type(self).x_rules if r.check is not None and not r.check(self)]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
     def to_wire(self) -> dict[str, Any]:
         """The object as the API server stores it: camelCase, without unset optional fields."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def dns1035_ok(name: Any, limit: int) -> bool:
+    """Mirror of name_rule's CEL: a DNS-1035 label of at most `limit` characters (anything else passes)."""
+    if not isinstance(name, str):
+        return True
+    ok_chars = all(c.isascii() and (c.islower() or c.isdigit() or c == "-") for c in name)
+    return ok_chars and 0 < len(name) <= limit and name[0].isalpha() and name[-1] != "-"
+
+
+def name_rule(limit: int, names: str) -> Rule:
+    """A rule on a whole object: its name becomes the prefix of child objects named `names`."""
+    return Rule(
+        cel="!has(self.metadata.name) || (self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') "
+        f"&& self.metadata.name.size() <= {limit})",
+        message=f"metadata.name must be a DNS-1035 label of at most {limit} characters (it names {names}): "
+        "start with a letter, use only a-z, 0-9 and '-'",
+        check=lambda obj: dns1035_ok((obj.get("metadata") or {}).get("name"), limit),
+        field_path=".metadata.name",
+    )
+
+
+def object_errors(rules: tuple[Rule, ...], obj: Any) -> list[str]:
+    """Messages of the (non-transition) rules `obj` breaks, for rules kept outside a model (whole objects)."""
+    return [r.message for r in rules if r.check is not None and not r.check(obj)]
+
+
+def transition_errors(rules: tuple[Rule, ...], old: Any, new: Any) -> list[str]:
+    """Messages of the transition rules an update from `old` to `new` breaks (empty: allowed)."""
+    return [r.message for r in rules if r.transition is not None and not r.transition(old, new)]
+
+
+# json_schema_extra of a field whose pydantic default must not become a CRD default: the operator fills it
+# in from its own settings (e.g. the runtime image), which a server-side default would always shadow.
+NO_SERVER_DEFAULT: dict[str, Any] = {"x-kubeforge-no-server-default": True}
+
+
+# Alias names as MLflow and models:/name@alias URIs accept them ('latest' and v<N> are reserved by MLflow).
+ALIAS_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
+AliasName = Annotated[str, Field(min_length=1, max_length=63, pattern=ALIAS_PATTERN)]
+ALIASES_CEL = "self.all(a, a != 'latest' && !a.matches('^[vV][0-9]+$'))"
+ALIASES_MESSAGE = (
+    "aliases must not be 'latest' or v<number> (MLflow reserves them): choose another "
+    "alias name, e.g. champion"
+)
+
+
+def aliases_ok(aliases: list[str] | None) -> bool:
+    """Mirror of ALIASES_CEL."""
+    return not any(a == "latest" or (a[:1] in ("v", "V") and a[1:].isdigit()) for a in aliases or ())
 
 
 class AcceleratorVendor(StrEnum):
@@ -46,14 +147,16 @@ class Accelerator(KubeModel):
 
     vendor: AcceleratorVendor = Field(
         default=AcceleratorVendor.cpu,
-        description="Hardware family: nvidia (nvidia.com/gpu), amd (amd.com/gpu), ascend (huawei.com/Ascend910), "
+        description="Hardware family: nvidia (nvidia.com/gpu), amd (amd.com/gpu), ascend "
+        "(huawei.com/Ascend910), "
         "cambricon (cambricon.com/mlu) or cpu (no accelerator).",
     )
     product: str | None = Field(
         default=None,
         max_length=128,
         description="Product to select nodes by, matched against the node's product label "
-        "(nvidia.com/gpu.product, amd.com/gpu.product-name, ...), e.g. NVIDIA-H200, AMD-Instinct-MI300X, Ascend910B. "
+        "(nvidia.com/gpu.product, amd.com/gpu.product-name, ...), e.g. NVIDIA-H200, "
+        "AMD-Instinct-MI300X, Ascend910B. "
         "Unset: any product of the vendor.",
     )
     count: int = Field(
@@ -61,6 +164,31 @@ class Accelerator(KubeModel):
         ge=0,
         le=64,
         description="Accelerators per pod. Must be 0 for vendor cpu and at least 1 for any other vendor.",
+    )
+
+    x_rules = (
+        Rule(
+            cel="self.vendor != 'cpu' || self.count == 0",
+            message="accelerator.count must be 0 when accelerator.vendor is cpu: remove count, "
+            "or set vendor to nvidia, amd, ascend or cambricon",
+            check=lambda m: m.vendor != "cpu" or m.count == 0,
+            field_path=".count",
+        ),
+        Rule(
+            cel="self.vendor == 'cpu' || self.count >= 1",
+            message="accelerator.count must be at least 1 when accelerator.vendor is not cpu: "
+            "set accelerator.count, e.g. 1",
+            check=lambda m: m.vendor == "cpu" or m.count >= 1,
+            field_path=".count",
+        ),
+        Rule(
+            cel="self.vendor != 'cpu' || !has(self.product)",
+            message=(
+                "accelerator.product needs a vendor other than cpu: set accelerator.vendor or remove product"
+            ),
+            check=lambda m: m.vendor != "cpu" or m.product is None,
+            field_path=".product",
+        ),
     )
 
 
@@ -76,6 +204,10 @@ class Resources(KubeModel):
 
     requests: ResourceList | None = Field(default=None, description="Guaranteed resources per pod.")
     limits: ResourceList | None = Field(default=None, description="Upper bounds per pod.")
+
+
+# Conditions are a list keyed by type (server-side apply merges them per type, as for metav1.Condition).
+CONDITIONS_LIST: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 
 
 class ConditionStatus(StrEnum):

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated, Any
 
 from pydantic import Field
 
-from crds.common import Accelerator, Condition, KubeModel, Resources
+from crds.common import (
+    CONDITIONS_LIST,
+    NO_SERVER_DEFAULT,
+    Accelerator,
+    Condition,
+    KubeModel,
+    Resources,
+    Rule,
+    name_rule,
+    object_errors,
+)
 
 DEFAULT_IMAGE = "ghcr.io/kubeforge/runtime:0.1.0"
 
@@ -22,6 +33,15 @@ class ModelRef(KubeModel):
         max_length=4096,
         pattern=r"^(models:/[^/@]+(/\d+|@[\w-]+)|runs:/.+|file:///.+|/.+)$",
         description="models:/name@alias, models:/name/N, runs:/<run>/<path>, or a path/file:// URI.",
+    )
+
+    x_rules = (
+        Rule(
+            cel="has(self.modelVersion) != has(self.uri)",
+            message="model: set exactly one of modelVersion (a ModelVersion in this namespace) or uri "
+            "(models:/name@alias, models:/name/N, runs:/..., file:///...)",
+            check=lambda m: (m.model_version is None) != (m.uri is None),
+        ),
     )
 
 
@@ -51,13 +71,20 @@ class CompileSpec(KubeModel):
     )
     backend: CompileBackend = Field(
         default=CompileBackend.auto,
-        description="auto picks the best backend for the hardware found; naming one that is not available fails.",
+        description=(
+            "auto picks the best backend for the hardware found; naming one that is not available fails."
+        ),
     )
-    warmup_batch_sizes: list[int] = Field(
-        default_factory=lambda: [1, 8], max_length=16, description="Batch sizes compiled and checked against eager."
+    warmup_batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1, 8],
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Batch sizes compiled and checked against eager.",
     )
     cache_claim_name: str | None = Field(
-        default=None, max_length=253, description="PersistentVolumeClaim for the compile cache shared by pods."
+        default=None,
+        max_length=253,
+        description="PersistentVolumeClaim for the compile cache shared by pods.",
     )
 
 
@@ -65,9 +92,14 @@ class BatchingSpec(KubeModel):
     """Dynamic batching per model."""
 
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="Largest batch formed.")
-    max_delay_ms: float = Field(default=2.0, ge=0, le=10000, description="Longest a request waits for a batch.")
+    max_delay_ms: float = Field(
+        default=2.0, ge=0, le=10000, description="Longest a request waits for a batch."
+    )
     max_queue_size: int = Field(
-        default=1024, ge=1, description="Queued requests before 429/RESOURCE_EXHAUSTED (back-pressure)."
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Queued requests before 429/RESOURCE_EXHAUSTED (back-pressure).",
     )
 
 
@@ -78,7 +110,19 @@ class AutoscalingSpec(KubeModel):
     max_replicas: int = Field(default=1, ge=1, le=1000, description="Most replicas.")
     target_cpu_utilization: int | None = Field(default=None, ge=1, le=100, description="Target CPU percent.")
     target_concurrency: int | None = Field(
-        default=None, ge=1, description="Target in-flight requests per pod (custom metric kubeforge_inflight)."
+        default=None,
+        ge=1,
+        description="Target in-flight requests per pod (custom metric kubeforge_inflight).",
+    )
+
+    x_rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="autoscaling.minReplicas must be at most autoscaling.maxReplicas: lower minReplicas "
+            "or raise maxReplicas",
+            check=lambda m: m.min_replicas <= m.max_replicas,
+            field_path=".minReplicas",
+        ),
     )
 
 
@@ -86,7 +130,9 @@ class CanarySpec(KubeModel):
     """A second model receiving a share of the traffic."""
 
     model: ModelRef = Field(description="The canary model.")
-    traffic_percent: int = Field(default=10, ge=0, le=100, description="Percent of requests sent to the canary.")
+    traffic_percent: int = Field(
+        default=10, ge=0, le=100, description="Percent of requests sent to the canary."
+    )
 
 
 class PortsSpec(KubeModel):
@@ -95,21 +141,86 @@ class PortsSpec(KubeModel):
     http: int = Field(default=8080, ge=1, le=65535, description="REST (OIP v2) and /metrics.")
     grpc: int = Field(default=8081, ge=1, le=65535, description="gRPC GRPCInferenceService.")
 
+    x_rules = (
+        Rule(
+            cel="self.http != self.grpc",
+            message="ports.http and ports.grpc must differ: pick another port for one of them",
+            check=lambda m: m.http != m.grpc,
+            field_path=".grpc",
+        ),
+    )
+
+
+_BACKEND_VENDOR = {"cuda": "nvidia", "tensorrt": "nvidia", "rocm": "amd", "npu": "ascend", "mlu": "cambricon"}
+
 
 class InferenceServiceSpec(KubeModel):
     """Desired state of an InferenceService."""
 
-    image: str = Field(default=DEFAULT_IMAGE, max_length=1024, description="Container image with the runtime.")
+    image: str = Field(
+        default=DEFAULT_IMAGE,
+        max_length=1024,
+        json_schema_extra=NO_SERVER_DEFAULT,
+        description="Container image with the runtime. Unset: the operator's runtime image "
+        "(KUBEFORGE_RUNTIME_IMAGE, by default " + DEFAULT_IMAGE + ").",
+    )
     model: ModelRef = Field(description="The model to serve.")
     accelerator: Accelerator = Field(default_factory=Accelerator, description="Accelerators per pod.")
     compile: CompileSpec = Field(default_factory=CompileSpec, description="Compilation for the hardware.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Dynamic batching.")
-    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas of the stable model (no autoscaling).")
-    autoscaling: AutoscalingSpec | None = Field(default=None, description="Autoscale instead of fixed replicas.")
+    replicas: int = Field(
+        default=1, ge=0, le=1000, description="Replicas of the stable model (no autoscaling)."
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Autoscale instead of fixed replicas."
+    )
     canary: CanarySpec | None = Field(default=None, description="Canary roll-out of a second model.")
     ports: PortsSpec = Field(default_factory=PortsSpec, description="Listening ports.")
     resources: Resources | None = Field(default=None, description="CPU and memory per pod.")
-    env: dict[str, str] | None = Field(default=None, description="Extra environment variables.")
+    env: dict[str, str] | None = Field(
+        default=None, max_length=128, description="Extra environment variables."
+    )
+
+    x_rules = (
+        Rule(
+            cel="!has(self.canary) || self.canary.model != self.model",
+            message="canary.model must differ from model: point canary.model at the version you want to try",
+            check=lambda m: m.canary is None or m.canary.model != m.model,
+            field_path=".canary.model",
+        ),
+        Rule(
+            cel="self.compile.backend in ['auto', 'eager', 'cpu'] || "
+            + " || ".join(
+                f"(self.compile.backend == '{b}' && self.accelerator.vendor == '{v}')"
+                for b, v in _BACKEND_VENDOR.items()
+            ),
+            message="compile.backend must match accelerator.vendor (cuda and tensorrt: nvidia, rocm: amd, "
+            "npu: ascend, mlu: cambricon): set compile.backend to auto, or fix accelerator.vendor",
+            check=lambda m: (
+                m.compile.backend in ("auto", "eager", "cpu")
+                or _BACKEND_VENDOR.get(m.compile.backend) == m.accelerator.vendor
+            ),
+            field_path=".compile.backend",
+        ),
+        Rule(
+            cel="self.compile.warmupBatchSizes.all(b, b <= self.batching.maxBatchSize)",
+            message="compile.warmupBatchSizes must not exceed batching.maxBatchSize: remove the larger sizes "
+            "or raise maxBatchSize",
+            check=lambda m: all(b <= m.batching.max_batch_size for b in m.compile.warmup_batch_sizes),
+            field_path=".compile.warmupBatchSizes",
+        ),
+        Rule(
+            cel="!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && "
+            "self.replicas <= self.autoscaling.maxReplicas)",
+            message="replicas must lie within autoscaling.minReplicas..maxReplicas when autoscaling is set "
+            "(the autoscaler scales through it): set replicas inside the range",
+            check=lambda m: (
+                m.autoscaling is None
+                or m.autoscaling.min_replicas <= m.replicas <= m.autoscaling.max_replicas
+            ),
+            field_path=".replicas",
+        ),
+    )
 
 
 class InferenceServicePhase(StrEnum):
@@ -132,7 +243,9 @@ class InferenceServiceStatus(KubeModel):
     """Observed state of an InferenceService."""
 
     phase: InferenceServicePhase | None = Field(default=None, description="Lifecycle phase.")
-    conditions: list[Condition] | None = Field(default=None, description="Ready, PredictorReady, CanaryReady.")
+    conditions: list[Condition] | None = Field(
+        default=None, json_schema_extra=CONDITIONS_LIST, description="Ready, PredictorReady, CanaryReady."
+    )
     observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     url: str | None = Field(default=None, description="In-cluster URL of the REST endpoint.")
     grpc_address: str | None = Field(default=None, description="host:port of the gRPC endpoint.")
@@ -140,6 +253,23 @@ class InferenceServiceStatus(KubeModel):
     ready_replicas: int | None = Field(default=None, description="Ready pods of the stable model.")
     selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
     traffic: list[TrafficTarget] | None = Field(default=None, description="Traffic split.")
-    traffic_summary: str | None = Field(default=None, description="Traffic split as text, for printer columns.")
+    traffic_summary: str | None = Field(
+        default=None, description="Traffic split as text, for printer columns."
+    )
     model_uri: str | None = Field(default=None, description="Resolved URI of the stable model.")
     backend: str | None = Field(default=None, description="Compile backend the pods report.")
+
+
+# Rules on the whole object.
+OBJECT_RULES: tuple[Rule, ...] = (name_rule(48, "the Service and the Deployments"),)
+
+
+def object_rule_errors(obj: dict[str, Any]) -> list[str]:
+    """Messages of the OBJECT_RULES a whole InferenceService object breaks (empty: valid)."""
+    return object_errors(OBJECT_RULES, obj)
+
+
+def parse_spec(obj: dict[str, Any]) -> InferenceServiceSpec:
+    """The spec of an InferenceService object (or a bare spec)."""
+    spec = obj.get("spec", obj) if "kind" in obj or "spec" in obj else obj
+    return InferenceServiceSpec.model_validate(spec)
