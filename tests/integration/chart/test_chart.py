@@ -1,0 +1,169 @@
+"""The Helm chart: lint, render, fail on contradictory values, and the rendered manifests accepted by the
+real API server (`kubectl apply --dry-run=server`)."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "charts" / "kubeforge"
+
+
+def helm(cluster: Any, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(cluster.bin_dir / "helm"), *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def render(cluster: Any, *sets: str, namespace: str = "kubeforge-system") -> list[dict[str, Any]]:
+    args = [a for s in sets for a in ("--set", s)]
+    out = helm(cluster, "template", "kf", str(CHART), "--namespace", namespace, *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def ns(cluster: Any) -> Iterator[str]:
+    name = f"chart-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_lint(cluster: Any) -> None:
+    helm(cluster, "lint", "--strict", str(CHART))
+    helm(
+        cluster,
+        "lint",
+        "--strict",
+        str(CHART),
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "peering.enabled=true",
+        "--set",
+        "config.mlflowTrackingUri=http://mlflow:5000",
+    )
+
+
+def test_default_render(cluster: Any) -> None:
+    docs = render(cluster)
+    crds = by_kind(docs, "CustomResourceDefinition")
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "inferenceservices.kubeforge.io",
+        "modelversions.kubeforge.io",
+        "trainingjobs.kubeforge.io",
+    ]
+    for crd in crds:
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        generated = yaml.safe_load((ROOT / "crds" / f"{crd['metadata']['name']}.yaml").read_text())
+        assert crd["spec"] == generated["spec"], "the chart's CRDs differ from crds/: run kubeforge-gen-crds"
+    (deploy,) = by_kind(docs, "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["kubeforge-operator"]
+    assert "--standalone" in container["args"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"] for e in container["env"]}
+    assert {"POD_ID", "KUBEFORGE_GANG_SCHEDULER_NAME"} <= env
+    (role,) = by_kind(docs, "ClusterRole")
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    for needed in (
+        "trainingjobs/status",
+        "inferenceservices/finalizers",
+        "pods",
+        "jobs",
+        "services",
+        "configmaps",
+        "events",
+        "serviceaccounts",
+        "roles",
+        "rolebindings",
+        "deployments",
+        "horizontalpodautoscalers",
+        "podgroups",
+        "leases",
+        "clusterkopfpeerings",
+        "customresourcedefinitions",
+    ):
+        assert needed in resources, needed
+    assert by_kind(docs, "ServiceAccount") and by_kind(docs, "ClusterRoleBinding")
+
+
+def test_values_reach_the_operator(cluster: Any) -> None:
+    docs = render(
+        cluster,
+        "config.mlflowTrackingUri=http://mlflow.mlflow:5000",
+        "watchNamespaces={team-a,team-b}",
+        "replicaCount=2",
+        "peering.enabled=true",
+        "crds.enabled=false",
+    )
+    assert not by_kind(docs, "CustomResourceDefinition") or all(
+        d["metadata"]["name"].endswith("kopf.dev") for d in by_kind(docs, "CustomResourceDefinition")
+    )
+    (deploy,) = by_kind(docs, "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert "--peering=kubeforge" in container["args"] and "--standalone" not in container["args"]
+    assert "--namespace=team-a" in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBEFORGE_MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow:5000"
+    peerings = by_kind(docs, "KopfPeering")
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["replicaCount=3"], "replicaCount > 1 needs peering.enabled=true"),
+        (["serviceAccount.create=false"], "serviceAccount.create=false needs serviceAccount.name"),
+        (["config.podMlflowTrackingUri=http://x:5000"], "config.podMlflowTrackingUri is set but"),
+        (
+            ["extraEnv[0].name=KUBEFORGE_RUNTIME_IMAGE", "extraEnv[0].value=x"],
+            "use the config.* value instead",
+        ),
+        (["unknownValue=1"], "unknownValue"),
+        (["logging.format=xml"], "logging.format"),
+    ],
+    ids=[
+        "replicas-without-peering",
+        "sa-without-name",
+        "pod-uri-without-uri",
+        "env-clash",
+        "unknown-key",
+        "enum",
+    ],
+)
+def test_contradictory_values_fail(cluster: Any, sets: list[str], message: str) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    proc = helm(cluster, "template", "kf", str(CHART), *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_rendered_chart_is_accepted_by_the_api_server(cluster: Any, ns: str) -> None:
+    out = helm(
+        cluster,
+        "template",
+        "kf",
+        str(CHART),
+        "--namespace",
+        ns,
+        "--set",
+        "config.mlflowTrackingUri=http://mlflow:5000",
+    ).stdout
+    proc = cluster.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=out, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "deployment.apps/kf-kubeforge created (server dry run)" in proc.stdout
