@@ -1,0 +1,191 @@
+"""``kubeforge-train``: run a TrainingJob spec through PyTorch's elastic agent (torchrun's machinery).
+
+In a pod (the operator's command) the agent's settings come from torchrun's ``PET_*`` variables: PET_NNODES
+(min:max), PET_NPROC_PER_NODE, PET_RDZV_ENDPOINT, PET_RDZV_BACKEND, PET_RDZV_ID, PET_MAX_RESTARTS.
+With ``--local`` the same spec runs on this machine: one node, c10d rendezvous on 127.0.0.1.
+
+The layout and the entry point are checked here, before any worker starts, so mistakes fail in a second
+with a message naming the field (exit code 2: not retried by the operator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from crds.common import SPEC_FILE_NAME, SPEC_MOUNT_DIR
+from crds.trainingjob import TrainingJobSpec, TrainingProgress
+from runtime.training.parallel.dims import LayoutError, validate_range
+from runtime.training.progress import write_termination_log
+from runtime.training.protocol import EntryPointError
+from runtime.training.spec import load_spec, write_spec
+
+log = logging.getLogger("kubeforge.launch")
+EXIT_USER_ERROR = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _default_start_method() -> str:
+    """fork reuses the agent's imported torch (workers start in milliseconds) but is unsafe once a CUDA driver
+    is loaded in the agent; GPU nodes spawn fresh interpreters."""
+    gpu = any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/davinci_manager"))
+    return "spawn" if gpu else "fork"
+
+
+def _nnodes(value: str) -> tuple[int, int]:
+    lo, _, hi = value.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def validate(spec: TrainingJobSpec, min_nodes: int, max_nodes: int, nproc: int) -> None:
+    """Everything that can be checked without starting a worker: layout at each world size, model options,
+    the user's entry point (imported, not called)."""
+    validate_range(spec, min_nodes, max_nodes, nproc)
+    if spec.model.entrypoint:
+        from runtime.training.protocol import resolve_entrypoint
+
+        resolve_entrypoint(spec.model.entrypoint)
+    elif str(spec.model.builtin) == "llama":
+        from runtime.training.models.llama import check_layout, llama_args
+
+        par = spec.parallelism
+        check_layout(llama_args(spec), par.tensor, par.pipeline * par.stages_per_rank)
+    elif spec.model.builtin is not None:
+        from runtime.training.models.vision import WIDTHS
+
+        if spec.model.preset not in WIDTHS:
+            raise ValueError(f"spec.model.preset {spec.model.preset!r}: choose one of {sorted(WIDTHS)}")
+        if spec.parallelism.tensor > 1 or spec.parallelism.pipeline > 1:
+            raise LayoutError(f"model {spec.model.builtin} is data-parallel only; set parallelism.tensor: 1 and "
+                              "parallelism.pipeline: 1")
+    else:
+        raise ValueError("spec.model needs builtin or entrypoint")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kubeforge-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", default=f"{SPEC_MOUNT_DIR}/{SPEC_FILE_NAME}", help="TrainingJob YAML")
+    p.add_argument("--local", action="store_true", help="run on this machine (c10d on 127.0.0.1)")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="default: PET_NPROC_PER_NODE or the spec's")
+    p.add_argument("--max-restarts", type=int, default=None, help="default: PET_MAX_RESTARTS or the spec's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set optimizer.steps=20 (repeatable)")
+    p.add_argument("--progress-file", default=None, help="write progress JSON here (default: a temp file)")
+    p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress reports")
+    p.add_argument("--metrics-file", default=None, help="append per-step metrics and events (JSON lines)")
+    p.add_argument("--log-every", type=int, default=1, help="steps between loss reductions / metric records")
+    p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and stop after this step")
+    p.add_argument("--start-method", choices=["fork", "spawn"], default=None,
+                   help="how workers start; default fork without GPUs (fast), spawn with them")
+    p.add_argument("--check", action="store_true", help="validate the spec and the layout, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    env = os.environ
+    try:
+        spec = load_spec(args.spec, args.set)
+    except Exception as e:
+        print(f"kubeforge-train: invalid spec {args.spec}: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    nproc = args.nproc_per_node or int(env.get("PET_NPROC_PER_NODE", spec.processes_per_node))
+    if args.local:
+        min_nodes = max_nodes = 1
+    else:
+        default = f"{spec.nodes.min or spec.nodes.count}:{spec.nodes.max or spec.nodes.count}"
+        min_nodes, max_nodes = _nnodes(env.get("PET_NNODES", default))
+    try:
+        validate(spec, min_nodes, max_nodes, nproc)
+    except (LayoutError, EntryPointError, ValueError) as e:
+        print(f"kubeforge-train: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.check:
+        print(f"kubeforge-train: spec valid for {min_nodes}:{max_nodes} nodes x {nproc} processes")
+        return 0
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    tmp = Path(tempfile.mkdtemp(prefix="kubeforge-train-"))
+    spec_file = tmp / "spec.json"
+    write_spec(spec, spec_file)
+    progress_file = args.progress_file or str(tmp / "progress.json")
+    max_restarts = args.max_restarts if args.max_restarts is not None else int(
+        env.get("PET_MAX_RESTARTS", spec.failure_policy.max_restarts))
+    if args.local:
+        endpoint, backend, run_id = f"127.0.0.1:{_free_port()}", "c10d", f"local-{uuid.uuid4().hex[:8]}"
+    else:
+        endpoint = env.get("PET_RDZV_ENDPOINT", "127.0.0.1:29400")
+        backend, run_id = env.get("PET_RDZV_BACKEND", "c10d"), env.get("PET_RDZV_ID", "kubeforge")
+    config = LaunchConfig(
+        min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, run_id=run_id, rdzv_endpoint=endpoint,
+        rdzv_backend=backend, rdzv_configs={"join_timeout": 600, "last_call_timeout": 30}, max_restarts=max_restarts,
+        monitor_interval=0.5, start_method=args.start_method or _default_start_method(),
+    )
+    worker_args = [str(spec_file), "--progress-file", progress_file,
+                   "--progress-interval", str(args.progress_interval), "--log-every", str(args.log_every)]
+    if args.metrics_file:
+        worker_args += ["--metrics-file", args.metrics_file]
+    if args.stop_at_step:
+        worker_args += ["--stop-at-step", str(args.stop_at_step)]
+    if args.local and sys.stderr.isatty():
+        worker_args.append("--bar")
+    if config.start_method == "fork":  # import once here, so forked workers start with everything loaded
+        _preload(spec)
+    os.environ.setdefault("KUBEFORGE_JOB_ID", run_id)
+    log.info("launching %s: nodes %d:%d x %d processes, rendezvous %s %s, %d restarts allowed",
+             args.spec, min_nodes, max_nodes, nproc, backend, endpoint, max_restarts)
+    code = 0
+    try:
+        from runtime.training.train import worker
+
+        elastic_launch(config, entrypoint=worker)(worker_args)
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()))
+        log.error("training failed: %s", e.format_msg()[:2000])
+        code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
+    final = _final_progress(progress_file, code)
+    write_termination_log(final)
+    print(json.dumps(final.to_wire()))
+    return code
+
+
+def _preload(spec: TrainingJobSpec) -> None:
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+
+    import runtime.training.train  # noqa: F401
+
+    if spec.model.builtin is not None:
+        from runtime.training.models import llama, vision  # noqa: F401
+    if str(spec.data.builtin) == "digits":
+        import sklearn.datasets  # noqa: F401
+
+
+def _final_progress(path: str, code: int) -> TrainingProgress:
+    try:
+        p = TrainingProgress.model_validate_json(Path(path).read_text())
+    except (OSError, ValueError):
+        p = TrainingProgress()
+    if code != 0:
+        p = p.model_copy(update={"state": "failed", "message": f"workers failed (exit code {code})"})
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Pipeline parallelism with torch.distributed.pipelining: the model is cut into stages by the task's split
+function; each stage is then parallelized (TP -> AC -> compile -> FSDP) like a whole model (PP outermost)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from runtime.training.protocol import ParallelContext, ParallelizeFn, SplitFn
+
+SCHEDULES: dict[str, Any] = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+
+
+@dataclass
+class Pipeline:
+    schedule: Any
+    parts: list[nn.Module]
+    has_first: bool
+    has_last: bool
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """Run one step over all micro-batches; the per-micro-batch losses on the last stage, else []."""
+        losses: list[torch.Tensor] = []
+        if self.has_first and self.has_last:
+            self.schedule.step(inputs, target=targets, losses=losses)
+        elif self.has_first:
+            self.schedule.step(inputs)
+        elif self.has_last:
+            self.schedule.step(target=targets, losses=losses)
+        else:
+            self.schedule.step()
+        return losses
+
+
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
+    """Looped assignment: rank r holds stages r, r + pp, r + 2 pp, ..."""
+    return [pp_rank + i * pp for i in range(stages_per_rank)]
+
+
+def build_pipeline(
+    model: nn.Module, split: SplitFn, parallelize: ParallelizeFn, ctx: ParallelContext,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Pipeline:
+    dims = ctx.dims
+    pp_mesh = ctx.mesh["pp"]
+    ids = stage_ids(pp_mesh.get_local_rank(), dims.pp, dims.stages_per_rank)
+    parts, stages = [], []
+    for sid, part in zip(ids, split(model, ids, dims.num_stages), strict=True):
+        part = parallelize(part.to(ctx.device), ctx)
+        parts.append(part)
+        stages.append(PipelineStage(part, sid, dims.num_stages, ctx.device, group=pp_mesh.get_group()))
+    cls = SCHEDULES[dims.schedule]
+    target = stages if dims.schedule == "Interleaved1F1B" else stages[0]
+    schedule = cls(target, n_microbatches=dims.micro_batches, loss_fn=loss_fn, scale_grads=True)
+    return Pipeline(schedule, parts, has_first=0 in ids, has_last=dims.num_stages - 1 in ids)
