@@ -104,7 +104,7 @@ CONF
     log "installing psycopg2-binary into the virtual environment"
     "$VENV/bin/pip" install -q 'psycopg2-binary>=2.9' >&2
   }
-  local db="postgresql://postgres@127.0.0.1:$port/mlflow"
+  local db="postgresql+psycopg2://postgres@127.0.0.1:$port/mlflow"
   log "mlflow db upgrade"
   "$VENV/bin/mlflow" db upgrade "$db" >"$S/db-upgrade.log" 2>&1 || { tail -20 "$S/db-upgrade.log" >&2; die "mlflow db upgrade failed"; }
   BACKEND_URI=$db
