@@ -98,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     env = os.environ
+    sets = list(args.set)
+    if args.local:  # the spec runs on this one machine: one node of --nproc-per-node (or the spec's) processes
+        sets = ["nodes={count: 1}"] + sets
+    if args.nproc_per_node:
+        sets = [f"processesPerNode={args.nproc_per_node}"] + sets
     try:
-        spec = load_spec(args.spec, args.set)
+        spec = load_spec(args.spec, sets)
     except Exception as e:
         print(f"kubeforge-train: invalid spec {args.spec}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -146,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         worker_args.append("--bar")
     if config.start_method == "fork":  # import once here, so forked workers start with everything loaded
         _preload(spec)
-    os.environ.setdefault("KUBEFORGE_JOB_ID", run_id)
     log.info("launching %s: nodes %d:%d x %d processes, rendezvous %s %s, %d restarts allowed",
              args.spec, min_nodes, max_nodes, nproc, backend, endpoint, max_restarts)
     code = 0
