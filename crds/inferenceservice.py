@@ -209,17 +209,6 @@ class InferenceServiceSpec(KubeModel):
             check=lambda m: all(b <= m.batching.max_batch_size for b in m.compile.warmup_batch_sizes),
             field_path=".compile.warmupBatchSizes",
         ),
-        Rule(
-            cel="!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && "
-            "self.replicas <= self.autoscaling.maxReplicas)",
-            message="replicas must lie within autoscaling.minReplicas..maxReplicas when autoscaling is set "
-            "(the autoscaler scales through it): set replicas inside the range",
-            check=lambda m: (
-                m.autoscaling is None
-                or m.autoscaling.min_replicas <= m.replicas <= m.autoscaling.max_replicas
-            ),
-            field_path=".replicas",
-        ),
     )
 
 

@@ -61,9 +61,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if and .Values.config.mlflowUiUrl (not .Values.config.mlflowTrackingUri) -}}
 {{- fail "config.mlflowUiUrl is set but config.mlflowTrackingUri is empty: set config.mlflowTrackingUri" -}}
 {{- end -}}
-{{- if and .Values.crds.keep (not .Values.crds.enabled) (.Release.IsUpgrade) -}}
-{{- /* keep without enabled is harmless: nothing is templated */ -}}
-{{- end -}}
 {{- range .Values.extraEnv -}}
 {{- if hasPrefix "KUBEFORGE_" .name -}}
 {{- fail (printf "extraEnv sets %s, which the chart sets from config: use the config.* value instead" .name) -}}

@@ -254,11 +254,6 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         isvc({"compile": {"warmupBatchSizes": [1, 64]}}),
         "compile.warmupBatchSizes must not exceed batching.maxBatchSize",
     ),
-    (
-        "is-replicas-range",
-        isvc({"replicas": 5, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}),
-        "replicas must lie within autoscaling.minReplicas..maxReplicas",
-    ),
     ("is-uri-pattern", isvc({"model": {"uri": "models:/m"}}), "spec.model.uri: Invalid value"),
     (
         "is-ascend-count",
