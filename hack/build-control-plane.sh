@@ -55,10 +55,11 @@ if [[ ! -x $B/helm ]]; then log "helm v$HELM_VERSION"; GOBIN=$B go install -trim
 
 # 4. kwok >= 0.8 ships no built-in stages: collect the ones we use from its module.
 S=$(go env GOMODCACHE)/sigs.k8s.io/kwok@v$KWOK_VERSION/kustomize/stage
+#    Pod completion and failure are ours (hack/kwok-pod-stages.yaml), appended by hack/cluster.sh.
 for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
-         pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+         pod/fast/pod-ready pod/fast/pod-delete; do
   cat "$S/$f.yaml"; echo "---"
-done > "$R/stages.yaml"
+done > "$R/kwok-stages.yaml"
 
 echo "$(( $(date +%s) - start ))" > "$R/build-seconds"
 touch "$R/.complete"

@@ -1,0 +1,45 @@
+# Kubeforge — developer entry points. Everything runs from the project's virtual environment (.venv),
+# created by hack/python-env.sh; the local control plane is built and run by hack/.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.PHONY: help install lint test test-unit test-integration test-e2e cluster cluster-down crds demo mlflow mlflow-down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+.venv/.ready: pyproject.toml hack/python-env.sh
+	@bash hack/python-env.sh >/dev/null
+	@touch $@
+
+install: .venv/.ready ## create the virtual environment (cached in ~/.cache/kubeforge)
+
+lint: install ## ruff, mypy (strict) and the import-linter layer contracts
+	ruff check .
+	mypy crds controllers model_registry runtime operator/main.py
+	lint-imports
+
+test: lint ## every test: unit, integration (real local control plane, MLflow) and e2e
+	$(PY) -m pytest tests
+
+test-unit: install ## unit tests only (no cluster)
+	$(PY) -m pytest tests/unit
+
+test-integration: install ## integration and e2e tests
+	$(PY) -m pytest tests/integration tests/e2e
+
+cluster: ## start (or reuse) the local control plane and print the KUBECONFIG line
+	@bash hack/cluster.sh up
+
+cluster-down: ## stop the local control plane and remove its state
+	@bash hack/cluster.sh down
+
+crds: install ## regenerate the CRD manifests, the chart's copy and docs/api.md
+	$(PY) -m crds.generate
+
+demo: install ## run the main job on the local defaults
+	@bash hack/demo.sh
+
+clean: ## remove local state (not the caches)
+	rm -rf .state .pytest_cache .mypy_cache .ruff_cache

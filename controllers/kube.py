@@ -1,0 +1,159 @@
+"""The one module that talks to the Kubernetes API (besides kopf's own watching and status patching).
+
+Writes are server-side apply with the field manager `kubeforge`, so re-applying an unchanged desired object is
+a no-op and fields other managers own (an autoscaler's replicas, a user's labels) are left alone.
+Calls are synchronous: kopf runs sync handlers in its thread pool, and the urllib3 pool is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from urllib3.exceptions import HTTPError
+
+from crds.common import API_VERSION, FIELD_MANAGER
+
+Obj = dict[str, Any]
+
+# (apiVersion, kind) -> (plural, namespaced). Only what the operator manages or reads.
+_RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
+    ("v1", "ConfigMap"): ("configmaps", True),
+    ("v1", "Service"): ("services", True),
+    ("v1", "Pod"): ("pods", True),
+    ("v1", "ServiceAccount"): ("serviceaccounts", True),
+    ("v1", "Event"): ("events", True),
+    ("v1", "Namespace"): ("namespaces", False),
+    ("v1", "Node"): ("nodes", False),
+    ("batch/v1", "Job"): ("jobs", True),
+    ("apps/v1", "Deployment"): ("deployments", True),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
+    ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): ("podgroups", True),
+    (API_VERSION, "TrainingJob"): ("trainingjobs", True),
+    (API_VERSION, "ModelVersion"): ("modelversions", True),
+    (API_VERSION, "InferenceService"): ("inferenceservices", True),
+}
+
+
+@dataclass
+class KubeError(Exception):
+    """A failed API call. `transient` tells whether retrying later can help."""
+
+    status: int
+    reason: str
+    message: str
+
+    @property
+    def transient(self) -> bool:
+        return self.status in (0, 408, 409, 429) or self.status >= 500
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}: {self.message}"
+
+
+def path(api_version: str, kind: str, namespace: str | None = None, name: str | None = None,
+         subresource: str | None = None) -> str:
+    try:
+        plural, namespaced = _RESOURCES[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"unknown resource {api_version}/{kind}: add it to controllers.kube._RESOURCES") from None
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    parts = [base]
+    if namespaced and namespace:
+        parts += ["namespaces", namespace]
+    parts.append(plural)
+    if name:
+        parts.append(name)
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self._api = api
+
+    def _call(self, method: str, url: str, *, body: Any = None, query: list[tuple[str, Any]] | None = None,
+              content_type: str = "application/json", timeout: float = 30) -> Obj | None:
+        try:
+            resp = self._api.call_api(
+                url, method, query_params=query or [], header_params={
+                    "Accept": "application/json", "Content-Type": content_type},
+                body=body, auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
+            )
+        except ApiException as e:
+            if e.status == 404 and method in ("GET", "DELETE"):
+                return None
+            message = e.reason or ""
+            try:
+                message = json.loads(e.body).get("message", message)
+            except (TypeError, ValueError):
+                pass
+            raise KubeError(int(e.status or 0), str(e.reason), str(message)) from None
+        except (HTTPError, OSError) as e:
+            raise KubeError(0, "Unreachable", str(e)) from None
+        data = resp[0].data if isinstance(resp, tuple) else resp.data
+        loaded: Obj = json.loads(data) if data else {}
+        return loaded
+
+    def apply(self, obj: Obj, *, subresource: str | None = None, force: bool = True) -> Obj:
+        """Server-side apply of a complete desired object."""
+        meta = obj["metadata"]
+        url = path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], subresource)
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")]
+        out = self._call("PATCH", url, body=obj, query=query, content_type="application/apply-patch+yaml")
+        assert out is not None
+        return out
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
+        return self._call("GET", path(api_version, kind, namespace, name))
+
+    def list(self, api_version: str, kind: str, namespace: str | None = None,
+             label_selector: str | None = None, field_selector: str | None = None) -> list[Obj]:
+        query: list[tuple[str, Any]] = []
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        if field_selector:
+            query.append(("fieldSelector", field_selector))
+        out = self._call("GET", path(api_version, kind, namespace), query=query)
+        items: list[Obj] = (out or {}).get("items", [])
+        return items
+
+    def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: Obj,
+              *, subresource: str | None = None) -> Obj:
+        """JSON merge patch (for the few fields we own without applying a whole object)."""
+        out = self._call("PATCH", path(api_version, kind, namespace, name, subresource), body=patch,
+                         content_type="application/merge-patch+json")
+        assert out is not None
+        return out
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str,
+               propagation: str = "Background") -> bool:
+        """Delete; False when it was already gone."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        return self._call("DELETE", path(api_version, kind, namespace, name), body=body) is not None
+
+
+_lock = threading.Lock()
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    """The process-wide client: in-cluster credentials when present, else KUBECONFIG."""
+    global _kube
+    with _lock:
+        if _kube is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            cfg = client.Configuration.get_default_copy()
+            cfg.connection_pool_maxsize = 32
+            _kube = Kube(client.ApiClient(cfg))
+        return _kube
