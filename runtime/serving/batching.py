@@ -1,0 +1,277 @@
+"""Dynamic batching: one bounded queue and one worker thread per model.
+
+Requests with the same per-row shapes and datatypes (a *bucket*) are stacked along the batch dimension, up to
+`max_batch_size` rows. A request waits at most `max_delay` for others to join, and only while more requests
+are
+known to be on their way (announced by the protocol layer and not yet queued): at concurrency 1 nothing waits,
+under load batches fill while the previous one runs. The queue is bounded: past `max_queue_size` queued
+requests `submit` raises QueueFull (HTTP 429 / gRPC RESOURCE_EXHAUSTED), so memory stays bounded.
+
+Optional padding: `batch_buckets` pads the row count up to the next bucket (static shapes for CUDA graphs) and
+`pad_multiple` pads variable non-batch dimensions (sequence lengths) up to a multiple, so fewer distinct
+shapes reach the compiled model; padded rows and positions are cut off the outputs again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from runtime.serving.errors import InferError, ModelFailure, QueueFull, Unavailable
+
+log = logging.getLogger(__name__)
+
+BatchRunner = Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]]
+Observer = Callable[[int, float, float], None]  # (rows, queue seconds of the oldest, run seconds)
+
+
+@dataclass
+class _Pending:
+    inputs: list[torch.Tensor]
+    rows: int
+    key: tuple[object, ...]
+    orig: list[tuple[int, ...]]  # per input, the shape before padding
+    future: Future[tuple[torch.Tensor, ...]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: BatchRunner | None = None,
+        *,
+        setup: Callable[[], BatchRunner] | None = None,
+        name: str = "model",
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.002,
+        max_queue_size: int = 1024,
+        batched: bool = True,
+        batch_buckets: Sequence[int] | None = None,
+        variable_dims: Sequence[Sequence[int]] = (),
+        pad_multiple: int | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
+        there: CUDA graphs and other per-thread state then belong to the thread that serves)."""
+        if (run is None) == (setup is None):
+            raise ValueError("give exactly one of run or setup")
+        self._run: BatchRunner | None = run
+        self._setup = setup
+        self.ready = threading.Event()  # set once the runner exists
+        self.error: BaseException | None = None  # why setup failed
+        self.name = name
+        self.max_batch_size = max_batch_size if batched else 1
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self.batched = batched
+        self._buckets = sorted(batch_buckets) if batch_buckets else None
+        self._variable_dims = [list(v) for v in variable_dims]  # per input: non-batch dims that vary
+        self._pad_multiple = pad_multiple
+        self._observer = observer
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._announced = 0  # requests being decoded that will be submitted soon
+        self._closed = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def configure(
+        self,
+        *,
+        name: str,
+        batched: bool,
+        max_batch_size: int,
+        batch_buckets: Sequence[int] | None,
+        variable_dims: Sequence[Sequence[int]],
+        pad_multiple: int | None,
+        observer: Observer | None,
+    ) -> None:
+        """Apply what loading the model decided (call from `setup`, before the first batch)."""
+        self.name = name
+        self.batched = batched
+        self.max_batch_size = max_batch_size if batched else 1
+        self._buckets = sorted(batch_buckets) if batch_buckets else None
+        self._variable_dims = [list(v) for v in variable_dims]
+        self._pad_multiple = pad_multiple
+        self._observer = observer
+
+    # -- producer side (any thread) --
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy or bool(self._queue)
+
+    def announce(self) -> None:
+        """A request arrived and is being decoded: batches forming now may wait for it (up to max delay)."""
+        with self._cond:
+            self._announced += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not be submitted (bad input)."""
+        with self._cond:
+            self._announced = max(0, self._announced - 1)
+
+    def submit(
+        self, inputs: list[torch.Tensor], rows: int, *, announced: bool = False
+    ) -> Future[tuple[torch.Tensor, ...]]:
+        """Queue a request (CPU tensors, batch dimension first when batched); the future gets its outputs."""
+        orig = [tuple(t.shape) for t in inputs]
+        if self._pad_multiple:
+            inputs = [self._pad_dims(t, dims) for t, dims in zip(inputs, self._variable_dims, strict=False)]
+        key = tuple((tuple(t.shape[1:]) if self.batched else tuple(t.shape), t.dtype) for t in inputs)
+        p = _Pending(inputs, rows, key, orig, Future())
+        with self._cond:
+            if announced:
+                self._announced = max(0, self._announced - 1)
+            if self._closed:
+                raise Unavailable(f"model {self.name!r} is shutting down")
+            if len(self._queue) >= self.max_queue_size:
+                raise QueueFull(
+                    f"model {self.name!r} queue is full ({self.max_queue_size} requests waiting); retry later"
+                )
+            self._queue.append(p)
+            self._cond.notify()
+        return p.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish every queued one, then stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- worker --
+    def _pad_dims(self, t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+        m = self._pad_multiple or 1
+        pad: list[int] = []
+        for d in range(t.dim() - 1, -1, -1):  # F.pad takes (last dim first) pairs
+            extra = (-t.shape[d]) % m if d in dims else 0
+            pad += [0, extra]
+        return F.pad(t, pad) if any(pad) else t
+
+    def _take(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            deadline = first.enqueued + self.max_delay_s
+            while not self._closed and self.batched:
+                rows = sum(p.rows for p in self._queue if p.key == first.key)
+                remaining = deadline - time.perf_counter()
+                # wait only for requests known to be on their way, and never past the oldest's deadline
+                if rows >= self.max_batch_size or remaining <= 0 or self._announced == 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Pending] = []
+            rest: deque[_Pending] = deque()
+            rows = 0
+            for p in self._queue:
+                if p.key == first.key and (not batch or rows + p.rows <= self.max_batch_size):
+                    batch.append(p)
+                    rows += p.rows
+                else:
+                    rest.append(p)
+            self._queue = rest
+            self._busy = True
+            return batch
+
+    def _loop(self) -> None:
+        if self._setup is not None:
+            try:
+                self._run = self._setup()
+            except BaseException as e:
+                self.error = e
+                log.exception("model setup failed", extra={"model": self.name})
+                with self._cond:
+                    self._closed = True
+                    pending, self._queue = list(self._queue), deque()
+                for p in pending:
+                    p.future.set_exception(Unavailable(f"model {self.name!r} failed to load: {e}"))
+                self.ready.set()
+                return
+        self.ready.set()
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._execute(batch)
+            finally:
+                self._busy = False
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        start = time.perf_counter()
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        rows = sum(p.rows for p in live)
+        try:
+            if self.batched:
+                xs = [
+                    torch.cat([p.inputs[i] for p in live]) if len(live) > 1 else live[0].inputs[i]
+                    for i in range(len(live[0].inputs))
+                ]
+                padded = self._bucket(rows)
+                if padded > rows:
+                    xs = [F.pad(x, [0, 0] * (x.dim() - 1) + [0, padded - rows]) for x in xs]
+            else:
+                xs = live[0].inputs
+            assert self._run is not None
+            outs = self._run(xs)
+        except Exception as e:
+            log.exception("batch failed", extra={"model": self.name, "rows": rows})
+            err = (
+                e
+                if isinstance(e, InferError)
+                else ModelFailure(f"model {self.name!r} failed: {type(e).__name__}: {e}")
+            )
+            for p in live:
+                p.future.set_exception(err)
+            return
+        ran = time.perf_counter() - start
+        offset = 0
+        for p in live:
+            try:
+                mine = tuple(self._cut(o, offset, p) for o in outs) if self.batched else outs
+            except Exception as e:
+                p.future.set_exception(
+                    ModelFailure(f"model {self.name!r}: cannot split outputs per request: {e}")
+                )
+            else:
+                p.future.set_result(mine)
+            offset += p.rows
+        if self._observer is not None:
+            self._observer(rows, start - live[0].enqueued, ran)
+
+    def _bucket(self, rows: int) -> int:
+        if not self._buckets:
+            return rows
+        i = bisect.bisect_left(self._buckets, rows)
+        return self._buckets[i] if i < len(self._buckets) else rows
+
+    def _cut(self, out: torch.Tensor, offset: int, p: _Pending) -> torch.Tensor:
+        if out.dim() == 0:
+            raise ValueError("an output has no batch dimension")
+        part = out[offset : offset + p.rows]
+        if self._pad_multiple:
+            # cut padded positions of variable dimensions off outputs that carry them (per-token outputs)
+            for t, o, dims in zip(p.inputs, p.orig, self._variable_dims, strict=False):
+                for d in dims:
+                    if t.shape[d] != o[d] and d < part.dim() and part.shape[d] == t.shape[d]:
+                        part = part.narrow(d, 0, o[d])
+        return part

@@ -1,0 +1,227 @@
+"""`kubeforge-serve`: `compile` (the InferenceService's init container) and `serve` (its main container).
+
+    kubeforge-serve compile --model-uri models:/iris@champion --cache-dir /var/cache/kubeforge
+    kubeforge-serve serve   --model-uri models:/iris@champion --cache-dir /var/cache/kubeforge \\
+        --http-port 8080 --grpc-port 8081 --max-batch-size 32 --max-delay-ms 2 --max-queue-size 1024
+
+`--spec file.yaml` reads an InferenceService (the whole object or its spec) for defaults; flags override it.
+MLflow is reached through the usual MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI environment.
+Exit codes: 0 ok, 2 bad arguments, 3 backend unavailable, 4 model cannot be loaded, 5 compile check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runtime.serving.signature import TensorSpec
+
+log = logging.getLogger("runtime.serving.cli")
+T0 = time.time()
+
+
+def _spec_defaults(path: str) -> dict[str, Any]:
+    """Flag defaults from an InferenceService YAML (validated by crds.inferenceservice)."""
+    doc = yaml.safe_load(Path(path).read_text())
+    spec = doc.get("spec", doc) if isinstance(doc, dict) else None
+    if not isinstance(spec, dict):
+        raise SystemExit(f"--spec {path}: not an InferenceService or its spec")
+    from crds.inferenceservice import InferenceServiceSpec
+
+    s = InferenceServiceSpec.model_validate(spec).model_dump()
+    out: dict[str, Any] = {
+        "backend": s["compile"]["backend"],
+        "mode": s["compile"]["mode"],
+        "warmup_batch_sizes": ",".join(str(b) for b in s["compile"]["warmup_batch_sizes"]),
+        "max_batch_size": s["batching"]["max_batch_size"],
+        "max_delay_ms": s["batching"]["max_delay_ms"],
+        "max_queue_size": s["batching"]["max_queue_size"],
+        "http_port": s["ports"]["http"],
+        "grpc_port": s["ports"]["grpc"],
+    }
+    if s["model"].get("uri"):
+        out["model_uri"] = s["model"]["uri"]
+    if isinstance(doc, dict) and doc.get("metadata", {}).get("name") and not s["model"].get("uri"):
+        out["model_name"] = doc["metadata"]["name"]
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kubeforge-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("model and compilation")
+    g.add_argument(
+        "--spec", help="InferenceService YAML (object or spec) giving defaults for the flags below"
+    )
+    g.add_argument(
+        "--model-uri", help="models:/name@alias, models:/name/N, runs:/<run>/model, or a local path"
+    )
+    g.add_argument("--model-name", help="name to serve under (default: the registered model name)")
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=os.environ.get("KUBEFORGE_CACHE_DIR"),
+        help="compile cache folder (shared volume); unset: no cache, aot falls back to jit",
+    )
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cuda", "tensorrt", "rocm", "npu", "mlu", "cpu", "eager"],
+    )
+    g.add_argument("--mode", default="aot", choices=["aot", "jit", "eager"])
+    g.add_argument(
+        "--warmup-batch-sizes", default="1,8", help="comma-separated; compiled and checked vs eager"
+    )
+    g.add_argument("--max-batch-size", type=int, default=32)
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument(
+        "--strict", action="store_true", help="fail instead of falling back to eager on a bad check"
+    )
+    g.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME:DATATYPE:DIMS",
+        help="input spec when the model has no signature, e.g. x:FP32:-1,16 (repeatable)",
+    )
+    g.add_argument("--output", action="append", default=[], metavar="NAME:DATATYPE:DIMS")
+    g.add_argument("--log-format", default="json", choices=["json", "text"])
+    g.add_argument("--log-level", default="info")
+    g.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    sub.add_parser("compile", parents=[common], help="compile into the cache and exit (init container)")
+    s = sub.add_parser("serve", parents=[common], help="serve over REST and gRPC")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--http-port", type=int, default=8080)
+    s.add_argument("--grpc-port", type=int, default=8081)
+    s.add_argument("--max-delay-ms", type=float, default=2.0)
+    s.add_argument("--max-queue-size", type=int, default=1024)
+    s.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=None,
+        help="pad variable non-batch dims (sequence lengths) up to a multiple, for fewer shapes",
+    )
+    s.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body (413 past it)")
+    s.add_argument(
+        "--drain-delay-s",
+        type=float,
+        default=0.0,
+        help="after SIGTERM, keep serving (readiness 503) this long before closing the listeners",
+    )
+    s.add_argument(
+        "--grace-s", type=float, default=30.0, help="longest wait for in-flight requests to finish"
+    )
+    return p
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from runtime.serving.server import ServeConfig
+
+    if not args.model_uri:
+        raise SystemExit("kubeforge-serve: --model-uri (or a --spec with spec.model.uri) is required")
+    try:
+        sizes = tuple(int(b) for b in str(args.warmup_batch_sizes).split(",") if b.strip())
+        inputs = tuple(TensorSpec.parse(t) for t in args.input)
+        outputs = tuple(TensorSpec.parse(t) for t in args.output)
+    except ValueError as e:
+        raise SystemExit(f"kubeforge-serve: {e}") from None
+    kw: dict[str, Any] = dict(
+        model_uri=args.model_uri,
+        model_name=args.model_name,
+        cache_dir=args.cache_dir,
+        backend=args.backend,
+        mode=args.mode,
+        warmup_batch_sizes=sizes,
+        precision=args.precision,
+        strict=args.strict,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=args.max_batch_size,
+        started=T0,
+    )
+    if args.command == "serve":
+        kw.update(
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            max_delay_ms=args.max_delay_ms,
+            max_queue_size=args.max_queue_size,
+            pad_multiple=args.pad_multiple,
+            max_payload_bytes=int(args.max_payload_mb * (1 << 20)),
+            drain_delay_s=args.drain_delay_s,
+            grace_s=args.grace_s,
+        )
+    return ServeConfig(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.spec:
+        parser.set_defaults(**_spec_defaults(args.spec))
+        for sp in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+            sp.set_defaults(**_spec_defaults(args.spec))
+        args = parser.parse_args(argv)
+    from runtime.serving.logs import setup_logging
+
+    setup_logging(args.log_level, json=args.log_format == "json")
+    if args.cache_dir:
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.cache_dir / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(args.cache_dir / "triton"))
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    from runtime.serving.compile import BackendUnavailable
+    from runtime.serving.loader import ModelLoadError
+
+    cfg = _config(args)
+    try:
+        if args.command == "compile":
+            from runtime.serving.server import build_info, prepare
+
+            p = prepare(cfg)
+            info = {
+                "model": p.loaded.name,
+                "version": p.loaded.version,
+                **build_info(p.build),
+                "seconds_since_start": round(time.time() - T0, 3),
+            }
+            print(json.dumps(info, default=str))
+            return 0
+        from runtime.serving.server import Server
+
+        server = Server(cfg)
+        asyncio.run(server.run())
+        if server.error is not None:
+            raise server.error
+        return 0
+    except BackendUnavailable as e:
+        log.error("backend unavailable", extra={"error": str(e)})
+        print(f"kubeforge-serve: {e}", file=sys.stderr)
+        return 3
+    except ModelLoadError as e:
+        log.error("model cannot be loaded", extra={"error": str(e)})
+        print(f"kubeforge-serve: {e}", file=sys.stderr)
+        return 4
+    except AssertionError as e:
+        print(f"kubeforge-serve: compiled model failed its check against eager: {e}", file=sys.stderr)
+        return 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

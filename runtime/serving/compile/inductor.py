@@ -1,0 +1,243 @@
+"""Inductor helpers shared by the CPU, CUDA and ROCm backends: torch.export + AOTInductor packages, and
+torch.compile with its portable cache artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.serving.compile.base import Compiled, CompileRequest, Runner, as_tuple, call_module
+from runtime.serving.compile.cache import CacheEntry
+from runtime.serving.protocol import datatypes
+from runtime.serving.signature import Signature
+
+log = logging.getLogger(__name__)
+
+VARIABLE_DIM_EXAMPLE = 8  # size used for variable non-batch dimensions in warm-up inputs
+PACKAGE = "model.pt2"
+PROBE_OK = "probe-ok.json"
+JIT_ARTIFACTS = "jit-cache.bin"
+
+# torch releases whose aoti_load_package is known to crash the process (measured: torch 2.11 on the H200
+# image segfaulted loading a two-layer MLP package, on CPU and CUDA alike).
+AOTI_LOAD_KNOWN_BAD = ("2.11.",)
+
+
+def aoti_known_bad(version: str | None = None) -> str | None:
+    v = version or torch.__version__
+    if any(v.startswith(bad) for bad in AOTI_LOAD_KNOWN_BAD):
+        return f"torch {v}: aoti_load_package is known to crash (segfault) on this release"
+    return None
+
+
+def example_inputs(sig: Signature, batch: int, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic warm-up inputs: floats ~N(0,1), integers in [0, 2) (safe as token ids), random bools."""
+    g = torch.Generator().manual_seed(seed + batch)
+    out = []
+    for spec in sig.inputs:
+        shape = [
+            batch if i == 0 and d == -1 and sig.batched else (VARIABLE_DIM_EXAMPLE if d == -1 else d)
+            for i, d in enumerate(spec.shape)
+        ]
+        dt = datatypes.lookup(spec.datatype).torch
+        if dt.is_floating_point:
+            t = torch.randn(shape, generator=g).to(dt)
+        elif dt == torch.bool:
+            t = torch.randint(0, 2, shape, generator=g).bool()
+        else:
+            t = torch.randint(0, 2, shape, generator=g).to(dt)
+        out.append(t.to(device))
+    return out
+
+
+def _dynamic_shapes(sig: Signature, max_batch: int) -> tuple[dict[int, Any], ...]:
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=max(max_batch, 2))
+    shapes = []
+    for i, spec in enumerate(sig.inputs):
+        dims: dict[int, Any] = {}
+        for j, d in enumerate(spec.shape):
+            if d == -1:
+                dims[j] = batch if (j == 0 and sig.batched) else Dim(f"in{i}_d{j}", min=1, max=65536)
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def aot_compile(req: CompileRequest, entry: CacheEntry) -> Path:
+    """torch.export with a dynamic batch dimension → AOTInductor package in the cache entry."""
+    examples = tuple(example_inputs(req.signature, max(2, min(req.max_batch_size, 4)), req.device.device))
+    t0 = time.perf_counter()
+    ep = torch.export.export(
+        req.module, examples, dynamic_shapes=_dynamic_shapes(req.signature, req.max_batch_size), strict=False
+    )
+    tmp = entry.temp_path(PACKAGE).with_suffix(".pt2")
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+    path = entry.commit(tmp, PACKAGE)
+    log.info(
+        "aotinductor package written",
+        extra={"path": str(path), "seconds": round(time.perf_counter() - t0, 2)},
+    )
+    return path
+
+
+_PROBE = """
+import json, sys, torch
+from torch._inductor import aoti_load_package
+spec = json.loads(sys.argv[2])
+m = aoti_load_package(sys.argv[1])
+xs = [torch.zeros(s, dtype=getattr(torch, d), device=spec["device"]) for s, d in spec["inputs"]]
+with torch.inference_mode():
+    m(*xs)
+print("probe ok")
+"""
+
+
+def probe_package(entry: CacheEntry, req: CompileRequest, timeout: float = 300) -> str | None:
+    """Load and run the package once in a subprocess; None when it works, else why it does not.
+
+    A crash in aoti_load_package kills the process (segfault), so it is tried in a child first. The result is
+    remembered in the cache entry, so later starts skip the probe.
+    """
+    if entry.has(PROBE_OK):
+        return None
+    xs = example_inputs(req.signature, 1, "cpu")
+    spec = {
+        "device": req.device.device,
+        "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in xs],
+    }
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(entry.path(PACKAGE)), json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"loading the AOTInductor package in a probe subprocess timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
+        return f"loading the AOTInductor package crashed a probe subprocess ({how}) {tail[0]}".strip()
+    entry.write_json(PROBE_OK, {"torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 2)})
+    return None
+
+
+def load_package(path: Path, device: str) -> Runner:
+    from torch._inductor import aoti_load_package
+
+    index = torch.device(device).index
+    model = aoti_load_package(str(path), device_index=-1 if index is None else index)
+
+    def run(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            return as_tuple(model(*inputs))
+
+    return run
+
+
+def load_jit_artifacts(entry: CacheEntry | None) -> bool:
+    """Feed torch.compile's portable cache (save_cache_artifacts) from an earlier start back in."""
+    if entry is None or not entry.has(JIT_ARTIFACTS):
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(entry.path(JIT_ARTIFACTS).read_bytes())
+    except Exception as e:  # a stale or foreign cache must never stop a start
+        log.warning("ignoring unreadable torch.compile cache", extra={"error": repr(e)})
+        return False
+    return True
+
+
+def save_jit_artifacts(entry: CacheEntry | None) -> None:
+    if entry is None:
+        return
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as e:
+        log.warning("could not save the torch.compile cache", extra={"error": repr(e)})
+        return
+    if saved is not None:
+        entry.write_bytes(JIT_ARTIFACTS, saved[0])
+
+
+def jit_compile(req: CompileRequest, *, mode: str | None = None, backend: str = "inductor") -> Runner:
+    """torch.compile the module (compiled lazily, at the driver's warm-up).
+
+    Automatic dynamic shapes: the first warm-up size compiles a static graph, the second a graph with a
+    dynamic batch dimension that serves every other size; CUDA graphs (mode reduce-overhead) then record one
+    graph per batch bucket.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    compiled = torch.compile(req.module, mode=mode, backend=backend)
+    return call_module(compiled)
+
+
+def inductor_compile(req: CompileRequest, backend: str, *, cudagraphs: bool) -> Compiled:
+    """aot: AOTInductor package (cached, probed in a subprocess); jit: torch.compile; fallbacks recorded."""
+    fallbacks: list[str] = []
+    entry = req.cache
+    if req.mode == "aot":
+        bad = aoti_known_bad()
+        if bad:
+            fallbacks.append(f"aot -> jit: {bad}")
+        elif entry is None:
+            fallbacks.append("aot -> jit: no compile cache directory to write the AOTInductor package to")
+        else:
+            try:
+                hit = entry.has(PACKAGE)
+                if not hit:
+                    aot_compile(req, entry)
+                why = probe_package(entry, req)
+                if why is None:
+                    return Compiled(
+                        load_package(entry.path(PACKAGE), req.device.device),
+                        backend,
+                        "aot",
+                        "torch.export + AOTInductor package",
+                        cache_hit=hit,
+                        details={"package": str(entry.path(PACKAGE))},
+                    )
+                fallbacks.append(f"aot -> jit: {why}")
+            except Exception as e:  # export and AOTInductor fail in many ways on user models
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                fallbacks.append(
+                    f"aot -> jit: torch.export/AOTInductor failed: {type(e).__name__}: {first}"[:500]
+                )
+    if req.mode in ("aot", "jit"):
+        hit = load_jit_artifacts(entry)
+        mode = "reduce-overhead" if cudagraphs else None
+        buckets = batch_buckets(req.max_batch_size, req.batch_sizes) if cudagraphs else None
+        path = "torch.compile(inductor" + (", reduce-overhead: CUDA graphs)" if cudagraphs else ")")
+        return Compiled(
+            jit_compile(req, mode=mode),
+            backend,
+            "jit",
+            path,
+            cache_hit=hit,
+            fallbacks=fallbacks,
+            batch_buckets=buckets,
+            after_warmup=lambda: save_jit_artifacts(entry),
+        )
+    return Compiled(call_module(req.module), backend, "eager", "eager", fallbacks=fallbacks)
+
+
+def batch_buckets(max_batch: int, warmup: Sequence[int]) -> tuple[int, ...]:
+    """Powers of two up to max_batch, plus max_batch and the warm-up sizes: few shapes, at most 2x padding."""
+    sizes = {max_batch, *(b for b in warmup if b <= max_batch)}
+    b = 1
+    while b < max_batch:
+        sizes.add(b)
+        b *= 2
+    return tuple(sorted(sizes))

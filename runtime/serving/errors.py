@@ -1,0 +1,55 @@
+"""Errors that reach a client: each carries the HTTP status and the gRPC status code to answer with."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class InferError(Exception):
+    """A request the server refuses or cannot serve; the message names the problem."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(InferError):
+    """Malformed or invalid input (400 / INVALID_ARGUMENT)."""
+
+
+class NotFound(InferError):
+    """Unknown model or version (404 / NOT_FOUND)."""
+
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class PayloadTooLarge(InferError):
+    """Request body over the configured limit (413 / RESOURCE_EXHAUSTED)."""
+
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QueueFull(InferError):
+    """The model's queue is full: back-pressure (429 / RESOURCE_EXHAUSTED)."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(InferError):
+    """Not ready or draining (503 / UNAVAILABLE)."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelFailure(InferError):
+    """The model raised while running a batch (500 / INTERNAL)."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL

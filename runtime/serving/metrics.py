@@ -1,0 +1,92 @@
+"""Prometheus metrics of one server process (own registry: several servers per process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kubeforge_requests",
+            "Inference requests answered, by protocol and status code.",
+            ["model", "protocol", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "kubeforge_request_latency_seconds",
+            "Time from request received to response ready.",
+            ["model", "protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "kubeforge_batch_size",
+            "Rows per batch run by the model.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "kubeforge_queue_time_seconds",
+            "Time the oldest request of a batch waited in the queue.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.run_time = Histogram(
+            "kubeforge_batch_run_seconds",
+            "Time to run one batch (copy in, model, copy out).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("kubeforge_inflight", "Inference requests in progress.", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "kubeforge_queue_depth", "Requests waiting for a batch.", ["model"], registry=r
+        )
+        self.compile_seconds = Gauge(
+            "kubeforge_compile_seconds",
+            "Seconds spent compiling or loading the compiled model, warm-up included.",
+            ["model", "backend"],
+            registry=r,
+        )
+        self.backend_info = Gauge(
+            "kubeforge_backend_info",
+            "The backend in use (value 1), how it was chosen and what it fell back from.",
+            ["model", "requested", "backend", "mode", "path", "device", "hardware", "cache_hit", "fallback"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "kubeforge_compile_fallbacks",
+            "Fallbacks taken while compiling (aot -> jit -> eager).",
+            ["model", "backend", "step"],
+            registry=r,
+        )
+        self.ready = Gauge("kubeforge_ready", "1 when the server reports ready.", registry=r)
+
+    def observer(self, model: str) -> Callable[[int, float, float], None]:
+        batch, queue, run = (
+            self.batch_size.labels(model),
+            self.queue_time.labels(model),
+            self.run_time.labels(model),
+        )
+
+        def observe(rows: int, queued: float, ran: float) -> None:
+            batch.observe(rows)
+            queue.observe(queued)
+            run.observe(ran)
+
+        return observe
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,162 @@
+"""Tensor (de)serialisation for the REST protocol: JSON data (flat or nested) and the binary tensor data
+extension (`Inference-Header-Content-Length`, `binary_data_size`), validated against the signature."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from runtime.serving.errors import BadRequest
+from runtime.serving.protocol import datatypes
+from runtime.serving.signature import Signature, check_input, check_request
+
+
+@dataclass
+class Request:
+    id: str | None
+    inputs: list[torch.Tensor]  # in signature order
+    rows: int
+    outputs: list[tuple[str, bool]] = field(default_factory=list)  # requested (name, binary); empty = all
+
+
+def tensor_from_bytes(
+    name: str, dt: datatypes.DataType, shape: list[int], raw: bytes | bytearray | memoryview
+) -> torch.Tensor:
+    n = math.prod(shape)
+    if len(raw) != n * dt.itemsize:
+        raise BadRequest(
+            f"input {name!r}: {len(raw)} bytes of {dt.name} data, shape {shape} needs {n * dt.itemsize}"
+        )
+    t = torch.frombuffer(bytearray(raw), dtype=dt.torch) if n else torch.empty(0, dtype=dt.torch)
+    return t.reshape(shape)
+
+
+def tensor_from_json(name: str, dt: datatypes.DataType, shape: list[int], data: Any) -> torch.Tensor:
+    try:
+        arr = np.asarray(data, dtype=np.float32 if dt.name == "BF16" else dt.numpy)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise BadRequest(f"input {name!r}: data is not valid {dt.name}: {e}") from None
+    if dt.name == "BOOL" and not isinstance(data, list | bool | np.ndarray):
+        raise BadRequest(f"input {name!r}: BOOL data must be true/false values")
+    n = math.prod(shape)
+    if arr.size != n:
+        raise BadRequest(f"input {name!r}: data has {arr.size} elements, shape {shape} needs {n}")
+    t = torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
+    return t.to(torch.bfloat16) if dt.name == "BF16" else t
+
+
+def _shape(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise BadRequest(f"input {name!r}: shape must be a list of integers")
+    return value
+
+
+def decode_request(
+    body: bytes | bytearray, header_length: int | None, sig: Signature, max_batch_size: int
+) -> Request:
+    """Parse an OIP infer request body (JSON, optionally followed by binary tensor data)."""
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
+            )
+        head, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        req = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise BadRequest("malformed request: the body must be a JSON object")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("malformed request: 'inputs' must be a non-empty list")
+    by_name: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    batches: list[int] = []
+    offset = 0
+    for item in inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest("malformed request: each input needs a string 'name'")
+        name = item["name"]
+        spec = sig.input(name)
+        datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise BadRequest(f"input {name!r}: 'datatype' must be a string")
+        shape = _shape(name, item.get("shape"))
+        check_input(spec, datatype, shape)
+        dt = datatypes.lookup(datatype)
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body")
+            t = tensor_from_bytes(name, dt, shape, binary[offset : offset + size])
+            offset += size
+        elif "data" in item:
+            t = tensor_from_json(name, dt, shape, item["data"])
+        else:
+            raise BadRequest(f"input {name!r}: no 'data' and no binary_data_size parameter")
+        by_name[name] = t
+        names.append(name)
+        batches.append(shape[0] if shape else 1)
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data follow the inputs unclaimed")
+    rows = check_request(sig, names, batches, max_batch_size)
+    default_binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    wanted: list[tuple[str, bool]] = []
+    known = {o.name for o in sig.outputs}
+    for out in req.get("outputs") or []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise BadRequest("malformed request: each requested output needs a string 'name'")
+        if known and out["name"] not in known:
+            raise BadRequest(f"unknown output {out['name']!r}; the model has outputs {sorted(known)}")
+        p = out.get("parameters") or {}
+        wanted.append((out["name"], bool(p.get("binary_data", default_binary))))
+    if not wanted:
+        wanted = [(o.name, default_binary) for o in sig.outputs]
+    rid = req.get("id")
+    return Request(rid if isinstance(rid, str) else None, [by_name[s.name] for s in sig.inputs], rows, wanted)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return bytes(t.numpy().data) if t.numel() else b""
+
+
+def encode_response(
+    model: str, version: str, req: Request, sig: Signature, outs: tuple[torch.Tensor, ...]
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output travels as binary, the JSON header's length."""
+    index = {o.name: i for i, o in enumerate(sig.outputs)}
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, binary in req.outputs:
+        t = outs[index[name]]
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatypes.from_torch(t.dtype),
+            "shape": list(t.shape),
+        }
+        if binary:
+            blob = tensor_bytes(t)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = (t.float() if t.dtype == torch.bfloat16 else t).contiguous().numpy().ravel()
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if req.id is not None:
+        body["id"] = req.id
+    head = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)

@@ -1,0 +1,165 @@
+"""Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`) with grpc.aio.
+
+Inputs arrive as raw bytes (`raw_input_contents`, one entry per input, in order) or typed `contents`;
+outputs always travel as raw bytes (`raw_output_contents`), as Triton does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from runtime.serving.errors import BadRequest, InferError
+from runtime.serving.metrics import Metrics
+from runtime.serving.model import Repository
+from runtime.serving.protocol import datatypes
+from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as _pb
+from runtime.serving.protocol._generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from runtime.serving.protocol.codec import tensor_bytes, tensor_from_bytes, tensor_from_json
+from runtime.serving.signature import check_input, check_request
+
+pb: Any = _pb  # generated message classes (untyped)
+
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        repo: Repository,
+        metrics: Metrics,
+        server_info: Callable[[], dict[str, Any]],
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self.repo = repo
+        self.metrics = metrics
+        self.server_info = server_info
+        self.is_ready = is_ready
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.is_ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            model = self.repo.get(request.name, request.version or None)
+        except InferError as e:
+            await context.abort(e.grpc_code, e.message)
+        return pb.ModelReadyResponse(ready=model.ready and self.is_ready())
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        info = self.server_info()
+        return pb.ServerMetadataResponse(
+            name=info["name"], version=info["version"], extensions=info["extensions"]
+        )
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        try:
+            model = self.repo.get(request.name, request.version or None)
+        except InferError as e:
+            await context.abort(e.grpc_code, e.message)
+        md = model.metadata()
+        tm = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=md["name"],
+            versions=md["versions"],
+            platform=md["platform"],
+            inputs=[
+                tm(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in model.signature.inputs
+            ],
+            outputs=[
+                tm(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in model.signature.outputs
+            ],
+        )
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        t0 = time.perf_counter()
+        label = request.model_name
+        code = "OK"
+        try:
+            model = self.repo.get(request.model_name, request.model_version or None)
+            label = model.name
+            self.metrics.inflight.labels(label).inc()
+            try:
+                model.batcher.announce()
+                try:
+                    inputs, rows = _decode(request, model.signature, model.max_batch_size)
+                except BaseException:
+                    model.batcher.withdraw()
+                    raise
+                outs = await model.infer(inputs, rows)
+            finally:
+                self.metrics.inflight.labels(label).dec()
+            return _encode(request, model.name, model.version, model.signature, outs)
+        except InferError as e:
+            code = e.grpc_code.name
+            await context.abort(e.grpc_code, e.message)
+        finally:
+            self.metrics.requests.labels(label, "grpc", code).inc()
+            if code == "OK":
+                self.metrics.latency.labels(label, "grpc").observe(time.perf_counter() - t0)
+
+
+def _decode(request: Any, sig: Any, max_batch_size: int) -> tuple[list[torch.Tensor], int]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(
+            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input"
+        )
+    by_name: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    batches: list[int] = []
+    for i, item in enumerate(request.inputs):
+        spec = sig.input(item.name)
+        shape = list(item.shape)
+        check_input(spec, item.datatype, shape)
+        dt = datatypes.lookup(item.datatype)
+        if raw:
+            t = tensor_from_bytes(item.name, dt, shape, raw[i])
+        else:
+            field = _CONTENTS.get(item.datatype)
+            if field is None:
+                raise BadRequest(f"input {item.name!r}: {item.datatype} travels only as raw_input_contents")
+            values = getattr(item.contents, field)
+            t = tensor_from_json(item.name, dt, shape, np.asarray(values, dtype=dt.numpy))
+        by_name[item.name] = t
+        names.append(item.name)
+        batches.append(shape[0] if shape else 1)
+    rows = check_request(sig, names, batches, max_batch_size)
+    return [by_name[s.name] for s in sig.inputs], rows
+
+
+def _encode(request: Any, name: str, version: str, sig: Any, outs: tuple[torch.Tensor, ...]) -> Any:
+    index = {o.name: i for i, o in enumerate(sig.outputs)}
+    wanted = [o.name for o in request.outputs] or [o.name for o in sig.outputs]
+    resp = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    for out_name in wanted:
+        if out_name not in index:
+            raise BadRequest(f"unknown output {out_name!r}; the model has outputs {sorted(index)}")
+        t = outs[index[out_name]]
+        resp.outputs.add(name=out_name, datatype=datatypes.from_torch(t.dtype), shape=list(t.shape))
+        resp.raw_output_contents.append(tensor_bytes(t))
+    return resp
+
+
+def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]

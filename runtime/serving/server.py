@@ -1,0 +1,328 @@
+"""The serving process: load → compile (in the model's worker thread) → REST + gRPC → graceful drain.
+
+Listeners start first, so liveness answers while the model compiles; readiness turns 200 only once the
+compiled model passed its check against eager, and back to 503 as soon as SIGTERM arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.serving import compile as compiler
+from runtime.serving.batching import Batcher, BatchRunner
+from runtime.serving.detect import detect_hardware
+from runtime.serving.loader import LoadedModel, load_model
+from runtime.serving.metrics import Metrics
+from runtime.serving.model import Repository, ServedModel
+from runtime.serving.protocol import datatypes
+from runtime.serving.signature import Signature, TensorSpec
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "metrics", "kubeforge_compile"]
+
+
+@dataclass
+class ServeConfig:
+    model_uri: str
+    model_name: str | None = None
+    cache_dir: Path | None = None
+    backend: str = "auto"
+    mode: str = "aot"
+    warmup_batch_sizes: tuple[int, ...] = (1, 8)
+    precision: str = "fp32"
+    strict: bool = False
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch_size: int = 32
+    max_delay_ms: float = 2.0
+    max_queue_size: int = 1024
+    pad_multiple: int | None = None
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_port: int = 8081
+    max_payload_bytes: int = 64 << 20
+    drain_delay_s: float = 0.0
+    grace_s: float = 30.0
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    build: compiler.Build
+    signature: Signature
+    runner: BatchRunner
+
+
+def complete_signature(sig: Signature, eager: torch.nn.Module, device: str) -> Signature:
+    """Fill in outputs the MLflow signature lacks (names output__i), from one eager run."""
+    from runtime.serving.compile.base import call_module
+    from runtime.serving.compile.inductor import example_inputs
+
+    outs = call_module(eager)(example_inputs(sig, 1, device))
+    if len(sig.outputs) == len(outs):
+        return sig
+    specs = tuple(
+        TensorSpec(
+            f"output__{i}",
+            datatypes.from_torch(o.dtype),
+            ((-1,) if sig.batched else ()) + tuple(o.shape[1:]) if sig.batched else tuple(o.shape),
+        )
+        for i, o in enumerate(outs)
+    )
+    return replace(sig, outputs=specs)
+
+
+def prepare(cfg: ServeConfig) -> Prepared:
+    """Load, pick the backend, compile or load from the cache, verify (BackendUnavailable, ModelLoadError)."""
+    loaded = load_model(cfg.model_uri, model_name=cfg.model_name, inputs=cfg.inputs, outputs=cfg.outputs)
+    hw = detect_hardware()
+    b = compiler.build(
+        loaded.module,
+        loaded.signature,
+        hw=hw,
+        requested=cfg.backend,
+        mode=cfg.mode,
+        warmup_batch_sizes=cfg.warmup_batch_sizes,
+        max_batch_size=cfg.max_batch_size,
+        cache_dir=cfg.cache_dir,
+        model_name=loaded.name,
+        identity=f"{loaded.identity}|v{loaded.version}",
+        precision=cfg.precision,
+        strict=cfg.strict,
+    )
+    sig = complete_signature(loaded.signature, b.eager, b.device)
+    run, device = b.compiled.run, b.device
+    non_blocking = device.startswith("cuda")
+
+    def runner(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if device != "cpu":
+            xs = [x.to(device, non_blocking=non_blocking) for x in xs]
+        outs = run(xs)
+        return tuple(o.to("cpu") for o in outs) if device != "cpu" else tuple(o.clone() for o in outs)
+
+    return Prepared(loaded, b, sig, runner)
+
+
+def build_info(b: compiler.Build) -> dict[str, Any]:
+    c = b.compiled
+    return {
+        "backend": c.backend,
+        "requested_backend": b.requested,
+        "selection_reason": b.reason,
+        "mode": c.mode,
+        "compile_path": c.path,
+        "device": b.device,
+        "hardware": b.hardware,
+        "cache_hit": c.cache_hit,
+        "cache_key": b.cache_key,
+        "fallbacks": c.fallbacks,
+        "compile_seconds": round(b.compile_seconds, 3),
+        "verified_max_abs_diff": b.max_abs_diff,
+        "torch": torch.__version__,
+    }
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.repo = Repository([])
+        self.draining = False
+        self.failed: str | None = None
+        self.error: BaseException | None = None  # why the model failed to load (re-raised by the CLI)
+        self.http_port = cfg.http_port
+        self.grpc_port = cfg.grpc_port
+        self._stop = asyncio.Event()
+        self._pending: tuple[Batcher, dict[str, Prepared]] | None = None
+
+    def is_ready(self) -> bool:
+        return not self.draining and bool(self.repo.models) and self.repo.ready
+
+    def server_info(self) -> dict[str, Any]:
+        models = {n: {"version": m.version, "ready": m.ready, **m.info} for n, m in self.repo.models.items()}
+        state = (
+            "failed"
+            if self.failed
+            else "draining"
+            if self.draining
+            else "ready"
+            if self.is_ready()
+            else "loading"
+        )
+        return {
+            "name": "kubeforge",
+            "version": VERSION,
+            "extensions": EXTENSIONS,
+            "kubeforge": {"state": state, "error": self.failed, "models": models},
+        }
+
+    def _start_model(self) -> None:
+        cfg = self.cfg
+        holder: dict[str, Prepared] = {}
+
+        def setup() -> BatchRunner:
+            p = prepare(cfg)
+            holder["p"] = p
+            sig = p.signature
+            batcher.configure(
+                name=p.loaded.name,
+                batched=sig.batched,
+                max_batch_size=cfg.max_batch_size,
+                batch_buckets=p.build.compiled.batch_buckets,
+                variable_dims=[[j for j, d in enumerate(s.shape) if d == -1 and j > 0] for s in sig.inputs],
+                pad_multiple=cfg.pad_multiple,
+                observer=self.metrics.observer(p.loaded.name),
+            )
+            return p.runner
+
+        batcher = Batcher(
+            setup=setup,
+            name=cfg.model_name or "model",
+            max_batch_size=cfg.max_batch_size,
+            max_delay_s=cfg.max_delay_ms / 1000,
+            max_queue_size=cfg.max_queue_size,
+        )
+        self._pending = (batcher, holder)
+
+    async def _await_model(self) -> None:
+        assert self._pending is not None
+        batcher, holder = self._pending
+        await asyncio.get_running_loop().run_in_executor(None, batcher.ready.wait)
+        if batcher.error is not None:
+            self.error = batcher.error
+            self.failed = f"{type(batcher.error).__name__}: {batcher.error}"
+            log.error(
+                "model failed to load; the server stays live but never ready", extra={"error": self.failed}
+            )
+            return
+        p = holder["p"]
+        name = p.loaded.name
+        info = build_info(p.build)
+        model = ServedModel(
+            name, p.loaded.version, p.signature, batcher, batcher.max_batch_size, info=info, ready=True
+        )
+        self.repo.models = {name: model}
+        m = self.metrics
+        m.compile_seconds.labels(name, info["backend"]).set(info["compile_seconds"])
+        m.backend_info.labels(
+            name,
+            info["requested_backend"],
+            info["backend"],
+            info["mode"],
+            info["compile_path"],
+            info["device"],
+            info["hardware"],
+            str(info["cache_hit"]).lower(),
+            " | ".join(info["fallbacks"]) or "none",
+        ).set(1)
+        for fb in info["fallbacks"]:
+            m.fallbacks.labels(name, info["backend"], fb.split(":")[0]).inc()
+        m.ready.set(1)
+        log.info(
+            "ready",
+            extra={
+                "model": name,
+                "version": p.loaded.version,
+                "seconds_since_start": round(time.time() - self.cfg.started, 3),
+                **info,
+            },
+        )
+
+    async def run(self) -> None:
+        import grpc
+        import uvicorn
+
+        from runtime.serving.protocol.grpc_service import InferenceService, add_to_server
+        from runtime.serving.protocol.rest import RestApp
+
+        cfg = self.cfg
+        self._start_model()
+        app = RestApp(
+            self.repo,
+            self.metrics,
+            self.server_info,
+            max_payload_bytes=cfg.max_payload_bytes,
+            is_ready=self.is_ready,
+        )
+        ucfg = uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(cfg.grace_s),
+            backlog=2048,
+        )
+        http = _Uvicorn(ucfg)
+        opts = [
+            ("grpc.max_receive_message_length", cfg.max_payload_bytes),
+            ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
+            ("grpc.so_reuseport", 0),
+        ]
+        grpc_server = grpc.aio.server(options=opts)
+        add_to_server(InferenceService(self.repo, self.metrics, self.server_info, self.is_ready), grpc_server)
+        self.grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        await grpc_server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        http_task = asyncio.create_task(http.serve())
+        await _until(lambda: http.started or http_task.done())
+        if http.servers and http.servers[0].sockets:
+            self.http_port = http.servers[0].sockets[0].getsockname()[1]
+        log.info(
+            "listening", extra={"http_port": self.http_port, "grpc_port": self.grpc_port, "host": cfg.host}
+        )
+        model_task = asyncio.create_task(self._await_model())
+        await self._stop.wait()
+        # drain: readiness already 503; keep serving for drain_delay_s so load balancers notice, then stop
+        # accepting and let in-flight requests finish (up to grace_s)
+        t0 = time.perf_counter()
+        await asyncio.sleep(cfg.drain_delay_s)
+        http.should_exit = True
+        await asyncio.gather(http_task, grpc_server.stop(cfg.grace_s), return_exceptions=True)
+        if self._pending is not None:
+            await loop.run_in_executor(None, self._pending[0].close, cfg.grace_s)
+        model_task.cancel()
+        log.info("stopped", extra={"drain_seconds": round(time.perf_counter() - t0, 3)})
+
+    def request_stop(self, why: str = "stop") -> None:
+        if not self.draining:
+            log.info("draining", extra={"signal": why})
+        self.draining = True
+        self.metrics.ready.set(0)
+        self._stop.set()
+
+
+class _Uvicorn:
+    """uvicorn.Server without its own signal handling (the Server above owns SIGTERM and drains)."""
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class _S(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        return _S(config)
+
+
+async def _until(cond: Callable[[], bool], step: float = 0.01) -> None:
+    """Poll `cond` (uvicorn exposes start-up only as a flag)."""
+    while not cond():  # noqa: ASYNC110
+        await asyncio.sleep(step)
