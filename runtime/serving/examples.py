@@ -4,6 +4,7 @@ in any process), and a helper that logs and registers one with MLflow's PyTorch 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -51,6 +52,18 @@ class TokenTagger(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.proj(torch.relu(self.emb(ids)))
         return logits, logits.argmax(-1)
+
+
+class Sleepy(nn.Module):
+    """Doubles its input after sleeping: a slow model for back-pressure and drain tests."""
+
+    def __init__(self, seconds: float = 0.3) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x * 2
 
 
 class Bottleneck(nn.Module):

@@ -87,8 +87,9 @@ def complete_signature(sig: Signature, eager: torch.nn.Module, device: str) -> S
 
 def prepare(cfg: ServeConfig) -> Prepared:
     """Load, pick the backend, compile or load from the cache, verify (BackendUnavailable, ModelLoadError)."""
-    loaded = load_model(cfg.model_uri, model_name=cfg.model_name, inputs=cfg.inputs, outputs=cfg.outputs)
     hw = detect_hardware()
+    compiler.select_backend(cfg.backend, hw)  # fail fast, before any download, when the backend is missing
+    loaded = load_model(cfg.model_uri, model_name=cfg.model_name, inputs=cfg.inputs, outputs=cfg.outputs)
     b = compiler.build(
         loaded.module,
         loaded.signature,

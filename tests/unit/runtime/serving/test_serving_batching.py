@@ -1,0 +1,153 @@
+"""Dynamic batching: batched results equal unbatched ones, bounded queue, padding, drain."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from runtime.serving.batching import Batcher
+from runtime.serving.errors import QueueFull, Unavailable
+from runtime.serving.examples import MLP, TokenTagger
+
+
+def _runner(model: torch.nn.Module, seen: list[int]):  # type: ignore[no-untyped-def]
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        seen.append(xs[0].shape[0])
+        with torch.inference_mode():
+            out = model(*xs)
+        return out if isinstance(out, tuple) else (out,)
+
+    return run
+
+
+def test_batched_results_equal_unbatched_and_batches_form() -> None:
+    torch.manual_seed(0)
+    model = MLP().eval()
+    seen: list[int] = []
+    gate = threading.Event()
+    inner = _runner(model, seen)
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        gate.wait(5)  # hold the first batch so the others queue up behind it
+        return inner(xs)
+
+    b = Batcher(run, max_batch_size=8, max_delay_s=0.0, max_queue_size=100)
+    rows = [torch.randn(1 + i % 3, 16) for i in range(20)]
+    futs = [b.submit([r], r.shape[0]) for r in rows]
+    gate.set()
+    outs = [f.result(10)[0] for f in futs]
+    b.close(5)
+    for r, o in zip(rows, outs, strict=True):
+        with torch.inference_mode():
+            want = model(r)
+        assert o.shape == want.shape
+        torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
+    assert sum(seen) == sum(r.shape[0] for r in rows)
+    assert max(seen) > 3 and max(seen) <= 8, seen  # requests were stacked, never past max_batch_size
+
+
+def test_queue_full_raises_and_memory_stays_bounded() -> None:
+    gate = threading.Event()
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        gate.wait(5)
+        return (xs[0],)
+
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, max_queue_size=3)
+    first = b.submit([torch.zeros(1, 2)], 1)
+    # wait until the worker took the first request, so the queue is empty again
+    for _ in range(200):
+        if b.queued == 0:
+            break
+        threading.Event().wait(0.01)
+    queued = [b.submit([torch.zeros(1, 2)], 1) for _ in range(3)]
+    with pytest.raises(QueueFull, match="queue is full"):
+        b.submit([torch.zeros(1, 2)], 1)
+    assert b.queued == 3
+    gate.set()
+    for f in [first, *queued]:
+        assert f.result(5)[0].shape == (1, 2)
+    b.close(5)
+
+
+def test_close_finishes_queued_requests_then_refuses() -> None:
+    gate = threading.Event()
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        gate.wait(5)
+        return (xs[0] + 1,)
+
+    b = Batcher(run, max_batch_size=2, max_delay_s=0.0, max_queue_size=10)
+    futs: list[Future[tuple[torch.Tensor, ...]]] = [
+        b.submit([torch.full((1, 1), float(i))], 1) for i in range(5)
+    ]
+    closer = threading.Thread(target=b.close, args=(10,))
+    closer.start()
+    gate.set()
+    closer.join(10)
+    assert [f.result(0)[0].item() for f in futs] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(Unavailable, match="shutting down"):
+        b.submit([torch.zeros(1, 1)], 1)
+
+
+def test_batch_buckets_pad_rows_and_cut_them_off() -> None:
+    seen: list[int] = []
+    model = MLP().eval()
+    b = Batcher(_runner(model, seen), max_batch_size=8, max_delay_s=0.0, batch_buckets=(1, 4, 8))
+    x = torch.randn(3, 16)
+    out = b.submit([x], 3).result(5)[0]
+    b.close(5)
+    assert seen == [4]  # 3 rows padded up to the bucket of 4
+    with torch.inference_mode():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_variable_lengths_are_bucketed_padded_and_equal_unpadded() -> None:
+    torch.manual_seed(0)
+    model = TokenTagger().eval()
+    seen: list[tuple[int, ...]] = []
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        seen.append(tuple(xs[0].shape))
+        with torch.inference_mode():
+            return tuple(model(*xs))
+
+    gate = threading.Event()
+
+    def gated(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        gate.wait(5)
+        return run(xs)
+
+    b = Batcher(gated, max_batch_size=16, max_delay_s=0.0, variable_dims=[[1]], pad_multiple=8)
+    seqs = [torch.randint(1, 100, (1, n)) for n in (5, 7, 8, 3, 12, 16)]
+    futs = [b.submit([s], 1) for s in seqs]
+    gate.set()
+    for s, f in zip(seqs, futs, strict=True):
+        logits, tags = f.result(10)
+        with torch.inference_mode():
+            want_logits, want_tags = model(s)
+        assert logits.shape == want_logits.shape and tags.shape == want_tags.shape
+        torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
+        assert torch.equal(tags, want_tags)
+    b.close(5)
+    assert {shape[1] for shape in seen} <= {8, 16}  # only padded lengths reached the model
+    assert sum(shape[0] for shape in seen) == len(seqs)
+
+
+def test_model_error_fails_only_that_batch() -> None:
+    calls = {"n": 0}
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return (xs[0],)
+
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0)
+    with pytest.raises(Exception, match="boom"):
+        b.submit([torch.zeros(1, 1)], 1).result(5)
+    assert b.submit([torch.ones(1, 1)], 1).result(5)[0].item() == 1.0
+    b.close(5)

@@ -1,0 +1,144 @@
+"""Backend selection, the compile cache key and the compiled-vs-eager check (no real compiles here)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.serving import compile as compiler
+from runtime.serving.compile.base import Backend, Compiled, CompileRequest
+from runtime.serving.compile.cache import CacheEntry, cache_key
+from runtime.serving.detect import Device, Hardware, detect_hardware
+from runtime.serving.examples import MLP
+from runtime.serving.signature import Signature, TensorSpec
+
+SIG = Signature((TensorSpec("x", "FP32", (-1, 16)),), (TensorSpec("y", "FP32", (-1, 4)),))
+
+
+@pytest.mark.parametrize(
+    ("backend", "names"),
+    [
+        ("npu", "torch_npu"),
+        ("mlu", "torch_mlu"),
+        ("cuda", "torch.cuda.is_available() is False"),
+        ("tensorrt", "NVIDIA GPU"),
+        ("rocm", "torch.cuda.is_available() is False"),
+    ],
+)
+def test_unavailable_backend_fails_naming_what_is_missing(backend: str, names: str) -> None:
+    hw = detect_hardware()
+    if hw.usable({"tensorrt": "cuda"}.get(backend, backend)):
+        pytest.skip(f"{backend} is available on this machine")
+    with pytest.raises(compiler.BackendUnavailable) as e:
+        compiler.select_backend(backend, hw)
+    assert backend in str(e.value) and names in str(e.value)
+
+
+def test_unknown_backend_lists_the_choices() -> None:
+    with pytest.raises(compiler.BackendUnavailable, match="unknown backend 'tpu'; choose one of auto"):
+        compiler.select_backend("tpu", detect_hardware())
+
+
+def test_auto_picks_cpu_here_and_says_why() -> None:
+    hw = detect_hardware()
+    if hw.family != "cpu":
+        pytest.skip("an accelerator is present")
+    backend, reason = compiler.select_backend("auto", hw)
+    assert backend.name == "cpu"
+    assert (
+        reason.startswith("auto chose cpu: no accelerator usable") and "npu:" in reason and "cuda:" in reason
+    )
+
+
+def test_auto_prefers_the_accelerator_found() -> None:
+    cpu = Device("cpu", "x", "cpu|x")
+    gpu = Device("cuda:0", "NVIDIA H200", "cuda|NVIDIA H200|sm90|cuda13.0")
+    hw = Hardware("cuda", {"cpu": cpu, "cuda": gpu}, {"npu": "no torch_npu"}, {"tensorrt": False})
+    backend, reason = compiler.select_backend("auto", hw)
+    assert backend.name == "cuda" and "NVIDIA H200" in reason
+    npu = Device("npu:0", "Ascend910B", "npu|Ascend910B")
+    hw = Hardware("npu", {"cpu": cpu, "npu": npu}, {"cuda": "none"}, {})
+    assert compiler.select_backend("auto", hw)[0].name == "npu"
+    assert compiler.select_backend("cpu", hw)[0].name == "cpu"
+
+
+def test_cache_key_changes_with_each_part(tmp_path: Path) -> None:
+    base = {
+        "model": "m1|v1",
+        "backend": "cpu",
+        "mode": "aot",
+        "hardware": "cpu|x",
+        "torch": "2.15",
+        "inputs": [[-1, 16]],
+        "max_batch_size": 32,
+    }
+    keys = {cache_key(base)}
+    for k, v in [
+        ("model", "m1|v2"),
+        ("backend", "cuda"),
+        ("hardware", "cpu|y"),
+        ("torch", "2.16"),
+        ("inputs", [[-1, 32]]),
+        ("max_batch_size", 64),
+    ]:
+        keys.add(cache_key(base | {k: v}))
+    assert len(keys) == 7
+    a = CacheEntry.open(tmp_path, "my model", base)
+    b = CacheEntry.open(tmp_path, "my model", dict(base))
+    assert a.root == b.root and (a.root / "key.json").is_file()
+    a.write_bytes("blob", b"123")
+    assert b.has("blob") and not any(p.name.startswith(".") for p in a.root.iterdir())
+
+
+class _Wrong(Backend):
+    """A backend whose 'compiled' model is off by one: the check must catch it."""
+
+    name = "cpu"
+    family = "cpu"
+
+    def compile(self, req: CompileRequest) -> Compiled:
+        def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            with torch.inference_mode():
+                return (req.module(*xs) + 1,)
+
+        return Compiled(run, self.name, "jit", "wrong on purpose")  # type: ignore[arg-type]
+
+
+def test_compiled_output_checked_against_eager_falls_back_visibly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(compiler.BACKENDS, "cpu", _Wrong())
+    caplog.set_level(logging.WARNING)
+    b = compiler.build(MLP(), SIG, hw=detect_hardware(), requested="cpu", mode="jit")
+    assert b.compiled.mode == "eager"
+    assert any("failed the check against eager" in f for f in b.compiled.fallbacks)
+    assert any("compile fallback" in r.getMessage() for r in caplog.records)
+    with pytest.raises(AssertionError, match="over tolerance"):
+        compiler.build(MLP(), SIG, hw=detect_hardware(), requested="cpu", mode="jit", strict=True)
+
+
+def test_eager_build_matches_module_and_reports_itself() -> None:
+    torch.manual_seed(0)
+    m = MLP()
+    b = compiler.build(m, SIG, hw=detect_hardware(), requested="eager", warmup_batch_sizes=(1, 4))
+    assert (b.compiled.backend, b.compiled.mode, b.cache_key) == ("eager", "eager", None)
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(b.compiled.run([x])[0], m(x))
+
+
+def test_aot_on_a_known_bad_torch_goes_to_jit_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.serving.compile import inductor
+
+    monkeypatch.setattr(inductor, "AOTI_LOAD_KNOWN_BAD", (torch.__version__[:4],))
+    calls: list[str] = []
+    monkeypatch.setattr(inductor, "aot_compile", lambda *a: calls.append("aot"))
+    monkeypatch.setattr(inductor, "jit_compile", lambda req, mode=None: lambda xs: (req.module(*xs),))
+    req = CompileRequest(MLP().eval(), SIG, "aot", detect_hardware().devices["cpu"], (1,), 8, None)
+    c = inductor.inductor_compile(req, "cuda", cudagraphs=True)
+    assert calls == [] and c.mode == "jit" and "reduce-overhead" in c.path
+    assert c.fallbacks and "aoti_load_package is known to crash" in c.fallbacks[0]
+    assert c.batch_buckets == (1, 2, 4, 8)
