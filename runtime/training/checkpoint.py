@@ -1,6 +1,7 @@
 """Distributed checkpoints with torch.distributed.checkpoint (DCP).
 
-``<path>/step-<N>/`` holds one checkpoint; it is complete once DCP has written its ``.metadata`` (the coordinator
+``<path>/step-<N>/`` holds one checkpoint; it is complete once DCP has written its ``.metadata`` (the
+coordinator
 writes it last), so a save interrupted by a failure is never resumed from. Parameter names are layout-free
 (FSDP / DDP / compile / activation-checkpoint wrappers are stripped by DCP's state-dict helpers and pipeline
 stages keep global layer names), so DCP reshards on load: a checkpoint from one world size or layout loads
@@ -21,8 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -81,8 +82,11 @@ class TrainState(Stateful):
     samples: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": torch.tensor(self.step), "loss_scale": torch.tensor(self.loss_scale, dtype=torch.float64),
-                "samples": torch.tensor(self.samples)}
+        return {
+            "step": torch.tensor(self.step),
+            "loss_scale": torch.tensor(self.loss_scale, dtype=torch.float64),
+            "samples": torch.tensor(self.samples),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
@@ -134,7 +138,7 @@ class CheckpointManager:
             return 0
         step, path = found
         t0 = time.perf_counter()
-        dcp.load(self.state, checkpoint_id=str(path), process_group=self.process_group)
+        state_dict_loader.load(self.state, checkpoint_id=str(path), process_group=self.process_group)
         self.last_step, self.last_path = step, str(path)
         log.info("resumed from %s in %.2f s", path, time.perf_counter() - t0)
         return step
@@ -150,10 +154,11 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         if self.async_save and not sync:
-            self._pending = dcp.async_save(  # type: ignore[assignment]
-                self.state, checkpoint_id=str(path), process_group=self.process_group)
+            self._pending = state_dict_saver.async_save(  # type: ignore[assignment]
+                self.state, checkpoint_id=str(path), process_group=self.process_group
+            )
         else:
-            dcp.save(self.state, checkpoint_id=str(path), process_group=self.process_group)
+            state_dict_saver.save(self.state, checkpoint_id=str(path), process_group=self.process_group)
             self._prune()
         self.last_seconds = time.perf_counter() - t0
         self.last_step, self.last_path = step, str(path)
@@ -182,5 +187,5 @@ class CheckpointManager:
 def load_model_weights(model: nn.Module, path: str) -> None:
     """Load the weights of checkpoint ``path`` into a plain (unparallelized) model, in this process alone."""
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=path, no_dist=True)
+    state_dict_loader.load({"model": sd}, checkpoint_id=path, no_dist=True)
     model.load_state_dict(sd)

@@ -11,6 +11,7 @@ with a message naming the field (exit code 2: not retried by the operator).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -68,28 +69,42 @@ def validate(spec: TrainingJobSpec, min_nodes: int, max_nodes: int, nproc: int) 
         if spec.model.preset not in WIDTHS:
             raise ValueError(f"spec.model.preset {spec.model.preset!r}: choose one of {sorted(WIDTHS)}")
         if spec.parallelism.tensor > 1 or spec.parallelism.pipeline > 1:
-            raise LayoutError(f"model {spec.model.builtin} is data-parallel only; set parallelism.tensor: 1 and "
-                              "parallelism.pipeline: 1")
+            raise LayoutError(
+                f"model {spec.model.builtin} is data-parallel only; set parallelism.tensor: 1 and "
+                "parallelism.pipeline: 1"
+            )
     else:
         raise ValueError("spec.model needs builtin or entrypoint")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kubeforge-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="kubeforge-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("spec", nargs="?", default=f"{SPEC_MOUNT_DIR}/{SPEC_FILE_NAME}", help="TrainingJob YAML")
     p.add_argument("--local", action="store_true", help="run on this machine (c10d on 127.0.0.1)")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="default: PET_NPROC_PER_NODE or the spec's")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=None, help="default: PET_NPROC_PER_NODE or the spec's"
+    )
     p.add_argument("--max-restarts", type=int, default=None, help="default: PET_MAX_RESTARTS or the spec's")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set optimizer.steps=20 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set optimizer.steps=20 (repeatable)",
+    )
     p.add_argument("--progress-file", default=None, help="write progress JSON here (default: a temp file)")
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress reports")
     p.add_argument("--metrics-file", default=None, help="append per-step metrics and events (JSON lines)")
     p.add_argument("--log-every", type=int, default=1, help="steps between loss reductions / metric records")
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and stop after this step")
-    p.add_argument("--start-method", choices=["fork", "spawn"], default=None,
-                   help="how workers start; default fork without GPUs (fast), spawn with them")
+    p.add_argument(
+        "--start-method",
+        choices=["fork", "spawn"],
+        default=None,
+        help="how workers start; default fork without GPUs (fast), spawn with them",
+    )
     p.add_argument("--check", action="store_true", help="validate the spec and the layout, then exit")
     return p.parse_args(argv)
 
@@ -99,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = os.environ
     sets = list(args.set)
-    if args.local:  # the spec runs on this one machine: one node of --nproc-per-node (or the spec's) processes
-        sets = ["nodes={count: 1}"] + sets
+    if (
+        args.local
+    ):  # the spec runs on this one machine: one node of --nproc-per-node (or the spec's) processes
+        sets = ["nodes={count: 1}", *sets]
     if args.nproc_per_node:
-        sets = [f"processesPerNode={args.nproc_per_node}"] + sets
+        sets = [f"processesPerNode={args.nproc_per_node}", *sets]
     try:
         spec = load_spec(args.spec, sets)
     except Exception as e:
@@ -129,20 +146,37 @@ def main(argv: list[str] | None = None) -> int:
     spec_file = tmp / "spec.json"
     write_spec(spec, spec_file)
     progress_file = args.progress_file or str(tmp / "progress.json")
-    max_restarts = args.max_restarts if args.max_restarts is not None else int(
-        env.get("PET_MAX_RESTARTS", spec.failure_policy.max_restarts))
+    max_restarts = (
+        args.max_restarts
+        if args.max_restarts is not None
+        else int(env.get("PET_MAX_RESTARTS", spec.failure_policy.max_restarts))
+    )
     if args.local:
         endpoint, backend, run_id = f"127.0.0.1:{_free_port()}", "c10d", f"local-{uuid.uuid4().hex[:8]}"
     else:
         endpoint = env.get("PET_RDZV_ENDPOINT", "127.0.0.1:29400")
         backend, run_id = env.get("PET_RDZV_BACKEND", "c10d"), env.get("PET_RDZV_ID", "kubeforge")
     config = LaunchConfig(
-        min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, run_id=run_id, rdzv_endpoint=endpoint,
-        rdzv_backend=backend, rdzv_configs={"join_timeout": 600, "last_call_timeout": 30}, max_restarts=max_restarts,
-        monitor_interval=0.5, start_method=args.start_method or _default_start_method(),
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=nproc,
+        run_id=run_id,
+        rdzv_endpoint=endpoint,
+        rdzv_backend=backend,
+        rdzv_configs={"join_timeout": 600, "last_call_timeout": 30},
+        max_restarts=max_restarts,
+        monitor_interval=0.5,
+        start_method=args.start_method or _default_start_method(),
     )
-    worker_args = [str(spec_file), "--progress-file", progress_file,
-                   "--progress-interval", str(args.progress_interval), "--log-every", str(args.log_every)]
+    worker_args = [
+        str(spec_file),
+        "--progress-file",
+        progress_file,
+        "--progress-interval",
+        str(args.progress_interval),
+        "--log-every",
+        str(args.log_every),
+    ]
     if args.metrics_file:
         worker_args += ["--metrics-file", args.metrics_file]
     if args.stop_at_step:
@@ -151,8 +185,23 @@ def main(argv: list[str] | None = None) -> int:
         worker_args.append("--bar")
     if config.start_method == "fork":  # import once here, so forked workers start with everything loaded
         _preload(spec)
-    log.info("launching %s: nodes %d:%d x %d processes, rendezvous %s %s, %d restarts allowed",
-             args.spec, min_nodes, max_nodes, nproc, backend, endpoint, max_restarts)
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: no oversubscription of the node's cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    # The agent's shared TCPStore outlives a restart without a per-attempt key prefix, so re-formed workers can
+    # read the dead group's gloo/NCCL addresses; a store per rendezvous round (hosted by rank 0) avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    fatal = tmp / "fatal.txt"
+    worker_args += ["--fatal-file", str(fatal)]
+    log.info(
+        "launching %s: nodes %d:%d x %d processes, rendezvous %s %s, %d restarts allowed",
+        args.spec,
+        min_nodes,
+        max_nodes,
+        nproc,
+        backend,
+        endpoint,
+        max_restarts,
+    )
     code = 0
     try:
         from runtime.training.train import worker
@@ -160,17 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         elastic_launch(config, entrypoint=worker)(worker_args)
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
-        log.error("training failed: %s", e.format_msg()[:2000])
         code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
-    final = _final_progress(progress_file, code)
+        if fatal.is_file():
+            print(f"kubeforge-train: {fatal.read_text()}", file=sys.stderr)
+        else:
+            log.error("training failed: %s", e.format_msg()[:2000])  # type: ignore[no-untyped-call]
+    final = _final_progress(progress_file, code, fatal.read_text() if fatal.is_file() else None)
     write_termination_log(final)
     print(json.dumps(final.to_wire()))
     return code
 
 
 def _preload(spec: TrainingJobSpec) -> None:
-    import torch.distributed.checkpoint  # noqa: F401
-    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.checkpoint
+    import torch.distributed.fsdp
     import torch.distributed.pipelining  # noqa: F401
 
     import runtime.training.train  # noqa: F401
@@ -179,15 +231,20 @@ def _preload(spec: TrainingJobSpec) -> None:
         from runtime.training.models import llama, vision  # noqa: F401
     if str(spec.data.builtin) == "digits":
         import sklearn.datasets  # noqa: F401
+    from runtime.training.tracking import tracking_uri
+
+    if tracking_uri(spec):
+        with contextlib.suppress(ImportError):
+            import mlflow.pytorch  # noqa: F401
 
 
-def _final_progress(path: str, code: int) -> TrainingProgress:
+def _final_progress(path: str, code: int, fatal: str | None) -> TrainingProgress:
     try:
         p = TrainingProgress.model_validate_json(Path(path).read_text())
     except (OSError, ValueError):
         p = TrainingProgress()
     if code != 0:
-        p = p.model_copy(update={"state": "failed", "message": f"workers failed (exit code {code})"})
+        p = p.model_copy(update={"state": "failed", "message": fatal or f"workers failed (exit code {code})"})
     return p
 
 

@@ -1,6 +1,7 @@
 """Built-in datasets and the step sampler.
 
-The samples of a step are a pure function of (seed, step): global sample positions ``step * B .. step * B + B``
+The samples of a step are a pure function of (seed, step): global sample positions ``step * B .. step * B
++ B``
 map to dataset indices through a seeded per-epoch permutation; data-parallel rank r takes the r-th slice.
 So any layout, a resumed job and a job that changed world size all see the same global batch.
 """
@@ -20,7 +21,8 @@ _PERMUTE_LIMIT = 10_000_000  # datasets larger than this are already random (syn
 
 
 class SyntheticTokens(Dataset[Sample]):
-    """Arithmetic token sequences ``x[t] = (x0 + k * t) mod V`` (k in 1..8 per sample) with 10 % random tokens:
+    """Arithmetic token sequences ``x[t] = (x0 + k * t) mod V`` (k in 1..8 per sample) with 10 % random
+    tokens:
     cheap to generate and learnable (the next token follows from the two before it)."""
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, size: int = 1 << 40) -> None:
@@ -48,7 +50,9 @@ class ByteText(Dataset[Sample]):
             raise FileNotFoundError(f"spec.data.path {path!r} is not a readable file")
         raw = p.read_bytes()
         if len(raw) < seq_len + 2:
-            raise ValueError(f"spec.data.path {path!r} has {len(raw)} bytes; sequenceLength {seq_len} needs more")
+            raise ValueError(
+                f"spec.data.path {path!r} has {len(raw)} bytes; sequenceLength {seq_len} needs more"
+            )
         self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
         self.seq_len, self.seed = seq_len, seed
         self.windows = len(raw) - seq_len - 1
@@ -113,14 +117,20 @@ class StepSampler(Sampler[list[int]]):
 
 
 def step_batches(
-    dataset: Dataset[Sample], global_batch: int, dp_rank: int, dp: int, seed: int, start: int, stop: int,
+    dataset: Dataset[Sample],
+    global_batch: int,
+    dp_rank: int,
+    dp: int,
+    seed: int,
+    start: int,
+    stop: int,
     num_workers: int = 0,
 ) -> Iterator[Sample]:
     """(inputs, targets) of this rank for each step in [start, stop)."""
     sampler = StepSampler(len(dataset), global_batch, dp_rank, dp, seed, start, stop)  # type: ignore[arg-type]
     if num_workers == 0:
         for idx in sampler:
-            yield default_collate([dataset[i] for i in idx])
+            yield default_collate([dataset[i] for i in idx])  # type: ignore[no-untyped-call]
         return
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
     yield from loader

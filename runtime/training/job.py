@@ -1,4 +1,5 @@
-"""Builds a worker's job from the spec: process group, mesh, model parts, optimizers, and one training step."""
+"""Builds a worker's job from the spec: process group, mesh, model parts, optimizers, and one training
+step."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def init_distributed(timeout_s: int = 600) -> torch.device:
 
 def grad_norm(params: list[nn.Parameter], pp_group: Any) -> torch.Tensor:
     """Global L2 norm of the gradients over every parallel dimension. Grads of DTensor parameters are grouped
-    by mesh and placement (one reduction each); plain (replicated) ones are local; pipeline stages all-reduce."""
+    by mesh and placement (one reduction each); plain (replicated) ones are local; pipeline stages
+    all-reduce."""
     groups: dict[Any, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
@@ -85,7 +87,8 @@ class Job:
     @property
     def dp_rank(self) -> int:
         return int(self.mesh["dp_replicate"].get_local_rank()) * self.dims.dp_shard + int(
-            self.mesh["dp_shard"].get_local_rank())
+            self.mesh["dp_shard"].get_local_rank()
+        )
 
     @property
     def reports_loss(self) -> bool:
@@ -96,8 +99,11 @@ class Job:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """Mixed precision without FSDP comes from autocast (FSDP2 casts parameters itself)."""
-        return None if self.dims.fsdp_enabled else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            str(self.spec.precision))
+        return (
+            None
+            if self.dims.fsdp_enabled
+            else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.spec.precision))
+        )
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -108,8 +114,9 @@ class Job:
     def params(self) -> list[nn.Parameter]:
         return [p for m in self.parts for p in m.parameters()]
 
-    def train_step(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor | None,
-                                                                                           torch.Tensor, bool]:
+    def train_step(
+        self, step: int, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
         """One optimizer step (1-based ``step``). Returns (this rank's loss or None, grad norm, stepped)."""
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         for o in self.optimizers:
@@ -118,13 +125,17 @@ class Job:
         with self.autocast():
             if self.pipeline is not None:
                 losses = self.pipeline.step(inputs, targets)
-                loss = torch.stack([x.detach().float() for x in losses]).mean() / self.loss_scale if losses else None
+                loss = (
+                    torch.stack([x.detach().float() for x in losses]).mean() / self.loss_scale
+                    if losses
+                    else None
+                )
             else:
                 mb = self.dims.micro_batches
                 total = torch.zeros((), device=self.device)
                 for x, y in zip(inputs.chunk(mb), targets.chunk(mb), strict=True):
                     part = self.task.loss_fn(self.parts[0](x), y) / mb
-                    (part * self.loss_scale).backward()
+                    (part * self.loss_scale).backward()  # type: ignore[no-untyped-call]
                     total += part.detach().float()
                 loss = total
         norm = grad_norm(self.params(), self.mesh["pp"].get_group() if self.dims.pp_enabled else None)
@@ -162,13 +173,28 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
     check_task_supports(task, dims)
     plain = copy.deepcopy(task.model) if keep_plain_copy else None
     ctx = ParallelContext(
-        dims=dims, mesh=mesh, device=device, precision=str(spec.precision),
-        compression=str(spec.gradient_compression), power_sgd_rank=spec.power_sgd_rank,
-        activation_checkpointing=str(spec.activation_checkpointing), compile=spec.compile,
+        dims=dims,
+        mesh=mesh,
+        device=device,
+        precision=str(spec.precision),
+        compression=str(spec.gradient_compression),
+        power_sgd_rank=spec.power_sgd_rank,
+        activation_checkpointing=str(spec.activation_checkpointing),
+        compile=spec.compile,
     )
     parallelize = task.parallelize or data_parallel.default_parallelize
-    job = Job(spec, dims, mesh, device, task, [], [], None, plain,
-              loss_scale=2.0**16 if str(spec.precision) == "fp16" else 1.0)
+    job = Job(
+        spec,
+        dims,
+        mesh,
+        device,
+        task,
+        [],
+        [],
+        None,
+        plain,
+        loss_scale=2.0**16 if str(spec.precision) == "fp16" else 1.0,
+    )
     if dims.pp_enabled:
         assert task.split_pipeline is not None
 
@@ -181,8 +207,13 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
         job.parts = [parallelize(task.model.to(device), ctx)]
     o = spec.optimizer
     job.optimizers = [
-        torch.optim.AdamW(m.parameters(), lr=o.learning_rate, betas=(0.9, 0.95), weight_decay=o.weight_decay,
-                          foreach=False if dims.tp_enabled else None)
+        torch.optim.AdamW(
+            m.parameters(),
+            lr=o.learning_rate,
+            betas=(0.9, 0.95),
+            weight_decay=o.weight_decay,
+            foreach=False if dims.tp_enabled else None,
+        )
         for m in job.parts
     ]
     return job

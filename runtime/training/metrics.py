@@ -1,4 +1,5 @@
-"""Throughput, MFU, the per-step metrics file, and the profiling window (trace, operator table, collective bytes)."""
+"""Throughput, MFU, the per-step metrics file, and the profiling window (trace, operator table,
+collective bytes)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,29 @@ import torch
 log = logging.getLogger("kubeforge.metrics")
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device name; MFU is reported only where the peak is known.
-PEAK_BF16 = {"H200": 989.5e12, "H100": 989.5e12, "H800": 989.5e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-             "MI300X": 1307e12, "MI250X": 383e12}
-_DTYPE_BYTES = {"float": 4, "c10::Half": 2, "c10::BFloat16": 2, "double": 8, "long int": 8, "int": 4,
-                "signed char": 1, "unsigned char": 1, "bool": 1, "c10::Float8_e4m3fn": 1, "short int": 2}
+PEAK_BF16 = {
+    "H200": 989.5e12,
+    "H100": 989.5e12,
+    "H800": 989.5e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "MI300X": 1307e12,
+    "MI250X": 383e12,
+}
+_DTYPE_BYTES = {
+    "float": 4,
+    "c10::Half": 2,
+    "c10::BFloat16": 2,
+    "double": 8,
+    "long int": 8,
+    "int": 4,
+    "signed char": 1,
+    "unsigned char": 1,
+    "bool": 1,
+    "c10::Float8_e4m3fn": 1,
+    "short int": 2,
+}
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
@@ -64,7 +84,8 @@ class MetricsFile:
 
 def collective_bytes(trace: dict[str, Any]) -> dict[str, int]:
     """Bytes handed to the communication backend per collective, read from a Chrome trace of torch.profiler:
-    the backend's own events (``gloo:all_reduce``, ``nccl:reduce_scatter`` ...) record input dtypes and shapes,
+    the backend's own events (``gloo:all_reduce``, ``nccl:reduce_scatter`` ...) record input dtypes and
+    shapes,
     DDP's built-in reducer included."""
     out: dict[str, int] = {}
     for ev in trace.get("traceEvents", []):
@@ -86,7 +107,8 @@ def collective_bytes(trace: dict[str, Any]) -> dict[str, int]:
 
 
 class ProfileWindow:
-    """torch.profiler over steps [start, start + steps) on this rank; writes a Chrome trace, a per-operator table
+    """torch.profiler over steps [start, start + steps) on this rank; writes a Chrome trace, a
+    per-operator table
     and the collective byte counts into ``folder``."""
 
     def __init__(self, start: int, steps: int, folder: Path, device: torch.device) -> None:

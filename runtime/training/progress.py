@@ -1,6 +1,8 @@
-"""Publishing progress (rank 0): the pod's ``kubeforge.io/progress`` annotation in the cluster, a JSON file and a
+"""Publishing progress (rank 0): the pod's ``kubeforge.io/progress`` annotation in the cluster, a JSON
+file and a
 terminal progress bar locally, and the final summary in /dev/termination-log. Failures to publish are logged,
-never fatal; publishing is throttled (at most every ``interval`` seconds, plus forced reports at checkpoints and
+never fatal; publishing is throttled (at most every ``interval`` seconds, plus forced reports at
+checkpoints and
 at the end)."""
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from crds.common import ANNOTATION_PROGRESS
 from crds.trainingjob import TrainingProgress
@@ -48,21 +50,30 @@ class PodAnnotationSink:
         self.url = f"https://{host}:{port}/api/v1/namespaces/{namespace}/pods/{pod}"
         self.sa_dir = sa_dir
         ca = sa_dir / "ca.crt"
-        self.ctx = ssl.create_default_context(cafile=str(ca)) if ca.is_file() else ssl.create_default_context()
+        self.ctx = (
+            ssl.create_default_context(cafile=str(ca)) if ca.is_file() else ssl.create_default_context()
+        )
 
     @classmethod
     def from_env(cls) -> PodAnnotationSink | None:
         pod, ns = os.environ.get("KUBEFORGE_POD_NAME"), os.environ.get("KUBEFORGE_POD_NAMESPACE")
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host, port = (
+            os.environ.get("KUBERNETES_SERVICE_HOST"),
+            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
+        )
         if not (pod and ns and host and (SA_DIR / "token").is_file()):
             return None
         return cls(pod, ns, host, port)
 
     def publish(self, p: TrainingProgress) -> None:
-        body = {"metadata": {"annotations": {ANNOTATION_PROGRESS: json.dumps(p.to_wire(), separators=(",", ":"))}}}
+        body = {
+            "metadata": {"annotations": {ANNOTATION_PROGRESS: json.dumps(p.to_wire(), separators=(",", ":"))}}
+        }
         token = (self.sa_dir / "token").read_text().strip()
         req = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), method="PATCH",
+            self.url,
+            data=json.dumps(body).encode(),
+            method="PATCH",
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"},
         )
         with urllib.request.urlopen(req, timeout=5, context=self.ctx) as resp:
@@ -72,8 +83,8 @@ class PodAnnotationSink:
 class TerminalBar:
     """A one-line bar on a terminal; a plain line per report otherwise."""
 
-    def __init__(self, stream: object = None) -> None:
-        self.stream = stream or sys.stderr
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream: TextIO = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def publish(self, p: TrainingProgress) -> None:
@@ -82,11 +93,13 @@ class TerminalBar:
         done = int(width * min(p.step, total) / total)
         loss = f" loss {p.loss:.4f}" if p.loss is not None else ""
         ckpt = f" ckpt {p.last_checkpoint_step}" if p.last_checkpoint_step is not None else ""
-        line = (f"[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps}{loss}{ckpt} "
-                f"ws {p.world_size} restarts {p.restarts} {p.state}")
+        line = (
+            f"[{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps}{loss}{ckpt} "
+            f"ws {p.world_size} restarts {p.restarts} {p.state}"
+        )
         end = "\n" if (not self.tty or p.state != "running") else ""
-        self.stream.write(("\r" if self.tty else "") + line + end)  # type: ignore[attr-defined]
-        self.stream.flush()  # type: ignore[attr-defined]
+        self.stream.write(("\r" if self.tty else "") + line + end)
+        self.stream.flush()
 
 
 class ProgressPublisher:

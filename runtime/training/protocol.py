@@ -11,18 +11,19 @@ A TrainingJob with ``spec.model.entrypoint: "package.module:function"`` makes ev
         return TrainTask(model=model, dataset=MyDataset(), loss_fn=torch.nn.functional.cross_entropy)
 
 Rules:
-* ``model`` is built on CPU, deterministically (seeded), and takes one tensor; the runtime moves it to the
-  device and applies data parallelism (FSDP2 or DDP per the spec) to it as a whole.
-* ``dataset`` is map-style: ``dataset[i] -> (input, target)`` tensors. The runtime picks the samples of each step
-  from the seed and the step alone, so a resumed or re-shaped job sees the same data.
+* ``model`` is built on CPU, deterministically (seeded), and takes one tensor; the runtime moves it to
+  the device and applies data parallelism (FSDP2 or DDP per the spec) to it as a whole.
+* ``dataset`` is map-style: ``dataset[i] -> (input, target)`` tensors. The runtime picks the samples of
+  each step from the seed and the step alone, so a resumed or re-shaped job sees the same data.
 * ``loss_fn(output, target)`` returns the mean loss of a (micro-)batch.
-* Optional: ``parallelize`` (apply tensor parallelism / activation checkpointing / compile / FSDP yourself, see
-  ``runtime.training.models.llama.parallelize_llama``; set ``tensor_parallel=True`` when it implements tensor
-  parallelism; default: torch.compile of the whole model when asked, then data parallelism), ``split_pipeline`` (cut the model into pipeline stages),
-  ``flops_per_sample`` (enables MFU), ``tokens_per_sample`` (reports tokens/s), ``example_input`` (the MLflow
-  signature of the logged model; default: the first sample).
-A model without ``parallelize`` cannot use tensor parallelism and one without ``split_pipeline`` cannot be
-pipelined: the job then fails at once with a message naming the field.
+* Optional: ``parallelize`` (apply tensor parallelism / activation checkpointing / compile / FSDP
+  yourself, see ``runtime.training.models.llama.parallelize_llama``; set ``tensor_parallel=True`` when
+  it implements tensor parallelism; default: torch.compile of the whole model when asked, then data
+  parallelism), ``split_pipeline`` (cut the model into pipeline stages), ``flops_per_sample`` (enables
+  MFU), ``tokens_per_sample`` (reports tokens/s), ``example_input`` (the MLflow signature of the logged
+  model; default: the first sample).
+A model without ``parallelize`` cannot use tensor parallelism and one without ``split_pipeline`` cannot
+be pipelined: the job then fails at once with a message naming the field.
 """
 
 from __future__ import annotations
@@ -95,16 +96,21 @@ def resolve_entrypoint(ref: str) -> Callable[..., Any]:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         raise EntryPointError(
-            f"spec.model.entrypoint {ref!r}: module {mod_name!r} cannot be imported ({e}); install it in the image "
+            f"spec.model.entrypoint {ref!r}: module {mod_name!r} cannot be imported ({e}); install it in "
+            f"the image "
             "or put it on PYTHONPATH (spec.env)"
         ) from None
     except Exception as e:  # the user's module raised while importing
         raise EntryPointError(f"spec.model.entrypoint {ref!r}: importing {mod_name!r} failed: {e!r}") from e
     fn = getattr(module, fn_name, None)
     if fn is None:
-        raise EntryPointError(f"spec.model.entrypoint {ref!r}: module {mod_name!r} has no attribute {fn_name!r}")
+        raise EntryPointError(
+            f"spec.model.entrypoint {ref!r}: module {mod_name!r} has no attribute {fn_name!r}"
+        )
     if not callable(fn):
-        raise EntryPointError(f"spec.model.entrypoint {ref!r}: {fn_name!r} is a {type(fn).__name__}, not a function")
+        raise EntryPointError(
+            f"spec.model.entrypoint {ref!r}: {fn_name!r} is a {type(fn).__name__}, not a function"
+        )
     return fn  # type: ignore[no-any-return]
 
 
@@ -120,8 +126,10 @@ def load_task(ref: str, spec: TrainingJobSpec) -> TrainTask:
     if not isinstance(task.model, nn.Module):
         raise EntryPointError(f"spec.model.entrypoint {ref!r}: TrainTask.model must be a torch.nn.Module")
     if not hasattr(task.dataset, "__getitem__") or not hasattr(task.dataset, "__len__"):
-        raise EntryPointError(f"spec.model.entrypoint {ref!r}: TrainTask.dataset must be a map-style dataset "
-                              "(__getitem__ and __len__)")
+        raise EntryPointError(
+            f"spec.model.entrypoint {ref!r}: TrainTask.dataset must be a map-style dataset "
+            "(__getitem__ and __len__)"
+        )
     if not callable(task.loss_fn):
         raise EntryPointError(f"spec.model.entrypoint {ref!r}: TrainTask.loss_fn must be callable")
     return task

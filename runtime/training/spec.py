@@ -1,4 +1,5 @@
-"""Reading the TrainingJob spec the runtime runs: a YAML/JSON file with a TrainingJob object or a bare spec."""
+"""Reading the TrainingJob spec the runtime runs: a YAML/JSON file with a TrainingJob object or a bare
+spec."""
 
 from __future__ import annotations
 

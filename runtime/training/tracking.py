@@ -53,8 +53,12 @@ class MlflowTracker(Tracker):
         id_file = state_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         if run_id is None and job_id:
-            found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'",
-                                       output_format="list", max_results=1)
+            found = mlflow.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`{JOB_TAG}` = '{job_id}'",
+                output_format="list",
+                max_results=1,
+            )
             run_id = found[0].info.run_id if found else None
         if run_id is not None:
             run = mlflow.start_run(run_id=run_id)
@@ -64,8 +68,11 @@ class MlflowTracker(Tracker):
             id_file.write_text(run.info.run_id)
         self.run_id = run.info.run_id
         base = uri.rstrip("/")
-        self.run_url = (f"{base}/#/experiments/{exp.experiment_id}/runs/{self.run_id}"
-                        if base.startswith("http") else None)
+        self.run_url = (
+            f"{base}/#/experiments/{exp.experiment_id}/runs/{self.run_id}"
+            if base.startswith("http")
+            else None
+        )
 
     def log_params(self, params: dict[str, Any]) -> None:
         try:
@@ -81,14 +88,17 @@ class MlflowTracker(Tracker):
             self.mlflow.log_artifact(str(f), artifact_path=folder)
 
     def log_model(self, model: nn.Module, example: torch.Tensor) -> str | None:
-        """Log ``model`` (one tensor in, one out) with the pytorch flavour, its signature and an input example."""
+        """Log ``model`` (one tensor in, one out) with the pytorch flavour, its signature and an input
+        example."""
         from mlflow.models import infer_signature
 
         model = model.eval()
         with torch.no_grad():
             out = model(example)
         sig = infer_signature(example.numpy(), out.float().numpy())
-        info = self.mlflow.pytorch.log_model(model, name="model", signature=sig, input_example=example.numpy())
+        info = self.mlflow.pytorch.log_model(
+            model, name="model", signature=sig, input_example=example.numpy()
+        )
         return str(info.model_uri)
 
     def finish(self, state: str) -> None:
@@ -104,7 +114,11 @@ def make_tracker(spec: TrainingJobSpec, state_dir: Path, run_name: str) -> Track
     except ImportError:
         log.warning("MLflow tracking URI %s is set but mlflow is not installed: not tracking", uri)
         return Tracker()
-    experiment = (spec.mlflow.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                  or os.environ.get("KUBEFORGE_POD_NAMESPACE") or "kubeforge")
+    experiment = (
+        spec.mlflow.experiment
+        or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        or os.environ.get("KUBEFORGE_POD_NAMESPACE")
+        or "kubeforge"
+    )
     job_id = os.environ.get("KUBEFORGE_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
     return MlflowTracker(uri, experiment, state_dir, job_id, run_name)

@@ -106,7 +106,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids (batch, seq) -> logits (batch, seq, vocab). A pipeline stage is a Transformer with some layers
+    """Token ids (batch, seq) -> logits (batch, seq, vocab). A pipeline stage is a Transformer with some
+    layers
     deleted and, except on the first / last stage, no embedding / no norm and output."""
 
     def __init__(self, a: LlamaArgs) -> None:
@@ -144,7 +145,9 @@ class Transformer(nn.Module):
 def llama_args(spec: TrainingJobSpec) -> LlamaArgs:
     preset = spec.model.preset
     if preset not in PRESETS:
-        raise ValueError(f"spec.model.preset {preset!r} is not a llama preset; choose one of {sorted(PRESETS)}")
+        raise ValueError(
+            f"spec.model.preset {preset!r} is not a llama preset; choose one of {sorted(PRESETS)}"
+        )
     a = PRESETS[preset]
     vocab = 256 if str(spec.data.builtin) == "text-file" else spec.data.vocab_size
     a = replace(a, vocab=vocab, max_seq_len=max(a.max_seq_len, spec.data.sequence_length))
@@ -166,14 +169,20 @@ def check_layout(a: LlamaArgs, tp: int, num_stages: int) -> None:
         if n % tp:
             raise ValueError(f"llama {what} ({n}) must be divisible by parallelism.tensor ({tp})")
     if a.layers < num_stages:
-        raise ValueError(f"llama has {a.layers} layers, fewer than the {num_stages} pipeline stages "
-                         "(pipeline x stagesPerRank); add layers or reduce parallelism.pipeline")
+        raise ValueError(
+            f"llama has {a.layers} layers, fewer than the {num_stages} pipeline stages "
+            "(pipeline x stagesPerRank); add layers or reduce parallelism.pipeline"
+        )
 
 
 def flops_per_token(a: LlamaArgs, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), as torchtitan counts them: 6 N + 12 L H Q T."""
-    per_layer = a.dim * (a.heads + 2 * a.n_kv_heads) * (a.dim // a.heads) + a.dim * a.dim + 3 * a.dim * a.hidden
-    n = a.layers * (per_layer + 2 * a.dim) + a.dim + a.dim * a.vocab  # output layer counts, embedding does not
+    per_layer = (
+        a.dim * (a.heads + 2 * a.n_kv_heads) * (a.dim // a.heads) + a.dim * a.dim + 3 * a.dim * a.hidden
+    )
+    n = (
+        a.layers * (per_layer + 2 * a.dim) + a.dim + a.dim * a.vocab
+    )  # output layer counts, embedding does not
     return 6.0 * n + 12.0 * a.layers * a.heads * (a.dim // a.heads) * seq_len
 
 
@@ -227,7 +236,9 @@ def build_task(spec: TrainingJobSpec) -> TrainTask:
     seq = spec.data.sequence_length
     data = str(spec.data.builtin)
     if data == "digits":
-        raise ValueError("model llama needs token data: set spec.data.builtin to synthetic-tokens or text-file")
+        raise ValueError(
+            "model llama needs token data: set spec.data.builtin to synthetic-tokens or text-file"
+        )
     dataset: torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]
     if data == "text-file":
         if not spec.data.path:
@@ -238,8 +249,15 @@ def build_task(spec: TrainingJobSpec) -> TrainTask:
     torch.manual_seed(spec.optimizer.seed)
     model = Transformer(a)
     return TrainTask(
-        model=model, dataset=dataset, loss_fn=lm_loss, parallelize=parallelize_llama, tensor_parallel=True, split_pipeline=split_llama,
-        flops_per_sample=flops_per_token(a, seq) * seq, tokens_per_sample=seq,
-        example_input=dataset[0][0].unsqueeze(0), name=f"llama-{spec.model.preset}",
+        model=model,
+        dataset=dataset,
+        loss_fn=lm_loss,
+        parallelize=parallelize_llama,
+        tensor_parallel=True,
+        split_pipeline=split_llama,
+        flops_per_sample=flops_per_token(a, seq) * seq,
+        tokens_per_sample=seq,
+        example_input=dataset[0][0].unsqueeze(0),
+        name=f"llama-{spec.model.preset}",
         params={f"model.{k}": v for k, v in a.__dict__.items()},
     )

@@ -18,11 +18,15 @@ class CNN(nn.Module):
     def __init__(self, width: int = 16, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 4 * width), nn.ReLU(),
-                                  nn.Linear(4 * width, classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * 16, 4 * width), nn.ReLU(), nn.Linear(4 * width, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # type: ignore[no-any-return]
@@ -34,8 +38,9 @@ class MLP(nn.Module):
     def __init__(self, width: int = 16, classes: int = 10, inputs: int = 64) -> None:
         super().__init__()
         h = 8 * width
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
-                                 nn.Linear(h, classes))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(inputs, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # type: ignore[no-any-return]
@@ -48,7 +53,9 @@ def build_task(spec: TrainingJobSpec, kind: str) -> TrainTask:
         raise ValueError(f"model {kind} classifies images: set spec.data.builtin: digits")
     preset = spec.model.preset
     if preset not in WIDTHS:
-        raise ValueError(f"spec.model.preset {preset!r} is not a {kind} preset; choose one of {sorted(WIDTHS)}")
+        raise ValueError(
+            f"spec.model.preset {preset!r} is not a {kind} preset; choose one of {sorted(WIDTHS)}"
+        )
     opts = dict(spec.model.options or {})
     width = int(opts.pop("width", WIDTHS[preset]))
     if opts:
@@ -59,7 +66,13 @@ def build_task(spec: TrainingJobSpec, kind: str) -> TrainTask:
     n_params = sum(p.numel() for p in model.parameters())
     flops = 6.0 * n_params if kind == "mlp" else None  # dense layers only: 2 N forward + 4 N backward
     return TrainTask(
-        model=model, dataset=dataset, loss_fn=F.cross_entropy, parallelize=None, split_pipeline=None,
-        flops_per_sample=flops, example_input=dataset[0][0].unsqueeze(0), name=f"{kind}-{preset}",
+        model=model,
+        dataset=dataset,
+        loss_fn=F.cross_entropy,
+        parallelize=None,
+        split_pipeline=None,
+        flops_per_sample=flops,
+        example_input=dataset[0][0].unsqueeze(0),
+        name=f"{kind}-{preset}",
         params={"model.width": width, "model.parameters": n_params},
     )

@@ -1,1 +1,2 @@
-"""Parallelism: layout (dims), data parallel (FSDP2 / DDP / HSDP + compression), tensor and pipeline parallel."""
+"""Parallelism: layout (dims), data parallel (FSDP2 / DDP / HSDP + compression), tensor and pipeline
+parallel."""

@@ -70,8 +70,12 @@ def comm_hook(ctx: ParallelContext, group: Any) -> tuple[Any, Any]:
         return default_hooks.bf16_compress_hook, group
     if ctx.compression == "powerSGD":
         state = powerSGD_hook.PowerSGDState(
-            process_group=group, matrix_approximation_rank=ctx.power_sgd_rank, start_powerSGD_iter=2,
-            min_compression_rate=1.0, use_error_feedback=True, warm_start=True,
+            process_group=group,
+            matrix_approximation_rank=ctx.power_sgd_rank,
+            start_powerSGD_iter=2,
+            min_compression_rate=1.0,
+            use_error_feedback=True,
+            warm_start=True,
         )
         return powerSGD_hook.powerSGD_hook, state
     return None, None

@@ -91,17 +91,22 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
     if world_size % (tp * pp):
         raise LayoutError(
             f"world size {world_size} (nodes x processesPerNode) is not divisible by parallelism.tensor "
-            f"({tp}) x parallelism.pipeline ({pp}) = {tp * pp}; change tensor/pipeline or the number of processes"
+            f"({tp}) x parallelism.pipeline ({pp}) = {tp * pp}; change tensor/pipeline or the number of "
+            f"processes"
         )
     data = world_size // (tp * pp) if par.data == -1 else par.data
     if data * tp * pp != world_size:
         raise LayoutError(
-            f"parallelism.data ({data}) x tensor ({tp}) x pipeline ({pp}) = {data * tp * pp} must equal the world "
-            f"size {world_size}; set parallelism.data to {world_size // (tp * pp)} or to -1 (use the leftover ranks)"
+            f"parallelism.data ({data}) x tensor ({tp}) x pipeline ({pp}) = {data * tp * pp} must equal "
+            f"the world "
+            f"size {world_size}; set parallelism.data to {world_size // (tp * pp)} or to -1 (use the "
+            f"leftover ranks)"
         )
     mode = str(par.data_mode)
     if mode != "hsdp" and par.data_replicate != 1:
-        raise LayoutError("parallelism.dataReplicate applies to dataMode hsdp only; set it to 1 or dataMode: hsdp")
+        raise LayoutError(
+            "parallelism.dataReplicate applies to dataMode hsdp only; set it to 1 or dataMode: hsdp"
+        )
     if mode == "hsdp":
         if data % par.data_replicate:
             raise LayoutError(
@@ -115,7 +120,8 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
         dp_replicate, dp_shard = 1, data
     if mode == "ddp" and tp > 1:
         raise LayoutError(
-            "dataMode ddp cannot be combined with tensor parallelism (DDP does not handle DTensor parameters); "
+            "dataMode ddp cannot be combined with tensor parallelism (DDP does not handle DTensor "
+            "parameters); "
             "use dataMode fsdp or hsdp, or set parallelism.tensor: 1"
         )
     schedule = str(par.pipeline_schedule)
@@ -123,17 +129,22 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
     if schedule == "Interleaved1F1B" and spr < 2:
         raise LayoutError("pipelineSchedule Interleaved1F1B needs parallelism.stagesPerRank of 2 or more")
     if schedule != "Interleaved1F1B" and spr != 1:
-        raise LayoutError(f"pipelineSchedule {schedule} runs one stage per rank; set stagesPerRank: 1 or "
-                          "pipelineSchedule: Interleaved1F1B")
+        raise LayoutError(
+            f"pipelineSchedule {schedule} runs one stage per rank; set stagesPerRank: 1 or "
+            "pipelineSchedule: Interleaved1F1B"
+        )
     mb = par.micro_batches
     if pp > 1 and mb < pp:
         raise LayoutError(
-            f"parallelism.microBatches ({mb}) must be at least parallelism.pipeline ({pp}) or the pipeline idles; "
+            f"parallelism.microBatches ({mb}) must be at least parallelism.pipeline ({pp}) or the "
+            f"pipeline idles; "
             f"set microBatches to {pp} or more"
         )
     if pp > 1 and schedule == "Interleaved1F1B" and mb % pp:
-        raise LayoutError(f"Interleaved1F1B needs parallelism.microBatches ({mb}) to be a multiple of "
-                          f"parallelism.pipeline ({pp})")
+        raise LayoutError(
+            f"Interleaved1F1B needs parallelism.microBatches ({mb}) to be a multiple of "
+            f"parallelism.pipeline ({pp})"
+        )
     gb = spec.optimizer.global_batch_size
     if gb % (data * mb):
         raise LayoutError(
@@ -142,17 +153,29 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
         )
     comp = str(spec.gradient_compression)
     if comp == "powerSGD" and mode != "ddp":
-        raise LayoutError("gradientCompression powerSGD works with dataMode ddp only; use bf16/fp16 compression "
-                          "with fsdp/hsdp, or set dataMode: ddp")
+        raise LayoutError(
+            "gradientCompression powerSGD works with dataMode ddp only; use bf16/fp16 compression "
+            "with fsdp/hsdp, or set dataMode: ddp"
+        )
     if comp == "powerSGD" and str(spec.precision) != "fp32":
         raise LayoutError("gradientCompression powerSGD needs precision fp32 (its error feedback is fp32)")
     return ParallelDims(
-        world_size=world_size, pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, data_mode=mode,
-        schedule=schedule, stages_per_rank=spr, micro_batches=mb, global_batch=gb,
+        world_size=world_size,
+        pp=pp,
+        dp_replicate=dp_replicate,
+        dp_shard=dp_shard,
+        tp=tp,
+        data_mode=mode,
+        schedule=schedule,
+        stages_per_rank=spr,
+        micro_batches=mb,
+        global_batch=gb,
     )
 
 
-def validate_range(spec: TrainingJobSpec, min_nodes: int, max_nodes: int, nproc_per_node: int) -> list[ParallelDims]:
+def validate_range(
+    spec: TrainingJobSpec, min_nodes: int, max_nodes: int, nproc_per_node: int
+) -> list[ParallelDims]:
     """Resolve the layout for every world size an elastic job can take; the first failure is raised."""
     out = []
     for nodes in range(min_nodes, max_nodes + 1):
@@ -160,6 +183,7 @@ def validate_range(spec: TrainingJobSpec, min_nodes: int, max_nodes: int, nproc_
             out.append(resolve(spec, nodes * nproc_per_node))
         except LayoutError as e:
             extra = f" (with {nodes} nodes x {nproc_per_node} processes" + (
-                f", inside the elastic range {min_nodes}:{max_nodes})" if min_nodes != max_nodes else ")")
+                f", inside the elastic range {min_nodes}:{max_nodes})" if min_nodes != max_nodes else ")"
+            )
             raise LayoutError(str(e) + extra) from None
     return out

@@ -13,7 +13,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from runtime.training.protocol import ParallelContext, ParallelizeFn, SplitFn
 
-SCHEDULES: dict[str, Any] = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+SCHEDULES: dict[str, Any] = {
+    "GPipe": ScheduleGPipe,
+    "1F1B": Schedule1F1B,
+    "Interleaved1F1B": ScheduleInterleaved1F1B,
+}
 
 
 @dataclass
@@ -43,7 +47,10 @@ def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
 
 
 def build_pipeline(
-    model: nn.Module, split: SplitFn, parallelize: ParallelizeFn, ctx: ParallelContext,
+    model: nn.Module,
+    split: SplitFn,
+    parallelize: ParallelizeFn,
+    ctx: ParallelContext,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> Pipeline:
     dims = ctx.dims

@@ -9,14 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from runtime.training.models.llama import Transformer
 
-BLOCK_PLAN = {
+BLOCK_PLAN: dict[str, type[ColwiseParallel] | type[RowwiseParallel]] = {
     "attention.wq": ColwiseParallel,
     "attention.wk": ColwiseParallel,
     "attention.wv": ColwiseParallel,
@@ -30,7 +35,7 @@ BLOCK_PLAN = {
 def apply_llama_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
     """Shard heads and the FFN hidden size over ``tp_mesh``; the embedding and the output layer shard the
     vocabulary and return replicated activations / logits."""
-    top = {}
+    top: dict[str, ParallelStyle] = {}
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if model.output is not None:

@@ -1,4 +1,5 @@
-"""Multi-process training runs over gloo on this machine, through the real launcher (`kubeforge-train --local`).
+"""Multi-process training runs over gloo on this machine, through the real launcher (`kubeforge-train
+--local`).
 
 The launcher runs inside the pytest process (its `main`), so the elastic agent forks workers that already have
 torch imported: a run costs its training time, not eight interpreter start-ups.
@@ -50,19 +51,40 @@ class Run:
 
 
 def write_job(path: Path, spec: dict[str, Any]) -> Path:
-    obj = {"apiVersion": "kubeforge.io/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "t"}, "spec": spec}
+    obj = {
+        "apiVersion": "kubeforge.io/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "t"},
+        "spec": spec,
+    }
     path.write_text(yaml.safe_dump(obj))
     return path
 
 
 def run_local(tmp: Path, spec: dict[str, Any], nproc: int, *extra: str, name: str = "run") -> Run:
-    """`kubeforge-train <spec> --local --nproc-per-node N` in-process; metrics and progress files under tmp."""
+    """`kubeforge-train <spec> --local --nproc-per-node N` in-process; metrics and progress files under
+    tmp."""
     from runtime.training import cli
 
     job = write_job(tmp / f"{name}.yaml", spec)
     metrics, progress = tmp / f"{name}.metrics.jsonl", tmp / f"{name}.progress.json"
-    code = cli.main([str(job), "--local", "--nproc-per-node", str(nproc), "--metrics-file", str(metrics),
-                     "--progress-file", str(progress), "--progress-interval", "0", "--start-method", "fork", *extra])
+    code = cli.main(
+        [
+            str(job),
+            "--local",
+            "--nproc-per-node",
+            str(nproc),
+            "--metrics-file",
+            str(metrics),
+            "--progress-file",
+            str(progress),
+            "--progress-interval",
+            "0",
+            "--start-method",
+            "fork",
+            *extra,
+        ]
+    )
     recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     prog = json.loads(progress.read_text()) if progress.exists() else {}
     return Run(code, recs, prog)

@@ -26,8 +26,11 @@ LAYOUTS: list[tuple[str, int, dict[str, Any]]] = [
     ("pp2-gpipe", 2, {"pipeline": 2, "pipelineSchedule": "GPipe"}),
     ("dp2-tp2", 4, {"data": 2, "tensor": 2}),
     ("dp2-pp2-1f1b", 4, {"data": 2, "pipeline": 2}),
-    ("tp2-pp2-interleaved", 4, {"tensor": 2, "pipeline": 2, "pipelineSchedule": "Interleaved1F1B",
-                                "stagesPerRank": 2}),
+    (
+        "tp2-pp2-interleaved",
+        4,
+        {"tensor": 2, "pipeline": 2, "pipelineSchedule": "Interleaved1F1B", "stagesPerRank": 2},
+    ),
     ("hsdp-2x2", 4, {"data": 4, "dataMode": "hsdp", "dataReplicate": 2}),
     ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2}),
 ]
