@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         _preload(spec)
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: no oversubscription of the node's cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
-    # The agent's shared TCPStore outlives a restart without a per-attempt key prefix, so re-formed workers can
-    # read the dead group's gloo/NCCL addresses; a store per rendezvous round (hosted by rank 0) avoids that.
+    # The agent's shared TCPStore outlives a restart without a per-attempt key prefix, so re-formed workers
+    # can read the dead group's gloo/NCCL addresses; a store per rendezvous round (hosted by rank 0) avoids it.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     fatal = tmp / "fatal.txt"
     worker_args += ["--fatal-file", str(fatal)]
