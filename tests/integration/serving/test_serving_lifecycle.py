@@ -1,0 +1,124 @@
+"""Back-pressure (429 / RESOURCE_EXHAUSTED), graceful drain on SIGTERM, and backend selection at start-up."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.serving.conftest import ROOT, Registry, Serve, start_serve
+
+pytestmark = pytest.mark.integration
+
+
+def _post(url: str, value: float) -> httpx.Response:
+    body = {"inputs": [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [value] * 4}]}
+    return httpx.post(f"{url}/v2/models/slow/infer", json=body, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def slow_server(registry: Registry) -> Serve:
+    """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests."""
+    s = start_serve(
+        registry.env,
+        "--model-uri",
+        str(registry.slow_path),
+        "--model-name",
+        "slow",
+        "--mode",
+        "eager",
+        "--max-batch-size",
+        "1",
+        "--max-queue-size",
+        "2",
+        "--drain-delay-s",
+        "1",
+    )
+    s.wait_ready()
+    return s
+
+
+def test_full_queue_answers_429_and_resource_exhausted(slow_server: Serve) -> None:
+    import tritonclient.grpc as tg
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        rest = list(pool.map(lambda i: _post(slow_server.url, float(i)), range(8)))
+    codes = sorted(r.status_code for r in rest)
+    assert 200 in codes and 429 in codes, codes
+    assert set(codes) == {200, 429}
+    refused = next(r for r in rest if r.status_code == 429)
+    assert "queue is full" in refused.json()["error"]
+    for i, r in enumerate(rest):  # the accepted ones still got their own answer
+        if r.status_code == 200:
+            assert r.json()["outputs"][0]["data"] == [2.0 * i] * 4
+
+    def grpc_one(_: int) -> str:
+        client = tg.InferenceServerClient(slow_server.grpc_url)
+        inp = tg.InferInput("input__0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        try:
+            client.infer("slow", [inp])
+        except tg.InferenceServerException as e:
+            return str(e.status())
+        return "OK"
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        statuses = set(pool.map(grpc_one, range(8)))
+    assert statuses == {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, statuses
+    assert httpx.get(f"{slow_server.url}/v2/health/ready").status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests(slow_server: Serve) -> None:
+    with cf.ThreadPoolExecutor(3) as pool:
+        futs = [pool.submit(_post, slow_server.url, float(i)) for i in range(3)]
+        time.sleep(0.2)  # all three are in the server: one running, two queued
+        slow_server.proc.terminate()
+        time.sleep(0.2)
+        assert httpx.get(f"{slow_server.url}/v2/health/ready").status_code == 503  # draining: out of rotation
+        results = [f.result(30) for f in futs]
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert [r.json()["outputs"][0]["data"][0] for r in results] == [0.0, 2.0, 4.0]
+    assert slow_server.proc.wait(30) == 0
+    assert slow_server.log("draining") is not None and slow_server.log("stopped") is not None
+
+
+@pytest.mark.parametrize(
+    ("backend", "missing"),
+    [
+        ("npu", "torch_npu is not installed"),
+        ("mlu", "torch_mlu is not installed"),
+        ("cuda", "torch.cuda.is_available() is False"),
+    ],
+)
+def test_unavailable_backend_refuses_to_start_naming_what_is_missing(
+    registry: Registry, backend: str, missing: str
+) -> None:
+    from runtime.serving.detect import detect_hardware
+
+    if detect_hardware().usable(backend):
+        pytest.skip(f"{backend} is available here")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runtime.serving.cli",
+            "compile",
+            "--model-uri",
+            "models:/mlp@champion",
+            "--backend",
+            backend,
+        ],
+        cwd=ROOT,
+        env=registry.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"backend '{backend}' was asked for but is not available here" in proc.stderr
+    assert missing in proc.stderr

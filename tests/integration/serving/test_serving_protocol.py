@@ -1,0 +1,169 @@
+"""OIP v2 conformance over REST (httpx and tritonclient.http) and gRPC (tritonclient.grpc), batching under
+concurrency, metrics, and the bad-input table against a live server."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.integration.serving.conftest import Registry, Serve
+
+pytestmark = pytest.mark.integration
+
+
+def _eager(reg: Registry, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return reg.mlp(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
+
+
+def test_health_and_metadata_over_rest(mlp_server: Serve) -> None:
+    c = httpx.Client(base_url=mlp_server.url)
+    assert c.get("/v2/health/live").json() == {"live": True}
+    assert c.get("/v2/health/ready").json() == {"ready": True}
+    server = c.get("/v2").json()
+    assert server["name"] == "kubeforge" and "binary_tensor_data" in server["extensions"]
+    md = c.get("/v2/models/mlp").json()
+    assert md["name"] == "mlp" and md["versions"] == ["1"]
+    assert md["inputs"] == [{"name": "input__0", "datatype": "FP32", "shape": [-1, 16]}]
+    assert md["outputs"] == [{"name": "output__0", "datatype": "FP32", "shape": [-1, 4]}]
+    assert c.get("/v2/models/mlp/versions/1").status_code == 200
+    ready = c.get("/v2/models/mlp/versions/1/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    info = ready.json()
+    assert info["backend"] == "cpu" and info["mode"] == "eager"
+    assert info["selection_reason"].startswith("auto chose cpu")
+    assert c.get("/v2/models/mlp/versions/7/ready").status_code == 404
+
+
+def test_infer_plain_json_matches_eager(registry: Registry, mlp_server: Serve) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 16), dtype=np.float32)
+    body = {
+        "id": "abc",
+        "inputs": [{"name": "input__0", "shape": [3, 16], "datatype": "FP32", "data": x.tolist()}],
+    }
+    r = httpx.post(f"{mlp_server.url}/v2/models/mlp/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"] == "abc" and out["model_name"] == "mlp" and out["model_version"] == "1"
+    (o,) = out["outputs"]
+    assert o["name"] == "output__0" and o["shape"] == [3, 4] and o["datatype"] == "FP32"
+    np.testing.assert_allclose(
+        np.asarray(o["data"], np.float32).reshape(3, 4), _eager(registry, x), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_http(registry: Registry, mlp_server: Serve, binary: bool) -> None:
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(mlp_server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+    assert client.get_model_metadata("mlp")["inputs"][0]["name"] == "input__0"
+    x = np.random.default_rng(2).standard_normal((2, 16), dtype=np.float32)
+    inp = th.InferInput("input__0", [2, 16], "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    res = client.infer("mlp", [inp], outputs=[th.InferRequestedOutput("output__0", binary_data=binary)])
+    np.testing.assert_allclose(res.as_numpy("output__0"), _eager(registry, x), rtol=1e-5, atol=1e-6)
+
+
+def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(mlp_server.grpc_url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+    md = client.get_model_metadata("mlp", as_json=True)
+    assert md["inputs"][0] == {"name": "input__0", "datatype": "FP32", "shape": ["-1", "16"]}
+    assert client.get_server_metadata(as_json=True)["name"] == "kubeforge"
+    x = np.random.default_rng(3).standard_normal((4, 16), dtype=np.float32)
+    inp = tg.InferInput("input__0", [4, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    res = client.infer("mlp", [inp], request_id="r7")
+    assert res.get_response().id == "r7"
+    np.testing.assert_allclose(res.as_numpy("output__0"), _eager(registry, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(tg.InferenceServerException) as e:
+        client.infer("mlp", [tg.InferInput("nope", [1, 16], "FP32").set_data_from_numpy(x[:1])])
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "unknown input 'nope'" in e.value.message()
+    with pytest.raises(tg.InferenceServerException) as e:
+        client.infer("nosuch", [inp])
+    assert e.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry, mlp_server: Serve) -> None:
+    import tritonclient.grpc as tg
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+    before = httpx.get(f"{mlp_server.url}/metrics").text
+    rows = np.random.default_rng(4).standard_normal((48, 16), dtype=np.float32)
+
+    def one(i: int) -> np.ndarray:
+        client = tg.InferenceServerClient(mlp_server.grpc_url)
+        inp = tg.InferInput("input__0", [1, 16], "FP32")
+        inp.set_data_from_numpy(rows[i : i + 1])
+        return client.infer("mlp", [inp]).as_numpy("output__0")  # type: ignore[no-any-return]
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        outs = list(pool.map(one, range(len(rows))))
+    for i, out in enumerate(outs):  # each request answered with its own row, as if run alone
+        np.testing.assert_allclose(out, _eager(registry, rows[i : i + 1]), rtol=1e-5, atol=1e-6)
+    after = httpx.get(f"{mlp_server.url}/metrics").text
+    batches = metric(after, "kubeforge_batch_size_count") - metric(before, "kubeforge_batch_size_count")
+    batched_rows = metric(after, "kubeforge_batch_size_sum") - metric(before, "kubeforge_batch_size_sum")
+    assert batched_rows == len(rows)
+    assert batches < len(rows), "no two requests shared a batch"
+
+
+def test_metrics_report_requests_latency_batches_and_backend(mlp_server: Serve) -> None:
+    text = httpx.get(f"{mlp_server.url}/metrics").text
+    for name in (
+        "kubeforge_requests_total",
+        "kubeforge_request_latency_seconds_bucket",
+        "kubeforge_batch_size_bucket",
+        "kubeforge_queue_time_seconds_bucket",
+        "kubeforge_compile_seconds",
+        "kubeforge_inflight",
+    ):
+        assert name in text, name
+    info = next(line for line in text.splitlines() if line.startswith("kubeforge_backend_info{"))
+    assert 'backend="cpu"' in info and 'mode="eager"' in info and info.endswith(" 1.0")
+
+
+def _body(**kw: object) -> dict[str, object]:
+    return {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16} | kw]}
+
+
+BAD = [
+    ("wrong model name", "/v2/models/nosuch/infer", _body(), 404, "model 'nosuch' not found"),
+    ("wrong version", "/v2/models/mlp/versions/9/infer", _body(), 404, "no version '9'"),
+    ("wrong input name", "/v2/models/mlp/infer", _body(name="x"), 400, "unknown input 'x'"),
+    ("wrong shape", "/v2/models/mlp/infer", _body(shape=[1, 15], data=[0.0] * 15), 400, "shape [1, 15]"),
+    ("wrong datatype", "/v2/models/mlp/infer", _body(datatype="INT32", data=[0] * 16), 400, "datatype INT32"),
+    ("too few values", "/v2/models/mlp/infer", _body(data=[0.0] * 3), 400, "data has 3 elements"),
+    (
+        "batch over max",
+        "/v2/models/mlp/infer",
+        _body(shape=[9, 16], data=[0.0] * 144),
+        400,
+        "max batch size 8",
+    ),
+    ("malformed JSON", "/v2/models/mlp/infer", b'{"inputs": [', 400, "malformed JSON"),
+    ("oversized payload", "/v2/models/mlp/infer", b"[" + b"0," * 200_000 + b"0]", 413, "exceeds the limit"),
+    ("wrong method", "/v2/health/ready", b"", 405, "method POST not allowed"),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "body", "status", "problem"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_naming_the_problem(
+    mlp_server: Serve, case: str, path: str, body: object, status: int, problem: str
+) -> None:
+    url = mlp_server.url + path
+    r = httpx.post(url, content=body) if isinstance(body, bytes) else httpx.post(url, json=body)
+    assert r.status_code == status, (case, r.text)
+    assert problem in r.json()["error"], (case, r.text)
+    assert httpx.get(f"{mlp_server.url}/v2/health/ready").status_code == 200  # still healthy
+    assert mlp_server.proc.poll() is None
