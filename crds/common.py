@@ -100,7 +100,6 @@ def name_rule(limit: int, names: str) -> Rule:
         message=f"metadata.name must be a DNS-1035 label of at most {limit} characters (it names {names}): "
         "start with a letter, use only a-z, 0-9 and '-'",
         check=lambda obj: dns1035_ok((obj.get("metadata") or {}).get("name"), limit),
-        field_path=".metadata.name",
     )
 
 
@@ -122,7 +121,7 @@ NO_SERVER_DEFAULT: dict[str, Any] = {"x-kubeforge-no-server-default": True}
 # Alias names as MLflow and models:/name@alias URIs accept them ('latest' and v<N> are reserved by MLflow).
 ALIAS_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
 AliasName = Annotated[str, Field(min_length=1, max_length=63, pattern=ALIAS_PATTERN)]
-ALIASES_CEL = "self.all(a, a != 'latest' && !a.matches('^[vV][0-9]+$'))"
+ALIASES_CEL = "!has(self.aliases) || self.aliases.all(a, a != 'latest' && !a.matches('^[vV][0-9]+$'))"
 ALIASES_MESSAGE = (
     "aliases must not be 'latest' or v<number> (MLflow reserves them): choose another "
     "alias name, e.g. champion"

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, NoDefault
 from pydantic_core import core_schema
 
@@ -143,14 +142,17 @@ KINDS: tuple[Kind, ...] = (
 
 
 class _Schema(GenerateJsonSchema):
-    """Pydantic's JSON schema, with defaults of default_factory fields (a nested model defaults to {},
-    so the API server applies its fields' own defaults)."""
+    """Pydantic's JSON schema, with defaults of default_factory fields. A nested model defaults to its
+    whole default value: the API server checks a default against the CEL rules as written (without the
+    nested defaults applied), so `{}` would fail every rule that reads a field."""
 
     def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
         factory: Callable[[], Any] | None = schema.get("default_factory")  # type: ignore[assignment]
         if factory is not None and not schema.get("default_factory_takes_data"):
             value = factory()
-            return {} if isinstance(value, BaseModel) else value
+            if isinstance(value, KubeModel):
+                return value.to_wire()
+            return value
         return super().get_default_value(schema)
 
     def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:

@@ -183,7 +183,12 @@ class InferenceServiceSpec(KubeModel):
 
     x_rules = (
         Rule(
-            cel="!has(self.canary) || self.canary.model != self.model",
+            cel="!has(self.canary) || "
+            + " || ".join(
+                f"(has(self.canary.model.{f}) ? self.canary.model.{f} : '') != "
+                f"(has(self.model.{f}) ? self.model.{f} : '')"
+                for f in ("modelVersion", "uri")
+            ),
             message="canary.model must differ from model: point canary.model at the version you want to try",
             check=lambda m: m.canary is None or m.canary.model != m.model,
             field_path=".canary.model",

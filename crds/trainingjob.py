@@ -586,15 +586,17 @@ class TrainingJobStatus(KubeModel):
     completion_time: str | None = Field(default=None, description="When the job finished.")
     message: str | None = Field(default=None, description="What the operator wants the user to know now.")
     nodes_target: int | None = Field(
-        default=None, description="Nodes the operator runs the job at now: nodes.count, or fewer while a "
-        "scale-up cannot be scheduled."
+        default=None,
+        description="Nodes the operator runs the job at now: nodes.count, or fewer while a "
+        "scale-up cannot be scheduled.",
     )
     scale_up_blocked_at: str | None = Field(
         default=None, description="When a scale-up was given up because its pods could not be scheduled."
     )
     scale_up_blocked_target: int | None = Field(
-        default=None, description="The node count that could not be scheduled; retried when nodes.count "
-        "changes or after four schedule timeouts."
+        default=None,
+        description="The node count that could not be scheduled; retried when nodes.count "
+        "changes or after four schedule timeouts.",
     )
 
 

@@ -64,7 +64,7 @@ def test_spec_defaults_skip_operator_owned_image() -> None:
     root = generate.crd(generate.KINDS[0])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = root["properties"]["spec"]["properties"]
     assert "default" not in spec["image"]
-    assert spec["parallelism"]["default"] == {}
+    assert spec["parallelism"]["default"]["data"] == -1
     assert spec["optimizer"]["properties"]["gradClipNorm"]["nullable"] is True
 
 
