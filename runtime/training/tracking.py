@@ -96,8 +96,10 @@ class MlflowTracker(Tracker):
         with torch.no_grad():
             out = model(example)
         sig = infer_signature(example.numpy(), out.float().numpy())
+        # pickle, not MLflow 3's default pt2 (torch.export): an exported graph fixes every dimension the
+        # example does not vary (a decoder's sequence length); the pickled module takes any batch and length.
         info = self.mlflow.pytorch.log_model(
-            model, name="model", signature=sig, input_example=example.numpy()
+            model, name="model", signature=sig, input_example=example.numpy(), serialization_format="pickle"
         )
         return str(info.model_uri)
 

@@ -45,7 +45,9 @@ def test_half_precision_compression_halves_gradient_bytes(
     uncompressed: dict[str, dict[str, int]], tmp_path: Path, mode: str, compression: str, collective: str
 ) -> None:
     base, got = uncompressed[mode], comm_bytes(tmp_path, mode, compression)
-    if collective not in base:  # gloo has no native reduce-scatter: FSDP2 reduces gradients by all-reduce there
+    if (
+        collective not in base
+    ):  # gloo has no native reduce-scatter: FSDP2 reduces gradients by all-reduce there
         collective = "all_reduce"
     ratio = got[collective] / base[collective]
     print(f"\n{mode} {compression}: {collective} {base[collective]} -> {got[collective]} bytes ({ratio:.3f})")
