@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-file", default=None, help="append per-step metrics and events (JSON lines)")
     p.add_argument("--log-every", type=int, default=1, help="steps between loss reductions / metric records")
     p.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and stop after this step")
+    p.add_argument("--no-checkpoint", action="store_true", help="neither resume nor save (benchmarks)")
     p.add_argument(
         "--start-method",
         choices=["fork", "spawn"],
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.metrics_file:
         worker_args += ["--metrics-file", args.metrics_file]
+    if args.no_checkpoint:
+        worker_args.append("--no-checkpoint")
     if args.stop_at_step:
         worker_args += ["--stop-at-step", str(args.stop_at_step)]
     if args.local and sys.stderr.isatty():
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: no oversubscription of the node's cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     # The agent's shared TCPStore outlives a restart without a per-attempt key prefix, so re-formed workers
-    # can read the dead group's gloo/NCCL addresses; a store per rendezvous round (hosted by rank 0) avoids it.
+    # can read the dead group's gloo/NCCL addresses; a store per rendezvous round (hosted by rank 0)
+    # avoids it.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     fatal = tmp / "fatal.txt"
     worker_args += ["--fatal-file", str(fatal)]

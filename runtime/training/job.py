@@ -118,7 +118,10 @@ class Job:
         self, step: int, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
         """One optimizer step (1-based ``step``). Returns (this rank's loss or None, grad norm, stepped)."""
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        if self.device.type == "cuda":  # pinned + non-blocking: no host sync, the CPU keeps running ahead
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         loss: torch.Tensor | None

@@ -61,7 +61,7 @@ def train(spec: TrainingJobSpec, args: argparse.Namespace) -> int:
         {"model": ModelState(job.parts), "optim": OptimizerState(job.parts, job.optimizers), "train": state},
         process_group=gloo,
     )
-    start = ckpt.resume()
+    start = 0 if args.no_checkpoint else ckpt.resume()
     job.loss_scale = state.loss_scale
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     progress = TrainingProgress(
@@ -131,7 +131,7 @@ def train(spec: TrainingJobSpec, args: argparse.Namespace) -> int:
         )
         tput.mark(o.global_batch_size)
         last = step == stop_at
-        saving = ckpt.due(step) or last
+        saving = (ckpt.due(step) or last) and not args.no_checkpoint
         if step % args.log_every == 0 or saving or last:
             vec = torch.tensor(
                 [
@@ -207,6 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--stop-at-step", type=int, default=None)
     p.add_argument("--bar", action="store_true")
+    p.add_argument("--no-checkpoint", action="store_true", help="neither resume nor save (benchmarks)")
     p.add_argument("--fatal-file", default=None, help="where a user error is recorded so restarts stop early")
     return p.parse_args(argv)
 
