@@ -85,11 +85,14 @@ def complete_signature(sig: Signature, eager: torch.nn.Module, device: str) -> S
     return replace(sig, outputs=specs)
 
 
-def prepare(cfg: ServeConfig) -> Prepared:
+def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -> Prepared:
     """Load, pick the backend, compile or load from the cache, verify (BackendUnavailable, ModelLoadError)."""
     hw = detect_hardware()
     compiler.select_backend(cfg.backend, hw)  # fail fast, before any download, when the backend is missing
-    loaded = load_model(cfg.model_uri, model_name=cfg.model_name, inputs=cfg.inputs, outputs=cfg.outputs)
+    if loader is not None:  # an in-memory model (benchmarks, embedding)
+        loaded = loader()
+    else:
+        loaded = load_model(cfg.model_uri, model_name=cfg.model_name, inputs=cfg.inputs, outputs=cfg.outputs)
     b = compiler.build(
         loaded.module,
         loaded.signature,
@@ -131,14 +134,15 @@ def build_info(b: compiler.Build) -> dict[str, Any]:
         "cache_key": b.cache_key,
         "fallbacks": c.fallbacks,
         "compile_seconds": round(b.compile_seconds, 3),
-        "verified_max_abs_diff": b.max_abs_diff,
+        "verified_max_rel_error": b.max_rel_error,
         "torch": torch.__version__,
     }
 
 
 class Server:
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -> None:
         self.cfg = cfg
+        self.loader = loader
         self.metrics = Metrics()
         self.repo = Repository([])
         self.draining = False
@@ -175,7 +179,7 @@ class Server:
         holder: dict[str, Prepared] = {}
 
         def setup() -> BatchRunner:
-            p = prepare(cfg)
+            p = prepare(cfg, self.loader)
             holder["p"] = p
             sig = p.signature
             batcher.configure(

@@ -109,19 +109,28 @@ class Build:
     compile_seconds: float
     cache_key: str | None
     eager: torch.nn.Module
-    max_abs_diff: float
+    max_rel_error: float
 
 
-def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    if dtype in (torch.float16, torch.bfloat16):
-        return 2e-2, 2e-2
-    return 1e-3, 1e-4
+def _tolerance(precision: torch.dtype | None, dtype: torch.dtype) -> float:
+    """Largest relative L2 error (|compiled - eager| / |eager|) accepted for an output."""
+    if precision in (torch.float16, torch.bfloat16) or dtype in (torch.float16, torch.bfloat16):
+        return 3e-2  # different fusions round differently in 8-bit mantissas
+    return 1e-3  # fp32: reordered reductions, TF32 convolutions on GPUs
 
 
 def verify(
-    compiled: Compiled, eager: torch.nn.Module, sig: Signature, device: str, sizes: Sequence[int]
+    compiled: Compiled,
+    eager: torch.nn.Module,
+    sig: Signature,
+    device: str,
+    sizes: Sequence[int],
+    precision: torch.dtype | None = None,
 ) -> float:
-    """Run each warm-up size through both; AssertionError on the first mismatch; return max |diff|."""
+    """Run each warm-up size through both; AssertionError on the first mismatch; return the worst error.
+
+    Floating outputs are compared by relative L2 error; integer and boolean outputs must be equal.
+    """
     ref = call_module(eager)
     worst = 0.0
     for b in sizes:
@@ -136,12 +145,17 @@ def verify(
                     f"vs eager {w.dtype}{list(w.shape)}"
                 )
             if w.is_floating_point():
-                rtol, atol = _tolerance(w.dtype)
-                diff = (g.float() - w.float()).abs().max().item() if w.numel() else 0.0
-                worst = max(worst, diff)
-                if not torch.allclose(g.float(), w.float(), rtol=rtol, atol=atol, equal_nan=True):
+                gf, wf = g.double(), w.double()
+                if not bool(torch.isfinite(gf).eq(torch.isfinite(wf)).all()):
                     raise AssertionError(
-                        f"batch {b} output {i}: max |compiled - eager| = {diff:.3g} over tolerance"
+                        f"batch {b} output {i}: compiled and eager disagree on non-finite values"
+                    )
+                gf, wf = torch.nan_to_num(gf), torch.nan_to_num(wf)
+                err = ((gf - wf).norm() / wf.norm().clamp_min(1e-12)).item() if w.numel() else 0.0
+                worst = max(worst, err)
+                if err > _tolerance(precision, w.dtype):
+                    raise AssertionError(
+                        f"batch {b} output {i}: relative error |compiled - eager| = {err:.3g}"
                     )
             elif not torch.equal(g, w):
                 raise AssertionError(f"batch {b} output {i}: compiled and eager differ")
@@ -197,7 +211,7 @@ def build(
     compiled = backend.compile(req)
     warm = sorted(set(sizes) | set(compiled.batch_buckets or ()))
     try:
-        worst = verify(compiled, eager, sig, device.device, warm)
+        worst = verify(compiled, eager, sig, device.device, warm, dtype)
         if compiled.after_warmup is not None:
             compiled.after_warmup()
     except Exception as e:
@@ -225,7 +239,7 @@ def build(
             "path": compiled.path,
             "cache_hit": compiled.cache_hit,
             "seconds": round(seconds, 2),
-            "max_abs_diff": worst,
+            "max_rel_error": worst,
             "warmup_batch_sizes": warm,
         },
     )

@@ -31,7 +31,7 @@ def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registr
         assert first["fallbacks"] and first["fallbacks"][0].startswith("aot -> jit")
         pytest.skip(f"AOTInductor unusable here: {first['fallbacks']}")
     assert first["compile_path"] == "torch.export + AOTInductor package" and first["fallbacks"] == []
-    assert first["verified_max_abs_diff"] < 1e-4
+    assert first["verified_max_rel_error"] < 1e-3
     assert list(cache.glob("mlp/*/model.pt2")) and list(cache.glob("mlp/*/probe-ok.json"))
 
     s = start_serve(registry.env, *args, "--max-delay-ms", "0")

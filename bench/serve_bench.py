@@ -1,0 +1,488 @@
+"""Serving benchmark: raw compiled model in-process (ceiling) vs Kubeforge's server vs a naive FastAPI server.
+
+    python bench/serve_bench.py --device cpu  --models mlp,cnn            # this machine
+    python bench/serve_bench.py --device cuda --models resnet50,bert     # an NVIDIA GPU
+
+Load comes from `wrk` (REST; Debian: `apt-get install -y wrk`) and `ghz` (gRPC; `CGO_ENABLED=0 go install
+github.com/bojand/ghz/cmd/ghz@latest`, or --ghz PATH), not from Python, so the client costs the server little
+CPU. Every request carries one row; throughput is rows/s. The ceiling calls the same compiled artifact as the
+server, in-process, at batch min(concurrency, max batch). Cold start = process start to /v2/health/ready 200,
+with an empty compile cache and again with the cache the first start filled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Bench:
+    make: Callable[[], Any]
+    datatype: str
+    shape: tuple[int, ...]  # per row, without the batch dimension
+
+
+def _models() -> dict[str, Bench]:
+    from runtime.serving import examples as ex
+
+    return {
+        "mlp": Bench(lambda: ex.MLP(256, 1024, 10), "FP32", (256,)),
+        "cnn": Bench(lambda: ex.SmallCNN(), "FP32", (3, 32, 32)),
+        "resnet50": Bench(lambda: ex.ResNet50(), "FP32", (3, 224, 224)),
+        "bert": Bench(lambda: ex.BertEncoder(), "INT64", (128,)),
+    }
+
+
+def _module_and_sig(name: str) -> tuple[Any, Any]:
+    import torch
+
+    from runtime.serving.signature import Signature, TensorSpec
+
+    b = _models()[name]
+    torch.manual_seed(0)
+    return b.make().eval(), Signature((TensorSpec("input__0", b.datatype, (-1, *b.shape)),), ())
+
+
+def _row(name: str) -> Any:
+    import numpy as np
+
+    b = _models()[name]
+    rng = np.random.default_rng(0)
+    if b.datatype == "INT64":
+        return rng.integers(0, 1000, (1, *b.shape), dtype=np.int64)
+    return rng.standard_normal((1, *b.shape), dtype=np.float32)
+
+
+# -- servers (run as subprocesses of this script) --
+def serve_kubeforge(a: argparse.Namespace) -> None:
+    from runtime.serving.loader import LoadedModel
+    from runtime.serving.logs import setup_logging
+    from runtime.serving.server import ServeConfig, Server
+
+    setup_logging("info")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(a.cache) / "inductor"))
+    module, sig = _module_and_sig(a.model)
+    cfg = ServeConfig(
+        model_uri=f"bench:{a.model}",
+        model_name=a.model,
+        cache_dir=Path(a.cache),
+        mode=a.mode,
+        warmup_batch_sizes=(1, a.max_batch),
+        max_batch_size=a.max_batch,
+        max_delay_ms=a.delay_ms,
+        max_queue_size=4096,
+        host="127.0.0.1",
+        http_port=a.port,
+        grpc_port=a.grpc_port,
+        precision=a.precision,
+        grace_s=5,
+    )
+    loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
+    asyncio.run(Server(cfg, lambda: loaded).run())
+
+
+def serve_naive(a: argparse.Namespace) -> None:
+    """What users write themselves: FastAPI, one eager forward per request, JSON in and out."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+
+    module, _ = _module_and_sig(a.model)
+    dev = "cuda" if a.device == "cuda" else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
+    model = module.to(dev, dtype=dtype) if dtype != torch.float32 else module.to(dev)
+    app = FastAPI()
+    in_dtype = torch.int64 if _models()[a.model].datatype == "INT64" else dtype
+
+    @app.get("/ready")
+    def ready() -> dict[str, bool]:
+        return {"ready": True}
+
+    @app.post("/predict")
+    def predict(body: dict[str, Any]) -> dict[str, Any]:
+        x = torch.tensor(body["data"], dtype=in_dtype, device=dev)
+        with torch.no_grad():
+            y = model(x)
+        return {"data": y.float().cpu().tolist()}
+
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning")
+
+
+# -- measurement --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter() - t0
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready in {timeout} s")
+
+
+def _start(
+    kind: str, a: argparse.Namespace, model: str, cache: str, log: Path
+) -> tuple[subprocess.Popen[bytes], int, int, float]:
+    port, gport = _free_port(), _free_port()
+    cmd = [
+        sys.executable,
+        __file__,
+        f"_{kind}",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(gport),
+        "--cache",
+        cache,
+        "--device",
+        a.device,
+        "--mode",
+        a.mode,
+        "--max-batch",
+        str(a.max_batch),
+        "--delay-ms",
+        str(a.delay_ms),
+        "--precision",
+        a.precision,
+    ]
+    t0 = time.perf_counter()
+    with log.open("ab") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=f)
+    path = "/v2/health/ready" if kind == "kubeforge" else "/ready"
+    _wait_http(f"http://127.0.0.1:{port}{path}", proc, a.start_timeout)
+    return proc, port, gport, time.perf_counter() - t0
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+_LUA = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "%s"
+%s
+local f = io.open("%s", "rb"); wrk.body = f:read("*all"); f:close()
+"""
+
+
+def _wrk(
+    url: str, body: bytes, c: int, seconds: float, headers: dict[str, str], tmp: Path
+) -> dict[str, float]:
+    bf, lua = tmp / f"body-{len(body)}-{abs(hash(body))}.bin", tmp / "post.lua"
+    bf.write_bytes(body)
+    extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items() if k != "Content-Type")
+    lua.write_text(_LUA % (headers.get("Content-Type", "application/json"), extra, bf))
+    threads = max(1, min(c, int(os.environ.get("BENCH_WRK_THREADS", "2"))))
+    out = subprocess.run(
+        [
+            shutil.which("wrk") or "wrk",
+            f"-t{threads}",
+            f"-c{c}",
+            f"-d{seconds:.0f}s",
+            "--latency",
+            "-s",
+            str(lua),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m[2]]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {
+        "rps": float(rps[1]) if rps else float("nan"),
+        "p50": ms("50"),
+        "p99": ms("99"),
+        "errors": float(bad[1]) if bad else 0.0,
+    }
+
+
+def _ghz(ghz: str, target: str, req: bytes, c: int, seconds: float, tmp: Path) -> dict[str, float]:
+    bf = tmp / "grpc.bin"
+    bf.write_bytes(req)
+    proc = subprocess.run(
+        [
+            ghz,
+            "--insecure",
+            "--proto",
+            str(ROOT / "runtime/serving/protocol/grpc_predict_v2.proto"),
+            "--call",
+            "inference.GRPCInferenceService/ModelInfer",
+            "--binary-file",
+            str(bf),
+            "-c",
+            str(c),
+            "-z",
+            f"{seconds:.0f}s",
+            "--connections",
+            str(min(c, 4)),
+            "--format",
+            "json",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
+    try:
+        r = json.loads(proc.stdout)
+    except ValueError:
+        print(f"ghz failed: {proc.stderr[-500:]}", file=sys.stderr)
+        return {"rps": float("nan"), "p50": float("nan"), "p99": float("nan"), "errors": float("nan")}
+    lat = {d["percentage"]: d["latency"] / 1e6 for d in r.get("latencyDistribution") or []}
+    errors = sum(v for k, v in (r.get("statusCodeDistribution") or {}).items() if k != "OK")
+    return {
+        "rps": r["rps"],
+        "p50": lat.get(50, float("nan")),
+        "p99": lat.get(99, float("nan")),
+        "errors": float(errors),
+    }
+
+
+def _ceiling(
+    a: argparse.Namespace, model: str, cache: str, batches: list[int]
+) -> dict[int, dict[str, float]]:
+    import torch
+
+    from runtime.serving import compile as compiler
+    from runtime.serving.compile.inductor import example_inputs
+    from runtime.serving.detect import detect_hardware
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache) / "inductor"))
+    module, sig = _module_and_sig(model)
+    b = compiler.build(
+        module,
+        sig,
+        hw=detect_hardware(),
+        mode=a.mode,
+        warmup_batch_sizes=(1, a.max_batch),
+        max_batch_size=a.max_batch,
+        cache_dir=Path(cache),
+        model_name=model,
+        identity=f"bench-{model}-seed0|v1",
+        precision=a.precision,
+    )
+    out: dict[int, dict[str, float]] = {}
+    sync = torch.cuda.synchronize if b.device.startswith("cuda") else (lambda: None)
+    buckets = b.compiled.batch_buckets
+    for n in batches:
+        run_n = min(x for x in buckets if x >= n) if buckets else n  # the server pads to the same bucket
+        xs = example_inputs(sig, run_n, b.device)
+        for _ in range(5):
+            b.compiled.run(xs)
+        sync()
+        times = []
+        t_end = time.perf_counter() + a.seconds / 2
+        while time.perf_counter() < t_end or len(times) < 20:
+            t0 = time.perf_counter()
+            b.compiled.run(xs)
+            sync()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        med = statistics.median(times)
+        out[n] = {"rps": n / med, "p50": med * 1e3, "p99": times[int(len(times) * 0.99) - 1] * 1e3}
+    out[0] = {"mode": b.compiled.mode, "path": b.compiled.path}  # type: ignore[dict-item]
+    return out
+
+
+def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> list[str]:
+    import numpy as np
+
+    from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as pb
+
+    row = _row(model)
+    dt = _models()[model].datatype
+    cache = str(tmp / f"cache-{model}")
+    log = tmp / f"{model}.log"
+    lines: list[str] = []
+    # cold starts: empty cache, then the cache the first start filled
+    proc, port, gport, cold = _start("kubeforge", a, model, cache, log)
+    _stop(proc)
+    proc, port, gport, warm = _start("kubeforge", a, model, cache, log)
+    info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/ready").read())
+    lines.append(
+        f"\n### {model} ({a.device}, {a.precision}; server: {info['backend']}/{info['mode']}: "
+        f"{info['compile_path']}; fallbacks: {info['fallbacks'] or 'none'})\n"
+    )
+    lines.append(
+        f"Cold start to ready: {cold:.1f} s with an empty compile cache, {warm:.1f} s with the cache "
+        f"(compile/load step {info['compile_seconds']:.1f} s, cache hit: {info['cache_hit']}).\n"
+    )
+    oip_json = json.dumps(
+        {
+            "inputs": [
+                {"name": "input__0", "shape": list(row.shape), "datatype": dt, "data": row.ravel().tolist()}
+            ]
+        }
+    ).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input__0",
+                    "shape": list(row.shape),
+                    "datatype": dt,
+                    "parameters": {"binary_data_size": row.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    oip_bin = head + row.tobytes()
+    greq = pb.ModelInferRequest(model_name=model)
+    greq.inputs.add(name="input__0", datatype=dt, shape=list(row.shape))
+    greq.raw_input_contents.append(row.tobytes())
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
+    for c in a.concurrency:
+        results[("kubeforge REST json", c)] = _wrk(url, oip_json, c, a.seconds, {}, tmp)
+        results[("kubeforge REST binary", c)] = _wrk(
+            url,
+            oip_bin,
+            c,
+            a.seconds,
+            {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
+            tmp,
+        )
+        if ghz:
+            results[("kubeforge gRPC", c)] = _ghz(
+                ghz, f"127.0.0.1:{gport}", greq.SerializeToString(), c, a.seconds, tmp
+            )
+    _stop(proc)
+    proc, port, _, _ = _start("naive", a, model, cache, log)
+    naive_body = json.dumps({"data": row.tolist()}).encode()
+    for c in a.concurrency:
+        results[("naive FastAPI eager", c)] = _wrk(
+            f"http://127.0.0.1:{port}/predict", naive_body, c, a.seconds, {}, tmp
+        )
+    _stop(proc)
+    ceil = _ceiling(a, model, cache, [min(c, a.max_batch) for c in a.concurrency])
+    lines.append(f"Ceiling: {ceil[0]['mode']} ({ceil[0]['path']}), in-process, same batch size.\n")  # type: ignore[index]
+    lines.append("| concurrency | path | rows/s | x naive | % of ceiling | p50 ms | p99 ms | errors |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for c in a.concurrency:
+        ce = ceil[min(c, a.max_batch)]
+        naive = results[("naive FastAPI eager", c)]["rps"]
+        lines.append(
+            f"| {c} | ceiling: compiled model, batch {min(c, a.max_batch)} | {ce['rps']:,.0f} | "
+            f"{ce['rps'] / naive:.1f} | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | |"
+        )
+        for (path, cc), r in results.items():
+            if cc != c:
+                continue
+            lines.append(
+                f"| {c} | {path} | {r['rps']:,.0f} | {r['rps'] / naive:.1f} | "
+                f"{100 * r['rps'] / ce['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} |"
+            )
+    kf1 = results.get(("kubeforge gRPC", 1)) or results[("kubeforge REST binary", 1)]
+    if 1 in a.concurrency:
+        lines.append(
+            f"\nBatch-1 p50: server {kf1['p50']:.2f} ms vs raw {ceil[1]['p50']:.2f} ms "
+            f"(+{kf1['p50'] - ceil[1]['p50']:.2f} ms)."
+        )
+    del np
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("role", nargs="?", default="bench", choices=["bench", "_kubeforge", "_naive"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--models", default="mlp,cnn")
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--mode", default="aot", choices=["aot", "jit", "eager"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--grpc-port", type=int, default=0)
+    p.add_argument("--cache", default="")
+    p.add_argument(
+        "--ghz", default=os.environ.get("GHZ") or shutil.which("ghz") or str(ROOT / ".cache/gobin/ghz")
+    )
+    p.add_argument("--out", help="also write the tables to this file")
+    p.add_argument("--workdir", help="keep server logs and caches here (default: a temporary folder)")
+    a = p.parse_args()
+    if a.role == "_kubeforge":
+        serve_kubeforge(a)
+        return 0
+    if a.role == "_naive":
+        serve_naive(a)
+        return 0
+    if not shutil.which("wrk"):
+        print("wrk not found: install it (Debian/Ubuntu: apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    ghz = a.ghz if a.ghz and Path(a.ghz).is_file() else None
+    if ghz is None:
+        print(
+            "ghz not found: gRPC rows skipped "
+            "(CGO_ENABLED=0 go install github.com/bojand/ghz/cmd/ghz@latest)",
+            file=sys.stderr,
+        )
+    a.concurrency = [int(c) for c in a.concurrency.split(",")]
+    lines = [
+        f"`python bench/serve_bench.py --device {a.device} --models {a.models} --mode {a.mode} "
+        f"--precision {a.precision} --max-batch {a.max_batch} --delay-ms {a.delay_ms} "
+        f"--seconds {a.seconds:.0f}`"
+    ]
+    with tempfile.TemporaryDirectory(prefix="kf-bench-") as d:
+        work = Path(a.workdir or d)
+        work.mkdir(parents=True, exist_ok=True)
+        for model in a.models.split(","):
+            lines += run_model(a, model, work, ghz)
+            print("\n".join(lines), flush=True)
+    text = "\n".join(lines) + "\n"
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
