@@ -137,7 +137,7 @@ def runtime_run(
     peak = peak_flops(torch.device("cuda"), "bf16") if torch.cuda.is_available() else None
     mfu = tps * flops_per_token(a, seq) / (peak * gpus) if peak else None
     return {
-        "what": f"kubeforge-train, FSDP2 x {gpus}",
+        "what": f"kubeforge-train, {gpus} GPU" + (" (FSDP2)" if gpus > 1 else " (dp 1: no sharding)"),
         "gpus": gpus,
         "tokens_per_s": tps,
         "mfu": mfu,

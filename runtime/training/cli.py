@@ -24,7 +24,7 @@ from pathlib import Path
 from crds.common import SPEC_FILE_NAME, SPEC_MOUNT_DIR
 from crds.trainingjob import TrainingJobSpec, TrainingProgress
 from runtime.training.parallel.dims import LayoutError, validate_range
-from runtime.training.progress import write_termination_log
+from runtime.training.progress import FileSink, write_termination_log
 from runtime.training.protocol import EntryPointError
 from runtime.training.spec import load_spec, write_spec
 
@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("training failed: %s", e.format_msg()[:2000])  # type: ignore[no-untyped-call]
     final = _final_progress(progress_file, code, fatal.read_text() if fatal.is_file() else None)
     write_termination_log(final)
+    if code != 0:
+        FileSink(progress_file).publish(final)
     print(json.dumps(final.to_wire()))
     return code
 

@@ -1,0 +1,26 @@
+"""User entry points for the protocol tests (imported by the workers as `training_entrypoints:<fn>`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from runtime.training.protocol import TrainTask
+
+
+def regression_task(spec: Any) -> TrainTask:
+    torch.manual_seed(spec.optimizer.seed)
+    x = torch.randn(256, 4)
+    y = (x @ torch.tensor([1.0, -2.0, 0.5, 3.0])).unsqueeze(1)
+    return TrainTask(model=nn.Linear(4, 1), dataset=TensorDataset(x, y), loss_fn=F.mse_loss, name="linreg")
+
+
+def wrong_type(spec: Any) -> dict[str, Any]:
+    return {"model": nn.Linear(4, 1)}
+
+
+NOT_CALLABLE = 3
