@@ -1,0 +1,91 @@
+"""ParallelDims: layouts resolved on CPU, errors that name the field to change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from crds.trainingjob import TrainingJobSpec
+from runtime.training.parallel.dims import LayoutError, resolve, validate_range
+
+
+def spec(**par: Any) -> TrainingJobSpec:
+    """A spec with these layout fields, set after validation: the runtime re-checks the layout at the world
+    size it actually gets (elastic jobs, --nproc-per-node), whatever the spec was validated against."""
+    batch = par.pop("batch", 16)
+    extra = par.pop("extra", {})
+    s = TrainingJobSpec.model_validate(
+        {"model": {"builtin": "llama"}, "optimizer": {"globalBatchSize": batch}}
+    )
+    for key, value in {**par, **extra.get("parallelism", {})}.items():
+        setattr(s.parallelism, _snake(key), value)
+    for key, value in extra.items():
+        if key != "parallelism":
+            setattr(s, _snake(key), value)
+    return s
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+@pytest.mark.parametrize(
+    ("par", "world", "expect"),
+    [
+        ({}, 8, {"dp_shard": 8, "dp_replicate": 1, "tp": 1, "pp": 1}),
+        ({"tensor": 2, "pipeline": 2, "microBatches": 2}, 8, {"dp_shard": 2, "tp": 2, "pp": 2}),
+        ({"dataMode": "ddp", "data": 4}, 4, {"dp_replicate": 4, "dp_shard": 1}),
+        ({"dataMode": "hsdp", "dataReplicate": 2}, 8, {"dp_replicate": 2, "dp_shard": 4}),
+        (
+            {"pipeline": 2, "pipelineSchedule": "Interleaved1F1B", "stagesPerRank": 2, "microBatches": 4},
+            2,
+            {"num_stages": 4, "dp": 1},
+        ),
+    ],
+)
+def test_layouts(par: dict[str, Any], world: int, expect: dict[str, int]) -> None:
+    dims = resolve(spec(**par), world)
+    assert dims.world_size == world == dims.pp * dims.dp * dims.tp
+    for key, value in expect.items():
+        assert getattr(dims, key) == value, key
+    assert dims.local_batch * dims.dp == 16
+
+
+@pytest.mark.parametrize(
+    ("par", "world", "field"),
+    [
+        ({"tensor": 3}, 8, "parallelism.tensor"),
+        ({"data": 2}, 8, "set parallelism.data to 8 or to -1"),
+        ({"dataMode": "hsdp", "dataReplicate": 3}, 8, "parallelism.dataReplicate"),
+        ({"dataReplicate": 2}, 8, "dataMode hsdp only"),
+        ({"dataMode": "ddp", "tensor": 2}, 8, "dataMode ddp cannot be combined"),
+        ({"pipeline": 2}, 8, "parallelism.microBatches (1) must be at least parallelism.pipeline (2)"),
+        ({"pipeline": 2, "pipelineSchedule": "Interleaved1F1B", "microBatches": 2}, 8, "stagesPerRank"),
+        ({"stagesPerRank": 2}, 8, "stagesPerRank: 1"),
+        ({"batch": 12}, 8, "optimizer.globalBatchSize (12)"),
+        (
+            {
+                "dataMode": "fsdp",
+                "extra": {
+                    "gradientCompression": "powerSGD",
+                    "parallelism": {"dataMode": "ddp"},
+                    "precision": "bf16",
+                },
+            },
+            8,
+            "precision fp32",
+        ),
+    ],
+)
+def test_errors_name_the_field(par: dict[str, Any], world: int, field: str) -> None:
+    with pytest.raises(LayoutError, match=None) as err:
+        resolve(spec(**par), world)
+    assert field in str(err.value)
+
+
+def test_elastic_range_checks_every_world_size() -> None:
+    s = spec(tensor=2, batch=8)
+    assert [d.dp for d in validate_range(s, 1, 2, 4)] == [2, 4]
+    with pytest.raises(LayoutError, match="inside the elastic range 1:3"):
+        validate_range(s, 1, 3, 4)  # 3 nodes: dp 6 does not divide the global batch of 8
