@@ -61,6 +61,15 @@ def conflict_message(plan: Plan) -> str:
     return "; ".join(lost) + ": remove the alias from one of them" if lost else ""
 
 
+def rivals_message(plan: Plan) -> str:
+    held = [
+        f"alias {a!r} is held here; also declared by {', '.join(f'ModelVersion {c.ref}' for c in cs)} "
+        "(created later), which does not get it"
+        for a, cs in sorted(plan.rivals.items())
+    ]
+    return "; ".join(held) + ": remove the alias from one of them" if held else ""
+
+
 def build_status(previous: Mapping[str, Any] | None, obs: Observation, now: str) -> Status:
     """The whole status object. Registry fields not observed this time (MLflow down) keep their last value;
     lastTransitionTime only moves when a condition's status changes."""
@@ -130,6 +139,8 @@ def build_status(previous: Mapping[str, Any] | None, obs: Observation, now: str)
     if plan is not None:
         if plan.lost:
             conds.append(_cond("AliasesReady", False, "AliasConflict", conflict_message(plan)))
+        elif plan.rivals:  # we hold them, and say who else declares them
+            conds.append(_cond("AliasesReady", True, "AliasConflict", rivals_message(plan)))
         else:
             held = ", ".join(plan.held)
             conds.append(_cond("AliasesReady", True, "AliasesInPlace" if plan.held else "NoAliases", held))

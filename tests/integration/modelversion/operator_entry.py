@@ -30,3 +30,14 @@ except ImportError as e:  # pragma: no cover - only while another controller is 
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = 16
         settings.batching.batch_window = 0.05
+
+
+@kopf.on.startup()
+def prompt_timer_exit(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """A drift timer that is running when its object is deleted holds the finalizer for
+    settings.background.cancellation_polling (kopf's default: 60 s). Proposed for controllers/app.py; applied
+    here only while app.py keeps kopf's defaults."""
+    if settings.background.instant_exit_timeout is None:
+        settings.background.instant_exit_timeout = 2.0
+    if settings.background.cancellation_polling == 60:
+        settings.background.cancellation_polling = 1.0

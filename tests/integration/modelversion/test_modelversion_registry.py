@@ -10,11 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from tests.fixtures.cluster import Cluster
-from tests.fixtures.mlflow import MlflowServer
-
-from .conftest import (
+from mv_support import (
     Operator,
     Proxy,
     condition,
@@ -28,6 +24,9 @@ from .conftest import (
     wait_event,
     wait_for,
 )
+
+from tests.fixtures.cluster import Cluster
+from tests.fixtures.mlflow import MlflowServer
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +110,14 @@ def test_create_alias_move_tag_and_delete_policies(
     v = client.get_model_version(model, versions["keep"])
     assert v.tags["team"] == "b" and v.tags["stage"] == "x" and v.description == "second"
     cluster.kubectl(
-        "patch", "modelversion", "keep", "-n", ns, "--type=merge", "-p", '{"spec": {"tags": {"team": "b"}}}'
+        "patch",
+        "modelversion",
+        "keep",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec": {"tags": {"team": "b", "stage": null}}}',
     )
     wait_for("tag removed", lambda: "stage" not in client.get_model_version(model, versions["keep"]).tags)
     wait_for(

@@ -155,3 +155,19 @@ def test_conflict_message_names_the_winner_and_the_fix() -> None:
     st = build_status(None, Observation(generation=1, version=V_READY, plan=PLAN_LOST), T0)
     msg = next(c["message"] for c in st["conditions"] if c["type"] == "AliasesReady")
     assert "ns/older" in msg and "champion" in msg and "remove the alias" in msg
+
+
+def test_winner_of_a_conflict_stays_ready_and_names_the_rival() -> None:
+    newer = Claim("2026-01-01T00:00:09Z", "ns", "newer", uid="u9")
+    plan = Plan(
+        actions=(),
+        held=("champion",),
+        lost={},
+        rivals={"champion": (newer,)},
+        drifted_aliases=(),
+        drifted_tags=(),
+    )
+    st = build_status(None, Observation(generation=1, version=V_READY, plan=plan), T0)
+    assert conds(st)["AliasesReady"] == ("True", "AliasConflict") and conds(st)["Ready"] == ("True", "Ready")
+    msg = next(c["message"] for c in st["conditions"] if c["type"] == "AliasesReady")
+    assert "ns/newer" in msg and "champion" in msg
