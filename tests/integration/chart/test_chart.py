@@ -3,6 +3,7 @@ real API server (`kubectl apply --dry-run=server`)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -18,16 +19,30 @@ ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "kubeforge"
 
 
-def helm(cluster: Any, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(cluster.bin_dir / "helm"), *args], capture_output=True, text=True, timeout=120)
+def _find_helm() -> str | None:
+    """helm from the control-plane build (hack/build-control-plane.sh), else PATH; no cluster needed."""
+    built = sorted(Path.home().glob(".cache/kubeforge/k8s-*/bin/helm"))
+    return str(built[-1]) if built else shutil.which("helm")
+
+
+@pytest.fixture(scope="module")
+def helm_bin() -> str:
+    found = _find_helm()
+    if found is None:
+        pytest.skip("helm not built yet (hack/build-control-plane.sh)")
+    return found
+
+
+def helm(helm_bin: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([helm_bin, *args], capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
     return proc
 
 
-def render(cluster: Any, *sets: str, namespace: str = "kubeforge-system") -> list[dict[str, Any]]:
+def render(helm_bin: str, *sets: str, namespace: str = "kubeforge-system") -> list[dict[str, Any]]:
     args = [a for s in sets for a in ("--set", s)]
-    out = helm(cluster, "template", "kf", str(CHART), "--namespace", namespace, *args).stdout
+    out = helm(helm_bin, "template", "kf", str(CHART), "--namespace", namespace, *args).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -43,10 +58,10 @@ def ns(cluster: Any) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def test_lint(cluster: Any) -> None:
-    helm(cluster, "lint", "--strict", str(CHART))
+def test_lint(helm_bin: str) -> None:
+    helm(helm_bin, "lint", "--strict", str(CHART))
     helm(
-        cluster,
+        helm_bin,
         "lint",
         "--strict",
         str(CHART),
@@ -59,8 +74,8 @@ def test_lint(cluster: Any) -> None:
     )
 
 
-def test_default_render(cluster: Any) -> None:
-    docs = render(cluster)
+def test_default_render(helm_bin: str) -> None:
+    docs = render(helm_bin)
     crds = by_kind(docs, "CustomResourceDefinition")
     assert sorted(c["metadata"]["name"] for c in crds) == [
         "inferenceservices.kubeforge.io",
@@ -102,9 +117,9 @@ def test_default_render(cluster: Any) -> None:
     assert by_kind(docs, "ServiceAccount") and by_kind(docs, "ClusterRoleBinding")
 
 
-def test_values_reach_the_operator(cluster: Any) -> None:
+def test_values_reach_the_operator(helm_bin: str) -> None:
     docs = render(
-        cluster,
+        helm_bin,
         "config.mlflowTrackingUri=http://mlflow.mlflow:5000",
         "watchNamespaces={team-a,team-b}",
         "replicaCount=2",
@@ -135,7 +150,7 @@ def test_values_reach_the_operator(cluster: Any) -> None:
             "use the config.* value instead",
         ),
         (["unknownValue=1"], "unknownValue"),
-        (["logging.format=xml"], "logging.format"),
+        (["logging.format=xml"], "/logging/format"),
     ],
     ids=[
         "replicas-without-peering",
@@ -146,16 +161,16 @@ def test_values_reach_the_operator(cluster: Any) -> None:
         "enum",
     ],
 )
-def test_contradictory_values_fail(cluster: Any, sets: list[str], message: str) -> None:
+def test_contradictory_values_fail(helm_bin: str, sets: list[str], message: str) -> None:
     args = [a for s in sets for a in ("--set", s)]
-    proc = helm(cluster, "template", "kf", str(CHART), *args, check=False)
+    proc = helm(helm_bin, "template", "kf", str(CHART), *args, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
 
 
-def test_rendered_chart_is_accepted_by_the_api_server(cluster: Any, ns: str) -> None:
+def test_rendered_chart_is_accepted_by_the_api_server(helm_bin: str, cluster: Any, ns: str) -> None:
     out = helm(
-        cluster,
+        helm_bin,
         "template",
         "kf",
         str(CHART),
