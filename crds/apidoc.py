@@ -85,7 +85,11 @@ def _rows(node: dict[str, Any], path: str, required: set[str], rows: list[str], 
     req = set(node.get("required", []))
     for name, sub in props.items():
         here = f"{path}.{name}" if path else name
-        default = _code(json.dumps(sub["default"])) if "default" in sub else ""
+        default = ""
+        if isinstance(sub.get("default"), dict) and sub["default"]:
+            default = "its fields' defaults"
+        elif "default" in sub:
+            default = _code(json.dumps(sub["default"]))
         flag = " (required)" if name in req else ""
         rows.append(
             f"| {_code(here)}{flag} | {_type(sub)} | {default} | {_cell(_constraints(sub))} | "
