@@ -68,7 +68,11 @@ def _row(name: str) -> Any:
     rng = np.random.default_rng(0)
     if b.datatype == "INT64":
         return rng.integers(0, 1000, (1, *b.shape), dtype=np.int64)
-    return rng.standard_normal((1, *b.shape), dtype=np.float32)
+    row = rng.standard_normal((1, *b.shape), dtype=np.float32)
+    raw = row.view(np.uint8).reshape(-1)  # ghz runs call data through Go templates: no "{{" in the bytes
+    while (hit := raw.tobytes().find(b"{{")) >= 0:
+        raw[hit] = 0x7A
+    return row
 
 
 # -- servers (run as subprocesses of this script) --
@@ -292,6 +296,7 @@ def _ceiling(
     from runtime.serving.detect import detect_hardware
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache) / "inductor"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # as many as the server's model thread
     module, sig = _module_and_sig(model)
     b = compiler.build(
         module,
@@ -377,19 +382,42 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
     greq.raw_input_contents.append(row.tobytes())
     results: dict[tuple[str, int], dict[str, float]] = {}
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
+
+    def batch_counts() -> tuple[float, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        vals = {
+            k: sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(k + "{"))
+            for k in ("kubeforge_batch_size_sum", "kubeforge_batch_size_count")
+        }
+        return vals["kubeforge_batch_size_sum"], vals["kubeforge_batch_size_count"]
+
+    def measured(key: tuple[str, int], fn: Callable[[], dict[str, float]]) -> None:
+        s0, n0 = batch_counts()
+        r = fn()
+        s1, n1 = batch_counts()
+        r["batch"] = (s1 - s0) / max(1.0, n1 - n0)
+        results[key] = r
+
     for c in a.concurrency:
-        results[("kubeforge REST json", c)] = _wrk(url, oip_json, c, a.seconds, {}, tmp)
-        results[("kubeforge REST binary", c)] = _wrk(
-            url,
-            oip_bin,
-            c,
-            a.seconds,
-            {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
-            tmp,
+        measured(("kubeforge REST json", c), lambda c=c: _wrk(url, oip_json, c, a.seconds, {}, tmp))
+        measured(
+            ("kubeforge REST binary", c),
+            lambda c=c: _wrk(
+                url,
+                oip_bin,
+                c,
+                a.seconds,
+                {
+                    "Content-Type": "application/octet-stream",
+                    "Inference-Header-Content-Length": str(len(head)),
+                },
+                tmp,
+            ),
         )
         if ghz:
-            results[("kubeforge gRPC", c)] = _ghz(
-                ghz, f"127.0.0.1:{gport}", greq.SerializeToString(), c, a.seconds, tmp
+            measured(
+                ("kubeforge gRPC", c),
+                lambda c=c: _ghz(ghz, f"127.0.0.1:{gport}", greq.SerializeToString(), c, a.seconds, tmp),
             )
     _stop(proc)
     proc, port, _, _ = _start("naive", a, model, cache, log)
@@ -401,21 +429,24 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
     _stop(proc)
     ceil = _ceiling(a, model, cache, [min(c, a.max_batch) for c in a.concurrency])
     lines.append(f"Ceiling: {ceil[0]['mode']} ({ceil[0]['path']}), in-process, same batch size.\n")  # type: ignore[index]
-    lines.append("| concurrency | path | rows/s | x naive | % of ceiling | p50 ms | p99 ms | errors |")
-    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+    lines.append(
+        "| concurrency | path | rows/s | x naive | % of ceiling | p50 ms | p99 ms | errors | mean batch |"
+    )
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in a.concurrency:
         ce = ceil[min(c, a.max_batch)]
         naive = results[("naive FastAPI eager", c)]["rps"]
         lines.append(
             f"| {c} | ceiling: compiled model, batch {min(c, a.max_batch)} | {ce['rps']:,.0f} | "
-            f"{ce['rps'] / naive:.1f} | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | |"
+            f"{ce['rps'] / naive:.1f} | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | | {min(c, a.max_batch)} |"
         )
         for (path, cc), r in results.items():
             if cc != c:
                 continue
             lines.append(
                 f"| {c} | {path} | {r['rps']:,.0f} | {r['rps'] / naive:.1f} | "
-                f"{100 * r['rps'] / ce['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} |"
+                f"{100 * r['rps'] / ce['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
+                f"{r.get('batch', float('nan')):.1f} |"
             )
     kf1 = results.get(("kubeforge gRPC", 1)) or results[("kubeforge REST binary", 1)]
     if 1 in a.concurrency:

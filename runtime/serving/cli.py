@@ -99,7 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--output", action="append", default=[], metavar="NAME:DATATYPE:DIMS")
     g.add_argument("--log-format", default="json", choices=["json", "text"])
     g.add_argument("--log-level", default="info")
-    g.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    g.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="intra-op threads of the model (serve default 0: all cores but one)",
+    )
     sub.add_parser("compile", parents=[common], help="compile into the cache and exit (init container)")
     s = sub.add_parser("serve", parents=[common], help="serve over REST and gRPC")
     s.add_argument("--host", default="0.0.0.0")
@@ -150,6 +155,7 @@ def _config(args: argparse.Namespace) -> Any:
         outputs=outputs,
         max_batch_size=args.max_batch_size,
         started=T0,
+        torch_threads=args.torch_threads,
     )
     if args.command == "serve":
         kw.update(
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_CACHE_DIR", str(args.cache_dir / "triton"))
     import torch
 
-    if args.torch_threads:
+    if args.torch_threads and args.command == "compile":
         torch.set_num_threads(args.torch_threads)
     from runtime.serving.compile import BackendUnavailable
     from runtime.serving.loader import ModelLoadError
