@@ -182,3 +182,9 @@ def test_rendered_chart_is_accepted_by_the_api_server(helm_bin: str, cluster: An
     proc = cluster.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=out, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "deployment.apps/kf-kubeforge created (server dry run)" in proc.stdout
+
+
+def test_crds_keep_off_drops_the_resource_policy(helm_bin: str) -> None:
+    crds = by_kind(render(helm_bin, "crds.keep=false"), "CustomResourceDefinition")
+    assert len(crds) == 3
+    assert all("helm.sh/resource-policy" not in (c["metadata"].get("annotations") or {}) for c in crds)
