@@ -1,0 +1,39 @@
+"""kubeforge-serve's flags: defaults from an InferenceService YAML, overridden by flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from runtime.serving import cli
+
+
+def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
+    doc = {
+        "apiVersion": "kubeforge.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "iris"},
+        "spec": {
+            "model": {"uri": "models:/iris@champion"},
+            "compile": {"mode": "jit", "backend": "cpu", "warmupBatchSizes": [1, 4]},
+            "batching": {"maxBatchSize": 16, "maxDelayMs": 5, "maxQueueSize": 100},
+            "ports": {"http": 9000, "grpc": 9001},
+        },
+    }
+    spec = tmp_path / "isvc.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    defaults = cli._spec_defaults(str(spec))
+    assert defaults["model_uri"] == "models:/iris@champion"
+    assert (defaults["mode"], defaults["backend"], defaults["warmup_batch_sizes"]) == ("jit", "cpu", "1,4")
+    assert (defaults["max_batch_size"], defaults["max_delay_ms"], defaults["max_queue_size"]) == (16, 5, 100)
+    assert (defaults["http_port"], defaults["grpc_port"]) == (9000, 9001)
+    parser = cli._parser()
+    argv = ["serve", "--spec", str(spec), "--max-batch-size", "8"]
+    for sp in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        sp.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    cfg = cli._config(args)
+    assert cfg.model_uri == "models:/iris@champion" and cfg.max_batch_size == 8  # the flag wins
+    assert cfg.mode == "jit" and cfg.warmup_batch_sizes == (1, 4) and cfg.http_port == 9000
+    assert cfg.max_delay_ms == 5 and cfg.max_queue_size == 100
