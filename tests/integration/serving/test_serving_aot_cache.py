@@ -20,10 +20,28 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registry, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    args = ["--model-uri", "models:/mlp/1", "--cache-dir", str(cache), "--mode", "aot", "--backend", "cpu",
-            "--max-batch-size", "8", "--warmup-batch-sizes", "1,3"]
-    proc = subprocess.run([sys.executable, "-m", "runtime.serving.cli", "compile", *args], cwd=ROOT,
-                          env=registry.env, capture_output=True, text=True, timeout=600)
+    args = [
+        "--model-uri",
+        "models:/mlp/1",
+        "--cache-dir",
+        str(cache),
+        "--mode",
+        "aot",
+        "--backend",
+        "cpu",
+        "--max-batch-size",
+        "8",
+        "--warmup-batch-sizes",
+        "1,3",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.serving.cli", "compile", *args],
+        cwd=ROOT,
+        env=registry.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads(proc.stdout.strip().splitlines()[-1])
     assert first["backend"] == "cpu" and first["cache_hit"] is False
@@ -37,10 +55,14 @@ def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registr
     s = start_serve(registry.env, *args, "--max-delay-ms", "0")
     try:
         ready = s.wait_ready()
-        assert ready["mode"] == "aot" and ready["cache_hit"] is True and ready["cache_key"] == first["cache_key"]
+        assert (
+            ready["mode"] == "aot" and ready["cache_hit"] is True and ready["cache_key"] == first["cache_key"]
+        )
         assert ready["compile_seconds"] < first["compile_seconds"]  # loaded, not compiled
         x = np.random.default_rng(5).standard_normal((5, 16), dtype=np.float32)  # a size never warmed up
-        body = {"inputs": [{"name": "input__0", "shape": [5, 16], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        body = {
+            "inputs": [{"name": "input__0", "shape": [5, 16], "datatype": "FP32", "data": x.ravel().tolist()}]
+        }
         r = httpx.post(f"{s.url}/v2/models/mlp/infer", json=body)
         assert r.status_code == 200, r.text
         with torch.inference_mode():
