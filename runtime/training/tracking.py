@@ -99,7 +99,14 @@ class MlflowTracker(Tracker):
         # pickle, not MLflow 3's default pt2 (torch.export): an exported graph fixes every dimension the
         # example does not vary (a decoder's sequence length); the pickled module takes any batch and length.
         info = self.mlflow.pytorch.log_model(
-            model, name="model", signature=sig, input_example=example.numpy(), serialization_format="pickle"
+            model,
+            name="model",
+            signature=sig,
+            input_example=example.numpy(),
+            serialization_format="pickle",
+            # stated, not inferred: inference re-imports the model in a subprocess (slow) and the serving
+            # image brings its own torch
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
         return str(info.model_uri)
 

@@ -21,12 +21,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_llama(tmp: Path, **spec: Any) -> dict[str, Any]:
-    """A 4-layer, dim-32 decoder on synthetic tokens: the smallest model every layout can split."""
+    """A 2-layer, dim-32 decoder on synthetic tokens (pass layers=4 for 4 pipeline stages)."""
+    layers = spec.pop("layers", 2)
     base: dict[str, Any] = {
-        "model": {"builtin": "llama", "preset": "tiny", "options": {"dim": 32, "layers": 4, "heads": 4}},
+        "model": {"builtin": "llama", "preset": "tiny", "options": {"dim": 32, "layers": layers, "heads": 4}},
         "data": {"builtin": "synthetic-tokens", "sequenceLength": 16, "vocabSize": 64},
         "optimizer": {"steps": 20, "globalBatchSize": 8, "learningRate": 0.003},
-        "parallelism": {"microBatches": 2},
+        "parallelism": {"microBatches": 1},
         "checkpoint": {"intervalSteps": 100, "path": str(tmp / "ckpt")},
     }
     for key, value in spec.items():

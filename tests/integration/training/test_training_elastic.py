@@ -40,7 +40,7 @@ def test_killed_worker_group_reforms_and_resumes(tmp_path: Path) -> None:
         tmp_path,
         optimizer={"steps": 40},
         checkpoint={"intervalSteps": 5, "path": str(tmp_path / "c")},
-        parallelism={"data": 2, "microBatches": 2},
+        parallelism={"data": 2},
     )
     killed: dict[str, Any] = {}
     killer = threading.Thread(target=_kill_worker_after, args=(tmp_path / "el.progress.json", 12, killed))

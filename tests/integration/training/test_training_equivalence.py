@@ -19,36 +19,50 @@ pytestmark = pytest.mark.integration
 TOLERANCE = 1e-4
 STEPS = 20
 
+PP = {"microBatches": 2}  # pipelines need at least as many micro-batches as stages
 LAYOUTS: list[tuple[str, int, dict[str, Any]]] = [
     ("dp2-fsdp", 2, {"data": 2}),
     ("dp2-ddp", 2, {"data": 2, "dataMode": "ddp"}),
     ("tp2", 2, {"tensor": 2}),
-    ("pp2-gpipe", 2, {"pipeline": 2, "pipelineSchedule": "GPipe"}),
+    ("pp2-gpipe", 2, {"pipeline": 2, "pipelineSchedule": "GPipe", **PP}),
     ("dp2-tp2", 4, {"data": 2, "tensor": 2}),
-    ("dp2-pp2-1f1b", 4, {"data": 2, "pipeline": 2}),
+    ("dp2-pp2-1f1b", 4, {"data": 2, "pipeline": 2, **PP}),
     (
-        "tp2-pp2-interleaved",
+        "tp2-pp2-interleaved",  # 2 ranks x 2 stages each: 4 layers
         4,
-        {"tensor": 2, "pipeline": 2, "pipelineSchedule": "Interleaved1F1B", "stagesPerRank": 2},
+        {"tensor": 2, "pipeline": 2, "pipelineSchedule": "Interleaved1F1B", "stagesPerRank": 2, **PP},
     ),
     ("hsdp-2x2", 4, {"data": 4, "dataMode": "hsdp", "dataReplicate": 2}),
-    ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2}),
+    ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2, **PP}),
 ]
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    tmp = tmp_path_factory.mktemp("single")
-    run = run_local(tmp, tiny_llama(tmp), 1, name="single")
-    assert run.code == 0
-    return run
+def baselines(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Run]:
+    """Single-process runs, one per model depth, made on first use."""
+    return _Baselines(tmp_path_factory)
+
+
+class _Baselines(dict[int, Run]):
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, layers: int) -> Run:
+        tmp = self.factory.mktemp(f"single{layers}")
+        run = run_local(tmp, tiny_llama(tmp, layers=layers), 1, name="single")
+        assert run.code == 0
+        self[layers] = run
+        return run
 
 
 @pytest.mark.parametrize(("name", "nproc", "layout"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_layout_follows_single_process_curve(
-    baseline: Run, tmp_path: Path, name: str, nproc: int, layout: dict[str, Any]
+    baselines: dict[int, Run], tmp_path: Path, name: str, nproc: int, layout: dict[str, Any]
 ) -> None:
-    spec = tiny_llama(tmp_path, parallelism={"microBatches": 2, **layout})
+    layers = 4 if layout.get("stagesPerRank", 1) > 1 else 2
+    baseline = baselines[layers]
+    spec = tiny_llama(tmp_path, layers=layers, parallelism=layout)
     run = run_local(tmp_path, spec, nproc, name=name)
     assert run.code == 0
     start = run.events("start")[0]

@@ -66,7 +66,7 @@ def test_entrypoint_returning_the_wrong_type_fails_fast(tmp_path: Path) -> None:
         "checkpoint": {"path": str(tmp_path / "c")},
     }
     t0 = time.monotonic()  # restarts still happen (the agent restarts any failure) but each fails at once
-    run = run_local(tmp_path, spec, 2, "--max-restarts", "3", name="wrong")
+    run = run_local(tmp_path, spec, 2, "--max-restarts", "1", name="wrong")
     assert run.code == cli.EXIT_USER_ERROR
     assert time.monotonic() - t0 < 60
     assert run.progress["state"] == "failed"

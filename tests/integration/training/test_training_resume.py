@@ -32,7 +32,7 @@ def test_stop_at_world_size_4_resume_at_world_size_2(tmp_path: Path) -> None:
 
     second = run_local(
         tmp_path,
-        tiny_llama(tmp_path, checkpoint=ckpt, parallelism={"tensor": 2, "microBatches": 2}),
+        tiny_llama(tmp_path, checkpoint=ckpt, parallelism={"tensor": 2}),
         2,
         name="ws2",
     )
