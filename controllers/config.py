@@ -16,7 +16,8 @@ class OperatorConfig:
     mlflow_tracking_uri: the registry the operator talks to (KUBEFORGE_MLFLOW_TRACKING_URI).
     pod_mlflow_tracking_uri: the URI pods get as MLFLOW_TRACKING_URI (KUBEFORGE_POD_MLFLOW_TRACKING_URI;
         default the operator's — they differ when the operator runs outside the cluster).
-    mlflow_ui_url: base of links to runs and models in status (KUBEFORGE_MLFLOW_UI_URL; default the tracking URI
+    mlflow_ui_url: base of links to runs and models in status (KUBEFORGE_MLFLOW_UI_URL; default the
+        tracking URI
         when it is http(s)).
     runtime_image: default image of training and serving pods (KUBEFORGE_RUNTIME_IMAGE).
     gang_scheduler_name: schedulerName of gang-scheduled pods (KUBEFORGE_GANG_SCHEDULER_NAME, default
@@ -40,7 +41,9 @@ class OperatorConfig:
 def load() -> OperatorConfig:
     env = os.environ
     tracking = env.get("KUBEFORGE_MLFLOW_TRACKING_URI") or None
-    ui = env.get("KUBEFORGE_MLFLOW_UI_URL") or (tracking if tracking and tracking.startswith("http") else None)
+    ui = env.get("KUBEFORGE_MLFLOW_UI_URL") or (
+        tracking if tracking and tracking.startswith("http") else None
+    )
     return OperatorConfig(
         mlflow_tracking_uri=tracking,
         pod_mlflow_tracking_uri=env.get("KUBEFORGE_POD_MLFLOW_TRACKING_URI") or tracking,

@@ -7,13 +7,14 @@ Calls are synchronous: kopf runs sync handlers in its thread pool, and the urlli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from crds.common import API_VERSION, FIELD_MANAGER
@@ -57,12 +58,19 @@ class KubeError(Exception):
         return f"{self.status} {self.reason}: {self.message}"
 
 
-def path(api_version: str, kind: str, namespace: str | None = None, name: str | None = None,
-         subresource: str | None = None) -> str:
+def path(
+    api_version: str,
+    kind: str,
+    namespace: str | None = None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
     try:
         plural, namespaced = _RESOURCES[(api_version, kind)]
     except KeyError:
-        raise ValueError(f"unknown resource {api_version}/{kind}: add it to controllers.kube._RESOURCES") from None
+        raise ValueError(
+            f"unknown resource {api_version}/{kind}: add it to controllers.kube._RESOURCES"
+        ) from None
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     parts = [base]
     if namespaced and namespace:
@@ -79,26 +87,41 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self._api = api
 
-    def _call(self, method: str, url: str, *, body: Any = None, query: list[tuple[str, Any]] | None = None,
-              content_type: str = "application/json", timeout: float = 30) -> Obj | None:
+    def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, Any]] | None = None,
+        content_type: str = "application/json",
+        timeout: float = 30,
+    ) -> Obj | None:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
-            resp = self._api.call_api(
-                url, method, query_params=query or [], header_params={
-                    "Accept": "application/json", "Content-Type": content_type},
-                body=body, auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
+            m, full_url, hdrs, payload, post = self._api.param_serialize(
+                method=method,
+                resource_path=url,
+                query_params=query or [],
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
             )
-        except ApiException as e:
-            if e.status == 404 and method in ("GET", "DELETE"):
-                return None
-            message = e.reason or ""
-            try:
-                message = json.loads(e.body).get("message", message)
-            except (TypeError, ValueError):
-                pass
-            raise KubeError(int(e.status or 0), str(e.reason), str(message)) from None
+            resp = self._api.call_api(
+                m, full_url, header_params=hdrs, body=payload, post_params=post, _request_timeout=timeout
+            )
+            data = resp.read()  # type: ignore[no-untyped-call]
+        except ApiException as e:  # raised by the REST layer for transport-level failures
+            raise KubeError(int(e.status or 0), str(e.reason), str(e.body or e.reason)) from None
         except (HTTPError, OSError) as e:
             raise KubeError(0, "Unreachable", str(e)) from None
-        data = resp[0].data if isinstance(resp, tuple) else resp.data
+        if resp.status >= 400:
+            if resp.status == 404 and method in ("GET", "DELETE"):
+                return None
+            message = str(resp.reason)
+            with contextlib.suppress(TypeError, ValueError, AttributeError):
+                message = json.loads(data).get("message", message)
+            raise KubeError(int(resp.status), str(resp.reason), message)
         loaded: Obj = json.loads(data) if data else {}
         return loaded
 
@@ -114,8 +137,14 @@ class Kube:
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
         return self._call("GET", path(api_version, kind, namespace, name))
 
-    def list(self, api_version: str, kind: str, namespace: str | None = None,
-             label_selector: str | None = None, field_selector: str | None = None) -> list[Obj]:
+    def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[Obj]:
         query: list[tuple[str, Any]] = []
         if label_selector:
             query.append(("labelSelector", label_selector))
@@ -125,16 +154,29 @@ class Kube:
         items: list[Obj] = (out or {}).get("items", [])
         return items
 
-    def patch(self, api_version: str, kind: str, namespace: str | None, name: str, patch: Obj,
-              *, subresource: str | None = None) -> Obj:
+    def patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Obj,
+        *,
+        subresource: str | None = None,
+    ) -> Obj:
         """JSON merge patch (for the few fields we own without applying a whole object)."""
-        out = self._call("PATCH", path(api_version, kind, namespace, name, subresource), body=patch,
-                         content_type="application/merge-patch+json")
+        out = self._call(
+            "PATCH",
+            path(api_version, kind, namespace, name, subresource),
+            body=patch,
+            content_type="application/merge-patch+json",
+        )
         assert out is not None
         return out
 
-    def delete(self, api_version: str, kind: str, namespace: str | None, name: str,
-               propagation: str = "Background") -> bool:
+    def delete(
+        self, api_version: str, kind: str, namespace: str | None, name: str, propagation: str = "Background"
+    ) -> bool:
         """Delete; False when it was already gone."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
         return self._call("DELETE", path(api_version, kind, namespace, name), body=body) is not None
@@ -150,9 +192,9 @@ def kube() -> Kube:
     with _lock:
         if _kube is None:
             try:
-                config.load_incluster_config()
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
             except config.ConfigException:
-                config.load_kube_config()
+                config.load_kube_config()  # type: ignore[no-untyped-call]
             cfg = client.Configuration.get_default_copy()
             cfg.connection_pool_maxsize = 32
             _kube = Kube(client.ApiClient(cfg))

@@ -1,6 +1,7 @@
 """Accelerator placement: which extended resource, tolerations and node labels an accelerator spec means.
 
-The one place that maps vendors to Kubernetes resource names and node labels (GPU feature discovery for NVIDIA,
+The one place that maps vendors to Kubernetes resource names and node labels (GPU feature discovery for
+NVIDIA,
 the AMD GPU operator's labeller, the Ascend and Cambricon device plugins). hack/fleet.yaml follows it.
 """
 

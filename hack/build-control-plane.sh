@@ -57,7 +57,7 @@ if [[ ! -x $B/helm ]]; then log "helm v$HELM_VERSION"; GOBIN=$B go install -trim
 S=$(go env GOMODCACHE)/sigs.k8s.io/kwok@v$KWOK_VERSION/kustomize/stage
 #    Pod completion and failure are ours (hack/kwok-pod-stages.yaml), appended by hack/cluster.sh.
 for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
-         pod/fast/pod-ready pod/fast/pod-delete; do
+         pod/fast/pod-ready; do
   cat "$S/$f.yaml"; echo "---"
 done > "$R/kwok-stages.yaml"
 

@@ -22,7 +22,7 @@ answers() { [[ -f $KUBECONFIG_FILE ]] && "$B/kubectl" --kubeconfig "$KUBECONFIG_
 
 start() { # name, command...
   local name=$1; shift
-  setsid nohup "$@" >"$S/logs/$name.log" 2>&1 < /dev/null &
+  setsid nohup "$@" >"$S/logs/$name.log" 2>&1 < /dev/null 9>&- &  # 9: the lock, not to be inherited
   echo $! > "$S/pids/$name"
 }
 
@@ -30,7 +30,7 @@ wait_for() { # description, seconds, command...
   local what=$1 secs=$2; shift 2
   local deadline=$((SECONDS + secs))
   until "$@" >/dev/null 2>&1; do
-    if (( SECONDS > deadline )); then log "timed out waiting for $what; logs in $S/logs"; tail -20 "$S"/logs/*.log >&2; exit 1; fi
+    if (( SECONDS > deadline )); then log "timed out waiting for $what; logs in $S/logs"; tail -n 5 "$S"/logs/*.log >&2; exit 1; fi
     sleep 0.2
   done
 }
@@ -49,7 +49,9 @@ EXT
   for who in admin:system:masters controller-manager:kcm scheduler:sched kwok:kwok; do
     local n=${who%%:*} cn o=${who#*:}
     case $n in
-      admin) cn=kubeforge-admin ;; controller-manager) cn=system:kube-controller-manager; o= ;;
+      admin) cn=kubeforge-admin ;;
+      # one identity for all of the controller-manager's controllers (no per-controller service accounts)
+      controller-manager) cn=system:kube-controller-manager; o=system:masters ;;
       scheduler) cn=system:kube-scheduler; o= ;; kwok) cn=kwok; o=system:masters ;;
     esac
     openssl req -newkey rsa:2048 -nodes -keyout "$n.key" -out "$n.csr" -subj "/CN=$cn${o:+/O=$o}" 2>/dev/null
@@ -117,7 +119,11 @@ up() {
   start kube-scheduler "$B/kube-scheduler" --kubeconfig "$S/scheduler.kubeconfig" \
     --authentication-kubeconfig "$S/scheduler.kubeconfig" --authorization-kubeconfig "$S/scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false --kube-api-qps 200 --kube-api-burst 400 --v 0
-  cat "$(dirname "$B")/kwok-stages.yaml" "$HERE/kwok-pod-stages.yaml" > "$S/kwok-stages.yaml"
+  # kwok's stages from the build cache (minus its pod-delete, which ours replaces: caches built before that
+  # change still hold it), then ours; every document closed by '---' whatever the files end with.
+  awk 'function flush() { if (doc != "" && doc !~ /\n  name: pod-delete\n/) printf "%s---\n", doc; doc = "" }
+       FNR == 1 { flush() } /^---$/ { flush(); next } { doc = doc $0 "\n" } END { flush() }' \
+    "$(dirname "$B")/kwok-stages.yaml" "$HERE/kwok-pod-stages.yaml" > "$S/kwok-stages.yaml"
   start kwok "$B/kwok" --kubeconfig "$S/kwok.kubeconfig" --config "$S/kwok-stages.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-ip 127.0.0.1 --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40
@@ -125,7 +131,13 @@ up() {
   local k=("$B/kubectl" --kubeconfig "$KUBECONFIG_FILE")
   wait_for "default service account" 30 "${k[@]}" get serviceaccount default -n default
   "${k[@]}" apply -f "$HERE/fleet.yaml" >/dev/null
-  wait_for "fleet ready" 30 "${k[@]}" wait --for=condition=Ready node -l type=kwok --timeout=1s
+  local want; want=$(grep -c '^kind: Node' "$HERE/fleet.yaml")
+  fleet_ready() { # every fake node Ready and without the not-ready taint
+    local out; out=$("${k[@]}" get nodes -l type=kwok -o \
+      jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{.spec.taints[*].key}{"\n"}{end}')
+    [[ $(grep '^True' <<<"$out" | grep -vc 'node.kubernetes.io/not-ready') -eq $want ]]
+  }
+  wait_for "fleet ready" 90 fleet_ready
   echo "$((SECONDS - t0))" > "$S/startup-seconds"
   log "ready in $((SECONDS - t0)) s: $("${k[@]}" get nodes --no-headers | wc -l) fake nodes"
   echo "export KUBECONFIG=$KUBECONFIG_FILE"
@@ -145,9 +157,13 @@ down() {
   log "stopped and removed $S"
 }
 
+# one `up` or `down` at a time (concurrent test sessions share the cluster)
+mkdir -p "$(dirname "$S")"
+exec 9>"$S.lock"
+
 case ${1:-up} in
-  up) up ;;
-  down) down ;;
+  up) flock 9; up ;;
+  down) flock 9; down ;;
   status) B=$(cat "$S/bin-dir" 2>/dev/null || echo /nonexistent); answers && echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

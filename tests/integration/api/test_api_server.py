@@ -102,7 +102,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "tj-degrees-product",
         tjob({"nodes": {"count": 2}, "parallelism": {"data": 3}}),
-        'spec.parallelism.data: Invalid value: parallelism.data * parallelism.tensor * '
+        "spec.parallelism.data: Invalid value: parallelism.data * parallelism.tensor * "
         "parallelism.pipeline must equal nodes.count * processesPerNode",
     ),
     (
@@ -125,7 +125,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "tj-min-above-count",
         tjob({"nodes": {"count": 2, "min": 3}}),
-        'spec.nodes.min: Invalid value: nodes.min must be at most nodes.count',
+        "spec.nodes.min: Invalid value: nodes.min must be at most nodes.count",
     ),
     ("tj-count-above-max", tjob({"nodes": {"count": 5, "max": 4}}), "nodes.count must be at most nodes.max"),
     (
@@ -225,7 +225,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "is-canary-no-model",
         isvc({"canary": {"model": {}}}),
-        'spec.canary.model: Invalid value: model: set exactly one of modelVersion',
+        "spec.canary.model: Invalid value: model: set exactly one of modelVersion",
     ),
     (
         "is-canary-same",

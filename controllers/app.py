@@ -1,0 +1,74 @@
+"""The operator application: kopf settings, probes and the handlers of the three kinds.
+
+Run it with `kopf run operator/main.py` (which imports this module) or the `kubeforge-operator` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import kopf
+
+from controllers import config
+from controllers.trainingjob import handlers as _trainingjob_handlers  # noqa: F401  (registers handlers)
+from crds.common import FINALIZER, GROUP
+
+try:  # registered when the ModelVersion controller is present
+    from controllers.modelversion import handlers as _modelversion_handlers  # noqa: F401
+except ImportError as _e:  # pragma: no cover - only while the controller is being built
+    if "controllers.modelversion" not in str(_e):
+        raise
+
+log = logging.getLogger("kubeforge.operator")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    cfg = config.load()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Events for what a user must see are posted explicitly; kopf's per-handler chatter stays in the logs.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 16
+    settings.queueing.idle_timeout = 60.0
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    log.info(
+        "kubeforge operator starting: mlflow=%s runtime image=%s gang scheduler=%s",
+        cfg.mlflow_tracking_uri or "(not configured: registration disabled)",
+        cfg.runtime_image,
+        cfg.gang_scheduler_name,
+    )
+
+
+@kopf.on.probe(id="config")
+def probe_config(**_: Any) -> dict[str, Any]:
+    cfg = config.load()
+    return {"mlflow": bool(cfg.mlflow_tracking_uri), "image": cfg.runtime_image}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`kubeforge-operator`: the same as `kopf run operator/main.py`, with the liveness endpoint on."""
+    p = argparse.ArgumentParser(prog="kubeforge-operator", description=__doc__)
+    p.add_argument("--standalone", action="store_true", help="no peering (a single operator)")
+    p.add_argument("--namespace", "-n", action="append", default=[], help="watch only these (globs allowed)")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+    p.add_argument("--peering", default="kubeforge", help="peering object name (high availability)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
+    args = p.parse_args(argv)
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    kopf.run(
+        standalone=args.standalone,
+        # kopf makes peering mandatory whenever a name is given, even with standalone: pass none then
+        peering_name=None if args.standalone else args.peering,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+    )

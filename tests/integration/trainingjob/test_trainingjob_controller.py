@@ -1,0 +1,302 @@
+"""The TrainingJob controller against the real local control plane and its kwok fleet.
+
+Pods on fake nodes run until a test tells them how they end (annotation kwok.kubeforge.io/exit-code), standing
+in for the training runtime; progress is published the way the runtime does it (the pod's
+kubeforge.io/progress annotation).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.fixtures.cluster import Cluster
+
+pytestmark = pytest.mark.usefixtures("operator")
+EXIT = "kwok.kubeforge.io/exit-code"
+
+
+def trainingjob(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeforge.io/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"image": "ghcr.io/kubeforge/runtime:test", "model": {"builtin": "mlp"}, **spec},
+    }
+
+
+def status(cluster: Cluster, name: str, namespace: str) -> dict[str, Any]:
+    out = cluster.kubectl("get", "trainingjob", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(out.stdout).get("status", {}) if out.returncode == 0 else {}
+
+
+def wait_phase(
+    cluster: Cluster, name: str, namespace: str, phase: str, timeout: float = 60
+) -> dict[str, Any]:
+    return cluster.wait_until(  # type: ignore[return-value]
+        f"{name} phase {phase}",
+        lambda: (s := status(cluster, name, namespace)).get("phase") == phase and s,
+        timeout=timeout,
+    )
+
+
+def pods(cluster: Cluster, name: str, namespace: str, phase: str | None = None) -> list[dict[str, Any]]:
+    sel = ["-l", f"kubeforge.io/training-job={name}"]
+    items = json.loads(cluster.kubectl("get", "pods", "-n", namespace, *sel, "-o", "json").stdout)["items"]
+    return [p for p in items if phase is None or p["status"].get("phase") == phase]
+
+
+def running_pods(cluster: Cluster, name: str, namespace: str, n: int) -> list[dict[str, Any]]:
+    return cluster.wait_until(  # type: ignore[return-value]
+        f"{n} running pods of {name}",
+        lambda: len(r := pods(cluster, name, namespace, "Running")) == n and r,
+        timeout=60,
+    )
+
+
+def end_pod(cluster: Cluster, namespace: str, pod: str, code: int, message: str = "") -> None:
+    args = [f"{EXIT}={code}"] + ([f"kwok.kubeforge.io/message={message}"] if message else [])
+    cluster.kubectl("annotate", "pod", pod, "-n", namespace, *args, "--overwrite")
+
+
+def events(cluster: Cluster, namespace: str, name: str) -> list[tuple[str, str]]:
+    out = cluster.kubectl(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=TrainingJob,involvedObject.name={name}",
+        "-o",
+        "json",
+    ).stdout
+    return [(e["reason"], e["message"]) for e in json.loads(out)["items"]]
+
+
+def test_h200_job_lands_on_h200_nodes_with_resources_tolerations_and_env(
+    cluster: Cluster, namespace: str
+) -> None:
+    cluster.apply(
+        trainingjob(
+            "llama",
+            namespace,
+            nodes={"count": 2},
+            processesPerNode=8,
+            accelerator={"vendor": "nvidia", "product": "NVIDIA-H200", "count": 8},
+        )
+    )
+    st = wait_phase(cluster, "llama", namespace, "Running")
+    assert (st["nodesReady"], st["nodesDesired"]) == (2, 2)
+    for pod in running_pods(cluster, "llama", namespace, 2):
+        spec = pod["spec"]
+        assert spec["nodeName"].startswith("kwok-h200-")
+        c = spec["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["PET_NPROC_PER_NODE"] == "8" and env["PET_NNODES"] == "2"
+        assert env["PET_RDZV_ENDPOINT"] == f"llama-0.llama.{namespace}.svc:29400"
+    svc = cluster.get("service", "llama", namespace)
+    assert svc["spec"]["clusterIP"] == "None"  # type: ignore[index]
+
+
+def test_ascend_job_lands_on_910b_nodes(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(
+        trainingjob("npu", namespace, accelerator={"vendor": "ascend", "product": "Ascend910B", "count": 8})
+    )
+    wait_phase(cluster, "npu", namespace, "Running")
+    [pod] = running_pods(cluster, "npu", namespace, 1)
+    assert pod["spec"]["nodeName"].startswith("kwok-ascend910b-")
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["huawei.com/Ascend910"] == "8"
+
+
+def test_success_publishes_progress_then_registers_the_model(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(
+        trainingjob(
+            "digits",
+            namespace,
+            nodes={"count": 2},
+            optimizer={"steps": 50},
+            register={"modelName": "digits-cnn", "aliases": ["staging"]},
+        )
+    )
+    pod0, pod1 = running_pods(cluster, "digits", namespace, 2)
+    progress = {
+        "state": "running",
+        "step": 20,
+        "totalSteps": 50,
+        "loss": 0.5,
+        "worldSize": 2,
+        "runId": "run123",
+        "lastCheckpoint": "/checkpoints/step-20",
+        "lastCheckpointStep": 20,
+    }
+    cluster.kubectl(
+        "annotate",
+        "pod",
+        pod0["metadata"]["name"],
+        "-n",
+        namespace,
+        f"kubeforge.io/progress={json.dumps(progress)}",
+        "--overwrite",
+    )
+    st = cluster.wait_until(
+        "progress in status",
+        lambda: (s := status(cluster, "digits", namespace)).get("currentStep") == 20 and s,
+    )
+    assert st["progress"] == "20/50" and st["mlflowRunId"] == "run123" and st["lastCheckpointStep"] == 20
+    for pod in (pod0, pod1):
+        end_pod(cluster, namespace, pod["metadata"]["name"], 0)
+    st = wait_phase(cluster, "digits", namespace, "Succeeded")
+    assert st["modelVersion"] == "digits"
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in st["conditions"])
+    mv: Any = cluster.get("modelversion", "digits", namespace)
+    assert mv["spec"]["modelName"] == "digits-cnn"
+    assert mv["spec"]["source"]["trainingJob"] == "digits"
+    assert mv["spec"]["aliases"] == ["staging"]
+    cluster.kubectl(
+        "wait", "--for=condition=Complete", "trainingjob/digits", "-n", namespace, "--timeout=10s"
+    )
+
+
+def test_retryable_exit_code_restarts_within_the_budget(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("flaky", namespace, failurePolicy={"maxRestarts": 2}))
+    [pod] = running_pods(cluster, "flaky", namespace, 1)
+    end_pod(cluster, namespace, pod["metadata"]["name"], 137, "OOMKilled")
+    st = cluster.wait_until(
+        "a restart",
+        lambda: (
+            (s := status(cluster, "flaky", namespace)).get("restarts") == 1
+            and s.get("phase") == "Running"
+            and s
+        ),
+    )
+    assert st["phase"] == "Running"
+    assert any(r == "Restarting" for r, _ in events(cluster, namespace, "flaky"))
+    [new] = running_pods(cluster, "flaky", namespace, 1)
+    assert new["metadata"]["name"] != pod["metadata"]["name"]
+
+
+def test_non_retryable_exit_code_fails_the_job_with_the_reason(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("broken", namespace, failurePolicy={"maxRestarts": 3}))
+    [pod] = running_pods(cluster, "broken", namespace, 1)
+    end_pod(cluster, namespace, pod["metadata"]["name"], 2, "ModuleNotFoundError: mymodel")
+    st = wait_phase(cluster, "broken", namespace, "Failed")
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "NonRetryableExitCode"
+    assert "exit code 2" in failed["message"] and "ModuleNotFoundError" in failed["message"]
+    assert st.get("restarts", 0) == 0
+    assert any(r == "Failed" and "exit code 2" in m for r, m in events(cluster, namespace, "broken"))
+
+
+def test_exhausted_restart_budget_fails_the_job(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("doomed", namespace, failurePolicy={"maxRestarts": 1}))
+    for attempt in range(2):
+        [pod] = running_pods(cluster, "doomed", namespace, 1)
+        end_pod(cluster, namespace, pod["metadata"]["name"], 143)
+        if attempt == 0:
+            cluster.wait_until("the retry", lambda: len(pods(cluster, "doomed", namespace, "Failed")) == 1)
+    st = wait_phase(cluster, "doomed", namespace, "Failed")
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RestartBudgetExhausted" and "maxRestarts=1" in failed["message"]
+
+
+def test_suspend_deletes_pods_and_resume_brings_them_back(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("pause", namespace, nodes={"count": 2}))
+    running_pods(cluster, "pause", namespace, 2)
+    cluster.kubectl(
+        "patch", "trainingjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
+    wait_phase(cluster, "pause", namespace, "Suspended")
+    cluster.wait_until("pods gone", lambda: not pods(cluster, "pause", namespace, "Running"))
+    cluster.kubectl(
+        "patch", "trainingjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    wait_phase(cluster, "pause", namespace, "Running")
+    running_pods(cluster, "pause", namespace, 2)
+
+
+def test_kubectl_scale_resizes_an_elastic_job(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("elastic", namespace, nodes={"count": 2, "min": 1, "max": 4}))
+    running_pods(cluster, "elastic", namespace, 2)
+    cluster.kubectl("scale", "trainingjob/elastic", "-n", namespace, "--replicas=3")
+    running_pods(cluster, "elastic", namespace, 3)
+    st = wait_phase(cluster, "elastic", namespace, "Running")
+    assert st["nodesDesired"] == 3
+    cluster.kubectl("scale", "trainingjob/elastic", "-n", namespace, "--replicas=1")
+    running_pods(cluster, "elastic", namespace, 1)
+    job = cluster.get("job", "elastic", namespace)
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1  # type: ignore[index]
+
+
+def test_unschedulable_scale_up_carries_on_at_the_size_it_has(cluster: Cluster, namespace: str) -> None:
+    # 4 H200 nodes of 8 GPUs: asking for 6 whole nodes can never be scheduled beyond 4
+    cluster.apply(
+        trainingjob(
+            "greedy",
+            namespace,
+            nodes={"count": 2, "min": 1, "max": 6},
+            accelerator={"vendor": "nvidia", "count": 8},
+            scheduling={"scheduleTimeoutSeconds": 3},
+        )
+    )
+    running_pods(cluster, "greedy", namespace, 2)
+    cluster.kubectl("scale", "trainingjob/greedy", "-n", namespace, "--replicas=6")
+    st = cluster.wait_until(
+        "the held scale-up",
+        lambda: (s := status(cluster, "greedy", namespace)).get("scaleUpBlockedTarget") == 6 and s,
+        timeout=60,
+    )
+    assert st["nodesTarget"] == st["nodesReady"] == 4
+    assert st["phase"] == "Running"
+    scaling = next(c for c in st["conditions"] if c["type"] == "Scaling")
+    assert scaling["reason"] == "ScaleUpUnschedulable"
+    job = cluster.get("job", "greedy", namespace)
+    assert job["spec"]["parallelism"] == 4  # type: ignore[index]
+    assert any(
+        r == "ScaleUpUnschedulable" and "Insufficient nvidia.com/gpu" in m
+        for r, m in events(cluster, namespace, "greedy")
+    )
+
+
+def test_deadline_exceeded_fails_the_job(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("slow", namespace, activeDeadlineSeconds=2))
+    st = wait_phase(cluster, "slow", namespace, "Failed", timeout=60)
+    assert any(c["reason"] == "DeadlineExceeded" for c in st["conditions"])
+
+
+def test_unschedulable_product_is_reported_with_the_schedulers_reason(
+    cluster: Cluster, namespace: str
+) -> None:
+    cluster.apply(
+        trainingjob(
+            "nowhere", namespace, accelerator={"vendor": "nvidia", "product": "NVIDIA-B300", "count": 8}
+        )
+    )
+    st = cluster.wait_until(
+        "Unschedulable",
+        lambda: (
+            (s := status(cluster, "nowhere", namespace))
+            .get("message", "")
+            .startswith("1 pod(s) cannot be scheduled")
+            and s
+        ),
+    )
+    assert st["phase"] == "Pending"
+    assert "node(s) didn't match Pod's node affinity/selector" in st["message"]
+    cluster.wait_until(
+        "the Event", lambda: any(r == "Unschedulable" for r, _ in events(cluster, namespace, "nowhere"))
+    )
+
+
+def test_deleting_the_trainingjob_collects_its_children(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("gone", namespace))
+    running_pods(cluster, "gone", namespace, 1)
+    cluster.kubectl("delete", "trainingjob", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
+    for kind, name in (("job", "gone"), ("service", "gone"), ("configmap", "gone-spec")):
+        cluster.wait_until(
+            f"{kind} collected",
+            lambda k=kind, n=name: cluster.kubectl("get", k, n, "-n", namespace, check=False).returncode != 0,
+        )
