@@ -36,6 +36,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.queueing.idle_timeout = 60.0
+    # Timers (ModelVersion drift checks) call MLflow synchronously: give them a moment to finish, then poll
+    # once a second, so a deleted object or a stopping operator never waits kopf's default minute.
+    settings.background.instant_exit_timeout = 2.0
+    settings.background.cancellation_polling = 1.0
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
