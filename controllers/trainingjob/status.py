@@ -175,6 +175,10 @@ def derive(
     spec: TrainingJobSpec, generation: int, previous: Obj, job: JobView | None, pods: list[PodView], now: str
 ) -> Outcome:
     """The TrainingJob's next status, the node count to run at, and the Events to post."""
+    if previous.get("phase") in ("Succeeded", "Failed") and job is None:
+        # Finished, and the Job is gone (ttlSecondsAfterFinished, or deleted by hand): a finished TrainingJob
+        # is final, it is never run again. Its status stays as it was.
+        return Outcome(status=dict(previous), nodes_target=int(previous.get("nodesTarget") or 0))
     prev_conditions: list[Obj] = list(previous.get("conditions") or [])
     conds = prev_conditions
     events: list[tuple[str, str, str]] = []

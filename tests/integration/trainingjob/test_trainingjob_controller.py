@@ -8,6 +8,7 @@ kubeforge.io/progress annotation).
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -300,3 +301,22 @@ def test_deleting_the_trainingjob_collects_its_children(cluster: Cluster, namesp
             f"{kind} collected",
             lambda k=kind, n=name: cluster.kubectl("get", k, n, "-n", namespace, check=False).returncode != 0,
         )
+
+
+def job_uid(cluster: Cluster, name: str, namespace: str) -> str | None:
+    out = cluster.kubectl("get", "job", name, "-n", namespace, "-o", "jsonpath={.metadata.uid}", check=False)
+    return out.stdout or None if out.returncode == 0 else None
+
+
+def test_job_collected_by_ttl_after_success_is_not_run_again(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(trainingjob("ttl", namespace, ttlSecondsAfterFinished=1))
+    (pod,) = running_pods(cluster, "ttl", namespace, 1)
+    first = job_uid(cluster, "ttl", namespace)
+    end_pod(cluster, namespace, pod["metadata"]["name"], 0)
+    wait_phase(cluster, "ttl", namespace, "Succeeded")
+    cluster.wait_until(
+        "the TTL controller deletes the Job", lambda: job_uid(cluster, "ttl", namespace) != first
+    )
+    time.sleep(3)  # room for a wrong re-creation (the operator syncs within 0.1 s of the deletion)
+    assert job_uid(cluster, "ttl", namespace) is None, "the finished TrainingJob was started again"
+    assert status(cluster, "ttl", namespace)["phase"] == "Succeeded"

@@ -233,3 +233,12 @@ def test_conditions_keep_their_transition_time_while_unchanged() -> None:
     t0 = get_condition(first.status["conditions"], "Running")
     t1 = get_condition(again.status["conditions"], "Running")
     assert t0 and t1 and t0["lastTransitionTime"] == t1["lastTransitionTime"] == EARLY
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_finished_job_whose_job_was_collected_stays_finished(phase: str) -> None:
+    """ttlSecondsAfterFinished deletes the Job: that must not read as "no Job yet" and start training again."""
+    previous = {"phase": phase, "nodesTarget": 2, "completionTime": EARLY, "conditions": []}
+    out = derive(spec(nodes={"count": 2}, ttlSecondsAfterFinished=60), 1, previous, None, [], NOW)
+    assert out.status == previous
+    assert out.events == []
