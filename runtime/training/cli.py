@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         else int(env.get("PET_MAX_RESTARTS", spec.failure_policy.max_restarts))
     )
     if args.local:
-        endpoint, backend, run_id = f"127.0.0.1:{_free_port()}", "c10d", f"local-{uuid.uuid4().hex[:8]}"
+        # the job's identity (PET_RDZV_ID: the MLflow run's job tag) is kept when given; the endpoint never
+        endpoint, backend = f"127.0.0.1:{_free_port()}", "c10d"
+        run_id = env.get("PET_RDZV_ID") or f"local-{uuid.uuid4().hex[:8]}"
     else:
         endpoint = env.get("PET_RDZV_ENDPOINT", "127.0.0.1:29400")
         backend, run_id = env.get("PET_RDZV_BACKEND", "c10d"), env.get("PET_RDZV_ID", "kubeforge")

@@ -61,9 +61,11 @@ class PodAnnotationSink:
             os.environ.get("KUBERNETES_SERVICE_HOST"),
             os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
         )
-        if not (pod and ns and host and (SA_DIR / "token").is_file()):
+        # KUBEFORGE_SERVICEACCOUNT_DIR: token and ca.crt elsewhere (a process standing in for a pod, in tests)
+        sa_dir = Path(os.environ.get("KUBEFORGE_SERVICEACCOUNT_DIR") or SA_DIR)
+        if not (pod and ns and host and (sa_dir / "token").is_file()):
             return None
-        return cls(pod, ns, host, port)
+        return cls(pod, ns, host, port, sa_dir)
 
     def publish(self, p: TrainingProgress) -> None:
         body = {
