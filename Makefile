@@ -41,5 +41,11 @@ crds: install ## regenerate the CRD manifests, the chart's copy and docs/api.md
 demo: install ## run the main job on the local defaults
 	@bash hack/demo.sh
 
+mlflow: install ## start (or reuse) a local MLflow server (sqlite) and print its URI
+	@bash hack/mlflow.sh start
+
+mlflow-down: ## stop the local MLflow server
+	@bash hack/mlflow.sh stop
+
 clean: ## remove local state (not the caches)
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache
