@@ -4,14 +4,22 @@ Level-triggered: every event of a TrainingJob, of its Job or of its pods schedul
 TrainingJob (debounced), which renders the desired children (render.py), applies them with server-side apply,
 derives the status from what the Job and pods report (status.py) and patches it only when it changed.
 kopf indexes keep the observed objects in memory, so a sync costs no list calls. Nothing is stored in
-annotations and no finalizer is added: ownerReferences clean up the children.
+annotations and no finalizer is added (except kopf's own while an elastic job's timer runs): ownerReferences
+clean up the children.
+
+The children are rendered and applied only when what they are rendered from (uid, generation, node target)
+changed since they were last applied, or APPLY_RECHECK_SECONDS ago (which also restores a Service or
+ConfigMap someone deleted or edited); a Job missing from the index is applied again at once. Most syncs (a
+pod became ready, our own status patch) then cost neither a rendering nor an API call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -33,9 +41,32 @@ log = logging.getLogger("kubeforge.trainingjob")
 Key = tuple[str, str]
 
 RBAC_RECHECK_SECONDS = 300.0
+APPLY_RECHECK_SECONDS = 300.0
 _rbac_done: dict[str, float] = {}  # namespace -> when its trainer identity was last applied
+_rbac_locks: dict[str, threading.Lock] = {}  # namespace -> held while its trainer identity is applied
+_applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # TrainingJob -> (render inputs, when applied)
+_sent: dict[Key, tuple[str | None, dict[str, Any]]] = {}  # TrainingJob -> (version patched, status sent)
+_executor: list[concurrent.futures.Executor] = []  # kopf's (settings.execution), sized by controllers.app
 _pending: dict[Key, asyncio.Task[None]] = {}
 _live: dict[str, Any] = {}  # the kopf indexes, captured from the first handler call (they are live views)
+
+
+class _QuietRoutineSuccess(logging.Filter):
+    """kopf logs every successful handler run at INFO: for these watch handlers, which run on every event of
+    every TrainingJob, Job and pod, that is thousands of lines a minute that tell nothing."""
+
+    ROUTINE = frozenset(
+        [
+            *(f"Handler {h!r} succeeded." for h in ("on_trainingjob", "on_job", "on_pod")),
+            "Timer 'tick' succeeded.",
+        ]
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.ROUTINE
+
+
+logging.getLogger("kopf.objects").addFilter(_QuietRoutineSuccess())
 
 
 def _now() -> str:
@@ -43,26 +74,39 @@ def _now() -> str:
 
 
 @kopf.on.startup()
-def _reset(**_: Any) -> None:
+def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Forget state of an earlier run in this process (tests run the operator several times)."""
     _rbac_done.clear()
+    _rbac_locks.clear()
+    _applied.clear()
+    _sent.clear()
     _pending.clear()
     _live.clear()
+    # syncs run in kopf's executor (settings.execution.max_workers threads), not asyncio's default one,
+    # which has only cpu_count + 4 threads
+    _executor[:] = [settings.execution.executor]
 
 
+# The indexes are async: they only copy fields, and so never wait for a thread behind the syncs.
 @kopf.index(GROUP, VERSION, PLURAL)
-def tj_objects(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+async def tj_objects(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
     obj = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
     return {(namespace or "", name): obj}
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_TRAINING_JOB: kopf.PRESENT})
-def tj_jobs(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, JobView]:
+async def tj_jobs(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, JobView]:
     return {(namespace or "", labels[LABEL_TRAINING_JOB]): job_view(dict(body))}
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_TRAINING_JOB: kopf.PRESENT})
-def tj_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, PodView]:
+async def tj_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, PodView]:
     return {(namespace or "", labels[LABEL_TRAINING_JOB]): pod_view(dict(body))}
 
 
@@ -77,13 +121,20 @@ def _schedule(key: Key, kwargs: dict[str, Any]) -> None:
     _pending[key] = asyncio.get_running_loop().create_task(_debounced(key))
 
 
+def _start_sync(key: Key) -> None:
+    # Only now does a new event need another sync: the ones that came while this one waited for a thread
+    # are in the indexes it is about to read.
+    _pending.pop(key, None)
+    sync(key)
+
+
 async def _debounced(key: Key) -> None:
     await asyncio.sleep(DEBOUNCE_SECONDS)
-    _pending.pop(key, None)
     loop = asyncio.get_running_loop()
     try:
         # kopf.event needs the operator's context variables: run the sync inside a copy of them
-        await loop.run_in_executor(None, contextvars.copy_context().run, sync, key)
+        executor = _executor[0] if _executor else None
+        await loop.run_in_executor(executor, contextvars.copy_context().run, _start_sync, key)
     except KubeError as e:
         log.warning("sync of %s/%s failed (%s); retrying", *key, e)
         await asyncio.sleep(2.0)
@@ -100,6 +151,9 @@ def _first(store: Iterable[Any] | None) -> Any:
 async def on_trainingjob(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
     if type != "DELETED":
         _schedule((namespace or "", name), kwargs)
+    else:
+        _applied.pop((namespace or "", name), None)
+        _sent.pop((namespace or "", name), None)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_TRAINING_JOB: kopf.PRESENT})
@@ -112,8 +166,15 @@ async def on_pod(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> N
     _schedule((namespace or "", labels[LABEL_TRAINING_JOB]), kwargs)
 
 
-def _needs_clock(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") in ("Pending", "Scaling") or status.get("scaleUpBlockedTarget") is not None
+def _needs_clock(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Only a held scale-up, or an elastic job waiting for nodes, makes time-based decisions (status.derive):
+    a fixed-size job that cannot be scheduled waits for events, not for a 5-second timer."""
+    if status.get("scaleUpBlockedTarget") is not None:
+        return True
+    nodes = spec.get("nodes") or {}
+    count = int(nodes.get("count") or 1)
+    elastic = int(nodes.get("min") or count) < count
+    return elastic and status.get("phase") in ("Pending", "Scaling")
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=5, when=_needs_clock)
@@ -139,12 +200,16 @@ def _patch_status(obj: dict[str, Any], new: dict[str, Any]) -> None:
     old = obj.get("status") or {}
     if new == old:
         return
+    meta = obj["metadata"]
+    key, version = (meta["namespace"], meta["name"]), meta.get("resourceVersion")
+    if _sent.get(key) == (version, new):
+        return  # sent already, from this same version: the index has not seen our patch yet
     patch = {k: v for k, v in new.items() if old.get(k) != v}
     patch.update({k: None for k in old if k not in new})
-    meta = obj["metadata"]
     kube().patch(
         API_VERSION, "TrainingJob", meta["namespace"], meta["name"], {"status": patch}, subresource="status"
     )
+    _sent[key] = (version, new)
 
 
 def _invalid(obj: dict[str, Any], problems: list[str]) -> None:
@@ -207,26 +272,22 @@ def sync(key: Key) -> None:
     job: JobView | None = _first(_live["tj_jobs"].get(key))
     pods: list[PodView] = list(_live["tj_pods"].get(key) or ())
     previous = dict(obj.get("status") or {})
-    outcome = derive(spec, int(meta.get("generation") or 0), previous, job, pods, _now())
-    outcome.status["selector"] = render.selector(owner)
+    generation, now = int(meta.get("generation") or 0), _now()
+    outcome = derive(spec, generation, previous, job, pods, now)
     terminal = outcome.status.get("phase") in ("Succeeded", "Failed")
 
     if not terminal:
-        api = kube()
-        if time.monotonic() - _rbac_done.get(owner.namespace, -RBAC_RECHECK_SECONDS) >= RBAC_RECHECK_SECONDS:
-            for child in render.trainer_rbac(owner.namespace):
-                api.apply(child)
-            _rbac_done[owner.namespace] = time.monotonic()
-        for child in render.render(owner, spec, rcfg, outcome.nodes_target, creating=job is None):
-            if child["kind"] == "PodGroup":
-                try:
-                    api.apply(child)
-                except KubeError as e:
-                    if e.status != 404:
-                        raise
-                    _gang_unavailable(obj, outcome.status)
-                continue
-            api.apply(child)
+        _ensure_rbac(owner.namespace)
+        created, gang_missing = _apply_children(
+            key, owner, spec, rcfg, generation, outcome.nodes_target, job_present=job is not None
+        )
+        if job is None and created is not None:
+            # status from the Job just applied, not only on its watch event: one status patch less per job
+            fresh = derive(spec, generation, previous, job_view(created), pods, now)
+            if fresh.status.get("phase") not in ("Succeeded", "Failed"):
+                outcome = fresh
+        if gang_missing:
+            _gang_unavailable(obj, outcome.status)
     elif outcome.succeeded and spec.registration and not previous.get("modelVersion"):
         outcome.status["modelVersion"] = _register(owner, spec)
         _event(
@@ -239,7 +300,66 @@ def sync(key: Key) -> None:
         _clean_pods(owner, spec.clean_pod_policy, pods)
     for type_, reason, message in outcome.events:
         _event(obj, type_, reason, message)
+    outcome.status["selector"] = render.selector(owner)
     _patch_status(obj, outcome.status)
+
+
+def _ensure_rbac(namespace: str) -> None:
+    """The namespace's trainer identity, applied once per RBAC_RECHECK_SECONDS; concurrent syncs of one
+    namespace wait for the first one's apply instead of repeating it."""
+    with _rbac_locks.setdefault(namespace, threading.Lock()):
+        if time.monotonic() - _rbac_done.get(namespace, -RBAC_RECHECK_SECONDS) < RBAC_RECHECK_SECONDS:
+            return
+        for child in render.trainer_rbac(namespace):
+            kube().apply(child)
+        _rbac_done[namespace] = time.monotonic()
+
+
+def _apply_children(
+    key: Key,
+    owner: render.Owner,
+    spec: TrainingJobSpec,
+    rcfg: render.RenderConfig,
+    generation: int,
+    target: int,
+    *,
+    job_present: bool,
+) -> tuple[dict[str, Any] | None, bool]:
+    """Render and server-side apply the children, unless the same inputs were applied in the last
+    APPLY_RECHECK_SECONDS (rendering costs milliseconds: the spec ConfigMap is YAML).
+
+    Returns the Job as the API server answered (when it was applied) and whether the PodGroup API is
+    missing."""
+    creating = not job_present
+    # `creating` changes the rendering only for a Kueue-queued job (render.job: created suspended)
+    inputs = (owner.uid, generation, target, creating and bool(spec.scheduling.queue_name))
+    last = _applied.get(key)
+    if last is not None and last[0] == inputs and time.monotonic() - last[1] < APPLY_RECHECK_SECONDS:
+        if creating:  # applied, but gone from the index (deleted, or not yet seen): apply the Job alone
+            return _apply(render.job(owner, spec, rcfg, target, creating=True), creating=True), False
+        return None, False
+    applied_job, gang_missing = None, False
+    for child in render.render(owner, spec, rcfg, target, creating=creating):
+        try:
+            out = _apply(child, creating=creating)
+        except KubeError as e:
+            if child["kind"] != "PodGroup" or e.status != 404:
+                raise
+            gang_missing = True
+            continue
+        if child["kind"] == "Job":
+            applied_job = out
+    if not gang_missing:  # else the next sync tries the PodGroup again
+        _applied[key] = (inputs, time.monotonic())
+    return applied_job, gang_missing
+
+
+def _apply(child: dict[str, Any], *, creating: bool) -> dict[str, Any] | None:
+    """Server-side apply, except a queued Job's creation (render.QUEUED_CREATE_MANAGER: Kueue owns suspend).
+    None when that Job exists already (the index had not seen it yet): it is left as it is."""
+    if render.created_not_applied(child, creating=creating):
+        return kube().create(child, manager=render.QUEUED_CREATE_MANAGER)
+    return kube().apply(child)
 
 
 def _gang_unavailable(obj: dict[str, Any], status: dict[str, Any]) -> None:
