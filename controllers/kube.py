@@ -134,6 +134,17 @@ class Kube:
         assert out is not None
         return out
 
+    def create(self, obj: Obj, *, manager: str) -> Obj | None:
+        """Create `obj` as field manager `manager`; None when it exists already (nothing is changed then)."""
+        meta = obj["metadata"]
+        url = path(obj["apiVersion"], obj["kind"], meta.get("namespace"))
+        try:
+            return self._call("POST", url, body=obj, query=[("fieldManager", manager)])
+        except KubeError as e:
+            if e.status == 409:
+                return None
+            raise
+
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
         return self._call("GET", path(api_version, kind, namespace, name))
 

@@ -31,6 +31,12 @@ RDZV_PORT = 29400
 CONTAINER = "trainer"
 SERVICE_ACCOUNT = "kubeforge-trainer"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+# A Kueue-queued Job is created (POST, never applied) by this field manager, which then owns `suspend: true`;
+# the operator's applies leave `suspend` out, so Kueue alone flips it. Were the Job created by the operator's
+# own apply, its next apply (without the field) would make server-side apply remove `suspend`, unsuspending
+# the Job before Kueue admitted it.
+QUEUED_CREATE_MANAGER = "kubeforge-operator-queued-create"
+
 LABEL_POD_GROUP = "scheduling.x-k8s.io/pod-group"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -252,6 +258,12 @@ def job(owner: Owner, spec: TrainingJobSpec, cfg: RenderConfig, nodes: int, *, c
     else:
         job_spec["suspend"] = spec.suspend
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def created_not_applied(child: Obj, *, creating: bool) -> bool:
+    """Whether `child` must be created by QUEUED_CREATE_MANAGER instead of applied."""
+    queued = LABEL_QUEUE in (child["metadata"].get("labels") or {})
+    return creating and queued and child["kind"] == "Job"
 
 
 def pod_group(owner: Owner, spec: TrainingJobSpec) -> Obj:

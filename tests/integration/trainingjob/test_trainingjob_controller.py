@@ -320,3 +320,39 @@ def test_job_collected_by_ttl_after_success_is_not_run_again(cluster: Cluster, n
     time.sleep(3)  # room for a wrong re-creation (the operator syncs within 0.1 s of the deletion)
     assert job_uid(cluster, "ttl", namespace) is None, "the finished TrainingJob was started again"
     assert status(cluster, "ttl", namespace)["phase"] == "Succeeded"
+
+
+def job_suspended(cluster: Cluster, name: str, namespace: str) -> bool:
+    out = cluster.kubectl("get", "job", name, "-n", namespace, "-o", "jsonpath={.spec.suspend}")
+    return out.stdout == "true"
+
+
+def test_queued_job_waits_for_kueue_then_runs_once_admitted(cluster: Cluster, namespace: str) -> None:
+    """Kueue owns a queued Job's `suspend`: the operator creates it suspended and never flips it after."""
+    cluster.apply(trainingjob("queued", namespace, scheduling={"queueName": "team-a"}))
+    cluster.wait_until("the Job", lambda: job_uid(cluster, "queued", namespace))
+    job = json.loads(cluster.kubectl("get", "job", "queued", "-n", namespace, "-o", "json").stdout)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    wait_phase(cluster, "queued", namespace, "Suspended")
+    # the operator syncs again as the Job and status change; none of those syncs may unsuspend it
+    cluster.kubectl("annotate", "trainingjob", "queued", "-n", namespace, "touch=1")
+    time.sleep(3)
+    assert job_suspended(cluster, "queued", namespace), "the Job was unsuspended before admission"
+    assert not pods(cluster, "queued", namespace)
+    # Kueue admits the workload: it unsuspends the Job with its own field manager
+    cluster.kubectl(
+        "patch",
+        "job",
+        "queued",
+        "-n",
+        namespace,
+        "--type=merge",
+        "--field-manager=kueue",
+        "-p",
+        '{"spec":{"suspend":false}}',
+    )
+    running_pods(cluster, "queued", namespace, 1)
+    wait_phase(cluster, "queued", namespace, "Running")
+    cluster.kubectl("annotate", "trainingjob", "queued", "-n", namespace, "touch=2", "--overwrite")
+    time.sleep(2)
+    assert not job_suspended(cluster, "queued", namespace), "the operator suspended an admitted Job"

@@ -237,7 +237,7 @@ def test_conditions_keep_their_transition_time_while_unchanged() -> None:
 
 @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
 def test_a_finished_job_whose_job_was_collected_stays_finished(phase: str) -> None:
-    """ttlSecondsAfterFinished deletes the Job: that must not read as "no Job yet" and start training again."""
+    """ttlSecondsAfterFinished deletes the Job: not "no Job yet", so training must not start again."""
     previous = {"phase": phase, "nodesTarget": 2, "completionTime": EARLY, "conditions": []}
     out = derive(spec(nodes={"count": 2}, ttlSecondsAfterFinished=60), 1, previous, None, [], NOW)
     assert out.status == previous
