@@ -8,9 +8,20 @@ MLflow, browsers), tests/e2e (the whole flow). Each test is marked after its fol
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# The kubernetes client fixes its default kubeconfig path when it is imported (at collection, long before the
+# cluster fixture runs): point it at the cluster the fixture starts (hack/cluster.sh's state folder) first.
+if not os.environ.get("KUBECONFIG"):
+    os.environ["KUBECONFIG"] = os.path.join(
+        os.environ.get("KUBEFORGE_CLUSTER_DIR")
+        or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".state", "cluster"),
+        "kubeconfig",
+    )
+
 
 _PLUGINS = ["tests.fixtures.cluster", "tests.fixtures.operator", "tests.fixtures.mlflow"]
 pytest_plugins = [p for p in _PLUGINS if importlib.util.find_spec(p) is not None]
