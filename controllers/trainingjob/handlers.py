@@ -272,6 +272,11 @@ def sync(key: Key) -> None:
     job: JobView | None = _first(_live["tj_jobs"].get(key))
     pods: list[PodView] = list(_live["tj_pods"].get(key) or ())
     previous = dict(obj.get("status") or {})
+    sent = _sent.get(key)
+    if sent is not None and sent[0] == meta.get("resourceVersion"):
+        previous = dict(
+            sent[1]
+        )  # our last status patch, which the index has not seen yet: decisions build on it
     generation, now = int(meta.get("generation") or 0), _now()
     outcome = derive(spec, generation, previous, job, pods, now)
     terminal = outcome.status.get("phase") in ("Succeeded", "Failed")

@@ -211,16 +211,29 @@ def derive(
     if blocked_target is None:
         target = desired
     stuck = [p for p in unschedulable if (_ts(now) - _ts(p.created)).total_seconds() > timeout]
-    if target > lo and stuck and len(ready) >= lo and len(ready) < target and job and not job.suspended:
+    # The size kept is the pods that got a node (ready or about to be), not those ready at this instant, and
+    # it is decided once per held scale-up: the Job then deletes the pods of the indexes above it, and a pod
+    # pending only until those leave must not shrink the job again.
+    placed = [p for p in live if not p.unschedulable]
+    held = blocked_target is not None
+    if (
+        not held
+        and target > lo
+        and stuck
+        and len(ready) >= lo
+        and len(placed) < target
+        and job
+        and not job.suspended
+    ):
         events.append(
             (
                 "Warning",
                 "ScaleUpUnschedulable",
                 f"{len(stuck)} new pod(s) could not be scheduled for {timeout} s "
-                f"({stuck[0].unschedulable}); carrying on at {len(ready)} of {desired} nodes",
+                f"({stuck[0].unschedulable}); carrying on at {len(placed)} of {desired} nodes",
             )
         )
-        blocked_target, blocked_at, target = desired, now, len(ready)
+        blocked_target, blocked_at, target = desired, now, len(placed)
     st.update(nodesTarget=target, scaleUpBlockedTarget=blocked_target, scaleUpBlockedAt=blocked_at)
 
     # --- progress published by the runtime ---

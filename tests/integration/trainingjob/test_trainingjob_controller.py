@@ -232,8 +232,19 @@ def test_kubectl_scale_resizes_an_elastic_job(cluster: Cluster, namespace: str) 
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1  # type: ignore[index]
 
 
+def h200_pods(cluster: Cluster) -> list[str]:
+    """Pods anywhere on the H200 nodes (earlier tests' pods linger while their namespaces are deleted)."""
+    out = cluster.kubectl("get", "pods", "-A", "-o", "json").stdout
+    return [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+        for p in json.loads(out)["items"]
+        if (p["spec"].get("nodeName") or "").startswith("kwok-h200-")
+    ]
+
+
 def test_unschedulable_scale_up_carries_on_at_the_size_it_has(cluster: Cluster, namespace: str) -> None:
-    # 4 H200 nodes of 8 GPUs: asking for 6 whole nodes can never be scheduled beyond 4
+    # 4 H200 nodes of 8 GPUs: asking for 6 whole nodes can never be scheduled beyond 4 (once all 4 are free)
+    cluster.wait_until("the H200 nodes free of other pods", lambda: not h200_pods(cluster))
     cluster.apply(
         trainingjob(
             "greedy",
@@ -245,9 +256,15 @@ def test_unschedulable_scale_up_carries_on_at_the_size_it_has(cluster: Cluster, 
     )
     running_pods(cluster, "greedy", namespace, 2)
     cluster.kubectl("scale", "trainingjob/greedy", "-n", namespace, "--replicas=6")
+    # held, then settled at the 4 nodes there are (when two new pods race for the last node, the Job swaps
+    # the higher index for the lower one: readiness can follow the hold by a moment)
     st = cluster.wait_until(
-        "the held scale-up",
-        lambda: (s := status(cluster, "greedy", namespace)).get("scaleUpBlockedTarget") == 6 and s,
+        "the held scale-up at 4 ready nodes",
+        lambda: (
+            (s := status(cluster, "greedy", namespace)).get("scaleUpBlockedTarget") == 6
+            and s.get("nodesReady") == 4
+            and s
+        ),
         timeout=60,
     )
     assert st["nodesTarget"] == st["nodesReady"] == 4
