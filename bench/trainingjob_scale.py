@@ -184,6 +184,83 @@ class Api:
         return time.perf_counter() - t0
 
 
+class Watch:
+    """What one watch stream shows: (namespace, name) -> status.phase (None for metadata-only streams).
+
+    The observer must not be a load of its own: a list of 1,000 objects every round (managedFields and all)
+    costs the API server and this process far more than streaming each change once.
+    """
+
+    def __init__(
+        self, api: Api, url: str, *, metadata_only: bool, labelled: bool = True, suffix: str = ""
+    ) -> None:
+        self.api, self.url, self.metadata_only, self.suffix = api, url, metadata_only, suffix
+        self.selector = [("labelSelector", LABEL)] if labelled else []
+        self.seen: dict[tuple[str, str], str | None] = {}
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        accept = (
+            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+            if self.metadata_only
+            else "application/json"
+        )
+        rv = "0"
+        try:
+            while True:
+                m, full, hdrs, body, post = self.api.client.param_serialize(
+                    method="GET",
+                    resource_path=self.url,
+                    query_params=[
+                        ("watch", "true"),
+                        *self.selector,
+                        ("resourceVersion", rv),
+                        ("timeoutSeconds", 900),
+                    ],
+                    header_params={"Accept": accept},
+                    auth_settings=["BearerToken"],
+                )
+                resp = self.api.client.call_api(
+                    m, full, header_params=hdrs, body=body, post_params=post, _request_timeout=None
+                )
+                buf = b""
+                for chunk in resp.response.stream(65536, decode_content=False):
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            rv = self._event(json.loads(line)) or rv
+        except BaseException as e:  # reported by the main thread (snapshot)
+            self.error = e
+
+    def _event(self, ev: dict[str, Any]) -> str | None:
+        obj = ev.get("object") or {}
+        meta = obj.get("metadata") or {}
+        if ev.get("type") == "ERROR" or "name" not in meta:
+            raise RuntimeError(f"watch {self.url}: {ev}")
+        name = str(meta["name"])
+        if self.suffix:
+            if not name.endswith(self.suffix):
+                return str(meta.get("resourceVersion") or "")
+            name = name[: -len(self.suffix)]
+        key = (str(meta["namespace"]), name)
+        with self.lock:
+            if ev["type"] == "DELETED":
+                self.seen.pop(key, None)
+            elif ev["type"] in ("ADDED", "MODIFIED"):
+                self.seen[key] = (obj.get("status") or {}).get("phase")
+        return str(meta.get("resourceVersion") or "")
+
+    def snapshot(self) -> dict[tuple[str, str], str | None]:
+        if self.error is not None:
+            raise RuntimeError(f"watch {self.url} failed: {self.error}")
+        with self.lock:
+            return dict(self.seen)
+
+
 def run_pool(fn: Callable[[Any], Any], items: list[Any], threads: int) -> None:
     with ThreadPoolExecutor(threads) as pool:
         for f in [pool.submit(fn, i) for i in items]:
@@ -338,7 +415,14 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="leave the private cluster up")
     ap.add_argument("--submitters", type=int, default=32, help="client threads creating TrainingJobs")
     ap.add_argument("--workers", type=int, default=16, help="threads of the baseline (the operator's)")
-    ap.add_argument("--poll", type=float, default=0.5, help="seconds between list rounds")
+    ap.add_argument(
+        "--observe",
+        choices=("watch", "poll"),
+        default="watch",
+        help="how the benchmark sees progress: four watch streams, or (the older way, a load of its own) "
+        "four lists every --poll seconds",
+    )
+    ap.add_argument("--poll", type=float, default=0.5, help="seconds between checks (and list rounds)")
     ap.add_argument("--settle", type=float, default=10.0, help="RSS sampled this long after all status")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--no-baseline", action="store_true")
@@ -389,7 +473,18 @@ def main() -> None:
             )
             created[key] = time.perf_counter()
 
-        log(f"submitting {args.jobs} TrainingJobs over {args.namespaces} namespaces")
+        watches: list[Watch] = []
+        if args.observe == "watch":
+            watches = [
+                Watch(api, "/apis/batch/v1/jobs", metadata_only=True),
+                Watch(api, "/api/v1/services", metadata_only=True),
+                Watch(api, "/api/v1/configmaps", metadata_only=True, suffix="-spec"),
+                Watch(api, f"/apis/{GROUP}/{VERSION}/{PLURAL}", metadata_only=False, labelled=False),
+            ]
+            time.sleep(1.0)
+        log(
+            f"submitting {args.jobs} TrainingJobs over {args.namespaces} namespaces ({args.observe} observer)"
+        )
         load_before = os.getloadavg()[0]
         cp = control_plane(os.environ["KUBECONFIG"])
         cp0, busy0 = cpu_seconds(cp), machine_busy()
@@ -408,12 +503,18 @@ def main() -> None:
             if time.perf_counter() - t0 > args.timeout:
                 raise TimeoutError(f"{len(want) - len(done)} jobs not done after {args.timeout:.0f} s")
             r0 = time.perf_counter()
-            jobs = api.names("/apis/batch/v1/jobs")
-            svcs = api.names("/api/v1/services")
-            cms = {
-                (ns, n[: -len("-spec")]) for ns, n in api.names("/api/v1/configmaps") if n.endswith("-spec")
-            }
-            phases = api.phases()
+            if watches:
+                jobs, svcs, cms = (set(w.snapshot()) for w in watches[:3])
+                phases = watches[3].snapshot()
+            else:
+                jobs = api.names("/apis/batch/v1/jobs")
+                svcs = api.names("/api/v1/services")
+                cms = {
+                    (ns, n[: -len("-spec")])
+                    for ns, n in api.names("/api/v1/configmaps")
+                    if n.endswith("-spec")
+                }
+                phases = api.phases()
             now = time.perf_counter()
             rounds += 1
             with_children = want & jobs & svcs & cms
@@ -445,9 +546,10 @@ def main() -> None:
         lat = [done[k] - created[k] for k in keys]
     finally:
         sampler.stop()
-        log("deleting the benchmark namespaces (operator still running: it holds the timers' finalizers)")
-        cleanup_s = api.delete_namespaces(nss, 600)
-        log(f"namespaces gone in {cleanup_s:.0f} s")
+        if not (started_cluster and not args.keep):  # a private cluster is thrown away whole, faster
+            log("deleting the benchmark namespaces (operator still running: it holds the timers' finalizers)")
+            cleanup_s = api.delete_namespaces(nss, 600)
+            log(f"namespaces gone in {cleanup_s:.0f} s")
         stop_operator(op)
         if started_cluster and not args.keep:
             cluster_sh("down")
@@ -456,6 +558,10 @@ def main() -> None:
     mib = 1024 * 1024
     rows: list[tuple[str, str]] = [
         ("TrainingJobs", f"{args.jobs} over {args.namespaces} namespaces"),
+        (
+            "observer",
+            "watch streams" if args.observe == "watch" else f"lists every {args.poll} s ({rounds} rounds)",
+        ),
         (f"submit (create requests, {args.submitters} threads)", f"{submit_s:.1f} s"),
         ("time to all children (Job + Service + ConfigMap)", f"{children_at:.1f} s"),
         ("time to all status Pending/Running", f"{status_at:.1f} s"),

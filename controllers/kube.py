@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
+import socket
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -20,6 +23,8 @@ from urllib3.exceptions import HTTPError
 from crds.common import API_VERSION, FIELD_MANAGER
 
 Obj = dict[str, Any]
+EVENT_COMPONENT = "kubeforge-operator"
+EVENT_INSTANCE = socket.gethostname()
 
 # (apiVersion, kind) -> (plural, namespaced). Only what the operator manages or reads.
 _RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
@@ -144,6 +149,38 @@ class Kube:
             if e.status == 409:
                 return None
             raise
+
+    def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
+        """Record a core/v1 Event about `involved` (apiVersion, kind, metadata name/namespace/uid) through
+        this pooled client. kopf.event would post it from a per-object task: a burst of events for many
+        objects then opens one TLS connection each (a handshake per event on both sides)."""
+        meta = involved["metadata"]
+        now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        ref = {
+            "apiVersion": involved["apiVersion"],
+            "kind": involved["kind"],
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "involvedObject": ref,
+            "source": {"component": EVENT_COMPONENT},
+            "reportingComponent": EVENT_COMPONENT,
+            "reportingInstance": EVENT_INSTANCE,
+            "action": reason,
+            "count": 1,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "eventTime": now,
+        }
+        self._call("POST", path("v1", "Event", meta["namespace"]), body=body)
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
         return self._call("GET", path(api_version, kind, namespace, name))

@@ -106,7 +106,7 @@ up() {
     --service-cluster-ip-range 10.0.0.0/24 --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$S/pki/sa.pub" --service-account-signing-key-file "$S/pki/sa.key" \
     --disable-admission-plugins ServiceAccount --endpoint-reconciler-type none --allow-privileged \
-    --cert-dir "$S/pki" --profiling=false --enable-priority-and-fairness=false \
+    --cert-dir "$S/pki" --profiling="${KUBEFORGE_APISERVER_PROFILING:-false}" --enable-priority-and-fairness=false \
     --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 --v 0
   wait_for kube-apiserver 30 "$B/kubectl" --kubeconfig "$KUBECONFIG_FILE" get --raw=/readyz
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
@@ -193,7 +193,11 @@ def _body(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _event(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(cast(kopf.Body, _body(obj)), type=type_, reason=reason, message=message[:1000])
+    """Events help but are auxiliary: one that cannot be posted is logged, the sync goes on."""
+    try:
+        kube().event(_body(obj), type_, reason, message)
+    except KubeError as e:
+        log.warning("could not post event %s %s on %s: %s", type_, reason, obj["metadata"]["name"], e)
 
 
 def _patch_status(obj: dict[str, Any], new: dict[str, Any]) -> None:
