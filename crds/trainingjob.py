@@ -646,7 +646,7 @@ OBJECT_RULES: tuple[Rule, ...] = (
     _frozen_while_running("parallelism.tensor", "the model is sharded by it"),
     _frozen_while_running("parallelism.pipeline", "the model is split by it"),
     _frozen_while_running("accelerator", "the pods are placed by it"),
-    name_rule(50, "the pods and the Service"),
+    name_rule(50, "the Job and its pods' DNS names <name>-<index>"),
 )
 
 

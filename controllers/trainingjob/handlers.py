@@ -8,9 +8,10 @@ annotations and no finalizer is added (except kopf's own while an elastic job's 
 clean up the children.
 
 The children are rendered and applied only when what they are rendered from (uid, generation, node target)
-changed since they were last applied, or APPLY_RECHECK_SECONDS ago (which also restores a Service or
-ConfigMap someone deleted or edited); a Job missing from the index is applied again at once. Most syncs (a
-pod became ready, our own status patch) then cost neither a rendering nor an API call.
+changed since they were last applied, or APPLY_RECHECK_SECONDS ago (which also restores a ConfigMap someone
+deleted or edited; the namespace's shared objects are re-applied as often); a Job missing from the index is
+applied again at once. Most syncs (a pod became ready, our own status patch) then cost neither a rendering nor
+an API call.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ DEBOUNCE_SECONDS = 0.05
 log = logging.getLogger("kubeforge.trainingjob")
 Key = tuple[str, str]
 
-RBAC_RECHECK_SECONDS = 300.0
+NAMESPACE_RECHECK_SECONDS = 300.0
 APPLY_RECHECK_SECONDS = 300.0
-_rbac_done: dict[str, float] = {}  # namespace -> when its trainer identity was last applied
-_rbac_locks: dict[str, threading.Lock] = {}  # namespace -> held while its trainer identity is applied
+_ns_done: dict[str, float] = {}  # namespace -> when its shared objects were last applied
+_ns_locks: dict[str, threading.Lock] = {}  # namespace -> held while its shared objects are applied
 _applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # TrainingJob -> (render inputs, when applied)
 _sent: dict[Key, tuple[str | None, dict[str, Any]]] = {}  # TrainingJob -> (version patched, status sent)
 _executor: list[concurrent.futures.Executor] = []  # kopf's (settings.execution), sized by controllers.app
@@ -76,8 +77,8 @@ def _now() -> str:
 @kopf.on.startup()
 def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Forget state of an earlier run in this process (tests run the operator several times)."""
-    _rbac_done.clear()
-    _rbac_locks.clear()
+    _ns_done.clear()
+    _ns_locks.clear()
     _applied.clear()
     _sent.clear()
     _pending.clear()
@@ -286,7 +287,7 @@ def sync(key: Key) -> None:
     terminal = outcome.status.get("phase") in ("Succeeded", "Failed")
 
     if not terminal:
-        _ensure_rbac(owner.namespace)
+        _ensure_namespace(owner.namespace)
         created, gang_missing = _apply_children(
             key, owner, spec, rcfg, generation, outcome.nodes_target, job_present=job is not None
         )
@@ -313,15 +314,16 @@ def sync(key: Key) -> None:
     _patch_status(obj, outcome.status)
 
 
-def _ensure_rbac(namespace: str) -> None:
-    """The namespace's trainer identity, applied once per RBAC_RECHECK_SECONDS; concurrent syncs of one
-    namespace wait for the first one's apply instead of repeating it."""
-    with _rbac_locks.setdefault(namespace, threading.Lock()):
-        if time.monotonic() - _rbac_done.get(namespace, -RBAC_RECHECK_SECONDS) < RBAC_RECHECK_SECONDS:
+def _ensure_namespace(namespace: str) -> None:
+    """The namespace's shared objects (trainer identity, the pods' headless Service), applied once per
+    NAMESPACE_RECHECK_SECONDS; concurrent syncs of one namespace wait for the first one's apply instead of
+    repeating it."""
+    with _ns_locks.setdefault(namespace, threading.Lock()):
+        if time.monotonic() - _ns_done.get(namespace, -NAMESPACE_RECHECK_SECONDS) < NAMESPACE_RECHECK_SECONDS:
             return
-        for child in render.trainer_rbac(namespace):
+        for child in render.namespace_objects(namespace):
             kube().apply(child)
-        _rbac_done[namespace] = time.monotonic()
+        _ns_done[namespace] = time.monotonic()
 
 
 def _apply_children(

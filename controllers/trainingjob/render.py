@@ -2,9 +2,15 @@
 
 Children (all owned by the TrainingJob, so deleting it garbage-collects them):
 - ConfigMap <name>-spec: the TrainingJob as the runtime reads it, mounted at /etc/kubeforge.
-- Service <name>: headless, gives every pod a stable DNS name <name>-<index>.<name> (rendezvous on index 0).
 - Job <name>: Indexed (node rank = completion index), one pod per node, torchrun's PET_* environment.
 - PodGroup <name> (when scheduling.gang): scheduler-plugins coscheduling, minMember = the fewest nodes.
+
+Per namespace, shared by every TrainingJob there and owned by none (`namespace_objects`): the trainer identity
+and the headless Service `kubeforge-trainers`, which gives every training pod the stable DNS name
+<name>-<index>.kubeforge-trainers (rendezvous on index 0). One Service per namespace rather than per job: each
+Service costs an Endpoints and an EndpointSlice object and their updates, a third of the API writes a job
+causes before its pods run (measured in bench/trainingjob_scale.py); hostnames <name>-<index> are unique in a
+namespace because TrainingJob names are.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from crds.common import (
     API_VERSION,
     LABEL_MANAGED_BY,
     LABEL_PART_OF,
+    LABEL_ROLE,
     LABEL_TRAINING_JOB,
     SPEC_FILE_NAME,
     SPEC_MOUNT_DIR,
@@ -30,12 +37,17 @@ Obj = dict[str, Any]
 RDZV_PORT = 29400
 CONTAINER = "trainer"
 SERVICE_ACCOUNT = "kubeforge-trainer"
+TRAINERS_SERVICE = "kubeforge-trainers"
+ROLE_TRAINER = "trainer"  # value of LABEL_ROLE on training pods: the shared Service selects them by it
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 # A Kueue-queued Job is created (POST, never applied) by this field manager, which then owns `suspend: true`;
 # the operator's applies leave `suspend` out, so Kueue alone flips it. Were the Job created by the operator's
 # own apply, its next apply (without the field) would make server-side apply remove `suspend`, unsuspending
 # the Job before Kueue admitted it.
 QUEUED_CREATE_MANAGER = "kubeforge-operator-queued-create"
+
+# libyaml's emitter when PyYAML has it (a spec: 2.8 -> 0.6 ms here, more under load); the same YAML
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 LABEL_POD_GROUP = "scheduling.x-k8s.io/pod-group"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -100,26 +112,12 @@ def spec_config_map(owner: Owner, spec: TrainingJobSpec) -> Obj:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(owner, f"{owner.name}-spec"),
-        "data": {SPEC_FILE_NAME: yaml.safe_dump(document, sort_keys=True)},
-    }
-
-
-def headless_service(owner: Owner) -> Obj:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(owner, owner.name),
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,  # rendezvous must resolve before pods are Ready
-            "selector": {LABEL_TRAINING_JOB: owner.name},
-            "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
-        },
+        "data": {SPEC_FILE_NAME: yaml.dump(document, Dumper=_DUMPER, sort_keys=True)},
     }
 
 
 def rendezvous_endpoint(owner: Owner) -> str:
-    return f"{owner.name}-0.{owner.name}.{owner.namespace}.svc:{RDZV_PORT}"
+    return f"{owner.name}-0.{TRAINERS_SERVICE}.{owner.namespace}.svc:{RDZV_PORT}"
 
 
 def _env(owner: Owner, spec: TrainingJobSpec, cfg: RenderConfig) -> list[Obj]:
@@ -182,12 +180,12 @@ def _volumes(owner: Owner, spec: TrainingJobSpec) -> tuple[list[Obj], list[Obj]]
 def pod_template(owner: Owner, spec: TrainingJobSpec, cfg: RenderConfig) -> Obj:
     place = placement(spec.accelerator)
     volumes, mounts = _volumes(owner, spec)
-    pod_labels = labels(owner)
+    pod_labels = {**labels(owner), LABEL_ROLE: ROLE_TRAINER}
     if spec.scheduling.gang:
         pod_labels[LABEL_POD_GROUP] = owner.name
     pod: Obj = {
         "restartPolicy": "Never",
-        "subdomain": owner.name,
+        "subdomain": TRAINERS_SERVICE,
         "serviceAccountName": SERVICE_ACCOUNT,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,  # the runtime checkpoints on SIGTERM
@@ -278,14 +276,24 @@ def pod_group(owner: Owner, spec: TrainingJobSpec) -> Obj:
     }
 
 
-def trainer_rbac(namespace: str) -> list[Obj]:
-    """Per-namespace identity of training pods: rank 0 patches its own pod's progress annotation."""
-    meta = {
-        "name": SERVICE_ACCOUNT,
-        "namespace": namespace,
-        "labels": {LABEL_PART_OF: "kubeforge", LABEL_MANAGED_BY: "kubeforge-operator"},
+def namespace_objects(namespace: str) -> list[Obj]:
+    """What every TrainingJob of `namespace` shares: the identity of training pods (rank 0 patches its own
+    pod's progress annotation with it) and the headless Service that names them in DNS."""
+    owned = {LABEL_PART_OF: "kubeforge", LABEL_MANAGED_BY: "kubeforge-operator"}
+    meta = {"name": SERVICE_ACCOUNT, "namespace": namespace, "labels": owned}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": TRAINERS_SERVICE, "namespace": namespace, "labels": owned},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous must resolve before pods are Ready
+            "selector": {LABEL_ROLE: ROLE_TRAINER},
+            "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+        },
     }
     return [
+        service,
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -307,7 +315,7 @@ def render(
     owner: Owner, spec: TrainingJobSpec, cfg: RenderConfig, nodes: int, *, creating: bool
 ) -> list[Obj]:
     """Every child of the TrainingJob, in the order to apply them."""
-    children = [spec_config_map(owner, spec), headless_service(owner)]
+    children = [spec_config_map(owner, spec)]
     if spec.scheduling.gang:
         children.append(pod_group(owner, spec))
     children.append(job(owner, spec, cfg, nodes, creating=creating))

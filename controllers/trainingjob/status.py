@@ -333,7 +333,7 @@ def derive(
         elif get_condition(conds, "Scaling"):
             cond("Scaling", False, "Stable", f"running at {target} nodes")
     if job is not None:
-        cond("Created", True, "JobCreated", "the Job, Service and spec ConfigMap exist")
+        cond("Created", True, "JobCreated", "the Job and its spec ConfigMap exist")
     if phase != previous.get("phase") and phase in ("Succeeded", "Failed", "Suspended"):
         events.append(("Normal" if phase != "Failed" else "Warning", phase, message))
     st.update(phase=phase, message=message, conditions=conds)

@@ -98,9 +98,27 @@ def test_h200_job_lands_on_h200_nodes_with_resources_tolerations_and_env(
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["PET_NPROC_PER_NODE"] == "8" and env["PET_NNODES"] == "2"
-        assert env["PET_RDZV_ENDPOINT"] == f"llama-0.llama.{namespace}.svc:29400"
-    svc = cluster.get("service", "llama", namespace)
+        assert env["PET_RDZV_ENDPOINT"] == f"llama-0.kubeforge-trainers.{namespace}.svc:29400"
+    svc = cluster.get("service", "kubeforge-trainers", namespace)
     assert svc["spec"]["clusterIP"] == "None"  # type: ignore[index]
+
+    def dns_names() -> set[str]:
+        """Hostnames the namespace's EndpointSlices publish: what cluster DNS serves as
+        <hostname>.kubeforge-trainers.<namespace>.svc."""
+        out = cluster.kubectl(
+            "get",
+            "endpointslices",
+            "-n",
+            namespace,
+            "-l",
+            "kubernetes.io/service-name=kubeforge-trainers",
+            "-o",
+            "json",
+        )
+        slices = json.loads(out.stdout)["items"]
+        return {e.get("hostname") for s in slices for e in s.get("endpoints") or [] if e.get("addresses")}
+
+    cluster.wait_until("both pods named in DNS", lambda: {"llama-0", "llama-1"} <= dns_names())
 
 
 def test_ascend_job_lands_on_910b_nodes(cluster: Cluster, namespace: str) -> None:
@@ -313,7 +331,7 @@ def test_deleting_the_trainingjob_collects_its_children(cluster: Cluster, namesp
     cluster.apply(trainingjob("gone", namespace))
     running_pods(cluster, "gone", namespace, 1)
     cluster.kubectl("delete", "trainingjob", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
-    for kind, name in (("job", "gone"), ("service", "gone"), ("configmap", "gone-spec")):
+    for kind, name in (("job", "gone"), ("configmap", "gone-spec")):
         cluster.wait_until(
             f"{kind} collected",
             lambda k=kind, n=name: cluster.kubectl("get", k, n, "-n", namespace, check=False).returncode != 0,

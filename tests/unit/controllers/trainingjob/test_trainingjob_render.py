@@ -70,7 +70,7 @@ def test_torchrun_environment_names_rendezvous_on_the_first_pod() -> None:
     env = _env(_job("ascend-elastic-queued"))
     assert env["PET_NNODES"] == "1:4"
     assert env["PET_NPROC_PER_NODE"] == "8"
-    assert env["PET_RDZV_ENDPOINT"] == "llama-0.llama.team-a.svc:29400"
+    assert env["PET_RDZV_ENDPOINT"] == "llama-0.kubeforge-trainers.team-a.svc:29400"
     assert env["PET_RDZV_ID"] == OWNER.uid
     assert env["PET_MAX_RESTARTS"] == "5"
     assert env["PET_NODE_RANK"] == {"fieldRef": {"fieldPath": render.COMPLETION_INDEX}}
@@ -121,7 +121,7 @@ def test_scale_renders_completions_and_parallelism_together() -> None:
 def test_gang_scheduling_adds_a_pod_group_for_the_minimum() -> None:
     spec = TrainingJobSpec.model_validate(CASES["ascend-elastic-queued"])
     kinds = [c["kind"] for c in render.render(OWNER, spec, CFG, 2, creating=False)]
-    assert kinds == ["ConfigMap", "Service", "PodGroup", "Job"]
+    assert kinds == ["ConfigMap", "PodGroup", "Job"]
     pg = render.pod_group(OWNER, spec)
     assert pg["spec"]["minMember"] == 1
     pod = _job("ascend-elastic-queued")["spec"]["template"]
@@ -143,3 +143,23 @@ def test_spec_config_map_round_trips_to_the_same_spec() -> None:
     doc = yaml.safe_load(cm["data"]["trainingjob.yaml"])
     assert TrainingJobSpec.model_validate(doc["spec"]) == spec
     assert doc["metadata"]["uid"] == OWNER.uid
+
+
+def test_pods_are_named_in_dns_by_the_namespace_service() -> None:
+    """One headless Service per namespace selects every training pod; a pod's DNS name is
+    <hostname>.<subdomain>, and the Indexed Job's hostnames <job>-<index> are unique in the namespace."""
+    service = next(o for o in render.namespace_objects("team-a") if o["kind"] == "Service")
+    assert service["metadata"] == {
+        "name": render.TRAINERS_SERVICE,
+        "namespace": "team-a",
+        "labels": {
+            "app.kubernetes.io/part-of": "kubeforge",
+            "app.kubernetes.io/managed-by": "kubeforge-operator",
+        },
+    }
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    pod = _job("h200-3d")["spec"]["template"]
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    selector = service["spec"]["selector"]
+    assert selector.items() <= pod["metadata"]["labels"].items(), "the Service must select the training pods"
+    assert "ownerReferences" not in service["metadata"], "shared by every job: no one job may own it"
