@@ -149,8 +149,9 @@ class MlflowGateway:
     ) -> None:
         # MLflow reads these per request. Its defaults (7 retries, backoff factor 2, 120 s timeout) would hold
         # a reconcile for minutes while the server is down; we retry ourselves, briefly, and let the caller
-        # requeue.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        # requeue. One retry stays (urllib3 makes the first one at once): a pooled keep-alive connection the
+        # server closed while idle (uvicorn: after 5 s) is reset on reuse, and that must not fail a call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout_s))))
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow import MlflowClient
