@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from crds.trainingjob import DEFAULT_IMAGE
+from crds.common import DEFAULT_IMAGE
 
 
 @dataclass(frozen=True)

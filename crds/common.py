@@ -117,6 +117,19 @@ def transition_errors(rules: tuple[Rule, ...], old: Any, new: Any) -> list[str]:
 # in from its own settings (e.g. the runtime image), which a server-side default would always shadow.
 NO_SERVER_DEFAULT: dict[str, Any] = {"x-kubeforge-no-server-default": True}
 
+DEFAULT_IMAGE = "ghcr.io/kubeforge/runtime:0.1.0"
+
+
+def image_field() -> Any:
+    """`spec.image` of the kinds that run the runtime (TrainingJob, InferenceService)."""
+    return Field(
+        default=DEFAULT_IMAGE,
+        max_length=1024,
+        json_schema_extra=NO_SERVER_DEFAULT,
+        description="Container image with the runtime. Unset: the operator's runtime image "
+        "(KUBEFORGE_RUNTIME_IMAGE, by default " + DEFAULT_IMAGE + ").",
+    )
+
 
 # Alias names as MLflow and models:/name@alias URIs accept them ('latest' and v<N> are reserved by MLflow).
 ALIAS_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"

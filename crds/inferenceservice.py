@@ -9,17 +9,15 @@ from pydantic import Field
 
 from crds.common import (
     CONDITIONS_LIST,
-    NO_SERVER_DEFAULT,
     Accelerator,
     Condition,
     KubeModel,
     Resources,
     Rule,
+    image_field,
     name_rule,
     object_errors,
 )
-
-DEFAULT_IMAGE = "ghcr.io/kubeforge/runtime:0.1.0"
 
 
 class ModelRef(KubeModel):
@@ -157,13 +155,7 @@ _BACKEND_VENDOR = {"cuda": "nvidia", "tensorrt": "nvidia", "rocm": "amd", "npu":
 class InferenceServiceSpec(KubeModel):
     """Desired state of an InferenceService."""
 
-    image: str = Field(
-        default=DEFAULT_IMAGE,
-        max_length=1024,
-        json_schema_extra=NO_SERVER_DEFAULT,
-        description="Container image with the runtime. Unset: the operator's runtime image "
-        "(KUBEFORGE_RUNTIME_IMAGE, by default " + DEFAULT_IMAGE + ").",
-    )
+    image: str = image_field()
     model: ModelRef = Field(description="The model to serve.")
     accelerator: Accelerator = Field(default_factory=Accelerator, description="Accelerators per pod.")
     compile: CompileSpec = Field(default_factory=CompileSpec, description="Compilation for the hardware.")

@@ -11,7 +11,6 @@ from crds.common import (
     ALIASES_CEL,
     ALIASES_MESSAGE,
     CONDITIONS_LIST,
-    NO_SERVER_DEFAULT,
     Accelerator,
     AliasName,
     Condition,
@@ -19,12 +18,11 @@ from crds.common import (
     Resources,
     Rule,
     aliases_ok,
+    image_field,
     name_rule,
     object_errors,
     transition_errors,
 )
-
-DEFAULT_IMAGE = "ghcr.io/kubeforge/runtime:0.1.0"
 
 
 class BuiltinModel(StrEnum):
@@ -427,13 +425,7 @@ RESERVED_ENV = (
 class TrainingJobSpec(KubeModel):
     """Desired state of a TrainingJob."""
 
-    image: str = Field(
-        default=DEFAULT_IMAGE,
-        max_length=1024,
-        json_schema_extra=NO_SERVER_DEFAULT,
-        description="Container image with the runtime. Unset: the operator's runtime image "
-        "(KUBEFORGE_RUNTIME_IMAGE, by default " + DEFAULT_IMAGE + ").",
-    )
+    image: str = image_field()
     model: ModelSpec = Field(description="What to train.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training data for built-in models.")
     optimizer: OptimizerSpec = Field(
