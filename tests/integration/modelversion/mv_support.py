@@ -8,15 +8,13 @@ import os
 import socket
 import subprocess
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.fixtures.cluster import Cluster
+from tests.fixtures.cluster import Cluster, wait_for
 from tests.fixtures.mlflow import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -160,17 +158,6 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
         if c.get("type") == type_:
             return dict(c)
     return {}
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
 
 
 def wait_condition(
