@@ -420,8 +420,8 @@ def main() -> None:
         "--observe",
         choices=("watch", "poll"),
         default="watch",
-        help="how the benchmark sees progress: four watch streams, or (the older way, a load of its own) "
-        "four lists every --poll seconds",
+        help="how the benchmark sees progress: three watch streams, or (the older way, a load of its own) "
+        "three lists every --poll seconds",
     )
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between checks (and list rounds)")
     ap.add_argument("--settle", type=float, default=10.0, help="RSS sampled this long after all status")

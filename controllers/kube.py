@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +25,7 @@ from urllib3.exceptions import HTTPError
 from crds.common import API_VERSION, FIELD_MANAGER
 
 Obj = dict[str, Any]
+log = logging.getLogger("kubeforge.kube")
 EVENT_COMPONENT = "kubeforge-operator"
 EVENT_INSTANCE = socket.gethostname()
 
@@ -150,10 +153,11 @@ class Kube:
                 return None
             raise
 
-    def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
+    def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Record a core/v1 Event about `involved` (apiVersion, kind, metadata name/namespace/uid) through
         this pooled client. kopf.event would post it from a per-object task: a burst of events for many
-        objects then opens one TLS connection each (a handshake per event on both sides)."""
+        objects then opens one TLS connection each (a handshake per event on both sides).
+        Events help but are auxiliary: one that cannot be posted is logged, the caller goes on."""
         meta = involved["metadata"]
         now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
         ref = {
@@ -180,7 +184,12 @@ class Kube:
             "lastTimestamp": now[:19] + "Z",
             "eventTime": now,
         }
-        self._call("POST", path("v1", "Event", meta["namespace"]), body=body)
+        try:
+            self._call("POST", path("v1", "Event", meta["namespace"]), body=body)
+        except KubeError as e:
+            log.warning(
+                "could not post event %s %s on %s/%s: %s", type_, reason, ref["namespace"], ref["name"], e
+            )
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Obj | None:
         return self._call("GET", path(api_version, kind, namespace, name))

@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
@@ -170,8 +170,7 @@ class _Ctx:
         return desired
 
     def event(self, type_: str, reason: str, message: str, on: Mapping[str, Any] | None = None) -> None:
-        target = cast(kopf.Body, on or self.body)  # kopf only reads apiVersion/kind/metadata from it
-        kopf.event(target, type=type_, reason=reason, message=message[:1000])
+        kube().event(on or self.body, type_, reason, message)
 
     def problems(self, problems: list[Problem]) -> None:
         st = self.finish(Observation(generation=self.generation, problems=problems))

@@ -194,11 +194,7 @@ def _body(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _event(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """Events help but are auxiliary: one that cannot be posted is logged, the sync goes on."""
-    try:
-        kube().event(_body(obj), type_, reason, message)
-    except KubeError as e:
-        log.warning("could not post event %s %s on %s: %s", type_, reason, obj["metadata"]["name"], e)
+    kube().event(_body(obj), type_, reason, message)
 
 
 def _patch_status(obj: dict[str, Any], new: dict[str, Any]) -> None:
