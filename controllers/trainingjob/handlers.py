@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import logging
 import threading
 import time
@@ -133,9 +132,8 @@ async def _debounced(key: Key) -> None:
     await asyncio.sleep(DEBOUNCE_SECONDS)
     loop = asyncio.get_running_loop()
     try:
-        # kopf.event needs the operator's context variables: run the sync inside a copy of them
         executor = _executor[0] if _executor else None
-        await loop.run_in_executor(executor, contextvars.copy_context().run, _start_sync, key)
+        await loop.run_in_executor(executor, _start_sync, key)
     except KubeError as e:
         log.warning("sync of %s/%s failed (%s); retrying", *key, e)
         await asyncio.sleep(2.0)
