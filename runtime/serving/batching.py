@@ -31,6 +31,8 @@ from runtime.serving.errors import InferError, ModelFailure, QueueFull, Unavaila
 log = logging.getLogger(__name__)
 
 BatchRunner = Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]]
+# per input, the requests' tensors and the row count to pad to -> the batch's inputs
+Gather = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
 Observer = Callable[[int, float, float], None]  # (rows, queue seconds of the oldest, run seconds)
 
 
@@ -80,6 +82,8 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._announced = 0  # requests being decoded that will be submitted soon
+        self._external: Callable[[], int] = lambda: 0  # the same, counted by protocol worker processes
+        self._gather: Gather = cat_and_pad
         self._closed = False
         self._busy = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -95,8 +99,10 @@ class Batcher:
         variable_dims: Sequence[Sequence[int]],
         pad_multiple: int | None,
         observer: Observer | None,
+        gather: Gather | None = None,
     ) -> None:
         """Apply what loading the model decided (call from `setup`, before the first batch)."""
+        self._gather = gather or cat_and_pad
         self.name = name
         self.batched = batched
         self.max_batch_size = max_batch_size if batched else 1
@@ -118,6 +124,10 @@ class Batcher:
         """A request arrived and is being decoded: batches forming now may wait for it (up to max delay)."""
         with self._cond:
             self._announced += 1
+
+    def set_external_announced(self, count: Callable[[], int]) -> None:
+        """Requests announced elsewhere (protocol worker processes), read whenever a batch may wait."""
+        self._external = count
 
     def withdraw(self) -> None:
         """An announced request will not be submitted (bad input)."""
@@ -174,7 +184,7 @@ class Batcher:
                 rows = sum(p.rows for p in self._queue if p.key == first.key)
                 remaining = deadline - time.perf_counter()
                 # wait only for requests known to be on their way, and never past the oldest's deadline
-                if rows >= self.max_batch_size or remaining <= 0 or self._announced == 0:
+                if rows >= self.max_batch_size or remaining <= 0 or not (self._announced or self._external()):
                     break
                 self._cond.wait(remaining)
             batch: list[_Pending] = []
@@ -222,13 +232,9 @@ class Batcher:
         rows = sum(p.rows for p in live)
         try:
             if self.batched:
-                xs = [
-                    torch.cat([p.inputs[i] for p in live]) if len(live) > 1 else live[0].inputs[i]
-                    for i in range(len(live[0].inputs))
-                ]
-                padded = self._bucket(rows)
-                if padded > rows:
-                    xs = [F.pad(x, [0, 0] * (x.dim() - 1) + [0, padded - rows]) for x in xs]
+                xs = self._gather(
+                    [[p.inputs[i] for p in live] for i in range(len(live[0].inputs))], self._bucket(rows)
+                )
             else:
                 xs = live[0].inputs
             assert self._run is not None
@@ -275,3 +281,12 @@ class Batcher:
                     if t.shape[d] != o[d] and d < part.dim() and part.shape[d] == t.shape[d]:
                         part = part.narrow(d, 0, o[d])
         return part
+
+
+def cat_and_pad(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
+    """The default gather: concatenate each input's requests on the CPU, zero rows up to `padded_rows`."""
+    xs = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in parts]
+    return [
+        F.pad(x, [0, 0] * (x.dim() - 1) + [0, padded_rows - x.shape[0]]) if padded_rows > x.shape[0] else x
+        for x in xs
+    ]

@@ -118,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="pad variable non-batch dims (sequence lengths) up to a multiple, for fewer shapes",
     )
+    s.add_argument(
+        "--workers",
+        default="auto",
+        help="protocol worker processes sharing the ports, handing tensors to the model process through "
+        "shared memory; 0: one event loop in the model process; auto: 0 on a CPU-only machine, else half "
+        "the cores (at most 8)",
+    )
     s.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body (413 past it)")
     s.add_argument(
         "--drain-delay-s",
@@ -168,8 +175,22 @@ def _config(args: argparse.Namespace) -> Any:
             max_payload_bytes=int(args.max_payload_mb * (1 << 20)),
             drain_delay_s=args.drain_delay_s,
             grace_s=args.grace_s,
+            workers=_workers(args.workers),
+            log_level=args.log_level,
         )
     return ServeConfig(**kw)
+
+
+def _workers(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise SystemExit(f"kubeforge-serve: --workers {value!r} must be auto or a whole number >= 0")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

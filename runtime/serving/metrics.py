@@ -90,3 +90,40 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge(texts: list[bytes]) -> bytes:
+    """One exposition from several processes' expositions: samples with the same name and labels are added
+    (counters, histogram buckets/sums/counts, and the gauges we keep per process all add up); `_created`
+    samples are dropped (they would not add)."""
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text.decode()):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                values[fam.name] = {}
+            acc = values[fam.name]
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = (s.name, tuple(sorted(s.labels.items())))
+                acc[key] = acc.get(key, 0.0) + s.value
+
+    class _Merged:
+        def collect(self) -> list[Metric]:
+            out = []
+            for name, fam in families.items():
+                if not values[name]:
+                    continue
+                for (sample, labels), v in values[name].items():
+                    fam.add_sample(sample, dict(labels), v)
+                out.append(fam)
+            return out
+
+    r = CollectorRegistry(auto_describe=False)
+    r.register(_Merged())  # type: ignore[arg-type]
+    return generate_latest(r)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from runtime.serving import compile as compiler
-from runtime.serving.batching import Batcher, BatchRunner
+from runtime.serving.batching import Batcher, BatchRunner, Gather
 from runtime.serving.detect import detect_hardware
 from runtime.serving.loader import LoadedModel, load_model
 from runtime.serving.metrics import Metrics
@@ -57,6 +58,8 @@ class ServeConfig:
     drain_delay_s: float = 0.0
     grace_s: float = 30.0
     torch_threads: int = 0  # intra-op threads of the model's worker thread; 0: all cores but one
+    workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
+    log_level: str = "info"
     started: float = field(default_factory=time.time)
 
 
@@ -66,6 +69,7 @@ class Prepared:
     build: compiler.Build
     signature: Signature
     runner: BatchRunner
+    gather: Gather | None = None  # how the batcher assembles a batch (None: concatenate on the CPU)
 
 
 def complete_signature(sig: Signature, eager: torch.nn.Module, device: str) -> Signature:
@@ -119,7 +123,32 @@ def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -
         outs = run(xs)
         return tuple(o.to("cpu") for o in outs) if device != "cpu" else tuple(o.clone() for o in outs)
 
-    return Prepared(loaded, b, sig, runner)
+    return Prepared(loaded, b, sig, runner, pinned_gather(device) if non_blocking else None)
+
+
+def pinned_gather(device: str) -> Gather:
+    """Gather a batch into page-locked staging buffers (one per input, grown as needed) and start its copy
+    to the device without waiting: from pageable memory the copy is synchronous and half as fast. Reusing the
+    buffer is safe: the runner's copy of the outputs back to the CPU waits for the stream, inputs included."""
+    staging: dict[int, torch.Tensor] = {}
+
+    def gather(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
+        out = []
+        for i, ts in enumerate(parts):
+            shape = (padded_rows, *ts[0].shape[1:])
+            n = math.prod(shape)
+            buf = staging.get(i)
+            if buf is None or buf.dtype != ts[0].dtype or buf.numel() < n:
+                buf = staging[i] = torch.empty(n, dtype=ts[0].dtype, pin_memory=True)
+            batch = buf[:n].view(shape)
+            rows = sum(t.shape[0] for t in ts)
+            torch.cat(ts, out=batch[:rows])
+            if padded_rows > rows:
+                batch[rows:].zero_()
+            out.append(batch.to(device, non_blocking=True))
+        return out
+
+    return gather
 
 
 def _set_threads(n: int) -> None:
@@ -162,6 +191,7 @@ class Server:
         self.grpc_port = cfg.grpc_port
         self._stop = asyncio.Event()
         self._pending: tuple[Batcher, dict[str, Prepared]] | None = None
+        self._hub: Any = None  # runtime.serving.hub.Hub when protocol workers serve
 
     def is_ready(self) -> bool:
         return not self.draining and bool(self.repo.models) and self.repo.ready
@@ -202,6 +232,7 @@ class Server:
                 variable_dims=[[j for j, d in enumerate(s.shape) if d == -1 and j > 0] for s in sig.inputs],
                 pad_multiple=cfg.pad_multiple,
                 observer=self.metrics.observer(p.loaded.name),
+                gather=p.gather,
             )
             return p.runner
 
@@ -224,6 +255,7 @@ class Server:
             log.error(
                 "model failed to load; the server stays live but never ready", extra={"error": self.failed}
             )
+            self._changed()
             return
         p = holder["p"]
         name = p.loaded.name
@@ -249,6 +281,7 @@ class Server:
             m.fallbacks.labels(name, info["backend"], fb.split(":")[0]).inc()
         m.queue_depth.labels(name).set_function(lambda: batcher.queued)
         m.ready.set(1)
+        self._changed()
         log.info(
             "ready",
             extra={
@@ -259,7 +292,66 @@ class Server:
             },
         )
 
+    def worker_count(self) -> int:
+        """Protocol worker processes: as configured, else none on a CPU-only machine (the cores run the
+        model) and half the cores, at most 8, next to an accelerator."""
+        if self.cfg.workers is not None:
+            return self.cfg.workers
+        if detect_hardware().family == "cpu":
+            return 0
+        return min(8, max(1, (os.cpu_count() or 2) // 2))
+
+    def worker_state(self) -> dict[str, Any]:
+        """What protocol workers need to answer health, metadata and readiness themselves."""
+        m = next(iter(self.repo.models.values()), None)
+        model = None
+        if m is not None:
+            model = {
+                "name": m.name,
+                "version": m.version,
+                "inputs": [s.to_json() for s in m.signature.inputs],
+                "outputs": [s.to_json() for s in m.signature.outputs],
+                "max_batch_size": m.max_batch_size,
+                "info": m.info,
+                "ready": m.ready,
+            }
+        return {"ready": self.is_ready(), "info": self.server_info(), "model": model}
+
+    def _changed(self) -> None:
+        if self._hub is not None:
+            self._hub.push_state()
+
     async def run(self) -> None:
+        cfg = self.cfg
+        self._start_model()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        workers = self.worker_count()
+        stop_listeners = await (self._listen_workers(workers) if workers else self._listen_here())
+        log.info(
+            "listening",
+            extra={
+                "http_port": self.http_port,
+                "grpc_port": self.grpc_port,
+                "host": cfg.host,
+                "workers": workers,
+            },
+        )
+        model_task = asyncio.create_task(self._await_model())
+        await self._stop.wait()
+        # drain: readiness already 503; keep serving for drain_delay_s so load balancers notice, then stop
+        # accepting and let in-flight requests finish (up to grace_s)
+        t0 = time.perf_counter()
+        await asyncio.sleep(cfg.drain_delay_s)
+        await stop_listeners()
+        if self._pending is not None:
+            await loop.run_in_executor(None, self._pending[0].close, cfg.grace_s)
+        model_task.cancel()
+        log.info("stopped", extra={"drain_seconds": round(time.perf_counter() - t0, 3)})
+
+    async def _listen_here(self) -> Callable[[], Awaitable[None]]:
+        """REST and gRPC on this process's event loop."""
         import grpc
         import uvicorn
 
@@ -267,7 +359,6 @@ class Server:
         from runtime.serving.protocol.rest import RestApp
 
         cfg = self.cfg
-        self._start_model()
         app = RestApp(
             self.repo,
             self.metrics,
@@ -285,7 +376,7 @@ class Server:
             timeout_graceful_shutdown=int(cfg.grace_s),
             backlog=2048,
         )
-        http = _Uvicorn(ucfg)
+        http = make_uvicorn(ucfg)
         opts = [
             ("grpc.max_receive_message_length", cfg.max_payload_bytes),
             ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
@@ -295,49 +386,65 @@ class Server:
         add_to_server(InferenceService(self.repo, self.metrics, self.server_info, self.is_ready), grpc_server)
         self.grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         await grpc_server.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
         http_task = asyncio.create_task(http.serve())
         await _until(lambda: http.started or http_task.done())
         if http.servers and http.servers[0].sockets:
             self.http_port = http.servers[0].sockets[0].getsockname()[1]
-        log.info(
-            "listening", extra={"http_port": self.http_port, "grpc_port": self.grpc_port, "host": cfg.host}
+
+        async def stop() -> None:
+            http.should_exit = True
+            await asyncio.gather(http_task, grpc_server.stop(cfg.grace_s), return_exceptions=True)
+
+        return stop
+
+    async def _listen_workers(self, n: int) -> Callable[[], Awaitable[None]]:
+        """REST and gRPC in `n` protocol worker processes sharing the ports (runtime.serving.hub)."""
+        from runtime.serving.hub import Hub
+
+        cfg = self.cfg
+        assert self._pending is not None
+        hub = Hub(
+            workers=n,
+            host=cfg.host,
+            http_port=cfg.http_port,
+            grpc_port=cfg.grpc_port,
+            batcher=self._pending[0],
+            metrics=self.metrics,
+            state=self.worker_state,
+            max_payload_bytes=cfg.max_payload_bytes,
+            grace_s=cfg.grace_s,
+            log_level=cfg.log_level,
         )
-        model_task = asyncio.create_task(self._await_model())
-        await self._stop.wait()
-        # drain: readiness already 503; keep serving for drain_delay_s so load balancers notice, then stop
-        # accepting and let in-flight requests finish (up to grace_s)
-        t0 = time.perf_counter()
-        await asyncio.sleep(cfg.drain_delay_s)
-        http.should_exit = True
-        await asyncio.gather(http_task, grpc_server.stop(cfg.grace_s), return_exceptions=True)
-        if self._pending is not None:
-            await loop.run_in_executor(None, self._pending[0].close, cfg.grace_s)
-        model_task.cancel()
-        log.info("stopped", extra={"drain_seconds": round(time.perf_counter() - t0, 3)})
+        self._hub = hub
+        self.http_port, self.grpc_port = hub.http_port, hub.grpc_port
+        loop = asyncio.get_running_loop()
+        hub.start()
+        await loop.run_in_executor(None, hub.wait_started, 120.0)
+
+        async def stop() -> None:
+            await loop.run_in_executor(None, hub.stop, cfg.grace_s)
+
+        return stop
 
     def request_stop(self, why: str = "stop") -> None:
         if not self.draining:
             log.info("draining", extra={"signal": why})
         self.draining = True
         self.metrics.ready.set(0)
+        self._changed()
         self._stop.set()
 
 
-class _Uvicorn:
+def make_uvicorn(config: Any) -> Any:
     """uvicorn.Server without its own signal handling (the Server above owns SIGTERM and drains)."""
+    import uvicorn
 
-    def __new__(cls, config: Any) -> Any:
-        import uvicorn
+    class _S(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
 
-        class _S(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                yield
-
-        return _S(config)
+    return _S(config)
 
 
 async def _until(cond: Callable[[], bool], step: float = 0.01) -> None:

@@ -37,12 +37,14 @@ class RestApp:
         *,
         max_payload_bytes: int,
         is_ready: Callable[[], bool],
+        render_metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.repo = repo
         self.metrics = metrics
         self.server_info = server_info
         self.max_payload = max_payload_bytes
         self.is_ready = is_ready
+        self.render_metrics = render_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -63,6 +65,10 @@ class RestApp:
                 return
             if method not in ("GET", "HEAD"):
                 raise _HttpError(405, f"method {method} not allowed on {path}")
+            if path == "/metrics":
+                text = await self.render_metrics() if self.render_metrics else self.metrics.render()
+                await _respond(send, 200, text, [(b"content-type", CONTENT_TYPE.encode())])
+                return
             status, body, headers = self._get(path)
             await _respond(send, status, body, headers)
         except _HttpError as e:
@@ -78,8 +84,6 @@ class RestApp:
             return (200 if ready else 503), orjson.dumps({"ready": ready}), _JSON
         if path in ("/v2", "/v2/"):
             return 200, orjson.dumps(self.server_info()), _JSON
-        if path == "/metrics":
-            return 200, self.metrics.render(), [(b"content-type", CONTENT_TYPE.encode())]
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
             name, version, rest = _model_path(parts)

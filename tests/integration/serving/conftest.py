@@ -129,11 +129,14 @@ def start_serve(env: dict[str, str], *args: str, command: str = "serve") -> Serv
     return s
 
 
-@pytest.fixture(scope="session")
-def mlp_server(registry: Registry) -> Iterator[Serve]:
-    """models:/mlp@champion, eager on CPU, small payload limit, batching with a 20 ms window."""
+@pytest.fixture(scope="session", params=["0", "2"], ids=["one-process", "2-workers"])
+def mlp_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[Serve]:
+    """models:/mlp@champion, eager on CPU, small payload limit, batching with a 20 ms window; served by the
+    model process's own event loop, and by two protocol worker processes (shared memory to the model)."""
     s = start_serve(
         registry.env,
+        "--workers",
+        request.param,
         "--model-uri",
         "models:/mlp@champion",
         "--mode",

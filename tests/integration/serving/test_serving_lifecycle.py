@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,11 +24,13 @@ def _post(url: str, value: float) -> httpx.Response:
     return httpx.post(f"{url}/v2/models/slow/infer", json=body, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def slow_server(registry: Registry) -> Serve:
+@pytest.fixture(scope="module", params=["0", "2"], ids=["one-process", "2-workers"])
+def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Serve:
     """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests."""
     s = start_serve(
         registry.env,
+        "--workers",
+        request.param,
         "--model-uri",
         str(registry.slow_path),
         "--model-name",
@@ -85,6 +90,32 @@ def test_sigterm_drains_in_flight_requests(slow_server: Serve) -> None:
     assert [r.json()["outputs"][0]["data"][0] for r in results] == [0.0, 2.0, 4.0]
     assert slow_server.proc.wait(30) == 0
     assert slow_server.log("draining") is not None and slow_server.log("stopped") is not None
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The protocol worker processes (multiprocessing spawn children) of a server process."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")]
+
+
+def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Registry) -> None:
+    s = start_serve(registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "2")
+    try:
+        s.wait_ready()
+        assert s.log("listening")["workers"] == 2  # type: ignore[index]
+        before = _workers_of(s.proc.pid)
+        assert len(before) == 2
+        os.kill(before[0], signal.SIGKILL)
+        s.wait_log("protocol worker exited; starting it again", 30)
+        body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
+        codes = [httpx.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(20)]
+        assert codes == [200] * 20
+        deadline = time.monotonic() + 60
+        while len(after := _workers_of(s.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(after) == 2 and before[0] not in after and before[1] in after
+    finally:
+        assert s.stop() == 0
 
 
 @pytest.mark.parametrize(

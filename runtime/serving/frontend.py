@@ -1,0 +1,286 @@
+"""A protocol worker: one of several processes that accept REST and gRPC connections on the server's ports
+(SO_REUSEPORT: the kernel spreads connections over them), decode requests, and hand the tensors to the one
+model process through shared memory (runtime.serving.ipc). It keeps no model: health, readiness and
+metadata come from the state the model process pushes; /metrics is merged by the model process from every
+process's own metrics.
+
+Workers ignore SIGTERM/SIGINT: the model process owns shutdown. It tells every worker to stop (STOP), the
+worker stops accepting, finishes its in-flight requests (the model process keeps batching until all workers
+are gone) and exits. A worker whose model process disappears exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime.serving import errors, ipc
+from runtime.serving.errors import InferError, ModelFailure, Unavailable
+from runtime.serving.metrics import Metrics
+from runtime.serving.model import Repository, ServedModel
+from runtime.serving.signature import Signature, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[str, type[InferError]] = {
+    c.__name__: c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, InferError)
+}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    index: int
+    socket_path: str  # the model process's Unix socket
+    arena_path: str
+    slots: int
+    slot_bytes: int
+    host: str
+    http_port: int
+    grpc_port: int
+    max_payload_bytes: int
+    grace_s: float
+    log_level: str = "info"
+    log_json: bool = True
+
+
+def listen_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+    """A TCP socket with SO_REUSEPORT bound to host:port; listening or only holding the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    if listen:
+        s.listen(2048)
+        s.setblocking(False)
+    return s
+
+
+class RemoteBatcher:
+    """The batcher interface the protocol layer uses; announcements land in the arena's counter."""
+
+    def __init__(self, arena: ipc.Arena) -> None:
+        self._counters = arena.counters
+
+    def announce(self) -> None:
+        self._counters[0] += 1
+
+    def withdraw(self) -> None:
+        if self._counters[0] > 0:
+            self._counters[0] -= 1
+
+
+class RemoteModel(ServedModel):
+    """A ServedModel whose batches run in the model process."""
+
+    worker: Worker
+
+    async def infer(self, inputs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+        if not self.ready:
+            self.batcher.withdraw()
+            raise Unavailable(f"model {self.name!r} is not ready")
+        return await self.worker.infer(inputs, rows)
+
+
+class _Link(asyncio.Protocol):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.reader = ipc.FrameReader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for kind, payload in self.reader.feed(data):
+            self.worker.on_message(kind, payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.on_hub_lost()
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.arena = ipc.Arena(cfg.arena_path, cfg.slots, cfg.slot_bytes, create=False)
+        self.batcher = RemoteBatcher(self.arena)
+        self.metrics = Metrics()
+        self.repo = Repository([])
+        self.state: dict[str, Any] = {"ready": False, "info": {}}
+        self.stopping = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[Any], int | None]] = {}
+        self._metrics_waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._stop = asyncio.Event()
+        self._hub_lost = False
+        self.link: _Link | None = None
+
+    # -- what the protocol layer calls --
+    def is_ready(self) -> bool:
+        return bool(self.state.get("ready")) and not self.stopping
+
+    def server_info(self) -> dict[str, Any]:
+        info = dict(self.state.get("info") or {})
+        if self.stopping and "kubeforge" in info:
+            info["kubeforge"] = {**info["kubeforge"], "state": "draining"}
+        return info
+
+    async def infer(self, inputs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+        if self._hub_lost or self.link is None or self.link.transport is None:
+            self.batcher.withdraw()
+            raise Unavailable("the model process is gone")
+        offset = self.arena.take(ipc.Arena.slot_need(inputs))
+        placed = self.arena.place(inputs, offset)
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (fut, offset)
+        self.batcher.withdraw()  # from here on the request is the model process's to count
+        self.link.transport.write(ipc.encode_request(rid, rows, placed))
+        result = await fut
+        return tuple(result)
+
+    async def render_metrics(self) -> bytes:
+        if self._hub_lost or self.link is None or self.link.transport is None:
+            return self.metrics.render()
+        rid = next(self._ids)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._metrics_waiters[rid] = fut
+        self.link.transport.write(ipc.frame(ipc.METRICS_REQ, ipc.pack_id(rid)))
+        try:
+            return await asyncio.wait_for(fut, 10)
+        finally:
+            self._metrics_waiters.pop(rid, None)
+
+    # -- what the model process says --
+    def on_message(self, kind: int, payload: bytearray) -> None:
+        if kind == ipc.RESP:
+            rid, result = ipc.decode_response(memoryview(payload))
+            fut, offset = self._pending.pop(rid, (None, None))
+            if offset is not None:
+                self.arena.give(offset)
+            if fut is None or fut.done():
+                return
+            if isinstance(result, tuple):
+                kind_name, message = result
+                fut.set_exception(_ERRORS.get(kind_name, ModelFailure)(message))
+            else:
+                fut.set_result(result)
+        elif kind == ipc.STATE:
+            self._apply_state(json.loads(payload))
+        elif kind == ipc.METRICS_PULL:
+            rid, _ = ipc.unpack_id(memoryview(payload))
+            assert self.link is not None and self.link.transport is not None
+            self.link.transport.write(ipc.frame(ipc.METRICS_TEXT, ipc.pack_id(rid, self.metrics.render())))
+        elif kind == ipc.METRICS_RESP:
+            rid, text = ipc.unpack_id(memoryview(payload))
+            waiter = self._metrics_waiters.get(rid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(text)
+        elif kind == ipc.STOP:
+            self.stopping = True
+            self._stop.set()
+
+    def on_hub_lost(self) -> None:
+        self._hub_lost = True
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("the model process is gone"))
+        self._pending.clear()
+        if not self.stopping:
+            log.error("model process gone; protocol worker exits", extra={"worker": self.cfg.index})
+            self.stopping = True
+            self._stop.set()
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self.state = state
+        m = state.get("model")
+        if not m:
+            return
+        sig = Signature(
+            tuple(TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in m["inputs"]),
+            tuple(TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in m["outputs"]),
+        )
+        model = RemoteModel(
+            m["name"],
+            m["version"],
+            sig,
+            self.batcher,  # type: ignore[arg-type]
+            m["max_batch_size"],
+            info=m["info"],
+            ready=m["ready"],
+        )
+        model.worker = self
+        self.repo.models = {model.name: model}
+
+    # -- life --
+    async def run(self) -> None:
+        import grpc
+        import uvicorn
+
+        from runtime.serving.protocol.grpc_service import InferenceService, add_to_server
+        from runtime.serving.protocol.rest import RestApp
+        from runtime.serving.server import make_uvicorn
+
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        _, self.link = await loop.create_unix_connection(lambda: _Link(self), cfg.socket_path)
+        app = RestApp(
+            self.repo,
+            self.metrics,
+            self.server_info,
+            max_payload_bytes=cfg.max_payload_bytes,
+            is_ready=self.is_ready,
+            render_metrics=self.render_metrics,
+        )
+        http = make_uvicorn(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=int(cfg.grace_s),
+                backlog=2048,
+            )
+        )
+        sock = listen_socket(cfg.host, cfg.http_port, listen=True)
+        opts = [
+            ("grpc.max_receive_message_length", cfg.max_payload_bytes),
+            ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
+            ("grpc.so_reuseport", 1),
+        ]
+        grpc_server = grpc.aio.server(options=opts)
+        add_to_server(InferenceService(self.repo, self.metrics, self.server_info, self.is_ready), grpc_server)
+        grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        await grpc_server.start()
+        http_task = asyncio.create_task(http.serve(sockets=[sock]))
+        while not (http.started or http_task.done()):  # noqa: ASYNC110 (uvicorn has only a flag)
+            await asyncio.sleep(0.01)
+        assert self.link.transport is not None
+        self.link.transport.write(ipc.frame(ipc.HELLO, cfg.index.to_bytes(4, "little")))
+        await self._stop.wait()
+        http.should_exit = True
+        await asyncio.gather(http_task, grpc_server.stop(cfg.grace_s), return_exceptions=True)
+        if self.link.transport is not None:
+            self.link.transport.close()
+
+
+def main(cfg: WorkerConfig) -> None:
+    """Process entry point (multiprocessing, spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from runtime.serving.logs import setup_logging
+
+    setup_logging(cfg.log_level, json=cfg.log_json)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    asyncio.run(Worker(cfg).run())

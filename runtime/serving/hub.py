@@ -1,0 +1,346 @@
+"""The model process's side of the protocol workers (runtime.serving.frontend): it reserves the ports, starts
+the workers, feeds their requests to the batcher and sends the outputs back.
+
+Per worker: a shared-memory arena (ipc.Arena), a Unix-socket connection, a reader thread (decode, submit to
+the batcher: a few microseconds of Python per request, no event loop in between) and a writer thread
+(responses of a whole batch in one send). A worker that dies while the server is not stopping is started
+again; its in-flight requests are lost with its connections, as they would be with the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.serving import ipc
+from runtime.serving.batching import Batcher
+from runtime.serving.errors import InferError
+from runtime.serving.frontend import WorkerConfig, listen_socket
+from runtime.serving.metrics import Metrics, merge
+
+log = logging.getLogger(__name__)
+
+SLOT_BYTES = 1 << 20  # one 224x224x3 FP32 image (602 KB) per slot, with room to spare
+MAX_SLOTS = 64  # per worker: 64 requests in flight through shared memory, more travel inline
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def plan_slots(workers: int, directory: str | None = None) -> int:
+    """Slots per worker: at most MAX_SLOTS, and half of the free shared memory over all workers (a pod's
+    /dev/shm is 64 MiB unless an emptyDir of medium Memory is mounted there)."""
+    st = os.statvfs(directory or shm_dir())
+    free = st.f_bavail * st.f_frsize
+    return max(0, min(MAX_SLOTS, int(free * 0.5 / max(1, workers) / SLOT_BYTES)))
+
+
+@dataclass
+class _Conn:
+    index: int
+    sock: socket.socket
+    arena: ipc.Arena
+    outbox: list[Any] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    closed: bool = False
+
+    def post(self, item: Any) -> None:
+        with self.cond:
+            self.outbox.append(item)
+            self.cond.notify()
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        workers: int,
+        host: str,
+        http_port: int,
+        grpc_port: int,
+        batcher: Batcher,
+        metrics: Metrics,
+        state: Callable[[], dict[str, Any]],
+        max_payload_bytes: int,
+        grace_s: float,
+        log_level: str = "info",
+    ) -> None:
+        self.n = workers
+        self.host = host
+        self.batcher = batcher
+        self.metrics = metrics
+        self.state = state
+        self.max_payload_bytes = max_payload_bytes
+        self.grace_s = grace_s
+        self.log_level = log_level
+        self.stopping = False
+        self._dir = tempfile.mkdtemp(prefix="kubeforge-serve-")
+        self._socket_path = os.path.join(self._dir, "hub.sock")
+        # hold the ports (bound, not listening) so that port 0 means one port for every worker
+        self._holds = [
+            listen_socket(host, http_port, listen=False),
+            listen_socket(host, grpc_port, listen=False),
+        ]
+        self.http_port = self._holds[0].getsockname()[1]
+        self.grpc_port = self._holds[1].getsockname()[1]
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self._socket_path)
+        self._listener.listen(workers * 2)
+        self._slots = plan_slots(workers)
+        self._procs: dict[int, Any] = {}
+        self._arenas: dict[int, ipc.Arena] = {}
+        self._conns: dict[int, _Conn] = {}
+        self._lock = threading.Lock()
+        self._hello = threading.Condition(self._lock)
+        self._gathers: dict[int, tuple[dict[int, bytes], threading.Event]] = {}
+        self._gather_ids = iter(range(1, 1 << 62))
+        self._ctx = multiprocessing.get_context("spawn")
+        batcher.set_external_announced(self.announced)
+
+    # -- life --
+    def start(self) -> None:
+        log.info(
+            "protocol workers",
+            extra={"workers": self.n, "shm_slots_per_worker": self._slots, "slot_bytes": SLOT_BYTES},
+        )
+        if self._slots < MAX_SLOTS:
+            log.warning(
+                "little shared memory: fewer input slots per worker, the rest travel through the socket;"
+                " mount an emptyDir (medium: Memory) at /dev/shm",
+                extra={"shm_slots_per_worker": self._slots},
+            )
+        threading.Thread(target=self._accept, name="hub-accept", daemon=True).start()
+        for i in range(self.n):
+            self._spawn(i)
+
+    def wait_started(self, timeout: float) -> None:
+        """Until every worker listens and said hello (RuntimeError naming the missing ones otherwise)."""
+        deadline = time.monotonic() + timeout
+        with self._hello:
+            while len(self._conns) < self.n:
+                dead = [i for i, p in self._procs.items() if p.exitcode is not None and i not in self._conns]
+                left = deadline - time.monotonic()
+                if dead or left <= 0:
+                    raise RuntimeError(
+                        f"protocol workers {sorted(set(range(self.n)) - set(self._conns))} did not start"
+                        f" (exit codes {[self._procs[i].exitcode for i in dead]})"
+                    )
+                self._hello.wait(min(left, 0.2))
+
+    def _spawn(self, i: int) -> None:
+        path = os.path.join(shm_dir(), f"kubeforge-{os.getpid()}-{i}-{time.monotonic_ns()}")
+        try:
+            arena = ipc.Arena(path, self._slots, SLOT_BYTES, create=True)
+        except OSError as e:
+            log.warning(
+                "no shared memory for worker inputs; all travel through the socket", extra={"error": str(e)}
+            )
+            arena = ipc.Arena(path, 0, SLOT_BYTES, create=True)
+        cfg = WorkerConfig(
+            index=i,
+            socket_path=self._socket_path,
+            arena_path=path,
+            slots=arena.slots,
+            slot_bytes=SLOT_BYTES,
+            host=self.host,
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+            max_payload_bytes=self.max_payload_bytes,
+            grace_s=self.grace_s,
+            log_level=self.log_level,
+        )
+        from runtime.serving.frontend import main
+
+        p = self._ctx.Process(target=main, args=(cfg,), name=f"kubeforge-frontend-{i}", daemon=True)
+        p.start()
+        with self._lock:
+            self._arenas[i] = arena
+            self._procs[i] = p
+
+    def stop(self, grace_s: float) -> None:
+        """Tell every worker to stop accepting and finish; wait for them (then kill what is left)."""
+        with self._lock:
+            self.stopping = True  # a worker still starting gets STOP with its hello
+            conns = list(self._conns.values())
+        for c in conns:
+            c.post(ipc.frame(ipc.STOP))
+        deadline = time.monotonic() + grace_s + 5
+        for p in list(self._procs.values()):
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                log.warning("protocol worker did not stop in time; killing it", extra={"pid": p.pid})
+                p.kill()
+                p.join(5)
+        for c in conns:
+            self._close(c)
+        self._listener.close()
+        for s in self._holds:
+            s.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def push_state(self) -> None:
+        msg = ipc.frame(ipc.STATE, json.dumps(self.state(), default=str).encode())
+        with self._lock:
+            conns = list(self._conns.values())
+        for c in conns:
+            c.post(msg)
+
+    def announced(self) -> int:
+        """Requests the workers are decoding right now (the batcher may wait for them)."""
+        return int(sum(int(c.arena.counters[0]) for c in list(self._conns.values())))
+
+    # -- threads --
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_conn, args=(sock,), name="hub-conn", daemon=True).start()
+
+    def _serve_conn(self, sock: socket.socket) -> None:
+        reader = ipc.FrameReader()
+        conn: _Conn | None = None
+        try:
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                for kind, payload in reader.feed(data):
+                    if kind == ipc.HELLO:
+                        conn = self._hello_from(sock, int.from_bytes(payload, "little"))
+                    elif conn is not None:
+                        self._handle(conn, kind, payload)
+        except OSError:
+            pass
+        finally:
+            if conn is not None:
+                self._lost(conn)
+
+    def _hello_from(self, sock: socket.socket, i: int) -> _Conn:
+        with self._lock:
+            arena = self._arenas[i]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(arena.path)  # mapped by both processes now; nothing to leave behind
+        conn = _Conn(i, sock, arena)
+        threading.Thread(target=self._write, args=(conn,), name=f"hub-write-{i}", daemon=True).start()
+        conn.post(ipc.frame(ipc.STATE, json.dumps(self.state(), default=str).encode()))
+        with self._hello:
+            self._conns[i] = conn
+            self._hello.notify_all()
+            if self.stopping:
+                conn.post(ipc.frame(ipc.STOP))
+        return conn
+
+    def _handle(self, conn: _Conn, kind: int, payload: bytearray) -> None:
+        if kind == ipc.REQ:
+            try:
+                rid, rows, inputs = ipc.decode_request(memoryview(payload), conn.arena.buf)
+            except Exception as e:  # a worker bug, not a client's: answer it rather than hang the client
+                log.exception("undecodable request from a protocol worker")
+                conn.post(ipc.encode_error(int.from_bytes(payload[:8], "little"), "ModelFailure", str(e)))
+                return
+            try:
+                fut = self.batcher.submit(inputs, rows)
+            except InferError as e:
+                conn.post(ipc.encode_error(rid, type(e).__name__, e.message))
+                return
+            fut.add_done_callback(functools.partial(_done, conn, rid))
+        elif kind == ipc.METRICS_REQ:
+            rid, _ = ipc.unpack_id(memoryview(payload))
+            threading.Thread(target=self._gather_metrics, args=(conn, rid), daemon=True).start()
+        elif kind == ipc.METRICS_TEXT:
+            gid, text = ipc.unpack_id(memoryview(payload))
+            with self._lock:
+                g = self._gathers.get(gid)
+            if g is not None:
+                g[0][conn.index] = text
+                if len(g[0]) >= len(self._conns):
+                    g[1].set()
+
+    def _gather_metrics(self, asker: _Conn, rid: int) -> None:
+        got: dict[int, bytes] = {}
+        done = threading.Event()
+        with self._lock:
+            gid = next(self._gather_ids)
+            self._gathers[gid] = (got, done)
+            conns = list(self._conns.values())
+        for c in conns:
+            c.post(ipc.frame(ipc.METRICS_PULL, ipc.pack_id(gid)))
+        done.wait(2.0)
+        with self._lock:
+            self._gathers.pop(gid, None)
+        text = merge([self.metrics.render(), *got.values()])
+        asker.post(ipc.frame(ipc.METRICS_RESP, ipc.pack_id(rid, text)))
+
+    def _write(self, conn: _Conn) -> None:
+        while True:
+            with conn.cond:
+                while not conn.outbox and not conn.closed:
+                    conn.cond.wait()
+                if conn.closed:
+                    return
+                items, conn.outbox = conn.outbox, []
+            chunks: list[bytes] = []
+            for item in items:
+                if isinstance(item, bytes):
+                    chunks.append(item)
+                    continue
+                rid, fut = item
+                chunks.append(_encode_result(rid, fut))
+            try:
+                conn.sock.sendall(b"".join(chunks))
+            except OSError:
+                return
+
+    def _lost(self, conn: _Conn) -> None:
+        self._close(conn)
+        with self._lock:
+            if self._conns.get(conn.index) is conn:
+                del self._conns[conn.index]
+            p = self._procs.get(conn.index)
+        if self.stopping:
+            return
+        if p is not None:
+            p.join(5)
+        log.error(
+            "protocol worker exited; starting it again",
+            extra={"worker": conn.index, "exitcode": None if p is None else p.exitcode},
+        )
+        self._spawn(conn.index)
+
+    def _close(self, conn: _Conn) -> None:
+        with conn.cond:
+            conn.closed = True
+            conn.cond.notify()
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+
+def _done(conn: _Conn, rid: int, fut: Future[Any]) -> None:
+    conn.post((rid, fut))
+
+
+def _encode_result(rid: int, fut: Future[Any]) -> bytes:
+    if fut.cancelled():
+        return ipc.encode_error(rid, "Unavailable", "the request was cancelled")
+    exc = fut.exception()
+    if exc is None:
+        return ipc.encode_response(rid, fut.result())
+    if isinstance(exc, InferError):
+        return ipc.encode_error(rid, type(exc).__name__, exc.message)
+    return ipc.encode_error(rid, "ModelFailure", f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,247 @@
+"""What protocol workers and the model process say to each other: framed messages over a Unix socket, and
+one shared-memory arena per worker that carries input tensors without a copy through the socket.
+
+A message is `<I length><B kind>` then its payload. Tensors travel as (dtype code, shape, bytes); an input
+either lies in the worker's arena (slot offset, byte count) or follows the message header inline (requests
+larger than a slot, or when every slot is taken). Outputs always travel inline: they are small next to
+inputs for the models we serve, and it keeps the arena one-directional (the worker writes, the model
+process reads, the slot is free again when the response arrives).
+
+The arena is a file in /dev/shm created by the model process with posix_fallocate, so a full tmpfs fails at
+start-up with ENOSPC instead of a SIGBUS at the first request; the worker maps it and the model process
+unlinks it as soon as the worker said hello, so nothing is left behind whatever way the processes end.
+Its first 64 bytes are a header: [0] the number of requests the worker has started decoding and not yet
+sent (the batcher waits for them, as it waits for announced requests in a single-process server).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+HEADER_BYTES = 64
+
+# message kinds
+HELLO = 1  # worker -> model process: <I worker index>
+STATE = 2  # model process -> worker: JSON (server info, model metadata, ready)
+REQ = 3  # worker -> model process: an inference request
+RESP = 4  # model process -> worker: outputs or an error
+METRICS_REQ = 5  # worker -> model process: <Q id>; somebody asked this worker for /metrics
+METRICS_PULL = 6  # model process -> worker: <Q id>; send your own metrics
+METRICS_TEXT = 7  # worker -> model process: <Q id> + text exposition
+METRICS_RESP = 8  # model process -> worker: <Q id> + merged text exposition
+STOP = 9  # model process -> worker: stop accepting, finish in-flight requests, exit
+
+_FRAME = struct.Struct("<IB")
+_REQ = struct.Struct("<QIB")  # id, rows, n inputs
+_TENSOR = struct.Struct("<BBBQQ")  # dtype code, ndim, in arena (1) or inline (0), offset, nbytes
+_RESP = struct.Struct("<QB")  # id, 0 ok / 1 error
+_ID = struct.Struct("<Q")
+
+DTYPES: tuple[torch.dtype, ...] = (
+    torch.bool,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
+_CODE = {d: i for i, d in enumerate(DTYPES)}
+
+
+def frame(kind: int, payload: bytes | bytearray | memoryview = b"") -> bytes:
+    return _FRAME.pack(len(payload) + 1, kind) + bytes(payload)
+
+
+class FrameReader:
+    """Cuts a byte stream into messages; each payload is a fresh bytearray (tensors may keep viewing it)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytearray]]:
+        buf = self._buf
+        buf += data
+        out: list[tuple[int, bytearray]] = []
+        pos, end = 0, len(buf)
+        while end - pos >= 5:
+            length, kind = _FRAME.unpack_from(buf, pos)
+            if end - pos - 4 < length:
+                break
+            out.append((kind, buf[pos + 5 : pos + 4 + length]))
+            pos += 4 + length
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return t.view(-1).view(torch.uint8).numpy().data
+
+
+def _tensor(code: int, shape: Sequence[int], raw: memoryview | bytes) -> torch.Tensor:
+    dtype = DTYPES[code]
+    if len(raw) == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+
+
+@dataclass
+class Placed:
+    """Where one input tensor travels: in the arena at `offset`, or inline (offset -1)."""
+
+    tensor: torch.Tensor
+    offset: int = -1
+
+
+def encode_request(rid: int, rows: int, inputs: Sequence[Placed]) -> bytes:
+    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs))]
+    inline: list[memoryview] = []
+    for p in inputs:
+        t = p.tensor
+        nbytes = t.numel() * t.element_size()
+        parts.append(_TENSOR.pack(_CODE[t.dtype], t.dim(), p.offset >= 0, max(p.offset, 0), nbytes))
+        parts.append(struct.pack(f"<{t.dim()}q", *t.shape))
+        if p.offset < 0:
+            inline.append(_raw(t))
+    payload = b"".join([*parts, *inline])
+    return _FRAME.pack(len(payload) + 1, REQ) + payload
+
+
+def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor]]:
+    """(id, rows, inputs): arena inputs are views into `arena`, inline ones into `payload` (no copy)."""
+    rid, rows, n = _REQ.unpack_from(payload, 0)
+    pos = _REQ.size
+    metas = []
+    for _ in range(n):
+        code, ndim, in_arena, offset, nbytes = _TENSOR.unpack_from(payload, pos)
+        pos += _TENSOR.size
+        shape = struct.unpack_from(f"<{ndim}q", payload, pos)
+        pos += 8 * ndim
+        metas.append((code, shape, in_arena, offset, nbytes))
+    inputs = []
+    for code, shape, in_arena, offset, nbytes in metas:
+        if in_arena:
+            raw = arena[offset : offset + nbytes]
+        else:
+            raw = payload[pos : pos + nbytes]
+            pos += nbytes
+        inputs.append(_tensor(code, shape, raw))
+    return rid, rows, inputs
+
+
+def encode_response(rid: int, outputs: Sequence[torch.Tensor]) -> bytes:
+    parts: list[bytes | memoryview] = [_RESP.pack(rid, 0), bytes([len(outputs)])]
+    data: list[memoryview] = []
+    for t in outputs:
+        parts.append(_TENSOR.pack(_CODE[t.dtype], t.dim(), 0, 0, t.numel() * t.element_size()))
+        parts.append(struct.pack(f"<{t.dim()}q", *t.shape))
+        data.append(_raw(t))
+    payload = b"".join([*parts, *data])
+    return _FRAME.pack(len(payload) + 1, RESP) + payload
+
+
+def encode_error(rid: int, kind: str, message: str) -> bytes:
+    k = kind.encode()
+    return frame(RESP, _RESP.pack(rid, 1) + bytes([len(k)]) + k + message.encode())
+
+
+def decode_response(payload: memoryview) -> tuple[int, list[torch.Tensor] | tuple[str, str]]:
+    """(id, outputs) or (id, (error class name, message))."""
+    rid, status = _RESP.unpack_from(payload, 0)
+    pos = _RESP.size
+    if status:
+        k = payload[pos]
+        kind = bytes(payload[pos + 1 : pos + 1 + k]).decode()
+        return rid, (kind, bytes(payload[pos + 1 + k :]).decode())
+    n = payload[pos]
+    pos += 1
+    metas = []
+    for _ in range(n):
+        code, ndim, _a, _o, nbytes = _TENSOR.unpack_from(payload, pos)
+        pos += _TENSOR.size
+        shape = struct.unpack_from(f"<{ndim}q", payload, pos)
+        pos += 8 * ndim
+        metas.append((code, shape, nbytes))
+    outs = []
+    for code, shape, nbytes in metas:
+        outs.append(_tensor(code, shape, payload[pos : pos + nbytes]))
+        pos += nbytes
+    return rid, outs
+
+
+def pack_id(i: int, rest: bytes = b"") -> bytes:
+    return _ID.pack(i) + rest
+
+
+def unpack_id(payload: memoryview) -> tuple[int, bytes]:
+    return _ID.unpack_from(payload, 0)[0], bytes(payload[_ID.size :])
+
+
+class Arena:
+    """A worker's shared-memory input arena: a header, then `slots` slots of `slot_bytes` each."""
+
+    def __init__(self, path: str, slots: int, slot_bytes: int, *, create: bool) -> None:
+        self.path = path
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        size = HEADER_BYTES + slots * slot_bytes
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError:
+                    os.unlink(path)
+                    raise
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self._mm)
+        self.counters = np.frombuffer(self._mm, dtype=np.int64, count=HEADER_BYTES // 8)
+        self._free = list(range(slots - 1, -1, -1))
+
+    # worker side: slot bookkeeping (one event loop, no lock)
+    def take(self, nbytes: int) -> int | None:
+        """A free slot's byte offset for `nbytes`, or None (too large, or all taken: send inline)."""
+        if nbytes > self.slot_bytes or not self._free:
+            return None
+        return HEADER_BYTES + self._free.pop() * self.slot_bytes
+
+    def give(self, offset: int) -> None:
+        self._free.append((offset - HEADER_BYTES) // self.slot_bytes)
+
+    def place(self, tensors: Sequence[torch.Tensor], offset: int | None) -> list[Placed]:
+        """Copy `tensors` one after another into the slot at `offset` (None: all inline)."""
+        if offset is None:
+            return [Placed(t) for t in tensors]
+        placed = []
+        pos = offset
+        for t in tensors:
+            raw = _raw(t)
+            n = len(raw)
+            self.buf[pos : pos + n] = raw
+            placed.append(Placed(t, pos))
+            pos += (n + 63) // 64 * 64  # keep every tensor 64-byte aligned
+        return placed
+
+    @staticmethod
+    def slot_need(tensors: Sequence[torch.Tensor]) -> int:
+        return sum((t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors)

@@ -1,0 +1,139 @@
+"""The protocol-worker <-> model-process wire format, the shared-memory arena, and merged metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.serving import ipc
+from runtime.serving.batching import Batcher
+from runtime.serving.metrics import Metrics, merge
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    return torch.randint(0, 100, shape, generator=g).to(dtype)
+
+
+def _arena(tmp_path: Path, slots: int = 4, slot_bytes: int = 4096) -> ipc.Arena:
+    return ipc.Arena(str(tmp_path / "arena"), slots, slot_bytes, create=True)
+
+
+@pytest.mark.parametrize("dtype", ipc.DTYPES, ids=str)
+def test_request_round_trips_every_dtype_inline_and_through_the_arena(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    arena = _arena(tmp_path)
+    xs = [_sample(dtype, (3, 5)), _sample(dtype, (3, 2, 2))]
+    for offset in (arena.take(ipc.Arena.slot_need(xs)), None):
+        placed = arena.place(xs, offset)
+        assert all((p.offset >= 0) == (offset is not None) for p in placed)
+        reader = ipc.FrameReader()
+        wire = ipc.encode_request(41, 3, placed)
+        (kind, payload), *rest = reader.feed(wire)
+        assert kind == ipc.REQ and not rest
+        rid, rows, got = ipc.decode_request(memoryview(payload), arena.buf)
+        assert (rid, rows) == (41, 3)
+        for a, b in zip(xs, got, strict=True):
+            assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
+
+
+def test_worker_and_model_process_see_the_same_arena(tmp_path: Path) -> None:
+    a = _arena(tmp_path)
+    b = ipc.Arena(a.path, a.slots, a.slot_bytes, create=False)  # what the other process maps
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    placed = a.place([x], a.take(x.numel() * 4))
+    _, _, (y,) = ipc.decode_request(memoryview(ipc.encode_request(1, 3, placed)[5:]), b.buf)
+    assert torch.equal(x, y)
+    a.counters[0] += 2
+    assert int(b.counters[0]) == 2  # announcements travel through the header
+
+
+def test_arena_hands_out_each_slot_once_and_sends_the_rest_inline(tmp_path: Path) -> None:
+    arena = _arena(tmp_path, slots=2, slot_bytes=1024)
+    assert arena.take(2048) is None  # larger than a slot: inline
+    first, second = arena.take(100), arena.take(100)
+    assert first is not None and second is not None and first != second
+    assert arena.take(100) is None  # all taken: inline
+    arena.give(first)
+    assert arena.take(100) == first
+
+
+def test_full_tmpfs_fails_at_creation_not_at_the_first_write(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        ipc.Arena(str(tmp_path / "huge"), 1, 1 << 62, create=True)
+    assert not (tmp_path / "huge").exists()
+
+
+def test_frames_split_across_reads_and_several_per_read() -> None:
+    outs = [torch.full((2, 3), float(i)) for i in range(3)]
+    wire = b"".join(ipc.encode_response(i, [o]) for i, o in enumerate(outs))
+    wire += ipc.encode_error(9, "QueueFull", "queue is full")
+    reader = ipc.FrameReader()
+    got = []
+    for i in range(0, len(wire), 7):  # 7-byte reads: every frame arrives in pieces
+        got += reader.feed(wire[i : i + 7])
+    assert [k for k, _ in got] == [ipc.RESP] * 4
+    for i, (_, payload) in enumerate(got[:3]):
+        rid, result = ipc.decode_response(memoryview(payload))
+        assert rid == i and isinstance(result, list) and torch.equal(result[0], outs[i])
+    assert ipc.decode_response(memoryview(got[3][1])) == (9, ("QueueFull", "queue is full"))
+
+
+def test_merged_metrics_add_up_per_label_set() -> None:
+    hub, w1, w2 = Metrics(), Metrics(), Metrics()
+    w1.requests.labels("m", "rest", "200").inc(3)
+    w2.requests.labels("m", "rest", "200").inc(2)
+    w2.requests.labels("m", "grpc", "429").inc()
+    w1.latency.labels("m", "rest").observe(0.003)
+    w2.latency.labels("m", "rest").observe(0.3)
+    hub.batch_size.labels("m").observe(5)
+    hub.ready.set(1)
+    text = merge([hub.render(), w1.render(), w2.render()]).decode()
+    lines = set(text.splitlines())
+    assert 'kubeforge_requests_total{code="200",model="m",protocol="rest"} 5.0' in lines
+    assert 'kubeforge_requests_total{code="429",model="m",protocol="grpc"} 1.0' in lines
+    assert 'kubeforge_request_latency_seconds_count{model="m",protocol="rest"} 2.0' in lines
+    assert 'kubeforge_request_latency_seconds_bucket{le="0.005",model="m",protocol="rest"} 1.0' in lines
+    assert 'kubeforge_batch_size_sum{model="m"} 5.0' in lines
+    assert "kubeforge_ready 1.0" in lines
+    assert "_created" not in text
+
+
+def test_batcher_waits_for_requests_other_processes_announced() -> None:
+    """A batch forming while a worker decodes a request waits for it (up to the max delay)."""
+    seen: list[int] = []
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        seen.append(xs[0].shape[0])
+        return (xs[0] * 2,)
+
+    b = Batcher(run, max_batch_size=8, max_delay_s=2.0)
+    pending = [1]
+    b.set_external_announced(lambda: pending[0])
+    f1 = b.submit([torch.ones(1, 2)], 1)
+
+    def late() -> None:
+        time.sleep(0.2)
+        pending[0] = 0
+        b.submit([torch.zeros(1, 2)], 1)
+
+    threading.Thread(target=late).start()
+    assert torch.equal(f1.result(5)[0], torch.full((1, 2), 2.0))
+    b.close(5)
+    assert seen == [2]  # both rows in one batch
+
+
+def test_shared_memory_is_shared_out_among_workers(tmp_path: Path) -> None:
+    from runtime.serving.hub import MAX_SLOTS, plan_slots
+
+    assert 0 <= plan_slots(1, str(tmp_path)) <= MAX_SLOTS
+    assert plan_slots(10**9, str(tmp_path)) == 0  # too many workers for the space: all inline
