@@ -98,6 +98,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         grpc_port=a.grpc_port,
         precision=a.precision,
         grace_s=5,
+        workers=a.workers,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
     asyncio.run(Server(cfg, lambda: loaded).run())
@@ -155,7 +156,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float
 
 
 def _start(
-    kind: str, a: argparse.Namespace, model: str, cache: str, log: Path
+    kind: str, a: argparse.Namespace, model: str, cache: str, log: Path, workers: int = 0
 ) -> tuple[subprocess.Popen[bytes], int, int, float]:
     port, gport = _free_port(), _free_port()
     cmd = [
@@ -180,6 +181,8 @@ def _start(
         str(a.delay_ms),
         "--precision",
         a.precision,
+        "--workers",
+        str(workers),
     ]
     t0 = time.perf_counter()
     with log.open("ab") as f:
@@ -333,29 +336,21 @@ def _ceiling(
     return out
 
 
-def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> list[str]:
-    import numpy as np
-
+def _measure_server(
+    a: argparse.Namespace,
+    model: str,
+    port: int,
+    gport: int,
+    ghz: str | None,
+    tmp: Path,
+    results: dict[tuple[str, int], dict[str, float]],
+    label: str,
+) -> None:
+    """Load one running Kubeforge server at every concurrency, over each protocol path."""
     from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as pb
 
     row = _row(model)
     dt = _models()[model].datatype
-    cache = str(tmp / f"cache-{model}")
-    log = tmp / f"{model}.log"
-    lines: list[str] = []
-    # cold starts: empty cache, then the cache the first start filled
-    proc, port, gport, cold = _start("kubeforge", a, model, cache, log)
-    _stop(proc)
-    proc, port, gport, warm = _start("kubeforge", a, model, cache, log)
-    info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/ready").read())
-    lines.append(
-        f"\n### {model} ({a.device}, {a.precision}; server: {info['backend']}/{info['mode']}: "
-        f"{info['compile_path']}; fallbacks: {info['fallbacks'] or 'none'})\n"
-    )
-    lines.append(
-        f"Cold start to ready: {cold:.1f} s with an empty compile cache, {warm:.1f} s with the cache "
-        f"(compile/load step {info['compile_seconds']:.1f} s, cache hit: {info['cache_hit']}).\n"
-    )
     oip_json = json.dumps(
         {
             "inputs": [
@@ -380,7 +375,6 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
     greq = pb.ModelInferRequest(model_name=model)
     greq.inputs.add(name="input__0", datatype=dt, shape=list(row.shape))
     greq.raw_input_contents.append(row.tobytes())
-    results: dict[tuple[str, int], dict[str, float]] = {}
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
 
     def batch_counts() -> tuple[float, float]:
@@ -399,9 +393,10 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
         results[key] = r
 
     for c in a.concurrency:
-        measured(("kubeforge REST json", c), lambda c=c: _wrk(url, oip_json, c, a.seconds, {}, tmp))
+        if "json" in a.paths:
+            measured((f"{label} REST json", c), lambda c=c: _wrk(url, oip_json, c, a.seconds, {}, tmp))
         measured(
-            ("kubeforge REST binary", c),
+            (f"{label} REST binary", c),
             lambda c=c: _wrk(
                 url,
                 oip_bin,
@@ -414,12 +409,41 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
                 tmp,
             ),
         )
-        if ghz:
+        if ghz and "grpc" in a.paths:
             measured(
-                ("kubeforge gRPC", c),
+                (f"{label} gRPC", c),
                 lambda c=c: _ghz(ghz, f"127.0.0.1:{gport}", greq.SerializeToString(), c, a.seconds, tmp),
             )
+
+
+def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> list[str]:
+    import numpy as np
+
+    row = _row(model)
+    cache = str(tmp / f"cache-{model}")
+    log = tmp / f"{model}.log"
+    lines: list[str] = []
+    # cold starts: empty cache, then the cache the first start filled
+    proc, port, gport, cold = _start("kubeforge", a, model, cache, log, a.workers_list[0])
     _stop(proc)
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    for wi, workers in enumerate(a.workers_list):
+        proc, port, gport, warm_w = _start("kubeforge", a, model, cache, log, workers)
+        if wi == 0:
+            warm = warm_w
+            info = json.loads(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/ready").read()
+            )
+            lines.append(
+                f"\n### {model} ({a.device}, {a.precision}; server: {info['backend']}/{info['mode']}: "
+                f"{info['compile_path']}; fallbacks: {info['fallbacks'] or 'none'})\n"
+            )
+            lines.append(
+                f"Cold start to ready: {cold:.1f} s with an empty compile cache, {warm:.1f} s with the cache "
+                f"(compile/load step {info['compile_seconds']:.1f} s, cache hit: {info['cache_hit']}).\n"
+            )
+        _measure_server(a, model, port, gport, ghz, tmp, results, f"kubeforge w{workers}")
+        _stop(proc)
     proc, port, _, _ = _start("naive", a, model, cache, log)
     naive_body = json.dumps({"data": row.tolist()}).encode()
     for c in a.concurrency:
@@ -448,7 +472,8 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
                 f"{100 * r['rps'] / ce['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
                 f"{r.get('batch', float('nan')):.1f} |"
             )
-    kf1 = results.get(("kubeforge gRPC", 1)) or results[("kubeforge REST binary", 1)]
+    best = f"kubeforge w{a.workers_list[-1]}"
+    kf1 = results.get((f"{best} gRPC", 1)) or results[(f"{best} REST binary", 1)]
     if 1 in a.concurrency:
         lines.append(
             f"\nBatch-1 p50: server {kf1['p50']:.2f} ms vs raw {ceil[1]['p50']:.2f} ms "
@@ -477,9 +502,17 @@ def main() -> int:
     p.add_argument(
         "--ghz", default=os.environ.get("GHZ") or shutil.which("ghz") or str(ROOT / ".cache/gobin/ghz")
     )
+    p.add_argument(
+        "--workers",
+        default="0",
+        help="protocol worker processes of the Kubeforge server; a comma-separated list measures each",
+    )
+    p.add_argument("--paths", default="json,binary,grpc", help="which Kubeforge request paths to load")
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--workdir", help="keep server logs and caches here (default: a temporary folder)")
     a = p.parse_args()
+    a.workers_list = [int(w) for w in str(a.workers).split(",")]
+    a.workers = a.workers_list[0]
     if a.role == "_kubeforge":
         serve_kubeforge(a)
         return 0
@@ -500,7 +533,7 @@ def main() -> int:
     lines = [
         f"`python bench/serve_bench.py --device {a.device} --models {a.models} --mode {a.mode} "
         f"--precision {a.precision} --max-batch {a.max_batch} --delay-ms {a.delay_ms} "
-        f"--seconds {a.seconds:.0f}`"
+        f"--seconds {a.seconds:.0f} --workers {','.join(map(str, a.workers_list))} --paths {a.paths}`"
     ]
     with tempfile.TemporaryDirectory(prefix="kf-bench-") as d:
         work = Path(a.workdir or d)

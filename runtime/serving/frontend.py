@@ -55,7 +55,8 @@ class WorkerConfig:
 def listen_socket(host: str, port: int, *, listen: bool) -> socket.socket:
     """A TCP socket with SO_REUSEPORT bound to host:port; listening or only holding the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections only when proto says TCP
+    s = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind((host, port))
