@@ -15,8 +15,10 @@ import json
 import logging
 import multiprocessing
 import os
+import selectors
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -49,19 +51,48 @@ def plan_slots(workers: int, directory: str | None = None) -> int:
     return max(0, min(MAX_SLOTS, int(free * 0.5 / max(1, workers) / SLOT_BYTES)))
 
 
+class _Writer:
+    """One thread sends every worker its responses: each wake-up sends each worker everything queued for it
+    in one write. (A thread per worker made the threads wanting the GIL outnumber the batcher thread.)"""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.dirty: dict[int, _Conn] = {}
+        threading.Thread(target=self._loop, name="hub-write", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.dirty:
+                    self.cond.wait()
+                conns, self.dirty = list(self.dirty.values()), {}
+                batches = [(c, c.outbox) for c in conns]
+                for c in conns:
+                    c.outbox = []
+            for conn, items in batches:
+                if conn.closed:
+                    continue
+                chunks = [item if isinstance(item, bytes) else _encode_result(*item) for item in items]
+                with contextlib.suppress(OSError):  # the reader sees the connection end, replaces the worker
+                    conn.sock.sendall(b"".join(chunks))
+
+
 @dataclass
 class _Conn:
     index: int
     sock: socket.socket
     arena: ipc.Arena
+    writer: _Writer
     outbox: list[Any] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
     closed: bool = False
 
     def post(self, item: Any) -> None:
-        with self.cond:
+        w = self.writer
+        with w.cond:
             self.outbox.append(item)
-            self.cond.notify()
+            if id(self) not in w.dirty:
+                w.dirty[id(self)] = self
+                w.cond.notify()
 
 
 class Hub:
@@ -109,6 +140,7 @@ class Hub:
         self._gathers: dict[int, tuple[dict[int, bytes], threading.Event]] = {}
         self._gather_ids = iter(range(1, 1 << 62))
         self._ctx = multiprocessing.get_context("spawn")
+        self._writer = _Writer()
         batcher.set_external_announced(self.announced)
 
     # -- life --
@@ -123,7 +155,10 @@ class Hub:
                 " mount an emptyDir (medium: Memory) at /dev/shm",
                 extra={"shm_slots_per_worker": self._slots},
             )
-        threading.Thread(target=self._accept, name="hub-accept", daemon=True).start()
+        # The batcher thread gives up the GIL while the GPU runs; when it wants it back it waits for the
+        # switch interval (5 ms by default) if another thread is busy in Python: 1 ms bounds that wait.
+        sys.setswitchinterval(0.001)
+        threading.Thread(target=self._read, name="hub-read", daemon=True).start()
         for i in range(self.n):
             self._spawn(i)
 
@@ -204,40 +239,45 @@ class Hub:
         return int(sum(int(c.arena.counters[0]) for c in list(self._conns.values())))
 
     # -- threads --
-    def _accept(self) -> None:
+    def _read(self) -> None:
+        """One thread reads every worker's connection (and accepts new ones): decoding a request and
+        queueing it takes microseconds, so one thread keeps up and leaves the GIL to the batcher."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, None)
         while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve_conn, args=(sock,), name="hub-conn", daemon=True).start()
-
-    def _serve_conn(self, sock: socket.socket) -> None:
-        reader = ipc.FrameReader()
-        conn: _Conn | None = None
-        try:
-            while True:
-                data = sock.recv(1 << 20)
+            for key, _ in sel.select():
+                if key.data is None:
+                    try:
+                        sock, _ = self._listener.accept()
+                    except OSError:
+                        return  # stopped
+                    sel.register(sock, selectors.EVENT_READ, [ipc.FrameReader(), None])
+                    continue
+                peer, state = key.fileobj, key.data
+                assert isinstance(peer, socket.socket)
+                try:
+                    data = peer.recv(1 << 20)
+                except OSError:
+                    data = b""
                 if not data:
-                    break
-                for kind, payload in reader.feed(data):
+                    sel.unregister(peer)
+                    if state[1] is not None:
+                        threading.Thread(target=self._lost, args=(state[1],), daemon=True).start()
+                    else:
+                        peer.close()
+                    continue
+                for kind, payload in state[0].feed(data):
                     if kind == ipc.HELLO:
-                        conn = self._hello_from(sock, int.from_bytes(payload, "little"))
-                    elif conn is not None:
-                        self._handle(conn, kind, payload)
-        except OSError:
-            pass
-        finally:
-            if conn is not None:
-                self._lost(conn)
+                        state[1] = self._hello_from(peer, int.from_bytes(payload, "little"))
+                    elif state[1] is not None:
+                        self._handle(state[1], kind, payload)
 
     def _hello_from(self, sock: socket.socket, i: int) -> _Conn:
         with self._lock:
             arena = self._arenas[i]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(arena.path)  # mapped by both processes now; nothing to leave behind
-        conn = _Conn(i, sock, arena)
-        threading.Thread(target=self._write, args=(conn,), name=f"hub-write-{i}", daemon=True).start()
+        conn = _Conn(i, sock, arena, self._writer)
         conn.post(ipc.frame(ipc.STATE, json.dumps(self.state(), default=str).encode()))
         with self._hello:
             self._conns[i] = conn
@@ -287,26 +327,6 @@ class Hub:
         text = merge([self.metrics.render(), *got.values()])
         asker.post(ipc.frame(ipc.METRICS_RESP, ipc.pack_id(rid, text)))
 
-    def _write(self, conn: _Conn) -> None:
-        while True:
-            with conn.cond:
-                while not conn.outbox and not conn.closed:
-                    conn.cond.wait()
-                if conn.closed:
-                    return
-                items, conn.outbox = conn.outbox, []
-            chunks: list[bytes] = []
-            for item in items:
-                if isinstance(item, bytes):
-                    chunks.append(item)
-                    continue
-                rid, fut = item
-                chunks.append(_encode_result(rid, fut))
-            try:
-                conn.sock.sendall(b"".join(chunks))
-            except OSError:
-                return
-
     def _lost(self, conn: _Conn) -> None:
         self._close(conn)
         with self._lock:
@@ -324,9 +344,7 @@ class Hub:
         self._spawn(conn.index)
 
     def _close(self, conn: _Conn) -> None:
-        with conn.cond:
-            conn.closed = True
-            conn.cond.notify()
+        conn.closed = True
         with contextlib.suppress(OSError):
             conn.sock.close()
 

@@ -89,10 +89,15 @@ class FrameReader:
 
 
 def _raw(t: torch.Tensor) -> memoryview:
-    t = t.contiguous()
+    """The tensor's bytes without a copy when it is contiguous (one torch call: this runs per request)."""
     if t.numel() == 0:
         return memoryview(b"")
-    return t.view(-1).view(torch.uint8).numpy().data
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.view(torch.int16)
+    a = t.numpy()
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a.data.cast("B")
 
 
 def _tensor(code: int, shape: Sequence[int], raw: memoryview | bytes) -> torch.Tensor:
