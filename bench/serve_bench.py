@@ -8,6 +8,10 @@ github.com/bojand/ghz/cmd/ghz@latest`, or --ghz PATH), not from Python, so the c
 CPU. Every request carries one row; throughput is rows/s. The ceiling calls the same compiled artifact as the
 server, in-process, at batch min(concurrency, max batch). Cold start = process start to /v2/health/ready 200,
 with an empty compile cache and again with the cache the first start filled.
+
+`--workers 0,8` measures the server with its protocol on the model process's event loop and with 8 protocol
+worker processes, in the same run. Client parallelism: BENCH_WRK_THREADS (default 2) wrk threads,
+BENCH_GHZ_CONNECTIONS (default 4) gRPC connections.
 """
 
 from __future__ import annotations
@@ -265,7 +269,7 @@ def _ghz(ghz: str, target: str, req: bytes, c: int, seconds: float, tmp: Path) -
             "-z",
             f"{seconds:.0f}s",
             "--connections",
-            str(min(c, 4)),
+            str(min(c, int(os.environ.get("BENCH_GHZ_CONNECTIONS", "4")))),
             "--format",
             "json",
             target,
@@ -459,7 +463,7 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
     lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in a.concurrency:
         ce = ceil[min(c, a.max_batch)]
-        naive = results[("naive FastAPI eager", c)]["rps"]
+        naive = results[("naive FastAPI eager", c)]["rps"] or float("nan")  # 0: every request timed out
         lines.append(
             f"| {c} | ceiling: compiled model, batch {min(c, a.max_batch)} | {ce['rps']:,.0f} | "
             f"{ce['rps'] / naive:.1f} | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | | {min(c, a.max_batch)} |"

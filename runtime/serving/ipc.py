@@ -16,6 +16,7 @@ sent (the batcher waits for them, as it waits for announced requests in a single
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -220,6 +221,8 @@ class Arena:
         finally:
             os.close(fd)
         self.buf = memoryview(self._mm)
+        self.size = size
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self.counters = np.frombuffer(self._mm, dtype=np.int64, count=HEADER_BYTES // 8)
         self._free = list(range(slots - 1, -1, -1))
 

@@ -32,6 +32,9 @@ from runtime.serving.signature import Signature, TensorSpec
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+# rows at least this large go from page-locked shared memory to the device directly (a CPU concatenation
+# of 32 ResNet-50 images into the staging buffer took 10 ms of the batcher thread on the H200 host)
+DIRECT_COPY_ROW_BYTES = 64 << 10
 EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "metrics", "kubeforge_compile"]
 
 
@@ -127,25 +130,40 @@ def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -
 
 
 def pinned_gather(device: str) -> Gather:
-    """Gather a batch into page-locked staging buffers (one per input, grown as needed) and start its copy
-    to the device without waiting: from pageable memory the copy is synchronous and half as fast. Reusing the
-    buffer is safe: the runner's copy of the outputs back to the CPU waits for the stream, inputs included."""
+    """Assemble a batch on the device without synchronous copies from pageable memory.
+
+    Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, registered
+    with CUDA by the hub) are copied to the device one request at a time by DMA, with no CPU copy. Anything
+    else is concatenated into a page-locked staging buffer (one per input, grown as needed) whose copy to the
+    device does not wait. Reusing the buffer is safe: the runner's copy of the outputs back to the CPU waits
+    for the stream, input copies included."""
     staging: dict[int, torch.Tensor] = {}
 
     def gather(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
         out = []
         for i, ts in enumerate(parts):
             shape = (padded_rows, *ts[0].shape[1:])
+            rows = sum(t.shape[0] for t in ts)
+            row_bytes = ts[0][:1].numel() * ts[0].element_size()
+            if row_bytes >= DIRECT_COPY_ROW_BYTES and all(t.is_pinned() for t in ts):
+                batch = torch.empty(shape, dtype=ts[0].dtype, device=device)
+                offset = 0
+                for t in ts:
+                    batch[offset : offset + t.shape[0]].copy_(t, non_blocking=True)
+                    offset += t.shape[0]
+                if padded_rows > rows:
+                    batch[rows:].zero_()
+                out.append(batch)
+                continue
             n = math.prod(shape)
             buf = staging.get(i)
             if buf is None or buf.dtype != ts[0].dtype or buf.numel() < n:
                 buf = staging[i] = torch.empty(n, dtype=ts[0].dtype, pin_memory=True)
-            batch = buf[:n].view(shape)
-            rows = sum(t.shape[0] for t in ts)
-            torch.cat(ts, out=batch[:rows])
+            staged = buf[:n].view(shape)
+            torch.cat(ts, out=staged[:rows])
             if padded_rows > rows:
-                batch[rows:].zero_()
-            out.append(batch.to(device, non_blocking=True))
+                staged[rows:].zero_()
+            out.append(staged.to(device, non_blocking=True))
         return out
 
     return gather
