@@ -359,7 +359,7 @@ def _page_lock(arena: ipc.Arena) -> None:
 
         if not torch.cuda.is_available() or torch.version.cuda is None:
             return
-        torch.cuda.init()  # torch counts memory as page-locked only once its CUDA context exists
+        torch.cuda.init()  # type: ignore[no-untyped-call]  # page-locked only once its context exists
         rc = torch.cuda.cudart().cudaHostRegister(arena.address, arena.size, 0)  # type: ignore[no-untyped-call]
     except Exception as e:  # an optimisation only: inputs still work from pageable memory
         log.warning("could not page-lock a worker's shared memory", extra={"error": repr(e)})
