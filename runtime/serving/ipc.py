@@ -116,50 +116,71 @@ class Placed:
     offset: int = -1
 
 
-def encode_request(rid: int, rows: int, inputs: Sequence[Placed]) -> bytes:
-    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs))]
-    inline: list[memoryview] = []
-    for p in inputs:
-        t = p.tensor
-        nbytes = t.numel() * t.element_size()
-        parts.append(_TENSOR.pack(_CODE[t.dtype], t.dim(), p.offset >= 0, max(p.offset, 0), nbytes))
-        parts.append(struct.pack(f"<{t.dim()}q", *t.shape))
-        if p.offset < 0:
-            inline.append(_raw(t))
-    payload = b"".join([*parts, *inline])
-    return _FRAME.pack(len(payload) + 1, REQ) + payload
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64  # every tensor in a slot starts 64-byte aligned
 
 
-def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor]]:
-    """(id, rows, inputs): arena inputs are views into `arena`, inline ones into `payload` (no copy)."""
-    rid, rows, n = _REQ.unpack_from(payload, 0)
-    pos = _REQ.size
+def _pack_meta(t: torch.Tensor, offset: int = -1) -> bytes:
+    """A tensor's header: dtype, shape, and where its bytes are (arena offset, or inline when -1)."""
+    nbytes = t.numel() * t.element_size()
+    return _TENSOR.pack(_CODE[t.dtype], t.dim(), offset >= 0, max(offset, 0), nbytes) + struct.pack(
+        f"<{t.dim()}q", *t.shape
+    )
+
+
+def _unpack_metas(
+    payload: memoryview, pos: int, n: int
+) -> tuple[list[tuple[int, tuple[int, ...], bool, int, int]], int]:
+    """`n` tensor headers from `pos`: [(dtype code, shape, in arena, offset, nbytes)] and where they end."""
     metas = []
     for _ in range(n):
         code, ndim, in_arena, offset, nbytes = _TENSOR.unpack_from(payload, pos)
         pos += _TENSOR.size
         shape = struct.unpack_from(f"<{ndim}q", payload, pos)
         pos += 8 * ndim
-        metas.append((code, shape, in_arena, offset, nbytes))
-    inputs = []
+        metas.append((code, shape, bool(in_arena), offset, nbytes))
+    return metas, pos
+
+
+def _tensors(
+    metas: list[tuple[int, tuple[int, ...], bool, int, int]],
+    payload: memoryview,
+    pos: int,
+    arena: memoryview | None,
+) -> list[torch.Tensor]:
+    """The tensors the headers describe: views into `arena` or into the inline bytes from `pos` (no copy)."""
+    out = []
     for code, shape, in_arena, offset, nbytes in metas:
         if in_arena:
+            assert arena is not None
             raw = arena[offset : offset + nbytes]
         else:
             raw = payload[pos : pos + nbytes]
             pos += nbytes
-        inputs.append(_tensor(code, shape, raw))
-    return rid, rows, inputs
+        out.append(_tensor(code, shape, raw))
+    return out
+
+
+def encode_request(rid: int, rows: int, inputs: Sequence[Placed]) -> bytes:
+    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs))]
+    parts += [_pack_meta(p.tensor, p.offset) for p in inputs]
+    parts += [_raw(p.tensor) for p in inputs if p.offset < 0]
+    payload = b"".join(parts)
+    return _FRAME.pack(len(payload) + 1, REQ) + payload
+
+
+def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor]]:
+    """(id, rows, inputs): arena inputs are views into `arena`, inline ones into `payload` (no copy)."""
+    rid, rows, n = _REQ.unpack_from(payload, 0)
+    metas, pos = _unpack_metas(payload, _REQ.size, n)
+    return rid, rows, _tensors(metas, payload, pos, arena)
 
 
 def encode_response(rid: int, outputs: Sequence[torch.Tensor]) -> bytes:
     parts: list[bytes | memoryview] = [_RESP.pack(rid, 0), bytes([len(outputs)])]
-    data: list[memoryview] = []
-    for t in outputs:
-        parts.append(_TENSOR.pack(_CODE[t.dtype], t.dim(), 0, 0, t.numel() * t.element_size()))
-        parts.append(struct.pack(f"<{t.dim()}q", *t.shape))
-        data.append(_raw(t))
-    payload = b"".join([*parts, *data])
+    parts += [_pack_meta(t) for t in outputs]
+    parts += [_raw(t) for t in outputs]
+    payload = b"".join(parts)
     return _FRAME.pack(len(payload) + 1, RESP) + payload
 
 
@@ -176,20 +197,8 @@ def decode_response(payload: memoryview) -> tuple[int, list[torch.Tensor] | tupl
         k = payload[pos]
         kind = bytes(payload[pos + 1 : pos + 1 + k]).decode()
         return rid, (kind, bytes(payload[pos + 1 + k :]).decode())
-    n = payload[pos]
-    pos += 1
-    metas = []
-    for _ in range(n):
-        code, ndim, _a, _o, nbytes = _TENSOR.unpack_from(payload, pos)
-        pos += _TENSOR.size
-        shape = struct.unpack_from(f"<{ndim}q", payload, pos)
-        pos += 8 * ndim
-        metas.append((code, shape, nbytes))
-    outs = []
-    for code, shape, nbytes in metas:
-        outs.append(_tensor(code, shape, payload[pos : pos + nbytes]))
-        pos += nbytes
-    return rid, outs
+    metas, pos = _unpack_metas(payload, pos + 1, payload[pos])
+    return rid, _tensors(metas, payload, pos, None)
 
 
 def pack_id(i: int, rest: bytes = b"") -> bytes:
@@ -247,9 +256,9 @@ class Arena:
             n = len(raw)
             self.buf[pos : pos + n] = raw
             placed.append(Placed(t, pos))
-            pos += (n + 63) // 64 * 64  # keep every tensor 64-byte aligned
+            pos += _align(n)
         return placed
 
     @staticmethod
     def slot_need(tensors: Sequence[torch.Tensor]) -> int:
-        return sum((t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors)
+        return sum(_align(t.numel() * t.element_size()) for t in tensors)
