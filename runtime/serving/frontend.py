@@ -27,6 +27,7 @@ from runtime.serving import errors, ipc
 from runtime.serving.errors import InferError, ModelFailure, Unavailable
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
+from runtime.serving.server import ServeConfig, start_protocol
 from runtime.serving.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,7 @@ class WorkerConfig:
     arena_path: str
     slots: int
     slot_bytes: int
-    host: str
-    http_port: int
-    grpc_port: int
-    max_payload_bytes: int
-    grace_s: float
-    log_level: str = "info"
+    serve: ServeConfig  # the server's, with the ports the model process holds
     log_json: bool = True
 
 
@@ -225,52 +221,23 @@ class Worker:
 
     # -- life --
     async def run(self) -> None:
-        import grpc
-        import uvicorn
-
-        from runtime.serving.protocol.grpc_service import InferenceService, add_to_server
-        from runtime.serving.protocol.rest import RestApp
-        from runtime.serving.server import make_uvicorn
-
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         _, self.link = await loop.create_unix_connection(lambda: _Link(self), cfg.socket_path)
-        app = RestApp(
+        sock = listen_socket(cfg.serve.host, cfg.serve.http_port, listen=True)
+        _, _, stop = await start_protocol(
+            cfg.serve,
             self.repo,
             self.metrics,
             self.server_info,
-            max_payload_bytes=cfg.max_payload_bytes,
-            is_ready=self.is_ready,
+            self.is_ready,
+            sock=sock,
             render_metrics=self.render_metrics,
         )
-        http = make_uvicorn(
-            uvicorn.Config(
-                app,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=int(cfg.grace_s),
-                backlog=2048,
-            )
-        )
-        sock = listen_socket(cfg.host, cfg.http_port, listen=True)
-        opts = [
-            ("grpc.max_receive_message_length", cfg.max_payload_bytes),
-            ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
-            ("grpc.so_reuseport", 1),
-        ]
-        grpc_server = grpc.aio.server(options=opts)
-        add_to_server(InferenceService(self.repo, self.metrics, self.server_info, self.is_ready), grpc_server)
-        grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
-        await grpc_server.start()
-        http_task = asyncio.create_task(http.serve(sockets=[sock]))
-        while not (http.started or http_task.done()):  # noqa: ASYNC110 (uvicorn has only a flag)
-            await asyncio.sleep(0.01)
         assert self.link.transport is not None
         self.link.transport.write(ipc.frame(ipc.HELLO, cfg.index.to_bytes(4, "little")))
         await self._stop.wait()
-        http.should_exit = True
-        await asyncio.gather(http_task, grpc_server.stop(cfg.grace_s), return_exceptions=True)
+        await stop()
         if self.link.transport is not None:
             self.link.transport.close()
 
@@ -281,7 +248,7 @@ def main(cfg: WorkerConfig) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from runtime.serving.logs import setup_logging
 
-    setup_logging(cfg.log_level, json=cfg.log_json)
+    setup_logging(cfg.serve.log_level, json=cfg.log_json)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     asyncio.run(Worker(cfg).run())

@@ -24,14 +24,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runtime.serving import ipc
 from runtime.serving.batching import Batcher
 from runtime.serving.errors import InferError
-from runtime.serving.frontend import WorkerConfig, listen_socket
+from runtime.serving.frontend import WorkerConfig, listen_socket, main
 from runtime.serving.metrics import Metrics, merge
+from runtime.serving.server import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,34 +101,27 @@ class Hub:
         self,
         *,
         workers: int,
-        host: str,
-        http_port: int,
-        grpc_port: int,
+        cfg: ServeConfig,
         batcher: Batcher,
         metrics: Metrics,
         state: Callable[[], dict[str, Any]],
-        max_payload_bytes: int,
-        grace_s: float,
-        log_level: str = "info",
     ) -> None:
         self.n = workers
-        self.host = host
         self.batcher = batcher
         self.metrics = metrics
         self.state = state
-        self.max_payload_bytes = max_payload_bytes
-        self.grace_s = grace_s
-        self.log_level = log_level
         self.stopping = False
         self._dir = tempfile.mkdtemp(prefix="kubeforge-serve-")
         self._socket_path = os.path.join(self._dir, "hub.sock")
         # hold the ports (bound, not listening) so that port 0 means one port for every worker
         self._holds = [
-            listen_socket(host, http_port, listen=False),
-            listen_socket(host, grpc_port, listen=False),
+            listen_socket(cfg.host, cfg.http_port, listen=False),
+            listen_socket(cfg.host, cfg.grpc_port, listen=False),
         ]
-        self.http_port = self._holds[0].getsockname()[1]
-        self.grpc_port = self._holds[1].getsockname()[1]
+        # what the workers run with: the ports held (port 0 resolved)
+        self.cfg = replace(
+            cfg, http_port=self._holds[0].getsockname()[1], grpc_port=self._holds[1].getsockname()[1]
+        )
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self._socket_path)
         self._listener.listen(workers * 2)
@@ -185,35 +179,21 @@ class Hub:
                 "no shared memory for worker inputs; all travel through the socket", extra={"error": str(e)}
             )
             arena = ipc.Arena(path, 0, SLOT_BYTES, create=True)
-        cfg = WorkerConfig(
-            index=i,
-            socket_path=self._socket_path,
-            arena_path=path,
-            slots=arena.slots,
-            slot_bytes=SLOT_BYTES,
-            host=self.host,
-            http_port=self.http_port,
-            grpc_port=self.grpc_port,
-            max_payload_bytes=self.max_payload_bytes,
-            grace_s=self.grace_s,
-            log_level=self.log_level,
-        )
-        from runtime.serving.frontend import main
-
+        cfg = WorkerConfig(i, self._socket_path, path, arena.slots, SLOT_BYTES, self.cfg)
         p = self._ctx.Process(target=main, args=(cfg,), name=f"kubeforge-frontend-{i}", daemon=True)
         p.start()
         with self._lock:
             self._arenas[i] = arena
             self._procs[i] = p
 
-    def stop(self, grace_s: float) -> None:
+    def stop(self) -> None:
         """Tell every worker to stop accepting and finish; wait for them (then kill what is left)."""
         with self._lock:
             self.stopping = True  # a worker still starting gets STOP with its hello
             conns = list(self._conns.values())
         for c in conns:
             c.post(ipc.frame(ipc.STOP))
-        deadline = time.monotonic() + grace_s + 5
+        deadline = time.monotonic() + self.cfg.grace_s + 5
         for p in list(self._procs.values()):
             p.join(max(0.0, deadline - time.monotonic()))
             if p.exitcode is None:
@@ -228,11 +208,14 @@ class Hub:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def push_state(self) -> None:
-        msg = ipc.frame(ipc.STATE, json.dumps(self.state(), default=str).encode())
+        msg = self._state_frame()
         with self._lock:
             conns = list(self._conns.values())
         for c in conns:
             c.post(msg)
+
+    def _state_frame(self) -> bytes:
+        return ipc.frame(ipc.STATE, json.dumps(self.state(), default=str).encode())
 
     def announced(self) -> int:
         """Requests the workers are decoding right now (the batcher may wait for them)."""
@@ -279,7 +262,7 @@ class Hub:
             os.unlink(arena.path)  # mapped by both processes now; nothing to leave behind
         _page_lock(arena)
         conn = _Conn(i, sock, arena, self._writer)
-        conn.post(ipc.frame(ipc.STATE, json.dumps(self.state(), default=str).encode()))
+        conn.post(self._state_frame())
         with self._hello:
             self._conns[i] = conn
             self._hello.notify_all()

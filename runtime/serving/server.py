@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -370,77 +371,27 @@ class Server:
 
     async def _listen_here(self) -> Callable[[], Awaitable[None]]:
         """REST and gRPC on this process's event loop."""
-        import grpc
-        import uvicorn
-
-        from runtime.serving.protocol.grpc_service import InferenceService, add_to_server
-        from runtime.serving.protocol.rest import RestApp
-
-        cfg = self.cfg
-        app = RestApp(
-            self.repo,
-            self.metrics,
-            self.server_info,
-            max_payload_bytes=cfg.max_payload_bytes,
-            is_ready=self.is_ready,
+        self.http_port, self.grpc_port, stop = await start_protocol(
+            self.cfg, self.repo, self.metrics, self.server_info, self.is_ready
         )
-        ucfg = uvicorn.Config(
-            app,
-            host=cfg.host,
-            port=cfg.http_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=int(cfg.grace_s),
-            backlog=2048,
-        )
-        http = make_uvicorn(ucfg)
-        opts = [
-            ("grpc.max_receive_message_length", cfg.max_payload_bytes),
-            ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
-            ("grpc.so_reuseport", 0),
-        ]
-        grpc_server = grpc.aio.server(options=opts)
-        add_to_server(InferenceService(self.repo, self.metrics, self.server_info, self.is_ready), grpc_server)
-        self.grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
-        await grpc_server.start()
-        http_task = asyncio.create_task(http.serve())
-        await _until(lambda: http.started or http_task.done())
-        if http.servers and http.servers[0].sockets:
-            self.http_port = http.servers[0].sockets[0].getsockname()[1]
-
-        async def stop() -> None:
-            http.should_exit = True
-            await asyncio.gather(http_task, grpc_server.stop(cfg.grace_s), return_exceptions=True)
-
         return stop
 
     async def _listen_workers(self, n: int) -> Callable[[], Awaitable[None]]:
         """REST and gRPC in `n` protocol worker processes sharing the ports (runtime.serving.hub)."""
         from runtime.serving.hub import Hub
 
-        cfg = self.cfg
         assert self._pending is not None
         hub = Hub(
-            workers=n,
-            host=cfg.host,
-            http_port=cfg.http_port,
-            grpc_port=cfg.grpc_port,
-            batcher=self._pending[0],
-            metrics=self.metrics,
-            state=self.worker_state,
-            max_payload_bytes=cfg.max_payload_bytes,
-            grace_s=cfg.grace_s,
-            log_level=cfg.log_level,
+            workers=n, cfg=self.cfg, batcher=self._pending[0], metrics=self.metrics, state=self.worker_state
         )
         self._hub = hub
-        self.http_port, self.grpc_port = hub.http_port, hub.grpc_port
+        self.http_port, self.grpc_port = hub.cfg.http_port, hub.cfg.grpc_port
         loop = asyncio.get_running_loop()
         hub.start()
         await loop.run_in_executor(None, hub.wait_started, 120.0)
 
         async def stop() -> None:
-            await loop.run_in_executor(None, hub.stop, cfg.grace_s)
+            await loop.run_in_executor(None, hub.stop)
 
         return stop
 
@@ -451,6 +402,68 @@ class Server:
         self.metrics.ready.set(0)
         self._changed()
         self._stop.set()
+
+
+async def start_protocol(
+    cfg: ServeConfig,
+    repo: Repository,
+    metrics: Metrics,
+    server_info: Callable[[], dict[str, Any]],
+    is_ready: Callable[[], bool],
+    *,
+    sock: socket.socket | None = None,
+    render_metrics: Callable[[], Awaitable[bytes]] | None = None,
+) -> tuple[int, int, Callable[[], Awaitable[None]]]:
+    """Start the REST (uvicorn) and gRPC servers over `repo` on cfg's host and ports; with `sock` (a
+    protocol worker), REST on that listening socket and gRPC with SO_REUSEPORT, sharing the ports with the
+    other workers. Returns the HTTP and gRPC ports and the coroutine function that stops both (in-flight
+    requests finish, up to cfg.grace_s)."""
+    import grpc
+    import uvicorn
+
+    from runtime.serving.protocol.grpc_service import InferenceService, add_to_server
+    from runtime.serving.protocol.rest import RestApp
+
+    app = RestApp(
+        repo,
+        metrics,
+        server_info,
+        max_payload_bytes=cfg.max_payload_bytes,
+        is_ready=is_ready,
+        render_metrics=render_metrics,
+    )
+    http = make_uvicorn(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(cfg.grace_s),
+            backlog=2048,
+        )
+    )
+    opts = [
+        ("grpc.max_receive_message_length", cfg.max_payload_bytes),
+        ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
+        ("grpc.so_reuseport", int(sock is not None)),
+    ]
+    grpc_server = grpc.aio.server(options=opts)
+    add_to_server(InferenceService(repo, metrics, server_info, is_ready), grpc_server)
+    grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    await grpc_server.start()
+    http_task = asyncio.create_task(http.serve(sockets=None if sock is None else [sock]))
+    await _until(lambda: http.started or http_task.done())
+    http_port = cfg.http_port
+    if http.servers and http.servers[0].sockets:
+        http_port = http.servers[0].sockets[0].getsockname()[1]
+
+    async def stop() -> None:
+        http.should_exit = True
+        await asyncio.gather(http_task, grpc_server.stop(cfg.grace_s), return_exceptions=True)
+
+    return http_port, grpc_port, stop
 
 
 def make_uvicorn(config: Any) -> Any:
