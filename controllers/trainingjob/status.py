@@ -234,6 +234,11 @@ def derive(
             )
         )
         blocked_target, blocked_at, target = desired, now, len(placed)
+    elif held and target < len(ready):
+        # a pod that was unschedulable when the size was decided got a node after all and runs (the scheduler
+        # retries unschedulable pods on its own schedule): keep it rather than delete it. Ready pods, not
+        # placed ones: a pod just created has no scheduling verdict yet and would grow the job past its nodes.
+        target = min(len(ready), desired)
     st.update(nodesTarget=target, scaleUpBlockedTarget=blocked_target, scaleUpBlockedAt=blocked_at)
 
     # --- progress published by the runtime ---

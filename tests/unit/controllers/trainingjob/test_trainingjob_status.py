@@ -169,6 +169,22 @@ def test_held_scale_up_is_retried_when_the_user_changes_the_size_or_after_four_t
     assert derive(s, 2, old, job(2, active=2), [running(0), running(1)], NOW).nodes_target == 3
 
 
+def test_held_scale_up_keeps_a_pod_that_got_a_node_after_the_size_was_decided() -> None:
+    """Held at 3 of 6 while pod 3 was unschedulable; the scheduler placed it a moment later: run at 4, not
+    delete a pod that runs (and never shrink below the size decided)."""
+    s = spec(nodes={"count": 6, "min": 1, "max": 6}, scheduling={"scheduleTimeoutSeconds": 3})
+    held = {"nodesTarget": 3, "scaleUpBlockedTarget": 6, "scaleUpBlockedAt": NOW}
+    stuck = [pending(i, created="2026-11-28T12:08:00Z") for i in (4, 5)]
+    four = derive(s, 2, held, job(3, active=4), [running(0), running(1), running(2), running(3), *stuck], NOW)
+    assert four.nodes_target == 4 and four.status["scaleUpBlockedTarget"] == 6
+    three = derive(s, 2, held, job(3, active=3), [running(0), running(1), running(2), *stuck], NOW)
+    assert three.nodes_target == 3 and three.status["scaleUpBlockedTarget"] == 6
+    # a pod the scheduler has not judged yet (no verdict: not unschedulable, not ready) does not grow it
+    fresh = PodView(name="j-3", index=3, phase="Pending", ready=False, created=NOW)
+    unjudged = derive(s, 2, held, job(3, active=4), [running(0), running(1), running(2), fresh, *stuck], NOW)
+    assert unjudged.nodes_target == 3
+
+
 def test_progress_comes_from_the_runtime() -> None:
     report = TrainingProgress(
         step=40,
