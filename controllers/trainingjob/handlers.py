@@ -203,8 +203,12 @@ def _patch_status(obj: dict[str, Any], new: dict[str, Any]) -> None:
     key, version = (meta["namespace"], meta["name"]), meta.get("resourceVersion")
     if _sent.get(key) == (version, new):
         return  # sent already, from this same version: the index has not seen our patch yet
-    patch = {k: v for k, v in new.items() if old.get(k) != v}
-    patch.update({k: None for k in old if k not in new})
+    # The whole status, not its difference from `old`: `old` comes from the index and may predate our last
+    # patch, and a difference taken against it could leave a field of that patch standing beside fields of
+    # this one (seen: nodesTarget 3 from one sync, nodesReady 4 from the next).
+    patch = dict(new)
+    sent = _sent.get(key, (None, {}))[1]
+    patch.update({k: None for k in (*old, *sent) if k not in new})
     kube().patch(
         API_VERSION, "TrainingJob", meta["namespace"], meta["name"], {"status": patch}, subresource="status"
     )
