@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from controllers import config
 from controllers.kube import KubeError, kube
 from controllers.trainingjob import render
-from controllers.trainingjob.status import JobView, PodView, derive, job_view, pod_view
+from controllers.trainingjob.status import JobView, PodView, derive, finished_job, job_view, pod_view
 from crds.common import API_VERSION, GROUP, LABEL_TRAINING_JOB, VERSION
 from crds.trainingjob import TrainingJobSpec, object_rule_errors
 
@@ -46,6 +46,9 @@ _ns_done: dict[str, float] = {}  # namespace -> when its shared objects were las
 _ns_locks: dict[str, threading.Lock] = {}  # namespace -> held while its shared objects are applied
 _applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # TrainingJob -> (render inputs, when applied)
 _sent: dict[Key, tuple[str | None, dict[str, Any]]] = {}  # TrainingJob -> (version patched, status sent)
+# TrainingJob -> (its uid, last view) of its finished Job that was deleted (ttlSecondsAfterFinished) perhaps
+# before a sync saw it finish: the sync then still learns how it ended instead of starting it again
+_finished: dict[Key, tuple[str, JobView]] = {}
 _executor: list[concurrent.futures.Executor] = []  # kopf's (settings.execution), sized by controllers.app
 _pending: dict[Key, asyncio.Task[None]] = {}
 _live: dict[str, Any] = {}  # the kopf indexes, captured from the first handler call (they are live views)
@@ -80,6 +83,7 @@ def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     _ns_locks.clear()
     _applied.clear()
     _sent.clear()
+    _finished.clear()
     _pending.clear()
     _live.clear()
     # syncs run in kopf's executor (settings.execution.max_workers threads), not asyncio's default one,
@@ -153,11 +157,17 @@ async def on_trainingjob(type: str, namespace: str | None, name: str, **kwargs: 
     else:
         _applied.pop((namespace or "", name), None)
         _sent.pop((namespace or "", name), None)
+        _finished.pop((namespace or "", name), None)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_TRAINING_JOB: kopf.PRESENT})
-async def on_job(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
-    _schedule((namespace or "", labels[LABEL_TRAINING_JOB]), kwargs)
+async def on_job(
+    type: str, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **kwargs: Any
+) -> None:
+    key = (namespace or "", labels[LABEL_TRAINING_JOB])
+    if type == "DELETED" and (done := finished_job(dict(body))) is not None:
+        _finished[key] = done
+    _schedule(key, kwargs)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_TRAINING_JOB: kopf.PRESENT})
@@ -273,6 +283,8 @@ def sync(key: Key) -> None:
         gang_scheduler_name=cfg.gang_scheduler_name,
     )
     job: JobView | None = _first(_live["tj_jobs"].get(key))
+    if job is None and (gone := _finished.get(key)) is not None and gone[0] == meta["uid"]:
+        job = gone[1]  # finished, then collected before a sync saw it finish
     pods: list[PodView] = list(_live["tj_pods"].get(key) or ())
     previous = dict(obj.get("status") or {})
     sent = _sent.get(key)

@@ -137,6 +137,20 @@ def job_view(job: Obj) -> JobView:
     )
 
 
+FINISHED_JOB_CONDITIONS = frozenset({"Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"})
+
+
+def finished_job(job: Obj) -> tuple[str, JobView] | None:
+    """(owning TrainingJob's uid, view) of a Job that had finished, from its last state (a DELETED watch
+    event); None for a Job deleted before it finished, or not owned by a TrainingJob."""
+    view = job_view(job)
+    if not FINISHED_JOB_CONDITIONS & view.conditions.keys():
+        return None
+    refs = (job.get("metadata") or {}).get("ownerReferences") or []
+    owner = next((r.get("uid") for r in refs if r.get("kind") == "TrainingJob"), None)
+    return (owner, view) if owner else None
+
+
 def _latest_progress(pods: list[PodView]) -> TrainingProgress | None:
     reports = [p.progress for p in pods if p.progress]
     return max(reports, key=lambda r: (r.step, r.updated or ""), default=None)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controllers.conditions import get_condition
-from controllers.trainingjob.status import JobView, PodView, derive, job_view, pod_view
+from controllers.trainingjob.status import JobView, PodView, derive, finished_job, job_view, pod_view
 from crds.trainingjob import TrainingJobSpec, TrainingProgress
 
 NOW = "2026-11-28T12:10:00Z"
@@ -258,3 +258,24 @@ def test_a_finished_job_whose_job_was_collected_stays_finished(phase: str) -> No
     out = derive(spec(nodes={"count": 2}, ttlSecondsAfterFinished=60), 1, previous, None, [], NOW)
     assert out.status == previous
     assert out.events == []
+
+
+def test_a_deleted_job_counts_as_finished_only_if_it_had_finished() -> None:
+    """The last state of a Job deleted by ttlSecondsAfterFinished tells the sync how the TrainingJob ended."""
+    owner = {"apiVersion": "kubeforge.io/v1alpha1", "kind": "TrainingJob", "name": "t", "uid": "u-1"}
+
+    def body(*conditions: str, owners: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "t", "ownerReferences": [owner] if owners is None else owners},
+            "spec": {"completions": 1, "parallelism": 1},
+            "status": {"conditions": [{"type": c, "status": "True"} for c in conditions], "succeeded": 1},
+        }
+
+    done = finished_job(body("SuccessCriteriaMet", "Complete"))
+    assert done is not None and done[0] == "u-1" and "Complete" in done[1].conditions
+    out = derive(spec(), 1, {"phase": "Running"}, done[1], [], NOW)
+    assert out.status["phase"] == "Succeeded"
+    failed = finished_job(body("FailureTarget", "Failed"))
+    assert failed is not None and "Failed" in failed[1].conditions
+    assert finished_job(body()) is None  # deleted while running: the operator starts it again
+    assert finished_job(body("Complete", owners=[])) is None  # not ours
