@@ -170,18 +170,28 @@ def save_jit_artifacts(entry: CacheEntry | None) -> None:
         entry.write_bytes(JIT_ARTIFACTS, saved[0])
 
 
-def jit_compile(req: CompileRequest, *, mode: str | None = None, backend: str = "inductor") -> Runner:
+def jit_compile(
+    req: CompileRequest, *, mode: str | None = None, backend: str = "inductor", static: bool = False
+) -> Runner:
     """torch.compile the module (compiled lazily, at the driver's warm-up).
 
-    Automatic dynamic shapes: the first warm-up size compiles a static graph, the second a graph with a
-    dynamic batch dimension that serves every other size; CUDA graphs (mode reduce-overhead) then record one
-    graph per batch bucket.
+    `static`: one graph per batch size seen (the batcher pads to a few buckets, all warmed up), which is
+    what CUDA graphs replay anyway. Otherwise automatic dynamic shapes: the first warm-up size compiles a
+    static graph, the second a graph with a dynamic batch dimension that serves every other size. Static
+    matters: ops without a symbolic-shape implementation (nn.TransformerEncoderLayer's fused fast path,
+    aten._transformer_encoder_layer_fwd) break a dynamic graph, and everything between the breaks then runs
+    eagerly, holding the GIL (BERT-base on an H200: 2.9 ms of CPU per call instead of 0.2-0.4 ms).
     """
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-    compiled = torch.compile(req.module, mode=mode, backend=backend)
+    compiled = torch.compile(req.module, mode=mode, backend=backend, dynamic=False if static else None)
     return call_module(compiled)
+
+
+def static_batch_ok(req: CompileRequest) -> bool:
+    """Static graphs per batch bucket need every other dimension fixed (no sequence-length recompiles)."""
+    return all(-1 not in s.shape[1:] for s in req.signature.inputs)
 
 
 def inductor_compile(req: CompileRequest, backend: str, *, cudagraphs: bool) -> Compiled:
@@ -219,9 +229,11 @@ def inductor_compile(req: CompileRequest, backend: str, *, cudagraphs: bool) -> 
         hit = load_jit_artifacts(entry)
         mode = "reduce-overhead" if cudagraphs else None
         buckets = batch_buckets(req.max_batch_size, req.batch_sizes) if cudagraphs else None
-        path = "torch.compile(inductor" + (", reduce-overhead: CUDA graphs)" if cudagraphs else ")")
+        static = buckets is not None and static_batch_ok(req)
+        path = "torch.compile(inductor" + (", reduce-overhead: CUDA graphs" if cudagraphs else "")
+        path += ", one static graph per batch bucket)" if static else ")"
         return Compiled(
-            jit_compile(req, mode=mode),
+            jit_compile(req, mode=mode, static=static),
             backend,
             "jit",
             path,

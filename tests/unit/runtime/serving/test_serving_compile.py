@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,9 +138,59 @@ def test_aot_on_a_known_bad_torch_goes_to_jit_and_says_so(monkeypatch: pytest.Mo
     monkeypatch.setattr(inductor, "AOTI_LOAD_KNOWN_BAD", (torch.__version__[:4],))
     calls: list[str] = []
     monkeypatch.setattr(inductor, "aot_compile", lambda *a: calls.append("aot"))
-    monkeypatch.setattr(inductor, "jit_compile", lambda req, mode=None: lambda xs: (req.module(*xs),))
+    statics: list[bool] = []
+
+    def fake_jit(req: CompileRequest, mode: str | None = None, static: bool = False) -> Any:
+        statics.append(static)
+        return lambda xs: (req.module(*xs),)
+
+    monkeypatch.setattr(inductor, "jit_compile", fake_jit)
     req = CompileRequest(MLP().eval(), SIG, "aot", detect_hardware().devices["cpu"], (1,), 8, None)
     c = inductor.inductor_compile(req, "cuda", cudagraphs=True)
     assert calls == [] and c.mode == "jit" and "reduce-overhead" in c.path
     assert c.fallbacks and "aoti_load_package is known to crash" in c.fallbacks[0]
     assert c.batch_buckets == (1, 2, 4, 8)
+    # fixed row shape: one static graph per bucket; a variable sequence length keeps dynamic shapes
+    assert statics == [True] and "one static graph per batch bucket" in c.path
+    seq = Signature((TensorSpec("ids", "INT64", (-1, -1)),), ())
+    c = inductor.inductor_compile(replace(req, signature=seq), "cuda", cudagraphs=True)
+    assert statics == [True, False] and "static" not in c.path
+
+
+def test_static_jit_compiles_one_graph_per_batch_size_without_symbolic_shapes() -> None:
+    """What CUDA graph buckets rely on: with static=True no graph has a symbolic batch dimension (ops
+    without a symbolic implementation would break it into eager pieces); with automatic dynamic shapes the
+    third size reuses a dynamic graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from runtime.serving.compile import inductor
+
+    def graphs(static: bool) -> tuple[int, list[bool]]:
+        torch._dynamo.reset()
+        counters.clear()
+        symbolic: list[bool] = []
+
+        def backend(gm: torch.fx.GraphModule, example: list[Any]) -> Any:
+            values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+            symbolic.append(
+                any(
+                    isinstance(v, torch.SymInt)
+                    or any(isinstance(d, torch.SymInt) for d in getattr(v, "shape", ()))
+                    for v in values
+                )
+            )
+            return gm
+
+        m = MLP().eval()
+        req = CompileRequest(m, SIG, "jit", detect_hardware().devices["cpu"], (1,), 8, None)
+        run = inductor.jit_compile(req, backend=backend, static=static)
+        for n in (2, 4, 8, 4):
+            x = torch.randn(n, 16)
+            with torch.inference_mode():
+                torch.testing.assert_close(run([x])[0], m(x))
+        return len(symbolic), symbolic
+
+    assert graphs(True) == (3, [False, False, False])
+    n, symbolic = graphs(False)
+    assert n == 2 and symbolic[-1]
