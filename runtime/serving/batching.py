@@ -10,6 +10,11 @@ requests `submit` raises QueueFull (HTTP 429 / gRPC RESOURCE_EXHAUSTED), so memo
 Optional padding: `batch_buckets` pads the row count up to the next bucket (static shapes for CUDA graphs) and
 `pad_multiple` pads variable non-batch dimensions (sequence lengths) up to a multiple, so fewer distinct
 shapes reach the compiled model; padded rows and positions are cut off the outputs again.
+
+Pipelining (`depth` > 1): a runner may return a zero-argument function instead of outputs: the batch's
+device work is queued and that function waits for it. A second thread then waits and hands out the results
+while the batcher thread gathers and launches the next batch (up to `depth` batches in flight), so the
+accelerator does not idle while the CPU assembles batches and answers requests.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from runtime.serving.errors import InferError, ModelFailure, QueueFull, Unavaila
 
 log = logging.getLogger(__name__)
 
-BatchRunner = Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]]
+Outputs = tuple[torch.Tensor, ...]
+# a batch's inputs -> its outputs, or a function that waits for outputs being computed (pipelining)
+BatchRunner = Callable[[list[torch.Tensor]], Outputs | Callable[[], Outputs]]
 # per input, the requests' tensors and the row count to pad to -> the batch's inputs
 Gather = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
 Observer = Callable[[int, float, float], None]  # (rows, queue seconds of the oldest, run seconds)
@@ -61,6 +68,7 @@ class Batcher:
         variable_dims: Sequence[Sequence[int]] = (),
         pad_multiple: int | None = None,
         observer: Observer | None = None,
+        depth: int = 1,
     ) -> None:
         """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
         there: CUDA graphs and other per-thread state then belong to the thread that serves)."""
@@ -85,7 +93,12 @@ class Batcher:
         self._external: Callable[[], int] = lambda: 0  # the same, counted by protocol worker processes
         self._gather: Gather = cat_and_pad
         self._closed = False
-        self._busy = False
+        self._inflight = 0  # batches taken and not yet answered
+        self._depth = max(1, depth)
+        self._slots = threading.Semaphore(self._depth)
+        self._launched: deque[tuple[list[_Pending], Callable[[], Outputs], float] | None] = deque()
+        self._launched_cond = threading.Condition()
+        self._finisher: threading.Thread | None = None
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -100,9 +113,12 @@ class Batcher:
         pad_multiple: int | None,
         observer: Observer | None,
         gather: Gather | None = None,
+        depth: int = 1,
     ) -> None:
         """Apply what loading the model decided (call from `setup`, before the first batch)."""
         self._gather = gather or cat_and_pad
+        self._depth = max(1, depth)
+        self._slots = threading.Semaphore(self._depth)
         self.name = name
         self.batched = batched
         self.max_batch_size = max_batch_size if batched else 1
@@ -118,7 +134,7 @@ class Batcher:
 
     @property
     def busy(self) -> bool:
-        return self._busy or bool(self._queue)
+        return self._inflight > 0 or bool(self._queue)
 
     def announce(self) -> None:
         """A request arrived and is being decoded: batches forming now may wait for it (up to max delay)."""
@@ -197,7 +213,7 @@ class Batcher:
                 else:
                     rest.append(p)
             self._queue = rest
-            self._busy = True
+            self._inflight += 1
             return batch
 
     def _loop(self) -> None:
@@ -215,20 +231,63 @@ class Batcher:
                 self.ready.set()
                 return
         self.ready.set()
+        if self._depth > 1:
+            self._finisher = threading.Thread(
+                target=self._finish_loop, name=f"finish-{self.name}", daemon=True
+            )
+            self._finisher.start()
         while True:
+            self._slots.acquire()  # a batch forms while the previous ones run, until one is answered
             batch = self._take()
             if batch is None:
-                return
-            try:
-                self._execute(batch)
-            finally:
-                self._busy = False
+                break
+            self._launch(batch)
+        if self._finisher is not None:
+            with self._launched_cond:
+                self._launched.append(None)
+                self._launched_cond.notify()
+            self._finisher.join()
 
-    def _execute(self, batch: list[_Pending]) -> None:
+    def _launch(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-        if not live:
+        outs = self._start(live) if live else None
+        if callable(outs) and self._finisher is not None:
+            with self._launched_cond:
+                self._launched.append((live, outs, start))
+                self._launched_cond.notify()
             return
+        try:
+            if callable(outs):
+                outs = self._wait(live, outs)
+            if outs is not None:
+                self._answer(live, outs, start)
+        finally:
+            self._done_batch()
+
+    def _finish_loop(self) -> None:
+        while True:
+            with self._launched_cond:
+                while not self._launched:
+                    self._launched_cond.wait()
+                item = self._launched.popleft()
+            if item is None:
+                return
+            live, wait, start = item
+            try:
+                outs = self._wait(live, wait)
+                if outs is not None:
+                    self._answer(live, outs, start)
+            finally:
+                self._done_batch()
+
+    def _done_batch(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+        self._slots.release()
+
+    def _start(self, live: list[_Pending]) -> Outputs | Callable[[], Outputs] | None:
+        """Gather and run (or launch) a batch; None when it failed (its requests have their error)."""
         rows = sum(p.rows for p in live)
         try:
             if self.batched:
@@ -238,17 +297,30 @@ class Batcher:
             else:
                 xs = live[0].inputs
             assert self._run is not None
-            outs = self._run(xs)
+            return self._run(xs)
         except Exception as e:
-            log.exception("batch failed", extra={"model": self.name, "rows": rows})
-            err = (
-                e
-                if isinstance(e, InferError)
-                else ModelFailure(f"model {self.name!r} failed: {type(e).__name__}: {e}")
-            )
-            for p in live:
-                p.future.set_exception(err)
-            return
+            self._fail(live, e)
+            return None
+
+    def _wait(self, live: list[_Pending], wait: Callable[[], Outputs]) -> Outputs | None:
+        try:
+            return wait()
+        except Exception as e:
+            self._fail(live, e)
+            return None
+
+    def _fail(self, live: list[_Pending], e: Exception) -> None:
+        rows = sum(p.rows for p in live)
+        log.exception("batch failed", extra={"model": self.name, "rows": rows})
+        err = (
+            e
+            if isinstance(e, InferError)
+            else ModelFailure(f"model {self.name!r} failed: {type(e).__name__}: {e}")
+        )
+        for p in live:
+            p.future.set_exception(err)
+
+    def _answer(self, live: list[_Pending], outs: Outputs, start: float) -> None:
         ran = time.perf_counter() - start
         offset = 0
         for p in live:
@@ -262,7 +334,7 @@ class Batcher:
                 p.future.set_result(mine)
             offset += p.rows
         if self._observer is not None:
-            self._observer(rows, start - live[0].enqueued, ran)
+            self._observer(sum(p.rows for p in live), start - live[0].enqueued, ran)
 
     def _bucket(self, rows: int) -> int:
         if not self._buckets:

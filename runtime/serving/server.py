@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ import torch
 
 from runtime.serving import compile as compiler
 from runtime.serving.batching import Batcher, BatchRunner, Gather
+from runtime.serving.compile.base import Runner
 from runtime.serving.detect import detect_hardware
 from runtime.serving.loader import LoadedModel, load_model
 from runtime.serving.metrics import Metrics
@@ -36,6 +36,7 @@ VERSION = "0.1.0"
 # rows at least this large go from page-locked shared memory to the device directly (a CPU concatenation
 # of 32 ResNet-50 images into the staging buffer took 10 ms of the batcher thread on the H200 host)
 DIRECT_COPY_ROW_BYTES = 64 << 10
+PIPELINE_DEPTH = 2  # CUDA: batches in flight
 EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "metrics", "kubeforge_compile"]
 
 
@@ -74,6 +75,7 @@ class Prepared:
     signature: Signature
     runner: BatchRunner
     gather: Gather | None = None  # how the batcher assembles a batch (None: concatenate on the CPU)
+    depth: int = 1  # batches in flight (2 on CUDA: the next one is gathered while the GPU runs one)
 
 
 def complete_signature(sig: Signature, eager: torch.nn.Module, device: str) -> Signature:
@@ -119,15 +121,41 @@ def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -
     )
     sig = complete_signature(loaded.signature, b.eager, b.device)
     run, device = b.compiled.run, b.device
-    non_blocking = device.startswith("cuda")
+    if device.startswith("cuda"):
+        return Prepared(loaded, b, sig, cuda_runner(run, device), pinned_gather(device), PIPELINE_DEPTH)
 
     def runner(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if device != "cpu":
-            xs = [x.to(device, non_blocking=non_blocking) for x in xs]
+            xs = [x.to(device) for x in xs]
         outs = run(xs)
         return tuple(o.to("cpu") for o in outs) if device != "cpu" else tuple(o.clone() for o in outs)
 
-    return Prepared(loaded, b, sig, runner, pinned_gather(device) if non_blocking else None)
+    return Prepared(loaded, b, sig, runner)
+
+
+def cuda_runner(run: Runner, device: str) -> BatchRunner:
+    """Launch a batch without waiting for it: inputs (page-locked, see pinned_gather) go to the GPU and the
+    outputs come back into page-locked memory with non-blocking copies on the current stream, then an event
+    marks the end. The batcher's finishing thread waits on the event (without the GIL) while its own thread
+    launches the next batch. Stream order makes this safe with CUDA graphs, whose outputs the next replay
+    overwrites: the copy out is queued before it."""
+
+    def launch(xs: list[torch.Tensor]) -> Callable[[], tuple[torch.Tensor, ...]]:
+        xs = [x.to(device, non_blocking=True) for x in xs]
+        outs = run(xs)
+        host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs)
+        for h, o in zip(host, outs, strict=True):
+            h.copy_(o, non_blocking=True)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record()
+
+        def wait() -> tuple[torch.Tensor, ...]:
+            done.synchronize()
+            return host
+
+        return wait
+
+    return launch
 
 
 def pinned_gather(device: str) -> Gather:
@@ -135,14 +163,13 @@ def pinned_gather(device: str) -> Gather:
 
     Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, registered
     with CUDA by the hub) are copied to the device one request at a time by DMA, with no CPU copy. Anything
-    else is concatenated into a page-locked staging buffer (one per input, grown as needed) whose copy to the
-    device does not wait. Reusing the buffer is safe: the runner's copy of the outputs back to the CPU waits
-    for the stream, input copies included."""
-    staging: dict[int, torch.Tensor] = {}
+    else is concatenated into a page-locked buffer whose copy to the device does not wait. The buffer comes
+    from torch's caching host allocator, which reuses a block only after the copies queued from it have
+    run: with batches in flight, a buffer still waiting for its copy is never overwritten."""
 
     def gather(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
         out = []
-        for i, ts in enumerate(parts):
+        for ts in parts:
             shape = (padded_rows, *ts[0].shape[1:])
             rows = sum(t.shape[0] for t in ts)
             row_bytes = ts[0][:1].numel() * ts[0].element_size()
@@ -156,11 +183,7 @@ def pinned_gather(device: str) -> Gather:
                     batch[rows:].zero_()
                 out.append(batch)
                 continue
-            n = math.prod(shape)
-            buf = staging.get(i)
-            if buf is None or buf.dtype != ts[0].dtype or buf.numel() < n:
-                buf = staging[i] = torch.empty(n, dtype=ts[0].dtype, pin_memory=True)
-            staged = buf[:n].view(shape)
+            staged = torch.empty(shape, dtype=ts[0].dtype, pin_memory=True)
             torch.cat(ts, out=staged[:rows])
             if padded_rows > rows:
                 staged[rows:].zero_()
@@ -252,6 +275,7 @@ class Server:
                 pad_multiple=cfg.pad_multiple,
                 observer=self.metrics.observer(p.loaded.name),
                 gather=p.gather,
+                depth=p.depth,
             )
             return p.runner
 

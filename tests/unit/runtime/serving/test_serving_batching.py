@@ -151,3 +151,128 @@ def test_model_error_fails_only_that_batch() -> None:
         b.submit([torch.zeros(1, 1)], 1).result(5)
     assert b.submit([torch.ones(1, 1)], 1).result(5)[0].item() == 1.0
     b.close(5)
+
+
+def _deferred(model: torch.nn.Module, launched: list[int], gates: list[threading.Event]):  # type: ignore[no-untyped-def]
+    """A pipelined runner: computes at launch, hands the outputs out only once the batch's gate opens."""
+
+    def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        with torch.inference_mode():
+            out = (model(*xs),)
+        gate = threading.Event()
+        gates.append(gate)
+        launched.append(xs[0].shape[0])
+
+        def wait() -> tuple[torch.Tensor, ...]:
+            assert gate.wait(10)
+            return out
+
+        return wait
+
+    return run
+
+
+def _until(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_pipelined_batches_launch_while_earlier_ones_run_and_never_more_than_depth() -> None:
+    torch.manual_seed(0)
+    model = MLP().eval()
+    launched: list[int] = []
+    gates: list[threading.Event] = []
+    b = Batcher(_deferred(model, launched, gates), max_batch_size=2, max_delay_s=0.0, depth=2)
+    rows = [torch.randn(1, 16) for _ in range(6)]
+    futs = [b.submit([r], 1) for r in rows]
+    # two batches in flight, none answered yet: the third waits for a free slot
+    assert _until(lambda: len(launched) == 2)
+    assert not _until(lambda: len(launched) > 2, timeout=0.2)
+    assert not any(f.done() for f in futs)
+    gates[0].set()  # the first batch completes: its requests are answered and the third batch launches
+    assert _until(lambda: len(launched) == 3)
+    assert all(f.done() for f in futs[:2]) and not any(f.done() for f in futs[2:])
+    for g in gates:
+        g.set()
+    outs = [f.result(10)[0] for f in futs]
+    b.close(5)
+    for r, o in zip(rows, outs, strict=True):
+        with torch.inference_mode():
+            torch.testing.assert_close(o, model(r))
+    assert not b.busy
+
+
+def test_pipelined_failure_reaches_that_batch_only_and_close_drains_in_flight() -> None:
+    calls = 0
+
+    def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        n = calls
+
+        def wait() -> tuple[torch.Tensor, ...]:
+            if n == 1:
+                raise RuntimeError("device fault")
+            return (xs[0] * 2,)
+
+        return wait
+
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, depth=2)
+    first = b.submit([torch.ones(1, 2)], 1)
+    with pytest.raises(Exception, match="device fault"):
+        first.result(5)
+    rest = [b.submit([torch.full((1, 2), float(i))], 1) for i in range(5)]
+    b.close(10)  # every queued and in-flight request is answered before close returns
+    assert all(f.done() for f in rest)
+    for i, f in enumerate(rest):
+        torch.testing.assert_close(f.result(0)[0], torch.full((1, 2), 2.0 * i))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_pipelined_cuda_graph_batches_equal_eager() -> None:
+    """Two batches in flight through CUDA graphs (the next replay overwrites the graph's outputs): every
+    request still gets its own rows, as the eager model computes them."""
+    from runtime.serving import compile as compiler
+    from runtime.serving.detect import detect_hardware
+    from runtime.serving.server import PIPELINE_DEPTH, cuda_runner, pinned_gather
+    from runtime.serving.signature import Signature, TensorSpec
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    sig = Signature((TensorSpec("x", "FP32", (-1, 16)),), ())
+    built: dict[str, object] = {}
+
+    def setup():  # type: ignore[no-untyped-def]
+        b = compiler.build(
+            model, sig, hw=detect_hardware(), mode="jit", warmup_batch_sizes=(1, 8), max_batch_size=8
+        )
+        built["b"] = b
+        batcher.configure(
+            name="mlp",
+            batched=True,
+            max_batch_size=8,
+            batch_buckets=b.compiled.batch_buckets,
+            variable_dims=[[]],
+            pad_multiple=None,
+            observer=None,
+            gather=pinned_gather(b.device),
+            depth=PIPELINE_DEPTH,
+        )
+        return cuda_runner(b.compiled.run, b.device)
+
+    batcher = Batcher(setup=setup, max_batch_size=8, max_delay_s=0.001)
+    assert batcher.ready.wait(300) and batcher.error is None
+    assert "CUDA graphs" in built["b"].compiled.path  # type: ignore[attr-defined]
+    rows = [torch.randn(1 + i % 3, 16) for i in range(400)]
+    futs = [batcher.submit([r], r.shape[0]) for r in rows]
+    outs = [f.result(60)[0] for f in futs]
+    batcher.close(10)
+    for r, o in zip(rows, outs, strict=True):
+        with torch.inference_mode():
+            torch.testing.assert_close(o, model(r), rtol=1e-3, atol=1e-3)
