@@ -13,8 +13,10 @@ shapes reach the compiled model; padded rows and positions are cut off the outpu
 
 Pipelining (`depth` > 1): a runner may return a zero-argument function instead of outputs: the batch's
 device work is queued and that function waits for it. A second thread then waits and hands out the results
-while the batcher thread gathers and launches the next batch (up to `depth` batches in flight), so the
-accelerator does not idle while the CPU assembles batches and answers requests.
+while the batcher thread gathers the next batch. While a batch runs on the device the next one keeps
+filling (past max delay: its requests would wait for the device anyway) and is launched as soon as the
+device is done, or earlier once it is full (then up to `depth` batches are in flight). So the device does
+not idle while the CPU answers requests, and a busy device still gets full batches.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Batcher:
         self._gather: Gather = cat_and_pad
         self._closed = False
         self._inflight = 0  # batches taken and not yet answered
+        self._running = 0  # batches launched on the device and not yet done there
         self._depth = max(1, depth)
         self._slots = threading.Semaphore(self._depth)
         self._launched: deque[tuple[list[_Pending], Callable[[], Outputs], float] | None] = deque()
@@ -198,9 +201,14 @@ class Batcher:
             deadline = first.enqueued + self.max_delay_s
             while not self._closed and self.batched:
                 rows = sum(p.rows for p in self._queue if p.key == first.key)
+                if rows >= self.max_batch_size:
+                    break
+                if self._running:  # the device is busy: fill the batch until it is done (notified)
+                    self._cond.wait()
+                    continue
                 remaining = deadline - time.perf_counter()
                 # wait only for requests known to be on their way, and never past the oldest's deadline
-                if rows >= self.max_batch_size or remaining <= 0 or not (self._announced or self._external()):
+                if remaining <= 0 or not (self._announced or self._external()):
                     break
                 self._cond.wait(remaining)
             batch: list[_Pending] = []
@@ -253,6 +261,8 @@ class Batcher:
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
         outs = self._start(live) if live else None
         if callable(outs) and self._finisher is not None:
+            with self._cond:
+                self._running += 1
             with self._launched_cond:
                 self._launched.append((live, outs, start))
                 self._launched_cond.notify()
@@ -276,6 +286,9 @@ class Batcher:
             live, wait, start = item
             try:
                 outs = self._wait(live, wait)
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()  # the next batch may go now
                 if outs is not None:
                     self._answer(live, outs, start)
             finally:

@@ -18,7 +18,6 @@ import os
 import selectors
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -149,9 +148,6 @@ class Hub:
                 " mount an emptyDir (medium: Memory) at /dev/shm",
                 extra={"shm_slots_per_worker": self._slots},
             )
-        # The batcher thread gives up the GIL while the GPU runs; when it wants it back it waits for the
-        # switch interval (5 ms by default) if another thread is busy in Python: 1 ms bounds that wait.
-        sys.setswitchinterval(0.001)
         threading.Thread(target=self._read, name="hub-read", daemon=True).start()
         for i in range(self.n):
             self._spawn(i)

@@ -61,6 +61,11 @@ DTYPES: tuple[torch.dtype, ...] = (
     torch.float64,
 )
 _CODE = {d: i for i, d in enumerate(DTYPES)}
+# numpy's dtype per code (bfloat16, which numpy lacks, travels as int16 and is viewed back)
+_NP = tuple(
+    np.dtype(np.int16) if d == torch.bfloat16 else torch.empty(0, dtype=d).numpy().dtype for d in DTYPES
+)
+_BF16 = _CODE[torch.bfloat16]
 
 
 def frame(kind: int, payload: bytes | bytearray | memoryview = b"") -> bytes:
@@ -91,7 +96,7 @@ class FrameReader:
 
 def _raw(t: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy when it is contiguous (one torch call: this runs per request)."""
-    if t.numel() == 0:
+    if t.nbytes == 0:
         return memoryview(b"")
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16
         t = t.view(torch.int16)
@@ -102,10 +107,13 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 
 def _tensor(code: int, shape: Sequence[int], raw: memoryview | bytes) -> torch.Tensor:
-    dtype = DTYPES[code]
+    """A tensor viewing `raw` (no copy). Through numpy: torch.from_numpy keeps the GIL, whereas torch's
+    view/reshape release and retake it, and the model process's reader thread then queues for it behind
+    the batcher at every request."""
     if len(raw) == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+        return torch.empty(tuple(shape), dtype=DTYPES[code])
+    t = torch.from_numpy(np.frombuffer(raw, dtype=_NP[code]).reshape(shape))
+    return t.view(torch.bfloat16) if code == _BF16 else t
 
 
 @dataclass
@@ -122,9 +130,9 @@ def _align(n: int) -> int:
 
 def _pack_meta(t: torch.Tensor, offset: int = -1) -> bytes:
     """A tensor's header: dtype, shape, and where its bytes are (arena offset, or inline when -1)."""
-    nbytes = t.numel() * t.element_size()
-    return _TENSOR.pack(_CODE[t.dtype], t.dim(), offset >= 0, max(offset, 0), nbytes) + struct.pack(
-        f"<{t.dim()}q", *t.shape
+    shape = t.shape  # attributes, not methods: torch methods release the GIL and queue to get it back
+    return _TENSOR.pack(_CODE[t.dtype], len(shape), offset >= 0, max(offset, 0), t.nbytes) + struct.pack(
+        f"<{len(shape)}q", *shape
     )
 
 

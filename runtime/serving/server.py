@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ VERSION = "0.1.0"
 # of 32 ResNet-50 images into the staging buffer took 10 ms of the batcher thread on the H200 host)
 DIRECT_COPY_ROW_BYTES = 64 << 10
 PIPELINE_DEPTH = 2  # CUDA: batches in flight
+SWITCH_INTERVAL_S = 0.001
 EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "metrics", "kubeforge_compile"]
 
 
@@ -366,6 +368,10 @@ class Server:
 
     async def run(self) -> None:
         cfg = self.cfg
+        # Every torch call gives up the GIL and takes it back; when another thread is busy in Python the
+        # batcher thread then waits up to the switch interval (5 ms by default) at each of them.
+        # (H200, BERT, 8 workers, concurrency 64: 1 ms 7,404 rows/s; 0.2 ms 6,731)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._start_model()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import Future
 
@@ -245,12 +246,13 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager() -> None:
 
     torch.manual_seed(0)
     model = MLP().eval()
+    served = copy.deepcopy(model)  # build moves the module it is given to the GPU
     sig = Signature((TensorSpec("x", "FP32", (-1, 16)),), ())
     built: dict[str, object] = {}
 
     def setup():  # type: ignore[no-untyped-def]
         b = compiler.build(
-            model, sig, hw=detect_hardware(), mode="jit", warmup_batch_sizes=(1, 8), max_batch_size=8
+            served, sig, hw=detect_hardware(), mode="jit", warmup_batch_sizes=(1, 8), max_batch_size=8
         )
         built["b"] = b
         batcher.configure(
@@ -276,3 +278,21 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager() -> None:
     for r, o in zip(rows, outs, strict=True):
         with torch.inference_mode():
             torch.testing.assert_close(o, model(r), rtol=1e-3, atol=1e-3)
+
+
+def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is_done() -> None:
+    """Past max delay: a request would wait for the busy device anyway, so it waits in a fuller batch."""
+    model = MLP().eval()
+    launched: list[int] = []
+    gates: list[threading.Event] = []
+    b = Batcher(_deferred(model, launched, gates), max_batch_size=8, max_delay_s=0.0, depth=2)
+    first = b.submit([torch.randn(1, 16)], 1)
+    assert _until(lambda: launched == [1])
+    later = [b.submit([torch.randn(1, 16)], 1) for _ in range(3)]
+    assert not _until(lambda: len(launched) > 1, timeout=0.3)  # max delay 0, yet no second launch
+    gates[0].set()
+    assert _until(lambda: launched == [1, 3])
+    gates[1].set()
+    for f in [first, *later]:
+        assert f.result(5)[0].shape == (1, 4)
+    b.close(5)
