@@ -85,6 +85,9 @@ class _Conn:
     writer: _Writer
     outbox: list[Any] = field(default_factory=list)
     closed: bool = False
+    submitted: int = 0  # requests given to the batcher (reader thread only)
+    answered: int = 0  # of those, answered (under `lock`: batcher threads and the reader)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def post(self, item: Any) -> None:
         w = self.writer
@@ -279,6 +282,7 @@ class Hub:
             except InferError as e:
                 conn.post(ipc.encode_error(rid, type(e).__name__, e.message))
                 return
+            conn.submitted += 1
             fut.add_done_callback(functools.partial(_done, conn, rid))
         elif kind == ipc.METRICS_REQ:
             rid, _ = ipc.unpack_id(memoryview(payload))
@@ -322,6 +326,25 @@ class Hub:
             extra={"worker": conn.index, "exitcode": None if p is None else p.exitcode},
         )
         self._spawn(conn.index)
+        self._release_arena(conn)
+
+    def _release_arena(self, conn: _Conn) -> None:
+        """Give a dead worker's arena back (page-locked memory and the mapping) once the batcher has answered
+        every request whose inputs view it; until then a batch may still be copying from it."""
+        deadline = time.monotonic() + self.cfg.grace_s + 60
+        while time.monotonic() < deadline:
+            with conn.lock:
+                if conn.answered >= conn.submitted:
+                    break
+            time.sleep(0.05)
+        else:
+            log.warning(
+                "a dead worker's requests never finished; keeping its arena", extra={"worker": conn.index}
+            )
+            return
+        _page_unlock(conn.arena)
+        conn.arena.close()
+        log.info("released a dead worker's arena", extra={"worker": conn.index, "requests": conn.submitted})
 
     def _close(self, conn: _Conn) -> None:
         conn.closed = True
@@ -347,7 +370,22 @@ def _page_lock(arena: ipc.Arena) -> None:
         log.warning("could not page-lock a worker's shared memory", extra={"cuda_error": int(rc)})
 
 
+def _page_unlock(arena: ipc.Arena) -> None:
+    if arena.slots == 0 or arena.closed:
+        return
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.version.cuda is not None:  # as in _page_lock
+            # an error code, not an exception, when it was never registered: nothing to undo then
+            torch.cuda.cudart().cudaHostUnregister(arena.address)  # type: ignore[no-untyped-call]
+    except Exception as e:
+        log.debug("cudaHostUnregister failed", extra={"error": repr(e)})
+
+
 def _done(conn: _Conn, rid: int, fut: Future[Any]) -> None:
+    with conn.lock:
+        conn.answered += 1
     conn.post((rid, fut))
 
 

@@ -234,7 +234,7 @@ class Arena:
                 except OSError:
                     os.unlink(path)
                     raise
-            self._mm = mmap.mmap(fd, size)
+            self._mm: mmap.mmap | None = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         self.buf = memoryview(self._mm)
@@ -242,6 +242,22 @@ class Arena:
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self.counters = np.frombuffer(self._mm, dtype=np.int64, count=HEADER_BYTES // 8)
         self._free = list(range(slots - 1, -1, -1))
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
+    def close(self) -> None:
+        """Unmap, now or (while tensors still view it) as soon as the last of them is gone."""
+        mm, self._mm = self._mm, None
+        if mm is None:
+            return
+        self.counters = np.zeros(HEADER_BYTES // 8, dtype=np.int64)  # drop our numpy view of the header
+        try:
+            self.buf.release()
+            mm.close()
+        except BufferError:
+            pass  # views remain: the mapping goes with the last of them
 
     # worker side: slot bookkeeping (one event loop, no lock)
     def take(self, nbytes: int) -> int | None:

@@ -98,6 +98,12 @@ def _workers_of(pid: int) -> list[int]:
     return [int(k) for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")]
 
 
+def _arenas_of(pid: int) -> set[str]:
+    """The protocol workers' shared-memory arenas mapped into a process (unlinked files, by path)."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split(None, 5)[5] for line in maps if "/kubeforge-" in line and len(line.split(None, 5)) > 5}
+
+
 def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Registry) -> None:
     s = start_serve(registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "2")
     try:
@@ -105,15 +111,21 @@ def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Reg
         assert s.log("listening")["workers"] == 2  # type: ignore[index]
         before = _workers_of(s.proc.pid)
         assert len(before) == 2
+        body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
+        # new connections each: the kernel spreads them over both workers, so both arenas carry inputs
+        codes = [httpx.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(20)]
+        assert codes == [200] * 20
         os.kill(before[0], signal.SIGKILL)
         s.wait_log("protocol worker exited; starting it again", 30)
-        body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
         codes = [httpx.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(20)]
         assert codes == [200] * 20
         deadline = time.monotonic() + 60
         while len(after := _workers_of(s.proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(after) == 2 and before[0] not in after and before[1] in after
+        # the dead worker's arena is given back once its requests are answered: two arenas mapped, not three
+        s.wait_log("released a dead worker's arena", 30)
+        assert len(_arenas_of(s.proc.pid)) == 2, _arenas_of(s.proc.pid)
     finally:
         assert s.stop() == 0
 

@@ -74,6 +74,27 @@ def test_full_tmpfs_fails_at_creation_not_at_the_first_write(tmp_path: Path) -> 
     assert not (tmp_path / "huge").exists()
 
 
+def _mapped(path: str) -> bool:
+    return any(path in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_closed_arena_unmaps_once_the_last_tensor_viewing_it_is_gone(tmp_path: Path) -> None:
+    """What the model process does with a dead worker's arena: inputs still in a batch keep it mapped."""
+    path = str(tmp_path / "arena")
+    arena = ipc.Arena(path, 2, 4096, create=True)
+    x = torch.arange(8, dtype=torch.int64).reshape(2, 4)
+    placed = arena.place([x], arena.take(x.nbytes))
+    _, _, (view,) = ipc.decode_request(memoryview(ipc.encode_request(1, 2, placed)[5:]), arena.buf)
+    assert _mapped(path)
+    arena.close()
+    assert arena.closed and _mapped(path)  # a request's input still views it
+    assert torch.equal(view, x)
+    del view
+    assert not _mapped(path)
+    ipc.Arena(path + "2", 2, 4096, create=True).close()  # no view: unmapped at once
+    assert not _mapped(path + "2")
+
+
 def test_frames_split_across_reads_and_several_per_read() -> None:
     outs = [torch.full((2, 3), float(i)) for i in range(3)]
     wire = b"".join(ipc.encode_response(i, [o]) for i, o in enumerate(outs))
@@ -167,3 +188,19 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(tmp_path: Pa
         want = cat_and_pad(parts, 4)
         for g, w in zip(got, want, strict=True):
             assert g.device.type == "cuda" and torch.equal(g.cpu(), w), rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_page_unlock_undoes_page_lock() -> None:
+    from runtime.serving.hub import _page_lock, _page_unlock, shm_dir
+
+    path = os.path.join(shm_dir(), f"kubeforge-test-unlock-{os.getpid()}")
+    arena = ipc.Arena(path, 1, 1 << 20, create=True)
+    os.unlink(path)
+    view = lambda: ipc._tensor(5, (16,), arena.buf[ipc.HEADER_BYTES : ipc.HEADER_BYTES + 16])  # noqa: E731
+    _page_lock(arena)
+    assert view().is_pinned()
+    _page_unlock(arena)
+    assert not view().is_pinned()
+    arena.close()
+    assert arena.closed
