@@ -22,6 +22,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import local_run_args
+
 
 def spec_for(model: str, procs: int, per_proc: int, steps: int, tmp: Path) -> dict[str, Any]:
     if model == "llama":
@@ -50,21 +52,7 @@ def run(model: str, procs: int, per_proc: int, steps: int) -> dict[str, Any]:
         tmp = Path(d)
         job, metrics = tmp / "job.json", tmp / "metrics.jsonl"
         job.write_text(json.dumps(spec_for(model, procs, per_proc, steps, tmp)))
-        code = cli.main(
-            [
-                str(job),
-                "--local",
-                "--nproc-per-node",
-                str(procs),
-                "--metrics-file",
-                str(metrics),
-                "--log-every",
-                "10",
-                "--no-checkpoint",
-                "--max-restarts",
-                "0",
-            ]
-        )
+        code = cli.main(local_run_args(job, procs, metrics))
         if code:
             raise SystemExit(f"run with {procs} processes failed ({code})")
         recs = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]

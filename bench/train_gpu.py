@@ -22,6 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import local_run_args  # noqa: E402
+
 
 def plain_loop(
     preset: str, batch: int, seq: int, vocab: int, steps: int, warmup: int, compile_: bool
@@ -105,22 +107,7 @@ def runtime_run(
     job.write_text(json.dumps(spec))
     metrics = tmp / f"metrics-{gpus}.jsonl"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
-    cmd = [
-        sys.executable,
-        "-m",
-        "runtime.training.cli",
-        str(job),
-        "--local",
-        "--nproc-per-node",
-        str(gpus),
-        "--metrics-file",
-        str(metrics),
-        "--log-every",
-        "10",
-        "--no-checkpoint",
-        "--max-restarts",
-        "0",
-    ]
+    cmd = [sys.executable, "-m", "runtime.training.cli", *local_run_args(job, gpus, metrics)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

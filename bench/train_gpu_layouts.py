@@ -46,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import local_run_args  # noqa: E402
+
 DATASHEET_BF16 = 989.5e12  # H100/H200 SXM dense bf16
 NO_MULTICAST = {
     "NCCL_NVLS_ENABLE": "0",
@@ -256,22 +258,7 @@ def run_layout(
     }
     if args.cuda:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
-    cmd = [
-        sys.executable,
-        "-m",
-        "runtime.training.cli",
-        str(job),
-        "--local",
-        "--nproc-per-node",
-        str(gpus),
-        "--metrics-file",
-        str(metrics),
-        "--log-every",
-        str(args.log_every),
-        "--no-checkpoint",
-        "--max-restarts",
-        "0",
-    ]
+    cmd = [sys.executable, "-m", "runtime.training.cli", *local_run_args(job, gpus, metrics, args.log_every)]
     row: dict[str, Any] = {
         "layout": text,
         "name": layout_name(lay),
