@@ -266,6 +266,12 @@ class Server:
             # runs in the model's worker thread: torch's intra-op thread count is per calling thread
             _set_threads(cfg.torch_threads)
             p = prepare(cfg, self.loader)
+            if p.build.device != "cpu":
+                # Every torch call gives up the GIL and takes it back; when another thread is busy in Python
+                # the batcher thread then waits up to the switch interval (5 ms by default) at each of them.
+                # H200, BERT, 8 workers, concurrency 64: 1 ms 7,404 rows/s, 0.2 ms 6,731. On the CPU the
+                # default did better (MLP, 2 cores, concurrency 1: 770-855 vs 651-725 requests/s).
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
             holder["p"] = p
             sig = p.signature
             batcher.configure(
@@ -368,10 +374,6 @@ class Server:
 
     async def run(self) -> None:
         cfg = self.cfg
-        # Every torch call gives up the GIL and takes it back; when another thread is busy in Python the
-        # batcher thread then waits up to the switch interval (5 ms by default) at each of them.
-        # (H200, BERT, 8 workers, concurrency 64: 1 ms 7,404 rows/s; 0.2 ms 6,731)
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._start_model()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
