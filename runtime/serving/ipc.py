@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runtime.serving.protocol import datatypes
+
 HEADER_BYTES = 64
 
 # message kinds
@@ -61,11 +63,6 @@ DTYPES: tuple[torch.dtype, ...] = (
     torch.float64,
 )
 _CODE = {d: i for i, d in enumerate(DTYPES)}
-# numpy's dtype per code (bfloat16, which numpy lacks, travels as int16 and is viewed back)
-_NP = tuple(
-    np.dtype(np.int16) if d == torch.bfloat16 else torch.empty(0, dtype=d).numpy().dtype for d in DTYPES
-)
-_BF16 = _CODE[torch.bfloat16]
 
 
 def frame(kind: int, payload: bytes | bytearray | memoryview = b"") -> bytes:
@@ -94,26 +91,8 @@ class FrameReader:
         return out
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes without a copy when it is contiguous (one torch call: this runs per request)."""
-    if t.nbytes == 0:
-        return memoryview(b"")
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-        t = t.view(torch.int16)
-    a = t.numpy()
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    return a.data.cast("B")
-
-
 def _tensor(code: int, shape: Sequence[int], raw: memoryview | bytes) -> torch.Tensor:
-    """A tensor viewing `raw` (no copy). Through numpy: torch.from_numpy keeps the GIL, whereas torch's
-    view/reshape release and retake it, and the model process's reader thread then queues for it behind
-    the batcher at every request."""
-    if len(raw) == 0:
-        return torch.empty(tuple(shape), dtype=DTYPES[code])
-    t = torch.from_numpy(np.frombuffer(raw, dtype=_NP[code]).reshape(shape))
-    return t.view(torch.bfloat16) if code == _BF16 else t
+    return datatypes.tensor_view(raw, DTYPES[code], shape)
 
 
 @dataclass
@@ -172,7 +151,7 @@ def _tensors(
 def encode_request(rid: int, rows: int, inputs: Sequence[Placed]) -> bytes:
     parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs))]
     parts += [_pack_meta(p.tensor, p.offset) for p in inputs]
-    parts += [_raw(p.tensor) for p in inputs if p.offset < 0]
+    parts += [datatypes.tensor_buffer(p.tensor) for p in inputs if p.offset < 0]
     payload = b"".join(parts)
     return _FRAME.pack(len(payload) + 1, REQ) + payload
 
@@ -187,7 +166,7 @@ def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, li
 def encode_response(rid: int, outputs: Sequence[torch.Tensor]) -> bytes:
     parts: list[bytes | memoryview] = [_RESP.pack(rid, 0), bytes([len(outputs)])]
     parts += [_pack_meta(t) for t in outputs]
-    parts += [_raw(t) for t in outputs]
+    parts += [datatypes.tensor_buffer(t) for t in outputs]
     payload = b"".join(parts)
     return _FRAME.pack(len(payload) + 1, RESP) + payload
 
@@ -276,7 +255,7 @@ class Arena:
         placed = []
         pos = offset
         for t in tensors:
-            raw = _raw(t)
+            raw = datatypes.tensor_buffer(t)
             n = len(raw)
             self.buf[pos : pos + n] = raw
             placed.append(Placed(t, pos))

@@ -32,8 +32,7 @@ def tensor_from_bytes(
         raise BadRequest(
             f"input {name!r}: {len(raw)} bytes of {dt.name} data, shape {shape} needs {n * dt.itemsize}"
         )
-    t = torch.frombuffer(bytearray(raw), dtype=dt.torch) if n else torch.empty(0, dtype=dt.torch)
-    return t.reshape(shape)
+    return datatypes.tensor_view(bytearray(raw), dt.torch, shape)  # a copy: the request body is read-only
 
 
 def tensor_from_json(name: str, dt: datatypes.DataType, shape: list[int], data: Any) -> torch.Tensor:
@@ -126,10 +125,7 @@ def decode_request(
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return bytes(t.numpy().data) if t.numel() else b""
+    return bytes(datatypes.tensor_buffer(t))
 
 
 def encode_response(

@@ -6,6 +6,7 @@ element size. BF16 has no numpy dtype: its bytes travel as uint16 and are reinte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,3 +69,31 @@ def from_numpy(dtype: np.dtype[np.generic] | str) -> str:
 def lookup(name: str) -> DataType:
     """The DataType of an OIP datatype name; KeyError for unknown names."""
     return DATATYPES[name]
+
+
+# Tensors from and to bytes run once per request in the threads that feed the model. They go through numpy:
+# torch.from_numpy and Tensor.numpy keep the GIL, whereas torch's view/reshape/contiguous release it and then
+# queue to take it back behind the batcher thread.
+_NUMPY_OF: dict[torch.dtype, np.dtype[np.generic]] = {d.torch: d.numpy for d in DATATYPES.values()}
+
+
+def tensor_view(
+    raw: bytes | bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int]
+) -> torch.Tensor:
+    """A tensor of `dtype` and `shape` viewing `raw` (no copy; `raw` must be writable to be written to)."""
+    if len(raw) == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    t = torch.from_numpy(np.frombuffer(raw, dtype=_NUMPY_OF[dtype]).reshape(shape))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def tensor_buffer(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes, row-major: no copy when it is contiguous."""
+    if t.nbytes == 0:
+        return memoryview(b"")
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.view(torch.int16)
+    a = t.numpy()
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a.data.cast("B")
