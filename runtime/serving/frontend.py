@@ -27,7 +27,7 @@ from runtime.serving import errors, ipc
 from runtime.serving.errors import InferError, ModelFailure, Unavailable
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
-from runtime.serving.server import ServeConfig, start_protocol
+from runtime.serving.server import ServeConfig, freeze_heap, start_protocol
 from runtime.serving.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,7 @@ class Worker:
         )
         assert self.link.transport is not None
         self.link.transport.write(ipc.frame(ipc.HELLO, cfg.index.to_bytes(4, "little")))
+        freeze_heap(f"protocol worker {cfg.index}")
         await self._stop.wait()
         await stop()
         if self.link.transport is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -133,6 +134,16 @@ def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -
         return tuple(o.to("cpu") for o in outs) if device != "cpu" else tuple(o.clone() for o in outs)
 
     return Prepared(loaded, b, sig, runner)
+
+
+def freeze_heap(process: str) -> None:
+    """Put everything alive now (torch, the model, its compiled graphs: most of the heap) out of the cyclic
+    garbage collector's reach, once a process is ready to serve. Otherwise every full collection walks it all:
+    on this 2-core machine each took 30-330 ms, growing as the heap did, and the one that came under load
+    stalled every in-flight request (MLP server, concurrency 64: p99 305 ms against 41 ms at p90)."""
+    gc.collect()
+    gc.freeze()
+    log.info("heap frozen", extra={"who": process, "objects": gc.get_freeze_count()})
 
 
 def cuda_runner(run: Runner, device: str) -> BatchRunner:
@@ -308,7 +319,16 @@ class Server:
             )
             self._changed()
             return
-        p = holder["p"]
+        try:
+            self._serve_model(batcher, holder["p"])
+        except Exception as e:  # a bug of ours: say so, and never report ready on a half-set-up model
+            self.repo.models = {}
+            self.error = e
+            self.failed = f"{type(e).__name__}: {e}"
+            log.exception("model failed to start after loading; the server stays live but never ready")
+            self._changed()
+
+    def _serve_model(self, batcher: Batcher, p: Prepared) -> None:
         name = p.loaded.name
         info = build_info(p.build)
         model = ServedModel(
@@ -331,6 +351,7 @@ class Server:
         for fb in info["fallbacks"]:
             m.fallbacks.labels(name, info["backend"], fb.split(":")[0]).inc()
         m.queue_depth.labels(name).set_function(lambda: batcher.queued)
+        freeze_heap("model")
         m.ready.set(1)
         self._changed()
         log.info(

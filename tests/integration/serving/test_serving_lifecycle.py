@@ -109,6 +109,11 @@ def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Reg
     try:
         s.wait_ready()
         assert s.log("listening")["workers"] == 2  # type: ignore[index]
+        # every process froze its start-up heap (full garbage collections then stay short)
+        want, deadline = {"model", "protocol worker 0", "protocol worker 1"}, time.monotonic() + 10
+        while (frozen := {r["who"] for r in s.logs if r.get("msg") == "heap frozen"}) != want:
+            assert time.monotonic() < deadline, frozen
+            time.sleep(0.1)
         before = _workers_of(s.proc.pid)
         assert len(before) == 2
         body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
