@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -46,7 +50,63 @@ class ServedModel:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
         fut = self.batcher.submit(inputs, rows, announced=True)
-        return await asyncio.wrap_future(fut)
+        return await _waker().wait(fut)
+
+
+T = TypeVar("T")
+
+
+class _Waker:
+    """Hands results from the batcher's threads to one event loop with one wake-up per burst: asyncio's
+    call_soon_threadsafe (what wrap_future uses) writes to the loop's self-pipe every time, a system call
+    per request of a batch, each a chance for the batcher to queue for the GIL again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._done: list[tuple[asyncio.Future[Any], Future[Any]]] = []
+        self._scheduled = False
+
+    async def wait(self, fut: Future[T]) -> T:
+        mine: asyncio.Future[T] = self._loop.create_future()
+        fut.add_done_callback(functools.partial(self._finished, mine))
+        try:
+            return await mine
+        except asyncio.CancelledError:
+            fut.cancel()  # the batcher skips a request cancelled before its batch runs
+            raise
+
+    def _finished(self, mine: asyncio.Future[Any], fut: Future[Any]) -> None:  # any thread
+        with self._lock:
+            self._done.append((mine, fut))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # the event loop
+        with self._lock:
+            done, self._done, self._scheduled = self._done, [], False
+        for mine, fut in done:
+            if mine.done():
+                continue
+            if fut.cancelled():
+                mine.cancel()
+            elif (exc := fut.exception()) is not None:
+                mine.set_exception(exc)
+            else:
+                mine.set_result(fut.result())
+
+
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker] = weakref.WeakKeyDictionary()
+
+
+def _waker() -> _Waker:
+    loop = asyncio.get_running_loop()
+    w = _wakers.get(loop)
+    if w is None:
+        w = _wakers[loop] = _Waker(loop)
+    return w
 
 
 class Repository:
