@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,3 +64,39 @@ def test_a_failure_after_loading_is_reported_and_never_ready(
     finally:
         if s._pending is not None:
             s._pending[0].close(5)
+
+
+def test_a_burst_of_results_wakes_the_event_loop_once() -> None:
+    from concurrent.futures import Future
+
+    from runtime.serving import model
+
+    async def main() -> tuple[list[object], int]:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        schedule = loop.call_soon_threadsafe
+
+        def counting(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return schedule(*args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        futs: list[Future[int]] = [Future() for _ in range(50)]
+        waits = [asyncio.ensure_future(model._waker().wait(f)) for f in futs]
+        await asyncio.sleep(0)
+
+        def burst() -> None:  # a batch answered by the batcher's thread while the loop is busy
+            for i, f in enumerate(futs[:-1]):
+                f.set_result(i)
+            futs[-1].set_exception(ValueError("bad row"))
+
+        t = threading.Thread(target=burst)
+        t.start()
+        t.join()
+        return await asyncio.gather(*waits, return_exceptions=True), calls
+
+    results, calls = asyncio.run(main())
+    assert results[:-1] == list(range(49))
+    assert isinstance(results[-1], ValueError)
+    assert calls == 1
