@@ -274,23 +274,24 @@ def test_unschedulable_scale_up_carries_on_at_the_size_it_has(cluster: Cluster, 
     )
     running_pods(cluster, "greedy", namespace, 2)
     cluster.kubectl("scale", "trainingjob/greedy", "-n", namespace, "--replicas=6")
+
     # held, then settled at the 4 nodes there are (when two new pods race for the last node, the Job swaps
-    # the higher index for the lower one: readiness can follow the hold by a moment)
-    st = cluster.wait_until(
-        "the held scale-up at 4 ready nodes",
-        lambda: (
-            (s := status(cluster, "greedy", namespace)).get("scaleUpBlockedTarget") == 6
-            and s.get("nodesReady") == 4
-            and s
-        ),
-        timeout=60,
-    )
+    # the higher index for the lower one: readiness can follow the hold by a moment). Status and Job are two
+    # objects, written one after the other by a sync: read them until one snapshot agrees (a CI run read a
+    # status of 4 beside a Job already at 3 from a later sync; a Job that stays off the status still fails).
+    def settled() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        s = status(cluster, "greedy", namespace)
+        if s.get("scaleUpBlockedTarget") != 6 or s.get("nodesReady") != 4:
+            return None
+        j = cluster.get("job", "greedy", namespace)
+        return (s, j) if j["spec"]["parallelism"] == s.get("nodesTarget") else None  # type: ignore[index]
+
+    st, job = cluster.wait_until("the held scale-up at 4 ready nodes, Job and status agreeing", settled, 60)
     assert st["nodesTarget"] == st["nodesReady"] == 4
     assert st["phase"] == "Running"
     scaling = next(c for c in st["conditions"] if c["type"] == "Scaling")
     assert scaling["reason"] == "ScaleUpUnschedulable"
-    job = cluster.get("job", "greedy", namespace)
-    assert job["spec"]["parallelism"] == 4  # type: ignore[index]
+    assert job["spec"]["parallelism"] == 4
     assert any(
         r == "ScaleUpUnschedulable" and "Insufficient nvidia.com/gpu" in m
         for r, m in events(cluster, namespace, "greedy")
