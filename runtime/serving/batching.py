@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -99,8 +100,10 @@ class Batcher:
         self._running = 0  # batches launched on the device and not yet done there
         self._depth = max(1, depth)
         self._slots = threading.Semaphore(self._depth)
-        self._launched: deque[tuple[list[_Pending], Callable[[], Outputs], float] | None] = deque()
-        self._launched_cond = threading.Condition()
+        # launched batches for the finishing thread, in launch (= stream) order; None stops it
+        self._launched: queue.SimpleQueue[tuple[list[_Pending], Callable[[], Outputs], float] | None] = (
+            queue.SimpleQueue()
+        )
         self._finisher: threading.Thread | None = None
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -251,9 +254,7 @@ class Batcher:
                 break
             self._launch(batch)
         if self._finisher is not None:
-            with self._launched_cond:
-                self._launched.append(None)
-                self._launched_cond.notify()
+            self._launched.put(None)
             self._finisher.join()
 
     def _launch(self, batch: list[_Pending]) -> None:
@@ -263,9 +264,7 @@ class Batcher:
         if callable(outs) and self._finisher is not None:
             with self._cond:
                 self._running += 1
-            with self._launched_cond:
-                self._launched.append((live, outs, start))
-                self._launched_cond.notify()
+            self._launched.put((live, outs, start))
             return
         try:
             if callable(outs):
@@ -276,13 +275,7 @@ class Batcher:
             self._done_batch()
 
     def _finish_loop(self) -> None:
-        while True:
-            with self._launched_cond:
-                while not self._launched:
-                    self._launched_cond.wait()
-                item = self._launched.popleft()
-            if item is None:
-                return
+        while (item := self._launched.get()) is not None:
             live, wait, start = item
             try:
                 outs = self._wait(live, wait)

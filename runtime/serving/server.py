@@ -311,22 +311,24 @@ class Server:
         assert self._pending is not None
         batcher, holder = self._pending
         await asyncio.get_running_loop().run_in_executor(None, batcher.ready.wait)
-        if batcher.error is not None:
-            self.error = batcher.error
-            self.failed = f"{type(batcher.error).__name__}: {batcher.error}"
-            log.error(
-                "model failed to load; the server stays live but never ready", extra={"error": self.failed}
-            )
-            self._changed()
+        if batcher.error is not None:  # its traceback is logged where it happened, in the batcher's setup
+            self._model_failed(batcher.error, "model failed to load")
             return
         try:
             self._serve_model(batcher, holder["p"])
         except Exception as e:  # a bug of ours: say so, and never report ready on a half-set-up model
-            self.repo.models = {}
-            self.error = e
-            self.failed = f"{type(e).__name__}: {e}"
-            log.exception("model failed to start after loading; the server stays live but never ready")
-            self._changed()
+            self._model_failed(e, "model failed to start after loading", trace=True)
+
+    def _model_failed(self, e: BaseException, what: str, *, trace: bool = False) -> None:
+        self.repo.models = {}
+        self.error = e
+        self.failed = f"{type(e).__name__}: {e}"
+        log.error(
+            f"{what}; the server stays live but never ready",
+            extra={"error": self.failed},
+            exc_info=e if trace else None,
+        )
+        self._changed()
 
     def _serve_model(self, batcher: Batcher, p: Prepared) -> None:
         name = p.loaded.name
