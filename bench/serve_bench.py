@@ -49,6 +49,8 @@ def _models() -> dict[str, Bench]:
 
     return {
         "mlp": Bench(lambda: ex.MLP(256, 1024, 10), "FP32", (256,)),
+        # next to no compute: what a request costs the server itself (the CPU a GPU host spends per request)
+        "tiny": Bench(lambda: ex.MLP(256, 8, 10), "FP32", (256,)),
         "cnn": Bench(lambda: ex.SmallCNN(), "FP32", (3, 32, 32)),
         "resnet50": Bench(lambda: ex.ResNet50(), "FP32", (3, 224, 224)),
         "bert": Bench(lambda: ex.BertEncoder(), "INT64", (128,)),

@@ -17,6 +17,11 @@ while the batcher thread gathers the next batch. While a batch runs on the devic
 filling (past max delay: its requests would wait for the device anyway) and is launched as soon as the
 device is done, or earlier once it is full (then up to `depth` batches are in flight). So the device does
 not idle while the CPU answers requests, and a busy device still gets full batches.
+
+Answers go to *sinks*, a batch at a time: a request names its sink and a tag (what the sink needs to find the
+request again), and each sink gets one `deliver` call per batch with all of its requests' results. The
+protocol worker hub sends each worker one message per batch that way, and an event loop wakes once per
+batch; `submit` (a Future per request) is the simple form for callers that want one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +52,68 @@ Gather = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
 Observer = Callable[[int, float, float], None]  # (rows, queue seconds of the oldest, run seconds)
 
 
-@dataclass
-class _Pending:
+@dataclass(eq=False)
+class Answer:
+    """One batch's results for one sink's requests, in batch order."""
+
+    tags: list[Any]
+    offsets: list[int] = field(default_factory=list)  # each request's first row in `outputs`
+    rows: list[int] = field(default_factory=list)
+    outputs: Outputs | None = None  # the whole batch's outputs (CPU)
+    error: BaseException | None = None  # the whole batch failed
+    split: list[Outputs | BaseException] | None = None  # per request, when rows are not plain slices
+
+    @property
+    def sliced(self) -> bool:
+        """Each request's outputs are rows offsets[i] : offsets[i] + rows[i] of every output."""
+        return self.error is None and self.split is None
+
+    def results(self) -> list[tuple[Any, Outputs | BaseException]]:
+        """Per request: (tag, its outputs or the exception that failed it)."""
+        if self.error is not None:
+            return [(t, self.error) for t in self.tags]
+        if self.split is not None:
+            return list(zip(self.tags, self.split, strict=True))
+        outs = self.outputs or ()
+        return [
+            (t, tuple(o[a : a + r] for o in outs))
+            for t, a, r in zip(self.tags, self.offsets, self.rows, strict=True)
+        ]
+
+
+class Sink(Protocol):
+    def deliver(self, answer: Answer) -> None:
+        """Results of one batch for this sink's requests (called from the batcher's threads)."""
+
+
+@dataclass(eq=False)
+class Pending:
+    """A queued request; setting `cancelled` before its batch forms drops it unanswered."""
+
     inputs: list[torch.Tensor]
     rows: int
     key: tuple[object, ...]
-    orig: list[tuple[int, ...]]  # per input, the shape before padding
-    future: Future[tuple[torch.Tensor, ...]]
+    orig: list[torch.Size]  # per input, the shape before padding
+    sink: Sink
+    tag: Any
     enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+class _FutureSink:
+    """`submit`'s sink: the tag is a Future (one cancelled meanwhile is left alone)."""
+
+    def deliver(self, answer: Answer) -> None:
+        for fut, r in answer.results():
+            if fut.done():
+                continue
+            if isinstance(r, BaseException):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
+
+
+_FUTURES = _FutureSink()
 
 
 class Batcher:
@@ -90,7 +150,9 @@ class Batcher:
         self._variable_dims = [list(v) for v in variable_dims]  # per input: non-batch dims that vary
         self._pad_multiple = pad_multiple
         self._observer = observer
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Pending] = deque()
+        self._rows: dict[tuple[object, ...], int] = {}  # queued rows per key
+        self._device_wait = False  # the batcher waits for the device (only a full batch needs to wake it)
         self._cond = threading.Condition()
         self._announced = 0  # requests being decoded that will be submitted soon
         self._external: Callable[[], int] = lambda: 0  # the same, counted by protocol worker processes
@@ -101,7 +163,7 @@ class Batcher:
         self._depth = max(1, depth)
         self._slots = threading.Semaphore(self._depth)
         # launched batches for the finishing thread, in launch (= stream) order; None stops it
-        self._launched: queue.SimpleQueue[tuple[list[_Pending], Callable[[], Outputs], float] | None] = (
+        self._launched: queue.SimpleQueue[tuple[list[Pending], Callable[[], Outputs], float] | None] = (
             queue.SimpleQueue()
         )
         self._finisher: threading.Thread | None = None
@@ -160,11 +222,22 @@ class Batcher:
         self, inputs: list[torch.Tensor], rows: int, *, announced: bool = False
     ) -> Future[tuple[torch.Tensor, ...]]:
         """Queue a request (CPU tensors, batch dimension first when batched); the future gets its outputs."""
-        orig = [tuple(t.shape) for t in inputs]
+        fut: Future[tuple[torch.Tensor, ...]] = Future()
+        self.submit_to(_FUTURES, fut, inputs, rows, announced=announced)
+        return fut
+
+    def submit_to(
+        self, sink: Sink, tag: Any, inputs: list[torch.Tensor], rows: int, *, announced: bool = False
+    ) -> Pending:
+        """Queue a request whose result goes to `sink` under `tag` (QueueFull, Unavailable)."""
+        orig = [t.shape for t in inputs]
         if self._pad_multiple:
             inputs = [self._pad_dims(t, dims) for t, dims in zip(inputs, self._variable_dims, strict=False)]
-        key = tuple((tuple(t.shape[1:]) if self.batched else tuple(t.shape), t.dtype) for t in inputs)
-        p = _Pending(inputs, rows, key, orig, Future())
+        if self.batched:
+            key = tuple((t.shape[1:], t.dtype) for t in inputs)
+        else:
+            key = tuple((t.shape, t.dtype) for t in inputs)
+        p = Pending(inputs, rows, key, orig, sink, tag)
         with self._cond:
             if announced:
                 self._announced = max(0, self._announced - 1)
@@ -175,8 +248,11 @@ class Batcher:
                     f"model {self.name!r} queue is full ({self.max_queue_size} requests waiting); retry later"
                 )
             self._queue.append(p)
-            self._cond.notify()
-        return p.future
+            n = self._rows[key] = self._rows.get(key, 0) + rows
+            # while the device is busy the forming batch waits for it; only a full one goes earlier
+            if not self._device_wait or n >= self.max_batch_size:
+                self._cond.notify()
+        return p
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish every queued one, then stop the worker."""
@@ -194,7 +270,7 @@ class Batcher:
             pad += [0, extra]
         return F.pad(t, pad) if any(pad) else t
 
-    def _take(self) -> list[_Pending] | None:
+    def _take(self) -> list[Pending] | None:
         with self._cond:
             while not self._queue:
                 if self._closed:
@@ -203,19 +279,20 @@ class Batcher:
             first = self._queue[0]
             deadline = first.enqueued + self.max_delay_s
             while not self._closed and self.batched:
-                rows = sum(p.rows for p in self._queue if p.key == first.key)
-                if rows >= self.max_batch_size:
+                if self._rows[first.key] >= self.max_batch_size:
                     break
                 if self._running:  # the device is busy: fill the batch until it is done (notified)
+                    self._device_wait = True
                     self._cond.wait()
+                    self._device_wait = False
                     continue
                 remaining = deadline - time.perf_counter()
                 # wait only for requests known to be on their way, and never past the oldest's deadline
                 if remaining <= 0 or not (self._announced or self._external()):
                     break
                 self._cond.wait(remaining)
-            batch: list[_Pending] = []
-            rest: deque[_Pending] = deque()
+            batch: list[Pending] = []
+            rest: deque[Pending] = deque()
             rows = 0
             for p in self._queue:
                 if p.key == first.key and (not batch or rows + p.rows <= self.max_batch_size):
@@ -224,6 +301,9 @@ class Batcher:
                 else:
                     rest.append(p)
             self._queue = rest
+            left = self._rows.pop(first.key) - rows
+            if left:
+                self._rows[first.key] = left
             self._inflight += 1
             return batch
 
@@ -237,8 +317,8 @@ class Batcher:
                 with self._cond:
                     self._closed = True
                     pending, self._queue = list(self._queue), deque()
-                for p in pending:
-                    p.future.set_exception(Unavailable(f"model {self.name!r} failed to load: {e}"))
+                    self._rows.clear()
+                _fail_all(pending, Unavailable(f"model {self.name!r} failed to load: {e}"))
                 self.ready.set()
                 return
         self.ready.set()
@@ -257,9 +337,9 @@ class Batcher:
             self._launched.put(None)
             self._finisher.join()
 
-    def _launch(self, batch: list[_Pending]) -> None:
+    def _launch(self, batch: list[Pending]) -> None:
         start = time.perf_counter()
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        live = [p for p in batch if not p.cancelled]
         outs = self._start(live) if live else None
         if callable(outs) and self._finisher is not None:
             with self._cond:
@@ -292,7 +372,7 @@ class Batcher:
             self._inflight -= 1
         self._slots.release()
 
-    def _start(self, live: list[_Pending]) -> Outputs | Callable[[], Outputs] | None:
+    def _start(self, live: list[Pending]) -> Outputs | Callable[[], Outputs] | None:
         """Gather and run (or launch) a batch; None when it failed (its requests have their error)."""
         rows = sum(p.rows for p in live)
         try:
@@ -308,14 +388,14 @@ class Batcher:
             self._fail(live, e)
             return None
 
-    def _wait(self, live: list[_Pending], wait: Callable[[], Outputs]) -> Outputs | None:
+    def _wait(self, live: list[Pending], wait: Callable[[], Outputs]) -> Outputs | None:
         try:
             return wait()
         except Exception as e:
             self._fail(live, e)
             return None
 
-    def _fail(self, live: list[_Pending], e: Exception) -> None:
+    def _fail(self, live: list[Pending], e: Exception) -> None:
         rows = sum(p.rows for p in live)
         log.exception("batch failed", extra={"model": self.name, "rows": rows})
         err = (
@@ -323,24 +403,37 @@ class Batcher:
             if isinstance(e, InferError)
             else ModelFailure(f"model {self.name!r} failed: {type(e).__name__}: {e}")
         )
-        for p in live:
-            p.future.set_exception(err)
+        _fail_all(live, err)
 
-    def _answer(self, live: list[_Pending], outs: Outputs, start: float) -> None:
+    def _answer(self, live: list[Pending], outs: Outputs, start: float) -> None:
         ran = time.perf_counter() - start
+        # requests whose outputs are not plain row slices of the batch's
+        split = not self.batched or bool(self._pad_multiple) or any(o.dim() == 0 for o in outs)
+        answers: dict[int, tuple[Sink, Answer]] = {}
         offset = 0
         for p in live:
-            try:
-                mine = tuple(self._cut(o, offset, p) for o in outs) if self.batched else outs
-            except Exception as e:
-                p.future.set_exception(
-                    ModelFailure(f"model {self.name!r}: cannot split outputs per request: {e}")
-                )
-            else:
-                p.future.set_result(mine)
+            entry = answers.get(id(p.sink))
+            if entry is None:
+                entry = answers[id(p.sink)] = (p.sink, Answer([], outputs=outs, split=[] if split else None))
+            a = entry[1]
+            a.tags.append(p.tag)
+            a.offsets.append(offset)
+            a.rows.append(p.rows)
+            if a.split is not None:
+                a.split.append(self._split(outs, offset, p))
             offset += p.rows
+        for sink, a in answers.values():
+            _hand(sink, a)
         if self._observer is not None:
             self._observer(sum(p.rows for p in live), start - live[0].enqueued, ran)
+
+    def _split(self, outs: Outputs, offset: int, p: Pending) -> Outputs | BaseException:
+        if not self.batched:
+            return outs
+        try:
+            return tuple(self._cut(o, offset, p) for o in outs)
+        except Exception as e:
+            return ModelFailure(f"model {self.name!r}: cannot split outputs per request: {e}")
 
     def _bucket(self, rows: int) -> int:
         if not self._buckets:
@@ -348,7 +441,7 @@ class Batcher:
         i = bisect.bisect_left(self._buckets, rows)
         return self._buckets[i] if i < len(self._buckets) else rows
 
-    def _cut(self, out: torch.Tensor, offset: int, p: _Pending) -> torch.Tensor:
+    def _cut(self, out: torch.Tensor, offset: int, p: Pending) -> torch.Tensor:
         if out.dim() == 0:
             raise ValueError("an output has no batch dimension")
         part = out[offset : offset + p.rows]
@@ -359,6 +452,21 @@ class Batcher:
                     if t.shape[d] != o[d] and d < part.dim() and part.shape[d] == t.shape[d]:
                         part = part.narrow(d, 0, o[d])
         return part
+
+
+def _fail_all(batch: list[Pending], error: BaseException) -> None:
+    answers: dict[int, tuple[Sink, Answer]] = {}
+    for p in batch:
+        answers.setdefault(id(p.sink), (p.sink, Answer([], error=error)))[1].tags.append(p.tag)
+    for sink, a in answers.values():
+        _hand(sink, a)
+
+
+def _hand(sink: Sink, answer: Answer) -> None:
+    try:
+        sink.deliver(answer)
+    except Exception:  # one sink's bug must not keep the others' requests unanswered
+        log.exception("delivering results failed")
 
 
 def cat_and_pad(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:

@@ -160,18 +160,11 @@ class Worker:
 
     # -- what the model process says --
     def on_message(self, kind: int, payload: bytearray) -> None:
-        if kind == ipc.RESP:
-            rid, result = ipc.decode_response(memoryview(payload))
-            fut, offset = self._pending.pop(rid, (None, None))
-            if offset is not None:
-                self.arena.give(offset)
-            if fut is None or fut.done():
-                return
-            if isinstance(result, tuple):
-                kind_name, message = result
-                fut.set_exception(_ERRORS.get(kind_name, ModelFailure)(message))
-            else:
-                fut.set_result(result)
+        if kind == ipc.ROWS:
+            for rid, outputs in ipc.decode_rows(memoryview(payload)):
+                self._answered(rid, outputs)
+        elif kind == ipc.RESP:
+            self._answered(*ipc.decode_response(memoryview(payload)))
         elif kind == ipc.STATE:
             self._apply_state(json.loads(payload))
         elif kind == ipc.METRICS_PULL:
@@ -186,6 +179,18 @@ class Worker:
         elif kind == ipc.STOP:
             self.stopping = True
             self._stop.set()
+
+    def _answered(self, rid: int, result: list[torch.Tensor] | tuple[str, str]) -> None:
+        fut, offset = self._pending.pop(rid, (None, None))
+        if offset is not None:
+            self.arena.give(offset)
+        if fut is None or fut.done():
+            return
+        if isinstance(result, tuple):
+            kind_name, message = result
+            fut.set_exception(_ERRORS.get(kind_name, ModelFailure)(message))
+        else:
+            fut.set_result(result)
 
     def on_hub_lost(self) -> None:
         self._hub_lost = True

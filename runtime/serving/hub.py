@@ -10,7 +10,6 @@ again; its in-flight requests are lost with its connections, as they would be wi
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import multiprocessing
@@ -22,12 +21,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runtime.serving import ipc
-from runtime.serving.batching import Batcher
+from runtime.serving.batching import Answer, Batcher
 from runtime.serving.errors import InferError
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
 from runtime.serving.metrics import Metrics, merge
@@ -72,9 +70,8 @@ class _Writer:
             for conn, items in batches:
                 if conn.closed:
                     continue
-                chunks = [item if isinstance(item, bytes) else _encode_result(*item) for item in items]
                 with contextlib.suppress(OSError):  # the reader sees the connection end, replaces the worker
-                    conn.sock.sendall(b"".join(chunks))
+                    conn.sock.sendall(items[0] if len(items) == 1 else b"".join(items))
 
 
 @dataclass
@@ -83,19 +80,29 @@ class _Conn:
     sock: socket.socket
     arena: ipc.Arena
     writer: _Writer
-    outbox: list[Any] = field(default_factory=list)
+    outbox: list[bytes] = field(default_factory=list)
     closed: bool = False
     submitted: int = 0  # requests given to the batcher (reader thread only)
     answered: int = 0  # of those, answered (under `lock`: batcher threads and the reader)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def post(self, item: Any) -> None:
+    def post(self, item: bytes) -> None:
         w = self.writer
         with w.cond:
             self.outbox.append(item)
             if id(self) not in w.dirty:
                 w.dirty[id(self)] = self
                 w.cond.notify()
+
+    def deliver(self, answer: Answer) -> None:
+        """The batcher's sink: this worker's requests of one batch, answered in one message."""
+        if answer.sliced and answer.outputs is not None:
+            msg = ipc.encode_rows(answer.tags, answer.offsets, answer.rows, answer.outputs)
+        else:
+            msg = b"".join([_encode_result(rid, r) for rid, r in answer.results()])
+        with self.lock:
+            self.answered += len(answer.tags)
+        self.post(msg)
 
 
 class Hub:
@@ -278,12 +285,11 @@ class Hub:
                 conn.post(ipc.encode_error(int.from_bytes(payload[:8], "little"), "ModelFailure", str(e)))
                 return
             try:
-                fut = self.batcher.submit(inputs, rows)
+                self.batcher.submit_to(conn, rid, inputs, rows)
             except InferError as e:
                 conn.post(ipc.encode_error(rid, type(e).__name__, e.message))
                 return
             conn.submitted += 1
-            fut.add_done_callback(functools.partial(_done, conn, rid))
         elif kind == ipc.METRICS_REQ:
             rid, _ = ipc.unpack_id(memoryview(payload))
             threading.Thread(target=self._gather_metrics, args=(conn, rid), daemon=True).start()
@@ -383,18 +389,9 @@ def _page_unlock(arena: ipc.Arena) -> None:
         log.debug("cudaHostUnregister failed", extra={"error": repr(e)})
 
 
-def _done(conn: _Conn, rid: int, fut: Future[Any]) -> None:
-    with conn.lock:
-        conn.answered += 1
-    conn.post((rid, fut))
-
-
-def _encode_result(rid: int, fut: Future[Any]) -> bytes:
-    if fut.cancelled():
-        return ipc.encode_error(rid, "Unavailable", "the request was cancelled")
-    exc = fut.exception()
-    if exc is None:
-        return ipc.encode_response(rid, fut.result())
-    if isinstance(exc, InferError):
-        return ipc.encode_error(rid, type(exc).__name__, exc.message)
-    return ipc.encode_error(rid, "ModelFailure", f"{type(exc).__name__}: {exc}")
+def _encode_result(rid: int, r: BaseException | tuple[Any, ...]) -> bytes:
+    if not isinstance(r, BaseException):
+        return ipc.encode_response(rid, r)
+    if isinstance(r, InferError):
+        return ipc.encode_error(rid, type(r).__name__, r.message)
+    return ipc.encode_error(rid, "ModelFailure", f"{type(r).__name__}: {r}")

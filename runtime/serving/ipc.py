@@ -17,6 +17,7 @@ sent (the batcher waits for them, as it waits for announced requests in a single
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import struct
@@ -40,12 +41,15 @@ METRICS_PULL = 6  # model process -> worker: <Q id>; send your own metrics
 METRICS_TEXT = 7  # worker -> model process: <Q id> + text exposition
 METRICS_RESP = 8  # model process -> worker: <Q id> + merged text exposition
 STOP = 9  # model process -> worker: stop accepting, finish in-flight requests, exit
+ROWS = 10  # model process -> worker: the outputs of several requests of one batch, rows back to back
 
 _FRAME = struct.Struct("<IB")
 _REQ = struct.Struct("<QIB")  # id, rows, n inputs
 _TENSOR = struct.Struct("<BBBQQ")  # dtype code, ndim, in arena (1) or inline (0), offset, nbytes
 _RESP = struct.Struct("<QB")  # id, 0 ok / 1 error
 _ID = struct.Struct("<Q")
+_ROWS = struct.Struct("<IB")  # requests, outputs
+_ROW_META = struct.Struct("<BB")  # dtype code, dimensions per row
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.bool,
@@ -186,6 +190,70 @@ def decode_response(payload: memoryview) -> tuple[int, list[torch.Tensor] | tupl
         return rid, (kind, bytes(payload[pos + 1 + k :]).decode())
     metas, pos = _unpack_metas(payload, pos + 1, payload[pos])
     return rid, _tensors(metas, payload, pos, None)
+
+
+def encode_rows(
+    ids: Sequence[int], offsets: Sequence[int], rows: Sequence[int], outputs: Sequence[torch.Tensor]
+) -> bytes:
+    """One message answering several requests of one batch: request i gets rows offsets[i] : offsets[i] +
+    rows[i] of every output. Per output its rows travel back to back in request order (one slice of the
+    batch when the requests are consecutive in it, one numpy concatenation otherwise): no per-request
+    headers or tensors to build on the model process's side."""
+    n = len(ids)
+    head: list[bytes] = [_ROWS.pack(n, len(outputs))]
+    for o in outputs:
+        dims = o.shape[1:]
+        head.append(_ROW_META.pack(_CODE[o.dtype], len(dims)) + struct.pack(f"<{len(dims)}q", *dims))
+    head.append(struct.pack(f"<{n}Q", *ids) + struct.pack(f"<{n}I", *rows))
+    parts: list[bytes | memoryview] = [_padded(b"".join(head))]
+    consecutive = all(offsets[i] + rows[i] == offsets[i + 1] for i in range(n - 1))
+    for o in outputs:
+        a = datatypes.tensor_array(o)
+        if consecutive:
+            mine = a[offsets[0] : offsets[-1] + rows[-1]]
+        else:
+            mine = np.concatenate([a[x : x + r] for x, r in zip(offsets, rows, strict=True)])
+        raw = datatypes.array_buffer(mine)
+        parts += [raw, bytes(_align(len(raw)) - len(raw))]
+    payload = b"".join(parts)
+    return _FRAME.pack(len(payload) + 1, ROWS) + payload
+
+
+def decode_rows(payload: memoryview) -> list[tuple[int, list[torch.Tensor]]]:
+    """[(id, outputs)] from an encode_rows message; the tensors view `payload` (no copy)."""
+    n, n_out = _ROWS.unpack_from(payload, 0)
+    pos = _ROWS.size
+    metas = []
+    for _ in range(n_out):
+        code, ndim = _ROW_META.unpack_from(payload, pos)
+        pos += _ROW_META.size
+        metas.append((code, struct.unpack_from(f"<{ndim}q", payload, pos)))
+        pos += 8 * ndim
+    ids = struct.unpack_from(f"<{n}Q", payload, pos)
+    rows = struct.unpack_from(f"<{n}I", payload, pos + 8 * n)
+    pos = _align(pos + 12 * n)
+    total = sum(rows)
+    per_output = []
+    for code, dims in metas:
+        nbytes = total * DTYPES[code].itemsize * math.prod(dims)
+        a = np.frombuffer(payload[pos : pos + nbytes], dtype=datatypes.numpy_of(DTYPES[code]))
+        per_output.append((code, a.reshape((total, *dims))))
+        pos += _align(nbytes)
+    out = []
+    offset = 0
+    for rid, r in zip(ids, rows, strict=True):
+        out.append((rid, [_from_array(a[offset : offset + r], code) for code, a in per_output]))
+        offset += r
+    return out
+
+
+def _from_array(a: np.ndarray, code: int) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if DTYPES[code] == torch.bfloat16 else t
+
+
+def _padded(b: bytes) -> bytes:
+    return b + bytes(_align(len(b)) - len(b))
 
 
 def pack_id(i: int, rest: bytes = b"") -> bytes:

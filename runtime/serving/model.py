@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import weakref
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from runtime.serving.batching import Batcher
+from runtime.serving.batching import Answer, Batcher
 from runtime.serving.errors import NotFound, Unavailable
 from runtime.serving.signature import Signature
 
@@ -49,36 +47,33 @@ class ServedModel:
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
-        fut = self.batcher.submit(inputs, rows, announced=True)
-        return await _waker().wait(fut)
-
-
-T = TypeVar("T")
+        return await _waker().run(self.batcher, inputs, rows)
 
 
 class _Waker:
-    """Hands results from the batcher's threads to one event loop with one wake-up per burst: asyncio's
-    call_soon_threadsafe (what wrap_future uses) writes to the loop's self-pipe every time, a system call
-    per request of a batch, each a chance for the batcher to queue for the GIL again."""
+    """The batcher's sink for one event loop: a batch's results reach the loop with one wake-up (asyncio's
+    call_soon_threadsafe, what wrap_future uses per future, writes to the loop's self-pipe every time: a
+    system call per request of a batch, each a chance for the batcher to queue for the GIL again)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._done: list[tuple[asyncio.Future[Any], Future[Any]]] = []
+        self._done: list[tuple[Any, tuple[torch.Tensor, ...] | BaseException]] = []
         self._scheduled = False
 
-    async def wait(self, fut: Future[T]) -> T:
-        mine: asyncio.Future[T] = self._loop.create_future()
-        fut.add_done_callback(functools.partial(self._finished, mine))
+    async def run(self, batcher: Batcher, inputs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+        mine: asyncio.Future[tuple[torch.Tensor, ...]] = self._loop.create_future()
+        pending = batcher.submit_to(self, mine, inputs, rows, announced=True)
         try:
             return await mine
         except asyncio.CancelledError:
-            fut.cancel()  # the batcher skips a request cancelled before its batch runs
+            pending.cancelled = True  # the batcher skips a request cancelled before its batch forms
             raise
 
-    def _finished(self, mine: asyncio.Future[Any], fut: Future[Any]) -> None:  # any thread
+    def deliver(self, answer: Answer) -> None:  # the batcher's threads
+        results = answer.results()
         with self._lock:
-            self._done.append((mine, fut))
+            self._done += results
             if self._scheduled:
                 return
             self._scheduled = True
@@ -87,15 +82,13 @@ class _Waker:
     def _flush(self) -> None:  # the event loop
         with self._lock:
             done, self._done, self._scheduled = self._done, [], False
-        for mine, fut in done:
+        for mine, r in done:
             if mine.done():
                 continue
-            if fut.cancelled():
-                mine.cancel()
-            elif (exc := fut.exception()) is not None:
-                mine.set_exception(exc)
+            if isinstance(r, BaseException):
+                mine.set_exception(r)
             else:
-                mine.set_result(fut.result())
+                mine.set_result(r)
 
 
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker] = weakref.WeakKeyDictionary()

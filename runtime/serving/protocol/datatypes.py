@@ -77,6 +77,11 @@ def lookup(name: str) -> DataType:
 _NUMPY_OF: dict[torch.dtype, np.dtype[np.generic]] = {d.torch: d.numpy for d in DATATYPES.values()}
 
 
+def numpy_of(dtype: torch.dtype) -> np.dtype[np.generic]:
+    """The numpy dtype a torch dtype's bytes are read as (BF16: uint16)."""
+    return _NUMPY_OF[dtype]
+
+
 def tensor_view(
     raw: bytes | bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int]
 ) -> torch.Tensor:
@@ -87,13 +92,24 @@ def tensor_view(
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
+def tensor_array(t: torch.Tensor) -> np.ndarray:
+    """A numpy array viewing a CPU tensor's memory (BF16 as uint16: numpy has no bfloat16)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
 def tensor_buffer(t: torch.Tensor) -> memoryview:
     """The tensor's bytes, row-major: no copy when it is contiguous."""
     if t.nbytes == 0:
         return memoryview(b"")
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-        t = t.view(torch.int16)
-    a = t.numpy()
+    return array_buffer(tensor_array(t))
+
+
+def array_buffer(a: np.ndarray) -> memoryview:
+    """An array's bytes, row-major: no copy when it is contiguous."""
+    if a.size == 0:
+        return memoryview(b"")
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
     return a.data.cast("B")

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from runtime.serving.batching import Batcher
+from runtime.serving.batching import Answer, Batcher
 from runtime.serving.errors import QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
 
@@ -296,3 +296,56 @@ def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is
     for f in [first, *later]:
         assert f.result(5)[0].shape == (1, 4)
     b.close(5)
+
+
+def test_each_sink_gets_its_requests_of_a_batch_in_one_delivery() -> None:
+    """Requests from two sinks, interleaved in one batch: each sink gets one Answer per batch naming its own
+    requests' rows, which equal the unbatched model's outputs; a failed batch reaches every sink as one
+    error."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    gate, entered = threading.Event(), threading.Event()
+    fail = False
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        entered.set()
+        gate.wait(5)
+        if fail:
+            raise RuntimeError("device fault")
+        with torch.inference_mode():
+            return (model(xs[0]),)
+
+    class Collect:
+        def __init__(self) -> None:
+            self.answers: list[Answer] = []
+            self.done = threading.Event()
+
+        def deliver(self, answer: Answer) -> None:
+            self.answers.append(answer)
+            self.done.set()
+
+    a, b = Collect(), Collect()
+    batcher = Batcher(run, max_batch_size=16, max_delay_s=0.0)
+    first = batcher.submit_to(a, "a0", [torch.randn(1, 16)], 1)  # runs alone, holding the gate
+    assert entered.wait(5)
+    rows = [torch.randn(n, 16) for n in (2, 1, 3, 1)]
+    for i, (sink, x) in enumerate(zip([a, b, a, b], rows, strict=True)):
+        batcher.submit_to(sink, f"{'ab'[i % 2]}{i + 1}", [x], x.shape[0])
+    gate.set()
+    assert _until(lambda: len(a.answers) == 2 and len(b.answers) == 1)
+    second_a, only_b = a.answers[1], b.answers[0]
+    assert first.tag == "a0" and a.answers[0].tags == ["a0"]
+    assert second_a.tags == ["a1", "a3"] and only_b.tags == ["b2", "b4"]
+    assert second_a.sliced and second_a.outputs is only_b.outputs
+    for answer, xs in ((second_a, [rows[0], rows[2]]), (only_b, [rows[1], rows[3]])):
+        for (_, outs), x in zip(answer.results(), xs, strict=True):
+            assert not isinstance(outs, BaseException)
+            with torch.inference_mode():
+                torch.testing.assert_close(outs[0], model(x))
+    fail = True
+    batcher.submit_to(a, "a5", [torch.randn(1, 16)], 1)
+    assert _until(lambda: len(a.answers) == 3)
+    assert a.answers[2].tags == ["a5"] and not a.answers[2].sliced
+    ((tag, err),) = a.answers[2].results()
+    assert tag == "a5" and "device fault" in str(err)
+    batcher.close(5)

@@ -47,6 +47,28 @@ def test_request_round_trips_every_dtype_inline_and_through_the_arena(
             assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("order", ["consecutive", "interleaved"])
+def test_a_batchs_rows_answer_each_request_in_one_message(order: str) -> None:
+    """A sink's requests of one batch go back in one ROWS message: each request gets exactly its rows of
+    every output, whatever the dtype (BF16 included), the per-row shape (none, or with a 0 dimension) and
+    whether the sink's requests sit together in the batch or between other workers' requests."""
+    outs = [
+        _sample(torch.bfloat16, (9, 4)),
+        _sample(torch.int64, (9,)),
+        _sample(torch.bool, (9, 2, 3)),
+        _sample(torch.float32, (9, 0)),
+    ]
+    offsets, rows = ([0, 1, 3], [1, 2, 4]) if order == "consecutive" else ([0, 3, 8], [2, 1, 1])
+    (kind, payload), *rest = ipc.FrameReader().feed(ipc.encode_rows([11, 12, 13], offsets, rows, outs))
+    assert kind == ipc.ROWS and not rest
+    got = ipc.decode_rows(memoryview(payload))
+    assert [rid for rid, _ in got] == [11, 12, 13]
+    for (_, mine), a, r in zip(got, offsets, rows, strict=True):
+        assert len(mine) == len(outs)
+        for t, o in zip(mine, outs, strict=True):
+            assert t.dtype == o.dtype and t.shape == o[a : a + r].shape and torch.equal(t, o[a : a + r])
+
+
 def test_worker_and_model_process_see_the_same_arena(tmp_path: Path) -> None:
     a = _arena(tmp_path)
     b = ipc.Arena(a.path, a.slots, a.slot_bytes, create=False)  # what the other process maps

@@ -66,10 +66,9 @@ def test_a_failure_after_loading_is_reported_and_never_ready(
             s._pending[0].close(5)
 
 
-def test_a_burst_of_results_wakes_the_event_loop_once() -> None:
-    from concurrent.futures import Future
-
+def test_a_batch_of_results_wakes_the_event_loop_once() -> None:
     from runtime.serving import model
+    from runtime.serving.batching import Answer
 
     async def main() -> tuple[list[object], int]:
         loop = asyncio.get_running_loop()
@@ -82,19 +81,16 @@ def test_a_burst_of_results_wakes_the_event_loop_once() -> None:
             return schedule(*args)
 
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-        futs: list[Future[int]] = [Future() for _ in range(50)]
-        waits = [asyncio.ensure_future(model._waker().wait(f)) for f in futs]
-        await asyncio.sleep(0)
-
-        def burst() -> None:  # a batch answered by the batcher's thread while the loop is busy
-            for i, f in enumerate(futs[:-1]):
-                f.set_result(i)
-            futs[-1].set_exception(ValueError("bad row"))
-
-        t = threading.Thread(target=burst)
+        waker = model._waker()
+        futs: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(50)]
+        values: list[Any] = [*range(49), ValueError("bad row")]
+        first = Answer(futs[:20], split=values[:20])
+        rest = Answer(futs[20:], split=values[20:])
+        # a batch answered from the batcher's thread, in two deliveries, while the loop is busy
+        t = threading.Thread(target=lambda: (waker.deliver(first), waker.deliver(rest)))
         t.start()
         t.join()
-        return await asyncio.gather(*waits, return_exceptions=True), calls
+        return await asyncio.gather(*futs, return_exceptions=True), calls
 
     results, calls = asyncio.run(main())
     assert results[:-1] == list(range(49))
