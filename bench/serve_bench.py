@@ -12,12 +12,17 @@ with an empty compile cache and again with the cache the first start filled.
 `--workers 0,8` measures the server with its protocol on the model process's event loop and with 8 protocol
 worker processes, in the same run. Client parallelism: BENCH_WRK_THREADS (default 2) wrk threads,
 BENCH_GHZ_CONNECTIONS (default 4) gRPC connections.
+
+The last column is the server's CPU time per request during each point (model process, and the worker
+processes together), from /proc. `--models tiny` (256 -> 8 -> 10) does next to no compute: what is left is what
+a request costs the server itself, the CPU a GPU host spends per request.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -342,8 +347,27 @@ def _ceiling(
     return out
 
 
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by a server's model process and by its worker processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(p: int | str) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    children: list[str] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += (task / "children").read_text().split()
+    return used(pid), sum(used(c) for c in children)
+
+
 def _measure_server(
     a: argparse.Namespace,
+    pid: int,
     model: str,
     port: int,
     gport: int,
@@ -393,9 +417,13 @@ def _measure_server(
 
     def measured(key: tuple[str, int], fn: Callable[[], dict[str, float]]) -> None:
         s0, n0 = batch_counts()
+        m0, w0 = _cpu_seconds(pid)
         r = fn()
+        m1, w1 = _cpu_seconds(pid)
         s1, n1 = batch_counts()
         r["batch"] = (s1 - s0) / max(1.0, n1 - n0)
+        requests = max(1.0, r["rps"] * a.seconds)
+        r["cpu_model"], r["cpu_workers"] = (m1 - m0) / requests * 1e6, (w1 - w0) / requests * 1e6
         results[key] = r
 
     for c in a.concurrency:
@@ -448,7 +476,7 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
                 f"Cold start to ready: {cold:.1f} s with an empty compile cache, {warm:.1f} s with the cache "
                 f"(compile/load step {info['compile_seconds']:.1f} s, cache hit: {info['cache_hit']}).\n"
             )
-        _measure_server(a, model, port, gport, ghz, tmp, results, f"kubeforge w{workers}")
+        _measure_server(a, proc.pid, model, port, gport, ghz, tmp, results, f"kubeforge w{workers}")
         _stop(proc)
     proc, port, _, _ = _start("naive", a, model, cache, log)
     naive_body = json.dumps({"data": row.tolist()}).encode()
@@ -460,15 +488,16 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
     ceil = _ceiling(a, model, cache, [min(c, a.max_batch) for c in a.concurrency])
     lines.append(f"Ceiling: {ceil[0]['mode']} ({ceil[0]['path']}), in-process, same batch size.\n")  # type: ignore[index]
     lines.append(
-        "| concurrency | path | rows/s | x naive | % of ceiling | p50 ms | p99 ms | errors | mean batch |"
+        "| concurrency | path | rows/s | x naive | % of ceiling | p50 ms | p99 ms | errors | mean batch "
+        "| CPU us/request: model process, workers |"
     )
-    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in a.concurrency:
         ce = ceil[min(c, a.max_batch)]
         naive = results[("naive FastAPI eager", c)]["rps"] or float("nan")  # 0: every request timed out
         lines.append(
             f"| {c} | ceiling: compiled model, batch {min(c, a.max_batch)} | {ce['rps']:,.0f} | "
-            f"{ce['rps'] / naive:.1f} | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | | {min(c, a.max_batch)} |"
+            f"{ce['rps'] / naive:.1f} | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | | {min(c, a.max_batch)} | |"
         )
         for (path, cc), r in results.items():
             if cc != c:
@@ -476,7 +505,7 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
             lines.append(
                 f"| {c} | {path} | {r['rps']:,.0f} | {r['rps'] / naive:.1f} | "
                 f"{100 * r['rps'] / ce['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
-                f"{r.get('batch', float('nan')):.1f} |"
+                f"{r.get('batch', float('nan')):.1f} | {_cpu_cell(r)} |"
             )
     best = f"kubeforge w{a.workers_list[-1]}"
     kf1 = results.get((f"{best} gRPC", 1)) or results[(f"{best} REST binary", 1)]
@@ -487,6 +516,12 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
         )
     del np
     return lines
+
+
+def _cpu_cell(r: dict[str, float]) -> str:
+    if "cpu_model" not in r:
+        return ""
+    return f"{r['cpu_model']:.0f}, {r['cpu_workers']:.0f}" if r["cpu_workers"] else f"{r['cpu_model']:.0f}"
 
 
 def main() -> int:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.serving.errors import InferError, ModelFailure, QueueFull, Unavailable
+from runtime.serving.logs import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,7 @@ class Batcher:
             return batch
 
     def _loop(self) -> None:
+        name_os_thread()
         if self._setup is not None:
             try:
                 self._run = self._setup()
@@ -355,6 +357,7 @@ class Batcher:
             self._done_batch()
 
     def _finish_loop(self) -> None:
+        name_os_thread()
         while (item := self._launched.get()) is not None:
             live, wait, start = item
             try:

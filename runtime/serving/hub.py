@@ -28,6 +28,7 @@ from runtime.serving import ipc
 from runtime.serving.batching import Answer, Batcher
 from runtime.serving.errors import InferError
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
+from runtime.serving.logs import name_os_thread
 from runtime.serving.metrics import Metrics, merge
 from runtime.serving.server import ServeConfig
 
@@ -59,6 +60,7 @@ class _Writer:
         threading.Thread(target=self._loop, name="hub-write", daemon=True).start()
 
     def _loop(self) -> None:
+        name_os_thread()
         while True:
             with self.cond:
                 while not self.dirty:
@@ -231,6 +233,7 @@ class Hub:
     def _read(self) -> None:
         """One thread reads every worker's connection (and accepts new ones): decoding a request and
         queueing it takes microseconds, so one thread keeps up and leaves the GIL to the batcher."""
+        name_os_thread()
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ, None)
         while True:

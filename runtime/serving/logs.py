@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import sys
+import threading
 import time
 
 import orjson
@@ -38,3 +41,15 @@ def setup_logging(level: str = "info", json: bool = True) -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access", "torch._inductor", "torch._dynamo", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def name_os_thread() -> None:
+    """Give the calling thread's Python name to its OS thread (Linux, first 15 bytes), so `top -H`, py-spy and
+    /proc show which of the server's threads uses the CPU (Python < 3.14 leaves them all "python")."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(15, threading.current_thread().name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass

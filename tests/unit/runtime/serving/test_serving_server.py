@@ -96,3 +96,19 @@ def test_a_batch_of_results_wakes_the_event_loop_once() -> None:
     assert results[:-1] == list(range(49))
     assert isinstance(results[-1], ValueError)
     assert calls == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_server_threads_carry_their_names_to_the_os() -> None:
+    from runtime.serving.logs import name_os_thread
+
+    seen: dict[str, str] = {}
+
+    def body() -> None:
+        name_os_thread()
+        seen["comm"] = Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+    t = threading.Thread(target=body, name="batcher-a-long-model-name")
+    t.start()
+    t.join()
+    assert seen["comm"] == "batcher-a-long-"  # the kernel keeps 15 bytes
