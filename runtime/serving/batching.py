@@ -117,6 +117,11 @@ class _FutureSink:
 _FUTURES = _FutureSink()
 
 
+def _ewma(old: float | None, sample: float) -> float:
+    """A running estimate (of device or launch seconds): the newest sample weighs a fifth."""
+    return sample if old is None else old + (sample - old) * 0.2
+
+
 class Batcher:
     def __init__(
         self,
@@ -164,9 +169,14 @@ class Batcher:
         self._depth = max(1, depth)
         self._slots = threading.Semaphore(self._depth)
         # launched batches for the finishing thread, in launch (= stream) order; None stops it
-        self._launched: queue.SimpleQueue[tuple[list[Pending], Callable[[], Outputs], float] | None] = (
-            queue.SimpleQueue()
-        )
+        self._launched: queue.SimpleQueue[
+            tuple[list[Pending], Callable[[], Outputs], float, float, int] | None
+        ] = queue.SimpleQueue()
+        # pipelining: the next batch goes when the device is about to be done with the ones launched, by
+        # estimates of device seconds per batch size and of the seconds a launch takes (the CPU side)
+        self._device_s: dict[int, float] = {}
+        self._launch_s = 0.0
+        self._free_at = 0.0
         self._finisher: threading.Thread | None = None
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -282,9 +292,13 @@ class Batcher:
             while not self._closed and self.batched:
                 if self._rows[first.key] >= self.max_batch_size:
                     break
-                if self._running:  # the device is busy: fill the batch until it is done (notified)
+                if self._running:
+                    # the device is busy: fill the batch until it is about to be done (or done: notified)
+                    go_in = self._free_at - self._launch_s - time.perf_counter() if self._free_at else None
+                    if go_in is not None and go_in <= 0:
+                        break
                     self._device_wait = True
-                    self._cond.wait()
+                    self._cond.wait(go_in)
                     self._device_wait = False
                     continue
                 remaining = deadline - time.perf_counter()
@@ -344,9 +358,15 @@ class Batcher:
         live = [p for p in batch if not p.cancelled]
         outs = self._start(live) if live else None
         if callable(outs) and self._finisher is not None:
+            launched = time.perf_counter()
+            bucket = self._bucket(sum(p.rows for p in live))
             with self._cond:
                 self._running += 1
-            self._launched.put((live, outs, start))
+                self._launch_s = _ewma(self._launch_s or None, launched - start)
+                device_s = self._device_s.get(bucket)
+                # when the device will be done with all launched (unknown before a batch of this size ran)
+                self._free_at = max(launched, self._free_at) + device_s if device_s else 0.0
+            self._launched.put((live, outs, start, launched, bucket))
             return
         try:
             if callable(outs):
@@ -358,13 +378,21 @@ class Batcher:
 
     def _finish_loop(self) -> None:
         name_os_thread()
+        last_done = 0.0
         while (item := self._launched.get()) is not None:
-            live, wait, start = item
+            live, wait, start, launched, bucket = item
             try:
                 outs = self._wait(live, wait)
+                done = time.perf_counter()
                 with self._cond:
                     self._running -= 1
+                    # the device started on this batch once it was launched and the one before was done
+                    took = done - max(launched, last_done)
+                    self._device_s[bucket] = _ewma(self._device_s.get(bucket), took)
+                    if not self._running:
+                        self._free_at = 0.0
                     self._cond.notify_all()  # the next batch may go now
+                last_done = done
                 if outs is not None:
                     self._answer(live, outs, start)
             finally:

@@ -38,7 +38,7 @@ class Compiled:
     run: Runner  # tensors on the device → tuple of output tensors
     backend: str  # the backend that produced it (cpu, cuda, ...)
     mode: str  # aot | jit | eager: what actually runs
-    path: str  # how, in words: "aotinductor package", "torch.compile(inductor, reduce-overhead)", "eager"
+    path: str  # how, in words: "aotinductor package", "torch.compile(inductor, ...)", "eager"
     cache_hit: bool = False
     fallbacks: list[str] = field(default_factory=list)  # one line per fallback taken, with the reason
     batch_buckets: tuple[int, ...] | None = None  # pad batches up to these sizes (static shapes, CUDA graphs)

@@ -1,5 +1,6 @@
-"""NVIDIA CUDA: AOTInductor packages where loading them is safe, else torch.compile with CUDA graphs
-(mode reduce-overhead, one graph per batch bucket); Torch-TensorRT as its own backend when installed."""
+"""NVIDIA CUDA: AOTInductor packages where loading them is safe, else torch.compile with CUDA graphs (one
+static graph and one CUDA graph per batch bucket; torch.compile's reduce-overhead mode when sequence lengths
+vary); Torch-TensorRT as its own backend when installed."""
 
 from __future__ import annotations
 

@@ -189,6 +189,49 @@ def jit_compile(
     return call_module(compiled)
 
 
+_Graph = tuple[Any, list[torch.Tensor], tuple[torch.Tensor, ...]]  # CUDAGraph, static inputs, static outputs
+
+
+def cuda_graphs(run: Runner) -> Runner:
+    """One CUDA graph per input shape (the batcher's buckets), captured on first use around `run` (a
+    torch.compile'd module without cudagraphs of its own); a call copies the inputs into the graph's static
+    inputs and replays it: two or three torch calls instead of torch.compile's CUDA-graph-tree bookkeeping
+    (~0.4 ms of Python with the GIL per call for BERT-base on an H200). The outputs are the graph's static
+    outputs, which the next replay overwrites: a caller copies them out first (stream order keeps a queued
+    copy safe). Graphs share one memory pool, safe because they only ever replay one at a time on one
+    stream and each keeps its outputs alive."""
+    graphs: dict[tuple[Any, ...], _Graph] = {}
+    pool: list[Any] = []  # made at the first capture (a CUDA call)
+
+    def capture(inputs: Sequence[torch.Tensor]) -> _Graph:
+        static = [x.clone() for x in inputs]
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile, autotune and warm up outside the capture
+                run(static)
+        torch.cuda.current_stream().wait_stream(side)
+        if not pool:
+            pool.append(torch.cuda.graph_pool_handle())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool[0]):
+            outs = run(static)
+        return graph, static, outs
+
+    def call(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        key = tuple((x.shape, x.dtype) for x in inputs)
+        entry = graphs.get(key)
+        if entry is None:
+            entry = graphs[key] = capture(inputs)
+        graph, static, outs = entry
+        for s, x in zip(static, inputs, strict=True):
+            s.copy_(x, non_blocking=True)
+        graph.replay()
+        return outs
+
+    return call
+
+
 def static_batch_ok(req: CompileRequest) -> bool:
     """Static graphs per batch bucket need every other dimension fixed (no sequence-length recompiles)."""
     return all(-1 not in s.shape[1:] for s in req.signature.inputs)
@@ -227,13 +270,16 @@ def inductor_compile(req: CompileRequest, backend: str, *, cudagraphs: bool) -> 
                 )
     if req.mode in ("aot", "jit"):
         hit = load_jit_artifacts(entry)
-        mode = "reduce-overhead" if cudagraphs else None
         buckets = batch_buckets(req.max_batch_size, req.batch_sizes) if cudagraphs else None
         static = buckets is not None and static_batch_ok(req)
-        path = "torch.compile(inductor" + (", reduce-overhead: CUDA graphs" if cudagraphs else "")
-        path += ", one static graph per batch bucket)" if static else ")"
+        if static:  # fixed shapes per bucket: our own CUDA graph around each bucket's static graph
+            run = cuda_graphs(jit_compile(req, static=True))
+            path = "torch.compile(inductor, one static graph and one CUDA graph per batch bucket)"
+        else:  # variable sequence lengths: torch.compile's CUDA graph trees follow the shapes
+            run = jit_compile(req, mode="reduce-overhead" if cudagraphs else None)
+            path = "torch.compile(inductor" + (", reduce-overhead: CUDA graphs)" if cudagraphs else ")")
         return Compiled(
-            jit_compile(req, mode=mode, static=static),
+            run,
             backend,
             "jit",
             path,

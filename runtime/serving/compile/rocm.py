@@ -11,5 +11,5 @@ class RocmBackend(Backend):
     family = "rocm"
 
     def compile(self, req: CompileRequest) -> Compiled:
-        # HIP graphs behave like CUDA graphs under torch.compile's reduce-overhead mode
+        # torch.cuda.graph captures HIP graphs on ROCm: the same path as CUDA
         return inductor_compile(req, self.name, cudagraphs=True)

@@ -298,6 +298,42 @@ def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is
     b.close(5)
 
 
+def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> None:
+    """A launch takes CPU time (here 0.15 s) before the device starts on it: the next batch begins its launch
+    that long before the device is expected to finish the one running (device seconds per batch size, learnt
+    from earlier batches), so the device does not sit idle while the CPU launches, and the batch still
+    fills until then."""
+    import time
+
+    device_s, launch_s = 0.4, 0.15
+    state = {"end": 0.0}
+    log: list[tuple[float, float]] = []  # per batch: when its launch began, when the device finishes it
+
+    def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        entered = time.perf_counter()
+        time.sleep(launch_s)
+        end = state["end"] = max(time.perf_counter(), state["end"]) + device_s
+        log.append((entered, end))
+
+        def wait() -> tuple[torch.Tensor, ...]:
+            time.sleep(max(0.0, end - time.perf_counter()))
+            return (xs[0] * 2,)
+
+        return wait
+
+    b = Batcher(run, max_batch_size=8, max_delay_s=0.0, depth=2)
+    b.submit([torch.ones(1, 2)], 1).result(5)  # learns a batch of 1: device and launch seconds
+    running = b.submit([torch.ones(1, 2)], 1)
+    assert _until(lambda: len(log) == 2)
+    following = b.submit([torch.full((1, 2), 3.0)], 1)
+    torch.testing.assert_close(following.result(5)[0], torch.full((1, 2), 6.0))
+    assert running.result(5)[0].shape == (1, 2)
+    (_, running_end), (next_began, _) = log[1], log[2]
+    assert next_began < running_end  # launched before the device was done...
+    assert next_began > running_end - launch_s - 0.1  # ...and not at once: it waited until about then
+    b.close(5)
+
+
 def test_each_sink_gets_its_requests_of_a_batch_in_one_delivery() -> None:
     """Requests from two sinks, interleaved in one batch: each sink gets one Answer per batch naming its own
     requests' rows, which equal the unbatched model's outputs; a failed batch reaches every sink as one

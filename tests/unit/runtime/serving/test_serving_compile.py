@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from runtime.serving import compile as compiler
-from runtime.serving.compile.base import Backend, Compiled, CompileRequest
+from runtime.serving.compile.base import Backend, Compiled, CompileRequest, call_module
 from runtime.serving.compile.cache import CacheEntry, cache_key
 from runtime.serving.detect import Device, Hardware, detect_hardware
 from runtime.serving.examples import MLP
@@ -147,14 +147,15 @@ def test_aot_on_a_known_bad_torch_goes_to_jit_and_says_so(monkeypatch: pytest.Mo
     monkeypatch.setattr(inductor, "jit_compile", fake_jit)
     req = CompileRequest(MLP().eval(), SIG, "aot", detect_hardware().devices["cpu"], (1,), 8, None)
     c = inductor.inductor_compile(req, "cuda", cudagraphs=True)
-    assert calls == [] and c.mode == "jit" and "reduce-overhead" in c.path
+    assert calls == [] and c.mode == "jit"
     assert c.fallbacks and "aoti_load_package is known to crash" in c.fallbacks[0]
     assert c.batch_buckets == (1, 2, 4, 8)
-    # fixed row shape: one static graph per bucket; a variable sequence length keeps dynamic shapes
-    assert statics == [True] and "one static graph per batch bucket" in c.path
+    # fixed row shape: one static graph and one CUDA graph of ours per bucket; a variable sequence length
+    # keeps dynamic shapes and torch.compile's own CUDA graphs (reduce-overhead)
+    assert statics == [True] and "one static graph and one CUDA graph per batch bucket" in c.path
     seq = Signature((TensorSpec("ids", "INT64", (-1, -1)),), ())
     c = inductor.inductor_compile(replace(req, signature=seq), "cuda", cudagraphs=True)
-    assert statics == [True, False] and "static" not in c.path
+    assert statics == [True, False] and "static" not in c.path and "reduce-overhead" in c.path
 
 
 def test_static_jit_compiles_one_graph_per_batch_size_without_symbolic_shapes() -> None:
@@ -194,3 +195,26 @@ def test_static_jit_compiles_one_graph_per_batch_size_without_symbolic_shapes() 
     assert graphs(True) == (3, [False, False, False])
     n, symbolic = graphs(False)
     assert n == 2 and symbolic[-1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cuda_graphs_per_shape_equal_eager_and_keep_each_others_outputs() -> None:
+    """One graph per bucket, in one shared memory pool: replays of other buckets in between neither change
+    a bucket's results nor overwrite the outputs it left (the pool never hands them out)."""
+    from runtime.serving.compile import inductor
+
+    torch.manual_seed(0)
+    m = MLP().eval().cuda()
+    run = inductor.cuda_graphs(call_module(torch.compile(m, dynamic=False)))
+    xs = {n: torch.randn(n, 16, device="cuda") for n in (1, 4, 8)}
+    outs = {n: run([x])[0] for n, x in xs.items()}  # captures
+    kept = {n: o.clone() for n, o in outs.items()}
+    for _ in range(3):
+        for n in (8, 1, 4):
+            x = torch.randn(n, 16, device="cuda")
+            got = run([x])[0]
+            with torch.inference_mode():
+                torch.testing.assert_close(got, m(x))
+            kept[n] = got.clone()
+            for other, o in outs.items():  # every bucket's static outputs still hold its own last result
+                torch.testing.assert_close(o, kept[other])
