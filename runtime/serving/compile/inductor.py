@@ -198,10 +198,10 @@ def cuda_graphs(run: Runner) -> Runner:
     inputs and replays it: two or three torch calls instead of torch.compile's CUDA-graph-tree bookkeeping
     (~0.4 ms of Python with the GIL per call for BERT-base on an H200). The outputs are the graph's static
     outputs, which the next replay overwrites: a caller copies them out first (stream order keeps a queued
-    copy safe). Graphs share one memory pool, safe because they only ever replay one at a time on one
-    stream and each keeps its outputs alive."""
+    copy safe). Each graph has its own memory pool: with one pool shared by all (as torch.compile's trees
+    do, with their own liveness tracking), a replay of one bucket overwrote another bucket's outputs on the
+    H200 even though they were still referenced."""
     graphs: dict[tuple[Any, ...], _Graph] = {}
-    pool: list[Any] = []  # made at the first capture (a CUDA call)
 
     def capture(inputs: Sequence[torch.Tensor]) -> _Graph:
         static = [x.clone() for x in inputs]
@@ -211,10 +211,8 @@ def cuda_graphs(run: Runner) -> Runner:
             for _ in range(2):  # compile, autotune and warm up outside the capture
                 run(static)
         torch.cuda.current_stream().wait_stream(side)
-        if not pool:
-            pool.append(torch.cuda.graph_pool_handle())
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool[0]):
+        with torch.cuda.graph(graph):
             outs = run(static)
         return graph, static, outs
 

@@ -270,7 +270,7 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager() -> None:
 
     batcher = Batcher(setup=setup, max_batch_size=8, max_delay_s=0.001)
     assert batcher.ready.wait(300) and batcher.error is None
-    assert "CUDA graphs" in built["b"].compiled.path  # type: ignore[attr-defined]
+    assert "CUDA graph" in built["b"].compiled.path  # type: ignore[attr-defined]
     rows = [torch.randn(1 + i % 3, 16) for i in range(400)]
     futs = [batcher.submit([r], r.shape[0]) for r in rows]
     outs = [f.result(60)[0] for f in futs]

@@ -199,8 +199,8 @@ def test_static_jit_compiles_one_graph_per_batch_size_without_symbolic_shapes() 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_cuda_graphs_per_shape_equal_eager_and_keep_each_others_outputs() -> None:
-    """One graph per bucket, in one shared memory pool: replays of other buckets in between neither change
-    a bucket's results nor overwrite the outputs it left (the pool never hands them out)."""
+    """One graph per bucket: replays of other buckets in between neither change a bucket's results nor
+    overwrite the outputs it left (they did with one memory pool shared by every graph)."""
     from runtime.serving.compile import inductor
 
     torch.manual_seed(0)
