@@ -14,9 +14,10 @@ shapes reach the compiled model; padded rows and positions are cut off the outpu
 Pipelining (`depth` > 1): a runner may return a zero-argument function instead of outputs: the batch's
 device work is queued and that function waits for it. A second thread then waits and hands out the results
 while the batcher thread gathers the next batch. While a batch runs on the device the next one keeps
-filling (past max delay: its requests would wait for the device anyway) and is launched as soon as the
-device is done, or earlier once it is full (then up to `depth` batches are in flight). So the device does
-not idle while the CPU answers requests, and a busy device still gets full batches.
+filling (past max delay: its requests would wait for the device anyway) and is launched when the device is
+about to be done (running estimates of device seconds per batch size and of launch seconds), or earlier
+once it is full; up to `depth` batches are in flight. So the device idles neither while the CPU answers
+requests nor while it launches the next batch, and a busy device still gets full batches.
 
 Answers go to *sinks*, a batch at a time: a request names its sink and a tag (what the sink needs to find the
 request again), and each sink gets one `deliver` call per batch with all of its requests' results. The

@@ -5,7 +5,9 @@ A message is `<I length><B kind>` then its payload. Tensors travel as (dtype cod
 either lies in the worker's arena (slot offset, byte count) or follows the message header inline (requests
 larger than a slot, or when every slot is taken). Outputs always travel inline: they are small next to
 inputs for the models we serve, and it keeps the arena one-directional (the worker writes, the model
-process reads, the slot is free again when the response arrives).
+process reads, the slot is free again when the response arrives). A batch's answers for one worker are one
+ROWS message (ids and row counts, then each output's rows back to back); RESP answers one request (errors,
+and outputs that are not plain row slices of the batch).
 
 The arena is a file in /dev/shm created by the model process with posix_fallocate, so a full tmpfs fails at
 start-up with ENOSPC instead of a SIGBUS at the first request; the worker maps it and the model process
