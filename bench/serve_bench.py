@@ -14,8 +14,8 @@ worker processes, in the same run. Client parallelism: BENCH_WRK_THREADS (defaul
 BENCH_GHZ_CONNECTIONS (default 4) gRPC connections.
 
 The last column is the server's CPU time per request during each point (model process, and the worker
-processes together), from /proc. `--models tiny` (256 -> 8 -> 10) does next to no compute: what is left is what
-a request costs the server itself, the CPU a GPU host spends per request.
+processes together), from /proc. `--models tiny` (256 -> 8 -> 10) does next to no compute: what is left is
+what a request costs the server itself, the CPU a GPU host spends per request.
 """
 
 from __future__ import annotations
