@@ -50,12 +50,22 @@ class Bench:
 
 
 def _models() -> dict[str, Bench]:
+    import torch
+
     from runtime.serving import examples as ex
 
     return {
         "mlp": Bench(lambda: ex.MLP(256, 1024, 10), "FP32", (256,)),
         # next to no compute: what a request costs the server itself (the CPU a GPU host spends per request)
         "tiny": Bench(lambda: ex.MLP(256, 8, 10), "FP32", (256,)),
+        # the same with a ResNet-50-sized request (602 KB): what the body costs the server
+        "tinyimage": Bench(
+            lambda: torch.nn.Sequential(
+                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 10)
+            ),
+            "FP32",
+            (3, 224, 224),
+        ),
         "cnn": Bench(lambda: ex.SmallCNN(), "FP32", (3, 32, 32)),
         "resnet50": Bench(lambda: ex.ResNet50(), "FP32", (3, 224, 224)),
         "bert": Bench(lambda: ex.BertEncoder(), "INT64", (128,)),

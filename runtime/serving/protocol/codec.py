@@ -32,7 +32,9 @@ def tensor_from_bytes(
         raise BadRequest(
             f"input {name!r}: {len(raw)} bytes of {dt.name} data, shape {shape} needs {n * dt.itemsize}"
         )
-    return datatypes.tensor_view(bytearray(raw), dt.torch, shape)  # a copy: the request body is read-only
+    if memoryview(raw).readonly:  # gRPC's bytes: copy (tensors must be writable); REST's body is our own
+        raw = bytearray(raw)
+    return datatypes.tensor_view(raw, dt.torch, shape)
 
 
 def tensor_from_json(name: str, dt: datatypes.DataType, shape: list[int], data: Any) -> torch.Tensor:

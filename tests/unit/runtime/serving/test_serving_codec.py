@@ -118,3 +118,20 @@ def test_missing_input_is_named() -> None:
     body = orjson.dumps({"inputs": [{"name": "a", "shape": [1, 1], "datatype": "FP32", "data": [1]}]})
     with pytest.raises(BadRequest, match=r"missing input\(s\) \['b'\]"):
         decode_request(body, None, sig, max_batch_size=8)
+
+
+def test_binary_tensors_view_a_writable_body_and_copy_a_read_only_one() -> None:
+    """REST bodies are our own bytearray: the tensor views it (no copy of a 602 KB image). gRPC's raw
+    contents are bytes: the tensor gets a writable copy."""
+    from runtime.serving.protocol.codec import tensor_from_bytes
+
+    dt = datatypes.lookup("FP32")
+    values = np.arange(6, dtype=np.float32)
+    body = bytearray(values.tobytes())
+    t = tensor_from_bytes("x", dt, [2, 3], memoryview(body))
+    body[:4] = np.float32(42.0).tobytes()
+    assert t[0, 0].item() == 42.0  # a view of the body
+    raw = values.tobytes()
+    u = tensor_from_bytes("x", dt, [2, 3], raw)
+    u[0, 0] = 7.0  # writable, and the bytes are untouched
+    assert u[0, 0].item() == 7.0 and np.frombuffer(raw, dtype=np.float32)[0] == 0.0
