@@ -102,17 +102,23 @@ class Pending:
     cancelled: bool = False
 
 
+def settle(results: list[tuple[Any, Outputs | BaseException]]) -> None:
+    """Complete futures (concurrent or asyncio: the tags) with their results; one already done (cancelled
+    meanwhile) is left alone."""
+    for fut, r in results:
+        if fut.done():
+            continue
+        if isinstance(r, BaseException):
+            fut.set_exception(r)
+        else:
+            fut.set_result(r)
+
+
 class _FutureSink:
-    """`submit`'s sink: the tag is a Future (one cancelled meanwhile is left alone)."""
+    """`submit`'s sink: the tag is a Future."""
 
     def deliver(self, answer: Answer) -> None:
-        for fut, r in answer.results():
-            if fut.done():
-                continue
-            if isinstance(r, BaseException):
-                fut.set_exception(r)
-            else:
-                fut.set_result(r)
+        settle(answer.results())
 
 
 _FUTURES = _FutureSink()
@@ -357,10 +363,10 @@ class Batcher:
     def _launch(self, batch: list[Pending]) -> None:
         start = time.perf_counter()
         live = [p for p in batch if not p.cancelled]
-        outs = self._start(live) if live else None
+        bucket = self._bucket(sum(p.rows for p in live))  # the rows the batch is padded to
+        outs = self._start(live, bucket) if live else None
         if callable(outs) and self._finisher is not None:
             launched = time.perf_counter()
-            bucket = self._bucket(sum(p.rows for p in live))
             with self._cond:
                 self._running += 1
                 self._launch_s = _ewma(self._launch_s or None, launched - start)
@@ -404,14 +410,12 @@ class Batcher:
             self._inflight -= 1
         self._slots.release()
 
-    def _start(self, live: list[Pending]) -> Outputs | Callable[[], Outputs] | None:
-        """Gather and run (or launch) a batch; None when it failed (its requests have their error)."""
-        rows = sum(p.rows for p in live)
+    def _start(self, live: list[Pending], bucket: int) -> Outputs | Callable[[], Outputs] | None:
+        """Gather (padded to `bucket` rows) and run (or launch) a batch; None when it failed (its requests
+        have their error)."""
         try:
             if self.batched:
-                xs = self._gather(
-                    [[p.inputs[i] for p in live] for i in range(len(live[0].inputs))], self._bucket(rows)
-                )
+                xs = self._gather([[p.inputs[i] for p in live] for i in range(len(live[0].inputs))], bucket)
             else:
                 xs = live[0].inputs
             assert self._run is not None

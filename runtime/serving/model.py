@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from runtime.serving.batching import Answer, Batcher
+from runtime.serving.batching import Answer, Batcher, settle
 from runtime.serving.errors import NotFound, Unavailable
 from runtime.serving.signature import Signature
 
@@ -82,13 +82,7 @@ class _Waker:
     def _flush(self) -> None:  # the event loop
         with self._lock:
             done, self._done, self._scheduled = self._done, [], False
-        for mine, r in done:
-            if mine.done():
-                continue
-            if isinstance(r, BaseException):
-                mine.set_exception(r)
-            else:
-                mine.set_result(r)
+        settle(done)
 
 
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker] = weakref.WeakKeyDictionary()

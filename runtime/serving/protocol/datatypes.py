@@ -101,8 +101,6 @@ def tensor_array(t: torch.Tensor) -> np.ndarray:
 
 def tensor_buffer(t: torch.Tensor) -> memoryview:
     """The tensor's bytes, row-major: no copy when it is contiguous."""
-    if t.nbytes == 0:
-        return memoryview(b"")
     return array_buffer(tensor_array(t))
 
 
