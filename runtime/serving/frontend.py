@@ -106,6 +106,18 @@ class _Link(asyncio.Protocol):
         self.worker.on_hub_lost()
 
 
+@dataclass(eq=False)
+class SlotBody:
+    """A request body read into a slot of the worker's arena (runtime.serving.protocol.http1.Body)."""
+
+    worker: Worker
+    offset: int
+    view: memoryview
+
+    def release(self) -> None:
+        self.worker.release_slot(self.offset)
+
+
 class Worker:
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
@@ -121,6 +133,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._hub_lost = False
         self.link: _Link | None = None
+        self._outbox: list[bytes] = []  # requests for the model process, sent once per loop turn
+        self._lent: set[int] = set()  # slots holding request bodies being read or decoded
 
     # -- what the protocol layer calls --
     def is_ready(self) -> bool:
@@ -136,15 +150,64 @@ class Worker:
         if self._hub_lost or self.link is None or self.link.transport is None:
             self.batcher.withdraw()
             raise Unavailable("the model process is gone")
-        offset = self.arena.take(ipc.Arena.slot_need(inputs))
-        placed = self.arena.place(inputs, offset)
+        offset = self._slot_holding(inputs)
+        if offset is not None:  # the body was read into a slot: the tensors travel where they lie
+            self._lent.discard(offset)
+            placed = [ipc.Placed(t, t.data_ptr() - self.arena.address) for t in inputs]
+        else:
+            offset = self.arena.take(ipc.Arena.slot_need(inputs))
+            placed = self.arena.place(inputs, offset)
         rid = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, offset)
         self.batcher.withdraw()  # from here on the request is the model process's to count
-        self.link.transport.write(ipc.encode_request(rid, rows, placed))
+        self._post(ipc.encode_request(rid, rows, placed))
         result = await fut
         return tuple(result)
+
+    def _post(self, message: bytes) -> None:
+        """Queue a request for the model process. The requests that arrive in one turn of the event loop
+        leave together at its next turn: one write, one wake-up of the model process's reader, instead of
+        one per request (a send on the Unix socket was a fifth of a worker's time per request)."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(message)
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if self.link is not None and self.link.transport is not None and not self._hub_lost:
+            self.link.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def slot_body(self, length: int, header_len: int) -> SlotBody | None:
+        """A free slot to read a request body of `length` bytes into (the kernel writes it to shared memory
+        and nothing copies it again), placed so that the binary data after the JSON header of `header_len`
+        bytes starts 64-byte aligned. None when no slot is free or the body does not fit."""
+        pad = (-header_len) % 64
+        offset = self.arena.take(length + pad)
+        if offset is None:
+            return None
+        self._lent.add(offset)
+        start = offset + pad
+        return SlotBody(self, offset, self.arena.buf[start : start + length])
+
+    def release_slot(self, offset: int) -> None:
+        if offset in self._lent:  # not handed to the model process with its request
+            self._lent.discard(offset)
+            self.arena.give(offset)
+
+    def _slot_holding(self, inputs: list[torch.Tensor]) -> int | None:
+        """The lent slot that holds every one of `inputs` (each at its dtype's alignment), or None."""
+        arena = self.arena
+        slots = set()
+        for t in inputs:
+            at = t.data_ptr() - arena.address
+            if not (ipc.HEADER_BYTES <= at < arena.size) or at % t.element_size():
+                return None
+            slots.add(ipc.HEADER_BYTES + (at - ipc.HEADER_BYTES) // arena.slot_bytes * arena.slot_bytes)
+        if len(slots) != 1:
+            return None
+        (offset,) = slots
+        return offset if offset in self._lent else None
 
     async def render_metrics(self) -> bytes:
         if self._hub_lost or self.link is None or self.link.transport is None:
@@ -238,6 +301,7 @@ class Worker:
             self.is_ready,
             sock=sock,
             render_metrics=self.render_metrics,
+            slot_body=self.slot_body if self.arena.slots else None,
         )
         assert self.link.transport is not None
         self.link.transport.write(ipc.frame(ipc.HELLO, cfg.index.to_bytes(4, "little")))

@@ -39,7 +39,7 @@ def setup_logging(level: str = "info", json: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "torch._inductor", "torch._dynamo", "mlflow", "alembic"):
+    for noisy in ("torch._inductor", "torch._dynamo", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

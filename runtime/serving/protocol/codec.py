@@ -58,7 +58,7 @@ def _shape(name: str, value: Any) -> list[int]:
 
 
 def decode_request(
-    body: bytes | bytearray, header_length: int | None, sig: Signature, max_batch_size: int
+    body: bytes | bytearray | memoryview, header_length: int | None, sig: Signature, max_batch_size: int
 ) -> Request:
     """Parse an OIP infer request body (JSON, optionally followed by binary tensor data)."""
     if header_length is not None:

@@ -1,31 +1,56 @@
-"""Open Inference Protocol v2 over REST as a plain ASGI application (no framework on the hot path).
+"""Open Inference Protocol v2 over REST, served by runtime.serving.protocol.http1 (no framework, no ASGI).
 
 Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{m}[/versions/{v}], .../ready, /metrics;
 POST /v2/models/{m}[/versions/{v}]/infer. Errors are `{"error": "..."}` with a 4xx/5xx status.
+
+An infer request is announced to the batcher as soon as its head is read (the batcher waits for announced
+requests), and its body goes where `slot_body` says (a protocol worker's shared-memory slot, for binary
+tensor data) or into a buffer of its own.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
-from runtime.serving.errors import BadRequest, InferError, PayloadTooLarge
+from runtime.serving.errors import BadRequest, InferError
 from runtime.serving.metrics import CONTENT_TYPE, Metrics
-from runtime.serving.model import Repository
+from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol.codec import decode_request, encode_response
+from runtime.serving.protocol.http1 import Body, HttpError, PlainBody, Request, Response, error_response
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 _JSON = [(b"content-type", b"application/json")]
+# (body length, Inference-Header-Content-Length) -> a body in shared memory, or None
+SlotBody = Callable[[int, int], Body | None]
+SLOT_BODY_MIN = 64 << 10  # smaller bodies are copied into shared memory after decoding (cheap)
+
+
+class _Announced:
+    """A body whose request is announced to its model's batcher: withdrawn on release unless infer() took
+    the announcement over."""
+
+    __slots__ = ("inner", "model", "view")
+
+    def __init__(self, inner: Body, model: ServedModel) -> None:
+        self.view = inner.view
+        self.inner = inner
+        self.model: ServedModel | None = model
+        model.batcher.announce()
+
+    def take(self) -> None:
+        self.model = None
+
+    def release(self) -> None:
+        if self.model is not None:
+            self.model.batcher.withdraw()
+            self.model = None
+        self.inner.release()
 
 
 class RestApp:
@@ -38,6 +63,7 @@ class RestApp:
         max_payload_bytes: int,
         is_ready: Callable[[], bool],
         render_metrics: Callable[[], Awaitable[bytes]] | None = None,
+        slot_body: SlotBody | None = None,
     ) -> None:
         self.repo = repo
         self.metrics = metrics
@@ -45,36 +71,59 @@ class RestApp:
         self.max_payload = max_payload_bytes
         self.is_ready = is_ready
         self.render_metrics = render_metrics
+        self.slot_body = slot_body
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        path: str = scope["path"]
-        method: str = scope["method"]
+    # -- http1.App --
+    def body_buffer(self, req: Request, length: int) -> Body:
+        body: Body | None = None
+        infer = req.method == "POST" and req.path.endswith("/infer")
+        if infer and self.slot_body is not None and length >= SLOT_BODY_MIN:
+            head = req.header(b"inference-header-content-length")
+            if head is not None and head.isdigit():
+                body = self.slot_body(length, int(head))
+        if body is None:
+            body = PlainBody(memoryview(bytearray(length)))
+        model = self._model_of(req.path) if infer else None
+        return body if model is None else _Announced(body, model)
+
+    def answer_now(self, req: Request) -> Response | None:
+        if req.method == "POST" and req.path.endswith("/infer"):
+            return None
+        if req.method not in ("GET", "HEAD"):
+            return error_response(405, f"method {req.method} not allowed on {req.path}")
+        if req.path == "/metrics":
+            if self.render_metrics is not None:
+                return None
+            return 200, self.metrics.render(), [(b"content-type", CONTENT_TYPE.encode())]
         try:
-            if method == "POST" and path.endswith("/infer"):
-                await self._infer(scope, receive, send)
-                return
-            if method not in ("GET", "HEAD"):
-                raise _HttpError(405, f"method {method} not allowed on {path}")
-            if path == "/metrics":
-                text = await self.render_metrics() if self.render_metrics else self.metrics.render()
-                await _respond(send, 200, text, [(b"content-type", CONTENT_TYPE.encode())])
-                return
-            status, body, headers = self._get(path)
-            await _respond(send, status, body, headers)
-        except _HttpError as e:
-            await _respond(send, e.status, orjson.dumps({"error": e.message}), _JSON)
+            return self._get(req.path)
+        except HttpError as e:
+            return error_response(e.status, e.message)
         except InferError as e:
-            await _respond(send, e.http_status, orjson.dumps({"error": e.message}), _JSON)
+            return error_response(e.http_status, e.message)
+
+    async def answer(self, req: Request, body: Body) -> Response:
+        if req.path == "/metrics":
+            assert self.render_metrics is not None
+            return 200, await self.render_metrics(), [(b"content-type", CONTENT_TYPE.encode())]
+        try:
+            return await self._infer(req, body)
+        except HttpError as e:
+            return error_response(e.status, e.message)
+        except InferError as e:
+            return error_response(e.http_status, e.message)
+
+    def _model_of(self, path: str) -> ServedModel | None:
+        parts = path.strip("/").split("/")
+        if len(parts) < 4 or parts[:2] != ["v2", "models"]:
+            return None
+        name, version, rest = _model_path(parts)
+        if rest != ["infer"]:
+            return None
+        try:
+            return self.repo.get(name, version)
+        except InferError:
+            return None  # answered when the request is: 404 naming what is missing
 
     def _get(self, path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         if path == "/v2/health/live":
@@ -94,83 +143,55 @@ class RestApp:
                 ready = model.ready and self.is_ready()
                 body = {"name": model.name, "version": model.version, "ready": ready, **model.info}
                 return (200 if ready else 503), orjson.dumps(body), _JSON
-        raise _HttpError(404, f"no route {path}")
+        raise HttpError(404, f"no route {path}")
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _infer(self, req: Request, body: Body) -> Response:
         t0 = time.perf_counter()
-        parts = scope["path"].strip("/").split("/")
+        parts = req.path.strip("/").split("/")
         if len(parts) < 4 or parts[:2] != ["v2", "models"]:
-            raise _HttpError(404, f"no route {scope['path']}")
+            raise HttpError(404, f"no route {req.path}")
         name, version, rest = _model_path(parts)
         if rest != ["infer"]:
-            raise _HttpError(404, f"no route {scope['path']}")
+            raise HttpError(404, f"no route {req.path}")
         model = self.repo.get(name, version)
         code = 200
-        announced = False
         model_label = model.name
         self.metrics.inflight.labels(model_label).inc()
         try:
             header_len: int | None = None
-            length: int | None = None
-            for k, v in scope["headers"]:
+            for k, v in req.headers:
                 if k == b"inference-header-content-length":
                     header_len = _int_header(k, v)
-                elif k == b"content-length":
-                    length = _int_header(k, v)
                 elif k == b"content-encoding" and v not in (b"identity", b""):
-                    raise _HttpError(415, f"Content-Encoding {v.decode(errors='replace')} is not supported")
-            if length is not None and length > self.max_payload:
-                raise PayloadTooLarge(
-                    f"payload of {length} bytes exceeds the limit of {self.max_payload} bytes"
-                )
-            model.batcher.announce()
-            announced = True
-            body = await self._read_body(receive)
-            req = decode_request(body, header_len, model.signature, model.max_batch_size)
-            announced = False  # infer() consumes the announcement
-            outs = await model.infer(req.inputs, req.rows)
-            payload, head_len = encode_response(model.name, model.version, req, model.signature, outs)
-            headers = (
-                list(_JSON)
-                if head_len is None
-                else [
+                    raise HttpError(415, f"Content-Encoding {v.decode(errors='replace')} is not supported")
+            decoded = decode_request(body.view, header_len, model.signature, model.max_batch_size)
+            if isinstance(body, _Announced) and body.model is model:
+                body.take()  # infer() consumes the announcement
+            else:
+                model.batcher.announce()
+            outs = await model.infer(decoded.inputs, decoded.rows)
+            payload, head_len = encode_response(model.name, model.version, decoded, model.signature, outs)
+            if head_len is None:
+                return 200, payload, _JSON
+            return (
+                200,
+                payload,
+                [
                     (b"content-type", b"application/octet-stream"),
                     (b"inference-header-content-length", str(head_len).encode()),
-                ]
+                ],
             )
-            await _respond(send, 200, payload, headers)
-        except _HttpError as e:
+        except HttpError as e:
             code = e.status
             raise
         except InferError as e:
             code = e.http_status
             raise
         finally:
-            if announced:
-                model.batcher.withdraw()
             self.metrics.inflight.labels(model_label).dec()
             self.metrics.requests.labels(model_label, "rest", str(code)).inc()
             if code == 200:
                 self.metrics.latency.labels(model_label, "rest").observe(time.perf_counter() - t0)
-
-    async def _read_body(self, receive: Receive) -> bytearray:
-        body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise BadRequest("client disconnected before sending the whole body")
-            body += msg.get("body", b"")
-            if len(body) > self.max_payload:
-                raise PayloadTooLarge(f"payload exceeds the limit of {self.max_payload} bytes")
-            if not msg.get("more_body", False):
-                return body
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _int_header(name: bytes, value: bytes) -> int:
@@ -188,14 +209,3 @@ def _model_path(parts: list[str]) -> tuple[str, str | None, list[str]]:
     if len(parts) >= 5 and parts[3] == "versions":
         return name, parts[4], parts[5:]
     return name, None, parts[3:]
-
-
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

@@ -226,3 +226,49 @@ def test_gpu_page_unlock_undoes_page_lock() -> None:
     assert not view().is_pinned()
     arena.close()
     assert arena.closed
+
+
+class _Recording:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+def test_a_workers_requests_of_one_loop_turn_reach_the_model_process_in_one_write(tmp_path: Path) -> None:
+    import asyncio
+
+    from runtime.serving.frontend import Worker, WorkerConfig, _Link
+    from runtime.serving.server import ServeConfig
+
+    a = _arena(tmp_path)
+    cfg = WorkerConfig(0, str(tmp_path / "sock"), a.path, a.slots, a.slot_bytes, ServeConfig(model_uri="x"))
+
+    async def scenario() -> tuple[list[bytes], list[tuple[torch.Tensor, ...]]]:
+        worker = Worker(cfg)
+        worker.link = _Link(worker)
+        worker.link.transport = _Recording()  # type: ignore[assignment]
+        xs = [torch.full((1, 4), float(i)) for i in range(5)]
+        calls = [asyncio.ensure_future(worker.infer([x], 1)) for x in xs]
+        await asyncio.sleep(0)  # every call runs up to its await; the flush is due at the next turn
+        assert worker.link.transport.writes == []  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        writes = list(worker.link.transport.writes)  # type: ignore[attr-defined]
+        # the model process answers all five in one batch
+        reader = ipc.FrameReader()
+        requests = [ipc.decode_request(memoryview(p), a.buf) for _, p in reader.feed(writes[0])]
+        ids = [rid for rid, _, _ in requests]
+        doubled = torch.cat([inputs[0] for _, _, inputs in requests]) * 2
+        rows = ipc.encode_rows(ids, list(range(5)), [1] * 5, [doubled])
+        for kind, payload in ipc.FrameReader().feed(rows):
+            worker.on_message(kind, payload)
+        return writes, list(await asyncio.gather(*calls))
+
+    writes, results = asyncio.run(scenario())
+    assert len(writes) == 1
+    assert [k for k, _ in ipc.FrameReader().feed(writes[0])] == [ipc.REQ] * 5
+    for i, (y,) in enumerate(results):
+        assert torch.equal(y, torch.full((1, 4), 2.0 * i))

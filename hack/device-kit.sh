@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build the kit the lent GPU machine needs for bench/serve_bench.py (it has torch and Python 3.12 but no
+# package index): Python 3.12 wheels of the serving runtime's dependencies, py-spy, ghz (gRPC load, Go
+# module proxy) and wrk (REST load, Debian package with its LuaJIT). Output: .cache/dev (git-ignored), passed
+# to the device tool's `carry`. On the device: `bash .cache/dev/setup.sh` then run the bench with
+# PYTHONPATH=/tmp/site PATH=$PWD/.cache/dev/bin:$PATH.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+K=$ROOT/.cache/dev
+mkdir -p "$K/wheels" "$K/bin" "$K/lib"
+pip=${PIP:-$ROOT/.venv/bin/pip}
+"$pip" download -q -d "$K/wheels" --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+  fastapi uvicorn httptools orjson grpcio protobuf prometheus_client pyyaml py-spy numpy
+[[ -x $K/bin/ghz ]] || GOBIN=$K/bin CGO_ENABLED=0 go install github.com/bojand/ghz/cmd/ghz@latest
+if [[ ! -x $K/bin/wrk ]]; then
+  t=$(mktemp -d)
+  (cd "$t" && apt-get download wrk 'libluajit-5.1-2' >/dev/null)
+  for d in "$t"/*.deb; do dpkg-deb -x "$d" "$t/x"; done
+  cp "$t/x/usr/bin/wrk" "$K/bin/wrk.bin"
+  cp -P "$t"/x/usr/lib/x86_64-linux-gnu/libluajit-5.1.so* "$K/lib/"
+  printf '#!/bin/sh\nd=$(dirname "$(readlink -f "$0")")\nLD_LIBRARY_PATH=$d/../lib exec "$d/wrk.bin" "$@"\n' >"$K/bin/wrk"
+  chmod +x "$K/bin/wrk"
+  rm -rf "$t"
+fi
+cat >"$K/setup.sh" <<'EOS'
+# on the device: install the carried wheels into /tmp/site (no index there)
+pip install -q --no-index --find-links "$(dirname "$0")/wheels" --target /tmp/site \
+  fastapi uvicorn httptools orjson grpcio protobuf prometheus_client pyyaml py-spy 2>&1 | tail -2
+EOS
+du -sh "$K"

@@ -1,0 +1,236 @@
+"""The REST protocol's HTTP/1.1 server (runtime.serving.protocol.http1) over real sockets on 127.0.0.1:
+framing (keep-alive, pipelining, chunked bodies, 100-continue, HEAD, HTTP/1.0), limits, bodies read into the
+buffer the application names, bodies released on every path, and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from runtime.serving.protocol.http1 import Body, HttpServer, PlainBody, Request, Response
+
+
+class EchoApp:
+    """GET /x answers at once; POST echoes the body (after `delay` s); bodies go to buffers it keeps."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.buffers: list[bytearray] = []
+        self.released = 0
+        self.started = asyncio.Event()
+
+    def body_buffer(self, req: Request, length: int) -> Body:
+        buf = bytearray(length)
+        self.buffers.append(buf)
+        app = self
+
+        class Tracked(PlainBody):
+            def release(self) -> None:
+                app.released += 1
+
+        return Tracked(memoryview(buf))
+
+    def answer_now(self, req: Request) -> Response | None:
+        if req.method in ("GET", "HEAD"):
+            return 200, b"hello " + req.path.encode(), [(b"content-type", b"text/plain")]
+        return None
+
+    async def answer(self, req: Request, body: Body) -> Response:
+        self.started.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return 200, bytes(body.view), [(b"content-type", b"application/octet-stream")]
+
+
+async def _read_response(r: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes], bytes]:
+    head = await r.readuntil(b"\r\n\r\n")
+    lines = head[:-4].split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    if status == 100:
+        return status, headers, b""
+    body = await r.readexactly(int(headers.get(b"content-length", b"0")))
+    return status, headers, body
+
+
+def _serve(
+    app: Any, scenario: Callable[[int, HttpServer], Awaitable[None]], *, max_payload: int = 1 << 20
+) -> None:
+    async def main() -> None:
+        server = HttpServer(app, max_payload=max_payload)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            await scenario(port, server)
+        finally:
+            await server.stop(1.0)
+
+    asyncio.run(main())
+
+
+def _post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n%s\r\n" % (path.encode(), len(body), extra)
+        + body
+    )
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order() -> None:
+    app = EchoApp()
+
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await _read_response(r))[2] == b"hello /a"
+        # three requests in one write: a GET, a POST answered later, a GET again
+        w.write(b"GET /b HTTP/1.1\r\n\r\n" + _post("/p", b"x" * 1000) + b"GET /c HTTP/1.1\r\n\r\n")
+        got = [await _read_response(r) for _ in range(3)]
+        assert [g[2] for g in got] == [b"hello /b", b"x" * 1000, b"hello /c"]
+        assert all(g[0] == 200 and b"connection" not in g[1] for g in got)
+        w.close()
+
+    _serve(app, scenario)
+    assert app.released == 1
+
+
+def test_body_is_read_into_the_applications_buffer_across_many_reads() -> None:
+    app = EchoApp()
+    payload = bytes(range(256)) * 4096  # 1 MiB: many socket reads
+
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        msg = _post("/p", payload)
+        for i in range(0, len(msg), 70_001):
+            w.write(msg[i : i + 70_001])
+            await w.drain()
+        status, _, body = await _read_response(r)
+        assert status == 200 and body == payload
+        w.close()
+
+    _serve(app, scenario, max_payload=2 << 20)
+    assert [bytes(b) for b in app.buffers] == [payload]  # the one buffer the app handed out holds it
+
+
+def test_chunked_body_and_expect_100_continue() -> None:
+    app = EchoApp()
+
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+        for part in (b"5;ext=1\r\nhello\r\n", b"6\r\n wor", b"ld\r\n", b"0\r\n", b"trailer: x\r\n\r\n"):
+            w.write(part)
+            await w.drain()
+            await asyncio.sleep(0.01)
+        assert (await _read_response(r))[2] == b"hello world"
+        w.write(b"POST /p HTTP/1.1\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n")
+        assert (await _read_response(r))[0] == 100
+        w.write(b"abc")
+        assert (await _read_response(r))[2] == b"abc"
+        w.close()
+
+    _serve(app, scenario)
+
+
+def test_oversized_body_is_refused_read_and_dropped_and_the_connection_goes_on() -> None:
+    app = EchoApp()
+
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post("/p", b"y" * 5000) + b"GET /after HTTP/1.1\r\n\r\n")
+        status, _, body = await _read_response(r)
+        assert status == 413 and b"payload of 5000 bytes exceeds the limit of 4096 bytes" in body
+        assert (await _read_response(r))[2] == b"hello /after"
+        w.close()
+
+    _serve(app, scenario, max_payload=4096)
+    assert app.buffers == []  # never given a buffer
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "problem"),
+    [
+        (b"NONSENSE\r\n\r\n", 400, b"malformed request line"),
+        (b"GET / HTTP/2.0\r\n\r\n", 505, b"not supported"),
+        (b"POST /p HTTP/1.1\r\ncontent-length: ten\r\n\r\n", 400, b"content-length is not an integer"),
+        (b"POST /p HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n", 501, b"gzip is not supported"),
+        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400, b"malformed header line"),
+        (b"GET / HTTP/1.1\r\nx: " + b"a" * 70_000 + b"\r\n\r\n", 431, b"request head larger"),
+        (b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400, b"malformed chunk size"),
+    ],
+)
+def test_broken_requests_get_an_error_naming_the_problem_and_a_closed_connection(
+    request_bytes: bytes, status: int, problem: bytes
+) -> None:
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(request_bytes)
+        got, headers, body = await _read_response(r)
+        assert got == status and problem in body and headers[b"connection"] == b"close"
+        assert await r.read() == b""  # closed
+        w.close()
+
+    _serve(EchoApp(), scenario)
+
+
+def test_head_and_http_1_0() -> None:
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"HEAD /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n")
+        head = await r.readuntil(b"\r\n\r\n")
+        assert b"content-length: 8" in head  # the GET's length, without its body
+        assert (await _read_response(r))[2] == b"hello /y"
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /z HTTP/1.0\r\n\r\n")
+        status, headers, body = await _read_response(r)
+        assert (status, body, headers[b"connection"]) == (200, b"hello /z", b"close")
+        assert await r.read() == b""
+        w.close()
+
+    _serve(EchoApp(), scenario)
+
+
+def test_a_body_the_client_abandons_is_released() -> None:
+    app = EchoApp()
+
+    async def scenario(port: int, server: HttpServer) -> None:
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post("/p", b"z" * 100_000)[:50_000])
+        await w.drain()
+        for _ in range(100):
+            if app.buffers:
+                break
+            await asyncio.sleep(0.01)
+        w.close()
+        for _ in range(100):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+
+    _serve(app, scenario)
+    assert len(app.buffers) == 1 and app.released == 1
+
+
+def test_stop_closes_idle_connections_and_lets_answers_in_flight_finish() -> None:
+    app = EchoApp(delay=0.3)
+
+    async def scenario(port: int, server: HttpServer) -> None:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        idle_w.write(b"GET /a HTTP/1.1\r\n\r\n")
+        await _read_response(idle_r)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post("/p", b"late"))
+        await app.started.wait()
+        stopping = asyncio.create_task(server.stop(5.0))
+        assert await idle_r.read() == b""  # the idle connection is closed at once
+        status, headers, body = await _read_response(r)
+        assert (status, body, headers[b"connection"]) == (200, b"late", b"close")
+        await stopping
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
+        w.close()
+        idle_w.close()
+
+    _serve(app, scenario)
