@@ -272,3 +272,61 @@ def test_a_workers_requests_of_one_loop_turn_reach_the_model_process_in_one_writ
     assert [k for k, _ in ipc.FrameReader().feed(writes[0])] == [ipc.REQ] * 5
     for i, (y,) in enumerate(results):
         assert torch.equal(y, torch.full((1, 4), 2.0 * i))
+
+
+def test_a_body_read_into_a_slot_travels_from_there_aligned_and_the_slot_comes_back_once(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    import orjson
+
+    from runtime.serving.frontend import Worker, WorkerConfig, _Link
+    from runtime.serving.protocol.codec import decode_request
+    from runtime.serving.server import ServeConfig
+    from runtime.serving.signature import Signature, TensorSpec
+
+    a = _arena(tmp_path, slots=2, slot_bytes=1 << 16)
+    cfg = WorkerConfig(0, str(tmp_path / "sock"), a.path, a.slots, a.slot_bytes, ServeConfig(model_uri="x"))
+    sig = Signature((TensorSpec("x", "FP32", (-1, 3, 8)),), ())
+    x = torch.randn(2, 3, 8)
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 3, 8], "datatype": "FP32", "parameters": {"binary_data_size": 192}}
+            ]
+        }
+    )
+    body = head + x.numpy().tobytes()
+
+    async def scenario() -> None:
+        worker = Worker(cfg)
+        worker.link = _Link(worker)
+        worker.link.transport = _Recording()  # type: ignore[assignment]
+        # a body that is never decoded (client gone, bad request): released, its slot free again
+        lost = worker.slot_body(len(body), len(head))
+        assert lost is not None
+        lost.release()
+        lost.release()
+        assert sorted(worker.arena._free) == [0, 1]
+        slot = worker.slot_body(len(body), len(head))
+        assert slot is not None
+        slot.view[:] = body  # what the socket reads write
+        req = decode_request(slot.view, len(head), sig, 8)
+        call = asyncio.ensure_future(worker.infer(req.inputs, req.rows))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        ((kind, payload),) = ipc.FrameReader().feed(worker.link.transport.writes[0])  # type: ignore[attr-defined]
+        rid, rows, (seen,) = ipc.decode_request(memoryview(payload), a.buf)  # the model process's view
+        assert kind == ipc.REQ and rows == 2 and torch.equal(seen, x)
+        offset = seen.data_ptr() - a.address
+        assert offset % 64 == 0 and slot.offset <= offset < slot.offset + a.slot_bytes  # in place, aligned
+        assert len(payload) < 100  # no tensor bytes inline
+        slot.release()  # the HTTP layer lets go of its body: the slot is the model process's now
+        assert worker.arena._free == [1]  # slot 0 still holds the request
+        for k, p in ipc.FrameReader().feed(ipc.encode_rows([rid], [0], [2], [seen * 2])):
+            worker.on_message(k, p)
+        (y,) = await call
+        assert torch.equal(y, x * 2) and sorted(worker.arena._free) == [0, 1]
+
+    asyncio.run(scenario())
