@@ -1,10 +1,11 @@
 """The model process's side of the protocol workers (runtime.serving.frontend): it reserves the ports, starts
 the workers, feeds their requests to the batcher and sends the outputs back.
 
-Per worker: a shared-memory arena (ipc.Arena), a Unix-socket connection, a reader thread (decode, submit to
-the batcher: a few microseconds of Python per request, no event loop in between) and a writer thread
-(responses of a whole batch in one send). A worker that dies while the server is not stopping is started
-again; its in-flight requests are lost with its connections, as they would be with the process.
+Per worker: a shared-memory arena (ipc.Arena) and a Unix-socket connection. One reader thread for all of
+them (decode, submit to the batcher: a few microseconds of Python per request, no event loop in between);
+a batch's responses to a worker leave in one send, from the answering thread itself when the socket has
+room, else from the writer thread. A worker that dies while the server is not stopping is started again;
+its in-flight requests are lost with its connections, as they would be with the process.
 """
 
 from __future__ import annotations
@@ -69,11 +70,14 @@ class _Writer:
                 batches = [(c, c.outbox) for c in conns]
                 for c in conns:
                     c.outbox = []
+                    c.sending = True
             for conn, items in batches:
-                if conn.closed:
-                    continue
-                with contextlib.suppress(OSError):  # the reader sees the connection end, replaces the worker
-                    conn.sock.sendall(items[0] if len(items) == 1 else b"".join(items))
+                if not conn.closed:
+                    with contextlib.suppress(OSError):  # the reader sees the connection end, replaces it
+                        conn.sock.sendall(items[0] if len(items) == 1 else b"".join(items))
+            with self.cond:
+                for conn, _ in batches:
+                    conn.sending = False
 
 
 @dataclass
@@ -87,10 +91,25 @@ class _Conn:
     submitted: int = 0  # requests given to the batcher (reader thread only)
     answered: int = 0  # of those, answered (under `lock`: batcher threads and the reader)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    sending: bool = False  # the writer thread is sending this connection's earlier messages
 
     def post(self, item: bytes) -> None:
+        """Send `item` now if the socket takes all of it without waiting and nothing sent earlier is still
+        queued (no thread hop, no wake-up of the writer: the finishing thread answers a batch's workers
+        itself); otherwise the writer thread sends it after what is queued, so one stuck worker never
+        blocks the thread that answers batches."""
         w = self.writer
         with w.cond:
+            if not self.outbox and not self.sending and not self.closed:
+                try:
+                    sent = self.sock.send(item, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return  # the reader sees the connection end, replaces the worker
+                if sent == len(item):
+                    return
+                item = item[sent:]
             self.outbox.append(item)
             if id(self) not in w.dirty:
                 w.dirty[id(self)] = self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -330,3 +331,46 @@ def test_a_body_read_into_a_slot_travels_from_there_aligned_and_the_slot_comes_b
         assert torch.equal(y, x * 2) and sorted(worker.arena._free) == [0, 1]
 
     asyncio.run(scenario())
+
+
+def test_answers_to_a_worker_go_out_directly_and_in_order_when_its_socket_is_full(tmp_path: Path) -> None:
+    import socket
+
+    from runtime.serving.hub import _Conn, _Writer
+
+    writer = _Writer.__new__(_Writer)  # its queue without its thread: the test sends what it queues
+    writer.cond = threading.Condition()
+    writer.dirty = {}
+    ours, worker_end = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    conn = _Conn(0, ours, _arena(tmp_path), writer)
+    conn.post(b"a" * 10)
+    assert worker_end.recv(100) == b"a" * 10  # sent by the posting thread itself
+    big = bytes(range(256)) * 4096  # 1 MiB: more than the socket holds; the rest waits for the writer
+    conn.post(big)
+    assert writer.dirty == {id(conn): conn} and len(conn.outbox) == 1
+    worker_end.setblocking(False)
+
+    def drain() -> bytes:
+        out = bytearray()
+        with contextlib.suppress(BlockingIOError):
+            while chunk := worker_end.recv(1 << 20):
+                out += chunk
+        return bytes(out)
+
+    head = drain()  # the worker reads all that was sent: the socket has room again
+    assert 0 < len(head) < len(big)
+    conn.post(b"tail")  # queued behind the rest of `big`, not sent into that room ahead of it
+    assert len(conn.outbox) == 2
+    assert drain() == b""
+    rest = b"".join(conn.outbox)
+    sender = threading.Thread(target=ours.sendall, args=(rest,))  # what the writer thread does
+    sender.start()
+    got = bytearray(head)
+    worker_end.setblocking(True)
+    while len(got) < len(big) + 4:
+        got += worker_end.recv(1 << 20)
+    sender.join()
+    assert bytes(got) == big + b"tail"
+    ours.close()
+    worker_end.close()
