@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         "--torch-threads",
         type=int,
         default=0,
-        help="intra-op threads of the model (serve default 0: all cores but one)",
+        help="intra-op threads of the model (default 0: all cores but one on a CPU, 4 on an accelerator)",
     )
     sub.add_parser("compile", parents=[common], help="compile into the cache and exit (init container)")
     s = sub.add_parser("serve", parents=[common], help="serve over REST and gRPC")

@@ -69,7 +69,7 @@ class ServeConfig:
     max_payload_bytes: int = 64 << 20
     drain_delay_s: float = 0.0
     grace_s: float = 30.0
-    torch_threads: int = 0  # intra-op threads of the model's worker thread; 0: all cores but one
+    torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
     log_level: str = "info"
     started: float = field(default_factory=time.time)

@@ -1,0 +1,95 @@
+"""Where a serving request's time goes under load: a diagnostic, not a benchmark (bench/serve_bench.py is).
+
+Starts the bench's Kubeforge server, loads it with wrk, and prints one SUMMARY line: throughput, wrk's
+p50/p99, CPU per request (model process, workers; /proc), and from /metrics sums over the run: mean
+batch, launch to answer per batch, the oldest request's queue time per batch, and the time a request spends
+inside the server's REST handler. With GIL=1 it also records a py-spy `--gil` profile of the model
+process (needs py-spy).
+
+    MODEL=bert W=8 C=64 D=5 DEV=cuda python hack/serve-profile.py     # on the lent GPU (see device-kit.sh)
+    MODEL=tiny W=1 C=16 D=5 DEV=cpu  python hack/serve-profile.py     # here
+
+Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (seconds), DEV (cpu|cuda),
+DELAY (max delay ms, default 2), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
+import serve_bench as sb  # noqa: E402
+
+
+def _sums(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name.startswith("kubeforge_") and name.endswith(("_sum", "_count")):
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def main() -> None:
+    env = os.environ.get
+    model, workers, conns, secs = (
+        env("MODEL", "tiny"),
+        int(env("W", "1")),
+        int(env("C", "16")),
+        float(env("D", "5")),
+    )
+    dev = env("DEV", "cpu")
+    a = argparse.Namespace(
+        device=dev,
+        mode="aot",
+        max_batch=64,
+        delay_ms=float(env("DELAY", "2.0")),
+        precision="bf16" if dev == "cuda" else "fp32",
+        start_timeout=600,
+    )
+    tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
+    tmp.mkdir(exist_ok=True)
+    proc, port, _, _ = sb._start("kubeforge", a, model, str(tmp / f"cache-{model}"), tmp / "log", workers)
+    try:
+        row = sb._row(model)
+        spec = {"name": "input__0", "shape": list(row.shape), "datatype": sb._models()[model].datatype}
+        head = json.dumps({"inputs": [spec | {"parameters": {"binary_data_size": row.nbytes}}]}).encode()
+        body, url = head + row.tobytes(), f"http://127.0.0.1:{port}/v2/models/{model}/infer"
+        headers = {"Inference-Header-Content-Length": str(len(head))}
+        sb._wrk(url, body, conns, 2, headers, tmp)  # warm
+        m0, c0 = _sums(port), sb._cpu_seconds(proc.pid)
+        spy = None
+        if env("GIL") == "1":
+            out = Path(env("OUT", str(tmp))) / "gil.raw"
+            cmd = [env("SPY", "py-spy"), "record", "-p", str(proc.pid), "-d", str(max(1, int(secs) - 2))]
+            spy = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking", "--gil"])
+        r = sb._wrk(url, body, conns, secs, headers, tmp)
+        if spy is not None:
+            spy.wait()
+        m1, c1 = _sums(port), sb._cpu_seconds(proc.pid)
+        d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
+        n, nb = r["rps"] * secs, max(1.0, d.get("kubeforge_batch_size_count", 1.0))
+        handled = max(1.0, d.get("kubeforge_request_latency_seconds_count", 1.0))
+        print(
+            f"SUMMARY {env('TAG', '')}: {r['rps']:.0f} rows/s p50 {r['p50']} p99 {r['p99']} ms | "
+            f"CPU us/request model {1e6 * (c1[0] - c0[0]) / n:.0f} "
+            f"workers {1e6 * (c1[1] - c0[1]) / n:.0f} | mean batch "
+            f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, launch to answer "
+            f"{1e3 * d.get('kubeforge_batch_run_seconds_sum', 0) / nb:.2f} ms, oldest queued "
+            f"{1e3 * d.get('kubeforge_queue_time_seconds_sum', 0) / nb:.2f} ms, in the REST handler "
+            f"{1e3 * d.get('kubeforge_request_latency_seconds_sum', 0) / handled:.2f} ms"
+        )
+    finally:
+        sb._stop(proc)
+
+
+if __name__ == "__main__":
+    main()
