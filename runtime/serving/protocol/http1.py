@@ -10,9 +10,10 @@ GPU's DMA. GET routes are answered without a task.
 What it speaks: HTTP/1.0 and 1.1, keep-alive, pipelined requests (answered in order, one at a time),
 Content-Length and chunked bodies, `Expect: 100-continue`, HEAD. Limits: heads of at most 64 KiB (431),
 bodies of at most the server's max payload (413; a declared body up to 64 MiB is read and dropped so the
-client sees the answer, a larger one closes the connection). Idle keep-alive connections close after
-`keepalive_s`. Shutdown stops accepting, closes idle connections, lets in-flight requests finish (up to a
-grace period) and closes each connection after its last answer.
+client sees the answer, a larger one closes the connection). A connection that sends nothing for
+`keepalive_s` while not being answered is closed (idle keep-alive, or a client stalled mid-request).
+Shutdown stops accepting, closes connections between requests, lets requests in flight finish (up to a grace
+period) and closes each connection after its last answer.
 """
 
 from __future__ import annotations
@@ -183,6 +184,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _consume(self) -> None:
         while self.transport is not None and not self.write_paused:
+            if self.state == _HEAD and (self.closing or self.server.stopping):
+                self.close()  # stopping: the last answer on this connection is out
+                return
             if self.state == _DISCARD:
                 n = min(self.discard, len(self.inbox))
                 del self.inbox[:n]
@@ -369,8 +373,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- server --
     @property
-    def idle(self) -> bool:
-        return self.state == _HEAD and not self.inbox
+    def answering(self) -> bool:
+        """A request of this connection is being answered (everything else may be cut off)."""
+        return self.state == _BUSY
 
     def close(self) -> None:
         if self.transport is not None:
@@ -444,9 +449,10 @@ class HttpServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _sweep(self) -> None:
-        """Close keep-alive connections idle longer than keepalive_s."""
+        """Close connections that sent nothing for keepalive_s while not being answered: idle keep-alive
+        ones, and clients stalled in the middle of a head or a body."""
         cutoff = time.monotonic() - self.keepalive_s
-        for c in [c for c in self.connections if c.idle and c.last_active < cutoff]:
+        for c in [c for c in self.connections if not c.answering and c.last_active < cutoff]:
             c.close()
         if not self.stopping:
             self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
@@ -459,7 +465,7 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
         for c in list(self.connections):
-            if c.idle:
+            if c.state == _HEAD:  # between requests, or in the middle of a head
                 c.close()
             else:
                 c.closing = True

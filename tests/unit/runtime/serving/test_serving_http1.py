@@ -234,3 +234,24 @@ def test_stop_closes_idle_connections_and_lets_answers_in_flight_finish() -> Non
         idle_w.close()
 
     _serve(app, scenario)
+
+
+def test_connections_silent_for_the_keepalive_period_are_closed_unless_being_answered() -> None:
+    app = EchoApp(delay=1.6)
+
+    async def scenario(port: int, server: HttpServer) -> None:
+        server.keepalive_s = 0.3
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        idle_w.write(b"GET /a HTTP/1.1\r\n\r\n")
+        await _read_response(idle_r)
+        stalled_r, stalled_w = await asyncio.open_connection("127.0.0.1", port)
+        stalled_w.write(b"POST /p HTTP/1.1\r\ncontent-le")  # a head that never ends
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+        busy_w.write(_post("/p", b"slow"))  # answered after 1.6 s, longer than the sweep takes
+        assert await asyncio.wait_for(idle_r.read(), 3) == b""
+        assert await asyncio.wait_for(stalled_r.read(), 3) == b""
+        assert (await asyncio.wait_for(_read_response(busy_r), 3))[2] == b"slow"
+        for w in (idle_w, stalled_w, busy_w):
+            w.close()
+
+    _serve(app, scenario)
