@@ -12,8 +12,8 @@ Content-Length and chunked bodies, `Expect: 100-continue`, HEAD. Limits: heads o
 bodies of at most the server's max payload (413; a declared body up to 64 MiB is read and dropped so the
 client sees the answer, a larger one closes the connection). A connection that sends nothing for
 `keepalive_s` while not being answered is closed (idle keep-alive, or a client stalled mid-request).
-Shutdown stops accepting, closes connections between requests, lets requests in flight finish (up to a grace
-period) and closes each connection after its last answer.
+Shutdown stops accepting, closes connections between requests, lets requests that have begun to arrive finish
+(up to a grace period) and closes each connection after its last answer.
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _consume(self) -> None:
         while self.transport is not None and not self.write_paused:
-            if self.state == _HEAD and (self.closing or self.server.stopping):
-                self.close()  # stopping: the last answer on this connection is out
+            if self.state == _HEAD and not self.inbox and (self.closing or self.server.stopping):
+                self.close()  # stopping, and between requests: the last answer on this connection is out
                 return
             if self.state == _DISCARD:
                 n = min(self.discard, len(self.inbox))
@@ -464,8 +464,9 @@ class HttpServer:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
+        await asyncio.sleep(0)  # take in what already arrived on open connections (a busy loop lags)
         for c in list(self.connections):
-            if c.state == _HEAD:  # between requests, or in the middle of a head
+            if c.state == _HEAD and not c.inbox:  # between requests
                 c.close()
             else:
                 c.closing = True

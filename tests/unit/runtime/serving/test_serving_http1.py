@@ -223,10 +223,17 @@ def test_stop_closes_idle_connections_and_lets_answers_in_flight_finish() -> Non
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(_post("/p", b"late"))
         await app.started.wait()
+        half_r, half_w = await asyncio.open_connection("127.0.0.1", port)
+        half_w.write(b"GET /half HTTP/1.1\r\nhost")  # a request begun before the stop
+        await asyncio.sleep(0.05)
         stopping = asyncio.create_task(server.stop(5.0))
         assert await idle_r.read() == b""  # the idle connection is closed at once
+        half_w.write(b": x\r\n\r\n")
+        assert (await _read_response(half_r))[2] == b"hello /half"
+        assert await half_r.read() == b""
         status, headers, body = await _read_response(r)
         assert (status, body, headers[b"connection"]) == (200, b"late", b"close")
+        half_w.close()
         await stopping
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
