@@ -490,7 +490,6 @@ async def start_protocol(
         repo,
         metrics,
         server_info,
-        max_payload_bytes=cfg.max_payload_bytes,
         is_ready=is_ready,
         render_metrics=render_metrics,
         slot_body=slot_body,

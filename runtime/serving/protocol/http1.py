@@ -168,7 +168,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.state == _HEAD:
+        if self.state not in (_BUSY, _BODY):  # BUSY and BODY go on by themselves
             self._advance()
 
     # -- parsing --

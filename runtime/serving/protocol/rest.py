@@ -10,7 +10,6 @@ tensor data) or into a buffer of its own.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,8 +21,6 @@ from runtime.serving.metrics import CONTENT_TYPE, Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol.codec import decode_request, encode_response
 from runtime.serving.protocol.http1 import Body, HttpError, PlainBody, Request, Response, error_response
-
-log = logging.getLogger(__name__)
 
 _JSON = [(b"content-type", b"application/json")]
 # (body length, Inference-Header-Content-Length) -> a body in shared memory, or None
@@ -60,7 +57,6 @@ class RestApp:
         metrics: Metrics,
         server_info: Callable[[], dict[str, Any]],
         *,
-        max_payload_bytes: int,
         is_ready: Callable[[], bool],
         render_metrics: Callable[[], Awaitable[bytes]] | None = None,
         slot_body: SlotBody | None = None,
@@ -68,7 +64,6 @@ class RestApp:
         self.repo = repo
         self.metrics = metrics
         self.server_info = server_info
-        self.max_payload = max_payload_bytes
         self.is_ready = is_ready
         self.render_metrics = render_metrics
         self.slot_body = slot_body
