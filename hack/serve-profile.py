@@ -3,7 +3,8 @@
 Starts the bench's Kubeforge server, loads it with wrk, and prints one SUMMARY line: throughput, wrk's
 p50/p99, CPU per request (model process, workers; /proc), and from /metrics sums over the run: mean
 batch, launch to answer per batch, the oldest request's queue time per batch, and the time a request spends
-inside the server's REST handler. With GIL=1 it also records a py-spy `--gil` profile of the model
+inside the server's REST handler, and the mean hop of a request to the model process and of a batch's
+answers back to a worker. With GIL=1 it also records a py-spy `--gil` profile of the model
 process (needs py-spy).
 
     MODEL=bert W=8 C=64 D=5 DEV=cuda python hack/serve-profile.py     # on the lent GPU (see device-kit.sh)
@@ -34,6 +35,8 @@ def _sums(port: int) -> dict[str, float]:
     for line in text.splitlines():
         name = line.split("{")[0].split(" ")[0]
         if name.startswith("kubeforge_") and name.endswith(("_sum", "_count")):
+            if 'direction="' in line:  # the worker hops: one entry per direction
+                name += ":" + line.split('direction="')[1].split('"')[0]
             out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
@@ -85,7 +88,12 @@ def main() -> None:
             f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, launch to answer "
             f"{1e3 * d.get('kubeforge_batch_run_seconds_sum', 0) / nb:.2f} ms, oldest queued "
             f"{1e3 * d.get('kubeforge_queue_time_seconds_sum', 0) / nb:.2f} ms, in the REST handler "
-            f"{1e3 * d.get('kubeforge_request_latency_seconds_sum', 0) / handled:.2f} ms"
+            f"{1e3 * d.get('kubeforge_request_latency_seconds_sum', 0) / handled:.2f} ms | worker hops: "
+            + ", ".join(
+                f"{way} {1e3 * d.get(f'kubeforge_worker_hop_seconds_sum:{way}', 0) / n_hop:.2f} ms"
+                for way in ("to_model", "to_worker")
+                if (n_hop := d.get(f"kubeforge_worker_hop_seconds_count:{way}", 0))
+            )
         )
     finally:
         sb._stop(proc)

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,7 @@ class Worker:
         self.arena = ipc.Arena(cfg.arena_path, cfg.slots, cfg.slot_bytes, create=False)
         self.batcher = RemoteBatcher(self.arena)
         self.metrics = Metrics()
+        self._hop = self.metrics.hop_time.labels("to_worker")
         self.repo = Repository([])
         self.state: dict[str, Any] = {"ready": False, "info": {}}
         self.stopping = False
@@ -224,6 +226,7 @@ class Worker:
     # -- what the model process says --
     def on_message(self, kind: int, payload: bytearray) -> None:
         if kind == ipc.ROWS:
+            self._hop.observe(time.monotonic() - ipc.sent_at(kind, payload))
             for rid, outputs in ipc.decode_rows(memoryview(payload)):
                 self._answered(rid, outputs)
         elif kind == ipc.RESP:

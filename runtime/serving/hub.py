@@ -139,6 +139,7 @@ class Hub:
         self.n = workers
         self.batcher = batcher
         self.metrics = metrics
+        self._hop = metrics.hop_time.labels("to_model")
         self.state = state
         self.stopping = False
         self._dir = tempfile.mkdtemp(prefix="kubeforge-serve-")
@@ -300,6 +301,7 @@ class Hub:
 
     def _handle(self, conn: _Conn, kind: int, payload: bytearray) -> None:
         if kind == ipc.REQ:
+            self._hop.observe(time.monotonic() - ipc.sent_at(kind, payload))
             try:
                 rid, rows, inputs = ipc.decode_request(memoryview(payload), conn.arena.buf)
             except Exception as e:  # a worker bug, not a client's: answer it rather than hang the client

@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,11 +47,11 @@ STOP = 9  # model process -> worker: stop accepting, finish in-flight requests, 
 ROWS = 10  # model process -> worker: the outputs of several requests of one batch, rows back to back
 
 _FRAME = struct.Struct("<IB")
-_REQ = struct.Struct("<QIB")  # id, rows, n inputs
+_REQ = struct.Struct("<QIBd")  # id, rows, n inputs, when the worker encoded it (time.monotonic)
 _TENSOR = struct.Struct("<BBBQQ")  # dtype code, ndim, in arena (1) or inline (0), offset, nbytes
 _RESP = struct.Struct("<QB")  # id, 0 ok / 1 error
 _ID = struct.Struct("<Q")
-_ROWS = struct.Struct("<IB")  # requests, outputs
+_ROWS = struct.Struct("<IBd")  # requests, outputs, when the model process encoded it (time.monotonic)
 _ROW_META = struct.Struct("<BB")  # dtype code, dimensions per row
 
 DTYPES: tuple[torch.dtype, ...] = (
@@ -155,7 +156,7 @@ def _tensors(
 
 
 def encode_request(rid: int, rows: int, inputs: Sequence[Placed]) -> bytes:
-    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs))]
+    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs), time.monotonic())]
     parts += [_pack_meta(p.tensor, p.offset) for p in inputs]
     parts += [datatypes.tensor_buffer(p.tensor) for p in inputs if p.offset < 0]
     payload = b"".join(parts)
@@ -164,9 +165,14 @@ def encode_request(rid: int, rows: int, inputs: Sequence[Placed]) -> bytes:
 
 def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor]]:
     """(id, rows, inputs): arena inputs are views into `arena`, inline ones into `payload` (no copy)."""
-    rid, rows, n = _REQ.unpack_from(payload, 0)
+    rid, rows, n, _ = _REQ.unpack_from(payload, 0)
     metas, pos = _unpack_metas(payload, _REQ.size, n)
     return rid, rows, _tensors(metas, payload, pos, arena)
+
+
+def sent_at(kind: int, payload: memoryview | bytes | bytearray) -> float:
+    """When a REQ or ROWS message was encoded (time.monotonic: one clock for every process of the host)."""
+    return float((_REQ if kind == REQ else _ROWS).unpack_from(payload, 0)[-1])
 
 
 def encode_response(rid: int, outputs: Sequence[torch.Tensor]) -> bytes:
@@ -202,7 +208,7 @@ def encode_rows(
     batch when the requests are consecutive in it, one numpy concatenation otherwise): no per-request
     headers or tensors to build on the model process's side."""
     n = len(ids)
-    head: list[bytes] = [_ROWS.pack(n, len(outputs))]
+    head: list[bytes] = [_ROWS.pack(n, len(outputs), time.monotonic())]
     for o in outputs:
         dims = o.shape[1:]
         head.append(_ROW_META.pack(_CODE[o.dtype], len(dims)) + struct.pack(f"<{len(dims)}q", *dims))
@@ -223,7 +229,7 @@ def encode_rows(
 
 def decode_rows(payload: memoryview) -> list[tuple[int, list[torch.Tensor]]]:
     """[(id, outputs)] from an encode_rows message; the tensors view `payload` (no copy)."""
-    n, n_out = _ROWS.unpack_from(payload, 0)
+    n, n_out, _ = _ROWS.unpack_from(payload, 0)
     pos = _ROWS.size
     metas = []
     for _ in range(n_out):

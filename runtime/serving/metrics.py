@@ -50,6 +50,15 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.hop_time = Histogram(
+            "kubeforge_worker_hop_seconds",
+            "Time between a protocol worker and the model process: a request from its encoding in the worker"
+            " to the model process's reader (direction to_model), a batch's answers from their encoding to"
+            " the worker's event loop (to_worker, one per batch and worker).",
+            ["direction"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inflight = Gauge("kubeforge_inflight", "Inference requests in progress.", ["model"], registry=r)
         self.queue_depth = Gauge(
             "kubeforge_queue_depth", "Requests waiting for a batch.", ["model"], registry=r

@@ -120,6 +120,12 @@ def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Reg
         # new connections each: the kernel spreads them over both workers, so both arenas carry inputs
         codes = [httpx.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(20)]
         assert codes == [200] * 20
+        # the hops between workers and the model process, both ways, summed over every process
+        text = httpx.get(f"{s.url}/metrics").text
+        for way, least in (("to_model", 20), ("to_worker", 1)):
+            line = f'kubeforge_worker_hop_seconds_count{{direction="{way}"}} '
+            count = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+            assert least <= count <= 20, (way, count)
         os.kill(before[0], signal.SIGKILL)
         s.wait_log("protocol worker exited; starting it again", 30)
         codes = [httpx.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(20)]

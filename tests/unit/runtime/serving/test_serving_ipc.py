@@ -70,6 +70,17 @@ def test_a_batchs_rows_answer_each_request_in_one_message(order: str) -> None:
             assert t.dtype == o.dtype and t.shape == o[a : a + r].shape and torch.equal(t, o[a : a + r])
 
 
+def test_requests_and_answers_carry_when_they_were_sent() -> None:
+    before = time.monotonic()
+    req = ipc.encode_request(1, 1, [ipc.Placed(torch.zeros(1, 2))])
+    rows = ipc.encode_rows([1], [0], [1], [torch.zeros(1, 3)])
+    after = time.monotonic()
+    ((k1, p1),) = ipc.FrameReader().feed(req)
+    ((k2, p2),) = ipc.FrameReader().feed(rows)
+    assert before <= ipc.sent_at(k1, p1) <= after and before <= ipc.sent_at(k2, p2) <= after
+    assert ipc.decode_rows(memoryview(p2))[0][0] == 1  # the stamp leaves the message readable
+
+
 def test_worker_and_model_process_see_the_same_arena(tmp_path: Path) -> None:
     a = _arena(tmp_path)
     b = ipc.Arena(a.path, a.slots, a.slot_bytes, create=False)  # what the other process maps
