@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol
 
+import orjson
+
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 << 10
@@ -88,8 +90,6 @@ class HttpError(Exception):
 
 
 def error_response(status: int, message: str) -> Response:
-    import orjson
-
     return status, orjson.dumps({"error": message}), [(b"content-type", b"application/json")]
 
 
@@ -201,12 +201,10 @@ class _Connection(asyncio.BufferedProtocol):
             elif self.state != _HEAD:
                 return
             end = self.inbox.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.inbox) > MAX_HEAD:
-                    self._fail(431, f"request head larger than {MAX_HEAD} bytes")
-                return
-            if end > MAX_HEAD:
+            if end > MAX_HEAD or (end < 0 and len(self.inbox) > MAX_HEAD):
                 self._fail(431, f"request head larger than {MAX_HEAD} bytes")
+                return
+            if end < 0:
                 return
             head = bytes(self.inbox[:end])
             del self.inbox[: end + 4]
@@ -220,19 +218,16 @@ class _Connection(asyncio.BufferedProtocol):
     def _start_body(self) -> None:
         req = self.req
         assert req is not None and self.transport is not None
-        limit = self.server.max_payload
-        if req.length is None:
-            self.chunked = _Chunked()
-            self.state = _CHUNKED
-            if req.header(b"expect") == b"100-continue":
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return
-        n = req.length
-        if n > limit:
+        limit, n = self.server.max_payload, req.length
+        if n is not None and n > limit:
             self._refuse_body(n, f"payload of {n} bytes exceeds the limit of {limit} bytes")
             return
-        if n and req.header(b"expect") == b"100-continue":
+        if n != 0 and req.header(b"expect") == b"100-continue":  # a body we will read (chunked: n is None)
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if n is None:
+            self.chunked = _Chunked()
+            self.state = _CHUNKED
+            return
         self.body = self.app.body_buffer(req, n) if n else _EMPTY
         have = min(n, len(self.inbox))
         if have:

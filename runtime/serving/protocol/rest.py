@@ -108,16 +108,20 @@ class RestApp:
         except InferError as e:
             return error_response(e.http_status, e.message)
 
-    def _model_of(self, path: str) -> ServedModel | None:
+    def _infer_model(self, path: str) -> ServedModel:
+        """The model an infer route names; HttpError 404 for another route, InferError for a missing model."""
         parts = path.strip("/").split("/")
         if len(parts) < 4 or parts[:2] != ["v2", "models"]:
-            return None
+            raise HttpError(404, f"no route {path}")
         name, version, rest = _model_path(parts)
         if rest != ["infer"]:
-            return None
+            raise HttpError(404, f"no route {path}")
+        return self.repo.get(name, version)
+
+    def _model_of(self, path: str) -> ServedModel | None:
         try:
-            return self.repo.get(name, version)
-        except InferError:
+            return self._infer_model(path)
+        except (HttpError, InferError):
             return None  # answered when the request is: 404 naming what is missing
 
     def _get(self, path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -142,13 +146,9 @@ class RestApp:
 
     async def _infer(self, req: Request, body: Body) -> Response:
         t0 = time.perf_counter()
-        parts = req.path.strip("/").split("/")
-        if len(parts) < 4 or parts[:2] != ["v2", "models"]:
-            raise HttpError(404, f"no route {req.path}")
-        name, version, rest = _model_path(parts)
-        if rest != ["infer"]:
-            raise HttpError(404, f"no route {req.path}")
-        model = self.repo.get(name, version)
+        # an announced body's model was looked up when the head came
+        announced = body if isinstance(body, _Announced) and body.model is not None else None
+        model = announced.model if announced is not None and announced.model else self._infer_model(req.path)
         code = 200
         model_label = model.name
         self.metrics.inflight.labels(model_label).inc()
@@ -160,8 +160,8 @@ class RestApp:
                 elif k == b"content-encoding" and v not in (b"identity", b""):
                     raise HttpError(415, f"Content-Encoding {v.decode(errors='replace')} is not supported")
             decoded = decode_request(body.view, header_len, model.signature, model.max_batch_size)
-            if isinstance(body, _Announced) and body.model is model:
-                body.take()  # infer() consumes the announcement
+            if announced is not None:
+                announced.take()  # infer() consumes the announcement
             else:
                 model.batcher.announce()
             outs = await model.infer(decoded.inputs, decoded.rows)
