@@ -96,6 +96,11 @@ def _row(name: str) -> Any:
     return row
 
 
+def _warm_sizes(a: argparse.Namespace) -> tuple[int, ...]:
+    given = getattr(a, "warmup_batch_sizes", "")
+    return tuple(int(b) for b in given.split(",") if b.strip()) if given else (1, a.max_batch)
+
+
 # -- servers (run as subprocesses of this script) --
 def serve_kubeforge(a: argparse.Namespace) -> None:
     from runtime.serving.loader import LoadedModel
@@ -110,7 +115,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         model_name=a.model,
         cache_dir=Path(a.cache),
         mode=a.mode,
-        warmup_batch_sizes=(1, a.max_batch),
+        warmup_batch_sizes=_warm_sizes(a),
         max_batch_size=a.max_batch,
         max_delay_ms=a.delay_ms,
         max_queue_size=4096,
@@ -204,6 +209,8 @@ def _start(
         a.precision,
         "--workers",
         str(workers),
+        "--warmup-batch-sizes",
+        getattr(a, "warmup_batch_sizes", ""),
     ]
     t0 = time.perf_counter()
     with log.open("ab") as f:
@@ -327,7 +334,7 @@ def _ceiling(
         sig,
         hw=detect_hardware(),
         mode=a.mode,
-        warmup_batch_sizes=(1, a.max_batch),
+        warmup_batch_sizes=_warm_sizes(a),
         max_batch_size=a.max_batch,
         cache_dir=Path(cache),
         model_name=model,
@@ -546,6 +553,11 @@ def main() -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument(
+        "--warmup-batch-sizes",
+        default="",
+        help="warm-up batch sizes, comma-separated; each is also a padding bucket on CUDA (default: 1,MAX)",
+    )
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--grpc-port", type=int, default=0)

@@ -11,7 +11,9 @@ process (needs py-spy).
     MODEL=tiny W=1 C=16 D=5 DEV=cpu  python hack/serve-profile.py     # here
 
 Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (seconds), DEV (cpu|cuda),
-DELAY (max delay ms, default 2), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label).
+DELAY (max delay ms, default 2), MAXB (max batch, 64),
+BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
+GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label).
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def main() -> None:
     a = argparse.Namespace(
         device=dev,
         mode="aot",
-        max_batch=64,
+        max_batch=int(env("MAXB", "64")),
         delay_ms=float(env("DELAY", "2.0")),
         precision="bf16" if dev == "cuda" else "fp32",
         start_timeout=600,
+        warmup_batch_sizes=env("BUCKETS", ""),
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)

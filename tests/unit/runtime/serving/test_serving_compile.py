@@ -158,6 +158,21 @@ def test_aot_on_a_known_bad_torch_goes_to_jit_and_says_so(monkeypatch: pytest.Mo
     assert statics == [True, False] and "static" not in c.path and "reduce-overhead" in c.path
 
 
+def test_batch_buckets_double_below_16_and_step_a_quarter_above() -> None:
+    from runtime.serving.compile.inductor import batch_buckets
+
+    assert batch_buckets(64, (1, 64)) == (1, 2, 4, 8, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+    assert batch_buckets(8, (1,)) == (1, 2, 4, 8)
+    assert batch_buckets(1, (1,)) == (1,)
+    # max_batch and warm-up sizes are buckets too, sizes past max_batch are not
+    assert batch_buckets(48, (5, 100)) == (1, 2, 4, 5, 8, 16, 20, 24, 28, 32, 40, 48)
+    for m in (3, 17, 64, 100, 256):
+        b = batch_buckets(m, (1,))
+        assert b[-1] == m and list(b) == sorted(set(b))
+        # padding adds at most a quarter of the rows from 16 up (a 17-row batch pads to 20)
+        assert all(min(x for x in b if x >= n) <= max(16, n * 1.25) for n in range(1, m + 1))
+
+
 def test_static_jit_compiles_one_graph_per_batch_size_without_symbolic_shapes() -> None:
     """What CUDA graph buckets rely on: with static=True no graph has a symbolic batch dimension (ops
     without a symbolic implementation would break it into eager pieces); with automatic dynamic shapes the
