@@ -200,7 +200,7 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(tmp_path: Pa
     """Large rows from a registered arena go to the GPU by DMA, small rows through the staging buffer;
     both give the batch the CPU concatenation gives."""
     from runtime.serving.batching import cat_and_pad
-    from runtime.serving.hub import _page_lock, shm_dir
+    from runtime.serving.hub import _page_lock, _page_unlock, shm_dir
     from runtime.serving.server import pinned_gather
 
     # in /dev/shm as in the server: CUDA page-locks shared tmpfs pages, not every file system's
@@ -208,20 +208,27 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(tmp_path: Pa
     arena = ipc.Arena(path, 4, 1 << 20, create=True)
     os.unlink(path)
     _page_lock(arena)
-    big = [torch.randn(1, 3, 128, 128), torch.randn(2, 3, 128, 128)]  # 196 KB rows: direct copies
-    placed = [arena.place([t], arena.take(t.numel() * 4))[0] for t in big]
-    views = [
-        ipc.decode_request(memoryview(ipc.encode_request(0, 1, [p])[5:]), arena.buf)[2][0] for p in placed
-    ]
-    assert all(v.is_pinned() for v in views)
-    small = [torch.randint(0, 9, (1, 8)), torch.randint(0, 9, (2, 8))]  # pageable: staging buffer
-    gather = pinned_gather("cuda")
-    for parts in ([views, small[:2]], [[views[0]], [small[0]]]):
-        rows = sum(t.shape[0] for t in parts[0])
-        got = gather(parts, 4)
-        want = cat_and_pad(parts, 4)
-        for g, w in zip(got, want, strict=True):
-            assert g.device.type == "cuda" and torch.equal(g.cpu(), w), rows
+    try:
+        big = [torch.randn(1, 3, 128, 128), torch.randn(2, 3, 128, 128)]  # 196 KB rows: direct copies
+        placed = [arena.place([t], arena.take(t.numel() * 4))[0] for t in big]
+        views = [
+            ipc.decode_request(memoryview(ipc.encode_request(0, 1, [p])[5:]), arena.buf)[2][0] for p in placed
+        ]
+        assert all(v.is_pinned() for v in views)
+        small = [torch.randint(0, 9, (1, 8)), torch.randint(0, 9, (2, 8))]  # pageable: staging buffer
+        gather = pinned_gather("cuda")
+        for parts in ([views, small[:2]], [[views[0]], [small[0]]]):
+            rows = sum(t.shape[0] for t in parts[0])
+            got = gather(parts, 4)
+            want = cat_and_pad(parts, 4)
+            for g, w in zip(got, want, strict=True):
+                assert g.device.type == "cuda" and torch.equal(g.cpu(), w), rows
+        torch.cuda.synchronize()
+    finally:
+        # unregister before unmapping, as the hub does: a registration outliving its mapping makes CUDA
+        # refuse the next mapping at that address ("already registered"), which failed the next GPU test
+        _page_unlock(arena)
+        arena.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
