@@ -125,6 +125,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         precision=a.precision,
         grace_s=5,
         workers=a.workers,
+        copy_stream=a.copy_stream,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
     asyncio.run(Server(cfg, lambda: loaded).run())
@@ -211,6 +212,7 @@ def _start(
         str(workers),
         "--warmup-batch-sizes",
         getattr(a, "warmup_batch_sizes", ""),
+        *(["--copy-stream"] if getattr(a, "copy_stream", False) else []),
     ]
     t0 = time.perf_counter()
     with log.open("ab") as f:
@@ -558,6 +560,7 @@ def main() -> int:
         default="",
         help="warm-up batch sizes, comma-separated; each is also a padding bucket on CUDA (default: 1,MAX)",
     )
+    p.add_argument("--copy-stream", action="store_true", help="the server's --copy-stream (CUDA)")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--grpc-port", type=int, default=0)

@@ -13,7 +13,7 @@ process (needs py-spy).
 Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (seconds), DEV (cpu|cuda),
 DELAY (max delay ms, default 2), MAXB (max batch, 64),
 BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
-GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label).
+COPY_STREAM (1: --copy-stream), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
         precision="bf16" if dev == "cuda" else "fp32",
         start_timeout=600,
         warmup_batch_sizes=env("BUCKETS", ""),
+        copy_stream=env("COPY_STREAM") == "1",
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)

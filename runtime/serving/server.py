@@ -70,6 +70,7 @@ class ServeConfig:
     drain_delay_s: float = 0.0
     grace_s: float = 30.0
     torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
+    copy_stream: bool = False  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
     log_level: str = "info"
     started: float = field(default_factory=time.time)
@@ -129,7 +130,10 @@ def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -
     sig = complete_signature(loaded.signature, b.eager, b.device)
     run, device = b.compiled.run, b.device
     if device.startswith("cuda"):
-        return Prepared(loaded, b, sig, cuda_runner(run, device), pinned_gather(device), PIPELINE_DEPTH)
+        stream = torch.cuda.Stream(device) if cfg.copy_stream else None  # type: ignore[no-untyped-call]
+        return Prepared(
+            loaded, b, sig, cuda_runner(run, device, stream), pinned_gather(device, stream), PIPELINE_DEPTH
+        )
 
     def runner(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if device != "cpu":
@@ -150,14 +154,18 @@ def freeze_heap(process: str) -> None:
     log.info("heap frozen", extra={"who": process, "objects": gc.get_freeze_count()})
 
 
-def cuda_runner(run: Runner, device: str) -> BatchRunner:
+def cuda_runner(run: Runner, device: str, copy_stream: torch.cuda.Stream | None = None) -> BatchRunner:
     """Launch a batch without waiting for it: inputs (page-locked, see pinned_gather) go to the GPU and the
     outputs come back into page-locked memory with non-blocking copies on the current stream, then an event
     marks the end. The batcher's finishing thread waits on the event (without the GIL) while its own thread
     launches the next batch. Stream order makes this safe with CUDA graphs, whose outputs the next replay
-    overwrites: the copy out is queued before it."""
+    overwrites: the copy out is queued before it. With a copy stream (pinned_gather's) the batch's work
+    first waits for the copies queued there so far: its own inputs', not the next batch's, which the batcher
+    thread gathers only after this launch."""
 
     def launch(xs: list[torch.Tensor]) -> Callable[[], tuple[torch.Tensor, ...]]:
+        if copy_stream is not None:
+            torch.cuda.current_stream(device).wait_stream(copy_stream)
         xs = [x.to(device, non_blocking=True) for x in xs]
         outs = run(xs)
         host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs)
@@ -175,16 +183,34 @@ def cuda_runner(run: Runner, device: str) -> BatchRunner:
     return launch
 
 
-def pinned_gather(device: str) -> Gather:
+def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> Gather:
     """Assemble a batch on the device without synchronous copies from pageable memory.
 
     Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, registered
     with CUDA by the hub) are copied to the device one request at a time by DMA, with no CPU copy. Anything
     else is concatenated into a page-locked buffer whose copy to the device does not wait. The buffer comes
     from torch's caching host allocator, which reuses a block only after the copies queued from it have
-    run: with batches in flight, a buffer still waiting for its copy is never overwritten."""
+    run: with batches in flight, a buffer still waiting for its copy is never overwritten.
+
+    With `copy_stream` the copies go on that stream, so the next batch's inputs travel to the GPU while the
+    compute stream still runs the batch before (cuda_runner makes each batch wait for its own copies). On the
+    compute stream alone they queue behind it: ResNet-50 moves 602 KB per row, ~12 MB for a batch of 20, a
+    fifth to a third of that batch's compute time on an H200's host link. The batch tensors are then marked
+    as used by the compute stream, so the caching allocator reuses their memory only once it is done."""
 
     def gather(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
+        if copy_stream is None:
+            return assemble(parts, padded_rows)
+        # no wait for the compute stream: the copies read page-locked memory that stays untouched until the
+        # batch is answered and write fresh blocks of the copy stream's pool
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(copy_stream):
+            out = assemble(parts, padded_rows)
+        for t in out:
+            t.record_stream(compute)
+        return out
+
+    def assemble(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
         out = []
         for ts in parts:
             shape = (padded_rows, *ts[0].shape[1:])

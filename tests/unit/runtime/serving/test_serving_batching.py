@@ -236,19 +236,25 @@ def test_pipelined_failure_reaches_that_batch_only_and_close_drains_in_flight() 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_pipelined_cuda_graph_batches_equal_eager() -> None:
+@pytest.mark.parametrize("copy_stream", [False, True], ids=["one-stream", "copy-stream"])
+@pytest.mark.parametrize("big", [False, True], ids=["staged-rows", "page-locked-64KB-rows"])
+def test_gpu_pipelined_cuda_graph_batches_equal_eager(copy_stream: bool, big: bool) -> None:
     """Two batches in flight through CUDA graphs (the next replay overwrites the graph's outputs): every
-    request still gets its own rows, as the eager model computes them."""
+    request still gets its own rows, as the eager model computes them — with inputs staged through a
+    page-locked buffer or copied row by row from page-locked memory, on the compute stream or a copy
+    stream of their own (the next batch's copies overlapping the batch before)."""
     from runtime.serving import compile as compiler
     from runtime.serving.detect import detect_hardware
     from runtime.serving.server import PIPELINE_DEPTH, cuda_runner, pinned_gather
     from runtime.serving.signature import Signature, TensorSpec
 
     torch.manual_seed(0)
-    model = MLP().eval()
+    width = 16384 if big else 16  # 64 KB rows go to the GPU by DMA from page-locked memory, one per request
+    model = torch.nn.Sequential(torch.nn.Linear(width, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
     served = copy.deepcopy(model)  # build moves the module it is given to the GPU
-    sig = Signature((TensorSpec("x", "FP32", (-1, 16)),), ())
+    sig = Signature((TensorSpec("x", "FP32", (-1, width)),), ())
     built: dict[str, object] = {}
+    stream = torch.cuda.Stream() if copy_stream else None  # type: ignore[no-untyped-call]
 
     def setup():  # type: ignore[no-untyped-def]
         b = compiler.build(
@@ -263,21 +269,25 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager() -> None:
             variable_dims=[[]],
             pad_multiple=None,
             observer=None,
-            gather=pinned_gather(b.device),
+            gather=pinned_gather(b.device, stream),
             depth=PIPELINE_DEPTH,
         )
-        return cuda_runner(b.compiled.run, b.device)
+        return cuda_runner(b.compiled.run, b.device, stream)
 
     batcher = Batcher(setup=setup, max_batch_size=8, max_delay_s=0.001)
     assert batcher.ready.wait(300) and batcher.error is None
     assert "CUDA graph" in built["b"].compiled.path  # type: ignore[attr-defined]
-    rows = [torch.randn(1 + i % 3, 16) for i in range(400)]
+    rows = [torch.randn(1 + i % 3, width) for i in range(400)]
+    if big:
+        rows = [r.pin_memory() for r in rows]
     futs = [batcher.submit([r], r.shape[0]) for r in rows]
     outs = [f.result(60)[0] for f in futs]
     batcher.close(10)
     for r, o in zip(rows, outs, strict=True):
         with torch.inference_mode():
             torch.testing.assert_close(o, model(r), rtol=1e-3, atol=1e-3)
+    with torch.inference_mode():
+        assert not torch.equal(model(rows[0]), model(rows[1][:1]))  # distinct rows: a mix-up would show
 
 
 def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is_done() -> None:

@@ -37,3 +37,9 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
     assert cfg.model_uri == "models:/iris@champion" and cfg.max_batch_size == 8  # the flag wins
     assert cfg.mode == "jit" and cfg.warmup_batch_sizes == (1, 4) and cfg.http_port == 9000
     assert cfg.max_delay_ms == 5 and cfg.max_queue_size == 100
+
+
+def test_copy_stream_is_off_unless_asked_for() -> None:
+    parser = cli._parser()
+    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).copy_stream is False
+    assert cli._config(parser.parse_args(["serve", "--model-uri", "m", "--copy-stream"])).copy_stream is True

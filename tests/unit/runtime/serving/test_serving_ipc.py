@@ -196,9 +196,13 @@ def test_shared_memory_is_shared_out_among_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copy_stream", [False, True], ids=["one-stream", "copy-stream"])
+def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
+    tmp_path: Path, copy_stream: bool
+) -> None:
     """Large rows from a registered arena go to the GPU by DMA, small rows through the staging buffer;
-    both give the batch the CPU concatenation gives."""
+    both give the batch the CPU concatenation gives (with a copy stream, once the compute stream waited for
+    it, as cuda_runner does)."""
     from runtime.serving.batching import cat_and_pad
     from runtime.serving.hub import _page_lock, _page_unlock, shm_dir
     from runtime.serving.server import pinned_gather
@@ -216,10 +220,13 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(tmp_path: Pa
         ]
         assert all(v.is_pinned() for v in views)
         small = [torch.randint(0, 9, (1, 8)), torch.randint(0, 9, (2, 8))]  # pageable: staging buffer
-        gather = pinned_gather("cuda")
+        stream = torch.cuda.Stream() if copy_stream else None  # type: ignore[no-untyped-call]
+        gather = pinned_gather("cuda", stream)
         for parts in ([views, small[:2]], [[views[0]], [small[0]]]):
             rows = sum(t.shape[0] for t in parts[0])
             got = gather(parts, 4)
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
             want = cat_and_pad(parts, 4)
             for g, w in zip(got, want, strict=True):
                 assert g.device.type == "cuda" and torch.equal(g.cpu(), w), rows
