@@ -126,6 +126,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         grace_s=5,
         workers=a.workers,
         copy_stream=a.copy_stream,
+        grpc_server=a.grpc_server,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
     asyncio.run(Server(cfg, lambda: loaded).run())
@@ -213,6 +214,8 @@ def _start(
         "--warmup-batch-sizes",
         getattr(a, "warmup_batch_sizes", ""),
         *(["--copy-stream"] if getattr(a, "copy_stream", False) else []),
+        "--grpc-server",
+        getattr(a, "grpc_server", "native"),
     ]
     t0 = time.perf_counter()
     with log.open("ab") as f:
@@ -561,6 +564,7 @@ def main() -> int:
         help="warm-up batch sizes, comma-separated; each is also a padding bucket on CUDA (default: 1,MAX)",
     )
     p.add_argument("--copy-stream", action="store_true", help="the server's --copy-stream (CUDA)")
+    p.add_argument("--grpc-server", default="native", choices=["native", "grpcio"], help="the server's")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--grpc-port", type=int, default=0)

@@ -127,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body (413 past it)")
     s.add_argument(
+        "--grpc-server",
+        default="native",
+        choices=["native", "grpcio"],
+        help="gRPC over our own HTTP/2 (native: unary calls, no TLS or compression) or grpcio's grpc.aio",
+    )
+    s.add_argument(
         "--copy-stream",
         action="store_true",
         help="CUDA: copy inputs to the GPU on a stream of their own, overlapping the batch before "
@@ -184,6 +190,7 @@ def _config(args: argparse.Namespace) -> Any:
             workers=_workers(args.workers),
             log_level=args.log_level,
             copy_stream=args.copy_stream,
+            grpc_server=args.grpc_server,
         )
     return ServeConfig(**kw)
 

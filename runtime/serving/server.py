@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class ServeConfig:
     grace_s: float = 30.0
     torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
     copy_stream: bool = False  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
+    grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
     log_level: str = "info"
     started: float = field(default_factory=time.time)
@@ -521,18 +523,30 @@ async def start_protocol(
         slot_body=slot_body,
     )
     http = HttpServer(app, max_payload=cfg.max_payload_bytes)
-    opts = [
-        ("grpc.max_receive_message_length", cfg.max_payload_bytes),
-        ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
-        ("grpc.so_reuseport", int(sock is not None)),
-    ]
-    grpc_server = grpc.aio.server(options=opts)
-    add_to_server(InferenceService(repo, metrics, server_info, is_ready), grpc_server)
-    grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
-    await grpc_server.start()
+    service = InferenceService(repo, metrics, server_info, is_ready)
+    stop_grpc: Callable[[], Awaitable[Any]]
+    if cfg.grpc_server == "native":
+        from runtime.serving.frontend import listen_socket
+        from runtime.serving.protocol.grpc_service import native_handlers
+        from runtime.serving.protocol.http2 import GrpcServer
+
+        native = GrpcServer(native_handlers(service), max_message=cfg.max_payload_bytes)
+        grpc_port = await native.start(listen_socket(cfg.host, cfg.grpc_port, listen=True))
+        stop_grpc = partial(native.stop, cfg.grace_s)
+    else:
+        opts = [
+            ("grpc.max_receive_message_length", cfg.max_payload_bytes),
+            ("grpc.max_send_message_length", max(cfg.max_payload_bytes, 64 << 20)),
+            ("grpc.so_reuseport", int(sock is not None)),
+        ]
+        grpc_server = grpc.aio.server(options=opts)
+        add_to_server(service, grpc_server)
+        grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        await grpc_server.start()
+        stop_grpc = partial(grpc_server.stop, cfg.grace_s)
     http_port = await http.start(cfg.host, cfg.http_port, sock)
 
     async def stop() -> None:
-        await asyncio.gather(http.stop(cfg.grace_s), grpc_server.stop(cfg.grace_s), return_exceptions=True)
+        await asyncio.gather(http.stop(cfg.grace_s), stop_grpc(), return_exceptions=True)
 
     return http_port, grpc_port, stop

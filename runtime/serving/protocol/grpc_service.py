@@ -7,7 +7,7 @@ outputs always travel as raw bytes (`raw_output_contents`), as Triton does.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -92,6 +92,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self.infer(request, request.raw_input_contents, context)
+
+    async def infer(self, request: Any, raw: Sequence[bytes | memoryview], context: Any) -> Any:
+        """ModelInfer with the raw input contents given apart (the native server's views of the message)."""
         t0 = time.perf_counter()
         label = request.model_name
         code = "OK"
@@ -102,7 +106,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 model.batcher.announce()
                 try:
-                    inputs, rows = _decode(request, model.signature, model.max_batch_size)
+                    inputs, rows = _decode(request, raw, model.signature, model.max_batch_size)
                 except BaseException:
                     model.batcher.withdraw()
                     raise
@@ -119,8 +123,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 self.metrics.latency.labels(label, "grpc").observe(time.perf_counter() - t0)
 
 
-def _decode(request: Any, sig: Any, max_batch_size: int) -> tuple[list[torch.Tensor], int]:
-    raw = request.raw_input_contents
+def _decode(
+    request: Any, raw: Sequence[bytes | memoryview], sig: Any, max_batch_size: int
+) -> tuple[list[torch.Tensor], int]:
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(
             f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input"
@@ -163,3 +168,82 @@ def _encode(request: Any, name: str, version: str, sig: Any, outs: tuple[torch.T
 
 def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+
+
+def native_handlers(service: InferenceService) -> dict[str, Any]:
+    """The service's methods for protocol.http2's server, by gRPC path. ModelInfer's raw input contents
+    stay views of the received message (our own, writable bytes): no copy until shared memory or the batch."""
+    from runtime.serving.protocol.http2 import _CONTEXT, RpcError, unary
+
+    requests = {
+        "ServerLive": pb.ServerLiveRequest,
+        "ServerReady": pb.ServerReadyRequest,
+        "ModelReady": pb.ModelReadyRequest,
+        "ServerMetadata": pb.ServerMetadataRequest,
+        "ModelMetadata": pb.ModelMetadataRequest,
+    }
+    handlers = {
+        f"/inference.GRPCInferenceService/{name}": unary(cls.FromString, getattr(service, name))
+        for name, cls in requests.items()
+    }
+
+    async def infer(message: memoryview) -> bytes:
+        try:
+            rest, raw = split_field(message, RAW_INPUT_CONTENTS)
+            request = pb.ModelInferRequest.FromString(rest)
+        except Exception as e:
+            raise RpcError(3, f"request message does not parse: {e}") from None
+        reply = await service.infer(request, raw, _CONTEXT)
+        return bytes(reply.SerializeToString())
+
+    handlers["/inference.GRPCInferenceService/ModelInfer"] = infer
+    return handlers
+
+
+RAW_INPUT_CONTENTS = 7  # ModelInferRequest's field number
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryview]]:
+    """Protobuf wire bytes -> (the message without the top-level length-delimited field `number`, that
+    field's values as views of `message`, in order). A walk over the top-level fields only."""
+    rest = bytearray()
+    found: list[memoryview] = []
+    i, n = 0, len(message)
+    while i < n:
+        start = i
+        key, i = _varint(message, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(message, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            size, i = _varint(message, i)
+            if key >> 3 == number:
+                if i + size > n:
+                    break
+                found.append(message[i : i + size])
+                i += size
+                continue
+            i += size
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        rest += message[start:i]
+    if i != n:
+        raise ValueError("truncated message")
+    return bytes(rest), found
