@@ -1,0 +1,272 @@
+"""gRPC over our own HTTP/2 (runtime.serving.protocol.http2), driven by grpcio's client over real sockets on
+127.0.0.1: messages larger than every flow-control window both ways, many calls on one connection, status
+codes (unknown method, oversized and compressed messages, deadlines), cancellation, garbage on the port and
+graceful stop; and the wire helpers (HPACK integers, grpc-message, grpc-timeout, the raw-contents split)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from runtime.serving.frontend import listen_socket
+from runtime.serving.protocol import http2
+from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as _pb
+from runtime.serving.protocol.grpc_service import RAW_INPUT_CONTENTS, split_field
+from runtime.serving.protocol.http2 import GrpcServer, RpcError
+
+pb: Any = _pb  # generated message classes (untyped)
+
+
+class Echo:
+    """/t.E/Echo answers its request reversed (after `delay` s); /t.E/Fail ends with a status."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    def handlers(self) -> dict[str, http2.Handler]:
+        async def echo(message: memoryview) -> bytes:
+            self.started.set()
+            try:
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return bytes(message)[::-1]
+
+        async def fail(message: memoryview) -> bytes:
+            raise RpcError(5, f"no model named {bytes(message).decode()!r} — try ünïcode")
+
+        return {"/t.E/Echo": echo, "/t.E/Fail": fail}
+
+
+def _serve(
+    app: Echo, scenario: Callable[[str, GrpcServer], Awaitable[None]], *, max_message: int = 16 << 20
+) -> None:
+    async def main() -> None:
+        server = GrpcServer(app.handlers(), max_message=max_message)
+        port = await server.start(listen_socket("127.0.0.1", 0, listen=True))
+        try:
+            await asyncio.wait_for(scenario(f"127.0.0.1:{port}", server), 60)
+        finally:
+            await server.stop(1.0)
+
+    asyncio.run(main())
+
+
+def _channel(target: str) -> grpc.aio.Channel:
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    return grpc.aio.insecure_channel(target, options=opts)
+
+
+def test_messages_larger_than_every_window_travel_both_ways() -> None:
+    payload = os.urandom(5 << 20)  # 5 MiB: past grpcio's 64 KiB initial windows and our 1 MiB frames
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            call = ch.unary_unary("/t.E/Echo")
+            assert await call(payload) == payload[::-1]
+            assert await call(b"") == b""  # an empty message is still one message
+            assert await call(payload[:100]) == payload[:100][::-1]
+
+    _serve(Echo(), scenario)
+
+
+def test_many_concurrent_calls_on_one_connection_each_get_their_answer() -> None:
+    async def scenario(target: str, _: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            call = ch.unary_unary("/t.E/Echo")
+            msgs = [os.urandom(1 + i * 97 % 70000) for i in range(300)]
+            got = await asyncio.gather(*(call(m) for m in msgs))
+            assert got == [m[::-1] for m in msgs]
+
+    _serve(Echo(delay=0.01), scenario)
+
+
+def test_statuses_name_the_problem() -> None:
+    async def scenario(target: str, _: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ch.unary_unary("/t.E/Nope")(b"x")
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "/t.E/Nope" in e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ch.unary_unary("/t.E/Fail")(b"bert")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert e.value.details() == "no model named 'bert' — try ünïcode"  # percent-encoded and back
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ch.unary_unary("/t.E/Echo")(b"y" * 5000)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "4096 bytes" in e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ch.unary_unary("/t.E/Echo")(b"z" * 3000, compression=grpc.Compression.Gzip)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "uncompressed" in e.value.details()
+            assert await ch.unary_unary("/t.E/Echo")(b"still fine") == b"enif llits"  # same connection
+
+    _serve(Echo(), scenario, max_message=4096)
+
+
+def test_deadline_and_cancellation_end_the_handler_and_the_connection_goes_on() -> None:
+    app = Echo(delay=5.0)
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            call = ch.unary_unary("/t.E/Echo")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call(b"slow", timeout=0.3)  # grpc-timeout: the server cancels its side too
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.wait_for(app.cancelled.wait(), 5)
+            app.cancelled.clear()
+            app.started.clear()
+            pending = call(b"abandoned")
+            await asyncio.wait_for(app.started.wait(), 5)
+            pending.cancel()  # RST_STREAM
+            await asyncio.wait_for(app.cancelled.wait(), 5)
+            app.delay = 0.0
+            assert await call(b"ab") == b"ba"
+
+    _serve(app, scenario)
+
+
+def test_garbage_on_the_port_closes_that_connection_only() -> None:
+    async def scenario(target: str, _: GrpcServer) -> None:
+        host, port = target.split(":")
+        r, w = await asyncio.open_connection(host, int(port))
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await w.drain()
+        data = await asyncio.wait_for(r.read(), 5)  # our SETTINGS, then GOAWAY PROTOCOL_ERROR, then EOF
+        assert b"connection preface" in data
+        w.close()
+        async with _channel(target) as ch:
+            assert await ch.unary_unary("/t.E/Echo")(b"ok") == b"ko"
+
+    _serve(Echo(), scenario)
+
+
+def test_stop_lets_calls_under_way_finish_and_takes_no_new_connections() -> None:
+    app = Echo(delay=0.5)
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            call = ch.unary_unary("/t.E/Echo")
+            under_way = asyncio.ensure_future(call(b"in flight"))
+            await asyncio.wait_for(app.started.wait(), 5)
+            await server.stop(5.0)
+            assert await under_way == b"thgilf ni"
+        host, port = target.split(":")
+        with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
+            pass
+
+    _serve(app, scenario)
+
+
+def test_wire_helpers() -> None:
+    assert http2._hpack_int(10, 5) == b"\x0a"
+    assert http2._hpack_int(1337, 5) == b"\x1f\x9a\x0a"  # RFC 7541 C.1.2
+    assert http2.percent_encode("a b%c\n") == b"a b%25c%0A"
+    assert http2.parse_timeout("100m") == pytest.approx(0.1)
+    assert http2.parse_timeout("2S") == 2.0 and http2.parse_timeout("5u") == pytest.approx(5e-6)
+    assert http2.parse_timeout("x") is None and http2.parse_timeout("12") is None
+
+
+def test_split_field_leaves_the_rest_for_protobuf_and_views_the_raw_contents() -> None:
+    req = pb.ModelInferRequest(model_name="m", model_version="2", id="r1")
+    req.inputs.add(name="a", datatype="FP32", shape=[1, 3])
+    req.inputs.add(name="b", datatype="INT64", shape=[1])
+    req.parameters["k"].string_param = "v"
+    req.outputs.add(name="out")
+    raws = [os.urandom(12), b"", os.urandom(300)]
+    req.raw_input_contents.extend(raws)
+    wire = bytearray(req.SerializeToString())
+    rest, found = split_field(memoryview(wire), RAW_INPUT_CONTENTS)
+    assert [bytes(f) for f in found] == raws
+    assert all(not f.readonly for f in found)  # views of our own buffer: tensors need no copy
+    back = pb.ModelInferRequest.FromString(rest)
+    assert not back.raw_input_contents
+    back.raw_input_contents.extend(raws)
+    assert back == req
+    with pytest.raises((ValueError, IndexError)):
+        split_field(memoryview(wire)[:-5], RAW_INPUT_CONTENTS)  # truncated
+
+
+class RawClient:
+    """HTTP/2 frames by hand, for what grpcio never sends: split header blocks, padding, a deadline the
+    client does not enforce itself."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        from hpack import Decoder, Encoder
+
+        self.r, self.w, self.enc, self.dec = r, w, Encoder(), Decoder()
+        w.write(http2.PREFACE + http2.frame(http2.SETTINGS, 0, 0))
+
+    def call(self, sid: int, path: str, message: bytes, *, timeout: str | None = None) -> None:
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x")]
+        headers += [("content-type", "application/grpc"), ("te", "trailers")]
+        headers += [("grpc-timeout", timeout)] if timeout else []
+        block = self.enc.encode(headers)
+        half = len(block) // 2  # HEADERS + CONTINUATION
+        self.w.write(http2.frame(http2.HEADERS, 0, sid, block[:half]))
+        self.w.write(http2.frame(http2.CONTINUATION, http2.END_HEADERS, sid, block[half:]))
+        body = b"\x00" + len(message).to_bytes(4, "big") + message
+        padded = bytes((3,)) + body + b"\x00\x00\x00"  # PADDED: pad length, data, padding
+        self.w.write(http2.frame(http2.DATA, http2.PADDED | http2.END_STREAM, sid, padded))
+
+    async def frames(self) -> tuple[int, int, int, bytes]:
+        head = await self.r.readexactly(9)
+        n = int.from_bytes(head[:3], "big")
+        return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, await self.r.readexactly(n)
+
+    async def answer(self, sid: int) -> tuple[dict[str, str], bytes]:
+        """Headers and trailers of stream `sid` merged, and its DATA (answering PINGs meanwhile)."""
+        headers: dict[str, str] = {}
+        data = b""
+        while True:
+            kind, flags, s, payload = await self.frames()
+            if kind == http2.HEADERS and s == sid:
+                headers.update((str(k), str(v)) for k, v in self.dec.decode(payload))
+                if flags & http2.END_STREAM:
+                    return headers, data
+            elif kind == http2.DATA and s == sid:
+                data += payload
+
+
+def test_split_header_blocks_padding_ping_and_a_server_side_deadline() -> None:
+    async def scenario(target: str, _: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        c.call(1, "/t.E/Echo", b"hello")
+        headers, data = await c.answer(1)
+        assert headers[":status"] == "200" and headers["grpc-status"] == "0"
+        assert data == b"\x00\x00\x00\x00\x05olleh"
+        c.w.write(http2.frame(http2.PING, 0, 0, b"12345678"))
+        while (f := await c.frames())[0] != http2.PING:
+            pass
+        assert f[1] == http2.ACK and f[3] == b"12345678"
+        c.call(3, "/t.E/Slow", b"x", timeout="200m")  # this client would wait forever: the server ends it
+        headers, data = await asyncio.wait_for(c.answer(3), 5)
+        assert headers["grpc-status"] == "4" and data == b""
+        c.w.close()
+
+    app = Echo()
+
+    async def slow(message: memoryview) -> bytes:
+        await asyncio.sleep(30)
+        return b""
+
+    handlers = app.handlers() | {"/t.E/Slow": slow}
+
+    async def main() -> None:
+        server = GrpcServer(handlers)
+        port = await server.start(listen_socket("127.0.0.1", 0, listen=True))
+        try:
+            await asyncio.wait_for(scenario(f"127.0.0.1:{port}", server), 30)
+        finally:
+            await server.stop(1.0)
+
+    asyncio.run(main())
