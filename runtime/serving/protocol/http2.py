@@ -147,6 +147,7 @@ class _Connection(asyncio.Protocol):
         self.goaway_sent = False
         self.blocked: dict[int, _Stream] = {}  # responses waiting for a window, in order
         self.out: list[bytes] = []  # frames to write at the end of this turn
+        self.buffered = 0  # request bytes held for the calls open on this connection
 
     # -- asyncio --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,6 +178,7 @@ class _Connection(asyncio.Protocol):
                 s.task.cancel()
         self.streams.clear()
         self.blocked.clear()
+        self.buffered = 0
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -252,7 +254,7 @@ class _Connection(asyncio.Protocol):
                 s.send_window += inc
             self._unblock()
         elif kind == RST_STREAM:
-            s = self.streams.pop(sid, None)
+            s = self._drop(sid)
             self.blocked.pop(sid, None)
             if s is not None and s.task is not None:
                 s.task.cancel()
@@ -308,8 +310,17 @@ class _Connection(asyncio.Protocol):
         a += 1 if flags & PADDED else 0
         if a > b - pad:
             return self._fail(PROTOCOL_ERROR, "DATA padding longer than the frame")
+        if self.buffered + b - pad - a > self.server.max_buffered:
+            return self._end(
+                s,
+                RESOURCE_EXHAUSTED,
+                f"more than {self.server.max_buffered} bytes of requests in flight on this connection: "
+                "wait for answers or spread the calls over more connections",
+                reset=True,
+            )
         with memoryview(self.buf) as mv:
             s.body += mv[a : b - pad]
+        self.buffered += b - pad - a
         s.unacked += b - a
         if len(s.body) > self.server.max_message + 5:
             self._end(
@@ -381,7 +392,7 @@ class _Connection(asyncio.Protocol):
 
     def _end(self, s: _Stream, code: int, message: str, reset: bool = False) -> None:
         """Trailers-only answer with a status; `reset` also tells the client to stop sending."""
-        if self.transport is None or self.streams.pop(s.sid, None) is None:
+        if self.transport is None or self._drop(s.sid) is None:
             return
         block = RESPONSE_HEADERS + literal(b"grpc-status", str(code).encode())
         block += literal(b"grpc-message", percent_encode(message))
@@ -407,7 +418,13 @@ class _Connection(asyncio.Protocol):
         s.out = None
         self.blocked.pop(s.sid, None)
         self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, s.sid, s.trailers))
-        self.streams.pop(s.sid, None)
+        self._drop(s.sid)
+
+    def _drop(self, sid: int) -> _Stream | None:
+        s = self.streams.pop(sid, None)
+        if s is not None:
+            self.buffered -= len(s.body)
+        return s
 
     def _unblock(self) -> None:
         for s in list(self.blocked.values()):
@@ -444,9 +461,13 @@ class GrpcServer:
     """Unary gRPC calls on one port: `handlers` maps ':path' (/package.Service/Method) to a coroutine from
     the request message's bytes to the response message's bytes, raising RpcError to end with a status."""
 
-    def __init__(self, handlers: dict[str, Handler], *, max_message: int = 64 << 20) -> None:
+    def __init__(
+        self, handlers: dict[str, Handler], *, max_message: int = 64 << 20, max_buffered: int | None = None
+    ) -> None:
         self.handlers = handlers
         self.max_message = max_message
+        # request bytes a connection may hold for its open calls (memory stays bounded per connection)
+        self.max_buffered = max_buffered or max(2 * (max_message + 5), 16 << 20)
         self.connections: set[_Connection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None

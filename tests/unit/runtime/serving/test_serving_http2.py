@@ -112,6 +112,35 @@ def test_statuses_name_the_problem() -> None:
     _serve(Echo(), scenario, max_message=4096)
 
 
+def test_request_bytes_held_per_connection_are_bounded() -> None:
+    """Calls that would hold more request bytes than the connection may are refused, the others answered,
+    and the bytes count again once answered."""
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            call = ch.unary_unary("/t.E/Echo")
+            msg = os.urandom(1 << 20)
+            got = await asyncio.gather(*(call(msg) for _ in range(6)), return_exceptions=True)
+            refused = [g for g in got if isinstance(g, grpc.aio.AioRpcError)]
+            assert 1 <= len(refused) <= 5 and sum(g == msg[::-1] for g in got) == 6 - len(refused)
+            for e in refused:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "in flight on this connection" in e.details()
+            assert await asyncio.gather(*(call(msg) for _ in range(2))) == [msg[::-1]] * 2
+
+    app = Echo(delay=0.3)
+
+    async def main() -> None:
+        server = GrpcServer(app.handlers(), max_message=2 << 20, max_buffered=(5 << 19) + 64)
+        port = await server.start(listen_socket("127.0.0.1", 0, listen=True))
+        try:
+            await asyncio.wait_for(scenario(f"127.0.0.1:{port}", server), 30)
+        finally:
+            await server.stop(1.0)
+
+    asyncio.run(main())
+
+
 def test_deadline_and_cancellation_end_the_handler_and_the_connection_goes_on() -> None:
     app = Echo(delay=5.0)
 
