@@ -174,6 +174,7 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
     """The service's methods for protocol.http2's server, by gRPC path. ModelInfer's raw input contents
     stay views of the received message (our own, writable bytes): no copy until shared memory or the batch."""
     from runtime.serving.protocol.http2 import _CONTEXT, RpcError, unary
+    from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, split_field
 
     requests = {
         "ServerLive": pb.ServerLiveRequest,
@@ -198,52 +199,3 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
 
     handlers["/inference.GRPCInferenceService/ModelInfer"] = infer
     return handlers
-
-
-RAW_INPUT_CONTENTS = 7  # ModelInferRequest's field number
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
-def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryview]]:
-    """Protobuf wire bytes -> (the message without the top-level length-delimited field `number`, that
-    field's values as views of `message`, in order). A walk over the top-level fields only."""
-    rest = bytearray()
-    found: list[memoryview] = []
-    i, n = 0, len(message)
-    while i < n:
-        start = i
-        key, i = _varint(message, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(message, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 2:
-            size, i = _varint(message, i)
-            if key >> 3 == number:
-                if i + size > n:
-                    break
-                found.append(message[i : i + size])
-                i += size
-                continue
-            i += size
-        elif wire == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        rest += message[start:i]
-    if i != n:
-        raise ValueError("truncated message")
-    return bytes(rest), found

@@ -16,11 +16,8 @@ import pytest
 
 from runtime.serving.frontend import listen_socket
 from runtime.serving.protocol import http2
-from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as _pb
-from runtime.serving.protocol.grpc_service import RAW_INPUT_CONTENTS, split_field
 from runtime.serving.protocol.http2 import GrpcServer, RpcError
-
-pb: Any = _pb  # generated message classes (untyped)
+from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, split_field
 
 
 class Echo:
@@ -205,6 +202,8 @@ def test_wire_helpers() -> None:
 
 
 def test_split_field_leaves_the_rest_for_protobuf_and_views_the_raw_contents() -> None:
+    # tritonclient's copy of the same messages: ours would clash with it in protobuf's default pool
+    pb: Any = pytest.importorskip("tritonclient.grpc.service_pb2")
     req = pb.ModelInferRequest(model_name="m", model_version="2", id="r1")
     req.inputs.add(name="a", datatype="FP32", shape=[1, 3])
     req.inputs.add(name="b", datatype="INT64", shape=[1])
