@@ -1,4 +1,5 @@
-"""Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`) with grpc.aio.
+"""Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`): one servicer, served by our own
+HTTP/2 (protocol.http2, through `native_handlers`) or by grpc.aio (`add_to_server`).
 
 Inputs arrive as raw bytes (`raw_input_contents`, one entry per input, in order) or typed `contents`;
 outputs always travel as raw bytes (`raw_output_contents`), as Triton does.
