@@ -46,13 +46,21 @@ class Echo:
 
 
 def _serve(
-    app: Echo, scenario: Callable[[str, GrpcServer], Awaitable[None]], *, max_message: int = 16 << 20
+    app: Echo | dict[str, http2.Handler],
+    scenario: Callable[[str, GrpcServer], Awaitable[None]],
+    *,
+    timeout: float = 60,
+    **server_options: int,
 ) -> None:
+    """Serve `app`'s handlers (or the handlers given) on a free port of 127.0.0.1 while `scenario` runs."""
+    handlers = app.handlers() if isinstance(app, Echo) else app
+    server_options.setdefault("max_message", 16 << 20)
+
     async def main() -> None:
-        server = GrpcServer(app.handlers(), max_message=max_message)
+        server = GrpcServer(handlers, **server_options)
         port = await server.start(listen_socket("127.0.0.1", 0, listen=True))
         try:
-            await asyncio.wait_for(scenario(f"127.0.0.1:{port}", server), 60)
+            await asyncio.wait_for(scenario(f"127.0.0.1:{port}", server), timeout)
         finally:
             await server.stop(1.0)
 
@@ -125,17 +133,7 @@ def test_request_bytes_held_per_connection_are_bounded() -> None:
                 assert "in flight on this connection" in e.details()
             assert await asyncio.gather(*(call(msg) for _ in range(2))) == [msg[::-1]] * 2
 
-    app = Echo(delay=0.3)
-
-    async def main() -> None:
-        server = GrpcServer(app.handlers(), max_message=2 << 20, max_buffered=(5 << 19) + 64)
-        port = await server.start(listen_socket("127.0.0.1", 0, listen=True))
-        try:
-            await asyncio.wait_for(scenario(f"127.0.0.1:{port}", server), 30)
-        finally:
-            await server.stop(1.0)
-
-    asyncio.run(main())
+    _serve(Echo(delay=0.3), scenario, timeout=30, max_message=2 << 20, max_buffered=(5 << 19) + 64)
 
 
 def test_deadline_and_cancellation_end_the_handler_and_the_connection_goes_on() -> None:
@@ -287,14 +285,4 @@ def test_split_header_blocks_padding_ping_and_a_server_side_deadline() -> None:
         await asyncio.sleep(30)
         return b""
 
-    handlers = app.handlers() | {"/t.E/Slow": slow}
-
-    async def main() -> None:
-        server = GrpcServer(handlers)
-        port = await server.start(listen_socket("127.0.0.1", 0, listen=True))
-        try:
-            await asyncio.wait_for(scenario(f"127.0.0.1:{port}", server), 30)
-        finally:
-            await server.stop(1.0)
-
-    asyncio.run(main())
+    _serve(app.handlers() | {"/t.E/Slow": slow}, scenario, timeout=30)
