@@ -174,7 +174,7 @@ def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:
 def native_handlers(service: InferenceService) -> dict[str, Any]:
     """The service's methods for protocol.http2's server, by gRPC path. ModelInfer's raw input contents
     stay views of the received message (our own, writable bytes): no copy until shared memory or the batch."""
-    from runtime.serving.protocol.http2 import _CONTEXT, RpcError, unary
+    from runtime.serving.protocol.http2 import unary
     from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, split_field
 
     requests = {
@@ -189,14 +189,12 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
         for name, cls in requests.items()
     }
 
-    async def infer(message: memoryview) -> bytes:
-        try:
-            rest, raw = split_field(message, RAW_INPUT_CONTENTS)
-            request = pb.ModelInferRequest.FromString(rest)
-        except Exception as e:
-            raise RpcError(3, f"request message does not parse: {e}") from None
-        reply = await service.infer(request, raw, _CONTEXT)
-        return bytes(reply.SerializeToString())
+    def parse_infer(message: memoryview) -> tuple[Any, list[memoryview]]:
+        rest, raw = split_field(message, RAW_INPUT_CONTENTS)
+        return pb.ModelInferRequest.FromString(rest), raw
 
-    handlers["/inference.GRPCInferenceService/ModelInfer"] = infer
+    async def infer(parsed: tuple[Any, list[memoryview]], context: Any) -> Any:
+        return await service.infer(*parsed, context)
+
+    handlers["/inference.GRPCInferenceService/ModelInfer"] = unary(parse_infer, infer)
     return handlers
