@@ -13,7 +13,9 @@ process (needs py-spy).
 Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (seconds), DEV (cpu|cuda),
 DELAY (max delay ms, default 2), MAXB (max batch, 64),
 BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
-COPY_STREAM (1: --copy-stream), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label).
+COPY_STREAM (1: --copy-stream), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label),
+GRPC (1: load ModelInfer over gRPC with ghz, not REST with wrk; GHZ: its path; GRPC_SERVER: native|grpcio),
+SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw).
 """
 
 from __future__ import annotations
@@ -61,26 +63,45 @@ def main() -> None:
         start_timeout=600,
         warmup_batch_sizes=env("BUCKETS", ""),
         copy_stream=env("COPY_STREAM") == "1",
+        grpc_server=env("GRPC_SERVER", "native"),
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)
-    proc, port, _, _ = sb._start("kubeforge", a, model, str(tmp / f"cache-{model}"), tmp / "log", workers)
+    proc, port, gport, _ = sb._start("kubeforge", a, model, str(tmp / f"cache-{model}"), tmp / "log", workers)
     try:
         row = sb._row(model)
         spec = {"name": "input__0", "shape": list(row.shape), "datatype": sb._models()[model].datatype}
         head = json.dumps({"inputs": [spec | {"parameters": {"binary_data_size": row.nbytes}}]}).encode()
         body, url = head + row.tobytes(), f"http://127.0.0.1:{port}/v2/models/{model}/infer"
         headers = {"Inference-Header-Content-Length": str(len(head))}
-        sb._wrk(url, body, conns, 2, headers, tmp)  # warm
+        if env("GRPC") == "1":
+            from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as pb
+
+            req = pb.ModelInferRequest(model_name=model)
+            req.inputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
+            req.raw_input_contents.append(row.tobytes())
+            ghz, target, wire = env("GHZ", str(ROOT / ".cache/dev/bin/ghz")), f"127.0.0.1:{gport}", req
+            load = lambda s: sb._ghz(ghz, target, wire.SerializeToString(), conns, s, tmp)  # noqa: E731
+        else:
+            load = lambda s: sb._wrk(url, body, conns, s, headers, tmp)  # noqa: E731
+        load(2)  # warm
         m0, c0 = _sums(port), sb._cpu_seconds(proc.pid)
         spy = None
         if env("GIL") == "1":
             out = Path(env("OUT", str(tmp))) / "gil.raw"
             cmd = [env("SPY", "py-spy"), "record", "-p", str(proc.pid), "-d", str(max(1, int(secs) - 2))]
             spy = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking", "--gil"])
-        r = sb._wrk(url, body, conns, secs, headers, tmp)
-        if spy is not None:
-            spy.wait()
+        spyw = None
+        if env("SPYW") == "1":
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            workers_ = [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+            out = Path(env("OUT", str(tmp))) / "worker.raw"
+            cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
+            spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"])
+        r = load(secs)
+        for p in (spy, spyw):
+            if p is not None:
+                p.wait()
         m1, c1 = _sums(port), sb._cpu_seconds(proc.pid)
         d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
         n, nb = r["rps"] * secs, max(1.0, d.get("kubeforge_batch_size_count", 1.0))

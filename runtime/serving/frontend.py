@@ -126,6 +126,8 @@ class Worker:
         self.batcher = RemoteBatcher(self.arena)
         self.metrics = Metrics()
         self._hop = self.metrics.hop_time.labels("to_worker")
+        placements = ("in_place", "copied", "inline")
+        self._placement = {k: self.metrics.input_placement.labels(k) for k in placements}
         self.repo = Repository([])
         self.state: dict[str, Any] = {"ready": False, "info": {}}
         self.stopping = False
@@ -156,9 +158,11 @@ class Worker:
         if offset is not None:  # the body was read into a slot: the tensors travel where they lie
             self._lent.discard(offset)
             placed = [ipc.Placed(t, t.data_ptr() - self.arena.address) for t in inputs]
+            self._placement["in_place"].inc()
         else:
             offset = self.arena.take(ipc.Arena.slot_need(inputs))
             placed = self.arena.place(inputs, offset)
+            self._placement["inline" if offset is None else "copied"].inc()
         rid = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, offset)

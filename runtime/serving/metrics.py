@@ -50,6 +50,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.input_placement = Counter(
+            "kubeforge_worker_inputs_total",
+            "Requests a protocol worker handed to the model process, by where their input tensors were:"
+            " in_place (received straight into a shared-memory slot: no copy), copied (into a slot),"
+            " inline (through the socket: no free slot, or larger than one).",
+            ["placement"],
+            registry=r,
+        )
         self.hop_time = Histogram(
             "kubeforge_worker_hop_seconds",
             "Time between a protocol worker and the model process: a request from its encoding in the worker"

@@ -527,10 +527,14 @@ async def start_protocol(
     stop_grpc: Callable[[], Awaitable[Any]]
     if cfg.grpc_server == "native":
         from runtime.serving.frontend import listen_socket
-        from runtime.serving.protocol.grpc_service import native_handlers
+        from runtime.serving.protocol.grpc_service import MODEL_INFER, infer_buffer, native_handlers
         from runtime.serving.protocol.http2 import GrpcServer
 
-        native = GrpcServer(native_handlers(service), max_message=cfg.max_payload_bytes)
+        native = GrpcServer(
+            native_handlers(service),
+            max_message=cfg.max_payload_bytes,
+            buffers={MODEL_INFER: infer_buffer(slot_body)} if slot_body is not None else None,
+        )
         grpc_port = await native.start(listen_socket(cfg.host, cfg.grpc_port, listen=True))
         stop_grpc = partial(native.stop, cfg.grace_s)
     else:

@@ -196,5 +196,25 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
     async def infer(parsed: tuple[Any, list[memoryview]], context: Any) -> Any:
         return await service.infer(*parsed, context)
 
-    handlers["/inference.GRPCInferenceService/ModelInfer"] = unary(parse_infer, infer)
+    handlers[MODEL_INFER] = unary(parse_infer, infer)
     return handlers
+
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def infer_buffer(slot_body: Callable[[int, int], Any]) -> Callable[[int, memoryview], Any]:
+    """protocol.http2's buffer for ModelInfer messages of at least rest.SLOT_BODY_MIN bytes: a protocol
+    worker's shared-memory slot, placed so that the first raw input's bytes start 64-byte aligned (found in
+    the bytes received so far: the fields before it come first on the wire), so the tensors travel to the
+    model process where they lie, as REST bodies do."""
+    from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, field_start
+    from runtime.serving.protocol.rest import SLOT_BODY_MIN
+
+    def make(size: int, seen: memoryview) -> Any:
+        if size < SLOT_BODY_MIN:
+            return None
+        at = field_start(seen[5:], RAW_INPUT_CONTENTS)
+        return slot_body(size, 5 + (at or 0))
+
+    return make

@@ -51,3 +51,30 @@ def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryvie
     if i != n:
         raise ValueError("truncated message")
     return bytes(rest), found
+
+
+def field_start(prefix: memoryview, number: int) -> int | None:
+    """Where the first value of the top-level length-delimited field `number` starts in a message of which
+    only `prefix` has arrived; None when its key and length are not in `prefix` (or the bytes are not a
+    message)."""
+    i, n = 0, len(prefix)
+    try:
+        while i < n:
+            key, i = _varint(prefix, i)
+            wire = key & 7
+            if wire == 0:
+                _, i = _varint(prefix, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 2:
+                size, i = _varint(prefix, i)
+                if key >> 3 == number:
+                    return i if i <= n else None
+                i += size
+            elif wire == 5:
+                i += 4
+            else:
+                return None
+    except (IndexError, ValueError):
+        return None
+    return None

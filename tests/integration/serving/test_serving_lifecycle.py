@@ -176,3 +176,53 @@ def test_unavailable_backend_refuses_to_start_naming_what_is_missing(
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert f"backend '{backend}' was asked for but is not available here" in proc.stderr
     assert missing in proc.stderr
+
+
+def test_large_inputs_reach_the_model_process_from_where_rest_and_grpc_received_them(
+    registry: Registry,
+) -> None:
+    """With protocol workers, a binary REST body or a gRPC ModelInfer message of 64 KiB or more is received
+    straight into a shared-memory slot and its tensor goes to the model process from there (no copy); the
+    answers equal eager inference; smaller requests are copied into a slot."""
+    import torch
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    s = start_serve(
+        registry.env,
+        *("--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "1"),
+        *("--max-batch-size", "4096", "--max-delay-ms", "1"),
+    )
+
+    def placements() -> dict[str, float]:
+        text = httpx.get(f"{s.url}/metrics").text
+        prefix = 'kubeforge_worker_inputs_total{placement="'
+        return {
+            x[len(prefix) :].split('"')[0]: float(x.split()[-1])
+            for x in text.splitlines()
+            if x.startswith(prefix)
+        }
+
+    try:
+        s.wait_ready()
+        rng = np.random.default_rng(9)
+        big, small = (rng.standard_normal((n, 16), dtype=np.float32) for n in (3000, 2))  # 192 KB, 128 B
+        with torch.inference_mode():
+            want = {id(x): registry.mlp(torch.from_numpy(x)).numpy() for x in (big, small)}
+        before = placements()
+        grpc_client = tg.InferenceServerClient(s.grpc_url)
+        http_client = th.InferenceServerClient(s.url.removeprefix("http://"))
+        for x in (big, small):
+            g = tg.InferInput("input__0", list(x.shape), "FP32")
+            g.set_data_from_numpy(x)
+            got = grpc_client.infer("mlp", [g]).as_numpy("output__0")
+            np.testing.assert_allclose(got, want[id(x)], rtol=1e-5, atol=1e-6)
+            h = th.InferInput("input__0", list(x.shape), "FP32")
+            h.set_data_from_numpy(x, binary_data=True)
+            got = http_client.infer("mlp", [h]).as_numpy("output__0")
+            np.testing.assert_allclose(got, want[id(x)], rtol=1e-5, atol=1e-6)
+        after = placements()
+        moved = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("in_place", "copied", "inline")}
+        assert moved == {"in_place": 2.0, "copied": 2.0, "inline": 0.0}, moved
+    finally:
+        assert s.stop() == 0

@@ -17,7 +17,7 @@ import pytest
 from runtime.serving.frontend import listen_socket
 from runtime.serving.protocol import http2
 from runtime.serving.protocol.http2 import GrpcServer, RpcError
-from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, split_field
+from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, field_start, split_field
 
 
 class Echo:
@@ -50,7 +50,7 @@ def _serve(
     scenario: Callable[[str, GrpcServer], Awaitable[None]],
     *,
     timeout: float = 60,
-    **server_options: int,
+    **server_options: Any,
 ) -> None:
     """Serve `app`'s handlers (or the handlers given) on a free port of 127.0.0.1 while `scenario` runs."""
     handlers = app.handlers() if isinstance(app, Echo) else app
@@ -219,6 +219,13 @@ def test_split_field_leaves_the_rest_for_protobuf_and_views_the_raw_contents() -
     assert back == req
     with pytest.raises((ValueError, IndexError)):
         split_field(memoryview(wire)[:-5], RAW_INPUT_CONTENTS)  # truncated
+    # where the first raw input starts, from the first bytes received (the fields before it come first)
+    at = bytes(wire).index(raws[0])
+    assert field_start(memoryview(wire), RAW_INPUT_CONTENTS) == at
+    assert field_start(memoryview(wire)[: at + 1], RAW_INPUT_CONTENTS) == at
+    assert field_start(memoryview(wire)[: at - 3], RAW_INPUT_CONTENTS) is None  # key or length not in yet
+    assert field_start(memoryview(rest), RAW_INPUT_CONTENTS) is None
+    assert field_start(memoryview(b"\xff\xff"), RAW_INPUT_CONTENTS) is None  # not a message
 
 
 class RawClient:
@@ -231,7 +238,9 @@ class RawClient:
         self.r, self.w, self.enc, self.dec = r, w, Encoder(), Decoder()
         w.write(http2.PREFACE + http2.frame(http2.SETTINGS, 0, 0))
 
-    def call(self, sid: int, path: str, message: bytes, *, timeout: str | None = None) -> None:
+    def call(
+        self, sid: int, path: str, message: bytes, *, timeout: str | None = None, data: bool = True
+    ) -> None:
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x")]
         headers += [("content-type", "application/grpc"), ("te", "trailers")]
         headers += [("grpc-timeout", timeout)] if timeout else []
@@ -239,6 +248,8 @@ class RawClient:
         half = len(block) // 2  # HEADERS + CONTINUATION
         self.w.write(http2.frame(http2.HEADERS, 0, sid, block[:half]))
         self.w.write(http2.frame(http2.CONTINUATION, http2.END_HEADERS, sid, block[half:]))
+        if not data:
+            return
         body = b"\x00" + len(message).to_bytes(4, "big") + message
         padded = bytes((3,)) + body + b"\x00\x00\x00"  # PADDED: pad length, data, padding
         self.w.write(http2.frame(http2.DATA, http2.PADDED | http2.END_STREAM, sid, padded))
@@ -286,3 +297,82 @@ def test_split_header_blocks_padding_ping_and_a_server_side_deadline() -> None:
         return b""
 
     _serve(app.handlers() | {"/t.E/Slow": slow}, scenario, timeout=30)
+
+
+class Buffers:
+    """A protocol.http2 buffer factory that records what it made and counts the releases."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[int, int]] = []  # (size, bytes seen when asked)
+        self.released = 0
+
+    def __call__(self, size: int, seen: memoryview) -> Any:
+        self.made.append((size, len(seen)))
+        outer = self
+
+        class Held:
+            view = memoryview(bytearray(size))
+
+            def release(self) -> None:
+                outer.released += 1
+
+        return Held()
+
+
+def test_each_message_lands_in_one_buffer_of_its_size_released_once_however_its_call_ends() -> None:
+    bufs = Buffers()
+    app = Echo()
+
+    held_at_cancel: list[int] = []
+
+    async def slow(message: memoryview) -> bytes:
+        app.started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:  # its message is still ours until we return: not released yet
+            held_at_cancel.append(bufs.released)
+        return b""
+
+    async def released(n: int) -> None:
+        while bufs.released < n:  # noqa: ASYNC110 (released in the call's task, after its answer is out)
+            await asyncio.sleep(0.01)
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        payload = os.urandom(1 << 20)
+        async with _channel(target) as ch:
+            assert await ch.unary_unary("/t.E/Echo")(payload) == payload[::-1]
+            assert bufs.made == [(5 + len(payload), bufs.made[0][1])] and bufs.made[0][1] >= 5
+            pending = ch.unary_unary("/t.E/Slow")(b"abandoned")
+            await asyncio.wait_for(app.started.wait(), 5)
+            pending.cancel()  # RST_STREAM while the handler holds the message
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await ch.unary_unary("/t.E/Echo")(b"q" * (2 << 20))  # refused from its prefix: no buffer
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.wait_for(released(2), 5)
+            assert len(bufs.made) == 2 and held_at_cancel == [1]
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        # the length prefix split over two DATA frames
+        c.call(1, "/t.E/Echo", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, 0, 1, b"\x00\x00"))
+        c.w.write(http2.frame(http2.DATA, http2.END_STREAM, 1, b"\x00\x00\x03abc"))
+        headers, data = await c.answer(1)
+        assert headers["grpc-status"] == "0" and data == b"\x00\x00\x00\x00\x03cba"
+        # more bytes than the prefix announced: one message per unary call
+        c.call(3, "/t.E/Echo", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, http2.END_STREAM, 3, b"\x00\x00\x00\x00\x01ab"))
+        headers, _ = await c.answer(3)
+        assert headers["grpc-status"] == str(http2.INTERNAL) and "exactly one" in headers["grpc-message"]
+        # the client leaves with a message half sent
+        c.call(5, "/t.E/Echo", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, 0, 5, b"\x00\x00\x00\x10\x00half"))
+        await c.w.drain()
+        await asyncio.wait_for(released(4), 5)
+        assert len(bufs.made) == 5 and bufs.made[-1] == (5 + 0x1000, 9)
+        c.w.close()
+        await asyncio.wait_for(released(5), 5)
+        await asyncio.sleep(0.1)
+        assert bufs.released == len(bufs.made) == 5  # each once
+
+    handlers = app.handlers() | {"/t.E/Slow": slow}
+    _serve(handlers, scenario, max_message=(2 << 20) - 1, buffers={"/t.E/Echo": bufs, "/t.E/Slow": bufs})
