@@ -61,6 +61,7 @@ WINDOW = 1 << 24  # our receive window, per stream and for the connection
 MAX_STREAMS = 1024
 MAX_HEADER_LIST = 16 << 10
 DEFAULT_WINDOW = 65535
+READ_CHUNK = 256 << 10  # one socket read at most
 
 _FRAME = struct.Struct(">HBBBI")  # a 24-bit length as 16 + 8 bits, type, flags, stream id
 
@@ -142,11 +143,15 @@ class _Stream:
         self.expired = False
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.buf = bytearray()  # a frame (or the preface) begun in an earlier read
+        self.view = memoryview(b"")  # what the frame handlers read: this read's bytes, or buf's
+        self.data_left = 0  # bytes still to come of the DATA frame being streamed to its message
+        self.data_sid = 0
+        self.data_flags = 0
         self.preface = False
         self.decoder = Decoder()
         self.decoder.max_header_list_size = MAX_HEADER_LIST
@@ -197,35 +202,70 @@ class _Connection(asyncio.Protocol):
         self.blocked.clear()
         self.buffered = 0
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if not self.preface:
-            if len(self.buf) < len(PREFACE):
-                if not PREFACE.startswith(self.buf):
-                    self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface (this port speaks gRPC)")
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self.server.scratch[:nbytes]
+        if self.data_left:  # the rest of a DATA frame: straight to its message
+            n = min(self.data_left, nbytes)
+            self.data_left -= n
+            self._data_bytes(self.data_sid, data[:n])
+            if not self.data_left:
+                self._data_end(self.data_flags, self.data_sid)
+            data = data[n:]
+        if self.buf or not self.preface:
+            self.buf += data
+            if not self.preface and not self._preface():
                 return
-            if self.buf[: len(PREFACE)] != PREFACE:
+            with memoryview(self.buf) as view:
+                off = self._frames(view)
+                rest = bytearray(view[off:])
+            self.buf = rest
+        elif len(data):
+            off = self._frames(data)
+            self.buf = bytearray(data[off:])  # an unfinished frame header or non-DATA frame (small)
+        self.view = memoryview(b"")
+        self._write()
+
+    def _preface(self) -> bool:
+        if len(self.buf) < len(PREFACE):
+            if not PREFACE.startswith(self.buf):
                 self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface (this port speaks gRPC)")
-                return
-            del self.buf[: len(PREFACE)]
-            self.preface = True
-        buf, off, end = self.buf, 0, len(self.buf)
+            return False
+        if self.buf[: len(PREFACE)] != PREFACE:
+            self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface (this port speaks gRPC)")
+            return False
+        del self.buf[: len(PREFACE)]
+        self.preface = True
+        return True
+
+    def _frames(self, view: memoryview) -> int:
+        """Handle the whole frames in `view`, and the part of an unpadded DATA frame that is there (its
+        payload goes to its message as it arrives); returns how many bytes were consumed."""
+        self.view = view
+        off, end = 0, len(view)
         while end - off >= 9 and self.transport is not None:
-            hi, lo, kind, flags, sid = _FRAME.unpack_from(buf, off)
-            length = hi << 8 | lo
+            hi, lo, kind, flags, sid = _FRAME.unpack_from(view, off)
+            length, sid = hi << 8 | lo, sid & 0x7FFFFFFF
             if length > MAX_FRAME:
                 self._fail(FRAME_SIZE_ERROR, f"frame of {length} bytes, more than the {MAX_FRAME} we allow")
-                return
-            if end - off - 9 < length:
-                break
-            self._frame(kind, flags, sid & 0x7FFFFFFF, off + 9, off + 9 + length)
+                return end
+            have = end - off - 9
+            if have < length:
+                if kind != DATA or flags & PADDED or self.block_sid:
+                    break  # wait for the whole frame
+                self._data_start(sid, length)
+                self._data_bytes(sid, view[off + 9 : end])
+                self.data_left, self.data_sid, self.data_flags = length - have, sid, flags
+                return end
+            self._frame(kind, flags, sid, off + 9, off + 9 + length)
             off += 9 + length
-        del buf[:off]
-        self._write()
+        return off if self.transport is not None else end
 
     # -- frames in --
     def _frame(self, kind: int, flags: int, sid: int, a: int, b: int) -> None:
-        buf = self.buf
+        buf = self.view
         if self.block_sid and kind != CONTINUATION:
             self._fail(PROTOCOL_ERROR, "a header block was interrupted by another frame")
         elif kind == DATA:
@@ -281,7 +321,7 @@ class _Connection(asyncio.Protocol):
 
     def _settings(self, a: int, b: int) -> None:
         for off in range(a, b, 6):
-            key, value = struct.unpack_from(">HI", self.buf, off)
+            key, value = struct.unpack_from(">HI", self.view, off)
             if key == 4:  # INITIAL_WINDOW_SIZE: applies to the open streams too
                 if value > 0x7FFFFFFF:
                     return self._fail(FLOW_CONTROL_ERROR, "initial window beyond 2^31-1")
@@ -316,35 +356,48 @@ class _Connection(asyncio.Protocol):
             self._dispatch(s)
 
     def _data(self, flags: int, sid: int, a: int, b: int) -> None:
-        self.recv_unacked += b - a
+        """A whole DATA frame, its payload at view[a:b]."""
+        self._data_start(sid, b - a)
+        pad = self.view[a] if flags & PADDED else 0
+        a += 1 if flags & PADDED else 0
+        if a > b - pad:
+            return self._fail(PROTOCOL_ERROR, "DATA padding longer than the frame")
+        self._data_bytes(sid, self.view[a : b - pad])
+        self._data_end(flags, sid)
+
+    def _data_start(self, sid: int, length: int) -> None:
+        """Flow control counts a DATA frame's whole payload, padding included, open stream or not."""
+        self.recv_unacked += length
         if self.recv_unacked >= WINDOW // 2:
             self.out.append(frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
             self.recv_unacked = 0
         s = self.streams.get(sid)
-        if s is None or s.task is not None:
-            return  # a stream reset, refused or already complete: its bytes only count for the window
-        s.unacked += b - a  # flow control counts the padding too
-        pad = self.buf[a] if flags & PADDED else 0
-        a += 1 if flags & PADDED else 0
-        if a > b - pad:
-            return self._fail(PROTOCOL_ERROR, "DATA padding longer than the frame")
-        with memoryview(self.buf) as mv:
-            if not self._receive(s, mv[a : b - pad]):
-                return
+        if s is not None and s.task is None:
+            s.unacked += length
+
+    def _data_bytes(self, sid: int, data: memoryview) -> None:
+        s = self.streams.get(sid)
+        if s is not None and s.task is None:  # else reset, refused or complete: its bytes are dropped
+            self._receive(s, data)
+
+    def _data_end(self, flags: int, sid: int) -> None:
+        s = self.streams.get(sid)
+        if s is None or s.task is not None or self.transport is None:
+            return
         if flags & END_STREAM:
             self._dispatch(s)
         elif s.unacked >= WINDOW // 2:
             self.out.append(frame(WINDOW_UPDATE, 0, sid, s.unacked.to_bytes(4, "big")))
             s.unacked = 0
 
-    def _receive(self, s: _Stream, data: memoryview) -> bool:
+    def _receive(self, s: _Stream, data: memoryview) -> None:
         """Copy a DATA payload into the stream's message buffer, allocating it (exact size) once the length
-        prefix is in. False when the stream was ended instead."""
+        prefix is in; or end the stream (too large, too many bytes held, more than one message)."""
         if s.body is None:
             if s.head or len(data) < 5:
                 s.head += data
                 if len(s.head) < 5:
-                    return True
+                    return
                 data, s.head = memoryview(s.head), bytearray()
             size = 5 + int.from_bytes(data[1:5], "big")
             if size - 5 > self.server.max_message:
@@ -354,7 +407,7 @@ class _Connection(asyncio.Protocol):
                     f"request message larger than the server's limit of {self.server.max_message} bytes",
                     reset=True,
                 )
-                return False
+                return
             if self.buffered + size > self.server.max_buffered:
                 self._end(
                     s,
@@ -363,7 +416,7 @@ class _Connection(asyncio.Protocol):
                     "wait for answers or spread the calls over more connections",
                     reset=True,
                 )
-                return False
+                return
             make = self.server.buffers.get(s.headers.get(":path", ""))
             body = make(size, data) if make is not None else None
             s.body = body or PlainBody(memoryview(bytearray(size)))
@@ -372,10 +425,9 @@ class _Connection(asyncio.Protocol):
         view, n = s.body.view, len(data)
         if s.filled + n > len(view):
             self._end(s, INTERNAL, "a unary call carries exactly one length-prefixed message", reset=True)
-            return False
+            return
         view[s.filled : s.filled + n] = data
         s.filled += n
-        return True
 
     # -- calls --
     def _dispatch(self, s: _Stream) -> None:
@@ -520,6 +572,7 @@ class GrpcServer:
     ) -> None:
         self.handlers = handlers
         self.buffers = buffers or {}
+        self.scratch = memoryview(bytearray(READ_CHUNK))  # what every connection's reads land in first
         self.max_message = max_message
         # request bytes a connection may hold for its open calls (memory stays bounded per connection)
         self.max_buffered = max_buffered or max(2 * (max_message + 5), 16 << 20)

@@ -285,8 +285,23 @@ def test_split_header_blocks_padding_ping_and_a_server_side_deadline() -> None:
         while (f := await c.frames())[0] != http2.PING:
             pass
         assert f[1] == http2.ACK and f[3] == b"12345678"
-        c.call(3, "/t.E/Slow", b"x", timeout="200m")  # this client would wait forever: the server ends it
-        headers, data = await asyncio.wait_for(c.answer(3), 5)
+        # a DATA frame in pieces, each its own read: the frame header split, then the payload in three
+        c.call(3, "/t.E/Echo", b"", data=False)
+        message = os.urandom(3000)
+        wire = http2.frame(
+            http2.DATA, http2.END_STREAM, 3, b"\x00" + len(message).to_bytes(4, "big") + message
+        )
+        for a, b in ((0, 4), (4, 12), (12, 1000), (1000, 2000), (2000, len(wire))):
+            c.w.write(wire[a:b])
+            await c.w.drain()
+            await asyncio.sleep(0.02)
+        headers, data = await c.answer(3)
+        assert (
+            headers["grpc-status"] == "0"
+            and data == b"\x00" + len(message).to_bytes(4, "big") + message[::-1]
+        )
+        c.call(5, "/t.E/Slow", b"x", timeout="200m")  # this client would wait forever: the server ends it
+        headers, data = await asyncio.wait_for(c.answer(5), 5)
         assert headers["grpc-status"] == "4" and data == b""
         c.w.close()
 
@@ -342,6 +357,7 @@ def test_each_message_lands_in_one_buffer_of_its_size_released_once_however_its_
         async with _channel(target) as ch:
             assert await ch.unary_unary("/t.E/Echo")(payload) == payload[::-1]
             assert bufs.made == [(5 + len(payload), bufs.made[0][1])] and bufs.made[0][1] >= 5
+            app.started.clear()  # (the echo above set it)
             pending = ch.unary_unary("/t.E/Slow")(b"abandoned")
             await asyncio.wait_for(app.started.wait(), 5)
             pending.cancel()  # RST_STREAM while the handler holds the message
