@@ -102,7 +102,7 @@ OK_TRAILERS = literal(b"grpc-status", b"0")
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 Handler = Callable[[memoryview], Awaitable[bytes]]
-# (the gRPC frame's size: prefix and message, the bytes of it received so far) -> where to receive it, or None
+# (a request message's size, its 5-byte prefix included; its bytes received so far) -> its buffer, or None
 Buffer = Callable[[int, memoryview], Body | None]
 
 
