@@ -179,8 +179,9 @@ def build(
 ) -> Build:
     """Select, compile (or load from the cache), warm up and verify.
 
-    `strict` turns a failed check into an error
-    instead of a fallback to eager."""
+    `module` is handed over: it is moved to the chosen device and put in eval mode in place (a copy would
+    hold the weights twice while compiling; pass a copy to keep the original where it is). `strict` turns a
+    failed check into an error instead of a fallback to eager."""
     t0 = time.perf_counter()
     if requested == "eager":
         mode = "eager"
