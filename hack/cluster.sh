@@ -6,12 +6,14 @@
 #   hack/cluster.sh down    stop exactly the processes `up` started and remove their state
 #   hack/cluster.sh status  exit 0 when the cluster answers
 #
-# State lives in .state/cluster (override with KUBEFORGE_CLUSTER_DIR); ports start at KUBEFORGE_PORT_BASE.
+# State lives in .state/cluster (override with KUBEFORGE_CLUSTER_DIR); ports start at KUBEFORGE_PORT_BASE, by
+# default one of 200 bases from 16440 picked by the state folder's path, so that two checkouts (a clean-clone
+# CI run next to a working tree) run their clusters side by side.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 S=${KUBEFORGE_CLUSTER_DIR:-$ROOT/.state/cluster}
-BASE=${KUBEFORGE_PORT_BASE:-16440}
+BASE=${KUBEFORGE_PORT_BASE:-$((16440 + 40 * ($(printf %s "$S" | cksum | cut -d' ' -f1) % 200)))}
 API_PORT=$((BASE + 3)) ETCD_PORT=$((BASE + 9)) ETCD_PEER=$((BASE + 10))
 KCM_PORT=$((BASE + 17)) SCHED_PORT=$((BASE + 19)) KWOK_PORT=$((BASE + 21))
 KUBECONFIG_FILE=$S/kubeconfig
