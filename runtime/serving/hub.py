@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from runtime.serving import ipc
@@ -43,12 +44,27 @@ def shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-def plan_slots(workers: int, directory: str | None = None) -> int:
-    """Slots per worker: at most MAX_SLOTS, and half of the free shared memory over all workers (a pod's
-    /dev/shm is 64 MiB unless an emptyDir of medium Memory is mounted there)."""
-    st = os.statvfs(directory or shm_dir())
-    free = st.f_bavail * st.f_frsize
-    return max(0, min(MAX_SLOTS, int(free * 0.5 / max(1, workers) / SLOT_BYTES)))
+def plan_slots(workers: int, room: int | None = None) -> int:
+    """Slots per worker: at most MAX_SLOTS, and a quarter of `room` (default: memory_room()) over all
+    workers."""
+    room = memory_room() if room is None else room
+    return max(0, min(MAX_SLOTS, int(room * 0.25 / max(1, workers) / SLOT_BYTES)))
+
+
+def memory_room() -> int:
+    """Bytes of memory this process may still take: the machine's MemAvailable, and within the cgroup's
+    limit (cgroup v2 memory.max - memory.current) when there is one; arenas are memory (memfd) whatever
+    /dev/shm's size."""
+    room = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        meminfo = Path("/proc/meminfo").read_text()
+        room = int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            room = min(room, int(limit) - used)
+    return max(0, room)
 
 
 class _Writer:
@@ -176,8 +192,7 @@ class Hub:
         )
         if self._slots < MAX_SLOTS:
             log.warning(
-                "little shared memory: fewer input slots per worker, the rest travel through the socket;"
-                " mount an emptyDir (medium: Memory) at /dev/shm",
+                "little free memory: fewer input slots per worker, the rest travel through the socket",
                 extra={"shm_slots_per_worker": self._slots},
             )
         threading.Thread(target=self._read, name="hub-read", daemon=True).start()
@@ -198,15 +213,24 @@ class Hub:
                     )
                 self._hello.wait(min(left, 0.2))
 
-    def _spawn(self, i: int) -> None:
-        path = os.path.join(shm_dir(), f"kubeforge-{os.getpid()}-{i}-{time.monotonic_ns()}")
+    def _new_arena(self, name: str) -> ipc.Arena:
+        """In a memfd (see runtime.serving.ipc); a file in /dev/shm where there is none; without slots when
+        neither has the room."""
         try:
-            arena = ipc.Arena(path, self._slots, SLOT_BYTES, create=True)
+            return ipc.Arena.anonymous(name, self._slots, SLOT_BYTES)
+        except (OSError, AttributeError) as e:  # AttributeError: no os.memfd_create on this platform
+            log.info("no memfd for worker inputs; a file in shared memory instead", extra={"error": str(e)})
+        path = os.path.join(shm_dir(), name)
+        try:
+            return ipc.Arena(path, self._slots, SLOT_BYTES, create=True)
         except OSError as e:
-            log.warning(
-                "no shared memory for worker inputs; all travel through the socket", extra={"error": str(e)}
-            )
-            arena = ipc.Arena(path, 0, SLOT_BYTES, create=True)
+            why = {"error": str(e)}
+            log.warning("no shared memory for worker inputs; all travel through the socket", extra=why)
+            return ipc.Arena(path, 0, SLOT_BYTES, create=True)
+
+    def _spawn(self, i: int) -> None:
+        arena = self._new_arena(f"kubeforge-{os.getpid()}-{i}-{time.monotonic_ns()}")
+        path = arena.path
         cfg = WorkerConfig(i, self._socket_path, path, arena.slots, SLOT_BYTES, self.cfg)
         p = self._ctx.Process(target=main, args=(cfg,), name=f"kubeforge-frontend-{i}", daemon=True)
         p.start()
@@ -287,8 +311,7 @@ class Hub:
     def _hello_from(self, sock: socket.socket, i: int) -> _Conn:
         with self._lock:
             arena = self._arenas[i]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(arena.path)  # mapped by both processes now; nothing to leave behind
+        arena.forget_path()  # mapped by both processes now; nothing to leave behind
         _page_lock(arena)
         conn = _Conn(i, sock, arena, self._writer)
         conn.post(self._state_frame())

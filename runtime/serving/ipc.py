@@ -9,15 +9,19 @@ process reads, the slot is free again when the response arrives). A batch's answ
 ROWS message (ids and row counts, then each output's rows back to back); RESP answers one request (errors,
 and outputs that are not plain row slices of the batch).
 
-The arena is a file in /dev/shm created by the model process with posix_fallocate, so a full tmpfs fails at
-start-up with ENOSPC instead of a SIGBUS at the first request; the worker maps it and the model process
-unlinks it as soon as the worker said hello, so nothing is left behind whatever way the processes end.
+The arena is anonymous shared memory (memfd) created by the model process and filled with posix_fallocate,
+so missing memory fails at start-up instead of as a SIGBUS at the first request; the worker maps it through
+/proc/<model process>/fd/<fd>, and the model process closes that descriptor as soon as the worker said hello,
+so nothing is left behind whatever way the processes end. Not /dev/shm: a pod's is 64 MiB unless an emptyDir
+of medium Memory is mounted there, room for 4 of 8 workers' slots. Where memfd cannot be had (not Linux, or
+/proc/<pid>/fd not openable) the arena is a file in /dev/shm, unlinked at hello.
 Its first 64 bytes are a header: [0] the number of requests the worker has started decoding and not yet
 sent (the batcher waits for them, as it waits for announced requests in a single-process server).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import mmap
@@ -275,28 +279,53 @@ def unpack_id(payload: memoryview) -> tuple[int, bytes]:
 class Arena:
     """A worker's shared-memory input arena: a header, then `slots` slots of `slot_bytes` each."""
 
-    def __init__(self, path: str, slots: int, slot_bytes: int, *, create: bool) -> None:
+    def __init__(self, path: str, slots: int, slot_bytes: int, *, create: bool, memfd: int = -1) -> None:
+        """Map the arena at `path` (a file, or /proc/<pid>/fd/<n> of a memfd); `create` makes the file
+        first, or, with `memfd`, fills that descriptor, kept open until forget_path."""
         self.path = path
         self.slots = slots
         self.slot_bytes = slot_bytes
+        self._memfd = memfd
         size = HEADER_BYTES + slots * slot_bytes
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create and memfd < 0 else 0)
+        fd = os.open(path, flags, 0o600) if memfd < 0 else memfd
         try:
             if create:
                 try:
                     os.posix_fallocate(fd, 0, size)
                 except OSError:
-                    os.unlink(path)
+                    self.forget_path()
                     raise
             self._mm: mmap.mmap | None = mmap.mmap(fd, size)
         finally:
-            os.close(fd)
+            if memfd < 0:
+                os.close(fd)
         self.buf = memoryview(self._mm)
         self.size = size
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self.counters = np.frombuffer(self._mm, dtype=np.int64, count=HEADER_BYTES // 8)
         self._free = list(range(slots - 1, -1, -1))
+
+    @classmethod
+    def anonymous(cls, name: str, slots: int, slot_bytes: int) -> Arena:
+        """A new arena in a memfd, for another process of this user to map through `path`."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        try:
+            os.close(os.open(path, os.O_RDWR))  # what the worker will do: refused under some hardening
+        except OSError:
+            os.close(fd)
+            raise
+        return cls(path, slots, slot_bytes, create=True, memfd=fd)
+
+    def forget_path(self) -> None:
+        """Once every process has mapped it: close the memfd's descriptor, or unlink the file."""
+        if self._memfd >= 0:
+            fd, self._memfd = self._memfd, -1
+            os.close(fd)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     @property
     def closed(self) -> bool:
@@ -304,6 +333,8 @@ class Arena:
 
     def close(self) -> None:
         """Unmap, now or (while tensors still view it) as soon as the last of them is gone."""
+        if self._memfd >= 0:
+            self.forget_path()
         mm, self._mm = self._mm, None
         if mm is None:
             return

@@ -99,9 +99,9 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def _arenas_of(pid: int) -> set[str]:
-    """The protocol workers' shared-memory arenas mapped into a process (unlinked files, by path)."""
+    """The protocol workers' shared-memory arenas mapped into a process (memfds, by name)."""
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    return {line.split(None, 5)[5] for line in maps if "/kubeforge-" in line and len(line.split(None, 5)) > 5}
+    return {line.split(None, 5)[5] for line in maps if "/memfd:kubeforge-" in line}
 
 
 def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Registry) -> None:
@@ -116,6 +116,8 @@ def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Reg
             time.sleep(0.1)
         before = _workers_of(s.proc.pid)
         assert len(before) == 2
+        assert len(_arenas_of(s.proc.pid)) == 2  # memfds: no /dev/shm needed, nothing named there
+        assert not list(Path("/dev/shm").glob(f"kubeforge-{s.proc.pid}-*"))
         body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
         # new connections each: the kernel spreads them over both workers, so both arenas carry inputs
         codes = [httpx.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(20)]

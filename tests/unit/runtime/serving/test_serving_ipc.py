@@ -188,11 +188,29 @@ def test_batcher_waits_for_requests_other_processes_announced() -> None:
     assert seen == [2]  # both rows in one batch
 
 
-def test_shared_memory_is_shared_out_among_workers(tmp_path: Path) -> None:
-    from runtime.serving.hub import MAX_SLOTS, plan_slots
+def test_shared_memory_is_shared_out_among_workers() -> None:
+    from runtime.serving.hub import MAX_SLOTS, SLOT_BYTES, memory_room, plan_slots
 
-    assert 0 <= plan_slots(1, str(tmp_path)) <= MAX_SLOTS
-    assert plan_slots(10**9, str(tmp_path)) == 0  # too many workers for the space: all inline
+    assert plan_slots(1, 64 * SLOT_BYTES) == 16  # a quarter of the room
+    assert plan_slots(8, 64 * SLOT_BYTES) == 2
+    assert plan_slots(2, 1 << 40) == MAX_SLOTS
+    assert plan_slots(10**9) == 0  # too many workers for the memory: all inline
+    assert memory_room() > 0 and 0 <= plan_slots(1) <= MAX_SLOTS
+
+
+def test_anonymous_arena_is_mapped_through_proc_and_leaves_no_name_behind() -> None:
+    a = ipc.Arena.anonymous("kubeforge-test", 2, 4096)
+    b = ipc.Arena(a.path, a.slots, a.slot_bytes, create=False)  # what a worker does with the path
+    b.buf[ipc.HEADER_BYTES : ipc.HEADER_BYTES + 5] = b"hello"
+    assert bytes(a.buf[ipc.HEADER_BYTES : ipc.HEADER_BYTES + 5]) == b"hello"
+    assert a.path.startswith("/proc/") and "memfd:kubeforge-test" in os.readlink(a.path)
+    a.forget_path()  # both mapped: the descriptor goes, the memory stays while mapped
+    with pytest.raises(FileNotFoundError):
+        os.open(a.path, os.O_RDWR)
+    b.buf[ipc.HEADER_BYTES] = ord("j")
+    assert bytes(a.buf[ipc.HEADER_BYTES : ipc.HEADER_BYTES + 5]) == b"jello"
+    a.close()
+    b.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
