@@ -222,13 +222,12 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
     both give the batch the CPU concatenation gives (with a copy stream, once the compute stream waited for
     it, as cuda_runner does)."""
     from runtime.serving.batching import cat_and_pad
-    from runtime.serving.hub import _page_lock, _page_unlock, shm_dir
+    from runtime.serving.hub import _page_lock, _page_unlock
     from runtime.serving.server import pinned_gather
 
-    # in /dev/shm as in the server: CUDA page-locks shared tmpfs pages, not every file system's
-    path = os.path.join(shm_dir(), f"kubeforge-test-{os.getpid()}")
-    arena = ipc.Arena(path, 4, 1 << 20, create=True)
-    os.unlink(path)
+    # a memfd as in the server: CUDA page-locks shared memory pages, not every file system's
+    arena = ipc.Arena.anonymous(f"kubeforge-test-{os.getpid()}", 4, 1 << 20)
+    arena.forget_path()
     _page_lock(arena)
     try:
         big = [torch.randn(1, 3, 128, 128), torch.randn(2, 3, 128, 128)]  # 196 KB rows: direct copies
@@ -258,11 +257,10 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_page_unlock_undoes_page_lock() -> None:
-    from runtime.serving.hub import _page_lock, _page_unlock, shm_dir
+    from runtime.serving.hub import _page_lock, _page_unlock
 
-    path = os.path.join(shm_dir(), f"kubeforge-test-unlock-{os.getpid()}")
-    arena = ipc.Arena(path, 1, 1 << 20, create=True)
-    os.unlink(path)
+    arena = ipc.Arena.anonymous(f"kubeforge-test-unlock-{os.getpid()}", 1, 1 << 20)
+    arena.forget_path()
     view = lambda: ipc._tensor(5, (16,), arena.buf[ipc.HEADER_BYTES : ipc.HEADER_BYTES + 16])  # noqa: E731
     _page_lock(arena)
     assert view().is_pinned()
