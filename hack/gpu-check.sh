@@ -4,6 +4,9 @@
 #   copy-stream  a same-machine A/B of --copy-stream with ResNet-50 (8 workers, 64 clients, max batch 32),
 #                interleaved so that drift shows (hack/serve-profile.py's SUMMARY lines)
 #   grpc         gRPC over our HTTP/2 and over grpc.aio, BERT, 8 workers, concurrency 1 and 64 (bench tables)
+#   datapath     what the server moves of 602 KB rows with no compute (tinyimage, 8 workers, 64 clients, max
+#                batch 32) over REST then gRPC, with py-spy profiles of the model process (GIL) and of a
+#                worker under $OUT/{rest,grpc} (ResNet-50 reaches the same rows/s: its limit is this path)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .cache/dev/setup.sh >/dev/null 2>&1
@@ -24,5 +27,11 @@ grpc)
       --max-batch 32 --workers 8 --paths grpc --concurrency 1,64 --seconds 3 --grpc-server $g \
       --workdir /tmp/gpu-grpc 2>&1 | grep -E "^\| (1|64) \|" | sort -u | sed "s/^/$g /"
   done ;;
-*) echo "usage: $0 tests|copy-stream|grpc" >&2; exit 2 ;;
+datapath)
+  for g in 0 1; do
+    d=${OUT:-/tmp/gpu-datapath}/$([[ $g == 1 ]] && echo grpc || echo rest); mkdir -p "$d"
+    MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
+      TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error"
+  done ;;
+*) echo "usage: $0 tests|copy-stream|grpc|datapath" >&2; exit 2 ;;
 esac
