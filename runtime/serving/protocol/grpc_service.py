@@ -41,6 +41,9 @@ _CONTENTS = {
 }
 
 
+UNKNOWN_MODEL = "(unknown)"  # the model label of requests for no model this server has
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
@@ -98,7 +101,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: Any, raw: Sequence[bytes | memoryview], context: Any) -> Any:
         """ModelInfer with the raw input contents given apart (the native server's views of the message)."""
         t0 = time.perf_counter()
-        label = request.model_name
+        label = UNKNOWN_MODEL  # not the name asked for: a client's made-up names would each add series
         code = "OK"
         try:
             model = self.repo.get(request.model_name, request.model_version or None)

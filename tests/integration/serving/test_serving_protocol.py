@@ -87,9 +87,14 @@ def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
     with pytest.raises(tg.InferenceServerException) as e:
         client.infer("mlp", [tg.InferInput("nope", [1, 16], "FP32").set_data_from_numpy(x[:1])])
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "unknown input 'nope'" in e.value.message()
-    with pytest.raises(tg.InferenceServerException) as e:
-        client.infer("nosuch", [inp])
-    assert e.value.status() == "StatusCode.NOT_FOUND"
+    for name in ("nosuch", "nosuch2"):
+        with pytest.raises(tg.InferenceServerException) as e:
+            client.infer(name, [inp])
+        assert e.value.status() == "StatusCode.NOT_FOUND"
+    # counted, but not under names clients make up (each would be new series: memory without bound)
+    text = httpx.get(f"{mlp_server.url}/metrics").text
+    assert 'model="nosuch' not in text
+    assert 'kubeforge_requests_total{code="NOT_FOUND",model="(unknown)",protocol="grpc"}' in text
 
 
 def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry, mlp_server: Serve) -> None:
