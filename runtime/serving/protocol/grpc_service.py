@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -23,6 +23,11 @@ from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as _pb
 from runtime.serving.protocol._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from runtime.serving.protocol.codec import tensor_bytes, tensor_from_bytes, tensor_from_json
 from runtime.serving.signature import check_input, check_request
+
+if TYPE_CHECKING:
+    from runtime.serving.protocol.http1 import Body
+    from runtime.serving.protocol.http2 import Buffer
+    from runtime.serving.protocol.rest import SlotBody
 
 pb: Any = _pb  # generated message classes (untyped)
 
@@ -206,7 +211,7 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def infer_buffer(slot_body: Callable[[int, int], Any]) -> Callable[[int, memoryview], Any]:
+def infer_buffer(slot_body: SlotBody) -> Buffer:
     """protocol.http2's buffer for ModelInfer messages of at least rest.SLOT_BODY_MIN bytes: a protocol
     worker's shared-memory slot, placed so that the first raw input's bytes start 64-byte aligned (found in
     the bytes received so far: the fields before it come first on the wire), so the tensors travel to the
@@ -214,7 +219,7 @@ def infer_buffer(slot_body: Callable[[int, int], Any]) -> Callable[[int, memoryv
     from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, field_start
     from runtime.serving.protocol.rest import SLOT_BODY_MIN
 
-    def make(size: int, seen: memoryview) -> Any:
+    def make(size: int, seen: memoryview) -> Body | None:
         if size < SLOT_BODY_MIN:
             return None
         at = field_start(seen[5:], RAW_INPUT_CONTENTS)

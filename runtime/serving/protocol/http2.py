@@ -124,17 +124,17 @@ def parse_timeout(value: str | None) -> float | None:
 
 class _Stream:
     __slots__ = (
-        *("body", "expired", "filled", "head", "headers", "held", "out", "send_window", "sid", "task"),
-        *("trailers", "unacked"),
+        *("body", "expired", "filled", "head", "headers", "out", "send_window", "sid", "task", "trailers"),
+        "unacked",
     )
 
     def __init__(self, sid: int, headers: dict[str, str], send_window: int) -> None:
         self.sid = sid
         self.headers = headers
         self.head = bytearray()  # the first bytes, while fewer than the 5 of the length prefix
-        self.body: Body | None = None  # the length-prefixed message, once its length is known
+        self.body: Body | None = None  # the length-prefixed message, once its length is known (its size
+        # counts against the connection's bound until released)
         self.filled = 0  # bytes of it received
-        self.held = 0  # bytes this stream counts against the connection's bound
         self.unacked = 0  # bytes received since our last WINDOW_UPDATE for the stream
         self.send_window = send_window
         self.out: memoryview | None = None  # response DATA not sent yet (waiting for a window)
@@ -420,7 +420,6 @@ class _Connection(asyncio.BufferedProtocol):
             make = self.server.buffers.get(s.headers.get(":path", ""))
             body = make(size, data) if make is not None else None
             s.body = body or PlainBody(memoryview(bytearray(size)))
-            s.held = size
             self.buffered += size
         view, n = s.body.view, len(data)
         if s.filled + n > len(view):
@@ -442,9 +441,9 @@ class _Connection(asyncio.BufferedProtocol):
                 raise RpcError(INTERNAL, "not a gRPC call: expected POST with content-type application/grpc")
             if handler is None:
                 raise RpcError(UNIMPLEMENTED, f"unknown method {h.get(':path')!r}")
-            body = s.body.view if s.body is not None else memoryview(s.head)
-            if len(body) < 5 or s.filled != len(body):
+            if s.body is None or s.filled != len(s.body.view):  # no prefix, or fewer bytes than it said
                 raise RpcError(INTERNAL, "a unary call carries exactly one length-prefixed message")
+            body = s.body.view
             if body[0]:
                 raise RpcError(
                     UNIMPLEMENTED,
@@ -521,10 +520,9 @@ class _Connection(asyncio.BufferedProtocol):
         return s
 
     def _release(self, s: _Stream) -> None:
-        self.buffered -= s.held
-        s.held = 0
         if s.body is not None:
             body, s.body = s.body, None
+            self.buffered -= len(body.view)
             body.release()
 
     def _unblock(self) -> None:
