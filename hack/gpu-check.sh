@@ -7,6 +7,8 @@
 #   datapath     what the server moves of 602 KB rows with no compute (tinyimage, 8 workers, 64 clients, max
 #                batch 32) over REST then gRPC, with py-spy profiles of the model process (GIL) and of a
 #                worker under $OUT/{rest,grpc} (ResNet-50 reaches the same rows/s: its limit is this path)
+#   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
+#                carry it too), same machine, interleaved, datapath's load (MODEL, GRPC=1 to change it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .cache/dev/setup.sh >/dev/null 2>&1
@@ -19,7 +21,7 @@ copy-stream)
   for tag in one-stream copy-stream one-stream copy-stream; do
     cs=0; [[ $tag == copy-stream ]] && cs=1
     MODEL=${MODEL:-resnet50} W=8 C=64 D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs TAG=$tag \
-      timeout 140 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error" | tail -2
+      timeout 140 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" | tail -2
   done ;;
 grpc)
   for g in native grpcio; do
@@ -30,8 +32,15 @@ grpc)
 datapath)
   for g in 0 1; do
     d=${OUT:-/tmp/gpu-datapath}/$([[ $g == 1 ]] && echo grpc || echo rest); mkdir -p "$d"
-    MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
-      TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error"
+    MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
+      TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
   done ;;
-*) echo "usage: $0 tests|copy-stream|grpc|datapath" >&2; exit 2 ;;
+ab)
+  base=/tmp/ab-base; rm -rf $base && cp -a . $base && (cd $base && git apply -R .cache/ab.patch) || exit 1
+  for tree in base new base new; do
+    dir=$PWD; [[ $tree == base ]] && dir=$base
+    (cd "$dir" && PYTHONPATH=/tmp/site:$dir MODEL=${MODEL:-tinyimage} W=8 C=64 D=5 DEV=cuda MAXB=32 \
+      GRPC=${GRPC:-0} TAG=$tree timeout 150 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error")
+  done ;;
+*) echo "usage: $0 tests|copy-stream|grpc|datapath|ab" >&2; exit 2 ;;
 esac

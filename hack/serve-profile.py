@@ -15,7 +15,11 @@ DELAY (max delay ms, default 2), MAXB (max batch, 64),
 BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
 COPY_STREAM (1: --copy-stream), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label),
 GRPC (1: load ModelInfer over gRPC with ghz, not REST with wrk; GHZ: its path; GRPC_SERVER: native|grpcio),
-SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw).
+SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw),
+WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw).
+
+A second line, THREADS, gives each model-process thread's CPU over the run (percent of one core, by the
+names the server gives its OS threads) and the load generator's CPU per request (wrk or ghz).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import urllib.request
@@ -43,6 +48,24 @@ def _sums(port: int) -> dict[str, float]:
                 name += ":" + line.split('direction="')[1].split('"')[0]
             out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of `pid`, summed by thread name."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -85,12 +108,14 @@ def main() -> None:
         else:
             load = lambda s: sb._wrk(url, body, conns, s, headers, tmp)  # noqa: E731
         load(2)  # warm
-        m0, c0 = _sums(port), sb._cpu_seconds(proc.pid)
-        spy = None
-        if env("GIL") == "1":
-            out = Path(env("OUT", str(tmp))) / "gil.raw"
-            cmd = [env("SPY", "py-spy"), "record", "-p", str(proc.pid), "-d", str(max(1, int(secs) - 2))]
-            spy = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking", "--gil"])
+        m0, c0, t0 = _sums(port), sb._cpu_seconds(proc.pid), _thread_cpu(proc.pid)
+        spies = []
+        for flag, file in (("GIL", "gil.raw"), ("WALL", "wall.raw")):
+            if env(flag) == "1":
+                out = Path(env("OUT", str(tmp))) / file
+                cmd = [env("SPY", "py-spy"), "record", "-p", str(proc.pid), "-d", str(max(1, int(secs) - 2))]
+                cmd += ["-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"]
+                spies.append(subprocess.Popen([*cmd, "--gil" if flag == "GIL" else "--idle"]))
         spyw = None
         if env("SPYW") == "1":
             kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -98,11 +123,13 @@ def main() -> None:
             out = Path(env("OUT", str(tmp))) / "worker.raw"
             cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
             spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"])
+        client0 = _children_cpu()
         r = load(secs)
-        for p in (spy, spyw):
+        client = _children_cpu() - client0  # py-spy is not waited for yet: the load generator's alone
+        m1, c1, t1 = _sums(port), sb._cpu_seconds(proc.pid), _thread_cpu(proc.pid)
+        for p in [*spies, spyw]:
             if p is not None:
                 p.wait()
-        m1, c1 = _sums(port), sb._cpu_seconds(proc.pid)
         d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
         n, nb = r["rps"] * secs, max(1.0, d.get("kubeforge_batch_size_count", 1.0))
         handled = max(1.0, d.get("kubeforge_request_latency_seconds_count", 1.0))
@@ -119,6 +146,12 @@ def main() -> None:
                 for way in ("to_model", "to_worker")
                 if (n_hop := d.get(f"kubeforge_worker_hop_seconds_count:{way}", 0))
             )
+        )
+        busy = sorted(((t1[k] - t0.get(k, 0.0)) / secs, k) for k in t1)
+        print(
+            f"THREADS {env('TAG', '')}: "
+            + ", ".join(f"{k} {100 * v:.0f}%" for v, k in reversed(busy) if v >= 0.01)
+            + f" | client CPU {1e6 * client / n:.0f} us/request"
         )
     finally:
         sb._stop(proc)
