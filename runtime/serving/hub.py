@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.serving import ipc
+from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Answer, Batcher
 from runtime.serving.errors import InferError
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
@@ -407,33 +407,13 @@ class Hub:
 
 def _page_lock(arena: ipc.Arena) -> None:
     """Register the arena with CUDA (page-locked): inputs then go to the GPU by DMA straight from it."""
-    if arena.slots == 0:
-        return
-    try:
-        import torch
-
-        if not torch.cuda.is_available() or torch.version.cuda is None:
-            return
-        torch.cuda.init()  # type: ignore[no-untyped-call]  # page-locked only once its context exists
-        rc = torch.cuda.cudart().cudaHostRegister(arena.address, arena.size, 0)  # type: ignore[no-untyped-call]
-    except Exception as e:  # an optimisation only: inputs still work from pageable memory
-        log.warning("could not page-lock a worker's shared memory", extra={"error": repr(e)})
-        return
-    if int(rc) != 0:
-        log.warning("could not page-lock a worker's shared memory", extra={"cuda_error": int(rc)})
+    if arena.slots:
+        pagelock.register(arena.address, arena.size)
 
 
 def _page_unlock(arena: ipc.Arena) -> None:
-    if arena.slots == 0 or arena.closed:
-        return
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.version.cuda is not None:  # as in _page_lock
-            # an error code, not an exception, when it was never registered: nothing to undo then
-            torch.cuda.cudart().cudaHostUnregister(arena.address)  # type: ignore[no-untyped-call]
-    except Exception as e:
-        log.debug("cudaHostUnregister failed", extra={"error": repr(e)})
+    if arena.slots and not arena.closed:
+        pagelock.unregister(arena.address)
 
 
 def _encode_result(rid: int, r: BaseException | tuple[Any, ...]) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.serving import ipc
+from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Batcher
 from runtime.serving.metrics import Metrics, merge
 
@@ -213,6 +213,58 @@ def test_anonymous_arena_is_mapped_through_proc_and_leaves_no_name_behind() -> N
     b.close()
 
 
+def test_pagelock_holds_only_tensors_wholly_inside_a_registered_range() -> None:
+    """The batcher trusts `holds` to send a row by DMA straight from host memory: a row that starts or ends
+    outside registered memory must go through the staging buffer instead."""
+    host = torch.zeros(4096, dtype=torch.uint8)
+    base = host.data_ptr()
+    pagelock._add(base + 1024, 2048)
+    try:
+        assert pagelock.holds(host[1024:3072]) and pagelock.holds(host[2000:2001])
+        assert not pagelock.holds(host[1000:1100])  # starts before
+        assert not pagelock.holds(host[3000:3100])  # ends after
+        assert not pagelock.holds(host[:16]) and not pagelock.holds(host[3072:])
+        assert not pagelock.holds(torch.zeros(8))  # elsewhere
+        pagelock._add(base, 512)  # a second range, below the first
+        assert (
+            pagelock.holds(host[:512])
+            and pagelock.holds(host[1024:1025])
+            and not pagelock.holds(host[511:513])
+        )
+    finally:
+        assert pagelock._remove(base + 1024) and pagelock._remove(base)
+    assert not pagelock._remove(base)  # gone: nothing to unregister twice
+    assert not pagelock.holds(host[1024:3072])
+
+
+def test_pinned_gather_direct_path_equals_concatenation() -> None:
+    """The direct path's logic (one call copying every request's rows into its place, padding zeroed) on the
+    CPU: rows in a range marked page-locked take it, and the batch equals the plain concatenation."""
+    from runtime.serving.batching import cat_and_pad
+    from runtime.serving.server import DIRECT_COPY_ROW_BYTES, pinned_gather
+
+    row = DIRECT_COPY_ROW_BYTES // 4
+    host = torch.randn(6, row)  # requests of 1, 3 and 2 rows, views of one "registered" buffer
+    parts = [[host[0:1], host[1:4], host[4:6]]]
+    pagelock._add(host.data_ptr(), host.nbytes)
+    try:
+        for padded in (6, 8):
+            got = pinned_gather("cpu")(parts, padded)
+            assert torch.equal(got[0], cat_and_pad(parts, padded)[0]), padded
+            assert got[0].data_ptr() != host.data_ptr()  # a new batch, not a view of the rows
+    finally:
+        pagelock._remove(host.data_ptr())
+
+
+def test_pagelock_register_without_cuda_changes_nothing() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: test_gpu_page_unlock_undoes_page_lock covers registration")
+    host = torch.zeros(4096, dtype=torch.uint8)
+    assert not pagelock.register(host.data_ptr(), 4096)
+    assert not pagelock.holds(host)
+    pagelock.unregister(host.data_ptr())  # never registered: a no-op
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("copy_stream", [False, True], ids=["one-stream", "copy-stream"])
 def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
@@ -235,7 +287,7 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
         views = [
             ipc.decode_request(memoryview(ipc.encode_request(0, 1, [p])[5:]), arena.buf)[2][0] for p in placed
         ]
-        assert all(v.is_pinned() for v in views)
+        assert all(v.is_pinned() and pagelock.holds(v) for v in views)
         small = [torch.randint(0, 9, (1, 8)), torch.randint(0, 9, (2, 8))]  # pageable: staging buffer
         stream = torch.cuda.Stream() if copy_stream else None  # type: ignore[no-untyped-call]
         gather = pinned_gather("cuda", stream)
@@ -263,9 +315,9 @@ def test_gpu_page_unlock_undoes_page_lock() -> None:
     arena.forget_path()
     view = lambda: ipc._tensor(5, (16,), arena.buf[ipc.HEADER_BYTES : ipc.HEADER_BYTES + 16])  # noqa: E731
     _page_lock(arena)
-    assert view().is_pinned()
+    assert view().is_pinned() and pagelock.holds(view())
     _page_unlock(arena)
-    assert not view().is_pinned()
+    assert not view().is_pinned() and not pagelock.holds(view())
     arena.close()
     assert arena.closed
 
