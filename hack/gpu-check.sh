@@ -30,7 +30,7 @@ grpc)
       --workdir /tmp/gpu-grpc 2>&1 | grep -E "^\| (1|64) \|" | sort -u | sed "s/^/$g /"
   done ;;
 datapath)
-  for g in 0 1; do
+  for g in ${PROTOCOLS:-0 1}; do  # 0 REST, 1 gRPC
     d=${OUT:-/tmp/gpu-datapath}/$([[ $g == 1 ]] && echo grpc || echo rest); mkdir -p "$d"
     MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
       TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"

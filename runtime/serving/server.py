@@ -226,7 +226,7 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
             if ts[0].nbytes >= DIRECT_COPY_ROW_BYTES * sizes[0] and all(map(pagelock.holds, ts)):
                 batch = torch.empty(shape, dtype=ts[0].dtype, device=device)
                 # one call for the batch's copies: no Python, and no GIL hand-over, between them
-                torch._foreach_copy_(torch.split(batch[:rows], sizes), ts, non_blocking=True)
+                torch._foreach_copy_(batch[:rows].split_with_sizes(sizes), ts, non_blocking=True)
                 if padded_rows > rows:
                     batch[rows:].zero_()
                 out.append(batch)
