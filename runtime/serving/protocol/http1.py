@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 64 << 10
 DISCARD_LIMIT = 64 << 20
 READ_CHUNK = 256 << 10
+# a read while waiting for a head: what comes with the head is copied twice (into the inbox, then into the
+# body's buffer), what comes after it is read straight into the body's buffer; 16 KiB holds a typical head
+# and a small request whole, and leaves a 602 KB image's body to the kernel's one copy (reads of up to 256 KiB
+# copied ~512 KB per image: 6.8 % of a protocol worker's samples on the H200 host, tinyimage, 13,000 rows/s)
+HEAD_READ = 16 << 10
 
 Headers = list[tuple[bytes, bytes]]
 Response = tuple[int, bytes, Headers]
@@ -143,7 +148,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.state == _BODY:
             assert self.body is not None
             return self.body.view[self.filled :]
-        return self.server.scratch
+        return self.server.scratch[:HEAD_READ] if self.state == _HEAD else self.server.scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_active = time.monotonic()

@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 
-from runtime.serving.protocol.http1 import Body, HttpServer, PlainBody, Request, Response
+from runtime.serving.protocol.http1 import (
+    _BUSY,
+    HEAD_READ,
+    READ_CHUNK,
+    Body,
+    HttpServer,
+    PlainBody,
+    Request,
+    Response,
+    _Connection,
+)
 
 
 class EchoApp:
@@ -111,6 +121,28 @@ def test_body_is_read_into_the_applications_buffer_across_many_reads() -> None:
 
     _serve(app, scenario, max_payload=2 << 20)
     assert [bytes(b) for b in app.buffers] == [payload]  # the one buffer the app handed out holds it
+
+
+def test_head_reads_are_small_so_a_large_body_is_read_into_its_buffer_by_the_kernel() -> None:
+    """What comes in the same read as a head is copied twice (inbox, then the body's buffer): reads that wait
+    for a head are HEAD_READ bytes, and only body reads and pipelined bytes get the large scratch buffer. A
+    head larger than one such read (40 KB of headers) and a 600 KB body sent in one write arrive whole."""
+    app = EchoApp()
+    conn = _Connection(HttpServer(app, max_payload=1 << 20))
+    assert len(conn.get_buffer(-1)) == HEAD_READ < READ_CHUNK
+    conn.state = _BUSY  # answering: pipelined bytes are read ahead in large reads
+    assert len(conn.get_buffer(-1)) == READ_CHUNK
+    payload = bytes(range(256)) * 2400
+
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post("/p", payload, b"x-big: " + b"a" * 40_000 + b"\r\n"))
+        status, _, body = await _read_response(r)
+        assert status == 200 and body == payload
+        w.close()
+
+    _serve(app, scenario)
+    assert [bytes(b) for b in app.buffers] == [payload]
 
 
 def test_chunked_body_and_expect_100_continue() -> None:
