@@ -54,7 +54,8 @@ def unregister(address: int) -> None:
 
 
 def holds(t: torch.Tensor) -> bool:
-    """Whether all of `t`'s bytes lie in registered memory (for a contiguous CPU tensor)."""
+    """Whether all of `t`'s bytes lie in registered memory (for a contiguous CPU tensor). A wrong answer costs
+    speed, not correctness: CUDA copies from pageable memory too, synchronously, through its own staging."""
     ranges, start = _ranges, t.data_ptr()
     i = bisect.bisect_right(ranges, (start, math.inf)) - 1
     return i >= 0 and ranges[i][0] <= start and start + t.nbytes <= ranges[i][1]
