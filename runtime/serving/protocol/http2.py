@@ -10,7 +10,9 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), as a server:
   RST_STREAM (the call is cancelled), GOAWAY (theirs: no new calls expected; ours on stop and on errors),
   PRIORITY ignored, padding, header blocks split over CONTINUATION frames;
 - HPACK decoding with the `hpack` package (dynamic table, Huffman); our own headers are literals that never
-  touch the peer's dynamic table;
+  touch the peer's dynamic table. A client's calls mostly repeat their header block as table indexes only
+  (ghz: 97.6 % of blocks, 8 bytes each): such a block changes no state, so its decoding is kept per
+  connection until a block that may change the table (a literal, a size update) comes;
 - unary calls: POST, content-type application/grpc*, one length-prefixed uncompressed message each way
   (compressed ones get UNIMPLEMENTED, naming the fix), grpc-timeout (DEADLINE_EXCEEDED), status and
   percent-encoded message in the trailers, or trailers-only for errors;
@@ -57,6 +59,7 @@ OK, CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 1, 3
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
 
 MAX_FRAME = 1 << 20  # the largest frame we accept (SETTINGS_MAX_FRAME_SIZE)
+MAX_DECODED = 64  # index-only header blocks remembered per connection
 WINDOW = 1 << 24  # our receive window, per stream and for the connection
 MAX_STREAMS = 1024
 MAX_HEADER_LIST = 16 << 10
@@ -155,6 +158,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.preface = False
         self.decoder = Decoder()
         self.decoder.max_header_list_size = MAX_HEADER_LIST
+        self.decoded: dict[bytes, dict[str, str]] = {}  # index-only header blocks, valid for this table
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
         self.peer_frame = 16384
@@ -334,9 +338,23 @@ class _Connection(asyncio.BufferedProtocol):
                     return self._fail(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
                 self.peer_frame = value
 
+    def _decode(self, block: bytes) -> dict[str, str]:
+        """A header block's fields (HPACKError). A block of one-byte indexed fields only (every byte has its
+        high bit set: a longer index would end in a byte without it) reads the dynamic table without
+        changing it, so its result holds until another block changes the table; any other block may."""
+        if block and min(block) >= 0x80:
+            headers = self.decoded.get(block)
+            if headers is None:
+                if len(self.decoded) >= MAX_DECODED:
+                    self.decoded.clear()
+                headers = self.decoded[block] = dict(self.decoder.decode(block))  # type: ignore[arg-type]
+            return headers
+        self.decoded.clear()
+        return dict(self.decoder.decode(block))  # type: ignore[arg-type]
+
     def _headers(self, sid: int, flags: int, block: bytes) -> None:
         try:
-            headers = self.decoder.decode(block)
+            headers = self._decode(block)
         except HPACKError as e:
             return self._fail(COMPRESSION_ERROR, f"header block: {e}")
         s = self.streams.get(sid)
@@ -350,7 +368,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.goaway_sent or self.server.stopping or len(self.streams) >= MAX_STREAMS:
             self.out.append(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
             return
-        s = _Stream(sid, dict(headers), self.peer_window)  # type: ignore[arg-type]
+        s = _Stream(sid, headers, self.peer_window)  # headers: shared with later calls, read only
         self.streams[sid] = s
         if flags & END_STREAM:
             self._dispatch(s)

@@ -314,6 +314,49 @@ def test_split_header_blocks_padding_ping_and_a_server_side_deadline() -> None:
     _serve(app.handlers() | {"/t.E/Slow": slow}, scenario, timeout=30)
 
 
+def test_index_only_header_blocks_are_decoded_once_until_the_table_changes() -> None:
+    """A block of indexed fields only is decoded once per connection; a block that adds to the dynamic table
+    shifts every index, so the same bytes then mean other headers: a remembered decoding must go. Checked
+    against a reference decoder fed the same blocks, and end to end: the repeated bytes that meant a call to
+    Echo mean a call to Fail once ':path /t.E/Fail' entered the table."""
+    from hpack import Decoder, Encoder
+
+    enc, ref = Encoder(), Decoder()
+    conn = http2._Connection(GrpcServer({}, max_message=1 << 20))
+    base = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        ("content-type", "application/grpc"),
+    ]
+    echo, fail = [*base, (":path", "/t.E/Echo")], [*base, (":path", "/t.E/Fail")]
+    first, again = enc.encode(echo), enc.encode(echo)
+    assert min(again) >= 0x80 and min(first) < 0x80  # literals, then indexes only
+    blocks = [first, again, again, enc.encode(fail), again]
+    got = [conn._decode(b) for b in blocks]
+    assert got == [dict(ref.decode(b)) for b in blocks]
+    assert got[2][":path"] == "/t.E/Echo" and got[4][":path"] == "/t.E/Fail"
+    assert list(conn.decoded) == [again]  # remembered again, for the table as it is now
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+
+        def call(sid: int, block: bytes) -> None:
+            c.w.write(http2.frame(http2.HEADERS, http2.END_HEADERS, sid, block))
+            c.w.write(http2.frame(http2.DATA, http2.END_STREAM, sid, b"\x00\x00\x00\x00\x02ab"))
+
+        for sid, block in zip((1, 3, 5, 7, 9), blocks, strict=True):
+            call(sid, block)
+            headers, data = await c.answer(sid)
+            want = "5" if sid in (7, 9) else "0"
+            assert headers["grpc-status"] == want, (sid, headers)
+            assert data == (b"" if want == "5" else b"\x00\x00\x00\x00\x02ba")
+        c.w.close()
+
+    _serve(Echo(), scenario)
+
+
 class Buffers:
     """A protocol.http2 buffer factory that records what it made and counts the releases."""
 
