@@ -19,7 +19,8 @@ SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw),
 WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw).
 
 A second line, THREADS, gives each model-process thread's CPU over the run (percent of one core, by the
-names the server gives its OS threads) and the load generator's CPU per request (wrk or ghz).
+names the server gives its OS threads), the load generator's CPU per request (wrk or ghz), and where the
+workers put the inputs (kubeforge_worker_inputs_total: in place in shared memory, copied there, inline).
 """
 
 from __future__ import annotations
@@ -37,16 +38,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 import serve_bench as sb  # noqa: E402
 
+_INPUTS = "kubeforge_worker_inputs_total"
+
 
 def _sums(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         name = line.split("{")[0].split(" ")[0]
-        if name.startswith("kubeforge_") and name.endswith(("_sum", "_count")):
-            if 'direction="' in line:  # the worker hops: one entry per direction
-                name += ":" + line.split('direction="')[1].split('"')[0]
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if name == _INPUTS:  # where inputs went: in_place, copied, inline
+            name += ":" + line.split('placement="')[1].split('"')[0]
+        elif not (name.startswith("kubeforge_") and name.endswith(("_sum", "_count"))):
+            continue
+        elif 'direction="' in line:  # the worker hops: one entry per direction
+            name += ":" + line.split('direction="')[1].split('"')[0]
+        out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -151,7 +157,8 @@ def main() -> None:
         print(
             f"THREADS {env('TAG', '')}: "
             + ", ".join(f"{k} {100 * v:.0f}%" for v, k in reversed(busy) if v >= 0.01)
-            + f" | client CPU {1e6 * client / n:.0f} us/request"
+            + f" | client CPU {1e6 * client / n:.0f} us/request | inputs "
+            + ", ".join(f"{k.split(':')[1]} {v:.0f}" for k, v in d.items() if k.startswith(_INPUTS))
         )
     finally:
         sb._stop(proc)
