@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -90,6 +91,30 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("kubeforge_ready", "1 when the server reports ready.", registry=r)
+        # labelled children of the per-request metrics: labels() takes a lock and builds a key each call,
+        # two thirds of what a request's four metric updates cost (4.9 vs 1.7 us); model labels are bounded
+        # (served models and "(unknown)"), and so are protocols and codes
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def started(self, model: str) -> None:
+        """A request for `model` is in progress (until `ended`)."""
+        self._child(self.inflight, model).inc()
+
+    def ended(self, model: str) -> None:
+        self._child(self.inflight, model).dec()
+
+    def answered(self, model: str, protocol: str, code: str, seconds: float | None) -> None:
+        """A request was answered with `code`; `seconds` (of a success) go to the latency histogram."""
+        self._child(self.requests, model, protocol, code).inc()
+        if seconds is not None:
+            self._child(self.latency, model, protocol).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observer(self, model: str) -> Callable[[int, float, float], None]:
         batch, queue, run = (

@@ -7,6 +7,7 @@ outputs always travel as raw bytes (`raw_output_contents`), as Triton does.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -111,7 +112,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self.repo.get(request.model_name, request.model_version or None)
             label = model.name
-            self.metrics.inflight.labels(label).inc()
+            self.metrics.started(label)
             try:
                 model.batcher.announce()
                 try:
@@ -121,15 +122,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     raise
                 outs = await model.infer(inputs, rows)
             finally:
-                self.metrics.inflight.labels(label).dec()
+                self.metrics.ended(label)
             return _encode(request, model.name, model.version, model.signature, outs)
         except InferError as e:
             code = e.grpc_code.name
             await context.abort(e.grpc_code, e.message)
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client reset the call or left
+            raise
+        except Exception:
+            code = "INTERNAL"  # the transport answers it so; not counted as OK
+            raise
         finally:
-            self.metrics.requests.labels(label, "grpc", code).inc()
-            if code == "OK":
-                self.metrics.latency.labels(label, "grpc").observe(time.perf_counter() - t0)
+            self.metrics.answered(label, "grpc", code, time.perf_counter() - t0 if code == "OK" else None)
 
 
 def _decode(

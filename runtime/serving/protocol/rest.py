@@ -10,6 +10,7 @@ tensor data) or into a buffer of its own.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -151,7 +152,7 @@ class RestApp:
         model = announced.model if announced is not None and announced.model else self._infer_model(req.path)
         code = 200
         model_label = model.name
-        self.metrics.inflight.labels(model_label).inc()
+        self.metrics.started(model_label)
         try:
             header_len: int | None = None
             for k, v in req.headers:
@@ -182,11 +183,16 @@ class RestApp:
         except InferError as e:
             code = e.http_status
             raise
+        except asyncio.CancelledError:
+            code = 499  # the client left before its answer (nginx's "client closed request")
+            raise
+        except Exception:
+            code = 500  # what http1 answers for it; not counted as a success
+            raise
         finally:
-            self.metrics.inflight.labels(model_label).dec()
-            self.metrics.requests.labels(model_label, "rest", str(code)).inc()
-            if code == 200:
-                self.metrics.latency.labels(model_label, "rest").observe(time.perf_counter() - t0)
+            self.metrics.ended(model_label)
+            seconds = time.perf_counter() - t0 if code == 200 else None
+            self.metrics.answered(model_label, "rest", str(code), seconds)
 
 
 def _int_header(name: bytes, value: bytes) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,6 +77,38 @@ def test_full_queue_answers_429_and_resource_exhausted(slow_server: Serve) -> No
         statuses = set(pool.map(grpc_one, range(8)))
     assert statuses == {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, statuses
     assert httpx.get(f"{slow_server.url}/v2/health/ready").status_code == 200
+
+
+def test_a_request_its_client_abandons_counts_as_499_not_as_a_success(slow_server: Serve) -> None:
+    """A client that leaves while its request runs: the request is counted under code 499 (nginx's "client
+    closed request"), not 200, adds nothing to the latency histogram, and is no longer in flight."""
+
+    def metrics() -> str:
+        return httpx.get(f"{slow_server.url}/metrics").text
+
+    def value(text: str, prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    ok, gone = (
+        'kubeforge_requests_total{code="200",model="slow"',
+        'kubeforge_requests_total{code="499",model="slow"',
+    )
+    before = metrics()
+    body = b'{"inputs":[{"name":"input__0","shape":[1,4],"datatype":"FP32","data":[1,1,1,1]}]}'
+    with socket.create_connection(("127.0.0.1", int(slow_server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(
+            b"POST /v2/models/slow/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        time.sleep(0.15)  # running: the model sleeps 0.4 s
+    deadline = time.monotonic() + 10
+    while value(after := metrics(), gone) <= value(before, gone) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert value(after, gone) == value(before, gone) + 1
+    assert value(after, ok) == value(before, ok)
+    latency = 'kubeforge_request_latency_seconds_count{model="slow",protocol="rest"}'
+    assert value(after, latency) == value(before, latency)
+    assert value(after, 'kubeforge_inflight{model="slow"}') == 0
 
 
 def test_sigterm_drains_in_flight_requests(slow_server: Serve) -> None:
