@@ -3,10 +3,14 @@ torch.compile with its portable cache artifacts."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,6 +119,7 @@ def probe_package(entry: CacheEntry, req: CompileRequest, timeout: float = 300) 
         "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in xs],
     }
     t0 = time.perf_counter()
+    where = tempfile.mkdtemp(prefix="kubeforge-aoti-probe-")  # the child's extraction (see load_package)
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _PROBE, str(entry.path(PACKAGE)), json.dumps(spec)],
@@ -122,9 +127,12 @@ def probe_package(entry: CacheEntry, req: CompileRequest, timeout: float = 300) 
             text=True,
             timeout=timeout,
             check=False,
+            env={**os.environ, "TMPDIR": where},
         )
     except subprocess.TimeoutExpired:
         return f"loading the AOTInductor package in a probe subprocess timed out after {timeout:.0f} s"
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
     if proc.returncode != 0:
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
@@ -134,10 +142,26 @@ def probe_package(entry: CacheEntry, req: CompileRequest, timeout: float = 300) 
 
 
 def load_package(path: Path, device: str) -> Runner:
+    """The package, loaded. torch's loader extracts it (the model's .so, with its weights) into a new
+    directory under $TMPDIR and removes it only when the loaded model is destroyed, which a server's model
+    never is before the process exits: every start left one behind in /tmp (1.7 MB for a tiny MLP, the
+    size of the weights for a real model, in a pod's ephemeral storage). Here it goes into a directory of
+    ours, removed when the process exits."""
     from torch._inductor import aoti_load_package
 
     index = torch.device(device).index
-    model = aoti_load_package(str(path), device_index=-1 if index is None else index)
+    tempfile.gettempdir()  # Python's own temporary directory is settled first and stays what it is
+    where = tempfile.mkdtemp(prefix="kubeforge-aoti-")
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = where  # read by the C++ loader when it makes its directory
+    try:
+        model = aoti_load_package(str(path), device_index=-1 if index is None else index)
+    finally:
+        if before is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = before
 
     def run(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():

@@ -1,5 +1,6 @@
 """AOT compile in an init-container step, then a serving start that loads from the cache without compiling;
-the compiled model's answers equal eager's. One AOTInductor compile of a tiny MLP (tens of seconds here)."""
+the compiled model's answers equal eager's, and the package torch extracts to load it is gone once the server
+stops. One AOTInductor compile of a tiny MLP (tens of seconds here)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registr
     assert first["verified_max_rel_error"] < 1e-3
     assert list(cache.glob("mlp/*/model.pt2")) and list(cache.glob("mlp/*/probe-ok.json"))
 
-    s = start_serve(registry.env, *args, "--max-delay-ms", "0")
+    tmp = tmp_path / "tmp"  # the server's $TMPDIR: torch extracts the package under it
+    tmp.mkdir()
+    s = start_serve({**registry.env, "TMPDIR": str(tmp)}, *args, "--max-delay-ms", "0")
     try:
         ready = s.wait_ready()
         assert (
@@ -71,5 +74,8 @@ def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registr
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         info = httpx.get(f"{s.url}/v2/models/mlp/ready").json()
         assert info["compile_path"] == "torch.export + AOTInductor package" and info["cache_hit"] is True
+        # loaded from our own directory under $TMPDIR (torch's extraction), not from torch's own
+        assert [p.name.startswith("kubeforge-aoti-") for p in tmp.iterdir()] == [True], list(tmp.iterdir())
     finally:
         assert s.stop() == 0
+    assert not list(tmp.iterdir()), "the extracted package outlived the server"
