@@ -15,10 +15,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from crds.common import SPEC_FILE_NAME, SPEC_MOUNT_DIR
@@ -140,10 +142,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"kubeforge-train: spec valid for {min_nodes}:{max_nodes} nodes x {nproc} processes")
         return 0
+    tmp = Path(tempfile.mkdtemp(prefix="kubeforge-train-"))  # the workers' spec, progress and fatal files
+    try:
+        return _launch(args, spec, tmp, min_nodes, max_nodes, nproc, env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # each run left one behind
+
+
+def _launch(
+    args: argparse.Namespace,
+    spec: TrainingJobSpec,
+    tmp: Path,
+    min_nodes: int,
+    max_nodes: int,
+    nproc: int,
+    env: Mapping[str, str],
+) -> int:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    tmp = Path(tempfile.mkdtemp(prefix="kubeforge-train-"))
     spec_file = tmp / "spec.json"
     write_spec(spec, spec_file)
     progress_file = args.progress_file or str(tmp / "progress.json")
@@ -160,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = env.get("PET_RDZV_ENDPOINT", "127.0.0.1:29400")
         backend, run_id = env.get("PET_RDZV_BACKEND", "c10d"), env.get("PET_RDZV_ID", "kubeforge")
     config = LaunchConfig(
+        # the agent's per-run log directory (workers' error files) goes with ours, not into /tmp for good
+        logs_specs=DefaultLogsSpecs(log_dir=str(tmp / "elastic")),
         min_nodes=min_nodes,
         max_nodes=max_nodes,
         nproc_per_node=nproc,

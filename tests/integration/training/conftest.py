@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,24 @@ def run_local(tmp: Path, spec: dict[str, Any], nproc: int, *extra: str, name: st
 
     job = write_job(tmp / f"{name}.yaml", spec)
     metrics, progress = tmp / f"{name}.metrics.jsonl", tmp / f"{name}.progress.json"
-    code = cli.main(
+    scratch = tmp / f"{name}.tmp"  # the launcher's and torch elastic's temporary files must not outlive it
+    scratch.mkdir()
+    tempfile.tempdir, before = str(scratch), tempfile.tempdir
+    try:
+        code = _main(cli, job, nproc, metrics, progress, extra)
+    finally:
+        tempfile.tempdir = before
+    # ours, and torch elastic's log directory (which the launcher puts in ours); not Inductor's cache, nor
+    # the pickle torch.multiprocessing leaves when a worker dies (its own temporary file)
+    left = [p.name for p in scratch.iterdir() if p.name.startswith(("kubeforge-", "torchelastic_"))]
+    assert not left, f"left behind by the launcher: {left}"
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    prog = json.loads(progress.read_text()) if progress.exists() else {}
+    return Run(code, recs, prog)
+
+
+def _main(cli: Any, job: Path, nproc: int, metrics: Path, progress: Path, extra: tuple[str, ...]) -> int:
+    return cli.main(  # type: ignore[no-any-return]
         [
             str(job),
             "--local",
@@ -86,9 +104,6 @@ def run_local(tmp: Path, spec: dict[str, Any], nproc: int, *extra: str, name: st
             *extra,
         ]
     )
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    prog = json.loads(progress.read_text()) if progress.exists() else {}
-    return Run(code, recs, prog)
 
 
 @pytest.fixture
