@@ -7,6 +7,8 @@
 #   datapath     what the server moves of 602 KB rows with no compute (tinyimage, 8 workers, 64 clients, max
 #                batch 32) over REST then gRPC, with py-spy profiles of the model process (GIL) and of a
 #                worker under $OUT/{rest,grpc} (ResNet-50 reaches the same rows/s: its limit is this path)
+#   latency      where a batch-1 request's time goes (BERT, 8 workers, 1 client; $MODEL to change): hops, thread
+#                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
 #                carry it too), same machine, interleaved, datapath's load (MODEL, GRPC=1 to change it)
 set -uo pipefail
@@ -35,6 +37,10 @@ datapath)
     MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
       TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
   done ;;
+latency)
+  d=${OUT:-/tmp/gpu-latency}/latency; mkdir -p "$d"
+  MODEL=${MODEL:-bert} W=8 C=1 D=5 DEV=cuda MAXB=32 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d TAG=c1 \
+    timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" ;;
 ab)
   base=/tmp/ab-base; rm -rf $base && cp -a . $base && (cd $base && git apply -R .cache/ab.patch) || exit 1
   for tree in base new base new; do
@@ -42,5 +48,5 @@ ab)
     (cd "$dir" && PYTHONPATH=/tmp/site:$dir MODEL=${MODEL:-tinyimage} W=8 C=64 D=5 DEV=cuda MAXB=32 \
       GRPC=${GRPC:-0} TAG=$tree timeout 150 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error")
   done ;;
-*) echo "usage: $0 tests|copy-stream|grpc|datapath|ab" >&2; exit 2 ;;
+*) echo "usage: $0 tests|copy-stream|grpc|datapath|latency|ab" >&2; exit 2 ;;
 esac
