@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 << 10
 DISCARD_LIMIT = 64 << 20
-READ_CHUNK = 256 << 10
+READ_CHUNK = 256 << 10  # one socket read at most (HTTP/1.1 and HTTP/2 alike)
 # a read while waiting for a head: what comes with the head is copied twice (into the inbox, then into the
 # body's buffer), what comes after it is read straight into the body's buffer; 16 KiB holds a typical head
 # and a small request whole, and leaves a 602 KB image's body to the kernel's one copy (reads of up to 256 KiB

@@ -40,7 +40,7 @@ from typing import Any
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from runtime.serving.protocol.http1 import Body, PlainBody
+from runtime.serving.protocol.http1 import READ_CHUNK, Body, PlainBody
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ WINDOW = 1 << 24  # our receive window, per stream and for the connection
 MAX_STREAMS = 1024
 MAX_HEADER_LIST = 16 << 10
 DEFAULT_WINDOW = 65535
-READ_CHUNK = 256 << 10  # one socket read at most
 
 _FRAME = struct.Struct(">HBBBI")  # a 24-bit length as 16 + 8 bits, type, flags, stream id
 
