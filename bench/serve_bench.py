@@ -369,22 +369,25 @@ def _ceiling(
     return out
 
 
+def cpu_seconds_of(stat: Path) -> float:
+    """CPU seconds (user + system) from a /proc stat file (a process's, or a thread's under task/); 0 when
+    it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU seconds (user + system) used so far by a server's model process and by its worker processes."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def used(p: int | str) -> float:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / tick
-
     children: list[str] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         with contextlib.suppress(OSError):
             children += (task / "children").read_text().split()
-    return used(pid), sum(used(c) for c in children)
+    return cpu_seconds_of(Path(f"/proc/{pid}/stat")), sum(
+        cpu_seconds_of(Path(f"/proc/{c}/stat")) for c in children
+    )
 
 
 def _measure_server(

@@ -58,14 +58,13 @@ def _sums(port: int) -> dict[str, float]:
 
 def _thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds so far of each thread of `pid`, summed by thread name."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            continue  # the thread ended
+        out[name] = out.get(name, 0.0) + sb.cpu_seconds_of(task / "stat")
     return out
 
 
