@@ -105,6 +105,12 @@ class Serve:
         return self.proc.wait(timeout)
 
 
+def metric_sum(text: str, prefix: str) -> float:
+    """The sum of the Prometheus samples in `text` (a /metrics page) whose line starts with `prefix`: a
+    name and "{", or a name and the first of its labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def start_serve(env: dict[str, str], *args: str, command: str = "serve") -> Serve:
     cmd = [sys.executable, "-m", "runtime.serving.cli", command, *args]
     if command == "serve":

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.serving.conftest import ROOT, Registry, Serve, start_serve
+from tests.integration.serving.conftest import ROOT, Registry, Serve, metric_sum, start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -86,9 +86,6 @@ def test_a_request_its_client_abandons_counts_as_499_not_as_a_success(slow_serve
     def metrics() -> str:
         return httpx.get(f"{slow_server.url}/metrics").text
 
-    def value(text: str, prefix: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
-
     ok, gone = (
         'kubeforge_requests_total{code="200",model="slow"',
         'kubeforge_requests_total{code="499",model="slow"',
@@ -102,13 +99,13 @@ def test_a_request_its_client_abandons_counts_as_499_not_as_a_success(slow_serve
         )
         time.sleep(0.15)  # running: the model sleeps 0.4 s
     deadline = time.monotonic() + 10
-    while value(after := metrics(), gone) <= value(before, gone) and time.monotonic() < deadline:
+    while metric_sum(after := metrics(), gone) <= metric_sum(before, gone) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert value(after, gone) == value(before, gone) + 1
-    assert value(after, ok) == value(before, ok)
+    assert metric_sum(after, gone) == metric_sum(before, gone) + 1
+    assert metric_sum(after, ok) == metric_sum(before, ok)
     latency = 'kubeforge_request_latency_seconds_count{model="slow",protocol="rest"}'
-    assert value(after, latency) == value(before, latency)
-    assert value(after, 'kubeforge_inflight{model="slow"}') == 0
+    assert metric_sum(after, latency) == metric_sum(before, latency)
+    assert metric_sum(after, 'kubeforge_inflight{model="slow"}') == 0
     # the abandoned request's batch still runs; the next test needs the model idle: wait behind it
     assert _post(slow_server.url, 1.0).status_code == 200
 

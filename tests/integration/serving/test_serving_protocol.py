@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.serving.conftest import Registry, Serve
+from tests.integration.serving.conftest import Registry, Serve, metric_sum
 
 pytestmark = pytest.mark.integration
 
@@ -100,9 +100,6 @@ def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
 def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry, mlp_server: Serve) -> None:
     import tritonclient.grpc as tg
 
-    def metric(text: str, name: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
-
     before = httpx.get(f"{mlp_server.url}/metrics").text
     rows = np.random.default_rng(4).standard_normal((48, 16), dtype=np.float32)
 
@@ -117,8 +114,9 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry,
     for i, out in enumerate(outs):  # each request answered with its own row, as if run alone
         np.testing.assert_allclose(out, _eager(registry, rows[i : i + 1]), rtol=1e-5, atol=1e-6)
     after = httpx.get(f"{mlp_server.url}/metrics").text
-    batches = metric(after, "kubeforge_batch_size_count") - metric(before, "kubeforge_batch_size_count")
-    batched_rows = metric(after, "kubeforge_batch_size_sum") - metric(before, "kubeforge_batch_size_sum")
+    count, total = "kubeforge_batch_size_count{", "kubeforge_batch_size_sum{"
+    batches = metric_sum(after, count) - metric_sum(before, count)
+    batched_rows = metric_sum(after, total) - metric_sum(before, total)
     assert batched_rows == len(rows)
     assert batches < len(rows), "no two requests shared a batch"
 
