@@ -20,9 +20,9 @@ case ${1:-tests} in
 tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose packages the GPU image lacks
   timeout 500 python -m pytest -q --noconftest -p no:cacheprovider tests/unit/runtime/serving -k gpu 2>&1 | tail -15 ;;
 copy-stream)
-  for tag in one-stream copy-stream one-stream copy-stream; do
+  for tag in ${TAGS:-one-stream copy-stream one-stream copy-stream}; do
     cs=0; [[ $tag == copy-stream ]] && cs=1
-    MODEL=${MODEL:-resnet50} W=8 C=64 D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs TAG=$tag \
+    MODEL=${MODEL:-resnet50} W=8 C=${C:-64} D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs TAG=$tag \
       timeout 140 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" | tail -2
   done ;;
 grpc)

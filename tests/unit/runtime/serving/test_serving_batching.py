@@ -241,9 +241,10 @@ def test_pipelined_failure_reaches_that_batch_only_and_close_drains_in_flight() 
 def test_gpu_pipelined_cuda_graph_batches_equal_eager(copy_stream: bool, big: bool) -> None:
     """Two batches in flight through CUDA graphs (the next replay overwrites the graph's outputs): every
     request still gets its own rows, as the eager model computes them — with inputs staged through a
-    page-locked buffer or copied row by row from page-locked memory, on the compute stream or a copy
+    page-locked buffer or copied straight from page-locked memory, on the compute stream or a copy
     stream of their own (the next batch's copies overlapping the batch before)."""
     from runtime.serving import compile as compiler
+    from runtime.serving import pagelock
     from runtime.serving.detect import detect_hardware
     from runtime.serving.server import PIPELINE_DEPTH, cuda_runner, pinned_gather
     from runtime.serving.signature import Signature, TensorSpec
@@ -278,11 +279,17 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager(copy_stream: bool, big: bo
     assert batcher.ready.wait(300) and batcher.error is None
     assert "CUDA graph" in built["b"].compiled.path  # type: ignore[attr-defined]
     rows = [torch.randn(1 + i % 3, width) for i in range(400)]
-    if big:
+    if big:  # page-locked and known as such (the hub registers its arenas with pagelock)
         rows = [r.pin_memory() for r in rows]
-    futs = [batcher.submit([r], r.shape[0]) for r in rows]
-    outs = [f.result(60)[0] for f in futs]
-    batcher.close(10)
+        for r in rows:
+            pagelock._add(r.data_ptr(), r.nbytes)
+    try:
+        futs = [batcher.submit([r], r.shape[0]) for r in rows]
+        outs = [f.result(60)[0] for f in futs]
+    finally:
+        batcher.close(10)
+        for r in rows if big else []:
+            pagelock._remove(r.data_ptr())
     for r, o in zip(rows, outs, strict=True):
         with torch.inference_mode():
             torch.testing.assert_close(o, model(r), rtol=1e-3, atol=1e-3)
