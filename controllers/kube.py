@@ -91,6 +91,16 @@ def path(
     return "/".join(parts)
 
 
+def compare_versions(a: str | None, b: str | None) -> int | None:
+    """-1, 0 or 1 as resourceVersion `a` is older than, the same as or newer than `b` (two versions of one
+    resource); None when either is not a positive decimal integer without leading zeros, the form that
+    Kubernetes guarantees comparable since 1.35 (KEP-5504; etcd revisions have always had it)."""
+    if not (a and b and a.isdigit() and b.isdigit() and a[0] != "0" and b[0] != "0"):
+        return None
+    ka, kb = (len(a), a), (len(b), b)
+    return (ka > kb) - (ka < kb)
+
+
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self._api = api

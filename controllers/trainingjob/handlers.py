@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +30,7 @@ import kopf
 from pydantic import ValidationError
 
 from controllers import config
-from controllers.kube import KubeError, kube
+from controllers.kube import KubeError, compare_versions, kube
 from controllers.trainingjob import render
 from controllers.trainingjob.status import JobView, PodView, derive, finished_job, job_view, pod_view
 from crds.common import API_VERSION, GROUP, LABEL_TRAINING_JOB, VERSION
@@ -45,13 +46,33 @@ APPLY_RECHECK_SECONDS = 300.0
 _ns_done: dict[str, float] = {}  # namespace -> when its shared objects were last applied
 _ns_locks: dict[str, threading.Lock] = {}  # namespace -> held while its shared objects are applied
 _applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # TrainingJob -> (render inputs, when applied)
-_sent: dict[Key, tuple[str | None, dict[str, Any]]] = {}  # TrainingJob -> (version patched, status sent)
+_sent: dict[Key, Sent] = {}  # TrainingJob -> our last status patch
 # TrainingJob -> (its uid, last view) of its finished Job that was deleted (ttlSecondsAfterFinished) perhaps
 # before a sync saw it finish: the sync then still learns how it ended instead of starting it again
 _finished: dict[Key, tuple[str, JobView]] = {}
 _executor: list[concurrent.futures.Executor] = []  # kopf's (settings.execution), sized by controllers.app
 _pending: dict[Key, asyncio.Task[None]] = {}
 _live: dict[str, Any] = {}  # the kopf indexes, captured from the first handler call (they are live views)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Our last status patch of a TrainingJob."""
+
+    before: str | None  # the resourceVersion of the index's copy the status was derived from
+    after: str | None  # the resourceVersion the patch produced
+    status: dict[str, Any]
+
+
+def unseen(version: str | None, sent: Sent) -> bool:
+    """Whether the index's copy at `version` predates our last status patch (decisions must then build on
+    what we sent, not on its status). Every version older than the patch's own does: also a copy from
+    between two patches of ours, the first seen and the second not yet. Telling that copy by equality with
+    the version a patch was derived from took it for current, and a sync built on the older status undid
+    the newer one: a held scale-up's Job went back to 3 nodes beside a status of 4 (seen in CI). Versions
+    that do not compare (not decimal integers) fall back to that equality."""
+    order = compare_versions(version, sent.after)
+    return version == sent.before if order is None else order < 0
 
 
 class _QuietRoutineSuccess(logging.Filter):
@@ -211,18 +232,18 @@ def _patch_status(obj: dict[str, Any], new: dict[str, Any]) -> None:
         return
     meta = obj["metadata"]
     key, version = (meta["namespace"], meta["name"]), meta.get("resourceVersion")
-    if _sent.get(key) == (version, new):
-        return  # sent already, from this same version: the index has not seen our patch yet
+    sent = _sent.get(key)
+    if sent is not None and sent.status == new and unseen(version, sent):
+        return  # sent already: the index has not seen our patch yet
     # The whole status, not its difference from `old`: `old` comes from the index and may predate our last
     # patch, and a difference taken against it could leave a field of that patch standing beside fields of
     # this one (seen: nodesTarget 3 from one sync, nodesReady 4 from the next).
     patch = dict(new)
-    sent = _sent.get(key, (None, {}))[1]
-    patch.update({k: None for k in (*old, *sent) if k not in new})
-    kube().patch(
+    patch.update({k: None for k in (*old, *(sent.status if sent else ())) if k not in new})
+    out = kube().patch(
         API_VERSION, "TrainingJob", meta["namespace"], meta["name"], {"status": patch}, subresource="status"
     )
-    _sent[key] = (version, new)
+    _sent[key] = Sent(version, (out.get("metadata") or {}).get("resourceVersion"), new)
 
 
 def _invalid(obj: dict[str, Any], problems: list[str]) -> None:
@@ -288,10 +309,8 @@ def sync(key: Key) -> None:
     pods: list[PodView] = list(_live["tj_pods"].get(key) or ())
     previous = dict(obj.get("status") or {})
     sent = _sent.get(key)
-    if sent is not None and sent[0] == meta.get("resourceVersion"):
-        previous = dict(
-            sent[1]
-        )  # our last status patch, which the index has not seen yet: decisions build on it
+    if sent is not None and unseen(meta.get("resourceVersion"), sent):
+        previous = dict(sent.status)  # our last status patch, which the index has not seen yet
     generation, now = int(meta.get("generation") or 0), _now()
     outcome = derive(spec, generation, previous, job, pods, now)
     terminal = outcome.status.get("phase") in ("Succeeded", "Failed")
