@@ -69,8 +69,8 @@ def unseen(version: str | None, sent: Sent) -> bool:
     what we sent, not on its status). Every version older than the patch's own does: also a copy from
     between two patches of ours, the first seen and the second not yet. Telling that copy by equality with
     the version a patch was derived from took it for current, and a sync built on the older status undid
-    the newer one: a held scale-up's Job went back to 3 nodes beside a status of 4 (seen in CI). Versions
-    that do not compare (not decimal integers) fall back to that equality."""
+    the newer one (which fits a CI sighting: a held scale-up's Job back at 3 nodes beside a status of 4).
+    Versions that do not compare (not decimal integers) fall back to that equality."""
     order = compare_versions(version, sent.after)
     return version == sent.before if order is None else order < 0
 
