@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import uuid
@@ -32,12 +31,6 @@ from runtime.training.spec import load_spec, write_spec
 
 log = logging.getLogger("kubeforge.launch")
 EXIT_USER_ERROR = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _default_start_method() -> str:
@@ -162,6 +155,8 @@ def _launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from runtime.training.stores import LOOPBACK, loopback_store
+
     spec_file = tmp / "spec.json"
     write_spec(spec, spec_file)
     progress_file = args.progress_file or str(tmp / "progress.json")
@@ -170,9 +165,12 @@ def _launch(
         if args.max_restarts is not None
         else int(env.get("PET_MAX_RESTARTS", spec.failure_policy.max_restarts))
     )
+    rdzv_store = None
     if args.local:
-        # the job's identity (PET_RDZV_ID: the MLflow run's job tag) is kept when given; the endpoint never
-        endpoint, backend = f"127.0.0.1:{_free_port()}", "c10d"
+        # the job's identity (PET_RDZV_ID: the MLflow run's job tag) is kept when given; the endpoint never.
+        # The rendezvous store listens on 127.0.0.1 only (torch's would listen on every address).
+        rdzv_store = loopback_store()
+        endpoint, backend = f"{LOOPBACK}:{rdzv_store.port}", "c10d"
         run_id = env.get("PET_RDZV_ID") or f"local-{uuid.uuid4().hex[:8]}"
     else:
         endpoint = env.get("PET_RDZV_ENDPOINT", "127.0.0.1:29400")
@@ -190,6 +188,8 @@ def _launch(
         max_restarts=max_restarts,
         monitor_interval=0.5,
         start_method=args.start_method or _default_start_method(),
+        # the workers' MASTER_ADDR: 127.0.0.1 on one machine, where rank 0's store listens (job.py)
+        local_addr=LOOPBACK if args.local else None,
     )
     worker_args = [
         str(spec_file),
@@ -240,6 +240,8 @@ def _launch(
             print(f"kubeforge-train: {fatal.read_text()}", file=sys.stderr)
         else:
             log.error("training failed: %s", e.format_msg()[:2000])  # type: ignore[no-untyped-call]
+    finally:
+        del rdzv_store  # its server stops once torch's store objects on that port are gone too
     final = _final_progress(progress_file, code, fatal.read_text() if fatal.is_file() else None)
     write_termination_log(final)
     if code != 0:

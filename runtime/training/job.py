@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._C._distributed_c10d import TCPStore
 from torch.distributed.tensor import DTensor
 
 from crds.trainingjob import TrainingJobSpec
@@ -23,6 +24,7 @@ from runtime.training.parallel import data_parallel
 from runtime.training.parallel.dims import ParallelDims, resolve
 from runtime.training.parallel.pipeline import Pipeline, build_pipeline
 from runtime.training.protocol import ParallelContext, TrainTask, check_task_supports
+from runtime.training.stores import LOOPBACK, loopback_store
 
 
 def init_distributed(timeout_s: int = 600) -> torch.device:
@@ -34,8 +36,14 @@ def init_distributed(timeout_s: int = 600) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        if os.environ.get("MASTER_ADDR") == LOOPBACK and os.environ.get("RANK") == "0":
+            # one machine (kubeforge-train --local): the group's store listens on 127.0.0.1 only
+            _held.append(loopback_store(int(os.environ["MASTER_PORT"])))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return device
+
+
+_held: list[TCPStore] = []  # rank 0's loopback store server, for as long as the process
 
 
 def grad_norm(params: list[nn.Parameter], pp_group: Any) -> torch.Tensor:
