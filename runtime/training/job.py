@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from runtime.training.parallel.pipeline import Pipeline, build_pipeline
 from runtime.training.protocol import ParallelContext, TrainTask, check_task_supports
 from runtime.training.stores import LOOPBACK, loopback_store
 
+log = logging.getLogger("kubeforge.train")
+
 
 def init_distributed(timeout_s: int = 600) -> torch.device:
     """Join the group torchrun's agent formed (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)."""
@@ -36,14 +39,28 @@ def init_distributed(timeout_s: int = 600) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        if os.environ.get("MASTER_ADDR") == LOOPBACK and os.environ.get("RANK") == "0":
-            # one machine (kubeforge-train --local): the group's store listens on 127.0.0.1 only
-            _held.append(loopback_store(int(os.environ["MASTER_PORT"])))
+        _hold_loopback_store()
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return device
 
 
 _held: list[TCPStore] = []  # rank 0's loopback store server, for as long as the process
+
+
+def _hold_loopback_store() -> None:
+    """On one machine (kubeforge-train --local: MASTER_ADDR 127.0.0.1), rank 0 starts the group's store
+    server on 127.0.0.1 before init_process_group, which then uses it (runtime.training.stores). Not when the
+    agent serves that store itself (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0: its rendezvous store, on loopback
+    already), and if the port cannot be had, torch starts its own as usual."""
+    env = os.environ
+    if env.get("MASTER_ADDR") != LOOPBACK or env.get("RANK") != "0":
+        return
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    try:
+        _held.append(loopback_store(int(env["MASTER_PORT"])))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        log.warning("rank 0's store could not be kept to 127.0.0.1 (%s); torch starts its own", e)
 
 
 def grad_norm(params: list[nn.Parameter], pp_group: Any) -> torch.Tensor:
