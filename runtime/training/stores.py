@@ -20,12 +20,19 @@ def loopback_store(port: int = 0) -> TCPStore:
     """A multi-tenant TCPStore server on 127.0.0.1:`port` (0: a free one; the store's `.port` says which).
     Keep it referenced for the whole run: the server, which owns the listening socket from here on, closes
     it when the last store object on its port is gone."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((LOOPBACK, port))
-    sock.listen(1024)
-    bound = sock.getsockname()[1]
-    fd = sock.detach()
-    return TCPStore(
-        LOOPBACK, bound, is_master=True, multi_tenant=True, master_listen_fd=fd, wait_for_workers=False
-    )
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+        sock.listen(1024)
+        # the socket closes here unless the store took it: a listener left on the port would keep torch's
+        # own store (job.py's fallback) from binding it
+        store = TCPStore(
+            LOOPBACK,
+            sock.getsockname()[1],
+            is_master=True,
+            multi_tenant=True,
+            master_listen_fd=sock.fileno(),
+            wait_for_workers=False,
+        )
+        sock.detach()  # the store's server owns the descriptor now
+    return store
