@@ -88,6 +88,18 @@ class Sink(Protocol):
         """Results of one batch for this sink's requests (called from the batcher's threads)."""
 
 
+class Source(Protocol):
+    """Where requests come from when the batcher thread reads them itself (the protocol worker hub): while it
+    waits, the batcher thread calls `pump`, which submits what arrives; no reader thread, no hand-over of
+    each request from one thread to another."""
+
+    def pump(self, timeout: float | None) -> None:
+        """Wait up to `timeout` seconds (None: no limit) for requests, submit those that came, return."""
+
+    def wake(self) -> None:
+        """Make a `pump` under way return now (from any thread)."""
+
+
 @dataclass(eq=False)
 class Pending:
     """A queued request; setting `cancelled` before its batch forms drops it unanswered."""
@@ -173,8 +185,9 @@ class Batcher:
         self._closed = False
         self._inflight = 0  # batches taken and not yet answered
         self._running = 0  # batches launched on the device and not yet done there
-        self._depth = max(1, depth)
-        self._slots = threading.Semaphore(self._depth)
+        self._depth = max(1, depth)  # batches in flight at most
+        self._source: Source | None = None
+        self._pumping = False  # the batcher thread is in its source's pump (under _cond)
         # launched batches for the finishing thread, in launch (= stream) order; None stops it
         self._launched: queue.SimpleQueue[
             tuple[list[Pending], Callable[[], Outputs], float, float, int] | None
@@ -204,7 +217,6 @@ class Batcher:
         """Apply what loading the model decided (call from `setup`, before the first batch)."""
         self._gather = gather or cat_and_pad
         self._depth = max(1, depth)
-        self._slots = threading.Semaphore(self._depth)
         self.name = name
         self.batched = batched
         self.max_batch_size = max_batch_size if batched else 1
@@ -230,6 +242,12 @@ class Batcher:
     def set_external_announced(self, count: Callable[[], int]) -> None:
         """Requests announced elsewhere (protocol worker processes), read whenever a batch may wait."""
         self._external = count
+
+    def set_source(self, source: Source) -> None:
+        """From now on the batcher thread reads requests from `source` whenever it waits (see Source)."""
+        with self._cond:
+            self._source = source
+            self._notify()
 
     def withdraw(self) -> None:
         """An announced request will not be submitted (bad input)."""
@@ -269,14 +287,14 @@ class Batcher:
             n = self._rows[key] = self._rows.get(key, 0) + rows
             # while the device is busy the forming batch waits for it; only a full one goes earlier
             if not self._device_wait or n >= self.max_batch_size:
-                self._cond.notify()
+                self._notify()
         return p
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish every queued one, then stop the worker."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._notify()
         self._thread.join(timeout)
 
     # -- worker --
@@ -288,12 +306,35 @@ class Batcher:
             pad += [0, extra]
         return F.pad(t, pad) if any(pad) else t
 
+    def _notify(self) -> None:
+        """Wake the batcher thread (hold _cond): from its wait, or from its source's pump."""
+        self._cond.notify()
+        if self._pumping and threading.get_ident() != self._thread.ident:
+            assert self._source is not None
+            self._source.wake()
+
+    def _idle(self, timeout: float | None = None) -> None:
+        """The batcher thread waits (holding _cond) for a notify or `timeout` seconds: reading requests from
+        its source meanwhile, when it has one."""
+        source = self._source
+        if source is None:
+            self._cond.wait(timeout)
+            return
+        self._pumping = True
+        self._cond.release()
+        try:
+            source.pump(timeout)
+        finally:
+            self._cond.acquire()
+            self._pumping = False
+
     def _take(self) -> list[Pending] | None:
         with self._cond:
-            while not self._queue:
-                if self._closed:
+            # a batch forms while the previous ones run, until fewer than `depth` are in flight
+            while not self._queue or self._inflight >= self._depth:
+                if self._closed and not self._queue:
                     return None
-                self._cond.wait()
+                self._idle()
             first = self._queue[0]
             deadline = first.enqueued + self.max_delay_s
             while not self._closed and self.batched:
@@ -305,14 +346,14 @@ class Batcher:
                     if go_in is not None and go_in <= 0:
                         break
                     self._device_wait = True
-                    self._cond.wait(go_in)
+                    self._idle(go_in)
                     self._device_wait = False
                     continue
                 remaining = deadline - time.perf_counter()
                 # wait only for requests known to be on their way, and never past the oldest's deadline
                 if remaining <= 0 or not (self._announced or self._external()):
                     break
-                self._cond.wait(remaining)
+                self._idle(remaining)
             batch: list[Pending] = []
             rest: deque[Pending] = deque()
             rows = 0
@@ -351,7 +392,6 @@ class Batcher:
             )
             self._finisher.start()
         while True:
-            self._slots.acquire()  # a batch forms while the previous ones run, until one is answered
             batch = self._take()
             if batch is None:
                 break
@@ -398,7 +438,7 @@ class Batcher:
                     self._device_s[bucket] = _ewma(self._device_s.get(bucket), took)
                     if not self._running:
                         self._free_at = 0.0
-                    self._cond.notify_all()  # the next batch may go now
+                    self._notify()  # the next batch may go now
                 last_done = done
                 if outs is not None:
                     self._answer(live, outs, start)
@@ -408,7 +448,7 @@ class Batcher:
     def _done_batch(self) -> None:
         with self._cond:
             self._inflight -= 1
-        self._slots.release()
+            self._notify()
 
     def _start(self, live: list[Pending], bucket: int) -> Outputs | Callable[[], Outputs] | None:
         """Gather (padded to `bucket` rows) and run (or launch) a batch; None when it failed (its requests

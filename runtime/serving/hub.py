@@ -36,6 +36,8 @@ from runtime.serving.server import ServeConfig
 
 log = logging.getLogger(__name__)
 
+_WAKE = object()  # the selector's key for the wake-up pipe
+_FD_SETSIZE = 1024
 SLOT_BYTES = 1 << 20  # one 224x224x3 FP32 image (602 KB) per slot, with room to spare
 MAX_SLOTS = 64  # per worker: 64 requests in flight through shared memory, more travel inline
 
@@ -182,7 +184,14 @@ class Hub:
         self._gather_ids = iter(range(1, 1 << 62))
         self._ctx = multiprocessing.get_context("spawn")
         self._writer = _Writer()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel: selectors.BaseSelector = selectors.SelectSelector()
+        self._register(self._wake_r, _WAKE)
+        self._register(self._listener, None)
+        self._handed = False  # the batcher thread reads the connections now (pump)
+        self._reader: threading.Thread | None = None
         batcher.set_external_announced(self.announced)
+        batcher.set_source(self)
 
     # -- life --
     def start(self) -> None:
@@ -195,7 +204,10 @@ class Hub:
                 "little free memory: fewer input slots per worker, the rest travel through the socket",
                 extra={"shm_slots_per_worker": self._slots},
             )
-        threading.Thread(target=self._read, name="hub-read", daemon=True).start()
+        with self._lock:
+            if not self._handed:
+                self._reader = threading.Thread(target=self._read, name="hub-read", daemon=True)
+                self._reader.start()
         for i in range(self.n):
             self._spawn(i)
 
@@ -273,40 +285,91 @@ class Hub:
         """Requests the workers are decoding right now (the batcher may wait for them)."""
         return int(sum(int(c.arena.counters[0]) for c in list(self._conns.values())))
 
-    # -- threads --
+    # -- reading the workers' connections --
     def _read(self) -> None:
-        """One thread reads every worker's connection (and accepts new ones): decoding a request and
-        queueing it takes microseconds, so one thread keeps up and leaves the GIL to the batcher."""
+        """Until the model is ready a thread of its own reads every worker's connection (and accepts new
+        ones); then the batcher thread takes over (`pump`)."""
         name_os_thread()
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ, None)
-        while True:
-            for key, _ in sel.select():
-                if key.data is None:
-                    try:
-                        sock, _ = self._listener.accept()
-                    except OSError:
-                        return  # stopped
-                    sel.register(sock, selectors.EVENT_READ, [ipc.FrameReader(), None])
-                    continue
-                peer, state = key.fileobj, key.data
-                assert isinstance(peer, socket.socket)
+        while not self._handed:
+            self._select(None)
+
+    def pump(self, timeout: float | None) -> None:
+        """The batcher's Source: its thread reads the workers' requests and submits them itself while it
+        waits for them, so a request is not handed from a reader thread to the batcher thread (a wake-up,
+        and each thread waiting for the GIL the other holds). The first call stops the reader thread."""
+        if not self._handed:
+            with self._lock:
+                self._handed = True
+                reader = self._reader
+            self.wake()
+            if reader is not None:
+                reader.join()
+            log.info("the batcher thread reads the protocol workers' requests from now on")
+        self._select(timeout)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _select(self, timeout: float | None) -> None:
+        """One round: wait up to `timeout` for the connections, handle everything that came."""
+        try:
+            ready = self._sel.select(timeout)
+        except (OSError, ValueError):  # select() refuses a descriptor closed meanwhile (stop, a lost worker)
+            if not self._prune():
+                log.exception("waiting for the protocol workers failed")
+                time.sleep(0.01 if timeout is None else min(timeout, 0.01))
+            return
+        for key, _ in ready:
+            if key.data is _WAKE:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            elif key.data is None:
                 try:
-                    data = peer.recv(1 << 20)
-                except OSError:
-                    data = b""
-                if not data:
-                    sel.unregister(peer)
-                    if state[1] is not None:
-                        threading.Thread(target=self._lost, args=(state[1],), daemon=True).start()
-                    else:
-                        peer.close()
+                    sock, _ = self._listener.accept()
+                except OSError:  # stopped
+                    self._sel.unregister(self._listener)
                     continue
-                for kind, payload in state[0].feed(data):
-                    if kind == ipc.HELLO:
-                        state[1] = self._hello_from(peer, int.from_bytes(payload, "little"))
-                    elif state[1] is not None:
-                        self._handle(state[1], kind, payload)
+                self._register(sock, [ipc.FrameReader(), None])
+            else:
+                self._receive(key.fileobj, key.data)  # type: ignore[arg-type]
+
+    def _register(self, fileobj: Any, data: Any) -> None:
+        """select() waits to the microsecond (epoll to the millisecond, rounding up: a batch's fill wait of
+        0.3 ms would become 1 ms), for descriptors below FD_SETSIZE; past that, the default selector."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd >= _FD_SETSIZE and isinstance(self._sel, selectors.SelectSelector):
+            log.warning("descriptor beyond select()'s range: waits round up to 1 ms", extra={"fd": fd})
+            old, self._sel = self._sel, selectors.DefaultSelector()
+            for key in list(old.get_map().values()):
+                self._sel.register(key.fileobj, key.events, key.data)
+            old.close()
+        self._sel.register(fileobj, selectors.EVENT_READ, data)
+
+    def _prune(self) -> bool:
+        """Forget the sockets closed while registered; whether there were any."""
+        closed = [k.fileobj for k in self._sel.get_map().values() if getattr(k.fileobj, "fileno", int)() < 0]
+        for sock in closed:
+            self._sel.unregister(sock)
+        return bool(closed)
+
+    def _receive(self, peer: socket.socket, state: list[Any]) -> None:
+        try:
+            data = peer.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self._sel.unregister(peer)
+            if state[1] is not None:
+                threading.Thread(target=self._lost, args=(state[1],), daemon=True).start()
+            else:
+                peer.close()
+            return
+        for kind, payload in state[0].feed(data):
+            if kind == ipc.HELLO:
+                state[1] = self._hello_from(peer, int.from_bytes(payload, "little"))
+            elif state[1] is not None:
+                self._handle(state[1], kind, payload)
 
     def _hello_from(self, sock: socket.socket, i: int) -> _Conn:
         with self._lock:

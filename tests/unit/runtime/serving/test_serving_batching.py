@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import select
 import threading
 from concurrent.futures import Future
 
@@ -233,6 +235,74 @@ def test_pipelined_failure_reaches_that_batch_only_and_close_drains_in_flight() 
     assert all(f.done() for f in rest)
     for i, f in enumerate(rest):
         torch.testing.assert_close(f.result(0)[0], torch.full((1, 2), 2.0 * i))
+
+
+class _PipeSource:
+    """A Source as the protocol worker hub is one: requests come on a pipe, whoever pumps submits them."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.r, self.w = os.pipe()
+        self.arrived: list[tuple[Future[tuple[torch.Tensor, ...]], torch.Tensor]] = []
+        self.pumped_by: set[str] = set()
+        self.lock = threading.Lock()
+
+    def send(self, x: torch.Tensor) -> Future[tuple[torch.Tensor, ...]]:
+        fut: Future[tuple[torch.Tensor, ...]] = Future()
+        with self.lock:
+            self.arrived.append((fut, x))
+        os.write(self.w, b"r")
+        return fut
+
+    def pump(self, timeout: float | None) -> None:
+        self.pumped_by.add(threading.current_thread().name)
+        if select.select([self.r], [], [], timeout)[0]:
+            os.read(self.r, 4096)
+        with self.lock:
+            got, self.arrived = self.arrived, []
+        for fut, x in got:
+            self.batcher.submit_to(_Futures(), fut, [x], x.shape[0])
+
+    def wake(self) -> None:
+        os.write(self.w, b"w")
+
+
+class _Futures:
+    def deliver(self, answer: Answer) -> None:
+        for fut, r in answer.results():
+            if isinstance(r, BaseException):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
+
+
+def test_the_batcher_thread_reads_its_source_while_batches_run_and_close_wakes_it() -> None:
+    torch.manual_seed(0)
+    model = MLP().eval()
+    launched: list[int] = []
+    gates: list[threading.Event] = []
+    b = Batcher(_deferred(model, launched, gates), name="src", max_batch_size=2, max_delay_s=0.0, depth=2)
+    src = _PipeSource(b)
+    b.set_source(src)
+    rows = [torch.randn(1, 16) for _ in range(8)]
+    futs = [src.send(r) for r in rows[:4]]
+    assert _until(lambda: len(launched) == 2)  # two batches in flight: as many as depth allows
+    futs += [src.send(r) for r in rows[4:]]
+    # no slot is free, yet the batcher thread keeps reading: the requests sent since are queued
+    assert _until(lambda: b.queued == 4)
+    assert len(launched) == 2 and not any(f.done() for f in futs)
+    for i in range(4):  # each batch answered frees a slot, which wakes the pump to launch the next
+        assert _until(lambda: len(gates) > i)  # noqa: B023
+        gates[i].set()
+    outs = [f.result(10)[0] for f in futs]
+    for r, o in zip(rows, outs, strict=True):
+        with torch.inference_mode():
+            torch.testing.assert_close(o, model(r))
+    assert launched == [2, 2, 2, 2]
+    assert src.pumped_by == {"batcher-src"}  # no other thread read the source
+    # the batcher now pumps with no time limit; close must wake it
+    b.close(5)
+    assert not any(t.name == "batcher-src" for t in threading.enumerate())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
