@@ -186,8 +186,8 @@ class Hub:
         self._writer = _Writer()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel: selectors.BaseSelector = selectors.SelectSelector()
-        self._register(self._wake_r, _WAKE)
-        self._register(self._listener, None)
+        self._sel = register(self._sel, self._wake_r, _WAKE)
+        self._sel = register(self._sel, self._listener, None)
         self._handed = False  # the batcher thread reads the connections now (pump)
         self._reader: threading.Thread | None = None
         batcher.set_external_announced(self.announced)
@@ -316,7 +316,7 @@ class Hub:
         try:
             ready = self._sel.select(timeout)
         except (OSError, ValueError):  # select() refuses a descriptor closed meanwhile (stop, a lost worker)
-            if not self._prune():
+            if not prune(self._sel):
                 log.exception("waiting for the protocol workers failed")
                 time.sleep(0.01 if timeout is None else min(timeout, 0.01))
             return
@@ -330,28 +330,9 @@ class Hub:
                 except OSError:  # stopped
                     self._sel.unregister(self._listener)
                     continue
-                self._register(sock, [ipc.FrameReader(), None])
+                self._sel = register(self._sel, sock, [ipc.FrameReader(), None])
             else:
                 self._receive(key.fileobj, key.data)  # type: ignore[arg-type]
-
-    def _register(self, fileobj: Any, data: Any) -> None:
-        """select() waits to the microsecond (epoll to the millisecond, rounding up: a batch's fill wait of
-        0.3 ms would become 1 ms), for descriptors below FD_SETSIZE; past that, the default selector."""
-        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
-        if fd >= _FD_SETSIZE and isinstance(self._sel, selectors.SelectSelector):
-            log.warning("descriptor beyond select()'s range: waits round up to 1 ms", extra={"fd": fd})
-            old, self._sel = self._sel, selectors.DefaultSelector()
-            for key in list(old.get_map().values()):
-                self._sel.register(key.fileobj, key.events, key.data)
-            old.close()
-        self._sel.register(fileobj, selectors.EVENT_READ, data)
-
-    def _prune(self) -> bool:
-        """Forget the sockets closed while registered; whether there were any."""
-        closed = [k.fileobj for k in self._sel.get_map().values() if getattr(k.fileobj, "fileno", int)() < 0]
-        for sock in closed:
-            self._sel.unregister(sock)
-        return bool(closed)
 
     def _receive(self, peer: socket.socket, state: list[Any]) -> None:
         try:
@@ -466,6 +447,30 @@ class Hub:
         conn.closed = True
         with contextlib.suppress(OSError):
             conn.sock.close()
+
+
+def register(sel: selectors.BaseSelector, fileobj: Any, data: Any) -> selectors.BaseSelector:
+    """Register `fileobj` for reading; the selector to use from now on. select() waits to the microsecond
+    (epoll to the millisecond, rounding up: a batch's fill wait of 0.3 ms would become 1 ms), but only for
+    descriptors below FD_SETSIZE; past that, the default selector takes every registration over."""
+    fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+    if fd >= _FD_SETSIZE and isinstance(sel, selectors.SelectSelector):
+        log.warning("descriptor beyond select()'s range: waits round up to 1 ms", extra={"fd": fd})
+        old, sel = sel, selectors.DefaultSelector()
+        for key in list(old.get_map().values()):
+            sel.register(key.fileobj, key.events, key.data)
+        old.close()
+    sel.register(fileobj, selectors.EVENT_READ, data)
+    return sel
+
+
+def prune(sel: selectors.BaseSelector) -> bool:
+    """Forget the sockets closed while registered (select() refuses them); whether there were any."""
+    closed = [k.fileobj for k in sel.get_map().values() if isinstance(k.fileobj, socket.socket)]
+    closed = [s for s in closed if s.fileno() < 0]
+    for sock in closed:
+        sel.unregister(sock)
+    return bool(closed)
 
 
 def _page_lock(arena: ipc.Arena) -> None:

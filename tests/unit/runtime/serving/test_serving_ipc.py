@@ -467,3 +467,41 @@ def test_answers_to_a_worker_go_out_directly_and_in_order_when_its_socket_is_ful
     assert bytes(got) == big + b"tail"
     ours.close()
     worker_end.close()
+
+
+def test_hub_selector_takes_descriptors_past_fd_setsize_and_forgets_closed_sockets() -> None:
+    import resource
+    import selectors
+    import socket
+
+    from runtime.serving.hub import prune, register
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 1500:
+        pytest.skip("this process may not open descriptor 1500")
+
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    sel: selectors.BaseSelector = selectors.SelectSelector()
+    sel = register(sel, a, "a")
+    assert isinstance(sel, selectors.SelectSelector)  # waits to the microsecond
+    high = socket.socket(fileno=os.dup2(c.fileno(), 1500))  # past select()'s FD_SETSIZE (1024)
+    try:
+        sel = register(sel, high, "high")
+        assert not isinstance(sel, selectors.SelectSelector)  # the default selector took both over
+        b.send(b"x")
+        d.send(b"y")
+        assert sorted(k.data for k, _ in sel.select(1.0)) == ["a", "high"]
+        sel.unregister(high)
+    finally:
+        high.close()
+    # a registered socket closed by another thread: select() refuses it, prune forgets it
+    sel2: selectors.BaseSelector = register(selectors.SelectSelector(), a, "a")
+    e, f = socket.socketpair()
+    sel2 = register(sel2, e, "e")
+    e.close()
+    with pytest.raises((OSError, ValueError)):
+        sel2.select(0)
+    assert prune(sel2) and not prune(sel2)
+    assert [k.data for k, _ in sel2.select(1.0)] == ["a"]  # b's byte is still unread
+    for s in (a, b, c, d, f):
+        s.close()
