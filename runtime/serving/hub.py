@@ -1,11 +1,12 @@
 """The model process's side of the protocol workers (runtime.serving.frontend): it reserves the ports, starts
 the workers, feeds their requests to the batcher and sends the outputs back.
 
-Per worker: a shared-memory arena (ipc.Arena) and a Unix-socket connection. One reader thread for all of
-them (decode, submit to the batcher: a few microseconds of Python per request, no event loop in between);
-a batch's responses to a worker leave in one send, from the answering thread itself when the socket has
-room, else from the writer thread. A worker that dies while the server is not stopping is started again;
-its in-flight requests are lost with its connections, as they would be with the process.
+Per worker: a shared-memory arena (ipc.Arena) and a Unix-socket connection. Once the model is ready the
+batcher thread reads every connection itself while it waits for requests (`Hub.pump`, the batcher's Source:
+decode, submit, a few microseconds of Python per request); until then a reader thread does. A batch's
+responses to a worker leave in one send, from the answering thread itself when the socket has room, else from
+the writer thread. A worker that dies while the server is not stopping is started again; its in-flight
+requests are lost with its connections, as they would be with the process.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class _Writer:
                     c.sending = True
             for conn, items in batches:
                 if not conn.closed:
-                    with contextlib.suppress(OSError):  # the reader sees the connection end, replaces it
+                    with contextlib.suppress(OSError):  # the reading thread sees the connection end
                         conn.sock.sendall(items[0] if len(items) == 1 else b"".join(items))
             with self.cond:
                 for conn, _ in batches:
@@ -106,8 +107,8 @@ class _Conn:
     writer: _Writer
     outbox: list[bytes] = field(default_factory=list)
     closed: bool = False
-    submitted: int = 0  # requests given to the batcher (reader thread only)
-    answered: int = 0  # of those, answered (under `lock`: batcher threads and the reader)
+    submitted: int = 0  # requests given to the batcher (by the thread reading the connections)
+    answered: int = 0  # of those, answered (under `lock`)
     lock: threading.Lock = field(default_factory=threading.Lock)
     sending: bool = False  # the writer thread is sending this connection's earlier messages
 
@@ -124,7 +125,7 @@ class _Conn:
                 except BlockingIOError:
                     sent = 0
                 except OSError:
-                    return  # the reader sees the connection end, replaces the worker
+                    return  # the reading thread sees the connection end
                 if sent == len(item):
                     return
                 item = item[sent:]
