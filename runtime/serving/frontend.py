@@ -275,6 +275,7 @@ class Worker:
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.state = state
+        self.repo.failed = state.get("info", {}).get("kubeforge", {}).get("error")
         m = state.get("model")
         if not m:
             return

@@ -101,11 +101,17 @@ class Repository:
 
     def __init__(self, models: list[ServedModel]) -> None:
         self.models = {m.name: m for m in models}
+        self.failed: str | None = None  # why the model failed to load, when it did
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         try:
             model = self.models[name]
         except KeyError:
+            if self.failed:
+                raise Unavailable(
+                    f"this server serves no model: it failed to load ({self.failed}); fix the model or"
+                    " --model-uri and restart the server"
+                ) from None
             raise NotFound(f"model {name!r} not found; serving {sorted(self.models)}") from None
         model.check_version(version)
         return model

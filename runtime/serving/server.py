@@ -359,7 +359,7 @@ class Server:
     def _model_failed(self, e: BaseException, what: str, *, trace: bool = False) -> None:
         self.repo.models = {}
         self.error = e
-        self.failed = f"{type(e).__name__}: {e}"
+        self.failed = self.repo.failed = f"{type(e).__name__}: {e}"
         log.error(
             f"{what}; the server stays live but never ready",
             extra={"error": self.failed},

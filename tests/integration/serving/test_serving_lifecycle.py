@@ -175,6 +175,34 @@ def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Reg
         assert s.stop() == 0
 
 
+@pytest.mark.parametrize("workers", ["0", "2"], ids=["one-process", "2-workers"])
+def test_a_model_that_cannot_load_leaves_the_server_live_never_ready_and_saying_why(
+    registry: Registry, workers: str
+) -> None:
+    uri = "models:/mlp@nosuch"
+    s = start_serve(registry.env, "--model-uri", uri, "--mode", "eager", "--workers", workers)
+    try:
+        s.wait_log("model failed to load; the server stays live but never ready", 120)
+        assert httpx.get(f"{s.url}/v2/health/live").status_code == 200
+        assert httpx.get(f"{s.url}/v2/health/ready").status_code == 503
+        state = httpx.get(f"{s.url}/v2").json()["kubeforge"]
+        assert state["state"] == "failed" and "nosuch" in state["error"], state
+        body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
+        r = httpx.post(f"{s.url}/v2/models/mlp/infer", json=body)
+        assert r.status_code == 503, r.text
+        assert "failed to load" in r.json()["error"] and "nosuch" in r.json()["error"], r.text
+        import tritonclient.grpc as tg
+
+        inp = tg.InferInput("input__0", [1, 16], "FP32").set_data_from_numpy(np.zeros((1, 16), np.float32))
+        with pytest.raises(tg.InferenceServerException) as e:
+            tg.InferenceServerClient(s.grpc_url).infer("mlp", [inp])
+        assert e.value.status() == "StatusCode.UNAVAILABLE" and "failed to load" in e.value.message()
+        # with workers, their reader thread still serves them (the batcher thread never took over)
+        assert "kubeforge_ready 0.0" in httpx.get(f"{s.url}/metrics").text
+    finally:
+        assert s.stop() == 4  # the load error, once stopped
+
+
 @pytest.mark.parametrize(
     ("backend", "missing"),
     [
