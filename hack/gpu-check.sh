@@ -11,7 +11,8 @@
 #   latency      where a batch-1 request's time goes (BERT, 8 workers, 1 client; $MODEL to change): hops, thread
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
-#                carry it too), same machine, interleaved, datapath's load (MODEL, C, GRPC=1 to change it)
+#                carry it too), same machine, interleaved base/new/base/new, for each line "MODEL C GRPC" of
+#                $RUNS (default: datapath's load, "tinyimage 64 0"); D seconds per run (5)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .cache/dev/setup.sh >/dev/null 2>&1
@@ -44,10 +45,13 @@ latency)
     timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" ;;
 ab)
   base=/tmp/ab-base; rm -rf $base && cp -a . $base && (cd $base && git apply -R .cache/ab.patch) || exit 1
-  for tree in base new base new; do
-    dir=$PWD; [[ $tree == base ]] && dir=$base
-    (cd "$dir" && PYTHONPATH=/tmp/site:$dir MODEL=${MODEL:-tinyimage} W=8 C=${C:-64} D=5 DEV=cuda MAXB=32 \
-      GRPC=${GRPC:-0} TAG=$tree timeout 150 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error")
+  echo "${RUNS:-tinyimage 64 0}" | while read -r m c g; do
+    [[ -z $m ]] && continue
+    for tree in base new base new; do
+      dir=$PWD; [[ $tree == base ]] && dir=$base
+      (cd "$dir" && PYTHONPATH=/tmp/site:$dir MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g \
+        TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error")
+    done
   done ;;
 *) echo "usage: $0 tests|copy-stream|grpc|datapath|latency|ab" >&2; exit 2 ;;
 esac

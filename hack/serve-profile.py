@@ -139,7 +139,7 @@ def main() -> None:
         n, nb = r["rps"] * secs, max(1.0, d.get("kubeforge_batch_size_count", 1.0))
         handled = max(1.0, d.get("kubeforge_request_latency_seconds_count", 1.0))
         print(
-            f"SUMMARY {env('TAG', '')}: {r['rps']:.0f} rows/s p50 {r['p50']} p99 {r['p99']} ms | "
+            f"SUMMARY {env('TAG', '')}: {r['rps']:.0f} rows/s p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms | "
             f"CPU us/request model {1e6 * (c1[0] - c0[0]) / n:.0f} "
             f"workers {1e6 * (c1[1] - c0[1]) / n:.0f} | mean batch "
             f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, launch to answer "
