@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from runtime.serving.batching import Answer, Batcher
+from runtime.serving.batching import Answer, Batcher, settle
 from runtime.serving.errors import QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
 
@@ -269,11 +269,7 @@ class _PipeSource:
 
 class _Futures:
     def deliver(self, answer: Answer) -> None:
-        for fut, r in answer.results():
-            if isinstance(r, BaseException):
-                fut.set_exception(r)
-            else:
-                fut.set_result(r)
+        settle(answer.results())
 
 
 def test_the_batcher_thread_reads_its_source_while_batches_run_and_close_wakes_it() -> None:
