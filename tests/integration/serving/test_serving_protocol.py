@@ -120,11 +120,11 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry,
     batched_rows = metric_sum(after, total) - metric_sum(before, total)
     assert batched_rows == len(rows)
     assert batches < len(rows), "no two requests shared a batch"
-    pid = mlp_server.proc.pid
-    threads = {p.read_text().strip() for p in Path(f"/proc/{pid}/task").glob("*/comm")}
     if mlp_server.log("protocol workers") is not None:
         # with protocol workers the batcher thread itself reads their requests: no reader thread in between
         assert mlp_server.log("the batcher thread reads the protocol workers' requests from now on")
+        tasks = Path(f"/proc/{mlp_server.proc.pid}/task")
+        threads = {p.read_text().strip() for p in tasks.glob("*/comm")}
         assert "hub-read" not in threads and any(t.startswith("batcher-") for t in threads), threads
 
 
