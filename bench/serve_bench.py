@@ -3,11 +3,11 @@
     python bench/serve_bench.py --device cpu  --models mlp,cnn            # this machine
     python bench/serve_bench.py --device cuda --models resnet50,bert     # an NVIDIA GPU
 
-Load comes from `wrk` (REST; Debian: `apt-get install -y wrk`) and `ghz` (gRPC; `CGO_ENABLED=0 go install
-github.com/bojand/ghz/cmd/ghz@latest`, or --ghz PATH), not from Python, so the client costs the server little
-CPU. Every request carries one row; throughput is rows/s. The ceiling calls the same compiled artifact as the
-server, in-process, at batch min(concurrency, max batch). Cold start = process start to /v2/health/ready 200,
-with an empty compile cache and again with the cache the first start filled.
+Load comes from `wrk` (REST; Debian: `apt-get install -y wrk`) and `bench/grpcload` (gRPC; built with Go on
+first use, or --grpc-load PATH, which may also name a `ghz`), not from Python, so the client costs the server
+little CPU. Every request carries one row; throughput is rows/s. The ceiling calls the same compiled artifact
+as the server, in-process, at batch min(concurrency, max batch). Cold start = process start to
+/v2/health/ready 200, with an empty compile cache and again with the cache the first start filled.
 
 `--workers 0,8` measures the server with its protocol on the model process's event loop and with 8 protocol
 worker processes, in the same run. Client parallelism: BENCH_WRK_THREADS (default 2) wrk threads,
@@ -280,38 +280,30 @@ def _wrk(
     }
 
 
-def _ghz(ghz: str, target: str, req: bytes, c: int, seconds: float, tmp: Path) -> dict[str, float]:
+def _grpc_load(tool: str, target: str, req: bytes, c: int, seconds: float, tmp: Path) -> dict[str, float]:
+    """Closed-loop ModelInfer calls with `tool`: bench/grpcload (what the tables use), or ghz (named so)."""
     bf = tmp / "grpc.bin"
     bf.write_bytes(req)
-    proc = subprocess.run(
-        [
-            ghz,
-            "--insecure",
-            "--proto",
-            str(ROOT / "runtime/serving/protocol/grpc_predict_v2.proto"),
-            "--call",
-            "inference.GRPCInferenceService/ModelInfer",
-            "--binary-file",
-            str(bf),
-            "-c",
-            str(c),
-            "-z",
-            f"{seconds:.0f}s",
-            "--connections",
-            str(min(c, int(os.environ.get("BENCH_GHZ_CONNECTIONS", "4")))),
-            "--format",
-            "json",
-            target,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    )
+    conns = str(min(c, int(os.environ.get("BENCH_GHZ_CONNECTIONS", "4"))))
+    if Path(tool).name.startswith("ghz"):
+        method = "inference.GRPCInferenceService/ModelInfer"
+        proto = str(ROOT / "runtime/serving/protocol/grpc_predict_v2.proto")
+        cmd = [tool, "--insecure", "--proto", proto, "--call", method, "--binary-file", str(bf), "-c", str(c)]
+        cmd += ["-z", f"{seconds:.0f}s", "--connections", conns, "--format", "json", target]
+    else:
+        cmd = [tool, "-addr", target, "-request", str(bf), "-c", str(c), "-connections", conns]
+        cmd += ["-d", f"{seconds:.0f}s"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     try:
         r = json.loads(proc.stdout)
     except ValueError:
-        print(f"ghz failed: {proc.stderr[-500:]}", file=sys.stderr)
+        print(f"{Path(tool).name} failed: {proc.stderr[-500:]}", file=sys.stderr)
         return {"rps": float("nan"), "p50": float("nan"), "p99": float("nan"), "errors": float("nan")}
+    if "calls" in r:  # grpcload
+        if r["errors"]:
+            print(f"grpcload errors {r['errors']}: {r.get('first_error')}", file=sys.stderr)
+        p50, p99 = (float("nan") if r[k] < 0 else r[k] for k in ("p50_ms", "p99_ms"))
+        return {"rps": r["rps"], "p50": p50, "p99": p99, "errors": float(sum(r["errors"].values()))}
     lat = {d["percentage"]: d["latency"] / 1e6 for d in r.get("latencyDistribution") or []}
     errors = sum(v for k, v in (r.get("statusCodeDistribution") or {}).items() if k != "OK")
     return {
@@ -320,6 +312,28 @@ def _ghz(ghz: str, target: str, req: bytes, c: int, seconds: float, tmp: Path) -
         "p99": lat.get(99, float("nan")),
         "errors": float(errors),
     }
+
+
+def grpc_load_tool(given: str) -> str | None:
+    """The gRPC load generator: `given` if it is a file, else bench/grpcload built into .cache/gobin (with
+    Go, when missing or older than its source); None without either."""
+    if given:
+        return given if Path(given).is_file() else None
+    src, out = ROOT / "bench/grpcload", ROOT / ".cache/gobin/grpcload"
+    newest = max(f.stat().st_mtime for f in src.iterdir())
+    if out.is_file() and out.stat().st_mtime >= newest:
+        return str(out)
+    go = shutil.which("go")
+    if go is None:
+        return str(out) if out.is_file() else None
+    env = {**os.environ, "CGO_ENABLED": "0"}
+    built = subprocess.run(
+        [go, "build", "-o", str(out), "."], cwd=src, env=env, capture_output=True, text=True
+    )
+    if built.returncode:
+        print(f"building bench/grpcload failed: {built.stderr[-800:]}", file=sys.stderr)
+        return None
+    return str(out)
 
 
 def _ceiling(
@@ -396,7 +410,7 @@ def _measure_server(
     model: str,
     port: int,
     gport: int,
-    ghz: str | None,
+    grpc_load: str | None,
     tmp: Path,
     results: dict[tuple[str, int], dict[str, float]],
     label: str,
@@ -468,14 +482,16 @@ def _measure_server(
                 tmp,
             ),
         )
-        if ghz and "grpc" in a.paths:
+        if grpc_load and "grpc" in a.paths:
             measured(
                 (f"{label} gRPC", c),
-                lambda c=c: _ghz(ghz, f"127.0.0.1:{gport}", greq.SerializeToString(), c, a.seconds, tmp),
+                lambda c=c: _grpc_load(
+                    grpc_load, f"127.0.0.1:{gport}", greq.SerializeToString(), c, a.seconds, tmp
+                ),
             )
 
 
-def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> list[str]:
+def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | None) -> list[str]:
     import numpy as np
 
     row = _row(model)
@@ -501,7 +517,7 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, ghz: str | None) -> 
                 f"Cold start to ready: {cold:.1f} s with an empty compile cache, {warm:.1f} s with the cache "
                 f"(compile/load step {info['compile_seconds']:.1f} s, cache hit: {info['cache_hit']}).\n"
             )
-        _measure_server(a, proc.pid, model, port, gport, ghz, tmp, results, f"kubeforge w{workers}")
+        _measure_server(a, proc.pid, model, port, gport, grpc_load, tmp, results, f"kubeforge w{workers}")
         _stop(proc)
     proc, port, _, _ = _start("naive", a, model, cache, log)
     naive_body = json.dumps({"data": row.tolist()}).encode()
@@ -573,7 +589,9 @@ def main() -> int:
     p.add_argument("--grpc-port", type=int, default=0)
     p.add_argument("--cache", default="")
     p.add_argument(
-        "--ghz", default=os.environ.get("GHZ") or shutil.which("ghz") or str(ROOT / ".cache/gobin/ghz")
+        "--grpc-load",
+        default=os.environ.get("GRPC_LOAD", ""),
+        help="gRPC load generator: bench/grpcload's binary (default: built into .cache/gobin) or a ghz",
     )
     p.add_argument(
         "--workers",
@@ -595,11 +613,10 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("wrk not found: install it (Debian/Ubuntu: apt-get install -y wrk)", file=sys.stderr)
         return 2
-    ghz = a.ghz if a.ghz and Path(a.ghz).is_file() else None
-    if ghz is None:
+    grpc_load = grpc_load_tool(a.grpc_load)
+    if grpc_load is None and "grpc" in a.paths:
         print(
-            "ghz not found: gRPC rows skipped "
-            "(CGO_ENABLED=0 go install github.com/bojand/ghz/cmd/ghz@latest)",
+            "no gRPC load generator (Go builds bench/grpcload; or --grpc-load PATH): gRPC rows skipped",
             file=sys.stderr,
         )
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
@@ -612,7 +629,7 @@ def main() -> int:
         work = Path(a.workdir or d)
         work.mkdir(parents=True, exist_ok=True)
         for model in a.models.split(","):
-            lines += run_model(a, model, work, ghz)
+            lines += run_model(a, model, work, grpc_load)
             print("\n".join(lines), flush=True)
     text = "\n".join(lines) + "\n"
     if a.out:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the kit the lent GPU machine needs for bench/serve_bench.py (it has torch and Python 3.12 but no
-# package index): Python 3.12 wheels of the serving runtime's dependencies, py-spy, ghz (gRPC load, Go
-# module proxy) and wrk (REST load, Debian package with its LuaJIT). Output: .cache/dev (git-ignored), passed
+# package index): Python 3.12 wheels of the serving runtime's dependencies, py-spy, bench/grpcload and ghz
+# (gRPC load, Go module proxy) and wrk (REST load, Debian package with its LuaJIT). Output: .cache/dev (git-ignored), passed
 # to the device tool's `carry`. On the device: `bash .cache/dev/setup.sh` then run the bench with
 # PYTHONPATH=/tmp/site PATH=$PWD/.cache/dev/bin:$PATH.
 set -euo pipefail
@@ -13,6 +13,7 @@ pip=${PIP:-$ROOT/.venv/bin/pip}
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   fastapi uvicorn httptools orjson grpcio protobuf==6.33.6 prometheus_client pyyaml py-spy numpy==2.4.6 pytest hpack
 [[ -x $K/bin/ghz ]] || GOBIN=$K/bin CGO_ENABLED=0 go install github.com/bojand/ghz/cmd/ghz@latest
+(cd "$ROOT/bench/grpcload" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$K/bin/grpcload" .)
 if [[ ! -x $K/bin/wrk ]]; then
   t=$(mktemp -d)
   (cd "$t" && apt-get download wrk 'libluajit-5.1-2' >/dev/null)

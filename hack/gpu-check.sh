@@ -10,6 +10,10 @@
 #                worker under $OUT/{rest,grpc} (ResNet-50 reaches the same rows/s: its limit is this path)
 #   latency      where a batch-1 request's time goes (BERT, 8 workers, 1 client; $MODEL to change): hops, thread
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
+#   timeline     the GPU's timeline (hack/cuda-trace) under ResNet-50 ($MODEL), 8 workers, $C (64) clients over
+#                REST, with one stream then --copy-stream: device busy, copies under kernels, idle gaps
+#   clients      gRPC load from ghz against bench/grpcload, ResNet-50 ($MODEL), 8 workers, 1 then 64 clients:
+#                what the load generator costs the rows it measures
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
 #                carry it too), same machine, interleaved base/new/base/new, for each line "MODEL C GRPC" of
 #                $RUNS (default: datapath's load, "tinyimage 64 0"); D seconds per run (5)
@@ -17,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .cache/dev/setup.sh >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.cache/dev/bin:/tmp/site/bin:$PATH BENCH_WRK_THREADS=4
-export BENCH_GHZ_CONNECTIONS=16
+export BENCH_GHZ_CONNECTIONS=16 GRPC_LOAD=$PWD/.cache/dev/bin/grpcload
 case ${1:-tests} in
 tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose packages the GPU image lacks
   timeout 500 python -m pytest -q --noconftest -p no:cacheprovider tests/unit/runtime/serving -k gpu 2>&1 | tail -15 ;;
@@ -39,6 +43,20 @@ datapath)
     MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
       TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
   done ;;
+timeline)
+  for cs in 0 1; do
+    d=${OUT:-/tmp/gpu-timeline}/copy-stream-$cs; mkdir -p "$d"
+    MODEL=${MODEL:-resnet50} W=8 C=${C:-64} D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs TRACE=1 OUT=$d TAG=copy-stream-$cs \
+      timeout 250 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|TIMELINE|Error"
+    rm -f "$d"/cuda-trace/trace-*.json
+  done ;;
+clients)
+  for c in 1 64; do
+    for tool in ghz grpcload; do
+      GRPC_LOAD=$PWD/.cache/dev/bin/$tool MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=1 \
+        TAG=$tool-c$c timeout 150 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
+    done
+  done ;;
 latency)
   d=${OUT:-/tmp/gpu-latency}/latency; mkdir -p "$d"
   MODEL=${MODEL:-bert} W=8 C=1 D=5 DEV=cuda MAXB=32 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d TAG=c1 \
@@ -53,5 +71,5 @@ ab)
         TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error")
     done
   done ;;
-*) echo "usage: $0 tests|copy-stream|grpc|datapath|latency|ab" >&2; exit 2 ;;
+*) echo "usage: $0 tests|copy-stream|grpc|datapath|timeline|clients|latency|ab" >&2; exit 2 ;;
 esac

@@ -14,13 +14,16 @@ Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (
 DELAY (max delay ms, default 2), MAXB (max batch, 64),
 BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
 COPY_STREAM (1: --copy-stream), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label),
-GRPC (1: load ModelInfer over gRPC with ghz, not REST with wrk; GHZ: its path; GRPC_SERVER: native|grpcio),
+GRPC (1: load ModelInfer over gRPC, not REST with wrk; GRPC_LOAD: bench/grpcload's binary (the default,
+built with Go when missing) or a ghz; GRPC_SERVER: native|grpcio),
 SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw),
-WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw).
+WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw),
+TRACE (1: the GPU's timeline over the run, hack/cuda-trace: a TIMELINE line, the trace under $OUT).
 
 A second line, THREADS, gives each model-process thread's CPU over the run (percent of one core, by the
-names the server gives its OS threads), the load generator's CPU per request (wrk or ghz), and where the
-workers put the inputs (kubeforge_worker_inputs_total: in place in shared memory, copied there, inline).
+names the server gives its OS threads), the load generator's CPU per request (wrk, grpcload or ghz), and
+where the workers put the inputs (kubeforge_worker_inputs_total: in place in shared memory, copied there,
+inline).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -95,6 +99,13 @@ def main() -> None:
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)
+    trace = Path(env("OUT", str(tmp))) / "cuda-trace"
+    if env("TRACE") == "1":
+        trace.mkdir(parents=True, exist_ok=True)
+        for f in trace.glob("*"):
+            f.unlink()
+        os.environ["KF_CUDA_TRACE"] = str(trace)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "hack/cuda-trace"), env("PYTHONPATH", "")])
     proc, port, gport, _ = sb._start("kubeforge", a, model, str(tmp / f"cache-{model}"), tmp / "log", workers)
     try:
         row = sb._row(model)
@@ -108,8 +119,10 @@ def main() -> None:
             req = pb.ModelInferRequest(model_name=model)
             req.inputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
             req.raw_input_contents.append(row.tobytes())
-            ghz, target, wire = env("GHZ", str(ROOT / ".cache/dev/bin/ghz")), f"127.0.0.1:{gport}", req
-            load = lambda s: sb._ghz(ghz, target, wire.SerializeToString(), conns, s, tmp)  # noqa: E731
+            tool = sb.grpc_load_tool(env("GRPC_LOAD", ""))
+            assert tool, "no gRPC load generator: install Go, or GRPC_LOAD=PATH"
+            target, wire = f"127.0.0.1:{gport}", req
+            load = lambda s: sb._grpc_load(tool, target, wire.SerializeToString(), conns, s, tmp)  # noqa: E731
         else:
             load = lambda s: sb._wrk(url, body, conns, s, headers, tmp)  # noqa: E731
         load(2)  # warm
@@ -129,6 +142,8 @@ def main() -> None:
             cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
             spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"])
         client0 = _children_cpu()
+        if env("TRACE") == "1":
+            (trace / "go").write_text(str(max(1.0, secs - 2)))
         r = load(secs)
         client = _children_cpu() - client0  # py-spy is not waited for yet: the load generator's alone
         m1, c1, t1 = _sums(port), sb._cpu_seconds(proc.pid), _thread_cpu(proc.pid)
@@ -159,6 +174,16 @@ def main() -> None:
             + f" | client CPU {1e6 * client / n:.0f} us/request | inputs "
             + ", ".join(f"{k.split(':')[1]} {v:.0f}" for k, v in d.items() if k.startswith(_INPUTS))
         )
+        if env("TRACE") == "1":
+            for _ in range(600):
+                if (trace / "timeline.json").exists():
+                    break
+                time.sleep(0.1)
+            timeline = trace / "timeline.json"
+            print(
+                f"TIMELINE {env('TAG', '')}: "
+                + (timeline.read_text() if timeline.exists() else "none written")
+            )
     finally:
         sb._stop(proc)
 

@@ -1,0 +1,139 @@
+// grpcload: closed-loop load for one unary gRPC method, with a request message serialized once and sent
+// as it is (a pass-through codec: no per-call marshalling). bench/serve_bench.py uses it for the gRPC rows:
+// ghz re-reads its call data through Go templates and a dynamic message for every call, which cost 626 µs of
+// CPU per 602 KB request on the machine being measured (docs/benchmarks.md).
+//
+//	grpcload -addr 127.0.0.1:8001 -request req.bin -c 64 -connections 16 -d 5s
+//
+// prints one JSON object: calls completed in the window, rps, latency percentiles (ms), errors by code.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+// raw sends the bytes it is given and keeps the length of what comes back: the server's answer is read
+// off the wire whole, but not decoded.
+type raw struct{}
+
+func (raw) Marshal(v any) ([]byte, error) { return *(v.(*[]byte)), nil }
+func (raw) Unmarshal(data []byte, v any) error {
+	*(v.(*int)) = len(data)
+	return nil
+}
+func (raw) Name() string { return "proto" } // the content-type stays application/grpc+proto
+
+type result struct {
+	Calls     int            `json:"calls"`
+	Seconds   float64        `json:"seconds"`
+	RPS       float64        `json:"rps"`
+	P50       float64        `json:"p50_ms"`
+	P90       float64        `json:"p90_ms"`
+	P99       float64        `json:"p99_ms"`
+	Errors    map[string]int `json:"errors"`
+	FirstErr  string         `json:"first_error,omitempty"`
+	ReplySize int            `json:"reply_bytes"`
+}
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:8001", "server host:port")
+	method := flag.String("method", "/inference.GRPCInferenceService/ModelInfer", "full method name")
+	reqPath := flag.String("request", "", "file holding the serialized request message")
+	c := flag.Int("c", 1, "concurrent callers (each waits for its answer before the next call)")
+	conns := flag.Int("connections", 1, "HTTP/2 connections the callers share, round robin")
+	d := flag.Duration("d", 5*time.Second, "how long to measure")
+	warm := flag.Duration("warmup", 500*time.Millisecond, "calls before the window, not counted")
+	timeout := flag.Duration("timeout", 20*time.Second, "deadline of each call")
+	flag.Parse()
+	req, err := os.ReadFile(*reqPath)
+	if err != nil || *c < 1 || *conns < 1 {
+		fmt.Fprintln(os.Stderr, "grpcload: -request FILE (a serialized message), -c >= 1 and -connections >= 1:", err)
+		os.Exit(2)
+	}
+	cc := make([]*grpc.ClientConn, min(*conns, *c))
+	for i := range cc {
+		cc[i], err = grpc.NewClient(*addr,
+			grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.ForceCodec(raw{}),
+				grpc.MaxCallRecvMsgSize(1<<30), grpc.MaxCallSendMsgSize(1<<30)))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "grpcload:", err)
+			os.Exit(1)
+		}
+		defer cc[i].Close()
+	}
+	start := time.Now().Add(*warm)
+	end := start.Add(*d)
+	lat := make([][]time.Duration, *c)
+	errs := make([]map[string]int, *c)
+	firstErr := make([]string, *c)
+	reply := 0
+	var once sync.Once
+	var wg sync.WaitGroup
+	for w := 0; w < *c; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			conn, e := cc[w%len(cc)], map[string]int{}
+			errs[w] = e
+			for {
+				t0 := time.Now()
+				if !t0.Before(end) {
+					return
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+				var n int
+				err := conn.Invoke(ctx, *method, &req, &n)
+				cancel()
+				t1 := time.Now()
+				if t0.Before(start) || t1.After(end) {
+					continue // warm-up, or finished after the window closed
+				}
+				if err != nil {
+					code := status.Code(err).String()
+					e[code]++
+					if firstErr[w] == "" {
+						firstErr[w] = err.Error()
+					}
+					continue
+				}
+				once.Do(func() { reply = n })
+				lat[w] = append(lat[w], t1.Sub(t0))
+			}
+		}(w)
+	}
+	wg.Wait()
+	var all []time.Duration
+	r := result{Errors: map[string]int{}, Seconds: d.Seconds(), ReplySize: reply}
+	for w := range lat {
+		all = append(all, lat[w]...)
+		for k, v := range errs[w] {
+			r.Errors[k] += v
+		}
+		if r.FirstErr == "" {
+			r.FirstErr = firstErr[w]
+		}
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	pct := func(p float64) float64 {
+		if len(all) == 0 {
+			return -1
+		}
+		return float64(all[min(len(all)-1, int(p*float64(len(all))))]) / 1e6
+	}
+	r.Calls, r.RPS = len(all), float64(len(all))/d.Seconds()
+	r.P50, r.P90, r.P99 = pct(0.50), pct(0.90), pct(0.99)
+	out, _ := json.Marshal(r)
+	fmt.Println(string(out))
+}
