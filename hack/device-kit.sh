@@ -12,7 +12,7 @@ pip=${PIP:-$ROOT/.venv/bin/pip}
 "$pip" download -q -d "$K/wheels" --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   fastapi uvicorn httptools orjson grpcio protobuf==6.33.6 prometheus_client pyyaml py-spy numpy==2.4.6 pytest hpack
-[[ -x $K/bin/ghz ]] || GOBIN=$K/bin CGO_ENABLED=0 go install github.com/bojand/ghz/cmd/ghz@latest
+[[ -x $K/bin/ghz ]] || GOBIN=$K/bin CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" github.com/bojand/ghz/cmd/ghz@latest
 (cd "$ROOT/bench/grpcload" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$K/bin/grpcload" .)
 if [[ ! -x $K/bin/wrk ]]; then
   t=$(mktemp -d)
