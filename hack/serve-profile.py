@@ -2,10 +2,10 @@
 
 Starts the bench's Kubeforge server, loads it with wrk, and prints one SUMMARY line: throughput, wrk's
 p50/p99, CPU per request (model process, workers; /proc), and from /metrics sums over the run: mean
-batch, launch to answer per batch, the oldest request's queue time per batch, and the time a request spends
-inside the server's REST handler, and the mean hop of a request to the model process and of a batch's
-answers back to a worker. With GIL=1 it also records a py-spy `--gil` profile of the model
-process (needs py-spy).
+batch, the share of the run the device was busy (kubeforge_device_busy_seconds), launch to answer per
+batch, the oldest request's queue time per batch, the time a request spends inside the server's REST
+handler, and the mean hop of a request to the model process and of a batch's answers back to a worker.
+With GIL=1 it also records a py-spy `--gil` profile of the model process (needs py-spy).
 
     MODEL=bert W=8 C=64 D=5 DEV=cuda python hack/serve-profile.py     # on the lent GPU (see device-kit.sh)
     MODEL=tiny W=1 C=16 D=5 DEV=cpu  python hack/serve-profile.py     # here
@@ -52,7 +52,7 @@ def _sums(port: int) -> dict[str, float]:
         name = line.split("{")[0].split(" ")[0]
         if name == _INPUTS:  # where inputs went: in_place, copied, inline
             name += ":" + line.split('placement="')[1].split('"')[0]
-        elif not (name.startswith("kubeforge_") and name.endswith(("_sum", "_count"))):
+        elif not (name.startswith("kubeforge_") and name.endswith(("_sum", "_count", "_total"))):
             continue
         elif 'direction="' in line:  # the worker hops: one entry per direction
             name += ":" + line.split('direction="')[1].split('"')[0]
@@ -157,7 +157,8 @@ def main() -> None:
             f"SUMMARY {env('TAG', '')}: {r['rps']:.0f} rows/s p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms | "
             f"CPU us/request model {1e6 * (c1[0] - c0[0]) / n:.0f} "
             f"workers {1e6 * (c1[1] - c0[1]) / n:.0f} | mean batch "
-            f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, launch to answer "
+            f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, device busy "
+            f"{100 * d.get('kubeforge_device_busy_seconds_total', 0) / secs:.0f}%, launch to answer "
             f"{1e3 * d.get('kubeforge_batch_run_seconds_sum', 0) / nb:.2f} ms, oldest queued "
             f"{1e3 * d.get('kubeforge_queue_time_seconds_sum', 0) / nb:.2f} ms, in the REST handler "
             f"{1e3 * d.get('kubeforge_request_latency_seconds_sum', 0) / handled:.2f} ms | worker hops: "

@@ -51,7 +51,8 @@ Outputs = tuple[torch.Tensor, ...]
 BatchRunner = Callable[[list[torch.Tensor]], Outputs | Callable[[], Outputs]]
 # per input, the requests' tensors and the row count to pad to -> the batch's inputs
 Gather = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
-Observer = Callable[[int, float, float], None]  # (rows, queue seconds of the oldest, run seconds)
+# (rows, queue seconds of the oldest, run seconds, device seconds: the batch's share of the device's time)
+Observer = Callable[[int, float, float, float], None]
 
 
 @dataclass(eq=False)
@@ -419,7 +420,7 @@ class Batcher:
             if callable(outs):
                 outs = self._wait(live, outs)
             if outs is not None:
-                self._answer(live, outs, start)
+                self._answer(live, outs, start, time.perf_counter() - start)
         finally:
             self._done_batch()
 
@@ -441,7 +442,7 @@ class Batcher:
                     self._notify()  # the next batch may go now
                 last_done = done
                 if outs is not None:
-                    self._answer(live, outs, start)
+                    self._answer(live, outs, start, took)
             finally:
                 self._done_batch()
 
@@ -481,7 +482,9 @@ class Batcher:
         )
         _fail_all(live, err)
 
-    def _answer(self, live: list[Pending], outs: Outputs, start: float) -> None:
+    def _answer(self, live: list[Pending], outs: Outputs, start: float, device_s: float) -> None:
+        """Hand each sink its requests' results; `device_s`: the seconds the device spent on this batch alone
+        (pipelined: from its launch, or the end of the batch before when that came later, to its end)."""
         ran = time.perf_counter() - start
         # requests whose outputs are not plain row slices of the batch's
         split = not self.batched or bool(self._pad_multiple) or any(o.dim() == 0 for o in outs)
@@ -501,7 +504,7 @@ class Batcher:
         for sink, a in answers.values():
             _hand(sink, a)
         if self._observer is not None:
-            self._observer(sum(p.rows for p in live), start - live[0].enqueued, ran)
+            self._observer(sum(p.rows for p in live), start - live[0].enqueued, ran, device_s)
 
     def _split(self, outs: Outputs, offset: int, p: Pending) -> Outputs | BaseException:
         if not self.batched:

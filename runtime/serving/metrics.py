@@ -51,6 +51,15 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.device_busy = Counter(
+            "kubeforge_device_busy_seconds",
+            "Seconds the device spent on the model's batches. Pipelined (accelerators): per batch, from its"
+            " launch, or the end of the batch before it when that came later, to its end, as the host sees"
+            " it; otherwise the batch's run time. Its rate is the share of time the device was busy with"
+            " the model (near 1: the device is the limit; well below it under load: the host is).",
+            ["model"],
+            registry=r,
+        )
         self.input_placement = Counter(
             "kubeforge_worker_inputs_total",
             "Requests a protocol worker handed to the model process, by where their input tensors were:"
@@ -116,17 +125,19 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def observer(self, model: str) -> Callable[[int, float, float], None]:
-        batch, queue, run = (
+    def observer(self, model: str) -> Callable[[int, float, float, float], None]:
+        batch, queue, run, busy = (
             self.batch_size.labels(model),
             self.queue_time.labels(model),
             self.run_time.labels(model),
+            self.device_busy.labels(model),
         )
 
-        def observe(rows: int, queued: float, ran: float) -> None:
+        def observe(rows: int, queued: float, ran: float, device_s: float) -> None:
             batch.observe(rows)
             queue.observe(queued)
             run.observe(ran)
+            busy.inc(device_s)
 
         return observe
 

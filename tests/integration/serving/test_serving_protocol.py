@@ -129,12 +129,15 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry,
 
 
 def test_metrics_report_requests_latency_batches_and_backend(mlp_server: Serve) -> None:
+    r = httpx.post(f"{mlp_server.url}/v2/models/mlp/infer", json=_body())  # counts, even when run alone
+    assert r.status_code == 200, r.text
     text = httpx.get(f"{mlp_server.url}/metrics").text
     for name in (
         "kubeforge_requests_total",
         "kubeforge_request_latency_seconds_bucket",
         "kubeforge_batch_size_bucket",
         "kubeforge_queue_time_seconds_bucket",
+        "kubeforge_device_busy_seconds_total",
         "kubeforge_compile_seconds",
         "kubeforge_inflight",
     ):

@@ -417,6 +417,42 @@ def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> 
     b.close(5)
 
 
+def test_pipelined_batches_report_their_own_device_seconds_not_the_wait_behind_the_one_before() -> None:
+    """Two batches launched at once on a device that takes 0.2 s each: the second is answered ~0.4 s after
+    its launch, but only 0.2 s of that were its own (kubeforge_device_busy_seconds adds these up)."""
+    import time
+
+    device_s = 0.2
+    state = {"end": 0.0}
+
+    def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        end = state["end"] = max(time.perf_counter(), state["end"]) + device_s
+
+        def wait() -> tuple[torch.Tensor, ...]:
+            time.sleep(max(0.0, end - time.perf_counter()))
+            return (xs[0] * 2,)
+
+        return wait
+
+    seen: list[tuple[float, float]] = []  # (run seconds, device seconds) per batch
+    b = Batcher(
+        run,
+        max_batch_size=1,
+        max_delay_s=0.0,
+        depth=2,
+        observer=lambda rows, queued, ran, dev: seen.append((ran, dev)),
+    )
+    futs = [b.submit([torch.ones(1, 2)], 1) for _ in range(2)]
+    for f in futs:
+        f.result(5)
+    b.close(5)
+    assert len(seen) == 2
+    (_, dev1), (ran2, dev2) = seen
+    assert ran2 > 1.6 * device_s  # answered after both batches' device time...
+    for dev in (dev1, dev2):
+        assert 0.9 * device_s < dev < 1.4 * device_s  # ...but its own share was one batch's
+
+
 def test_each_sink_gets_its_requests_of_a_batch_in_one_delivery() -> None:
     """Requests from two sinks, interleaved in one batch: each sink gets one Answer per batch naming its own
     requests' rows, which equal the unbatched model's outputs; a failed batch reaches every sink as one
