@@ -29,7 +29,7 @@ copy-stream)
   for tag in ${TAGS:-one-stream copy-stream one-stream copy-stream}; do
     cs=0; [[ $tag == copy-stream ]] && cs=1
     MODEL=${MODEL:-resnet50} W=8 C=${C:-64} D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs GRPC=${GRPC:-0} TAG=$tag \
-      timeout 140 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" | tail -2
+      timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" | tail -2
   done ;;
 grpc)
   for g in native grpcio; do
