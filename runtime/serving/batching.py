@@ -89,20 +89,6 @@ class Sink(Protocol):
         """Results of one batch for this sink's requests (called from the batcher's threads)."""
 
 
-class Stager(Protocol):
-    """A gather that can start moving a forming batch's inputs early: while the device runs the batch before,
-    the batcher thread hands it each request that will join the next batch, in batch order, as it comes
-    (`stage`). The gather of that batch then finds those requests' inputs already on their way and moves only
-    the rest; if the batch turns out different from what was staged (a request cancelled meanwhile), it
-    gathers it all again."""
-
-    def stage(self, inputs: list[torch.Tensor]) -> None:
-        """One request's inputs (batch dimension first) join the forming batch after those staged so far."""
-
-    def drop(self) -> None:
-        """Forget what was staged: the forming batch will not be gathered."""
-
-
 class Source(Protocol):
     """Where requests come from when the batcher thread reads them itself (the protocol worker hub): while it
     waits, the batcher thread calls `pump`, which submits what arrives; no reader thread, no hand-over of
@@ -202,9 +188,6 @@ class Batcher:
         self._running = 0  # batches launched on the device and not yet done there
         self._depth = max(1, depth)  # batches in flight at most
         self._source: Source | None = None
-        self._stager: Stager | None = None
-        self._staged_at = 0  # queue entries looked at for staging, of the batch forming
-        self._staged_rows = 0
         self._pumping = False  # the batcher thread is in its source's pump (under _cond)
         # launched batches for the finishing thread, in launch (= stream) order; None stops it
         self._launched: queue.SimpleQueue[
@@ -231,12 +214,9 @@ class Batcher:
         observer: Observer | None,
         gather: Gather | None = None,
         depth: int = 1,
-        stager: Stager | None = None,
     ) -> None:
-        """Apply what loading the model decided (call from `setup`, before the first batch). `stager`: the
-        gather's early start (see Stager), used while a batch forms behind a running one."""
+        """Apply what loading the model decided (call from `setup`, before the first batch)."""
         self._gather = gather or cat_and_pad
-        self._stager = stager
         self._depth = max(1, depth)
         self.name = name
         self.batched = batched
@@ -366,7 +346,6 @@ class Batcher:
                     go_in = self._free_at - self._launch_s - time.perf_counter() if self._free_at else None
                     if go_in is not None and go_in <= 0:
                         break
-                    self._stage_queued(first.key)
                     self._device_wait = True
                     self._idle(go_in)
                     self._device_wait = False
@@ -386,26 +365,11 @@ class Batcher:
                 else:
                     rest.append(p)
             self._queue = rest
-            self._staged_at = self._staged_rows = 0
             left = self._rows.pop(first.key) - rows
             if left:
                 self._rows[first.key] = left
             self._inflight += 1
             return batch
-
-    def _stage_queued(self, key: tuple[object, ...]) -> None:
-        """Hand the stager the requests queued since the last call that the forming batch will take: those
-        of its key, in queue order, while they fit (the selection `_take` makes). Batcher thread, under
-        _cond: the queue only grows meanwhile, so what was staged stays the batch's first rows."""
-        if self._stager is None:
-            return
-        while self._staged_at < len(self._queue):
-            p = self._queue[self._staged_at]
-            self._staged_at += 1
-            if p.key != key or (self._staged_rows and self._staged_rows + p.rows > self.max_batch_size):
-                continue
-            self._staged_rows += p.rows
-            self._stager.stage(p.inputs)
 
     def _loop(self) -> None:
         name_os_thread()
@@ -441,8 +405,6 @@ class Batcher:
         start = time.perf_counter()
         live = [p for p in batch if not p.cancelled]
         bucket = self._bucket(sum(p.rows for p in live))  # the rows the batch is padded to
-        if not live and self._stager is not None:
-            self._stager.drop()
         outs = self._start(live, bucket) if live else None
         if callable(outs) and self._finisher is not None:
             launched = time.perf_counter()

@@ -135,12 +135,7 @@ def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -
     if device.startswith("cuda"):
         stream = torch.cuda.Stream(device) if cfg.copy_stream else None  # type: ignore[no-untyped-call]
         return Prepared(
-            loaded,
-            b,
-            sig,
-            cuda_runner(run, device, stream),
-            pinned_gather(device, stream, cfg.max_batch_size),
-            PIPELINE_DEPTH,
+            loaded, b, sig, cuda_runner(run, device, stream), pinned_gather(device, stream), PIPELINE_DEPTH
         )
 
     def runner(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -192,7 +187,7 @@ def cuda_runner(run: Runner, device: str, copy_stream: torch.cuda.Stream | None 
     return launch
 
 
-class PinnedGather:
+def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> Gather:
     """Assemble a batch on the device without synchronous copies from pageable memory.
 
     Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, which the hub
@@ -208,104 +203,28 @@ class PinnedGather:
     compute stream still runs the batch before (cuda_runner makes each batch wait for its own copies). On the
     compute stream alone they queue behind it: ResNet-50 moves 602 KB per row, ~12 MB for a batch of 20, a
     fifth to a third of that batch's compute time on an H200's host link. The batch tensors are then marked
-    as used by the compute stream, so the caching allocator reuses their memory only once it is done.
+    as used by the compute stream, so the caching allocator reuses their memory only once it is done."""
 
-    With a copy stream it is also the batcher's Stager: large page-locked rows of a batch forming behind a
-    running one are copied into the batch's device tensor as they arrive, so at launch most of them are
-    there already and only the latecomers are copied. Without this the copies began at the launch, which the
-    batcher times for just before the device is done with the batch before: too late to hide them."""
-
-    def __init__(self, device: str, copy_stream: torch.cuda.Stream | None = None, max_rows: int = 0) -> None:
-        self.device, self.copy_stream, self.max_rows = device, copy_stream, max_rows
-        self._bufs: list[torch.Tensor] | None = None  # the forming batch's device tensors (max_rows rows)
-        self._srcs: list[list[torch.Tensor]] = []  # per input, the requests' tensors copied into them
-        self._rows = 0
-        self._open = True  # no request of the forming batch was left out yet
-        self.staged = 0  # requests whose inputs were copied early (diagnostics, tests)
-
-    def stage(self, inputs: list[torch.Tensor]) -> None:
-        if not self._open:
-            return
-        n, bufs = inputs[0].shape[0], self._bufs
-        fits = (
-            self.copy_stream is not None
-            and self._rows + n <= self.max_rows
-            and all(map(self._direct, inputs))
-        )
-        if fits and bufs is not None:
-            fits = len(inputs) == len(bufs) and all(
-                t.shape[1:] == b.shape[1:] and t.dtype == b.dtype for t, b in zip(inputs, bufs, strict=True)
-            )
-        if not fits:
-            self._open = False  # the gather moves this request and those after it
-            return
-        with torch.cuda.stream(self.copy_stream):
-            if bufs is None:
-                bufs = self._bufs = [
-                    torch.empty((self.max_rows, *t.shape[1:]), dtype=t.dtype, device=self.device)
-                    for t in inputs
-                ]
-                self._srcs = [[] for _ in inputs]
-            for t, b, srcs in zip(inputs, bufs, self._srcs, strict=True):
-                b[self._rows : self._rows + n].copy_(t, non_blocking=True)
-                srcs.append(t)
-        self._rows += n
-        self.staged += 1
-
-    def drop(self) -> None:
-        self._bufs, self._srcs, self._rows, self._open = None, [], 0, True
-
-    @staticmethod
-    def _direct(t: torch.Tensor) -> bool:
-        """A row large enough, in page-locked memory, to go to the device by DMA straight from where it is."""
-        return t.nbytes >= DIRECT_COPY_ROW_BYTES * t.shape[0] and pagelock.holds(t)
-
-    def __call__(self, parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
-        bufs, srcs = self._bufs, self._srcs
-        self.drop()
-        if self.copy_stream is None:
-            return self._assemble(parts, padded_rows)
+    def gather(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
+        if copy_stream is None:
+            return assemble(parts, padded_rows)
         # no wait for the compute stream: the copies read page-locked memory that stays untouched until the
         # batch is answered and write fresh blocks of the copy stream's pool
-        compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.copy_stream):
-            if bufs is not None and padded_rows <= len(bufs[0]) and self._staged_first(parts, srcs):
-                out = [
-                    self._rest(ts, len(done), b, padded_rows)
-                    for ts, done, b in zip(parts, srcs, bufs, strict=True)
-                ]
-            else:
-                out = self._assemble(parts, padded_rows)
+        compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(copy_stream):
+            out = assemble(parts, padded_rows)
         for t in out:
             t.record_stream(compute)
         return out
 
-    @staticmethod
-    def _staged_first(parts: list[list[torch.Tensor]], srcs: list[list[torch.Tensor]]) -> bool:
-        """The batch begins with the requests staged, in that order (one cancelled meanwhile: it does not)."""
-        return len(parts) == len(srcs) and all(
-            len(ts) >= len(done) and all(a is b for a, b in zip(ts, done, strict=False))
-            for ts, done in zip(parts, srcs, strict=True)
-        )
-
-    def _rest(self, ts: list[torch.Tensor], staged: int, buf: torch.Tensor, padded_rows: int) -> torch.Tensor:
-        """Complete a staged batch tensor with the requests not staged, and zero its padding rows."""
-        at = sum(t.shape[0] for t in ts[:staged])
-        for t in ts[staged:]:
-            buf[at : at + t.shape[0]].copy_(t, non_blocking=True)
-            at += t.shape[0]
-        if padded_rows > at:
-            buf[at:padded_rows].zero_()
-        return buf[:padded_rows]
-
-    def _assemble(self, parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
+    def assemble(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
         out = []
         for ts in parts:
             shape = (padded_rows, *ts[0].shape[1:])
             sizes = [t.shape[0] for t in ts]
             rows = sum(sizes)
             if ts[0].nbytes >= DIRECT_COPY_ROW_BYTES * sizes[0] and all(map(pagelock.holds, ts)):
-                batch = torch.empty(shape, dtype=ts[0].dtype, device=self.device)
+                batch = torch.empty(shape, dtype=ts[0].dtype, device=device)
                 # one call for the batch's copies: no Python, and no GIL hand-over, between them
                 torch._foreach_copy_(batch[:rows].split_with_sizes(sizes), ts, non_blocking=True)
                 if padded_rows > rows:
@@ -316,14 +235,10 @@ class PinnedGather:
             torch.cat(ts, out=staged[:rows])
             if padded_rows > rows:
                 staged[rows:].zero_()
-            out.append(staged.to(self.device, non_blocking=True))
+            out.append(staged.to(device, non_blocking=True))
         return out
 
-
-def pinned_gather(
-    device: str, copy_stream: torch.cuda.Stream | None = None, max_rows: int = 0
-) -> PinnedGather:
-    return PinnedGather(device, copy_stream, max_rows)
+    return gather
 
 
 def _set_threads(n: int) -> None:
@@ -417,8 +332,6 @@ class Server:
                 observer=self.metrics.observer(p.loaded.name),
                 gather=p.gather,
                 depth=p.depth,
-                # with a copy stream, the forming batch's inputs start for the device as they come
-                stager=p.gather if isinstance(p.gather, PinnedGather) and p.gather.copy_stream else None,
             )
             return p.runner
 

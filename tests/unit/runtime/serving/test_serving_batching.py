@@ -6,13 +6,12 @@ import copy
 import os
 import select
 import threading
-import time
 from concurrent.futures import Future
 
 import pytest
 import torch
 
-from runtime.serving.batching import Answer, Batcher, cat_and_pad, settle
+from runtime.serving.batching import Answer, Batcher, settle
 from runtime.serving.errors import QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
 
@@ -302,143 +301,6 @@ def test_the_batcher_thread_reads_its_source_while_batches_run_and_close_wakes_i
     assert not any(t.name == "batcher-src" for t in threading.enumerate())
 
 
-class _RecordingStager:
-    """A Stager and gather that records what it is handed (the GPU one: server.PinnedGather)."""
-
-    def __init__(self) -> None:
-        self.staged: list[torch.Tensor] = []
-        self.gathered: list[list[torch.Tensor]] = []
-
-    def stage(self, inputs: list[torch.Tensor]) -> None:
-        self.staged.append(inputs[0])
-
-    def drop(self) -> None:
-        self.staged.clear()
-
-    def __call__(self, parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
-        self.gathered.append(list(parts[0]))
-        self.staged.clear()
-        return cat_and_pad(parts, padded_rows)
-
-
-def test_a_batch_forming_behind_a_running_one_is_staged_as_requests_come_in_batch_order() -> None:
-    """While the device runs a batch and the next one is not full, the batcher thread reads requests and
-    hands the stager those that batch will take, in its order (same per-row shape only). The gather then gets
-    a batch that begins with exactly those tensors."""
-    gates: list[threading.Event] = []
-
-    def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-        gate = threading.Event()
-        gates.append(gate)
-        out = (xs[0] * 2,)
-        return lambda: (gate.wait(10), out)[1]
-
-    b = Batcher(run, name="stage", max_batch_size=8, max_delay_s=0.0, depth=2)
-    stager = _RecordingStager()
-    b.configure(
-        name="stage",
-        batched=True,
-        max_batch_size=8,
-        batch_buckets=None,
-        variable_dims=[[]],
-        pad_multiple=None,
-        observer=None,
-        gather=stager,
-        depth=2,
-        stager=stager,
-    )
-    src = _PipeSource(b)
-    b.set_source(src)
-    first = src.send(torch.zeros(1, 4))
-    assert _until(lambda: len(gates) == 1)  # the device is busy with it
-    a1, other, a2, a3 = torch.full((1, 4), 1.0), torch.ones(1, 8), torch.full((1, 4), 2.0), torch.ones(2, 4)
-    futs = [src.send(x) for x in (a1, other, a2)]
-    assert _until(lambda: len(stager.staged) == 2)  # as they come, not the other shape
-    futs.append(src.send(a3))
-    assert _until(lambda: len(stager.staged) == 3)
-    assert [t is x for t, x in zip(stager.staged, (a1, a2, a3), strict=True)] == [True] * 3
-    assert not _until(lambda: len(stager.staged) > 3, timeout=0.2)
-    gates[0].set()
-    assert _until(lambda: len(stager.gathered) == 2)
-    assert [t is x for t, x in zip(stager.gathered[1], (a1, a2, a3), strict=True)] == [True] * 3
-    while not all(f.done() for f in [first, *futs]):
-        for g in gates:
-            g.set()
-        time.sleep(0.01)
-    for x, f in zip((a1, other, a2, a3), futs, strict=True):
-        torch.testing.assert_close(f.result(0)[0], x * 2)
-    b.close(5)
-
-
-def _cuda_graph_batcher(width: int, copy_stream: bool, staging: bool = False):  # type: ignore[no-untyped-def]
-    """A batcher as the server builds one on CUDA: a small MLP compiled to a CUDA graph per bucket (max
-    batch 8), two batches in flight, pinned_gather (and its staging, with a copy stream; then each batch
-    also keeps the device busy ~1 ms first, so that batches form behind running ones). Returns the batcher,
-    the eager model, and the gather."""
-    from runtime.serving import compile as compiler
-    from runtime.serving.detect import detect_hardware
-    from runtime.serving.server import PIPELINE_DEPTH, cuda_runner, pinned_gather
-    from runtime.serving.signature import Signature, TensorSpec
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(width, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
-    served = copy.deepcopy(model)  # build moves the module it is given to the GPU
-    sig = Signature((TensorSpec("x", "FP32", (-1, width)),), ())
-    stream = torch.cuda.Stream() if copy_stream else None  # type: ignore[no-untyped-call]
-    gather = pinned_gather("cuda", stream, 8)
-
-    def setup():  # type: ignore[no-untyped-def]
-        b = compiler.build(
-            served, sig, hw=detect_hardware(), mode="jit", warmup_batch_sizes=(1, 8), max_batch_size=8
-        )
-        assert "CUDA graph" in b.compiled.path
-        batcher.configure(
-            name="mlp",
-            batched=True,
-            max_batch_size=8,
-            batch_buckets=b.compiled.batch_buckets,
-            variable_dims=[[]],
-            pad_multiple=None,
-            observer=None,
-            gather=gather,
-            depth=PIPELINE_DEPTH,
-            stager=gather if staging else None,
-        )
-        run = b.compiled.run
-        if staging:
-            run = lambda xs: (torch.cuda._sleep(2_000_000), b.compiled.run(xs))[1]  # noqa: E731
-        return cuda_runner(run, b.device, stream)
-
-    batcher = Batcher(setup=setup, name="mlp", max_batch_size=8, max_delay_s=0.001)
-    assert batcher.ready.wait(300) and batcher.error is None, batcher.error
-    return batcher, model, gather
-
-
-def _registered(rows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Page-locked and known as such (the hub registers its arenas with pagelock)."""
-    from runtime.serving import pagelock
-
-    rows = [r.pin_memory() for r in rows]
-    for r in rows:
-        pagelock._add(r.data_ptr(), r.nbytes)
-    return rows
-
-
-def _unregister(rows: list[torch.Tensor]) -> None:
-    from runtime.serving import pagelock
-
-    for r in rows:
-        pagelock._remove(r.data_ptr())
-
-
-def _assert_eager(model: torch.nn.Module, rows: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    for r, o in zip(rows, outs, strict=True):
-        with torch.inference_mode():
-            torch.testing.assert_close(o, model(r), rtol=1e-3, atol=1e-3)
-    with torch.inference_mode():
-        assert not torch.equal(model(rows[0]), model(rows[1][:1]))  # distinct rows: a mix-up would show
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("copy_stream", [False, True], ids=["one-stream", "copy-stream"])
 @pytest.mark.parametrize("big", [False, True], ids=["staged-rows", "page-locked-64KB-rows"])
@@ -447,48 +309,58 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager(copy_stream: bool, big: bo
     request still gets its own rows, as the eager model computes them — with inputs staged through a
     page-locked buffer or copied straight from page-locked memory, on the compute stream or a copy
     stream of their own (the next batch's copies overlapping the batch before)."""
+    from runtime.serving import compile as compiler
+    from runtime.serving import pagelock
+    from runtime.serving.detect import detect_hardware
+    from runtime.serving.server import PIPELINE_DEPTH, cuda_runner, pinned_gather
+    from runtime.serving.signature import Signature, TensorSpec
+
+    torch.manual_seed(0)
     width = 16384 if big else 16  # 64 KB rows go to the GPU by DMA from page-locked memory, one per request
-    batcher, model, _ = _cuda_graph_batcher(width, copy_stream)
+    model = torch.nn.Sequential(torch.nn.Linear(width, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    served = copy.deepcopy(model)  # build moves the module it is given to the GPU
+    sig = Signature((TensorSpec("x", "FP32", (-1, width)),), ())
+    built: dict[str, object] = {}
+    stream = torch.cuda.Stream() if copy_stream else None  # type: ignore[no-untyped-call]
+
+    def setup():  # type: ignore[no-untyped-def]
+        b = compiler.build(
+            served, sig, hw=detect_hardware(), mode="jit", warmup_batch_sizes=(1, 8), max_batch_size=8
+        )
+        built["b"] = b
+        batcher.configure(
+            name="mlp",
+            batched=True,
+            max_batch_size=8,
+            batch_buckets=b.compiled.batch_buckets,
+            variable_dims=[[]],
+            pad_multiple=None,
+            observer=None,
+            gather=pinned_gather(b.device, stream),
+            depth=PIPELINE_DEPTH,
+        )
+        return cuda_runner(b.compiled.run, b.device, stream)
+
+    batcher = Batcher(setup=setup, max_batch_size=8, max_delay_s=0.001)
+    assert batcher.ready.wait(300) and batcher.error is None
+    assert "CUDA graph" in built["b"].compiled.path  # type: ignore[attr-defined]
     rows = [torch.randn(1 + i % 3, width) for i in range(400)]
-    rows = _registered(rows) if big else rows
+    if big:  # page-locked and known as such (the hub registers its arenas with pagelock)
+        rows = [r.pin_memory() for r in rows]
+        for r in rows:
+            pagelock._add(r.data_ptr(), r.nbytes)
     try:
         futs = [batcher.submit([r], r.shape[0]) for r in rows]
         outs = [f.result(60)[0] for f in futs]
     finally:
         batcher.close(10)
-        _unregister(rows if big else [])
-    _assert_eager(model, rows, outs)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_batches_staged_on_the_copy_stream_while_the_one_before_runs_equal_eager() -> None:
-    """Requests trickling in through a source, as the hub's do: each batch forming behind a running one has
-    its 64 KB page-locked rows copied to the device as they come (PinnedGather.stage), the latecomers at
-    launch; every request still gets its own rows. A batch that differs from what was staged (here one
-    begun by hand) is gathered whole again."""
-    width = 16384
-    batcher, model, gather = _cuda_graph_batcher(width, copy_stream=True, staging=True)
-    src = _PipeSource(batcher)
-    batcher.set_source(src)
-    rows = _registered([torch.randn(1 + i % 3, width) for i in range(300)])
-    try:
-        futs = []
-        for r in rows:
-            futs.append(src.send(r))
-            time.sleep(0.0002)
-        outs = [f.result(60)[0] for f in futs]
-        assert gather.staged > 0, "no request was staged"
-        stray, other = rows[:2]
-        gather.stage([stray])  # staged, but the batch gathered next begins with another request
-        x = gather([[other, stray]], 8)[0]
-        torch.cuda.synchronize()  # x was written on the copy stream
-        torch.testing.assert_close(x[: other.shape[0]].cpu(), other)
-        torch.testing.assert_close(x[other.shape[0] : other.shape[0] + stray.shape[0]].cpu(), stray)
-        assert not x[other.shape[0] + stray.shape[0] :].any()
-    finally:
-        batcher.close(10)
-        _unregister(rows)
-    _assert_eager(model, rows, outs)
+        for r in rows if big else []:
+            pagelock._remove(r.data_ptr())
+    for r, o in zip(rows, outs, strict=True):
+        with torch.inference_mode():
+            torch.testing.assert_close(o, model(r), rtol=1e-3, atol=1e-3)
+    with torch.inference_mode():
+        assert not torch.equal(model(rows[0]), model(rows[1][:1]))  # distinct rows: a mix-up would show
 
 
 def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is_done() -> None:
