@@ -6,7 +6,9 @@
 Load comes from `wrk` (REST; Debian: `apt-get install -y wrk`) and `bench/grpcload` (gRPC; built with Go on
 first use, or --grpc-load PATH, which may also name a `ghz`), not from Python, so the client costs the server
 little CPU. Every request carries one row; throughput is rows/s. The ceiling calls the same compiled artifact
-as the server, in-process, at batch min(concurrency, max batch). Cold start = process start to
+as the server, in-process, at batch min(concurrency, max batch); the column "% of raw at its mean batch" runs
+it at each server point's own mean batch (rounded) too: what serving costs at the batches the server formed,
+apart from how large the load let them grow. Cold start = process start to
 /v2/health/ready 200, with an empty compile cache and again with the cache the first start filled.
 
 `--workers 0,8` measures the server with its protocol on the model process's event loop and with 8 protocol
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -526,26 +529,33 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
             f"http://127.0.0.1:{port}/predict", naive_body, c, a.seconds, {}, tmp
         )
     _stop(proc)
-    ceil = _ceiling(a, model, cache, [min(c, a.max_batch) for c in a.concurrency])
+    # the raw model also at each server point's own mean batch (rounded): what serving costs at the batches
+    # the server formed, apart from how large a load lets them grow
+    own = {n for r in results.values() if (n := _batch_of(r))}
+    ceil = _ceiling(a, model, cache, sorted({min(c, a.max_batch) for c in a.concurrency} | own))
     lines.append(f"Ceiling: {ceil[0]['mode']} ({ceil[0]['path']}), in-process, same batch size.\n")  # type: ignore[index]
     lines.append(
-        "| concurrency | path | rows/s | x naive | % of ceiling | p50 ms | p99 ms | errors | mean batch "
-        "| CPU us/request: model process, workers |"
+        "| concurrency | path | rows/s | x naive | % of ceiling | % of raw at its mean batch | p50 ms "
+        "| p99 ms | errors | mean batch | CPU us/request: model process, workers |"
     )
-    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in a.concurrency:
         ce = ceil[min(c, a.max_batch)]
         naive = results[("naive FastAPI eager", c)]["rps"] or float("nan")  # 0: every request timed out
         lines.append(
             f"| {c} | ceiling: compiled model, batch {min(c, a.max_batch)} | {ce['rps']:,.0f} | "
-            f"{ce['rps'] / naive:.1f} | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | | {min(c, a.max_batch)} | |"
+            f"{ce['rps'] / naive:.1f} | 100 | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | | "
+            f"{min(c, a.max_batch)} | |"
         )
         for (path, cc), r in results.items():
             if cc != c:
                 continue
+            n = _batch_of(r)
+            own_pct = f"{100 * r['rps'] / ceil[n]['rps']:.0f}" if n else ""
             lines.append(
                 f"| {c} | {path} | {r['rps']:,.0f} | {r['rps'] / naive:.1f} | "
-                f"{100 * r['rps'] / ce['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
+                f"{100 * r['rps'] / ce['rps']:.0f} | {own_pct} | "
+                f"{r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
                 f"{r.get('batch', float('nan')):.1f} | {_cpu_cell(r)} |"
             )
     best = f"kubeforge w{a.workers_list[-1]}"
@@ -557,6 +567,12 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
         )
     del np
     return lines
+
+
+def _batch_of(r: dict[str, float]) -> int:
+    """A server point's mean batch, rounded (0: none measured)."""
+    b = r.get("batch", float("nan"))
+    return max(1, round(b)) if math.isfinite(b) and b > 0 else 0
 
 
 def _cpu_cell(r: dict[str, float]) -> str:
