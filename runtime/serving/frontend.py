@@ -116,7 +116,7 @@ class SlotBody:
     view: memoryview
 
     def release(self) -> None:
-        self.worker.release_slot(self.offset)
+        self.worker.release_slot(self)
 
 
 class Worker:
@@ -138,7 +138,10 @@ class Worker:
         self._hub_lost = False
         self.link: _Link | None = None
         self._outbox: list[bytes] = []  # requests for the model process, sent once per loop turn
-        self._lent: set[int] = set()  # slots holding request bodies being read or decoded
+        # slots holding request bodies being read or decoded, by offset: the body that holds each. A slot
+        # handed to the model process with its request leaves this map; back in the arena once answered, it
+        # may be lent to a new body before the first body's HTTP layer lets go of it, which then frees nothing
+        self._lent: dict[int, SlotBody] = {}
 
     # -- what the protocol layer calls --
     def is_ready(self) -> bool:
@@ -156,7 +159,7 @@ class Worker:
             raise Unavailable("the model process is gone")
         offset = self._slot_holding(inputs)
         if offset is not None:  # the body was read into a slot: the tensors travel where they lie
-            self._lent.discard(offset)
+            del self._lent[offset]
             placed = [ipc.Placed(t, t.data_ptr() - self.arena.address) for t in inputs]
             self._placement["in_place"].inc()
         else:
@@ -192,14 +195,14 @@ class Worker:
         offset = self.arena.take(length + pad)
         if offset is None:
             return None
-        self._lent.add(offset)
         start = offset + pad
-        return SlotBody(self, offset, self.arena.buf[start : start + length])
+        body = self._lent[offset] = SlotBody(self, offset, self.arena.buf[start : start + length])
+        return body
 
-    def release_slot(self, offset: int) -> None:
-        if offset in self._lent:  # not handed to the model process with its request
-            self._lent.discard(offset)
-            self.arena.give(offset)
+    def release_slot(self, body: SlotBody) -> None:
+        if self._lent.get(body.offset) is body:  # not handed to the model process with its request
+            del self._lent[body.offset]
+            self.arena.give(body.offset)
 
     def _slot_holding(self, inputs: list[torch.Tensor]) -> int | None:
         """The lent slot that holds every one of `inputs` (each at its dtype's alignment), or None."""
