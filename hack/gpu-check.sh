@@ -10,8 +10,6 @@
 #                worker under $OUT/{rest,grpc} (ResNet-50 reaches the same rows/s: its limit is this path)
 #   latency      where a batch-1 request's time goes (BERT, 8 workers, 1 client; $MODEL to change): hops, thread
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
-#   timeline     the GPU's timeline (hack/cuda-trace) under ResNet-50 ($MODEL), 8 workers, $C (64) clients over
-#                REST, with one stream then --copy-stream: device busy, copies under kernels, idle gaps
 #   clients      gRPC load from ghz against bench/grpcload, ResNet-50 ($MODEL), 8 workers, 1 then 64 clients:
 #                what the load generator costs the rows it measures
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -43,13 +41,6 @@ datapath)
     MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
       TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
   done ;;
-timeline)
-  for cs in 0 1; do
-    d=${OUT:-/tmp/gpu-timeline}/copy-stream-$cs; mkdir -p "$d"
-    MODEL=${MODEL:-resnet50} W=8 C=${C:-64} D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs TRACE=1 OUT=$d TAG=copy-stream-$cs \
-      timeout 250 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|TIMELINE|Error"
-    rm -f "$d"/cuda-trace/trace-*.json
-  done ;;
 clients)
   for c in 1 64; do
     for tool in ghz grpcload; do
@@ -68,8 +59,8 @@ ab)
     for tree in base new base new; do
       dir=$PWD; [[ $tree == base ]] && dir=$base
       (cd "$dir" && PYTHONPATH=/tmp/site:$dir MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g \
-        TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error")
+        TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error|errors")
     done
   done ;;
-*) echo "usage: $0 tests|copy-stream|grpc|datapath|timeline|clients|latency|ab" >&2; exit 2 ;;
+*) echo "usage: $0 tests|copy-stream|grpc|datapath|clients|latency|ab" >&2; exit 2 ;;
 esac

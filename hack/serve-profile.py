@@ -17,8 +17,7 @@ COPY_STREAM (1: --copy-stream), GIL (1: py-spy profile to $OUT/gil.raw), SPY (py
 GRPC (1: load ModelInfer over gRPC, not REST with wrk; GRPC_LOAD: bench/grpcload's binary (the default,
 built with Go when missing) or a ghz; GRPC_SERVER: native|grpcio),
 SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw),
-WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw),
-TRACE (1: the GPU's timeline over the run, hack/cuda-trace: a TIMELINE line, the trace under $OUT).
+WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw).
 
 A second line, THREADS, gives each model-process thread's CPU over the run (percent of one core, by the
 names the server gives its OS threads), the load generator's CPU per request (wrk, grpcload or ghz), and
@@ -34,7 +33,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -99,13 +97,6 @@ def main() -> None:
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)
-    trace = Path(env("OUT", str(tmp))) / "cuda-trace"
-    if env("TRACE") == "1":
-        trace.mkdir(parents=True, exist_ok=True)
-        for f in trace.glob("*"):
-            f.unlink()
-        os.environ["KF_CUDA_TRACE"] = str(trace)
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "hack/cuda-trace"), env("PYTHONPATH", "")])
     proc, port, gport, _ = sb._start("kubeforge", a, model, str(tmp / f"cache-{model}"), tmp / "log", workers)
     try:
         row = sb._row(model)
@@ -142,8 +133,6 @@ def main() -> None:
             cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
             spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"])
         client0 = _children_cpu()
-        if env("TRACE") == "1":
-            (trace / "go").write_text(str(max(1.0, secs - 2)))
         r = load(secs)
         client = _children_cpu() - client0  # py-spy is not waited for yet: the load generator's alone
         m1, c1, t1 = _sums(port), sb._cpu_seconds(proc.pid), _thread_cpu(proc.pid)
@@ -175,16 +164,6 @@ def main() -> None:
             + f" | client CPU {1e6 * client / n:.0f} us/request | inputs "
             + ", ".join(f"{k.split(':')[1]} {v:.0f}" for k, v in d.items() if k.startswith(_INPUTS))
         )
-        if env("TRACE") == "1":
-            for _ in range(600):
-                if (trace / "timeline.json").exists():
-                    break
-                time.sleep(0.1)
-            timeline = trace / "timeline.json"
-            print(
-                f"TIMELINE {env('TAG', '')}: "
-                + (timeline.read_text() if timeline.exists() else "none written")
-            )
     finally:
         sb._stop(proc)
 
