@@ -20,6 +20,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[3]
+WIDE = 16384  # features of Registry.wide: 64 KiB rows, what protocol workers receive into shared memory
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Registry:
     mlp: torch.nn.Module  # the weights registered as models:/mlp (version 1, alias champion)
     slow_path: Path  # a local MLflow model (pickle format) of examples.Sleepy
     root: Path
+    wide: torch.nn.Module  # an MLP taking 64 KiB rows (16,384 floats): bodies that go through workers' slots
+    wide_path: Path  # its local MLflow model
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +59,18 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         serialization_format="pickle",
         signature=infer_signature(x.numpy(), (x * 2).numpy()),
     )
+    wide = MLP(d_in=WIDE, hidden=8).eval()
+    wide_path = root / "wide"
+    xw = torch.randn(1, WIDE)
+    with torch.no_grad():
+        mlflow.pytorch.save_model(
+            wide,
+            str(wide_path),
+            serialization_format="pickle",
+            signature=infer_signature(xw.numpy(), wide(xw).numpy()),
+        )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PYTHONUNBUFFERED": "1"}
-    yield Registry(env, mlp, slow, root)
+    yield Registry(env, mlp, slow, root, wide, wide_path)
     for k, v in zip(("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"), old, strict=True):
         if v is None:
             os.environ.pop(k, None)
@@ -153,6 +166,30 @@ def mlp_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[S
         "20",
         "--max-payload-mb",
         "0.25",
+    )
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def wide_server(registry: Registry) -> Iterator[Serve]:
+    """Registry.wide, eager on CPU, served by two protocol worker processes: its requests' bodies are
+    received into the workers' shared-memory slots, and the slot an answer gives back is the next one lent."""
+    s = start_serve(
+        registry.env,
+        "--workers",
+        "2",
+        "--model-uri",
+        str(registry.wide_path),
+        "--model-name",
+        "wide",
+        "--mode",
+        "eager",
+        "--max-batch-size",
+        "8",
+        "--max-delay-ms",
+        "2",
     )
     s.wait_ready()
     yield s

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.serving.conftest import Registry, Serve, metric_sum
+from tests.integration.serving.conftest import WIDE, Registry, Serve, metric_sum
 
 pytestmark = pytest.mark.integration
 
@@ -126,6 +126,47 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry,
         tasks = Path(f"/proc/{mlp_server.proc.pid}/task")
         threads = {p.read_text().strip() for p in tasks.glob("*/comm")}
         assert "hub-read" not in threads and any(t.startswith("batcher-") for t in threads), threads
+
+
+def test_large_inputs_under_load_each_get_their_own_answer_over_rest_and_grpc(
+    registry: Registry, wide_server: Serve
+) -> None:
+    """64 KiB rows from 16 clients at once, over REST (binary) and gRPC with tritonclient: each body lands in
+    a protocol worker's shared-memory slot and goes to the model from there; every answer must be the eager
+    model's for that request's own row (a slot lent to two bodies at once would answer one from the other's
+    data, or fail it)."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    rows = np.random.default_rng(7).standard_normal((960, 1, WIDE), dtype=np.float32)
+    with torch.inference_mode():
+        want = registry.wide(torch.from_numpy(rows[:, 0])).numpy()
+    before = httpx.get(f"{wide_server.url}/metrics").text
+
+    def client_loop(k: int) -> list[tuple[int, np.ndarray]]:
+        h = th.InferenceServerClient(wide_server.url.removeprefix("http://"))
+        g = tg.InferenceServerClient(wide_server.grpc_url)
+        got = []
+        for i in range(k, len(rows), 16):
+            if i % 2:
+                inp = th.InferInput("input__0", [1, WIDE], "FP32")
+                inp.set_data_from_numpy(rows[i], binary_data=True)
+                out = h.infer("wide", [inp]).as_numpy("output__0")
+            else:
+                ginp = tg.InferInput("input__0", [1, WIDE], "FP32")
+                ginp.set_data_from_numpy(rows[i])
+                out = g.infer("wide", [ginp]).as_numpy("output__0")
+            got.append((i, out))
+        return got
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = [r for rs in pool.map(client_loop, range(16)) for r in rs]
+    assert len(results) == len(rows)
+    for i, out in results:
+        np.testing.assert_allclose(out[0], want[i], rtol=1e-4, atol=1e-5, err_msg=f"request {i}")
+    after = httpx.get(f"{wide_server.url}/metrics").text
+    placed = 'kubeforge_worker_inputs_total{placement="in_place"}'
+    assert metric_sum(after, placed) - metric_sum(before, placed) >= len(rows) // 2  # through the slots
 
 
 def test_metrics_report_requests_latency_batches_and_backend(mlp_server: Serve) -> None:
