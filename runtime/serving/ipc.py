@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import math
 import mmap
 import os
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 
 from runtime.serving.protocol import datatypes
+
+log = logging.getLogger(__name__)
 
 HEADER_BYTES = 64
 
@@ -305,6 +308,7 @@ class Arena:
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self.counters = np.frombuffer(self._mm, dtype=np.int64, count=HEADER_BYTES // 8)
         self._free = list(range(slots - 1, -1, -1))
+        self._out: set[int] = set()  # slots taken and not given back
 
     @classmethod
     def anonymous(cls, name: str, slots: int, slot_bytes: int) -> Arena:
@@ -350,10 +354,19 @@ class Arena:
         """A free slot's byte offset for `nbytes`, or None (too large, or all taken: send inline)."""
         if nbytes > self.slot_bytes or not self._free:
             return None
-        return HEADER_BYTES + self._free.pop() * self.slot_bytes
+        i = self._free.pop()
+        self._out.add(i)
+        return HEADER_BYTES + i * self.slot_bytes
 
     def give(self, offset: int) -> None:
-        self._free.append((offset - HEADER_BYTES) // self.slot_bytes)
+        """Put a taken slot back. A slot not out (given back twice: a bug) is logged and left alone, so it is
+        never lent to two requests at once."""
+        i = (offset - HEADER_BYTES) // self.slot_bytes
+        if i not in self._out:
+            log.error("a shared-memory slot was given back twice; ignored", extra={"slot": i})
+            return
+        self._out.discard(i)
+        self._free.append(i)
 
     def place(self, tensors: Sequence[torch.Tensor], offset: int | None) -> list[Placed]:
         """Copy `tensors` one after another into the slot at `offset` (None: all inline)."""

@@ -426,6 +426,22 @@ def test_a_body_read_into_a_slot_travels_from_there_aligned_and_the_slot_comes_b
     asyncio.run(scenario())
 
 
+def test_a_slot_given_back_twice_is_still_lent_to_one_request_at_a_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A double give-back (a bookkeeping bug elsewhere) is logged and ignored: the free list never holds a
+    slot twice, which would lend it to two requests whose bytes then overwrite each other."""
+    a = _arena(tmp_path, slots=2)
+    x = a.take(10)
+    assert x is not None
+    a.give(x)
+    with caplog.at_level("ERROR"):
+        a.give(x)
+    assert "given back twice" in caplog.text
+    first, second = a.take(10), a.take(10)
+    assert first == x and second is not None and second != x and a.take(10) is None
+
+
 def test_a_body_let_go_after_its_answer_leaves_its_slot_to_the_body_that_took_it_since(
     tmp_path: Path,
 ) -> None:
