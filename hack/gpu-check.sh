@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (see hack/device-kit.sh; carry .cache/dev), one part per call (each fits in 10 min):
 #   tests        the CUDA-only tests in one pytest process
-#   copy-stream  a same-machine A/B of --copy-stream with ResNet-50 (8 workers, $C clients (64), max batch 32;
+#   copy-stream  a same-machine A/B of --copy-stream with ResNet-50 (8 workers, $C clients (64), max batch 32,
+#                REST, or gRPC with GRPC=1;
 #                $TAGS: the runs, default one-stream copy-stream one-stream copy-stream),
 #                interleaved so that drift shows (hack/serve-profile.py's SUMMARY lines)
 #   grpc         gRPC over our HTTP/2 and over grpc.aio, BERT, 8 workers, concurrency 1 and 64 (bench tables)
