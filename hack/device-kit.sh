@@ -2,8 +2,9 @@
 # Build the kit the lent GPU machine needs for bench/serve_bench.py (it has torch and Python 3.12 but no
 # package index): Python 3.12 wheels of the serving runtime's dependencies, py-spy, bench/grpcload and ghz
 # (gRPC load, Go module proxy) and wrk (REST load, Debian package with its LuaJIT). Output: .cache/dev
-# (git-ignored, ~57 MiB: the device tool carries 64 MiB at most), passed to the device tool's `carry`. On the device: `bash .cache/dev/setup.sh` then run the bench with
-# PYTHONPATH=/tmp/site PATH=$PWD/.cache/dev/bin:$PATH.
+# (git-ignored, ~57 MiB: the device tool carries 64 MiB at most), passed to the device tool's `carry`. On
+# the device: `bash .cache/dev/setup.sh` then run the bench with PYTHONPATH=/tmp/site
+# PATH=$PWD/.cache/dev/bin:$PATH.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 K=$ROOT/.cache/dev
