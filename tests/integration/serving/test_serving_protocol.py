@@ -170,6 +170,38 @@ def test_large_inputs_under_load_each_get_their_own_answer_over_rest_and_grpc(
     assert wide_server.log("a shared-memory slot was given back twice; ignored") is None
 
 
+def test_a_grpc_go_client_under_load_gets_no_error(wide_server: Serve, tmp_path: Path) -> None:
+    """grpc-go (bench/grpcload, built with Go) as a second real client: 16 KiB DATA frames, its own flow
+    control and pings, 8 concurrent calls of 64 KiB over 4 connections for 2 s. Every call succeeds and each
+    answer is the size of a ModelInferResponse for one row."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tritonclient.grpc import service_pb2 as pb  # the same messages (ours clash with it in one process)
+
+    if shutil.which("go") is None:
+        pytest.skip("no Go toolchain to build bench/grpcload")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
+    import serve_bench
+
+    tool = serve_bench.grpc_load_tool("")
+    assert tool is not None, "bench/grpcload did not build"
+    req = pb.ModelInferRequest(model_name="wide")
+    req.inputs.add(name="input__0", datatype="FP32", shape=[1, WIDE])
+    req.raw_input_contents.append(np.ones((1, WIDE), np.float32).tobytes())
+    (tmp_path / "req.bin").write_bytes(req.SerializeToString())
+    cmd = [tool, "-addr", wide_server.grpc_url, "-request", str(tmp_path / "req.bin"), "-c", "8"]
+    out = subprocess.run([*cmd, "-connections", "4", "-d", "2s"], capture_output=True, text=True, timeout=120)
+    r = json.loads(out.stdout)
+    assert r["errors"] == {} and r["calls"] >= 50, r
+    resp = pb.ModelInferResponse(model_name="wide", model_version="1")
+    resp.outputs.add(name="output__0", datatype="FP32", shape=[1, 4])
+    resp.raw_output_contents.append(bytes(16))
+    assert abs(r["reply_bytes"] - len(resp.SerializeToString())) <= 8, r  # the version string may differ
+
+
 def test_metrics_report_requests_latency_batches_and_backend(mlp_server: Serve) -> None:
     r = httpx.post(f"{mlp_server.url}/v2/models/mlp/infer", json=_body())  # counts, even when run alone
     assert r.status_code == 200, r.text
