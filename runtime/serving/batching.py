@@ -420,7 +420,7 @@ class Batcher:
             if callable(outs):
                 outs = self._wait(live, outs)
             if outs is not None:
-                self._answer(live, outs, start, time.perf_counter() - start)
+                self._answer(live, outs, start)
         finally:
             self._done_batch()
 
@@ -482,9 +482,12 @@ class Batcher:
         )
         _fail_all(live, err)
 
-    def _answer(self, live: list[Pending], outs: Outputs, start: float, device_s: float) -> None:
+    def _answer(
+        self, live: list[Pending], outs: Outputs, start: float, device_s: float | None = None
+    ) -> None:
         """Hand each sink its requests' results; `device_s`: the seconds the device spent on this batch alone
-        (pipelined: from its launch, or the end of the batch before when that came later, to its end)."""
+        (pipelined: from its launch, or the end of the batch before when that came later, to its end; else
+        the batch's run time)."""
         ran = time.perf_counter() - start
         # requests whose outputs are not plain row slices of the batch's
         split = not self.batched or bool(self._pad_multiple) or any(o.dim() == 0 for o in outs)
@@ -504,7 +507,8 @@ class Batcher:
         for sink, a in answers.values():
             _hand(sink, a)
         if self._observer is not None:
-            self._observer(sum(p.rows for p in live), start - live[0].enqueued, ran, device_s)
+            device = ran if device_s is None else device_s
+            self._observer(sum(p.rows for p in live), start - live[0].enqueued, ran, device)
 
     def _split(self, outs: Outputs, offset: int, p: Pending) -> Outputs | BaseException:
         if not self.batched:
