@@ -308,7 +308,6 @@ class Arena:
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self.counters = np.frombuffer(self._mm, dtype=np.int64, count=HEADER_BYTES // 8)
         self._free = list(range(slots - 1, -1, -1))
-        self._out: set[int] = set()  # slots taken and not given back
 
     @classmethod
     def anonymous(cls, name: str, slots: int, slot_bytes: int) -> Arena:
@@ -354,18 +353,15 @@ class Arena:
         """A free slot's byte offset for `nbytes`, or None (too large, or all taken: send inline)."""
         if nbytes > self.slot_bytes or not self._free:
             return None
-        i = self._free.pop()
-        self._out.add(i)
-        return HEADER_BYTES + i * self.slot_bytes
+        return HEADER_BYTES + self._free.pop() * self.slot_bytes
 
     def give(self, offset: int) -> None:
         """Put a taken slot back. A slot not out (given back twice: a bug) is logged and left alone, so it is
         never lent to two requests at once."""
         i = (offset - HEADER_BYTES) // self.slot_bytes
-        if i not in self._out:
+        if i in self._free:  # a scan of at most `slots` (64 per worker) entries
             log.error("a shared-memory slot was given back twice; ignored", extra={"slot": i})
             return
-        self._out.discard(i)
         self._free.append(i)
 
     def place(self, tensors: Sequence[torch.Tensor], offset: int | None) -> list[Placed]:
