@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from runtime.serving.batching import Answer, Batcher, settle
+from runtime.serving.batching import _FUTURES, Answer, Batcher
 from runtime.serving.errors import QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
 
@@ -261,15 +261,10 @@ class _PipeSource:
         with self.lock:
             got, self.arrived = self.arrived, []
         for fut, x in got:
-            self.batcher.submit_to(_Futures(), fut, [x], x.shape[0])
+            self.batcher.submit_to(_FUTURES, fut, [x], x.shape[0])
 
     def wake(self) -> None:
         os.write(self.w, b"w")
-
-
-class _Futures:
-    def deliver(self, answer: Answer) -> None:
-        settle(answer.results())
 
 
 def test_the_batcher_thread_reads_its_source_while_batches_run_and_close_wakes_it() -> None:
@@ -381,16 +376,14 @@ def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is
     b.close(5)
 
 
-def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> None:
-    """A launch takes CPU time (here 0.15 s) before the device starts on it: the next batch begins its launch
-    that long before the device is expected to finish the one running (device seconds per batch size, learnt
-    from earlier batches), so the device does not sit idle while the CPU launches, and the batch still
-    fills until then."""
+def _serial_device(device_s: float, launch_s: float = 0.0):  # type: ignore[no-untyped-def]
+    """A pipelined runner on a simulated device that runs one batch at a time, `device_s` each, after a
+    launch that takes `launch_s` of CPU; doubles its input. Returns it and its log: per batch, when its launch
+    began and when the device finishes it."""
     import time
 
-    device_s, launch_s = 0.4, 0.15
     state = {"end": 0.0}
-    log: list[tuple[float, float]] = []  # per batch: when its launch began, when the device finishes it
+    log: list[tuple[float, float]] = []
 
     def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
         entered = time.perf_counter()
@@ -404,6 +397,16 @@ def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> 
 
         return wait
 
+    return run, log
+
+
+def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> None:
+    """A launch takes CPU time (here 0.15 s) before the device starts on it: the next batch begins its launch
+    that long before the device is expected to finish the one running (device seconds per batch size, learnt
+    from earlier batches), so the device does not sit idle while the CPU launches, and the batch still
+    fills until then."""
+    device_s, launch_s = 0.4, 0.15
+    run, log = _serial_device(device_s, launch_s)
     b = Batcher(run, max_batch_size=8, max_delay_s=0.0, depth=2)
     b.submit([torch.ones(1, 2)], 1).result(5)  # learns a batch of 1: device and launch seconds
     running = b.submit([torch.ones(1, 2)], 1)
@@ -420,20 +423,8 @@ def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> 
 def test_pipelined_batches_report_their_own_device_seconds_not_the_wait_behind_the_one_before() -> None:
     """Two batches launched at once on a device that takes 0.2 s each: the second is answered ~0.4 s after
     its launch, but only 0.2 s of that were its own (kubeforge_device_busy_seconds adds these up)."""
-    import time
-
     device_s = 0.2
-    state = {"end": 0.0}
-
-    def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-        end = state["end"] = max(time.perf_counter(), state["end"]) + device_s
-
-        def wait() -> tuple[torch.Tensor, ...]:
-            time.sleep(max(0.0, end - time.perf_counter()))
-            return (xs[0] * 2,)
-
-        return wait
-
+    run, _ = _serial_device(device_s)
     seen: list[tuple[float, float]] = []  # (run seconds, device seconds) per batch
     b = Batcher(
         run,
