@@ -170,21 +170,22 @@ def test_large_inputs_under_load_each_get_their_own_answer_over_rest_and_grpc(
     assert wide_server.log("a shared-memory slot was given back twice; ignored") is None
 
 
-def test_a_grpc_go_client_under_load_gets_no_error(wide_server: Serve, tmp_path: Path) -> None:
+def test_a_grpc_go_client_under_load_gets_no_error(
+    wide_server: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """grpc-go (bench/grpcload, built with Go) as a second real client: 16 KiB DATA frames, its own flow
     control and pings, 8 concurrent calls of 64 KiB over 4 connections for 2 s. Every call succeeds and each
     answer is the size of a ModelInferResponse for one row."""
     import json
     import shutil
     import subprocess
-    import sys
 
     from tritonclient.grpc import service_pb2 as pb  # the same messages (ours clash with it in one process)
 
     if shutil.which("go") is None:
         pytest.skip("no Go toolchain to build bench/grpcload")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-    import serve_bench
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3] / "bench"))
+    import serve_bench  # its grpc_load_tool builds bench/grpcload
 
     tool = serve_bench.grpc_load_tool("")
     assert tool is not None, "bench/grpcload did not build"
