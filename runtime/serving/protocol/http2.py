@@ -6,7 +6,8 @@ thread, not in our code (py-spy); gRPC clients then saw smaller batches and +1.0
 
 What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), as a server:
 - the connection preface, SETTINGS (ours: 1024 concurrent streams, 16 MiB windows, 1 MiB frames; theirs
-  applied, the initial window's change to open streams included), PING answers, WINDOW_UPDATE both ways,
+  applied, the initial window's change to open streams included), PING answers (see below), WINDOW_UPDATE
+  both ways,
   RST_STREAM (the call is cancelled), GOAWAY (theirs: no new calls expected; ours on stop and on errors),
   PRIORITY ignored, padding, header blocks split over CONTINUATION frames;
 - HPACK decoding with the `hpack` package (dynamic table, Huffman); our own headers are literals that never
@@ -23,6 +24,11 @@ A request message is written once, into a buffer of its exact size allocated whe
 arrives (a growing buffer cost a fifth of a worker's time per 602 KB image: bytearray's 1/8 over-allocation
 copies it ~30 times); `buffers` may place it per method, e.g. ModelInfer's in a protocol worker's
 shared-memory slot, so its tensors reach the model process without another copy.
+
+PING answers ride with the next answer while calls are open (at most ACK_DELAY later), first in that write:
+grpc-go and grpcio clients send a PING whenever a response reaches them (their bandwidth-delay probe), so
+answering at once cost a protocol worker one more socket write per call, and its client one more read.
+Without open calls they go at once (keepalives).
 
 Not here: TLS (the pod's mesh or an ingress terminates it), streaming calls, server push, compression.
 """
@@ -64,6 +70,7 @@ WINDOW = 1 << 24  # our receive window, per stream and for the connection
 MAX_STREAMS = 1024
 MAX_HEADER_LIST = 16 << 10
 DEFAULT_WINDOW = 65535
+ACK_DELAY = 0.005  # s: the longest a PING answer waits for an answer to ride with
 
 _FRAME = struct.Struct(">HBBBI")  # a 24-bit length as 16 + 8 bits, type, flags, stream id
 
@@ -170,6 +177,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.goaway_sent = False
         self.blocked: dict[int, _Stream] = {}  # responses waiting for a window, in order
         self.out: list[bytes] = []  # frames to write at the end of this turn
+        self.acks: list[bytes] = []  # PING answers that go first in the next write
+        self.ack_timer: asyncio.TimerHandle | None = None
         self.buffered = 0  # request bytes held for the calls open on this connection
 
     # -- asyncio --
@@ -196,6 +205,8 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
         for s in self.streams.values():
             if s.task is not None:
                 s.task.cancel()
@@ -229,7 +240,7 @@ class _Connection(asyncio.BufferedProtocol):
             off = self._frames(data)
             self.buf = bytearray(data[off:])  # an unfinished frame header or non-DATA frame (small)
         self.view = memoryview(b"")
-        self._write()
+        self._write(acks_wait=True)
 
     def _preface(self) -> bool:
         if len(self.buf) < len(PREFACE):
@@ -303,7 +314,7 @@ class _Connection(asyncio.BufferedProtocol):
             if b - a != 8 or sid:
                 return self._fail(FRAME_SIZE_ERROR, "malformed PING")
             if not flags & ACK:
-                self.out.append(frame(PING, ACK, 0, bytes(buf[a:b])))
+                self.acks.append(frame(PING, ACK, 0, bytes(buf[a:b])))
         elif kind == WINDOW_UPDATE:
             if b - a != 4:
                 return self._fail(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
@@ -549,10 +560,22 @@ class _Connection(asyncio.BufferedProtocol):
             if s.send_window > 0:
                 self._send(s)
 
-    def _write(self) -> None:
+    def _write(self, acks_wait: bool = False) -> None:
+        """Write this turn's frames in one call, PING answers first. With `acks_wait` and nothing else to
+        write, PING answers wait while calls are open: their answers will carry them, or the timer."""
+        if self.acks and self.transport is not None:
+            if acks_wait and not self.out and self.streams:
+                if self.ack_timer is None:
+                    self.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._acks_due)
+                return
+            self.out[:0], self.acks = self.acks, []
         if self.out and self.transport is not None:
             out, self.out = self.out, []
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _acks_due(self) -> None:
+        self.ack_timer = None
+        self._write()
 
     # -- ending --
     def goaway(self) -> None:

@@ -6,6 +6,7 @@ graceful stop; and the wire helpers (HPACK integers, grpc-message, grpc-timeout,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -312,6 +313,54 @@ def test_split_header_blocks_padding_ping_and_a_server_side_deadline() -> None:
         return b""
 
     _serve(app.handlers() | {"/t.E/Slow": slow}, scenario, timeout=30)
+
+
+def test_a_ping_answer_rides_with_the_answer_of_an_open_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpc-go and grpcio send a PING as each response reaches them: while a call is open its answer carries
+    the PING's answer (first in that write), so no write of its own; ACK_DELAY bounds the wait."""
+    monkeypatch.setattr(http2, "ACK_DELAY", 30.0)
+    gate = asyncio.Event()
+
+    async def gated(message: memoryview) -> bytes:
+        await gate.wait()
+        return b"ok"
+
+    async def never(message: memoryview) -> bytes:
+        await asyncio.sleep(60)
+        return b""
+
+    async def upto(c: RawClient, seconds: float) -> list[tuple[int, int, int, bytes]]:
+        got = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                got.append(await asyncio.wait_for(c.frames(), seconds))
+        return got
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        assert await upto(c, 0.3)  # SETTINGS both ways (a PING now would ride with the SETTINGS ACK)
+        c.call(1, "/t.E/Gated", b"x")
+        c.w.write(http2.frame(http2.PING, 0, 0, b"pingpong"))
+        assert await upto(c, 0.3) == []  # its answer waits for the call's
+        gate.set()
+        kinds = []
+        while (f := await c.frames())[:3] != (http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1):
+            kinds.append((f[0], f[2]) if f[0] != http2.PING else (f[0], f[3]))
+        assert kinds[:3] == [(http2.PING, b"pingpong"), (http2.HEADERS, 1), (http2.DATA, 1)]
+        # with no call open the answer goes at once; with one open that does not end, after ACK_DELAY
+        c.w.write(http2.frame(http2.PING, 0, 0, b"idle...."))
+        assert (await asyncio.wait_for(c.frames(), 5))[::3] == (http2.PING, b"idle....")
+        c.w.close()
+        monkeypatch.setattr(http2, "ACK_DELAY", 0.05)
+        c = RawClient(*await asyncio.open_connection(host, int(port)))  # its timer: 0.05 s
+        assert await upto(c, 0.3)
+        c.call(1, "/t.E/Never", b"x")
+        c.w.write(http2.frame(http2.PING, 0, 0, b"waiting."))
+        assert (await asyncio.wait_for(c.frames(), 5))[::3] == (http2.PING, b"waiting.")
+        c.w.close()
+
+    _serve({"/t.E/Gated": gated, "/t.E/Never": never}, scenario, timeout=30)
 
 
 def test_index_only_header_blocks_are_decoded_once_until_the_table_changes() -> None:
