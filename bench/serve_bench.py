@@ -407,6 +407,27 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     )
 
 
+def bodies(model: str) -> tuple[bytes, bytes, int, bytes]:
+    """One row's request for `model`, as each path sends it: the REST JSON body, the REST binary body (JSON
+    header, then the tensor; binary outputs asked for) with its header's length, and the serialized gRPC
+    ModelInferRequest (raw contents)."""
+    from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as pb
+
+    row = _row(model)
+    spec = {"name": "input__0", "shape": list(row.shape), "datatype": _models()[model].datatype}
+    oip_json = json.dumps({"inputs": [spec | {"data": row.ravel().tolist()}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [spec | {"parameters": {"binary_data_size": row.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    greq = pb.ModelInferRequest(model_name=model)
+    greq.inputs.add(name="input__0", datatype=spec["datatype"], shape=spec["shape"])
+    greq.raw_input_contents.append(row.tobytes())
+    return oip_json, head + row.tobytes(), len(head), greq.SerializeToString()
+
+
 def _measure_server(
     a: argparse.Namespace,
     pid: int,
@@ -419,34 +440,7 @@ def _measure_server(
     label: str,
 ) -> None:
     """Load one running Kubeforge server at every concurrency, over each protocol path."""
-    from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as pb
-
-    row = _row(model)
-    dt = _models()[model].datatype
-    oip_json = json.dumps(
-        {
-            "inputs": [
-                {"name": "input__0", "shape": list(row.shape), "datatype": dt, "data": row.ravel().tolist()}
-            ]
-        }
-    ).encode()
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input__0",
-                    "shape": list(row.shape),
-                    "datatype": dt,
-                    "parameters": {"binary_data_size": row.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
-    oip_bin = head + row.tobytes()
-    greq = pb.ModelInferRequest(model_name=model)
-    greq.inputs.add(name="input__0", datatype=dt, shape=list(row.shape))
-    greq.raw_input_contents.append(row.tobytes())
+    oip_json, oip_bin, head_len, grpc_wire = bodies(model)
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
 
     def batch_counts() -> tuple[float, float]:
@@ -480,7 +474,7 @@ def _measure_server(
                 a.seconds,
                 {
                     "Content-Type": "application/octet-stream",
-                    "Inference-Header-Content-Length": str(len(head)),
+                    "Inference-Header-Content-Length": str(head_len),
                 },
                 tmp,
             ),
@@ -488,9 +482,7 @@ def _measure_server(
         if grpc_load and "grpc" in a.paths:
             measured(
                 (f"{label} gRPC", c),
-                lambda c=c: _grpc_load(
-                    grpc_load, f"127.0.0.1:{gport}", greq.SerializeToString(), c, a.seconds, tmp
-                ),
+                lambda c=c: _grpc_load(grpc_load, f"127.0.0.1:{gport}", grpc_wire, c, a.seconds, tmp),
             )
 
 

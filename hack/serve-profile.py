@@ -28,7 +28,6 @@ inline).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -99,21 +98,14 @@ def main() -> None:
     tmp.mkdir(exist_ok=True)
     proc, port, gport, _ = sb._start("kubeforge", a, model, str(tmp / f"cache-{model}"), tmp / "log", workers)
     try:
-        row = sb._row(model)
-        spec = {"name": "input__0", "shape": list(row.shape), "datatype": sb._models()[model].datatype}
-        head = json.dumps({"inputs": [spec | {"parameters": {"binary_data_size": row.nbytes}}]}).encode()
-        body, url = head + row.tobytes(), f"http://127.0.0.1:{port}/v2/models/{model}/infer"
-        headers = {"Inference-Header-Content-Length": str(len(head))}
+        _, body, head_len, wire = sb.bodies(model)
+        url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
+        headers = {"Inference-Header-Content-Length": str(head_len)}
         if env("GRPC") == "1":
-            from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as pb
-
-            req = pb.ModelInferRequest(model_name=model)
-            req.inputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
-            req.raw_input_contents.append(row.tobytes())
             tool = sb.grpc_load_tool(env("GRPC_LOAD", ""))
             assert tool, "no gRPC load generator: install Go, or GRPC_LOAD=PATH"
-            target, wire = f"127.0.0.1:{gport}", req
-            load = lambda s: sb._grpc_load(tool, target, wire.SerializeToString(), conns, s, tmp)  # noqa: E731
+            target = f"127.0.0.1:{gport}"
+            load = lambda s: sb._grpc_load(tool, target, wire, conns, s, tmp)  # noqa: E731
         else:
             load = lambda s: sb._wrk(url, body, conns, s, headers, tmp)  # noqa: E731
         load(2)  # warm
