@@ -59,7 +59,7 @@ PADDED = 0x8
 PRIORITY_FLAG = 0x20
 # HTTP/2 error codes
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 6, 7, 8, 9
+FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 6, 7, 8, 9, 11
 # gRPC status codes
 OK, CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 1, 3, 4, 8
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
@@ -71,6 +71,8 @@ MAX_STREAMS = 1024
 MAX_HEADER_LIST = 16 << 10
 DEFAULT_WINDOW = 65535
 ACK_DELAY = 0.005  # s: the longest a PING answer waits for an answer to ride with
+MAX_HELD_ACKS = 64  # PING answers held for a ride at most; more go with this read's write
+MAX_PAUSED_ACKS = 1000  # PING and SETTINGS answers owed while the client reads none of ours: a flood
 
 _FRAME = struct.Struct(">HBBBI")  # a 24-bit length as 16 + 8 bits, type, flags, stream id
 
@@ -179,6 +181,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.out: list[bytes] = []  # frames to write at the end of this turn
         self.acks: list[bytes] = []  # PING answers that go first in the next write
         self.ack_timer: asyncio.TimerHandle | None = None
+        self.write_paused = False  # the transport holds more than its high-water mark: the client lags
+        self.paused_acks = 0  # PING and SETTINGS answers owed since then
         self.buffered = 0  # request bytes held for the calls open on this connection
 
     # -- asyncio --
@@ -218,6 +222,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.scratch
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused, self.paused_acks = False, 0
 
     def buffer_updated(self, nbytes: int) -> None:
         data = self.server.scratch[:nbytes]
@@ -309,12 +319,16 @@ class _Connection(asyncio.BufferedProtocol):
                 return self._fail(FRAME_SIZE_ERROR if (b - a) % 6 else PROTOCOL_ERROR, "malformed SETTINGS")
             if not flags & ACK:
                 self._settings(a, b)
-                self.out.append(frame(SETTINGS, ACK, 0))
+                if self._owe_answer():
+                    self.out.append(frame(SETTINGS, ACK, 0))
         elif kind == PING:
             if b - a != 8 or sid:
                 return self._fail(FRAME_SIZE_ERROR, "malformed PING")
-            if not flags & ACK:
+            if not flags & ACK and self._owe_answer():
                 self.acks.append(frame(PING, ACK, 0, bytes(buf[a:b])))
+                if len(self.acks) >= MAX_HELD_ACKS:
+                    self.out += self.acks
+                    self.acks = []
         elif kind == WINDOW_UPDATE:
             if b - a != 4:
                 return self._fail(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
@@ -332,6 +346,21 @@ class _Connection(asyncio.BufferedProtocol):
         elif kind == PUSH_PROMISE:
             self._fail(PROTOCOL_ERROR, "clients may not push")
         # PRIORITY, GOAWAY (the client starts no new calls; ours finish) and unknown types: nothing to do
+
+    def _owe_answer(self) -> bool:
+        """Count an answer owed to a PING or SETTINGS frame; past MAX_PAUSED_ACKS of them while the client
+        reads none of what we write, end the connection (a PING or SETTINGS flood: each answer would stay
+        buffered here, and memory would grow with what the client sends)."""
+        if self.write_paused:
+            self.paused_acks += 1
+            if self.paused_acks > MAX_PAUSED_ACKS:
+                self._fail(
+                    ENHANCE_YOUR_CALM,
+                    f"more than {MAX_PAUSED_ACKS} PING or SETTINGS frames to answer while the client "
+                    "reads none of our frames",
+                )
+                return False
+        return True
 
     def _settings(self, a: int, b: int) -> None:
         for off in range(a, b, 6):
@@ -586,14 +615,16 @@ class _Connection(asyncio.BufferedProtocol):
             self._write()
 
     def _fail(self, code: int, why: str) -> None:
-        """A connection error: GOAWAY with the reason, then close."""
+        """A connection error: GOAWAY with the reason, then close; dropped a second later if still open (a
+        client that reads nothing would keep it, and what we wrote to it, for ever)."""
         log.info("gRPC connection closed", extra={"reason": why, "http2_error": code})
         if self.transport is not None:
             payload = self.last_sid.to_bytes(4, "big") + code.to_bytes(4, "big") + why.encode()[:256]
             self.out.append(frame(GOAWAY, 0, 0, payload))
             self._write()
-            self.transport.close()
-            self.transport = None
+            transport, self.transport = self.transport, None
+            transport.close()
+            asyncio.get_running_loop().call_later(1.0, transport.abort)
 
 
 class GrpcServer:

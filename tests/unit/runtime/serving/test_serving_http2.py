@@ -363,6 +363,41 @@ def test_a_ping_answer_rides_with_the_answer_of_an_open_call(monkeypatch: pytest
     _serve({"/t.E/Gated": gated, "/t.E/Never": never}, scenario, timeout=30)
 
 
+def test_a_client_that_floods_pings_and_reads_nothing_is_cut_off(caplog: pytest.LogCaptureFixture) -> None:
+    """A PING flood (CVE-2019-9512): every PING is owed an answer, and a client that sends them without
+    reading ours would make the server hold them all. Past MAX_PAUSED_ACKS owed while its transport is over
+    the high-water mark, the server ends the connection, and drops it as the client reads nothing; other
+    clients are served on."""
+    caplog.set_level("INFO", logger=http2.__name__)
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        host, port = target.split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for us
+        sock.connect((host, int(port)))
+        _, w = await asyncio.open_connection(sock=sock)
+        w.write(http2.PREFACE + http2.frame(http2.SETTINGS, 0, 0))
+        pings = http2.frame(http2.PING, 0, 0, b"flooding") * 4096
+        sent, limit = 0, 64 << 20  # answered in full, that is 64 MiB to hold: the cut comes well before
+        with contextlib.suppress(ConnectionError):
+            while sent < limit:
+                w.write(pings)
+                await w.drain()
+                sent += len(pings)
+        assert sent < limit, sent
+        w.close()
+        for _ in range(100):  # the server lets go of the connection
+            if not server.connections:
+                break
+            await asyncio.sleep(0.05)
+        assert not server.connections
+        assert any("PING or SETTINGS" in getattr(r, "reason", "") for r in caplog.records)
+        async with _channel(target) as ch:
+            assert await ch.unary_unary("/t.E/Echo")(b"abc") == b"cba"
+
+    _serve(Echo(), scenario, timeout=60)
+
+
 def test_index_only_header_blocks_are_decoded_once_until_the_table_changes() -> None:
     """A block of indexed fields only is decoded once per connection; a block that adds to the dynamic table
     shifts every index, so the same bytes then mean other headers: a remembered decoding must go. Checked
