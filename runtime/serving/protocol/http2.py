@@ -40,6 +40,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -184,6 +185,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.write_paused = False  # the transport holds more than its high-water mark: the client lags
         self.paused_acks = 0  # PING and SETTINGS answers owed since then
         self.buffered = 0  # request bytes held for the calls open on this connection
+        self.last_active = time.monotonic()  # the last read (GrpcServer's sweep closes quiet connections)
 
     # -- asyncio --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -230,6 +232,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.write_paused, self.paused_acks = False, 0
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_active = time.monotonic()
         data = self.server.scratch[:nbytes]
         if self.data_left:  # the rest of a DATA frame: straight to its message
             n = min(self.data_left, nbytes)
@@ -614,10 +617,18 @@ class _Connection(asyncio.BufferedProtocol):
             self.out.append(frame(GOAWAY, 0, 0, self.last_sid.to_bytes(4, "big") + b"\x00\x00\x00\x00"))
             self._write()
 
+    def answering(self) -> bool:
+        """Whether a call of this connection is being answered (its handler runs)."""
+        return any(s.task is not None for s in self.streams.values())
+
     def _fail(self, code: int, why: str) -> None:
-        """A connection error: GOAWAY with the reason, then close; dropped a second later if still open (a
-        client that reads nothing would keep it, and what we wrote to it, for ever)."""
+        """A connection error: GOAWAY with the reason, then close."""
         log.info("gRPC connection closed", extra={"reason": why, "http2_error": code})
+        self.close(code, why)
+
+    def close(self, code: int = NO_ERROR, why: str = "") -> None:
+        """GOAWAY (calls after the last one we took may be retried elsewhere), then close; dropped a second
+        later if still open (a client that reads nothing would keep it, and what we wrote to it, for ever)."""
         if self.transport is not None:
             payload = self.last_sid.to_bytes(4, "big") + code.to_bytes(4, "big") + why.encode()[:256]
             self.out.append(frame(GOAWAY, 0, 0, payload))
@@ -638,8 +649,10 @@ class GrpcServer:
         max_message: int = 64 << 20,
         max_buffered: int | None = None,
         buffers: dict[str, Buffer] | None = None,
+        keepalive_s: float = 60.0,
     ) -> None:
         self.handlers = handlers
+        self.keepalive_s = keepalive_s
         self.buffers = buffers or {}
         self.scratch = memoryview(bytearray(READ_CHUNK))  # what every connection's reads land in first
         self.max_message = max_message
@@ -648,16 +661,30 @@ class GrpcServer:
         self.connections: set[_Connection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, sock: socket.socket) -> int:
         """Serve on a listening socket (SO_REUSEPORT ones let several processes share the port)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
+        self._sweeper = loop.call_later(1.0, self._sweep)
         return int(sock.getsockname()[1])
+
+    def _sweep(self) -> None:
+        """Close connections that sent nothing for keepalive_s while none of their calls is being answered:
+        idle ones, and clients stalled in the middle of a request (whose bytes so far are held for them).
+        As HTTP/1.1's keep-alive; gRPC clients reconnect for their next call."""
+        cutoff = time.monotonic() - self.keepalive_s
+        for c in [c for c in self.connections if c.last_active < cutoff and not c.answering()]:
+            c.close(NO_ERROR, f"nothing received for {self.keepalive_s:g} s")
+        if not self.stopping:
+            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     async def stop(self, grace: float) -> None:
         """GOAWAY to every connection, let the calls under way finish (up to `grace` seconds), close."""
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for c in list(self.connections):
