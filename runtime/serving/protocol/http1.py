@@ -19,8 +19,12 @@ Shutdown stops accepting, closes connections between requests, lets requests tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -362,7 +366,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.write(b"".join(head))
         self.last_active = time.monotonic()
         if not keep:
-            self.transport.close()
+            close_then_drop(self.transport, self.server.keepalive_s)
             self.transport = None
             self.server.connections.discard(self)
 
@@ -379,7 +383,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            close_then_drop(self.transport, self.server.keepalive_s)
             self.transport = None
         self.server.connections.discard(self)
 
@@ -423,6 +427,39 @@ def _parse_head(head: bytes) -> Request:
     keep = b"close" not in conn if version == b"HTTP/1.1" else b"keep-alive" in conn
     path = target.split(b"?", 1)[0].decode("latin-1")
     return Request(method.decode("latin-1"), path, headers, version, keep, length)
+
+
+def close_then_drop(transport: asyncio.BaseTransport, period: float) -> None:
+    """Close `transport`: what we wrote still goes out first, as slowly as its client reads; but once a
+    whole `period` passes with none of it reaching the client, drop it (a client that reads nothing would
+    keep the connection, and every byte written for it, for ever)."""
+    assert isinstance(transport, asyncio.WriteTransport)
+    held = transport.get_write_buffer_size()
+    transport.close()
+    if not held:
+        return  # closed at once; the kernel sends what it holds
+    loop = asyncio.get_running_loop()
+
+    def check(left: int) -> None:
+        now = _undelivered(transport)
+        if transport.get_write_buffer_size() and now >= left:
+            transport.abort()
+        elif transport.get_write_buffer_size():
+            loop.call_later(period, check, now)
+
+    loop.call_later(period, check, _undelivered(transport))
+
+
+def _undelivered(transport: asyncio.WriteTransport) -> int:
+    """Bytes written to `transport` that its client has not taken yet: the transport's buffer, and the
+    kernel's send queue (Linux's TIOCOUTQ; without it the buffer alone, which the kernel refills from only
+    once a good part of its queue is gone)."""
+    n = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            n += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return n
 
 
 class HttpServer:

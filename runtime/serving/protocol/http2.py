@@ -47,7 +47,7 @@ from typing import Any
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from runtime.serving.protocol.http1 import READ_CHUNK, Body, PlainBody
+from runtime.serving.protocol.http1 import READ_CHUNK, Body, PlainBody, close_then_drop
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +357,14 @@ class _Connection(asyncio.BufferedProtocol):
         if self.write_paused:
             self.paused_acks += 1
             if self.paused_acks > MAX_PAUSED_ACKS:
+                transport = self.transport
                 self._fail(
                     ENHANCE_YOUR_CALM,
                     f"more than {MAX_PAUSED_ACKS} PING or SETTINGS frames to answer while the client "
                     "reads none of our frames",
                 )
+                if transport is not None:
+                    transport.abort()  # a flood: what is still to go out is dropped at once
                 return False
         return True
 
@@ -627,15 +630,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.close(code, why)
 
     def close(self, code: int = NO_ERROR, why: str = "") -> None:
-        """GOAWAY (calls after the last one we took may be retried elsewhere), then close; dropped a second
-        later if still open (a client that reads nothing would keep it, and what we wrote to it, for ever)."""
+        """GOAWAY (calls after the last one we took may be retried elsewhere), then close (close_then_drop:
+        dropped if the client reads nothing of what is still to go out for keepalive_s)."""
         if self.transport is not None:
             payload = self.last_sid.to_bytes(4, "big") + code.to_bytes(4, "big") + why.encode()[:256]
             self.out.append(frame(GOAWAY, 0, 0, payload))
             self._write()
-            transport, self.transport = self.transport, None
-            transport.close()
-            asyncio.get_running_loop().call_later(1.0, transport.abort)
+            close_then_drop(self.transport, self.server.keepalive_s)
+            self.transport = None
 
 
 class GrpcServer:

@@ -5,6 +5,8 @@ buffer the application names, bodies released on every path, and graceful stop."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -294,3 +296,42 @@ def test_connections_silent_for_the_keepalive_period_are_closed_unless_being_ans
             w.close()
 
     _serve(app, scenario)
+
+
+def test_a_closed_connection_is_dropped_once_its_client_reads_nothing_for_the_keepalive_period() -> None:
+    """An answer larger than the socket buffers waits in the transport for its client to read it. When the
+    connection closes (here: the keep-alive sweep, as the client sends nothing more), a client that reads
+    slowly still gets all of it; one that reads nothing for keepalive_s is dropped, with the rest (otherwise
+    the connection, and the answer, would be held for ever)."""
+    app = EchoApp()
+    size = 12 << 20
+
+    async def client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for us
+        sock.connect(("127.0.0.1", port))
+        r, w = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        w.write(_post("/p", bytes(size)))
+        await w.drain()
+        return r, w
+
+    async def read_all(r: asyncio.StreamReader, pause: float) -> int:
+        got = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(r.read(1 << 16), 10):
+                got += len(chunk)
+                await asyncio.sleep(pause)
+        return got
+
+    async def scenario(port: int, server: HttpServer) -> None:
+        server.keepalive_s = 0.5
+        (idle_r, idle_w), (slow_r, slow_w) = await client(port), await client(port)
+        slow = asyncio.create_task(read_all(slow_r, 0.002))  # a few KiB at a time, pausing
+        await asyncio.sleep(4.0)  # swept after 0.5-1.5 s; the idle one dropped 0.5 s after that
+        assert await read_all(idle_r, 0) < size
+        assert await slow > size  # the head, and the whole answer
+        assert not server.connections
+        idle_w.close()
+        slow_w.close()
+
+    _serve(app, scenario, max_payload=size)
