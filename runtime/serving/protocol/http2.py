@@ -621,8 +621,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._write()
 
     def answering(self) -> bool:
-        """Whether a call of this connection is being answered (its handler runs)."""
-        return any(s.task is not None for s in self.streams.values())
+        """Whether a call of this connection is being answered (its handler runs; an answer that waits for
+        the client's flow-control window waits for the client)."""
+        return any(s.task is not None and not s.task.done() for s in self.streams.values())
 
     def _fail(self, code: int, why: str) -> None:
         """A connection error: GOAWAY with the reason, then close."""

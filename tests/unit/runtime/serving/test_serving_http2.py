@@ -400,8 +400,9 @@ def test_a_client_that_floods_pings_and_reads_nothing_is_cut_off(caplog: pytest.
 
 def test_quiet_connections_close_unless_a_call_is_being_answered() -> None:
     """Nothing received for keepalive_s: a client stalled in the middle of a request (its bytes so far held
-    for it) is closed with GOAWAY, and so is an idle one, whose client reconnects for its next call; a
-    connection whose call is being answered stays, however long the answer takes."""
+    for it) is closed with GOAWAY, and so is one whose answer waits for a window the client never opens,
+    and an idle one, whose client reconnects for its next call; a connection whose call is being answered
+    stays, however long the answer takes."""
 
     async def slow(message: memoryview) -> bytes:
         await asyncio.sleep(2.0)
@@ -412,12 +413,15 @@ def test_quiet_connections_close_unless_a_call_is_being_answered() -> None:
         c = RawClient(*await asyncio.open_connection(host, int(port)))
         c.call(1, "/t.E/Echo", b"", data=False)
         c.w.write(http2.frame(http2.DATA, 0, 1, b"\x00" + (1 << 20).to_bytes(4, "big") + b"x" * 100))
+        blocked = RawClient(*await asyncio.open_connection(host, int(port)))
+        blocked.call(1, "/t.E/Echo", bytes(100_000))  # its answer: more than the 64 KiB window it opens
         async with _channel(target) as ch:
             assert await ch.unary_unary("/t.E/Slow")(b"") == b"late"  # 2 s of no bytes, being answered
-            while (f := await asyncio.wait_for(c.frames(), 5))[0] != http2.GOAWAY:
-                pass
-            assert int.from_bytes(f[3][4:8], "big") == http2.NO_ERROR and b"nothing received" in f[3][8:]
-            assert await c.r.read() == b""  # then closed
+            for raw in (c, blocked):
+                while (f := await asyncio.wait_for(raw.frames(), 5))[0] != http2.GOAWAY:
+                    pass
+                assert int.from_bytes(f[3][4:8], "big") == http2.NO_ERROR and b"nothing received" in f[3][8:]
+                assert await raw.r.read() == b""  # then closed
             assert len(server.connections) == 1  # the grpcio channel's, answered meanwhile
             await asyncio.sleep(2.0)  # idle past keepalive_s: closed too
             assert not server.connections
