@@ -127,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body (413 past it)")
     s.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=0.0,
+        help="request bytes one process (the server, or each protocol worker) holds at once for requests "
+        "being received, queued or answered; past it new requests get 429 / RESOURCE_EXHAUSTED "
+        "(0: 4 x --max-payload-mb)",
+    )
+    s.add_argument(
         "--grpc-server",
         default="native",
         choices=["native", "grpcio"],
@@ -185,6 +193,7 @@ def _config(args: argparse.Namespace) -> Any:
             max_queue_size=args.max_queue_size,
             pad_multiple=args.pad_multiple,
             max_payload_bytes=int(args.max_payload_mb * (1 << 20)),
+            max_inflight_bytes=int(args.max_inflight_mb * (1 << 20)),
             drain_delay_s=args.drain_delay_s,
             grace_s=args.grace_s,
             workers=_workers(args.workers),

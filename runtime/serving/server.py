@@ -69,6 +69,7 @@ class ServeConfig:
     http_port: int = 8080
     grpc_port: int = 8081
     max_payload_bytes: int = 64 << 20
+    max_inflight_bytes: int = 0  # request bytes a process holds at once (http1.Budget); 0: 4 x max payload
     drain_delay_s: float = 0.0
     grace_s: float = 30.0
     torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
@@ -514,7 +515,7 @@ async def start_protocol(
     import grpc
 
     from runtime.serving.protocol.grpc_service import InferenceService, add_to_server
-    from runtime.serving.protocol.http1 import HttpServer
+    from runtime.serving.protocol.http1 import Budget, HttpServer
     from runtime.serving.protocol.rest import RestApp
 
     app = RestApp(
@@ -525,7 +526,8 @@ async def start_protocol(
         render_metrics=render_metrics,
         slot_body=slot_body,
     )
-    http = HttpServer(app, max_payload=cfg.max_payload_bytes)
+    budget = Budget(cfg.max_inflight_bytes or 4 * cfg.max_payload_bytes)  # HTTP/1.1 and gRPC together
+    http = HttpServer(app, max_payload=cfg.max_payload_bytes, budget=budget)
     service = InferenceService(repo, metrics, server_info, is_ready)
     stop_grpc: Callable[[], Awaitable[Any]]
     if cfg.grpc_server == "native":
@@ -537,6 +539,7 @@ async def start_protocol(
             native_handlers(service),
             max_message=cfg.max_payload_bytes,
             buffers={MODEL_INFER: infer_buffer(slot_body)} if slot_body is not None else None,
+            budget=budget,
         )
         grpc_port = await native.start(listen_socket(cfg.host, cfg.grpc_port, listen=True))
         stop_grpc = partial(native.stop, cfg.grace_s)

@@ -107,6 +107,33 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _HEAD, _BODY, _CHUNKED, _DISCARD, _BUSY = range(5)
 
 
+class Budget:
+    """Request bytes one process holds at once, across its connections and protocols (HTTP/1.1 and gRPC):
+    bodies being received, queued or answered. Past `limit` a new request is refused (429 /
+    RESOURCE_EXHAUSTED) before its bytes are read: the per-request and per-connection limits alone let
+    many connections together hold any amount. One request of the largest allowed size always fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit and self.held:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+    def refusal(self, n: int) -> str:
+        mib = 1 << 20
+        return (
+            f"the server holds {self.held / mib:.1f} MiB of requests (its limit: {self.limit / mib:.0f} MiB, "
+            f"--max-inflight-mb); this one needs {n / mib:.1f} MiB more: retry shortly, or spread the load"
+        )
+
+
 @dataclass
 class _Chunked:
     out: bytearray = field(default_factory=bytearray)
@@ -124,6 +151,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.req: Request | None = None
         self.body: Body | None = None
         self.filled = 0
+        self.held = 0  # bytes of the budget this connection's request holds
         self.discard = 0
         self.chunked: _Chunked | None = None
         self.last_active = time.monotonic()
@@ -147,6 +175,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.body = None
         if self.task is not None:
             self.task.cancel()
+        self._give_back()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.state == _BODY:
@@ -231,6 +260,10 @@ class _Connection(asyncio.BufferedProtocol):
         if n is not None and n > limit:
             self._refuse_body(n, f"payload of {n} bytes exceeds the limit of {limit} bytes")
             return
+        if n and not self.server.budget.take(n):
+            self._refuse_body(n, self.server.budget.refusal(n), 429)
+            return
+        self.held = n or 0
         if n != 0 and req.header(b"expect") == b"100-continue":  # a body we will read (chunked: n is None)
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if n is None:
@@ -280,6 +313,10 @@ class _Connection(asyncio.BufferedProtocol):
                 if len(c.out) + size > self.server.max_payload:
                     self._fail(413, f"payload exceeds the limit of {self.server.max_payload} bytes")
                     return True
+                if not self.server.budget.take(size):
+                    self._fail(429, self.server.budget.refusal(size))
+                    return True
+                self.held += size
                 c.remaining = size
             if c.remaining > 0:
                 take = min(c.remaining, len(self.inbox))
@@ -296,11 +333,11 @@ class _Connection(asyncio.BufferedProtocol):
             del self.inbox[:2]
             c.remaining = -1
 
-    def _refuse_body(self, n: int, message: str) -> None:
-        """Answer 413 at once; read and drop a body of reasonable size so the client reads the answer."""
+    def _refuse_body(self, n: int, message: str, status: int = 413) -> None:
+        """Answer at once; read and drop a body of reasonable size so the client reads the answer."""
         assert self.req is not None
         self.req.keep_alive = self.req.keep_alive and n <= DISCARD_LIMIT
-        self._write(self.req, error_response(413, message))
+        self._write(self.req, error_response(status, message))
         if self.transport is None or not self.req.keep_alive:
             return
         self.discard = n
@@ -326,6 +363,7 @@ class _Connection(asyncio.BufferedProtocol):
             resp = await self.app.answer(req, body)
         except asyncio.CancelledError:
             body.release()
+            self._give_back()
             raise
         except Exception as e:
             log.exception("request failed", extra={"path": req.path})
@@ -335,6 +373,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _done(self, req: Request, body: Body, resp: Response) -> None:
         body.release()
+        self._give_back()
         self.body = None
         self.req = None
         self.filled = 0
@@ -374,6 +413,11 @@ class _Connection(asyncio.BufferedProtocol):
         """A request we cannot parse: answer and close (the stream's framing is lost)."""
         req = Request("GET", "", [], keep_alive=False)
         self._write(req, error_response(status, message))
+
+    def _give_back(self) -> None:
+        if self.held:
+            self.server.budget.give(self.held)
+            self.held = 0
 
     # -- server --
     @property
@@ -463,9 +507,12 @@ def _undelivered(transport: asyncio.WriteTransport) -> int:
 
 
 class HttpServer:
-    def __init__(self, app: App, *, max_payload: int, keepalive_s: float = 60.0) -> None:
+    def __init__(
+        self, app: App, *, max_payload: int, keepalive_s: float = 60.0, budget: Budget | None = None
+    ) -> None:
         self.app = app
         self.max_payload = max_payload
+        self.budget = budget or Budget(4 * max_payload)
         self.keepalive_s = keepalive_s
         self.connections: set[_Connection] = set()
         self.stopping = False

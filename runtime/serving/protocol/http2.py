@@ -47,7 +47,7 @@ from typing import Any
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from runtime.serving.protocol.http1 import READ_CHUNK, Body, PlainBody, close_then_drop
+from runtime.serving.protocol.http1 import READ_CHUNK, Body, Budget, PlainBody, close_then_drop
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +480,9 @@ class _Connection(asyncio.BufferedProtocol):
                     reset=True,
                 )
                 return
+            if not self.server.budget.take(size):
+                self._end(s, RESOURCE_EXHAUSTED, self.server.budget.refusal(size), reset=True)
+                return
             make = self.server.buffers.get(s.headers.get(":path", ""))
             body = make(size, data) if make is not None else None
             s.body = body or PlainBody(memoryview(bytearray(size)))
@@ -586,6 +589,7 @@ class _Connection(asyncio.BufferedProtocol):
         if s.body is not None:
             body, s.body = s.body, None
             self.buffered -= len(body.view)
+            self.server.budget.give(len(body.view))
             body.release()
 
     def _unblock(self) -> None:
@@ -653,6 +657,7 @@ class GrpcServer:
         max_buffered: int | None = None,
         buffers: dict[str, Buffer] | None = None,
         keepalive_s: float = 60.0,
+        budget: Budget | None = None,
     ) -> None:
         self.handlers = handlers
         self.keepalive_s = keepalive_s
@@ -661,6 +666,7 @@ class GrpcServer:
         self.max_message = max_message
         # request bytes a connection may hold for its open calls (memory stays bounded per connection)
         self.max_buffered = max_buffered or max(2 * (max_message + 5), 16 << 20)
+        self.budget = budget or Budget(4 * max_message)  # request bytes held by all connections
         self.connections: set[_Connection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None

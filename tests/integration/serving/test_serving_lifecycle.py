@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,8 @@ def _post(url: str, value: float) -> httpx.Response:
 
 @pytest.fixture(scope="module", params=["0", "2"], ids=["one-process", "2-workers"])
 def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Serve:
-    """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests."""
+    """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests; each process holds
+    at most 1 KiB of requests at once (more than 8 of the small ones, one padded one)."""
     s = start_serve(
         registry.env,
         "--workers",
@@ -44,6 +46,8 @@ def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Serve:
         "2",
         "--drain-delay-s",
         "1",
+        "--max-inflight-mb",
+        str(1024 / (1 << 20)),
     )
     s.wait_ready()
     return s
@@ -108,6 +112,47 @@ def test_a_request_its_client_abandons_counts_as_499_not_as_a_success(slow_serve
     assert metric_sum(after, 'kubeforge_inflight{model="slow"}') == 0
     # the abandoned request's batch still runs; the next test needs the model idle: wait behind it
     assert _post(slow_server.url, 1.0).status_code == 200
+
+
+def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(slow_server: Serve) -> None:
+    """8 requests of ~650 bytes at once against 1 KiB per process (--max-inflight-mb): a process holds one
+    while the model sleeps on it, and refuses the others before reading them, over REST (429) and gRPC
+    (RESOURCE_EXHAUSTED), naming the flag; the ones it took get their own answers."""
+    import tritonclient.grpc as tg
+
+    def padded(i: int) -> httpx.Response:
+        row = {"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [float(i)] * 4}
+        body = '{"inputs":' + " " * 600 + json.dumps([row]) + "}"
+        return httpx.post(
+            f"{slow_server.url}/v2/models/slow/infer",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        rest = list(pool.map(padded, range(8)))
+    assert {r.status_code for r in rest} <= {200, 429}
+    refused = [r.json()["error"] for r in rest if r.status_code == 429]
+    assert any("--max-inflight-mb" in e for e in refused), refused
+    for i, r in enumerate(rest):
+        if r.status_code == 200:
+            assert r.json()["outputs"][0]["data"] == [2.0 * i] * 4
+
+    def grpc_one(_: int) -> str:
+        client = tg.InferenceServerClient(slow_server.grpc_url)
+        inp = tg.InferInput("input__0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        try:
+            client.infer("slow", [inp], request_id="r" * 600)  # an id that makes the message ~650 bytes
+        except tg.InferenceServerException as e:
+            return f"{e.status()} {e.message()}"
+        return "OK"
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(grpc_one, range(8)))
+    assert any(s.startswith("StatusCode.RESOURCE_EXHAUSTED") and "--max-inflight-mb" in s for s in statuses)
+    assert "OK" in statuses, statuses
 
 
 def test_sigterm_drains_in_flight_requests(slow_server: Serve) -> None:

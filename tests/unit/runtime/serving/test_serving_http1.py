@@ -17,6 +17,7 @@ from runtime.serving.protocol.http1 import (
     HEAD_READ,
     READ_CHUNK,
     Body,
+    Budget,
     HttpServer,
     PlainBody,
     Request,
@@ -335,3 +336,44 @@ def test_a_closed_connection_is_dropped_once_its_client_reads_nothing_for_the_ke
         slow_w.close()
 
     _serve(app, scenario, max_payload=size)
+
+
+def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> None:
+    """Bodies being received or answered count against the process's Budget, whatever the connection: past
+    its limit a new body is refused with 429 naming the flag before it is read (a chunked one as its chunks
+    come), the connection going on; every path gives its bytes back (answered, abandoned mid-body)."""
+    app = EchoApp(delay=0.5)
+    budget = Budget(250_000)
+
+    async def scenario(port: int, server: HttpServer) -> None:
+        server.budget = budget
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for _, w in held:
+            w.write(_post("/p", b"a" * 100_000))  # 200,000 held while answered (0.5 s)
+        await asyncio.sleep(0.2)
+        assert budget.held == 200_000
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post("/p", b"b" * 100_000))
+        status, _, body = await _read_response(r)
+        assert status == 429 and b"--max-inflight-mb" in body and b"0.2 MiB" in body
+        w.write(b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n" % 60_000 + b"c" * 60_000)
+        status, _, body = await _read_response(r)
+        assert status == 429 and b"--max-inflight-mb" in body
+        for hr, _ in held:
+            assert (await _read_response(hr))[2] == b"a" * 100_000
+        assert budget.held == 0
+        r, w = await asyncio.open_connection("127.0.0.1", port)  # room again
+        w.write(_post("/p", b"d" * 100_000))
+        assert (await _read_response(r))[2] == b"d" * 100_000
+        w.write(_post("/p", b"e" * 100_000)[:50_000])  # then the client leaves mid-body
+        await w.drain()
+        await asyncio.sleep(0.1)
+        assert budget.held == 100_000
+        w.close()
+        for _ in range(100):
+            if not budget.held:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.held == 0
+
+    _serve(app, scenario)

@@ -17,6 +17,7 @@ import pytest
 
 from runtime.serving.frontend import listen_socket
 from runtime.serving.protocol import http2
+from runtime.serving.protocol.http1 import Budget
 from runtime.serving.protocol.http2 import GrpcServer, RpcError
 from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, field_start, split_field
 
@@ -135,6 +136,39 @@ def test_request_bytes_held_per_connection_are_bounded() -> None:
             assert await asyncio.gather(*(call(msg) for _ in range(2))) == [msg[::-1]] * 2
 
     _serve(Echo(delay=0.3), scenario, timeout=30, max_message=2 << 20, max_buffered=(5 << 19) + 64)
+
+
+def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> None:
+    """Calls on several connections share the process's Budget (one per process, with HTTP/1.1): past it a
+    call is refused with RESOURCE_EXHAUSTED naming the flag, whatever its connection; the bytes count again
+    once answered, and a cancelled call gives its bytes back too."""
+    budget = Budget(5 << 19)  # 2.5 MiB: two 1 MiB calls, not three
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        chans = [_channel(target) for _ in range(3)]
+        try:
+            msg = os.urandom(1 << 20)
+            calls = [ch.unary_unary("/t.E/Echo")(msg) for ch in chans]
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            refused = [g for g in got if isinstance(g, grpc.aio.AioRpcError)]
+            assert len(refused) == 1 and got.count(msg[::-1]) == 2
+            assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-inflight-mb" in refused[0].details()
+            assert budget.held == 0
+            pending = chans[0].unary_unary("/t.E/Echo")(msg)
+            await asyncio.sleep(0.1)
+            assert budget.held == len(msg) + 5  # held while answered (0.3 s)
+            pending.cancel()
+            for _ in range(100):
+                if not budget.held:
+                    break
+                await asyncio.sleep(0.01)
+            assert budget.held == 0
+        finally:
+            for ch in chans:
+                await ch.close()
+
+    _serve(Echo(delay=0.3), scenario, timeout=30, max_message=2 << 20, budget=budget)
 
 
 def test_deadline_and_cancellation_end_the_handler_and_the_connection_goes_on() -> None:
