@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (see hack/device-kit.sh; carry .cache/dev), one part per call (each fits in 10 min):
 #   tests        the CUDA-only tests in one pytest process
+#   tables       the bench tables of $MODELS (bert resnet50), REST binary and gRPC, max batch 32, 8 workers, to
+#                $OUT/<model>.md (whatever finished comes back if the call runs out of time); the compile caches
+#                stay under /tmp/kf-serve-profile, where hack/serve-profile.py (copy-stream, ab, ...) finds them
+#                on the same warm machine
 #   copy-stream  a same-machine A/B of --copy-stream with ResNet-50 (8 workers, $C clients (64), max batch 32,
 #                REST, or gRPC with GRPC=1;
 #                $TAGS: the runs, default one-stream copy-stream one-stream copy-stream),
@@ -24,6 +28,14 @@ export BENCH_GHZ_CONNECTIONS=16 GRPC_LOAD=$PWD/.cache/dev/bin/grpcload
 case ${1:-tests} in
 tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose packages the GPU image lacks
   timeout 500 python -m pytest -q --noconftest -p no:cacheprovider tests/unit/runtime/serving -k gpu 2>&1 | tail -15 ;;
+tables)
+  for m in ${MODELS:-bert resnet50}; do
+    t=230; [[ $m == resnet50 ]] && t=330
+    timeout $t python bench/serve_bench.py --device cuda --models "$m" --mode aot --precision bf16 --max-batch 32 \
+      --delay-ms 2.0 --seconds 3 --workers 8 --paths binary,grpc --workdir /tmp/kf-serve-profile \
+      --out "${OUT:-/tmp}/$m.md" > "${OUT:-/tmp}/$m.log" 2>&1
+    echo "$m rc=$?"; grep -E "^\||Cold" "${OUT:-/tmp}/$m.log" | tail -16
+  done ;;
 copy-stream)
   for tag in ${TAGS:-one-stream copy-stream one-stream copy-stream}; do
     cs=0; [[ $tag == copy-stream ]] && cs=1
@@ -63,5 +75,5 @@ ab)
         TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error|errors")
     done
   done ;;
-*) echo "usage: $0 tests|copy-stream|grpc|datapath|clients|latency|ab" >&2; exit 2 ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab" >&2; exit 2 ;;
 esac
