@@ -4,7 +4,7 @@
 #   tables       the bench tables of $MODELS (bert resnet50), REST binary and gRPC, max batch 32, 8 workers, to
 #                $OUT/<model>.md (whatever finished comes back if the call runs out of time); the compile caches
 #                stay under /tmp/kf-serve-profile, where hack/serve-profile.py (copy-stream, ab, ...) finds them
-#                on the same warm machine
+#                on the same warm machine (so run it first: its cold start needs them empty)
 #   copy-stream  a same-machine A/B of --copy-stream with ResNet-50 (8 workers, $C clients (64), max batch 32,
 #                REST, or gRPC with GRPC=1;
 #                $TAGS: the runs, default one-stream copy-stream one-stream copy-stream),
