@@ -99,6 +99,13 @@ class Metrics:
             ["model", "backend", "step"],
             registry=r,
         )
+        self.inflight_refused = Counter(
+            "kubeforge_inflight_refused",
+            "Requests refused before their body was read because the process already held --max-inflight-mb"
+            " of requests (429 / RESOURCE_EXHAUSTED), by protocol.",
+            ["protocol"],
+            registry=r,
+        )
         self.ready = Gauge("kubeforge_ready", "1 when the server reports ready.", registry=r)
         # labelled children of the per-request metrics: labels() takes a lock and builds a key each call,
         # two thirds of what a request's four metric updates cost (4.9 vs 1.7 us); model labels are bounded

@@ -526,7 +526,9 @@ async def start_protocol(
         render_metrics=render_metrics,
         slot_body=slot_body,
     )
-    budget = Budget(cfg.max_inflight_bytes or 4 * cfg.max_payload_bytes)  # HTTP/1.1 and gRPC together
+    # one per process, HTTP/1.1 and gRPC together
+    refused = metrics.inflight_refused
+    budget = Budget(cfg.max_inflight_bytes or 4 * cfg.max_payload_bytes, lambda p: refused.labels(p).inc())
     http = HttpServer(app, max_payload=cfg.max_payload_bytes, budget=budget)
     service = InferenceService(repo, metrics, server_info, is_ready)
     stop_grpc: Callable[[], Awaitable[Any]]

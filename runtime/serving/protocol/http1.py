@@ -26,7 +26,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol
@@ -113,12 +113,15 @@ class Budget:
     RESOURCE_EXHAUSTED) before its bytes are read: the per-request and per-connection limits alone let
     many connections together hold any amount. One request of the largest allowed size always fits."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_refuse: Callable[[str], object] | None = None) -> None:
         self.limit = limit
         self.held = 0
+        self.on_refuse = on_refuse  # called with the protocol ("rest", "grpc") of each refusal
 
-    def take(self, n: int) -> bool:
+    def take(self, n: int, protocol: str) -> bool:
         if self.held + n > self.limit and self.held:
+            if self.on_refuse is not None:
+                self.on_refuse(protocol)
             return False
         self.held += n
         return True
@@ -260,7 +263,7 @@ class _Connection(asyncio.BufferedProtocol):
         if n is not None and n > limit:
             self._refuse_body(n, f"payload of {n} bytes exceeds the limit of {limit} bytes")
             return
-        if n and not self.server.budget.take(n):
+        if n and not self.server.budget.take(n, "rest"):
             self._refuse_body(n, self.server.budget.refusal(n), 429)
             return
         self.held = n or 0
@@ -313,7 +316,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if len(c.out) + size > self.server.max_payload:
                     self._fail(413, f"payload exceeds the limit of {self.server.max_payload} bytes")
                     return True
-                if not self.server.budget.take(size):
+                if not self.server.budget.take(size, "rest"):
                     self._fail(429, self.server.budget.refusal(size))
                     return True
                 self.held += size

@@ -480,7 +480,7 @@ class _Connection(asyncio.BufferedProtocol):
                     reset=True,
                 )
                 return
-            if not self.server.budget.take(size):
+            if not self.server.budget.take(size, "grpc"):
                 self._end(s, RESOURCE_EXHAUSTED, self.server.budget.refusal(size), reset=True)
                 return
             make = self.server.buffers.get(s.headers.get(":path", ""))

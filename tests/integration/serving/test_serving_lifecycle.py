@@ -130,11 +130,17 @@ def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(s
             timeout=30,
         )
 
+    def refusals(protocol: str) -> float:
+        text = httpx.get(f"{slow_server.url}/metrics").text
+        return metric_sum(text, f'kubeforge_inflight_refused_total{{protocol="{protocol}"}}')
+
+    before = refusals("rest"), refusals("grpc")
     with cf.ThreadPoolExecutor(8) as pool:
         rest = list(pool.map(padded, range(8)))
     assert {r.status_code for r in rest} <= {200, 429}
     refused = [r.json()["error"] for r in rest if r.status_code == 429]
     assert any("--max-inflight-mb" in e for e in refused), refused
+    assert refusals("rest") - before[0] == sum("--max-inflight-mb" in e for e in refused)
     for i, r in enumerate(rest):
         if r.status_code == 200:
             assert r.json()["outputs"][0]["data"] == [2.0 * i] * 4
@@ -153,6 +159,7 @@ def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(s
         statuses = list(pool.map(grpc_one, range(8)))
     assert any(s.startswith("StatusCode.RESOURCE_EXHAUSTED") and "--max-inflight-mb" in s for s in statuses)
     assert "OK" in statuses, statuses
+    assert refusals("grpc") - before[1] == sum("--max-inflight-mb" in s for s in statuses)
 
 
 def test_sigterm_drains_in_flight_requests(slow_server: Serve) -> None:
