@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from runtime.serving.errors import InferError, ModelFailure, QueueFull, Unavailable
+from runtime.serving.errors import Cancelled, InferError, ModelFailure, QueueFull, Unavailable
 from runtime.serving.logs import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class Source(Protocol):
 
 @dataclass(eq=False)
 class Pending:
-    """A queued request; setting `cancelled` before its batch forms drops it unanswered."""
+    """A queued request; setting `cancelled` (from any thread) before its batch is launched drops it: its
+    sink gets a Cancelled error instead of outputs, and the model never runs it."""
 
     inputs: list[torch.Tensor]
     rows: int
@@ -404,6 +405,8 @@ class Batcher:
     def _launch(self, batch: list[Pending]) -> None:
         start = time.perf_counter()
         live = [p for p in batch if not p.cancelled]
+        if len(live) < len(batch):  # their clients left: no device time for them
+            _fail_all([p for p in batch if p.cancelled], Cancelled("the client left before its request ran"))
         bucket = self._bucket(sum(p.rows for p in live))  # the rows the batch is padded to
         outs = self._start(live, bucket) if live else None
         if callable(outs) and self._finisher is not None:

@@ -48,6 +48,13 @@ class Unavailable(InferError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
+class Cancelled(InferError):
+    """The client left before its request ran: dropped from the queue, never run (499 / CANCELLED)."""
+
+    http_status = 499
+    grpc_code = grpc.StatusCode.CANCELLED
+
+
 class ModelFailure(InferError):
     """The model raised while running a batch (500 / INTERNAL)."""
 

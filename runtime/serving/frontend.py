@@ -171,7 +171,12 @@ class Worker:
         self._pending[rid] = (fut, offset)
         self.batcher.withdraw()  # from here on the request is the model process's to count
         self._post(ipc.encode_request(rid, rows, placed))
-        result = await fut
+        try:
+            result = await fut
+        except asyncio.CancelledError:
+            if rid in self._pending:  # the client left: the model process drops it if it has not run yet
+                self._post(ipc.frame(ipc.CANCEL, ipc.pack_id(rid)))
+            raise
         return tuple(result)
 
     def _post(self, message: bytes) -> None:

@@ -5,8 +5,9 @@ Per worker: a shared-memory arena (ipc.Arena) and a Unix-socket connection. Once
 batcher thread reads every connection itself while it waits for requests (`Hub.pump`, the batcher's Source:
 decode, submit, a few microseconds of Python per request); until then a reader thread does. A batch's
 responses to a worker leave in one send, from the answering thread itself when the socket has room, else from
-the writer thread. A worker that dies while the server is not stopping is started again; its in-flight
-requests are lost with its connections, as they would be with the process.
+the writer thread. A worker whose client leaves sends a CANCEL: the request is dropped unless its batch was
+launched. A worker that dies while the server is not stopping is started again; its in-flight requests are
+lost with its connections, as they would be with the process.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.serving import ipc, pagelock
-from runtime.serving.batching import Answer, Batcher
+from runtime.serving.batching import Answer, Batcher, Pending
 from runtime.serving.errors import InferError
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
 from runtime.serving.logs import name_os_thread
@@ -111,6 +112,7 @@ class _Conn:
     answered: int = 0  # of those, answered (under `lock`)
     lock: threading.Lock = field(default_factory=threading.Lock)
     sending: bool = False  # the writer thread is sending this connection's earlier messages
+    queued: dict[int, Pending] = field(default_factory=dict)  # submitted, not answered yet, by request id
 
     def post(self, item: bytes) -> None:
         """Send `item` now if the socket takes all of it without waiting and nothing sent earlier is still
@@ -140,6 +142,9 @@ class _Conn:
             msg = ipc.encode_rows(answer.tags, answer.offsets, answer.rows, answer.outputs)
         else:
             msg = b"".join([_encode_result(rid, r) for rid, r in answer.results()])
+        queued = self.queued
+        for rid in answer.tags:
+            queued.pop(rid, None)
         with self.lock:
             self.answered += len(answer.tags)
         self.post(msg)
@@ -377,11 +382,15 @@ class Hub:
                 conn.post(ipc.encode_error(int.from_bytes(payload[:8], "little"), "ModelFailure", str(e)))
                 return
             try:
-                self.batcher.submit_to(conn, rid, inputs, rows)
+                conn.queued[rid] = self.batcher.submit_to(conn, rid, inputs, rows)
             except InferError as e:
                 conn.post(ipc.encode_error(rid, type(e).__name__, e.message))
                 return
             conn.submitted += 1
+        elif kind == ipc.CANCEL:
+            p = conn.queued.get(ipc.unpack_id(memoryview(payload))[0])
+            if p is not None:
+                p.cancelled = True  # dropped unless its batch is launched already
         elif kind == ipc.METRICS_REQ:
             rid, _ = ipc.unpack_id(memoryview(payload))
             threading.Thread(target=self._gather_metrics, args=(conn, rid), daemon=True).start()

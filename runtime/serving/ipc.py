@@ -52,6 +52,7 @@ METRICS_TEXT = 7  # worker -> model process: <Q id> + text exposition
 METRICS_RESP = 8  # model process -> worker: <Q id> + merged text exposition
 STOP = 9  # model process -> worker: stop accepting, finish in-flight requests, exit
 ROWS = 10  # model process -> worker: the outputs of several requests of one batch, rows back to back
+CANCEL = 11  # worker -> model process: <Q id>; its client left: drop the request unless its batch runs
 
 _FRAME = struct.Struct("<IB")
 _REQ = struct.Struct("<QIBd")  # id, rows, n inputs, when the worker encoded it (time.monotonic)

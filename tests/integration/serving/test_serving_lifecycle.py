@@ -114,6 +114,31 @@ def test_a_request_its_client_abandons_counts_as_499_not_as_a_success(slow_serve
     assert _post(slow_server.url, 1.0).status_code == 200
 
 
+def test_a_queued_request_its_client_abandons_is_dropped_not_run(slow_server: Serve) -> None:
+    """A client that leaves while its request waits behind a running batch: the model never runs it (no
+    device time for an answer nobody reads; with protocol workers the worker tells the model process), and
+    the requests around it get their answers."""
+
+    def batches() -> float:
+        return metric_sum(httpx.get(f"{slow_server.url}/metrics").text, "kubeforge_batch_size_count")
+
+    before = batches()
+    body = b'{"inputs":[{"name":"input__0","shape":[1,4],"datatype":"FP32","data":[5,5,5,5]}]}'
+    with cf.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_post, slow_server.url, 1.0)  # runs for 0.4 s
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", int(slow_server.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(
+                b"POST /v2/models/slow/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            time.sleep(0.1)  # queued behind the first
+        last = pool.submit(_post, slow_server.url, 3.0)
+        assert first.result().json()["outputs"][0]["data"] == [2.0] * 4
+        assert last.result().json()["outputs"][0]["data"] == [6.0] * 4
+    assert batches() - before == 2  # the first and the last; the abandoned one never ran
+
+
 def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(slow_server: Serve) -> None:
     """8 requests of ~650 bytes at once against 1 KiB per process (--max-inflight-mb): a process holds one
     while the model sleeps on it, and refuses the others before reading them, over REST (429) and gRPC

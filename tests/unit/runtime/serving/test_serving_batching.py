@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runtime.serving.batching import _FUTURES, Answer, Batcher
-from runtime.serving.errors import QueueFull, Unavailable
+from runtime.serving.errors import Cancelled, QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
 
 
@@ -154,6 +154,50 @@ def test_model_error_fails_only_that_batch() -> None:
         b.submit([torch.zeros(1, 1)], 1).result(5)
     assert b.submit([torch.ones(1, 1)], 1).result(5)[0].item() == 1.0
     b.close(5)
+
+
+def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_never_run() -> None:
+    """Its client left (a worker's CANCEL, an event loop's cancelled future): the model never sees its rows,
+    its sink gets Cancelled (so a worker frees its slot), and the requests around it are answered."""
+    seen: list[float] = []
+    gate = threading.Event()
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        gate.wait(5)  # hold the first batch so the others queue up behind it
+        seen.extend(xs[0][:, 0].tolist())
+        return (xs[0] * 2,)
+
+    b = Batcher(run, max_batch_size=8, max_delay_s=0.0, max_queue_size=100)
+    first = b.submit([torch.full((1, 1), 1.0)], 1)
+    assert _until(lambda: b.queued == 0)  # taken into the first batch, held at the gate
+    sink = _Collect()
+    queued = [b.submit_to(sink, i, [torch.full((1, 1), 10.0 + i)], 1) for i in range(4)]
+    queued[1].cancelled = queued[3].cancelled = True
+    gate.set()
+    assert first.result(5)[0].item() == 2.0
+    assert _until(lambda: len(sink.results) == 4)
+    b.close(5)
+    got = dict(sink.results)
+    assert got[0][0].item() == 20.0 and got[2][0].item() == 24.0  # type: ignore[index]
+    for i in (1, 3):
+        assert isinstance(got[i], Cancelled) and "client left" in got[i].message  # type: ignore[union-attr]
+    assert sorted(seen) == [1.0, 10.0, 12.0]  # the cancelled rows never reached the model
+
+
+class _Collect:
+    """A sink that keeps every Answer it is handed."""
+
+    def __init__(self) -> None:
+        self.answers: list[Answer] = []
+        self.done = threading.Event()
+
+    def deliver(self, answer: Answer) -> None:
+        self.answers.append(answer)
+        self.done.set()
+
+    @property
+    def results(self) -> list[tuple[object, object]]:
+        return [r for a in self.answers for r in a.results()]
 
 
 def _deferred(model: torch.nn.Module, launched: list[int], gates: list[threading.Event]):  # type: ignore[no-untyped-def]
@@ -461,16 +505,7 @@ def test_each_sink_gets_its_requests_of_a_batch_in_one_delivery() -> None:
         with torch.inference_mode():
             return (model(xs[0]),)
 
-    class Collect:
-        def __init__(self) -> None:
-            self.answers: list[Answer] = []
-            self.done = threading.Event()
-
-        def deliver(self, answer: Answer) -> None:
-            self.answers.append(answer)
-            self.done.set()
-
-    a, b = Collect(), Collect()
+    a, b = _Collect(), _Collect()
     batcher = Batcher(run, max_batch_size=16, max_delay_s=0.0)
     first = batcher.submit_to(a, "a0", [torch.randn(1, 16)], 1)  # runs alone, holding the gate
     assert entered.wait(5)
