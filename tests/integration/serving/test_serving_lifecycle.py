@@ -26,6 +26,20 @@ def _post(url: str, value: float) -> httpx.Response:
     return httpx.post(f"{url}/v2/models/slow/infer", json=body, timeout=30)
 
 
+def _grpc_one(server: Serve, request_id: str = "") -> str:
+    """One ModelInfer call with tritonclient: "OK", or the status and message it ended with."""
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(server.grpc_url)
+    inp = tg.InferInput("input__0", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    try:
+        client.infer("slow", [inp], request_id=request_id)
+    except tg.InferenceServerException as e:
+        return f"{e.status()} {e.message()}"
+    return "OK"
+
+
 @pytest.fixture(scope="module", params=["0", "2"], ids=["one-process", "2-workers"])
 def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Serve:
     """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests; each process holds
@@ -54,7 +68,6 @@ def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Serve:
 
 
 def test_full_queue_answers_429_and_resource_exhausted(slow_server: Serve) -> None:
-    import tritonclient.grpc as tg
 
     with cf.ThreadPoolExecutor(8) as pool:
         rest = list(pool.map(lambda i: _post(slow_server.url, float(i)), range(8)))
@@ -67,18 +80,8 @@ def test_full_queue_answers_429_and_resource_exhausted(slow_server: Serve) -> No
         if r.status_code == 200:
             assert r.json()["outputs"][0]["data"] == [2.0 * i] * 4
 
-    def grpc_one(_: int) -> str:
-        client = tg.InferenceServerClient(slow_server.grpc_url)
-        inp = tg.InferInput("input__0", [1, 4], "FP32")
-        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-        try:
-            client.infer("slow", [inp])
-        except tg.InferenceServerException as e:
-            return str(e.status())
-        return "OK"
-
     with cf.ThreadPoolExecutor(8) as pool:
-        statuses = set(pool.map(grpc_one, range(8)))
+        statuses = {s.split(" ")[0] for s in pool.map(lambda _: _grpc_one(slow_server), range(8))}
     assert statuses == {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, statuses
     assert httpx.get(f"{slow_server.url}/v2/health/ready").status_code == 200
 
@@ -143,7 +146,6 @@ def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(s
     """8 requests of ~650 bytes at once against 1 KiB per process (--max-inflight-mb): a process holds one
     while the model sleeps on it, and refuses the others before reading them, over REST (429) and gRPC
     (RESOURCE_EXHAUSTED), naming the flag; the ones it took get their own answers."""
-    import tritonclient.grpc as tg
 
     def padded(i: int) -> httpx.Response:
         row = {"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [float(i)] * 4}
@@ -170,18 +172,8 @@ def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(s
         if r.status_code == 200:
             assert r.json()["outputs"][0]["data"] == [2.0 * i] * 4
 
-    def grpc_one(_: int) -> str:
-        client = tg.InferenceServerClient(slow_server.grpc_url)
-        inp = tg.InferInput("input__0", [1, 4], "FP32")
-        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-        try:
-            client.infer("slow", [inp], request_id="r" * 600)  # an id that makes the message ~650 bytes
-        except tg.InferenceServerException as e:
-            return f"{e.status()} {e.message()}"
-        return "OK"
-
-    with cf.ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(grpc_one, range(8)))
+    with cf.ThreadPoolExecutor(8) as pool:  # an id that makes each message ~650 bytes
+        statuses = list(pool.map(lambda _: _grpc_one(slow_server, request_id="r" * 600), range(8)))
     assert any(s.startswith("StatusCode.RESOURCE_EXHAUSTED") and "--max-inflight-mb" in s for s in statuses)
     assert "OK" in statuses, statuses
     assert refusals("grpc") - before[1] == sum("--max-inflight-mb" in s for s in statuses)
