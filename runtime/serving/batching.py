@@ -358,15 +358,16 @@ class Batcher:
                 self._idle(remaining)
             batch: list[Pending] = []
             rest: deque[Pending] = deque()
-            rows = 0
+            rows = taken = 0  # the batch's rows; those and the cancelled requests' (dropped at launch)
             for p in self._queue:
-                if p.key == first.key and (not batch or rows + p.rows <= self.max_batch_size):
+                if p.key == first.key and (p.cancelled or not batch or rows + p.rows <= self.max_batch_size):
                     batch.append(p)
-                    rows += p.rows
+                    rows += 0 if p.cancelled else p.rows
+                    taken += p.rows
                 else:
                     rest.append(p)
             self._queue = rest
-            left = self._rows.pop(first.key) - rows
+            left = self._rows.pop(first.key) - taken
             if left:
                 self._rows[first.key] = left
             self._inflight += 1

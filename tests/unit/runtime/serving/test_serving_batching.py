@@ -158,16 +158,19 @@ def test_model_error_fails_only_that_batch() -> None:
 
 def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_never_run() -> None:
     """Its client left (a worker's CANCEL, an event loop's cancelled future): the model never sees its rows,
-    its sink gets Cancelled (so a worker frees its slot), and the requests around it are answered."""
+    its sink gets Cancelled (so a worker frees its slot), the requests around it are answered, and its rows
+    take no room in the batch that drops it."""
     seen: list[float] = []
+    sizes: list[int] = []
     gate = threading.Event()
 
     def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         gate.wait(5)  # hold the first batch so the others queue up behind it
         seen.extend(xs[0][:, 0].tolist())
+        sizes.append(xs[0].shape[0])
         return (xs[0] * 2,)
 
-    b = Batcher(run, max_batch_size=8, max_delay_s=0.0, max_queue_size=100)
+    b = Batcher(run, max_batch_size=2, max_delay_s=0.0, max_queue_size=100)
     first = b.submit([torch.full((1, 1), 1.0)], 1)
     assert _until(lambda: b.queued == 0)  # taken into the first batch, held at the gate
     sink = _Collect()
@@ -182,6 +185,7 @@ def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_
     for i in (1, 3):
         assert isinstance(got[i], Cancelled) and "client left" in got[i].message  # type: ignore[union-attr]
     assert sorted(seen) == [1.0, 10.0, 12.0]  # the cancelled rows never reached the model
+    assert sizes == [1, 2]  # the two live ones in one batch of 2: the cancelled ones took no room
 
 
 class _Collect:
