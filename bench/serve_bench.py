@@ -13,7 +13,7 @@ apart from how large the load let them grow. Cold start = process start to
 
 `--workers 0,8` measures the server with its protocol on the model process's event loop and with 8 protocol
 worker processes, in the same run. Client parallelism: BENCH_WRK_THREADS (default 2) wrk threads,
-BENCH_GHZ_CONNECTIONS (default 4) gRPC connections.
+BENCH_GRPC_CONNECTIONS (default 4) gRPC connections.
 
 The last column is the server's CPU time per request during each point (model process, and the worker
 processes together), from /proc. `--models tiny` (256 -> 8 -> 10) does next to no compute: what is left is
@@ -287,7 +287,7 @@ def _grpc_load(tool: str, target: str, req: bytes, c: int, seconds: float, tmp: 
     """Closed-loop ModelInfer calls with `tool`: bench/grpcload (what the tables use), or ghz (named so)."""
     bf = tmp / "grpc.bin"
     bf.write_bytes(req)
-    conns = str(min(c, int(os.environ.get("BENCH_GHZ_CONNECTIONS", "4"))))
+    conns = str(min(c, int(os.environ.get("BENCH_GRPC_CONNECTIONS", "4"))))
     if Path(tool).name.startswith("ghz"):
         method = "inference.GRPCInferenceService/ModelInfer"
         proto = str(ROOT / "runtime/serving/protocol/grpc_predict_v2.proto")

@@ -24,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .cache/dev/setup.sh >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.cache/dev/bin:/tmp/site/bin:$PATH BENCH_WRK_THREADS=4
-export BENCH_GHZ_CONNECTIONS=16 GRPC_LOAD=$PWD/.cache/dev/bin/grpcload
+export BENCH_GRPC_CONNECTIONS=16 GRPC_LOAD=$PWD/.cache/dev/bin/grpcload
 case ${1:-tests} in
 tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose packages the GPU image lacks
   timeout 500 python -m pytest -q --noconftest -p no:cacheprovider tests/unit/runtime/serving -k gpu 2>&1 | tail -15 ;;
