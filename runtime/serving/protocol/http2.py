@@ -74,6 +74,9 @@ DEFAULT_WINDOW = 65535
 ACK_DELAY = 0.005  # s: the longest a PING answer waits for an answer to ride with
 MAX_HELD_ACKS = 64  # PING answers held for a ride at most; more go with this read's write
 MAX_PAUSED_ACKS = 1000  # PING and SETTINGS answers owed while the client reads none of ours: a flood
+# calls a client may cancel (RST_STREAM) in a burst, and per second after it (nghttp2's defaults): past them a
+# "rapid reset" (CVE-2023-44487), calls started and cancelled at once, each costing us work but no wait
+RESET_BURST, RESET_RATE = 1000, 33.0
 
 _FRAME = struct.Struct(">HBBBI")  # a 24-bit length as 16 + 8 bits, type, flags, stream id
 
@@ -186,6 +189,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.paused_acks = 0  # PING and SETTINGS answers owed since then
         self.buffered = 0  # request bytes held for the calls open on this connection
         self.last_active = time.monotonic()  # the last read (GrpcServer's sweep closes quiet connections)
+        self.resets = float(RESET_BURST)  # tokens for cancelled calls, refilled at RESET_RATE per second
+        self.resets_at = self.last_active
 
     # -- asyncio --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -344,11 +349,24 @@ class _Connection(asyncio.BufferedProtocol):
         elif kind == RST_STREAM:
             s = self._drop(sid)
             self.blocked.pop(sid, None)
-            if s is not None and s.task is not None:
-                s.task.cancel()
+            if s is not None:
+                if s.task is not None:
+                    s.task.cancel()
+                self._count_reset()
         elif kind == PUSH_PROMISE:
             self._fail(PROTOCOL_ERROR, "clients may not push")
         # PRIORITY, GOAWAY (the client starts no new calls; ours finish) and unknown types: nothing to do
+
+    def _count_reset(self) -> None:
+        """A call the client cancelled: past RESET_BURST, and RESET_RATE per second, end the connection."""
+        now = time.monotonic()
+        self.resets = min(float(RESET_BURST), self.resets + (now - self.resets_at) * RESET_RATE) - 1
+        self.resets_at = now
+        if self.resets < 0:
+            self._fail(
+                ENHANCE_YOUR_CALM,
+                f"more than {RESET_BURST} calls cancelled at once, or {RESET_RATE:g} per second after that",
+            )
 
     def _owe_answer(self) -> bool:
         """Count an answer owed to a PING or SETTINGS frame; past MAX_PAUSED_ACKS of them while the client

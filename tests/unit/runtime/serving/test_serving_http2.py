@@ -464,6 +464,32 @@ def test_quiet_connections_close_unless_a_call_is_being_answered() -> None:
     _serve(Echo().handlers() | {"/t.E/Slow": slow}, scenario, keepalive_s=0.5)
 
 
+def test_calls_started_and_cancelled_at_once_past_the_burst_end_the_connection() -> None:
+    """A rapid reset (CVE-2023-44487): each call costs the server work, the client waits for none. Past
+    RESET_BURST cancelled calls (then RESET_RATE per second) the connection ends with GOAWAY
+    ENHANCE_YOUR_CALM; a client that cancels a few calls, and other connections, go on."""
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        for i in range(10):  # a few cancelled calls: nothing happens
+            c.call(2 * i + 1, "/t.E/Echo", b"x")
+            c.w.write(http2.frame(http2.RST_STREAM, 0, 2 * i + 1, http2.CANCEL.to_bytes(4, "big")))
+        c.call(21, "/t.E/Echo", b"ok")
+        headers, data = await asyncio.wait_for(c.answer(21), 10)
+        assert headers["grpc-status"] == "0" and data.endswith(b"ko")
+        for i in range(11, 11 + 2 * http2.RESET_BURST):
+            c.call(2 * i + 1, "/t.E/Echo", b"x")
+            c.w.write(http2.frame(http2.RST_STREAM, 0, 2 * i + 1, http2.CANCEL.to_bytes(4, "big")))
+        while (f := await asyncio.wait_for(c.frames(), 10))[0] != http2.GOAWAY:
+            pass
+        assert int.from_bytes(f[3][4:8], "big") == http2.ENHANCE_YOUR_CALM and b"cancelled" in f[3][8:]
+        async with _channel(target) as ch:
+            assert await ch.unary_unary("/t.E/Echo")(b"abc") == b"cba"
+
+    _serve(Echo(delay=0.5), scenario, timeout=60)
+
+
 def test_index_only_header_blocks_are_decoded_once_until_the_table_changes() -> None:
     """A block of indexed fields only is decoded once per connection; a block that adds to the dynamic table
     shifts every index, so the same bytes then mean other headers: a remembered decoding must go. Checked
