@@ -177,6 +177,7 @@ class Batcher:
         self._variable_dims = [list(v) for v in variable_dims]  # per input: non-batch dims that vary
         self._pad_multiple = pad_multiple
         self._observer = observer
+        self._dropped: Callable[[int], object] | None = None  # told how many cancelled requests it dropped
         self._queue: deque[Pending] = deque()
         self._rows: dict[tuple[object, ...], int] = {}  # queued rows per key
         self._device_wait = False  # the batcher waits for the device (only a full batch needs to wake it)
@@ -215,8 +216,10 @@ class Batcher:
         observer: Observer | None,
         gather: Gather | None = None,
         depth: int = 1,
+        dropped: Callable[[int], object] | None = None,
     ) -> None:
         """Apply what loading the model decided (call from `setup`, before the first batch)."""
+        self._dropped = dropped
         self._gather = gather or cat_and_pad
         self._depth = max(1, depth)
         self.name = name
@@ -408,6 +411,8 @@ class Batcher:
         live = [p for p in batch if not p.cancelled]
         if len(live) < len(batch):  # their clients left: no device time for them
             _fail_all([p for p in batch if p.cancelled], Cancelled("the client left before its request ran"))
+            if self._dropped is not None:
+                self._dropped(len(batch) - len(live))
         bucket = self._bucket(sum(p.rows for p in live))  # the rows the batch is padded to
         outs = self._start(live, bucket) if live else None
         if callable(outs) and self._finisher is not None:

@@ -99,6 +99,13 @@ class Metrics:
             ["model", "backend", "step"],
             registry=r,
         )
+        self.dropped = Counter(
+            "kubeforge_dropped_unrun",
+            "Requests dropped before their batch ran because their client left (connection closed, gRPC"
+            " cancel or deadline): device time not spent on answers nobody reads.",
+            ["model"],
+            registry=r,
+        )
         self.inflight_refused = Counter(
             "kubeforge_inflight_refused",
             "Requests refused before their body was read because the process already held --max-inflight-mb"

@@ -333,6 +333,7 @@ class Server:
                 observer=self.metrics.observer(p.loaded.name),
                 gather=p.gather,
                 depth=p.depth,
+                dropped=self.metrics.dropped.labels(p.loaded.name).inc,
             )
             return p.runner
 

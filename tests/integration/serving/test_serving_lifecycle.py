@@ -122,8 +122,10 @@ def test_a_queued_request_its_client_abandons_is_dropped_not_run(slow_server: Se
     device time for an answer nobody reads; with protocol workers the worker tells the model process), and
     the requests around it get their answers."""
 
-    def batches() -> float:
-        return metric_sum(httpx.get(f"{slow_server.url}/metrics").text, "kubeforge_batch_size_count")
+    def batches() -> tuple[float, float]:
+        text = httpx.get(f"{slow_server.url}/metrics").text
+        ran, dropped = "kubeforge_batch_size_count", "kubeforge_dropped_unrun_total"
+        return metric_sum(text, ran), metric_sum(text, dropped)
 
     before = batches()
     body = b'{"inputs":[{"name":"input__0","shape":[1,4],"datatype":"FP32","data":[5,5,5,5]}]}'
@@ -139,7 +141,9 @@ def test_a_queued_request_its_client_abandons_is_dropped_not_run(slow_server: Se
         last = pool.submit(_post, slow_server.url, 3.0)
         assert first.result().json()["outputs"][0]["data"] == [2.0] * 4
         assert last.result().json()["outputs"][0]["data"] == [6.0] * 4
-    assert batches() - before == 2  # the first and the last; the abandoned one never ran
+    after = batches()
+    assert after[0] - before[0] == 2  # the first and the last; the abandoned one never ran
+    assert after[1] - before[1] == 1  # and is counted as dropped
 
 
 def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(slow_server: Serve) -> None:
