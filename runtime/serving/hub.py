@@ -109,8 +109,8 @@ class _Conn:
     outbox: list[bytes] = field(default_factory=list)
     closed: bool = False
     submitted: int = 0  # requests given to the batcher (by the thread reading the connections)
-    answered: int = 0  # of those, answered (under `lock`)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    answered: int = 0  # of those, answered (under `lock`, which is notified)
+    lock: threading.Condition = field(default_factory=threading.Condition)
     sending: bool = False  # the writer thread is sending this connection's earlier messages
     queued: dict[int, Pending] = field(default_factory=dict)  # submitted, not answered yet, by request id
 
@@ -147,6 +147,7 @@ class _Conn:
             queued.pop(rid, None)
         with self.lock:
             self.answered += len(answer.tags)
+            self.lock.notify_all()  # a dead worker's arena waits for its last answers
         self.post(msg)
 
 
@@ -438,13 +439,9 @@ class Hub:
     def _release_arena(self, conn: _Conn) -> None:
         """Give a dead worker's arena back (page-locked memory and the mapping) once the batcher has answered
         every request whose inputs view it; until then a batch may still be copying from it."""
-        deadline = time.monotonic() + self.cfg.grace_s + 60
-        while time.monotonic() < deadline:
-            with conn.lock:
-                if conn.answered >= conn.submitted:
-                    break
-            time.sleep(0.05)
-        else:
+        with conn.lock:
+            done = conn.lock.wait_for(lambda: conn.answered >= conn.submitted, self.cfg.grace_s + 60)
+        if not done:
             log.warning(
                 "a dead worker's requests never finished; keeping its arena", extra={"worker": conn.index}
             )
