@@ -191,6 +191,7 @@ class Batcher:
         self._depth = max(1, depth)  # batches in flight at most
         self._source: Source | None = None
         self._pumping = False  # the batcher thread is in its source's pump (under _cond)
+        self._pumped = False  # it read its source since it last took a batch
         # launched batches for the finishing thread, in launch (= stream) order; None stops it
         self._launched: queue.SimpleQueue[
             tuple[list[Pending], Callable[[], Outputs], float, float, int] | None
@@ -325,7 +326,7 @@ class Batcher:
         if source is None:
             self._cond.wait(timeout)
             return
-        self._pumping = True
+        self._pumping = self._pumped = True
         self._cond.release()
         try:
             source.pump(timeout)
@@ -359,6 +360,11 @@ class Batcher:
                 if remaining <= 0 or not (self._announced or self._external()):
                     break
                 self._idle(remaining)
+            if self._source is not None and not self._pumped:
+                # a batch that ran on this thread (no waits since the last one) left requests unread, and
+                # their cancellations: read what arrived meanwhile (without waiting) before forming this one
+                self._idle(0)
+            self._pumped = False
             batch: list[Pending] = []
             rest: deque[Pending] = deque()
             rows = taken = 0  # the batch's rows; those and the cancelled requests' (dropped at launch)

@@ -344,6 +344,32 @@ def test_the_batcher_thread_reads_its_source_while_batches_run_and_close_wakes_i
     assert not any(t.name == "batcher-src" for t in threading.enumerate())
 
 
+def test_after_a_batch_that_ran_on_its_thread_the_batcher_reads_its_source_before_forming_the_next() -> None:
+    """A synchronous runner keeps the batcher thread from its source while a batch runs; requests (and, with
+    protocol workers, cancellations) that arrived meanwhile are read before the next batch forms, even when
+    the queue is not empty: they join it, rather than waiting for the queue to run dry."""
+    sizes: list[int] = []
+    gate, entered = threading.Event(), threading.Event()
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        entered.set()
+        gate.wait(5)
+        sizes.append(xs[0].shape[0])
+        return (xs[0] * 2,)
+
+    b = Batcher(run, name="sync", max_batch_size=8, max_delay_s=0.0)
+    src = _PipeSource(b)
+    b.set_source(src)
+    first = src.send(torch.ones(1, 1))
+    assert entered.wait(5)  # running on the batcher thread
+    queued = b.submit([torch.full((1, 1), 2.0)], 1)  # queued directly: the queue is not empty
+    unread = src.send(torch.full((1, 1), 3.0))  # arrived at the source, not read yet
+    gate.set()
+    assert [f.result(5)[0].item() for f in (first, queued, unread)] == [2.0, 4.0, 6.0]
+    b.close(5)
+    assert sizes == [1, 2]  # the source's request joined the queued one
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("copy_stream", [False, True], ids=["one-stream", "copy-stream"])
 @pytest.mark.parametrize("big", [False, True], ids=["staged-rows", "page-locked-64KB-rows"])
