@@ -276,13 +276,17 @@ class Server:
         self.metrics = Metrics()
         self.repo = Repository([])
         self.draining = False
-        self.failed: str | None = None
         self.error: BaseException | None = None  # why the model failed to load (re-raised by the CLI)
         self.http_port = cfg.http_port
         self.grpc_port = cfg.grpc_port
         self._stop = asyncio.Event()
         self._pending: tuple[Batcher, dict[str, Prepared]] | None = None
         self._hub: Any = None  # runtime.serving.hub.Hub when protocol workers serve
+
+    @property
+    def failed(self) -> str | None:
+        """Why the model failed to load, when it did (the repository's, which infer answers with)."""
+        return self.repo.failed
 
     def is_ready(self) -> bool:
         return not self.draining and bool(self.repo.models) and self.repo.ready
@@ -361,7 +365,7 @@ class Server:
     def _model_failed(self, e: BaseException, what: str, *, trace: bool = False) -> None:
         self.repo.models = {}
         self.error = e
-        self.failed = self.repo.failed = f"{type(e).__name__}: {e}"
+        self.repo.failed = f"{type(e).__name__}: {e}"
         log.error(
             f"{what}; the server stays live but never ready",
             extra={"error": self.failed},
