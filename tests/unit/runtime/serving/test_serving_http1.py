@@ -69,6 +69,17 @@ async def _read_response(r: asyncio.StreamReader) -> tuple[int, dict[bytes, byte
     return status, headers, body
 
 
+async def _until(cond: Callable[[], object], seconds: float) -> bool:
+    """Poll `cond` every 10 ms until it holds or `seconds` pass; whether it held."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not cond():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 def _serve(
     app: Any, scenario: Callable[[int, HttpServer], Awaitable[None]], *, max_payload: int = 1 << 20
 ) -> None:
@@ -234,15 +245,9 @@ def test_a_body_the_client_abandons_is_released() -> None:
         _, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(_post("/p", b"z" * 100_000)[:50_000])
         await w.drain()
-        for _ in range(100):
-            if app.buffers:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: app.buffers, 1.0)
         w.close()
-        for _ in range(100):
-            if not server.connections:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: not server.connections, 1.0)
 
     _serve(app, scenario)
     assert len(app.buffers) == 1 and app.released == 1
@@ -370,10 +375,6 @@ def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> No
         await asyncio.sleep(0.1)
         assert budget.held == 100_000
         w.close()
-        for _ in range(100):
-            if not budget.held:
-                break
-            await asyncio.sleep(0.01)
-        assert budget.held == 0
+        assert await _until(lambda: not budget.held, 1.0)
 
     _serve(app, scenario)

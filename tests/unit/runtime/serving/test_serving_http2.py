@@ -47,6 +47,17 @@ class Echo:
         return {"/t.E/Echo": echo, "/t.E/Fail": fail}
 
 
+async def _until(cond: Callable[[], object], seconds: float) -> bool:
+    """Poll `cond` every 10 ms until it holds or `seconds` pass; whether it held."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not cond():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 def _serve(
     app: Echo | dict[str, http2.Handler],
     scenario: Callable[[str, GrpcServer], Awaitable[None]],
@@ -159,11 +170,7 @@ def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> No
             await asyncio.sleep(0.1)
             assert budget.held == len(msg) + 5  # held while answered (0.3 s)
             pending.cancel()
-            for _ in range(100):
-                if not budget.held:
-                    break
-                await asyncio.sleep(0.01)
-            assert budget.held == 0
+            assert await _until(lambda: not budget.held, 1.0)
         finally:
             for ch in chans:
                 await ch.close()
@@ -420,11 +427,7 @@ def test_a_client_that_floods_pings_and_reads_nothing_is_cut_off(caplog: pytest.
                 sent += len(pings)
         assert sent < limit, sent
         w.close()
-        for _ in range(100):  # the server lets go of the connection
-            if not server.connections:
-                break
-            await asyncio.sleep(0.05)
-        assert not server.connections
+        assert await _until(lambda: not server.connections, 5.0)  # the server lets go of the connection
         assert any("PING or SETTINGS" in getattr(r, "reason", "") for r in caplog.records)
         async with _channel(target) as ch:
             assert await ch.unary_unary("/t.E/Echo")(b"abc") == b"cba"
