@@ -24,6 +24,7 @@ from runtime.serving.protocol.http1 import (
     Response,
     _Connection,
 )
+from tests.fixtures.polling import until
 
 
 class EchoApp:
@@ -67,17 +68,6 @@ async def _read_response(r: asyncio.StreamReader) -> tuple[int, dict[bytes, byte
         return status, headers, b""
     body = await r.readexactly(int(headers.get(b"content-length", b"0")))
     return status, headers, body
-
-
-async def _until(cond: Callable[[], object], seconds: float) -> bool:
-    """Poll `cond` every 10 ms until it holds or `seconds` pass; whether it held."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not cond():
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 def _serve(
@@ -245,9 +235,9 @@ def test_a_body_the_client_abandons_is_released() -> None:
         _, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(_post("/p", b"z" * 100_000)[:50_000])
         await w.drain()
-        await _until(lambda: app.buffers, 1.0)
+        await until(lambda: app.buffers, 1.0)
         w.close()
-        await _until(lambda: not server.connections, 1.0)
+        await until(lambda: not server.connections, 1.0)
 
     _serve(app, scenario)
     assert len(app.buffers) == 1 and app.released == 1
@@ -375,6 +365,6 @@ def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> No
         await asyncio.sleep(0.1)
         assert budget.held == 100_000
         w.close()
-        assert await _until(lambda: not budget.held, 1.0)
+        assert await until(lambda: not budget.held, 1.0)
 
     _serve(app, scenario)

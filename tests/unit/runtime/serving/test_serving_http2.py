@@ -20,6 +20,7 @@ from runtime.serving.protocol import http2
 from runtime.serving.protocol.http1 import Budget
 from runtime.serving.protocol.http2 import GrpcServer, RpcError
 from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, field_start, split_field
+from tests.fixtures.polling import until
 
 
 class Echo:
@@ -45,17 +46,6 @@ class Echo:
             raise RpcError(5, f"no model named {bytes(message).decode()!r} — try ünïcode")
 
         return {"/t.E/Echo": echo, "/t.E/Fail": fail}
-
-
-async def _until(cond: Callable[[], object], seconds: float) -> bool:
-    """Poll `cond` every 10 ms until it holds or `seconds` pass; whether it held."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not cond():
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 def _serve(
@@ -170,7 +160,7 @@ def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> No
             await asyncio.sleep(0.1)
             assert budget.held == len(msg) + 5  # held while answered (0.3 s)
             pending.cancel()
-            assert await _until(lambda: not budget.held, 1.0)
+            assert await until(lambda: not budget.held, 1.0)
         finally:
             for ch in chans:
                 await ch.close()
@@ -427,7 +417,7 @@ def test_a_client_that_floods_pings_and_reads_nothing_is_cut_off(caplog: pytest.
                 sent += len(pings)
         assert sent < limit, sent
         w.close()
-        assert await _until(lambda: not server.connections, 5.0)  # the server lets go of the connection
+        assert await until(lambda: not server.connections, 5.0)  # the server lets go of the connection
         assert any("PING or SETTINGS" in getattr(r, "reason", "") for r in caplog.records)
         async with _channel(target) as ch:
             assert await ch.unary_unary("/t.E/Echo")(b"abc") == b"cba"
