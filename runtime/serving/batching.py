@@ -7,6 +7,14 @@ known to be on their way (announced by the protocol layer and not yet queued): a
 under load batches fill while the previous one runs. The queue is bounded: past `max_queue_size` queued
 requests `submit` raises QueueFull (HTTP 429 / gRPC RESOURCE_EXHAUSTED), so memory stays bounded.
 
+Deadlines and overload: a request may carry `expires` (the latest moment it may still be launched: a queue
+timeout, Triton's `timeout` parameter or the server's default) and `leaves` (when its client stops waiting:
+gRPC's grpc-timeout). Each batch formation drops, unrun, every queued request that expired or that could no
+longer be answered before its client leaves (by the running estimate of a batch's seconds); they get
+DeadlineExceeded (504 / DEADLINE_EXCEEDED). With `lifo_after_s`, once the oldest queued request has waited
+that long (overload: the queue grows faster than batches drain it), batches form from the newest requests
+first, whose clients are most likely still waiting; the oldest wait until the queue drains or they expire.
+
 Optional padding: `batch_buckets` pads the row count up to the next bucket (static shapes for CUDA graphs) and
 `pad_multiple` pads variable non-batch dimensions (sequence lengths) up to a multiple, so fewer distinct
 shapes reach the compiled model; padded rows and positions are cut off the outputs again.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import queue
 import threading
 import time
@@ -41,7 +50,14 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from runtime.serving.errors import Cancelled, InferError, ModelFailure, QueueFull, Unavailable
+from runtime.serving.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InferError,
+    ModelFailure,
+    QueueFull,
+    Unavailable,
+)
 from runtime.serving.logs import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -114,6 +130,16 @@ class Pending:
     tag: Any
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    expires: float = math.inf  # time.monotonic() past which it is not launched (a queue timeout)
+    leaves: float = math.inf  # time.monotonic() at which its client stops waiting (a gRPC deadline)
+    late: str | None = None  # why it is dropped unrun for its deadline (set by the batcher thread)
+
+
+_EXPIRED = "its timeout expired while it waited in the queue; give it a longer timeout, or add replicas"
+_HOPELESS = (
+    "its deadline (grpc-timeout) would pass before a batch started now is answered; give it a longer"
+    " deadline, or add replicas"
+)
 
 
 def settle(results: list[tuple[Any, Outputs | BaseException]]) -> None:
@@ -159,9 +185,13 @@ class Batcher:
         pad_multiple: int | None = None,
         observer: Observer | None = None,
         depth: int = 1,
+        queue_timeout_s: float = 0.0,
+        lifo_after_s: float = 0.0,
     ) -> None:
         """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
-        there: CUDA graphs and other per-thread state then belong to the thread that serves)."""
+        there: CUDA graphs and other per-thread state then belong to the thread that serves).
+        `queue_timeout_s`: how long a request that names no timeout of its own may wait (0: no limit);
+        `lifo_after_s`: the oldest request's wait past which the newest go first (0: always oldest first)."""
         if (run is None) == (setup is None):
             raise ValueError("give exactly one of run or setup")
         self._run: BatchRunner | None = run
@@ -172,12 +202,15 @@ class Batcher:
         self.max_batch_size = max_batch_size if batched else 1
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.lifo_after_s = lifo_after_s
         self.batched = batched
         self._buckets = sorted(batch_buckets) if batch_buckets else None
         self._variable_dims = [list(v) for v in variable_dims]  # per input: non-batch dims that vary
         self._pad_multiple = pad_multiple
         self._observer = observer
-        self._dropped: Callable[[int], object] | None = None  # told how many cancelled requests it dropped
+        # told how many requests it dropped unrun, and why ("cancelled", "expired")
+        self._dropped: Callable[[int, str], object] | None = None
         self._queue: deque[Pending] = deque()
         self._rows: dict[tuple[object, ...], int] = {}  # queued rows per key
         self._device_wait = False  # the batcher waits for the device (only a full batch needs to wake it)
@@ -201,6 +234,7 @@ class Batcher:
         self._device_s: dict[int, float] = {}
         self._launch_s = 0.0
         self._free_at = 0.0
+        self._answer_s = 0.0  # running estimate of the seconds from a batch's launch to its answers
         self._finisher: threading.Thread | None = None
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -217,7 +251,7 @@ class Batcher:
         observer: Observer | None,
         gather: Gather | None = None,
         depth: int = 1,
-        dropped: Callable[[int], object] | None = None,
+        dropped: Callable[[int, str], object] | None = None,
     ) -> None:
         """Apply what loading the model decided (call from `setup`, before the first batch)."""
         self._dropped = dropped
@@ -261,17 +295,35 @@ class Batcher:
             self._announced = max(0, self._announced - 1)
 
     def submit(
-        self, inputs: list[torch.Tensor], rows: int, *, announced: bool = False
+        self,
+        inputs: list[torch.Tensor],
+        rows: int,
+        *,
+        announced: bool = False,
+        expires: float = math.inf,
+        leaves: float = math.inf,
     ) -> Future[tuple[torch.Tensor, ...]]:
         """Queue a request (CPU tensors, batch dimension first when batched); the future gets its outputs."""
         fut: Future[tuple[torch.Tensor, ...]] = Future()
-        self.submit_to(_FUTURES, fut, inputs, rows, announced=announced)
+        self.submit_to(_FUTURES, fut, inputs, rows, announced=announced, expires=expires, leaves=leaves)
         return fut
 
     def submit_to(
-        self, sink: Sink, tag: Any, inputs: list[torch.Tensor], rows: int, *, announced: bool = False
+        self,
+        sink: Sink,
+        tag: Any,
+        inputs: list[torch.Tensor],
+        rows: int,
+        *,
+        announced: bool = False,
+        expires: float = math.inf,
+        leaves: float = math.inf,
     ) -> Pending:
-        """Queue a request whose result goes to `sink` under `tag` (QueueFull, Unavailable)."""
+        """Queue a request whose result goes to `sink` under `tag` (QueueFull, Unavailable). `expires`: the
+        time.monotonic() past which it is not launched (default: now + the queue timeout, if any); `leaves`:
+        when its client stops waiting."""
+        if expires == math.inf and self.queue_timeout_s:
+            expires = time.monotonic() + self.queue_timeout_s
         orig = [t.shape for t in inputs]
         if self._pad_multiple:
             inputs = [self._pad_dims(t, dims) for t, dims in zip(inputs, self._variable_dims, strict=False)]
@@ -279,7 +331,7 @@ class Batcher:
             key = tuple((t.shape[1:], t.dtype) for t in inputs)
         else:
             key = tuple((t.shape, t.dtype) for t in inputs)
-        p = Pending(inputs, rows, key, orig, sink, tag)
+        p = Pending(inputs, rows, key, orig, sink, tag, expires=expires, leaves=leaves)
         with self._cond:
             if announced:
                 self._announced = max(0, self._announced - 1)
@@ -365,22 +417,44 @@ class Batcher:
                 # their cancellations: read what arrived meanwhile (without waiting) before forming this one
                 self._idle(0)
             self._pumped = False
-            batch: list[Pending] = []
-            rest: deque[Pending] = deque()
-            rows = taken = 0  # the batch's rows; those and the cancelled requests' (dropped at launch)
-            for p in self._queue:
-                if p.key == first.key and (p.cancelled or not batch or rows + p.rows <= self.max_batch_size):
-                    batch.append(p)
-                    rows += 0 if p.cancelled else p.rows
-                    taken += p.rows
-                else:
-                    rest.append(p)
-            self._queue = rest
-            left = self._rows.pop(first.key) - taken
+            return self._form()
+
+    def _form(self) -> list[Pending]:
+        """Take the next batch off the queue (hold _cond; the queue is not empty): the oldest request and
+        those with its key, oldest first, or newest first in overload (lifo_after_s). Requests cancelled or
+        past their deadline are taken along whatever their key, marked, for `_launch` to answer."""
+        now = time.monotonic()
+        queue = self._queue
+        lifo = bool(self.lifo_after_s) and time.perf_counter() - queue[0].enqueued > self.lifo_after_s
+        order = reversed(queue) if lifo else iter(queue)
+        hopeless = now + self._answer_s  # a client that leaves before then gets no answer in time
+        batch: list[Pending] = []
+        rest: list[Pending] = []
+        key: tuple[object, ...] | None = None
+        rows = 0  # the batch's rows to run
+        taken: dict[tuple[object, ...], int] = {}  # rows leaving the queue, per key
+        for p in order:
+            if not p.cancelled and (p.expires <= now or p.leaves <= hopeless):
+                p.late = _EXPIRED if p.expires <= now else _HOPELESS
+            dead = p.cancelled or p.late is not None
+            if key is None and not dead:
+                key = p.key
+            if dead:  # answered at launch, takes no room in the batch
+                batch.append(p)
+            elif p.key == key and (not rows or rows + p.rows <= self.max_batch_size):
+                batch.append(p)
+                rows += p.rows
+            else:
+                rest.append(p)
+                continue
+            taken[p.key] = taken.get(p.key, 0) + p.rows
+        self._queue = deque(reversed(rest) if lifo else rest)
+        for k, n in taken.items():
+            left = self._rows.pop(k) - n
             if left:
-                self._rows[first.key] = left
-            self._inflight += 1
-            return batch
+                self._rows[k] = left
+        self._inflight += 1
+        return batch
 
     def _loop(self) -> None:
         name_os_thread()
@@ -414,11 +488,10 @@ class Batcher:
 
     def _launch(self, batch: list[Pending]) -> None:
         start = time.perf_counter()
-        live = [p for p in batch if not p.cancelled]
-        if len(live) < len(batch):  # their clients left: no device time for them
-            _fail_all([p for p in batch if p.cancelled], Cancelled("the client left before its request ran"))
-            if self._dropped is not None:
-                self._dropped(len(batch) - len(live))
+        live = [p for p in batch if not p.cancelled and p.late is None]
+        if len(live) < len(batch):  # no device time for answers nobody reads
+            self._drop([p for p in batch if p.cancelled], "cancelled")
+            self._drop([p for p in batch if p.late is not None and not p.cancelled], "expired")
         bucket = self._bucket(sum(p.rows for p in live))  # the rows the batch is padded to
         outs = self._start(live, bucket) if live else None
         if callable(outs) and self._finisher is not None:
@@ -438,6 +511,18 @@ class Batcher:
                 self._answer(live, outs, start)
         finally:
             self._done_batch()
+
+    def _drop(self, dropped: list[Pending], why: str) -> None:
+        if not dropped:
+            return
+        if why == "cancelled":
+            _fail_all(dropped, Cancelled("the client left before its request ran"))
+        else:
+            for reason in {p.late for p in dropped}:
+                group = [p for p in dropped if p.late == reason]
+                _fail_all(group, DeadlineExceeded(f"request dropped unrun: {reason}"))
+        if self._dropped is not None:
+            self._dropped(len(dropped), why)
 
     def _finish_loop(self) -> None:
         name_os_thread()
@@ -504,6 +589,7 @@ class Batcher:
         (pipelined: from its launch, or the end of the batch before when that came later, to its end; else
         the batch's run time)."""
         ran = time.perf_counter() - start
+        self._answer_s = _ewma(self._answer_s or None, ran)
         # requests whose outputs are not plain row slices of the batch's
         split = not self.batched or bool(self._pad_multiple) or any(o.dim() == 0 for o in outs)
         answers: dict[int, tuple[Sink, Answer]] = {}

@@ -113,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-delay-ms", type=float, default=2.0)
     s.add_argument("--max-queue-size", type=int, default=1024)
     s.add_argument(
+        "--queue-timeout-ms",
+        type=_milliseconds,
+        default=0.0,
+        help="how long a request that names no timeout of its own (Triton's `timeout` parameter, in µs) may "
+        "wait in the queue; past it it is dropped unrun with 504 / DEADLINE_EXCEEDED (0: no limit)",
+    )
+    s.add_argument(
+        "--lifo-after-ms",
+        type=_milliseconds,
+        default=0.0,
+        help="overload: once the oldest queued request has waited this long, batches take the newest "
+        "requests first, whose clients are most likely still waiting (0: always oldest first)",
+    )
+    s.add_argument(
         "--pad-multiple",
         type=int,
         default=None,
@@ -191,6 +205,8 @@ def _config(args: argparse.Namespace) -> Any:
             grpc_port=args.grpc_port,
             max_delay_ms=args.max_delay_ms,
             max_queue_size=args.max_queue_size,
+            queue_timeout_ms=args.queue_timeout_ms,
+            lifo_after_ms=args.lifo_after_ms,
             pad_multiple=args.pad_multiple,
             max_payload_bytes=int(args.max_payload_mb * (1 << 20)),
             max_inflight_bytes=int(args.max_inflight_mb * (1 << 20)),
@@ -202,6 +218,17 @@ def _config(args: argparse.Namespace) -> Any:
             grpc_server=args.grpc_server,
         )
     return ServeConfig(**kw)
+
+
+def _milliseconds(value: str) -> float:
+    """A duration flag: milliseconds >= 0 (argparse names the flag in its error)."""
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = -1.0
+    if not ms >= 0 or ms == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration in milliseconds >= 0 (0: off)")
+    return ms
 
 
 def _workers(value: str) -> int | None:

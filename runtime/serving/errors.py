@@ -55,6 +55,14 @@ class Cancelled(InferError):
     grpc_code = grpc.StatusCode.CANCELLED
 
 
+class DeadlineExceeded(InferError):
+    """The request's timeout or deadline passed before it ran: dropped from the queue, never run (504 /
+    DEADLINE_EXCEEDED)."""
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class ModelFailure(InferError):
     """The model raised while running a batch (500 / INTERNAL)."""
 

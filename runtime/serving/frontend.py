@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -82,11 +83,13 @@ class RemoteModel(ServedModel):
 
     worker: Worker
 
-    async def infer(self, inputs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+    async def infer(
+        self, inputs: list[torch.Tensor], rows: int, *, expires: float = math.inf, leaves: float = math.inf
+    ) -> tuple[torch.Tensor, ...]:
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
-        return await self.worker.infer(inputs, rows)
+        return await self.worker.infer(inputs, rows, expires, leaves)
 
 
 class _Link(asyncio.Protocol):
@@ -153,7 +156,9 @@ class Worker:
             info["kubeforge"] = {**info["kubeforge"], "state": "draining"}
         return info
 
-    async def infer(self, inputs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+    async def infer(
+        self, inputs: list[torch.Tensor], rows: int, expires: float = math.inf, leaves: float = math.inf
+    ) -> tuple[torch.Tensor, ...]:
         if self._hub_lost or self.link is None or self.link.transport is None:
             self.batcher.withdraw()
             raise Unavailable("the model process is gone")
@@ -170,7 +175,7 @@ class Worker:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, offset)
         self.batcher.withdraw()  # from here on the request is the model process's to count
-        self._post(ipc.encode_request(rid, rows, placed))
+        self._post(ipc.encode_request(rid, rows, placed, expires, leaves))
         try:
             result = await fut
         except asyncio.CancelledError:

@@ -55,7 +55,9 @@ ROWS = 10  # model process -> worker: the outputs of several requests of one bat
 CANCEL = 11  # worker -> model process: <Q id>; its client left: drop the request unless its batch runs
 
 _FRAME = struct.Struct("<IB")
-_REQ = struct.Struct("<QIBd")  # id, rows, n inputs, when the worker encoded it (time.monotonic)
+# id, rows, n inputs, its deadlines (batching.Pending: expires, leaves; inf: none), when the worker encoded it
+# (time.monotonic, one clock for every process of the host; the last field, read by sent_at)
+_REQ = struct.Struct("<QIBddd")
 _TENSOR = struct.Struct("<BBBQQ")  # dtype code, ndim, in arena (1) or inline (0), offset, nbytes
 _RESP = struct.Struct("<QB")  # id, 0 ok / 1 error
 _ID = struct.Struct("<Q")
@@ -163,19 +165,31 @@ def _tensors(
     return out
 
 
-def encode_request(rid: int, rows: int, inputs: Sequence[Placed]) -> bytes:
-    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs), time.monotonic())]
+def encode_request(
+    rid: int, rows: int, inputs: Sequence[Placed], expires: float = math.inf, leaves: float = math.inf
+) -> bytes:
+    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs), expires, leaves, time.monotonic())]
     parts += [_pack_meta(p.tensor, p.offset) for p in inputs]
     parts += [datatypes.tensor_buffer(p.tensor) for p in inputs if p.offset < 0]
     payload = b"".join(parts)
     return _FRAME.pack(len(payload) + 1, REQ) + payload
 
 
-def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor]]:
-    """(id, rows, inputs): arena inputs are views into `arena`, inline ones into `payload` (no copy)."""
-    rid, rows, n, _ = _REQ.unpack_from(payload, 0)
+@dataclass
+class Request:
+    """A decoded REQ: arena inputs are views into the arena, inline ones into the message (no copy)."""
+
+    rid: int
+    rows: int
+    inputs: list[torch.Tensor]
+    expires: float
+    leaves: float
+
+
+def decode_request(payload: memoryview, arena: memoryview) -> Request:
+    rid, rows, n, expires, leaves, _ = _REQ.unpack_from(payload, 0)
     metas, pos = _unpack_metas(payload, _REQ.size, n)
-    return rid, rows, _tensors(metas, payload, pos, arena)
+    return Request(rid, rows, _tensors(metas, payload, pos, arena), expires, leaves)
 
 
 def sent_at(kind: int, payload: memoryview | bytes | bytearray) -> float:

@@ -101,9 +101,10 @@ class Metrics:
         )
         self.dropped = Counter(
             "kubeforge_dropped_unrun",
-            "Requests dropped before their batch ran because their client left (connection closed, gRPC"
-            " cancel or deadline): device time not spent on answers nobody reads.",
-            ["model"],
+            "Requests dropped before their batch ran: device time not spent on answers nobody reads. reason"
+            " cancelled: the client left (connection closed, gRPC cancel); expired: the request's timeout"
+            " passed in the queue, or its gRPC deadline would pass before its answer.",
+            ["model", "reason"],
             registry=r,
         )
         self.inflight_refused = Counter(

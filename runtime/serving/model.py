@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -43,11 +44,14 @@ class ServedModel:
             "parameters": {"max_batch_size": self.max_batch_size, **self.info},
         }
 
-    async def infer(self, inputs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+    async def infer(
+        self, inputs: list[torch.Tensor], rows: int, *, expires: float = math.inf, leaves: float = math.inf
+    ) -> tuple[torch.Tensor, ...]:
+        """Run one request through the batcher; `expires`, `leaves`: its deadlines (batching.Pending)."""
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
-        return await _waker().run(self.batcher, inputs, rows)
+        return await _waker().run(self.batcher, inputs, rows, expires, leaves)
 
 
 class _Waker:
@@ -61,9 +65,11 @@ class _Waker:
         self._done: list[tuple[Any, tuple[torch.Tensor, ...] | BaseException]] = []
         self._scheduled = False
 
-    async def run(self, batcher: Batcher, inputs: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
+    async def run(
+        self, batcher: Batcher, inputs: list[torch.Tensor], rows: int, expires: float, leaves: float
+    ) -> tuple[torch.Tensor, ...]:
         mine: asyncio.Future[tuple[torch.Tensor, ...]] = self._loop.create_future()
-        pending = batcher.submit_to(self, mine, inputs, rows, announced=True)
+        pending = batcher.submit_to(self, mine, inputs, rows, announced=True, expires=expires, leaves=leaves)
         try:
             return await mine
         except asyncio.CancelledError:

@@ -64,6 +64,8 @@ class ServeConfig:
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
     max_queue_size: int = 1024
+    queue_timeout_ms: float = 0.0  # how long a request naming no timeout of its own may wait; 0: no limit
+    lifo_after_ms: float = 0.0  # the oldest request's wait past which the newest go first; 0: never
     pad_multiple: int | None = None
     host: str = "0.0.0.0"
     http_port: int = 8080
@@ -337,7 +339,7 @@ class Server:
                 observer=self.metrics.observer(p.loaded.name),
                 gather=p.gather,
                 depth=p.depth,
-                dropped=self.metrics.dropped.labels(p.loaded.name).inc,
+                dropped=lambda n, why: self.metrics.dropped.labels(p.loaded.name, why).inc(n),
             )
             return p.runner
 
@@ -347,6 +349,8 @@ class Server:
             max_batch_size=cfg.max_batch_size,
             max_delay_s=cfg.max_delay_ms / 1000,
             max_queue_size=cfg.max_queue_size,
+            queue_timeout_s=cfg.queue_timeout_ms / 1000,
+            lifo_after_s=cfg.lifo_after_ms / 1000,
         )
         self._pending = (batcher, holder)
 

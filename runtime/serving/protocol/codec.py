@@ -22,6 +22,17 @@ class Request:
     inputs: list[torch.Tensor]  # in signature order
     rows: int
     outputs: list[tuple[str, bool]] = field(default_factory=list)  # requested (name, binary); empty = all
+    timeout_s: float | None = None  # parameters.timeout: how long it may wait in the queue
+
+
+def request_timeout(value: object, where: str) -> float | None:
+    """Triton's request `timeout` parameter (microseconds; 0: the server's default) -> seconds or None."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(
+            f"{where} must be a whole number of microseconds >= 0 (how long the request may wait in the "
+            f"queue; 0: the server's --queue-timeout-ms), not {value!r}"
+        )
+    return value / 1e6 if value else None
 
 
 def tensor_from_bytes(
@@ -110,7 +121,11 @@ def decode_request(
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data follow the inputs unclaimed")
     rows = check_request(sig, names, batches, max_batch_size)
-    default_binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("malformed request: 'parameters' must be a JSON object")
+    timeout = request_timeout(params["timeout"], "parameters.timeout") if "timeout" in params else None
+    default_binary = bool(params.get("binary_data_output", False))
     wanted: list[tuple[str, bool]] = []
     known = {o.name for o in sig.outputs}
     for out in req.get("outputs") or []:
@@ -123,7 +138,9 @@ def decode_request(
     if not wanted:
         wanted = [(o.name, default_binary) for o in sig.outputs]
     rid = req.get("id")
-    return Request(rid if isinstance(rid, str) else None, [by_name[s.name] for s in sig.inputs], rows, wanted)
+    return Request(
+        rid if isinstance(rid, str) else None, [by_name[s.name] for s in sig.inputs], rows, wanted, timeout
+    )
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

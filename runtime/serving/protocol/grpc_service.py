@@ -8,6 +8,7 @@ outputs always travel as raw bytes (`raw_output_contents`), as Triton does.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,12 @@ from runtime.serving.model import Repository
 from runtime.serving.protocol import datatypes
 from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as _pb
 from runtime.serving.protocol._generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from runtime.serving.protocol.codec import tensor_bytes, tensor_from_bytes, tensor_from_json
+from runtime.serving.protocol.codec import (
+    request_timeout,
+    tensor_bytes,
+    tensor_from_bytes,
+    tensor_from_json,
+)
 from runtime.serving.signature import check_input, check_request
 
 if TYPE_CHECKING:
@@ -120,7 +126,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 except BaseException:
                     model.batcher.withdraw()
                     raise
-                outs = await model.infer(inputs, rows)
+                expires, leaves = _deadlines(request, context)
+                outs = await model.infer(inputs, rows, expires=expires, leaves=leaves)
             finally:
                 self.metrics.ended(label)
             return _encode(request, model.name, model.version, model.signature, outs)
@@ -135,6 +142,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             self.metrics.answered(label, "grpc", code, time.perf_counter() - t0 if code == "OK" else None)
+
+
+def _deadlines(request: Any, context: Any) -> tuple[float, float]:
+    """(expires, leaves) of batching.Pending: Triton's `timeout` parameter (µs the request may wait in the
+    queue), and the call's deadline (grpc-timeout)."""
+    now = time.monotonic()
+    expires = leaves = math.inf
+    if "timeout" in request.parameters:
+        p = request.parameters["timeout"]
+        kind = p.WhichOneof("parameter_choice")
+        value = getattr(p, kind) if kind else None
+        timeout = request_timeout(value, "parameters['timeout'] (int64_param)")
+        if timeout is not None:
+            expires = now + timeout
+    remaining = context.time_remaining()
+    if remaining is not None:
+        leaves = now + remaining
+    return expires, leaves
 
 
 def _decode(

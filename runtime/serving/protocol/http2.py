@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import socket
 import struct
@@ -537,6 +538,7 @@ class _Connection(asyncio.BufferedProtocol):
             timeout = parse_timeout(h.get("grpc-timeout"))
             if timeout is not None:
                 timer = asyncio.get_running_loop().call_later(timeout, self._expire, s)
+                _DEADLINE.set(time.monotonic() + timeout)  # this call's task only
             reply = await handler(body[5:])
             self._answer(s, reply)
         except RpcError as e:
@@ -747,6 +749,15 @@ class _Context:
 
     async def abort(self, code: Any, details: str) -> None:
         raise RpcError(int(code.value[0]), details)
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the call's grpc-timeout passes; None without one."""
+        deadline = _DEADLINE.get()
+        return None if deadline is None else deadline - time.monotonic()
+
+
+# the time.monotonic() at which the current call's grpc-timeout passes (each call runs in a task of its own)
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("grpc_deadline", default=None)
 
 
 _CONTEXT = _Context()

@@ -11,6 +11,7 @@ tensor data) or into a buffer of its own.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -165,7 +166,8 @@ class RestApp:
                 announced.take()  # infer() consumes the announcement
             else:
                 model.batcher.announce()
-            outs = await model.infer(decoded.inputs, decoded.rows)
+            expires = math.inf if decoded.timeout_s is None else time.monotonic() + decoded.timeout_s
+            outs = await model.infer(decoded.inputs, decoded.rows, expires=expires)
             payload, head_len = encode_response(model.name, model.version, decoded, model.signature, outs)
             if head_len is None:
                 return 200, payload, _JSON

@@ -146,6 +146,58 @@ def test_a_queued_request_its_client_abandons_is_dropped_not_run(slow_server: Se
     assert after[1] - before[1] == 1  # and is counted as dropped
 
 
+def test_a_request_whose_timeout_passes_in_the_queue_gets_504_and_deadline_exceeded_unrun(
+    slow_server: Serve,
+) -> None:
+    """tritonclient's `timeout` (µs the request may wait; Triton's queue policy), over HTTP and gRPC: a
+    request queued behind a 0.4 s batch with 0.1 s to wait is dropped unrun, answered 504 /
+    DEADLINE_EXCEEDED naming the timeout, and counted as expired; one with time enough runs."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    def counts() -> tuple[float, float]:
+        text = httpx.get(f"{slow_server.url}/metrics").text
+        expired = 'kubeforge_dropped_unrun_total{model="slow",reason="expired"}'
+        return metric_sum(text, "kubeforge_batch_size_count"), metric_sum(text, expired)
+
+    x = np.ones((1, 4), np.float32)
+
+    def http_call(timeout_us: int) -> str:
+        client = th.InferenceServerClient(slow_server.url.removeprefix("http://"))
+        inp = th.InferInput("input__0", [1, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            out = client.infer("slow", [inp], timeout=timeout_us).as_numpy("output__0")
+        except th.InferenceServerException as e:
+            return f"{e.status()} {e.message()}"
+        return str(out.tolist())
+
+    def grpc_call(timeout_us: int) -> str:
+        client = tg.InferenceServerClient(slow_server.grpc_url)
+        inp = tg.InferInput("input__0", [1, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            out = client.infer("slow", [inp], timeout=timeout_us).as_numpy("output__0")
+        except tg.InferenceServerException as e:
+            return f"{e.status()} {e.message()}"
+        return str(out.tolist())
+
+    before = counts()
+    for call in (http_call, grpc_call):
+        with cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_post, slow_server.url, 1.0)  # runs for 0.4 s
+            time.sleep(0.1)
+            late = pool.submit(call, 100_000)
+            assert first.result().status_code == 200
+            answer = late.result()
+        assert answer.split(" ")[0] in ("504", "StatusCode.DEADLINE_EXCEEDED"), answer
+        assert "timeout expired while it waited in the queue" in answer, answer
+        assert call(10_000_000) == str((x * 2).tolist())  # time enough: answered
+    after = counts()
+    assert after[0] - before[0] == 4  # the two first and the two patient ones; the late ones never ran
+    assert after[1] - before[1] == 2
+
+
 def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(slow_server: Serve) -> None:
     """8 requests of ~650 bytes at once against 1 KiB per process (--max-inflight-mb): a process holds one
     while the model sleeps on it, and refuses the others before reading them, over REST (429) and gRPC

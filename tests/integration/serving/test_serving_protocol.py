@@ -240,6 +240,14 @@ BAD = [
         "max batch size 8",
     ),
     ("malformed JSON", "/v2/models/mlp/infer", b'{"inputs": [', 400, "malformed JSON"),
+    (
+        "timeout not in microseconds",
+        "/v2/models/mlp/infer",
+        {**_body(), "parameters": {"timeout": "1s"}},
+        400,
+        "parameters.timeout must be a whole number of microseconds",
+    ),
+    ("parameters not an object", "/v2/models/mlp/infer", {**_body(), "parameters": [1]}, 400, "'parameters'"),
     ("oversized payload", "/v2/models/mlp/infer", b"[" + b"0," * 200_000 + b"0]", 413, "exceeds the limit"),
     ("wrong method", "/v2/health/ready", b"", 405, "method POST not allowed"),
 ]

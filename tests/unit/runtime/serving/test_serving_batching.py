@@ -6,13 +6,14 @@ import copy
 import os
 import select
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
 import torch
 
 from runtime.serving.batching import _FUTURES, Answer, Batcher
-from runtime.serving.errors import Cancelled, QueueFull, Unavailable
+from runtime.serving.errors import Cancelled, DeadlineExceeded, QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
 
 
@@ -186,6 +187,100 @@ def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_
         assert isinstance(got[i], Cancelled) and "client left" in got[i].message  # type: ignore[union-attr]
     assert sorted(seen) == [1.0, 10.0, 12.0]  # the cancelled rows never reached the model
     assert sizes == [1, 2]  # the two live ones in one batch of 2: the cancelled ones took no room
+
+
+def _gated(seen: list[float], sizes: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """A runner that holds each batch until its gate is set, then doubles it; records the first column."""
+    gate = threading.Event()
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        gate.wait(5)
+        seen.extend(xs[0][:, 0].tolist())
+        if sizes is not None:
+            sizes.append(xs[0].shape[0])
+        return (xs[0] * 2,)
+
+    return run, gate
+
+
+def test_requests_past_their_timeout_are_dropped_unrun_with_deadline_exceeded() -> None:
+    """A queue timeout (the request's own, or the batcher's default for requests without one) that passes
+    while the request waits: it is answered DeadlineExceeded (504) and never run, whatever its shape; the
+    others are answered; the drops are counted as expired."""
+    seen: list[float] = []
+    run, gate = _gated(seen)
+    dropped: list[tuple[int, str]] = []
+    b = Batcher(run, max_batch_size=4, max_delay_s=0.0, max_queue_size=100, queue_timeout_s=0.05)
+    b.configure(
+        name="m", batched=True, max_batch_size=4, batch_buckets=None, variable_dims=(), pad_multiple=None,
+        observer=None, dropped=lambda n, why: dropped.append((n, why)),
+    )  # fmt: skip
+    first = b.submit([torch.full((1, 1), 1.0)], 1)
+    assert _until(lambda: b.queued == 0)  # running, held at the gate
+    now = time.monotonic()
+    default = b.submit([torch.full((1, 1), 2.0)], 1)  # the batcher's 50 ms
+    own = b.submit([torch.full((1, 2), 3.0)], 1, expires=now + 0.02)  # another shape: another batch
+    patient = b.submit([torch.full((1, 1), 4.0)], 1, expires=now + 60)  # its own timeout wins
+    time.sleep(0.1)
+    gate.set()
+    assert first.result(5)[0].item() == 2.0
+    assert patient.result(5)[0].item() == 8.0
+    for f in (default, own):
+        e = f.exception(5)
+        assert isinstance(e, DeadlineExceeded) and e.http_status == 504, e
+        assert "timeout expired while it waited in the queue" in e.message
+    b.close(5)
+    assert sorted(seen) == [1.0, 4.0]
+    assert dropped == [(2, "expired")]
+
+
+def test_a_request_whose_client_deadline_would_pass_before_its_answer_is_not_run() -> None:
+    """A gRPC deadline (`leaves`) that cannot be met: batches have taken ~0.1 s from launch to answer, so a
+    request whose client leaves in less than that is dropped unrun; one with time enough runs."""
+    seen: list[float] = []
+    run, gate = _gated(seen)
+    gate.set()
+
+    def slow(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        time.sleep(0.1)
+        return run(xs)
+
+    b = Batcher(slow, max_batch_size=1, max_delay_s=0.0, max_queue_size=100)
+    assert b.submit([torch.full((1, 1), 1.0)], 1).result(5)[0].item() == 2.0  # learns ~0.1 s per batch
+    busy = b.submit([torch.full((1, 1), 2.0)], 1)
+    assert _until(lambda: b.queued == 0)
+    now = time.monotonic()
+    hopeless = b.submit([torch.full((1, 1), 3.0)], 1, leaves=now + 0.15)  # ~0.1 s queued, then 0.1 s
+    fine = b.submit([torch.full((1, 1), 4.0)], 1, leaves=now + 5)
+    assert busy.result(5)[0].item() == 4.0 and fine.result(5)[0].item() == 8.0
+    e = hopeless.exception(5)
+    assert isinstance(e, DeadlineExceeded) and "deadline (grpc-timeout) would pass" in e.message
+    b.close(5)
+    assert seen == [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("lifo", [False, True])
+def test_in_overload_the_newest_requests_go_first_when_asked(lifo: bool) -> None:
+    """With lifo_after_s, once the oldest queued request has waited that long, batches take the newest first
+    (whose clients are most likely still waiting); the oldest still run, last. Without it: oldest first."""
+    seen: list[float] = []
+    sizes: list[int] = []
+    run, gate = _gated(seen, sizes)
+    b = Batcher(
+        run, max_batch_size=2, max_delay_s=0.0, max_queue_size=100, lifo_after_s=0.05 if lifo else 0.0
+    )
+    first = b.submit([torch.full((1, 1), 0.0)], 1)
+    assert _until(lambda: b.queued == 0)
+    futs = [b.submit([torch.full((1, 1), float(i))], 1) for i in range(1, 6)]
+    time.sleep(0.1)  # the oldest has waited past 50 ms
+    gate.set()
+    assert [f.result(5)[0].item() for f in [first, *futs]] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    b.close(5)
+    assert sizes == [1, 2, 2, 1]
+    if lifo:  # newest first within the batch too; the queue drains, so the last one is the oldest
+        assert seen == [0.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    else:
+        assert seen == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 class _Collect:

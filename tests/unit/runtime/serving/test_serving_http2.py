@@ -168,6 +168,25 @@ def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> No
     _serve(Echo(delay=0.3), scenario, timeout=30, max_message=2 << 20, budget=budget)
 
 
+def test_a_handler_reads_its_own_calls_time_remaining() -> None:
+    """The servicer's context tells each call the seconds left of its own grpc-timeout (what the batcher uses
+    to drop requests that cannot be answered in time), and None without one, concurrent calls apart."""
+
+    async def remaining(message: memoryview) -> bytes:
+        await asyncio.sleep(0.05)  # the calls overlap
+        left = http2._CONTEXT.time_remaining()
+        return b"none" if left is None else f"{left:.3f}".encode()
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            call = ch.unary_unary("/t.E/Left")
+            got = await asyncio.gather(call(b"", timeout=20), call(b""), call(b"", timeout=5))
+            assert got[1] == b"none"
+            assert 19 < float(got[0]) <= 20 and 4 < float(got[2]) <= 5, got
+
+    _serve({"/t.E/Left": remaining}, scenario)
+
+
 def test_deadline_and_cancellation_end_the_handler_and_the_connection_goes_on() -> None:
     app = Echo(delay=5.0)
 
