@@ -99,6 +99,20 @@ class BatchingSpec(KubeModel):
         le=1_000_000,
         description="Queued requests before 429/RESOURCE_EXHAUSTED (back-pressure).",
     )
+    queue_timeout_ms: float = Field(
+        default=0,
+        ge=0,
+        le=3_600_000,
+        description="Longest a request waits in the queue before it is dropped unrun with"
+        " 504/DEADLINE_EXCEEDED (0: no limit).",
+    )
+    lifo_after_ms: float = Field(
+        default=0,
+        ge=0,
+        le=3_600_000,
+        description="Overload: once the oldest queued request has waited this long, the newest go first"
+        " (0: always oldest first).",
+    )
 
 
 class AutoscalingSpec(KubeModel):

@@ -45,6 +45,8 @@ def _spec_defaults(path: str) -> dict[str, Any]:
         "max_batch_size": s["batching"]["max_batch_size"],
         "max_delay_ms": s["batching"]["max_delay_ms"],
         "max_queue_size": s["batching"]["max_queue_size"],
+        "queue_timeout_ms": s["batching"]["queue_timeout_ms"],
+        "lifo_after_ms": s["batching"]["lifo_after_ms"],
         "http_port": s["ports"]["http"],
         "grpc_port": s["ports"]["grpc"],
     }
@@ -116,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         "--queue-timeout-ms",
         type=_milliseconds,
         default=0.0,
-        help="how long a request that names no timeout of its own (Triton's `timeout` parameter, in µs) may "
-        "wait in the queue; past it it is dropped unrun with 504 / DEADLINE_EXCEEDED (0: no limit)",
+        help="the longest a request waits in the queue; past it it is dropped unrun with 504 / "
+        "DEADLINE_EXCEEDED (0: no limit). A client's own deadline (Triton's `timeout` parameter, "
+        "grpc-timeout) applies as well",
     )
     s.add_argument(
         "--lifo-after-ms",

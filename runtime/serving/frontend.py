@@ -84,12 +84,12 @@ class RemoteModel(ServedModel):
     worker: Worker
 
     async def infer(
-        self, inputs: list[torch.Tensor], rows: int, *, expires: float = math.inf, leaves: float = math.inf
+        self, inputs: list[torch.Tensor], rows: int, *, deadline: float = math.inf
     ) -> tuple[torch.Tensor, ...]:
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
-        return await self.worker.infer(inputs, rows, expires, leaves)
+        return await self.worker.infer(inputs, rows, deadline)
 
 
 class _Link(asyncio.Protocol):
@@ -157,7 +157,7 @@ class Worker:
         return info
 
     async def infer(
-        self, inputs: list[torch.Tensor], rows: int, expires: float = math.inf, leaves: float = math.inf
+        self, inputs: list[torch.Tensor], rows: int, deadline: float = math.inf
     ) -> tuple[torch.Tensor, ...]:
         if self._hub_lost or self.link is None or self.link.transport is None:
             self.batcher.withdraw()
@@ -175,7 +175,7 @@ class Worker:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, offset)
         self.batcher.withdraw()  # from here on the request is the model process's to count
-        self._post(ipc.encode_request(rid, rows, placed, expires, leaves))
+        self._post(ipc.encode_request(rid, rows, placed, deadline))
         try:
             result = await fut
         except asyncio.CancelledError:

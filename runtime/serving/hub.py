@@ -384,7 +384,7 @@ class Hub:
                 return
             try:
                 conn.queued[r.rid] = self.batcher.submit_to(
-                    conn, r.rid, r.inputs, r.rows, expires=r.expires, leaves=r.leaves
+                    conn, r.rid, r.inputs, r.rows, deadline=r.deadline
                 )
             except InferError as e:
                 conn.post(ipc.encode_error(r.rid, type(e).__name__, e.message))

@@ -55,9 +55,9 @@ ROWS = 10  # model process -> worker: the outputs of several requests of one bat
 CANCEL = 11  # worker -> model process: <Q id>; its client left: drop the request unless its batch runs
 
 _FRAME = struct.Struct("<IB")
-# id, rows, n inputs, its deadlines (batching.Pending: expires, leaves; inf: none), when the worker encoded it
-# (time.monotonic, one clock for every process of the host; the last field, read by sent_at)
-_REQ = struct.Struct("<QIBddd")
+# id, rows, n inputs, its client's deadline (batching.Pending; inf: none), when the worker encoded it (both
+# time.monotonic: one clock for every process of the host; sent_at reads the last field)
+_REQ = struct.Struct("<QIBdd")
 _TENSOR = struct.Struct("<BBBQQ")  # dtype code, ndim, in arena (1) or inline (0), offset, nbytes
 _RESP = struct.Struct("<QB")  # id, 0 ok / 1 error
 _ID = struct.Struct("<Q")
@@ -165,10 +165,8 @@ def _tensors(
     return out
 
 
-def encode_request(
-    rid: int, rows: int, inputs: Sequence[Placed], expires: float = math.inf, leaves: float = math.inf
-) -> bytes:
-    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs), expires, leaves, time.monotonic())]
+def encode_request(rid: int, rows: int, inputs: Sequence[Placed], deadline: float = math.inf) -> bytes:
+    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs), deadline, time.monotonic())]
     parts += [_pack_meta(p.tensor, p.offset) for p in inputs]
     parts += [datatypes.tensor_buffer(p.tensor) for p in inputs if p.offset < 0]
     payload = b"".join(parts)
@@ -182,14 +180,13 @@ class Request:
     rid: int
     rows: int
     inputs: list[torch.Tensor]
-    expires: float
-    leaves: float
+    deadline: float
 
 
 def decode_request(payload: memoryview, arena: memoryview) -> Request:
-    rid, rows, n, expires, leaves, _ = _REQ.unpack_from(payload, 0)
+    rid, rows, n, deadline, _ = _REQ.unpack_from(payload, 0)
     metas, pos = _unpack_metas(payload, _REQ.size, n)
-    return Request(rid, rows, _tensors(metas, payload, pos, arena), expires, leaves)
+    return Request(rid, rows, _tensors(metas, payload, pos, arena), deadline)
 
 
 def sent_at(kind: int, payload: memoryview | bytes | bytearray) -> float:

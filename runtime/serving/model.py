@@ -45,13 +45,13 @@ class ServedModel:
         }
 
     async def infer(
-        self, inputs: list[torch.Tensor], rows: int, *, expires: float = math.inf, leaves: float = math.inf
+        self, inputs: list[torch.Tensor], rows: int, *, deadline: float = math.inf
     ) -> tuple[torch.Tensor, ...]:
-        """Run one request through the batcher; `expires`, `leaves`: its deadlines (batching.Pending)."""
+        """Run one request through the batcher; `deadline`: its client's (batching.Pending)."""
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
-        return await _waker().run(self.batcher, inputs, rows, expires, leaves)
+        return await _waker().run(self.batcher, inputs, rows, deadline)
 
 
 class _Waker:
@@ -66,10 +66,10 @@ class _Waker:
         self._scheduled = False
 
     async def run(
-        self, batcher: Batcher, inputs: list[torch.Tensor], rows: int, expires: float, leaves: float
+        self, batcher: Batcher, inputs: list[torch.Tensor], rows: int, deadline: float
     ) -> tuple[torch.Tensor, ...]:
         mine: asyncio.Future[tuple[torch.Tensor, ...]] = self._loop.create_future()
-        pending = batcher.submit_to(self, mine, inputs, rows, announced=True, expires=expires, leaves=leaves)
+        pending = batcher.submit_to(self, mine, inputs, rows, announced=True, deadline=deadline)
         try:
             return await mine
         except asyncio.CancelledError:

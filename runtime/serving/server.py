@@ -64,7 +64,7 @@ class ServeConfig:
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
     max_queue_size: int = 1024
-    queue_timeout_ms: float = 0.0  # how long a request naming no timeout of its own may wait; 0: no limit
+    queue_timeout_ms: float = 0.0  # the longest a request waits in the queue; 0: no limit
     lifo_after_ms: float = 0.0  # the oldest request's wait past which the newest go first; 0: never
     pad_multiple: int | None = None
     host: str = "0.0.0.0"

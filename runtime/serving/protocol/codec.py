@@ -22,15 +22,15 @@ class Request:
     inputs: list[torch.Tensor]  # in signature order
     rows: int
     outputs: list[tuple[str, bool]] = field(default_factory=list)  # requested (name, binary); empty = all
-    timeout_s: float | None = None  # parameters.timeout: how long it may wait in the queue
+    timeout_s: float | None = None  # parameters.timeout: how long the client waits for the answer
 
 
 def request_timeout(value: object, where: str) -> float | None:
-    """Triton's request `timeout` parameter (microseconds; 0: the server's default) -> seconds or None."""
+    """Triton's request `timeout` parameter (microseconds; 0: none) -> seconds or None."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise BadRequest(
-            f"{where} must be a whole number of microseconds >= 0 (how long the request may wait in the "
-            f"queue; 0: the server's --queue-timeout-ms), not {value!r}"
+            f"{where} must be a whole number of microseconds >= 0 (how long the client waits for the "
+            f"answer; 0: no limit), not {value!r}"
         )
     return value / 1e6 if value else None
 

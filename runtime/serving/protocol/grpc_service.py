@@ -126,8 +126,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 except BaseException:
                     model.batcher.withdraw()
                     raise
-                expires, leaves = _deadlines(request, context)
-                outs = await model.infer(inputs, rows, expires=expires, leaves=leaves)
+                outs = await model.infer(inputs, rows, deadline=_deadline(request, context))
             finally:
                 self.metrics.ended(label)
             return _encode(request, model.name, model.version, model.signature, outs)
@@ -144,22 +143,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.metrics.answered(label, "grpc", code, time.perf_counter() - t0 if code == "OK" else None)
 
 
-def _deadlines(request: Any, context: Any) -> tuple[float, float]:
-    """(expires, leaves) of batching.Pending: Triton's `timeout` parameter (µs the request may wait in the
-    queue), and the call's deadline (grpc-timeout)."""
+def _deadline(request: Any, context: Any) -> float:
+    """The client's deadline (time.monotonic; batching.Pending): the sooner of Triton's `timeout` parameter
+    (µs) and the call's own (grpc-timeout)."""
     now = time.monotonic()
-    expires = leaves = math.inf
+    deadline = math.inf
     if "timeout" in request.parameters:
         p = request.parameters["timeout"]
         kind = p.WhichOneof("parameter_choice")
-        value = getattr(p, kind) if kind else None
-        timeout = request_timeout(value, "parameters['timeout'] (int64_param)")
+        timeout = request_timeout(getattr(p, kind) if kind else None, "parameters['timeout'] (int64_param)")
         if timeout is not None:
-            expires = now + timeout
+            deadline = now + timeout
     remaining = context.time_remaining()
-    if remaining is not None:
-        leaves = now + remaining
-    return expires, leaves
+    return deadline if remaining is None else min(deadline, now + remaining)
 
 
 def _decode(

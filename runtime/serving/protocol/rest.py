@@ -166,8 +166,8 @@ class RestApp:
                 announced.take()  # infer() consumes the announcement
             else:
                 model.batcher.announce()
-            expires = math.inf if decoded.timeout_s is None else time.monotonic() + decoded.timeout_s
-            outs = await model.infer(decoded.inputs, decoded.rows, expires=expires)
+            deadline = math.inf if decoded.timeout_s is None else time.monotonic() + decoded.timeout_s
+            outs = await model.infer(decoded.inputs, decoded.rows, deadline=deadline)
             payload, head_len = encode_response(model.name, model.version, decoded, model.signature, outs)
             if head_len is None:
                 return 200, payload, _JSON

@@ -203,10 +203,9 @@ def _gated(seen: list[float], sizes: list[int] | None = None):  # type: ignore[n
     return run, gate
 
 
-def test_requests_past_their_timeout_are_dropped_unrun_with_deadline_exceeded() -> None:
-    """A queue timeout (the request's own, or the batcher's default for requests without one) that passes
-    while the request waits: it is answered DeadlineExceeded (504) and never run, whatever its shape; the
-    others are answered; the drops are counted as expired."""
+def test_requests_past_the_queue_timeout_are_dropped_unrun_with_deadline_exceeded() -> None:
+    """The queue timeout passes while requests wait: they are answered DeadlineExceeded (504) and never run,
+    whatever their shape (a patient client's too), counted as expired; what comes later runs."""
     seen: list[float] = []
     run, gate = _gated(seen)
     dropped: list[tuple[int, str]] = []
@@ -217,26 +216,28 @@ def test_requests_past_their_timeout_are_dropped_unrun_with_deadline_exceeded() 
     )  # fmt: skip
     first = b.submit([torch.full((1, 1), 1.0)], 1)
     assert _until(lambda: b.queued == 0)  # running, held at the gate
-    now = time.monotonic()
-    default = b.submit([torch.full((1, 1), 2.0)], 1)  # the batcher's 50 ms
-    own = b.submit([torch.full((1, 2), 3.0)], 1, expires=now + 0.02)  # another shape: another batch
-    patient = b.submit([torch.full((1, 1), 4.0)], 1, expires=now + 60)  # its own timeout wins
-    time.sleep(0.1)
+    late = [
+        b.submit([torch.full((1, 1), 2.0)], 1),
+        b.submit([torch.full((1, 2), 3.0)], 1),  # another shape: another batch
+        b.submit([torch.full((1, 1), 4.0)], 1, deadline=time.monotonic() + 60),
+    ]
+    time.sleep(0.1)  # past the 50 ms
     gate.set()
     assert first.result(5)[0].item() == 2.0
-    assert patient.result(5)[0].item() == 8.0
-    for f in (default, own):
+    for f in late:
         e = f.exception(5)
         assert isinstance(e, DeadlineExceeded) and e.http_status == 504, e
-        assert "timeout expired while it waited in the queue" in e.message
+        assert "past the server's queue timeout (--queue-timeout-ms)" in e.message
+    assert b.submit([torch.full((1, 1), 5.0)], 1).result(5)[0].item() == 10.0
     b.close(5)
-    assert sorted(seen) == [1.0, 4.0]
-    assert dropped == [(2, "expired")]
+    assert seen == [1.0, 5.0]
+    assert dropped == [(3, "expired")]
 
 
 def test_a_request_whose_client_deadline_would_pass_before_its_answer_is_not_run() -> None:
-    """A gRPC deadline (`leaves`) that cannot be met: batches have taken ~0.1 s from launch to answer, so a
-    request whose client leaves in less than that is dropped unrun; one with time enough runs."""
+    """A client's deadline (Triton's timeout parameter, grpc-timeout) that cannot be met: batches have taken
+    ~0.1 s from launch to answer, so a request whose client leaves before a batch launched at its turn could
+    be answered is dropped unrun; one with time enough runs."""
     seen: list[float] = []
     run, gate = _gated(seen)
     gate.set()
@@ -250,11 +251,11 @@ def test_a_request_whose_client_deadline_would_pass_before_its_answer_is_not_run
     busy = b.submit([torch.full((1, 1), 2.0)], 1)
     assert _until(lambda: b.queued == 0)
     now = time.monotonic()
-    hopeless = b.submit([torch.full((1, 1), 3.0)], 1, leaves=now + 0.15)  # ~0.1 s queued, then 0.1 s
-    fine = b.submit([torch.full((1, 1), 4.0)], 1, leaves=now + 5)
+    hopeless = b.submit([torch.full((1, 1), 3.0)], 1, deadline=now + 0.15)  # ~0.1 s queued, then 0.1 s
+    fine = b.submit([torch.full((1, 1), 4.0)], 1, deadline=now + 5)
     assert busy.result(5)[0].item() == 4.0 and fine.result(5)[0].item() == 8.0
     e = hopeless.exception(5)
-    assert isinstance(e, DeadlineExceeded) and "deadline (grpc-timeout) would pass" in e.message
+    assert isinstance(e, DeadlineExceeded) and "would pass before a batch started now" in e.message
     b.close(5)
     assert seen == [1.0, 2.0, 4.0]
 

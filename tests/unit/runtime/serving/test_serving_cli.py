@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from runtime.serving import cli
@@ -17,7 +18,13 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
         "spec": {
             "model": {"uri": "models:/iris@champion"},
             "compile": {"mode": "jit", "backend": "cpu", "warmupBatchSizes": [1, 4]},
-            "batching": {"maxBatchSize": 16, "maxDelayMs": 5, "maxQueueSize": 100},
+            "batching": {
+                "maxBatchSize": 16,
+                "maxDelayMs": 5,
+                "maxQueueSize": 100,
+                "queueTimeoutMs": 250,
+                "lifoAfterMs": 40,
+            },
             "ports": {"http": 9000, "grpc": 9001},
         },
     }
@@ -37,6 +44,17 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
     assert cfg.model_uri == "models:/iris@champion" and cfg.max_batch_size == 8  # the flag wins
     assert cfg.mode == "jit" and cfg.warmup_batch_sizes == (1, 4) and cfg.http_port == 9000
     assert cfg.max_delay_ms == 5 and cfg.max_queue_size == 100
+    assert cfg.queue_timeout_ms == 250 and cfg.lifo_after_ms == 40
+
+
+def test_duration_flags_refuse_negative_and_non_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli._parser()
+    for bad in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--model-uri", "m", "--queue-timeout-ms", bad])
+        assert "--queue-timeout-ms" in capsys.readouterr().err
+    args = parser.parse_args(["serve", "--model-uri", "m", "--lifo-after-ms", "2.5"])
+    assert cli._config(args).lifo_after_ms == 2.5
 
 
 def test_copy_stream_is_off_unless_asked_for() -> None:

@@ -39,11 +39,11 @@ def test_request_round_trips_every_dtype_inline_and_through_the_arena(
         placed = arena.place(xs, offset)
         assert all((p.offset >= 0) == (offset is not None) for p in placed)
         reader = ipc.FrameReader()
-        wire = ipc.encode_request(41, 3, placed, expires=12.5, leaves=13.0)
+        wire = ipc.encode_request(41, 3, placed, deadline=12.5)
         (kind, payload), *rest = reader.feed(wire)
         assert kind == ipc.REQ and not rest
         r = ipc.decode_request(memoryview(payload), arena.buf)
-        assert (r.rid, r.rows, r.expires, r.leaves) == (41, 3, 12.5, 13.0)
+        assert (r.rid, r.rows, r.deadline) == (41, 3, 12.5)
         for a, b in zip(xs, r.inputs, strict=True):
             assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
 
