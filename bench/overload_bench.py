@@ -208,6 +208,7 @@ def main() -> int:
     p.add_argument("--loads", default="0.8,2", help="offered load, as multiples of the capacity")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    p.add_argument("--workers", default="0", help="the server's --workers (0: the model process's loop)")
     a = p.parse_args()
     capacity = a.max_batch / (a.batch_ms / 1000)
     timeout_s = a.client_timeout_ms / 1000
@@ -228,7 +229,7 @@ def main() -> int:
                     sys.executable, "-m", "runtime.serving.cli", "serve", "--model-uri", str(model),
                     "--model-name", "sleepy", "--mode", "eager", "--max-batch-size", str(a.max_batch),
                     "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(gport),
-                    "--log-level", "warning", *case.flags,
+                    "--log-level", "warning", "--workers", a.workers, *case.flags,
                 ]  # fmt: skip
                 log = Path(tmp) / "server.log"
                 with log.open("ab") as f:
@@ -272,7 +273,7 @@ def main() -> int:
     print(
         f"Model: {a.batch_ms:g} ms per batch of up to {a.max_batch} rows (capacity {capacity:,.0f} rows/s); "
         f"clients give up after {a.client_timeout_ms:g} ms; {a.seconds:g} s per row; "
-        f"lifo after {a.lifo_after_ms:g} ms.\n"
+        f"lifo after {a.lifo_after_ms:g} ms; --workers {a.workers}.\n"
     )
     head = [
         "load", "server / client", "sent/s", "goodput/s", "vs fifo", "p50 ms", "p99 ms", "504/s",
