@@ -144,16 +144,18 @@ _HOPELESS = (
 )
 
 
-def settle(results: list[tuple[Any, Outputs | BaseException]]) -> None:
-    """Complete futures (concurrent or asyncio: the tags) with their results; one already done (cancelled
-    meanwhile) is left alone."""
+def settle(results: list[tuple[Any, Outputs | BaseException]]) -> list[Any]:
+    """Complete futures (concurrent or asyncio: the tags) with their results; those already done (cancelled
+    meanwhile) are left alone, and returned."""
+    skipped = []
     for fut, r in results:
         if fut.done():
-            continue
-        if isinstance(r, BaseException):
+            skipped.append(fut)
+        elif isinstance(r, BaseException):
             fut.set_exception(r)
         else:
             fut.set_result(r)
+    return skipped
 
 
 class _FutureSink:

@@ -12,6 +12,7 @@ are gone) and exits. A worker whose model process disappears exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -172,17 +173,25 @@ class Worker:
             placed = self.arena.place(inputs, offset)
             self._placement["inline" if offset is None else "copied"].inc()
         rid = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._pending[rid] = (fut, offset)
         self.batcher.withdraw()  # from here on the request is the model process's to count
         self._post(ipc.encode_request(rid, rows, placed, deadline))
         try:
-            result = await fut
+            return tuple(await fut)
         except asyncio.CancelledError:
-            if rid in self._pending:  # the client left: the model process drops it if it has not run yet
+            entry = self._pending.get(rid)
+            if entry is not None:  # not answered yet
+                # the client left: the model process drops the request unless it runs already, and answers
+                # either way; the task ends then, so the protocol layer keeps the request's bytes counted
+                # while the model process may hold them
                 self._post(ipc.frame(ipc.CANCEL, ipc.pack_id(rid)))
+                released = loop.create_future()
+                self._pending[rid] = (released, entry[1])
+                with contextlib.suppress(Exception):  # its answer is nobody's
+                    await released
             raise
-        return tuple(result)
 
     def _post(self, message: bytes) -> None:
         """Queue a request for the model process. The requests that arrive in one turn of the event loop

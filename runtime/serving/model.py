@@ -64,6 +64,9 @@ class _Waker:
         self._lock = threading.Lock()
         self._done: list[tuple[Any, tuple[torch.Tensor, ...] | BaseException]] = []
         self._scheduled = False
+        # requests whose task was cancelled (run): handed back before the task saw it, or awaited by the task
+        self._gone: set[asyncio.Future[Any]] = set()
+        self._released: dict[asyncio.Future[Any], asyncio.Future[None]] = {}
 
     async def run(
         self, batcher: Batcher, inputs: list[torch.Tensor], rows: int, deadline: float
@@ -73,7 +76,17 @@ class _Waker:
         try:
             return await mine
         except asyncio.CancelledError:
-            pending.cancelled = True  # the batcher skips a request cancelled before its batch forms
+            pending.cancelled = True  # its client left: dropped unless its batch runs already
+            # The task ends once the batcher let go of the request (dropped it, or ran it): until then its
+            # tensors are the batcher's, so the protocol layer keeps its body's bytes counted in its budget
+            # (http1.Budget) and clients that leave cannot make the process hold more than that.
+            if not mine.cancelled():  # its result came first: handed back already
+                raise
+            if mine in self._gone:  # handed back before the task saw its cancellation
+                self._gone.discard(mine)
+            else:
+                released = self._released[mine] = self._loop.create_future()
+                await released
             raise
 
     def deliver(self, answer: Answer) -> None:  # the batcher's threads
@@ -88,7 +101,12 @@ class _Waker:
     def _flush(self) -> None:  # the event loop
         with self._lock:
             done, self._done, self._scheduled = self._done, [], False
-        settle(done)
+        for fut in settle(done):  # cancelled: their tasks wait for this, or will learn it from _gone
+            released = self._released.pop(fut, None)
+            if released is None:
+                self._gone.add(fut)
+            elif not released.done():
+                released.set_result(None)
 
 
 _wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker] = weakref.WeakKeyDictionary()

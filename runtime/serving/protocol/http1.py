@@ -176,8 +176,18 @@ class _Connection(asyncio.BufferedProtocol):
         if self.state == _BODY and self.body is not None:  # the client left half-way through a body
             self.body.release()
             self.body = None
-        if self.task is not None:
-            self.task.cancel()
+        if self.task is None:
+            self._give_back()
+            return
+        # the request being answered: its body and bytes are given back when its task ends, which may be
+        # later than now (model._Waker.run, frontend.Worker.infer: until the model let go of the request)
+        body = self.body
+        self.task.add_done_callback(lambda _: self._ended(body))
+        self.task.cancel()
+
+    def _ended(self, body: Body | None) -> None:
+        if body is not None:
+            body.release()
         self._give_back()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -364,10 +374,6 @@ class _Connection(asyncio.BufferedProtocol):
     async def _run(self, req: Request, body: Body) -> None:
         try:
             resp = await self.app.answer(req, body)
-        except asyncio.CancelledError:
-            body.release()
-            self._give_back()
-            raise
         except Exception as e:
             log.exception("request failed", extra={"path": req.path})
             resp = error_response(500, f"internal error: {e}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import math
 import os
 import select
 import threading
@@ -15,6 +17,7 @@ import torch
 from runtime.serving.batching import _FUTURES, Answer, Batcher
 from runtime.serving.errors import Cancelled, DeadlineExceeded, QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
+from tests.fixtures.polling import until
 
 
 def _runner(model: torch.nn.Module, seen: list[int]):  # type: ignore[no-untyped-def]
@@ -282,6 +285,36 @@ def test_in_overload_the_newest_requests_go_first_when_asked(lifo: bool) -> None
         assert seen == [0.0, 5.0, 4.0, 3.0, 2.0, 1.0]
     else:
         assert seen == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_a_cancelled_requests_task_ends_once_the_batcher_let_go_of_it() -> None:
+    """The task awaiting a queued request is cancelled (its client left): the request is marked for the
+    batcher to drop, and the task ends, with CancelledError, only once the batcher dropped it, so the
+    protocol layer keeps the request's bytes counted while the batcher still holds its tensors."""
+    from runtime.serving.model import _waker
+
+    seen: list[float] = []
+    run, gate = _gated(seen)
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, max_queue_size=100)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(_waker().run(b, [torch.full((1, 1), 1.0)], 1, math.inf))
+        assert await until(lambda: b.queued == 0 and seen == [] and b.busy, 5)  # held at the gate
+        queued = asyncio.ensure_future(_waker().run(b, [torch.full((1, 1), 2.0)], 1, math.inf))
+        await asyncio.sleep(0.05)
+        assert b.queued == 1
+        queued.cancel()
+        await asyncio.sleep(0.1)
+        assert not queued.done()  # the batcher still holds it
+        gate.set()
+        assert (await first)[0].item() == 2.0
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(queued, 5)
+        assert b.queued == 0
+
+    asyncio.run(main())
+    b.close(5)
+    assert seen == [1.0]  # the cancelled request never ran
 
 
 class _Collect:

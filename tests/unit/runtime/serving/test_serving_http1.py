@@ -243,6 +243,41 @@ def test_a_body_the_client_abandons_is_released() -> None:
     assert len(app.buffers) == 1 and app.released == 1
 
 
+def test_a_request_whose_client_left_keeps_its_bytes_counted_until_its_answer_ends() -> None:
+    """A client that leaves while its request is being answered: the request's task is cancelled, but its
+    body and its bytes in the budget are given back only once the task has ended (the model may hold the
+    tensors until then: model._Waker.run), not when the connection goes."""
+    release = asyncio.Event()
+
+    class Holding(EchoApp):
+        async def answer(self, req: Request, body: Body) -> Response:
+            self.started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await release.wait()  # as model._Waker.run does: ends once the model let go of the request
+                raise
+            raise AssertionError("not reached")
+
+    app = Holding()
+    budget = Budget(250_000)
+
+    async def scenario(port: int, server: HttpServer) -> None:
+        server.budget = budget
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post("/p", b"a" * 100_000))
+        await asyncio.wait_for(app.started.wait(), 5)
+        w.close()
+        await until(lambda: not server.connections, 1.0)
+        await asyncio.sleep(0.1)
+        assert budget.held == 100_000 and app.released == 0  # still the model's
+        release.set()
+        assert await until(lambda: not budget.held, 1.0)
+        assert app.released == 1
+
+    _serve(app, scenario)
+
+
 def test_stop_closes_idle_connections_and_lets_answers_in_flight_finish() -> None:
     app = EchoApp(delay=0.3)
 

@@ -369,6 +369,40 @@ def test_a_workers_requests_of_one_loop_turn_reach_the_model_process_in_one_writ
         assert torch.equal(y, torch.full((1, 4), 2.0 * i))
 
 
+def test_a_cancelled_request_is_dropped_in_the_model_process_and_ends_once_it_answers(tmp_path: Path) -> None:
+    """The client of a worker's request leaves: the worker sends the model process a CANCEL for it, once,
+    and the request's task ends (CancelledError) only when the model process has answered it, so its bytes
+    stay counted while the model process may still hold them."""
+    import asyncio
+
+    from runtime.serving.frontend import Worker, WorkerConfig, _Link
+    from runtime.serving.server import ServeConfig
+
+    a = _arena(tmp_path)
+    cfg = WorkerConfig(0, str(tmp_path / "sock"), a.path, a.slots, a.slot_bytes, ServeConfig(model_uri="x"))
+
+    async def scenario() -> list[int]:
+        worker = Worker(cfg)
+        worker.link = _Link(worker)
+        worker.link.transport = _Recording()  # type: ignore[assignment]
+        call = asyncio.ensure_future(worker.infer([torch.ones(1, 4)], 1))
+        await asyncio.sleep(0.01)
+        call.cancel()
+        call.cancel()
+        await asyncio.sleep(0.05)
+        assert not call.done()  # the model process still holds the request
+        writes = b"".join(worker.link.transport.writes)  # type: ignore[attr-defined]
+        frames = ipc.FrameReader().feed(writes)
+        rid = ipc.decode_request(memoryview(frames[0][1]), a.buf).rid
+        for kind, payload in ipc.FrameReader().feed(ipc.encode_error(rid, "Cancelled", "the client left")):
+            worker.on_message(kind, payload)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(call, 5)
+        return [k for k, _ in frames]
+
+    assert asyncio.run(scenario()) == [ipc.REQ, ipc.CANCEL]
+
+
 def test_a_body_read_into_a_slot_travels_from_there_aligned_and_the_slot_comes_back_once(
     tmp_path: Path,
 ) -> None:
