@@ -420,8 +420,8 @@ class Batcher:
             return self._form()
 
     def _form(self) -> list[Pending]:
-        """Take the next batch off the queue (hold _cond; the queue is not empty): the oldest request and
-        those with its key, oldest first, or newest first in overload (lifo_after_s). Requests cancelled or
+        """Take the next batch off the queue (hold _cond; the queue is not empty): the oldest live request
+        and those with its key, oldest first; newest first in overload (lifo_after_s). Requests cancelled or
         past their deadline are taken along whatever their key, marked, for `_launch` to answer."""
         now = time.monotonic()
         queue = self._queue

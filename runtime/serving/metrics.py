@@ -102,8 +102,8 @@ class Metrics:
         self.dropped = Counter(
             "kubeforge_dropped_unrun",
             "Requests dropped before their batch ran: device time not spent on answers nobody reads. reason"
-            " cancelled: the client left (connection closed, gRPC cancel); expired: the request's timeout"
-            " passed in the queue, or its gRPC deadline would pass before its answer.",
+            " cancelled: the client left (connection closed, gRPC cancel); expired: its deadline (the timeout"
+            " parameter, grpc-timeout) would pass before its answer, or it waited past --queue-timeout-ms.",
             ["model", "reason"],
             registry=r,
         )

@@ -123,10 +123,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 model.batcher.announce()
                 try:
                     inputs, rows = _decode(request, raw, model.signature, model.max_batch_size)
+                    deadline = _deadline(request, context)
                 except BaseException:
                     model.batcher.withdraw()
                     raise
-                outs = await model.infer(inputs, rows, deadline=_deadline(request, context))
+                outs = await model.infer(inputs, rows, deadline=deadline)
             finally:
                 self.metrics.ended(label)
             return _encode(request, model.name, model.version, model.signature, outs)

@@ -92,6 +92,29 @@ def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
         with pytest.raises(tg.InferenceServerException) as e:
             client.infer(name, [inp])
         assert e.value.status() == "StatusCode.NOT_FOUND"
+    # Triton's timeout parameter, not a number of microseconds: named; and the request is no longer expected
+    # by the batcher (an announcement left behind would hold every later batch for the 20 ms window)
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    bad = pb.ModelInferRequest(model_name="mlp")
+    bad.inputs.add(name="input__0", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([0.0] * 16)
+    bad.parameters["timeout"].string_param = "soon"
+    with grpc.insecure_channel(mlp_server.grpc_url) as ch:
+        call = ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+        )
+        with pytest.raises(grpc.RpcError) as rpc:
+            call(bad)
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameters['timeout'] (int64_param) must be a whole number of microseconds" in rpc.value.details()
+    queue_time = 'kubeforge_queue_time_seconds_sum{model="mlp"}'
+    before = metric_sum(httpx.get(f"{mlp_server.url}/metrics").text, queue_time)
+    for _ in range(5):
+        client.infer("mlp", [inp], timeout=10_000_000)  # alone: nothing to wait for
+    waited = metric_sum(httpx.get(f"{mlp_server.url}/metrics").text, queue_time) - before
+    assert waited < 5 * 0.010, waited
     # counted, but not under names clients make up (each would be new series: memory without bound)
     text = httpx.get(f"{mlp_server.url}/metrics").text
     assert 'model="nosuch' not in text
