@@ -139,8 +139,8 @@ _EXPIRED = (
     "it waited in the queue past the server's queue timeout (--queue-timeout-ms); retry, or add replicas"
 )
 _HOPELESS = (
-    "its deadline (the `timeout` parameter or grpc-timeout) would pass before a batch started now is"
-    " answered; give it a longer timeout, or add replicas"
+    "its deadline (the `timeout` parameter, grpc-timeout or x-envoy-expected-rq-timeout-ms) would pass"
+    " before a batch started now is answered; give it a longer timeout, or add replicas"
 )
 
 

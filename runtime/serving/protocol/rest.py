@@ -156,17 +156,25 @@ class RestApp:
         self.metrics.started(model_label)
         try:
             header_len: int | None = None
+            deadline = math.inf
             for k, v in req.headers:
                 if k == b"inference-header-content-length":
                     header_len = _int_header(k, v)
                 elif k == b"content-encoding" and v not in (b"identity", b""):
                     raise HttpError(415, f"Content-Encoding {v.decode(errors='replace')} is not supported")
+                elif k == ENVOY_TIMEOUT:
+                    # what is left of a proxy's route timeout (Envoy, Istio, Knative: KServe's stack)
+                    ms = _int_header(k, v)
+                    if ms < 0:
+                        raise BadRequest(f"header {k.decode()} is negative: {ms} ms")
+                    deadline = time.monotonic() + ms / 1000 if ms else math.inf
             decoded = decode_request(body.view, header_len, model.signature, model.max_batch_size)
             if announced is not None:
                 announced.take()  # infer() consumes the announcement
             else:
                 model.batcher.announce()
-            deadline = math.inf if decoded.timeout_s is None else time.monotonic() + decoded.timeout_s
+            if decoded.timeout_s is not None:
+                deadline = min(deadline, time.monotonic() + decoded.timeout_s)
             outs = await model.infer(decoded.inputs, decoded.rows, deadline=deadline)
             payload, head_len = encode_response(model.name, model.version, decoded, model.signature, outs)
             if head_len is None:
@@ -195,6 +203,10 @@ class RestApp:
             self.metrics.ended(model_label)
             seconds = time.perf_counter() - t0 if code == 200 else None
             self.metrics.answered(model_label, "rest", str(code), seconds)
+
+
+# Envoy's time in ms it expects the request to complete in (its route timeout), set on requests it forwards
+ENVOY_TIMEOUT = b"x-envoy-expected-rq-timeout-ms"
 
 
 def _int_header(name: bytes, value: bytes) -> int:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,20 +175,33 @@ def test_a_request_whose_timeout_would_pass_gets_504_and_deadline_exceeded_unrun
             return f"{e.status()} {e.message()}"
         return str(out.tolist())
 
+    def behind_envoy(timeout_us: int) -> str:
+        """Plain HTTP with what an Envoy proxy (Istio, Knative) adds: its route timeout, in ms."""
+        body = {"inputs": [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [1.0] * 4}]}
+        headers = {"x-envoy-expected-rq-timeout-ms": str(timeout_us // 1000)}
+        r = httpx.post(f"{slow_server.url}/v2/models/slow/infer", json=body, headers=headers, timeout=30)
+        return str([r.json()["outputs"][0]["data"]]) if r.status_code == 200 else f"{r.status_code} {r.text}"
+
+    http, grpc_ = slow_server.url.removeprefix("http://"), slow_server.grpc_url
+    clients: list[Callable[[int], str]] = [
+        lambda t: call(th, http, t),
+        lambda t: call(tg, grpc_, t),
+        behind_envoy,
+    ]
     before = counts()
-    for module, url in ((th, slow_server.url.removeprefix("http://")), (tg, slow_server.grpc_url)):
+    for client in clients:
         with cf.ThreadPoolExecutor(2) as pool:
             first = pool.submit(_post, slow_server.url, 1.0)  # runs for 0.4 s
             time.sleep(0.1)
-            late = pool.submit(call, module, url, 100_000)
+            late = pool.submit(client, 100_000)
             assert first.result().status_code == 200
             answer = late.result()
         assert answer.split(" ")[0] in ("504", "StatusCode.DEADLINE_EXCEEDED"), answer
-        assert "its deadline (the `timeout` parameter or grpc-timeout) would pass" in answer, answer
-        assert call(module, url, 10_000_000) == str((x * 2).tolist())  # time enough: answered
+        assert "its deadline (the `timeout` parameter, grpc-timeout or x-envoy-" in answer, answer
+        assert client(10_000_000) == str((x * 2).tolist())  # time enough: answered
     after = counts()
-    assert after[0] - before[0] == 4  # the two first and the two patient ones; the late ones never ran
-    assert after[1] - before[1] == 2
+    assert after[0] - before[0] == 6  # the firsts and the patient ones; the late ones never ran
+    assert after[1] - before[1] == 3
 
 
 def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(slow_server: Serve) -> None:

@@ -276,6 +276,15 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("value", ["soon", "-5"])
+def test_a_malformed_proxy_timeout_header_is_a_400_naming_it(mlp_server: Serve, value: str) -> None:
+    headers = {"x-envoy-expected-rq-timeout-ms": value}
+    r = httpx.post(f"{mlp_server.url}/v2/models/mlp/infer", json=_body(), headers=headers)
+    assert r.status_code == 400 and "x-envoy-expected-rq-timeout-ms" in r.json()["error"], r.text
+    fine = {"x-envoy-expected-rq-timeout-ms": "5000"}
+    assert httpx.post(f"{mlp_server.url}/v2/models/mlp/infer", json=_body(), headers=fine).status_code == 200
+
+
 @pytest.mark.parametrize(("case", "path", "body", "status", "problem"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_a_4xx_naming_the_problem(
     mlp_server: Serve, case: str, path: str, body: object, status: int, problem: str
