@@ -10,9 +10,8 @@ server configuration and one client behaviour, in the same run:
 
 - fifo: the defaults; the client says nothing of its patience. The baseline.
 - fifo + timeout: the client sends Triton's `timeout` parameter (its patience, in µs); the server drops a
-  request whose timeout passed in the queue (504).
-- fifo + gRPC deadline: gRPC calls with a deadline (grpc-timeout); the server drops a request whose deadline
-  would pass before a batch started now is answered.
+  request whose timeout would pass before a batch started now is answered (504).
+- fifo + gRPC deadline: the same with gRPC calls and their deadline (grpc-timeout).
 - lifo: `--lifo-after-ms`: once the oldest queued request has waited that long, the newest go first.
 - lifo + queue timeout: and `--queue-timeout-ms` (the client's patience) clears the ones left behind.
 
