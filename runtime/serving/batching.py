@@ -117,7 +117,7 @@ class Source(Protocol):
         """Make a `pump` under way return now (from any thread)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
     """A queued request; setting `cancelled` (from any thread) before its batch is launched drops it: its
     sink gets a Cancelled error instead of outputs, and the model never runs it."""
@@ -435,27 +435,30 @@ class Batcher:
         rest: list[Pending] = []
         key: tuple[object, ...] | None = None
         rows = 0  # the batch's rows to run
-        taken: dict[tuple[object, ...], int] = {}  # rows leaving the queue, per key
+        queued = self._rows  # rows per key
+        dead = False
         for p in order:
-            if not p.cancelled and (p.expires <= now or p.deadline <= hopeless):
-                p.late = _EXPIRED if p.expires <= now else _HOPELESS
-            dead = p.cancelled or p.late is not None
-            if key is None and not dead:
-                key = p.key
-            if dead:  # answered at launch, takes no room in the batch
+            if p.cancelled or p.expires <= now or p.deadline <= hopeless:  # answered at launch, unrun
+                if not p.cancelled:
+                    p.late = _EXPIRED if p.expires <= now else _HOPELESS
                 batch.append(p)
-            elif p.key == key and (not rows or rows + p.rows <= self.max_batch_size):
+                queued[p.key] -= p.rows
+                dead = True
+            elif key is None or (p.key == key and rows + p.rows <= self.max_batch_size):
+                key = p.key
                 batch.append(p)
                 rows += p.rows
             else:
                 rest.append(p)
-                continue
-            taken[p.key] = taken.get(p.key, 0) + p.rows
+        if key is not None:
+            queued[key] -= rows
+            if not queued[key]:
+                del queued[key]
+        if dead:
+            for k in {p.key for p in batch}:
+                if k in queued and not queued[k]:
+                    del queued[k]
         self._queue = deque(reversed(rest) if lifo else rest)
-        for k, n in taken.items():
-            left = self._rows.pop(k) - n
-            if left:
-                self._rows[k] = left
         self._inflight += 1
         return batch
 

@@ -173,20 +173,12 @@ def encode_request(rid: int, rows: int, inputs: Sequence[Placed], deadline: floa
     return _FRAME.pack(len(payload) + 1, REQ) + payload
 
 
-@dataclass
-class Request:
-    """A decoded REQ: arena inputs are views into the arena, inline ones into the message (no copy)."""
-
-    rid: int
-    rows: int
-    inputs: list[torch.Tensor]
-    deadline: float
-
-
-def decode_request(payload: memoryview, arena: memoryview) -> Request:
+def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor], float]:
+    """(id, rows, inputs, deadline): arena inputs are views into `arena`, inline ones into `payload` (no
+    copy)."""
     rid, rows, n, deadline, _ = _REQ.unpack_from(payload, 0)
     metas, pos = _unpack_metas(payload, _REQ.size, n)
-    return Request(rid, rows, _tensors(metas, payload, pos, arena), deadline)
+    return rid, rows, _tensors(metas, payload, pos, arena), deadline
 
 
 def sent_at(kind: int, payload: memoryview | bytes | bytearray) -> float:

@@ -42,9 +42,9 @@ def test_request_round_trips_every_dtype_inline_and_through_the_arena(
         wire = ipc.encode_request(41, 3, placed, deadline=12.5)
         (kind, payload), *rest = reader.feed(wire)
         assert kind == ipc.REQ and not rest
-        r = ipc.decode_request(memoryview(payload), arena.buf)
-        assert (r.rid, r.rows, r.deadline) == (41, 3, 12.5)
-        for a, b in zip(xs, r.inputs, strict=True):
+        rid, rows, got, deadline = ipc.decode_request(memoryview(payload), arena.buf)
+        assert (rid, rows, deadline) == (41, 3, 12.5)
+        for a, b in zip(xs, got, strict=True):
             assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
 
 
@@ -86,7 +86,7 @@ def test_worker_and_model_process_see_the_same_arena(tmp_path: Path) -> None:
     b = ipc.Arena(a.path, a.slots, a.slot_bytes, create=False)  # what the other process maps
     x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     placed = a.place([x], a.take(x.numel() * 4))
-    (y,) = ipc.decode_request(memoryview(ipc.encode_request(1, 3, placed)[5:]), b.buf).inputs
+    (y,) = ipc.decode_request(memoryview(ipc.encode_request(1, 3, placed)[5:]), b.buf)[2]
     assert torch.equal(x, y)
     a.counters[0] += 2
     assert int(b.counters[0]) == 2  # announcements travel through the header
@@ -118,7 +118,7 @@ def test_closed_arena_unmaps_once_the_last_tensor_viewing_it_is_gone(tmp_path: P
     arena = ipc.Arena(path, 2, 4096, create=True)
     x = torch.arange(8, dtype=torch.int64).reshape(2, 4)
     placed = arena.place([x], arena.take(x.nbytes))
-    (view,) = ipc.decode_request(memoryview(ipc.encode_request(1, 2, placed)[5:]), arena.buf).inputs
+    (view,) = ipc.decode_request(memoryview(ipc.encode_request(1, 2, placed)[5:]), arena.buf)[2]
     assert _mapped(path)
     arena.close()
     assert arena.closed and _mapped(path)  # a request's input still views it
@@ -285,8 +285,7 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
         big = [torch.randn(1, 3, 128, 128), torch.randn(2, 3, 128, 128)]  # 196 KB rows: direct copies
         placed = [arena.place([t], arena.take(t.numel() * 4))[0] for t in big]
         views = [
-            ipc.decode_request(memoryview(ipc.encode_request(0, 1, [p])[5:]), arena.buf).inputs[0]
-            for p in placed
+            ipc.decode_request(memoryview(ipc.encode_request(0, 1, [p])[5:]), arena.buf)[2][0] for p in placed
         ]
         assert all(v.is_pinned() and pagelock.holds(v) for v in views)
         small = [torch.randint(0, 9, (1, 8)), torch.randint(0, 9, (2, 8))]  # pageable: staging buffer
@@ -355,8 +354,8 @@ def test_a_workers_requests_of_one_loop_turn_reach_the_model_process_in_one_writ
         # the model process answers all five in one batch
         reader = ipc.FrameReader()
         requests = [ipc.decode_request(memoryview(p), a.buf) for _, p in reader.feed(writes[0])]
-        ids = [r.rid for r in requests]
-        doubled = torch.cat([r.inputs[0] for r in requests]) * 2
+        ids = [r[0] for r in requests]
+        doubled = torch.cat([r[2][0] for r in requests]) * 2
         rows = ipc.encode_rows(ids, list(range(5)), [1] * 5, [doubled])
         for kind, payload in ipc.FrameReader().feed(rows):
             worker.on_message(kind, payload)
@@ -393,7 +392,7 @@ def test_a_cancelled_request_is_dropped_in_the_model_process_and_ends_once_it_an
         assert not call.done()  # the model process still holds the request
         writes = b"".join(worker.link.transport.writes)  # type: ignore[attr-defined]
         frames = ipc.FrameReader().feed(writes)
-        rid = ipc.decode_request(memoryview(frames[0][1]), a.buf).rid
+        rid = ipc.decode_request(memoryview(frames[0][1]), a.buf)[0]
         for kind, payload in ipc.FrameReader().feed(ipc.encode_error(rid, "Cancelled", "the client left")):
             worker.on_message(kind, payload)
         with pytest.raises(asyncio.CancelledError):
@@ -446,15 +445,14 @@ def test_a_body_read_into_a_slot_travels_from_there_aligned_and_the_slot_comes_b
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         ((kind, payload),) = ipc.FrameReader().feed(worker.link.transport.writes[0])  # type: ignore[attr-defined]
-        r = ipc.decode_request(memoryview(payload), a.buf)  # the model process's view
-        (seen,) = r.inputs
-        assert kind == ipc.REQ and r.rows == 2 and torch.equal(seen, x)
+        rid, rows, (seen,), _ = ipc.decode_request(memoryview(payload), a.buf)  # the model process's view
+        assert kind == ipc.REQ and rows == 2 and torch.equal(seen, x)
         offset = seen.data_ptr() - a.address
         assert offset % 64 == 0 and slot.offset <= offset < slot.offset + a.slot_bytes  # in place, aligned
         assert len(payload) < 100  # no tensor bytes inline
         slot.release()  # the HTTP layer lets go of its body: the slot is the model process's now
         assert worker.arena._free == [1]  # slot 0 still holds the request
-        for k, p in ipc.FrameReader().feed(ipc.encode_rows([r.rid], [0], [2], [seen * 2])):
+        for k, p in ipc.FrameReader().feed(ipc.encode_rows([rid], [0], [2], [seen * 2])):
             worker.on_message(k, p)
         (y,) = await call
         assert torch.equal(y, x * 2) and sorted(worker.arena._free) == [0, 1]
@@ -505,8 +503,8 @@ def test_a_body_let_go_after_its_answer_leaves_its_slot_to_the_body_that_took_it
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         ((_, payload),) = ipc.FrameReader().feed(worker.link.transport.writes[0])  # type: ignore[attr-defined]
-        r = ipc.decode_request(memoryview(payload), a.buf)
-        for k, p in ipc.FrameReader().feed(ipc.encode_rows([r.rid], [0], [1], [r.inputs[0] * 2])):
+        rid, _, (seen,), _ = ipc.decode_request(memoryview(payload), a.buf)
+        for k, p in ipc.FrameReader().feed(ipc.encode_rows([rid], [0], [1], [seen * 2])):
             worker.on_message(k, p)  # answered: the slot is back in the arena
         await call
         second = worker.slot_body(64, 0)
