@@ -17,6 +17,8 @@
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
 #   clients      gRPC load from ghz against bench/grpcload, ResNet-50 ($MODEL), 8 workers, 1 then 64 clients:
 #                what the load generator costs the rows it measures
+#   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
+#                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
 #                carry it too), same machine, interleaved base/new/base/new, for each line "MODEL C GRPC" of
 #                $RUNS (default: datapath's load, "tinyimage 64 0"); D seconds per run (5)
@@ -75,5 +77,13 @@ ab)
         TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error|errors")
     done
   done ;;
-*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab" >&2; exit 2 ;;
+precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
+  # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench
+  for v in 0 1; do
+    TORCH_CACHING_PRECOMPILE=$v timeout 280 python bench/serve_bench.py --device cuda --models "${MODEL:-resnet50}" \
+      --mode aot --precision bf16 --max-batch 32 --seconds 1 --concurrency 1 --workers 8 --paths binary \
+      --workdir "/tmp/kf-precompile-$v" > "${OUT:-/tmp}/precompile-$v.log" 2>&1
+    echo "TORCH_CACHING_PRECOMPILE=$v rc=$?"; grep -E "Cold|Error" "${OUT:-/tmp}/precompile-$v.log" | tail -3
+  done ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|precompile" >&2; exit 2 ;;
 esac
