@@ -98,8 +98,14 @@ class HttpError(Exception):
         self.message = message
 
 
+_JSON_ERROR = [(b"content-type", b"application/json")]
+# a 429 is overload (a full queue, the process's request bytes): clients that honour Retry-After (urllib3's
+# Retry, Envoy's rate-limited retry back-off) wait a second instead of sending again at once
+_OVERLOADED = [*_JSON_ERROR, (b"retry-after", b"1")]
+
+
 def error_response(status: int, message: str) -> Response:
-    return status, orjson.dumps({"error": message}), [(b"content-type", b"application/json")]
+    return status, orjson.dumps({"error": message}), _OVERLOADED if status == 429 else _JSON_ERROR
 
 
 _EMPTY = PlainBody(memoryview(b""))

@@ -78,6 +78,7 @@ def test_full_queue_answers_429_and_resource_exhausted(slow_server: Serve) -> No
     assert set(codes) == {200, 429}
     refused = next(r for r in rest if r.status_code == 429)
     assert "queue is full" in refused.json()["error"]
+    assert refused.headers["retry-after"] == "1"  # urllib3's Retry and Envoy's back-off honour it
     for i, r in enumerate(rest):  # the accepted ones still got their own answer
         if r.status_code == 200:
             assert r.json()["outputs"][0]["data"] == [2.0 * i] * 4

@@ -384,8 +384,9 @@ def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> No
         assert budget.held == 200_000
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(_post("/p", b"b" * 100_000))
-        status, _, body = await _read_response(r)
+        status, headers, body = await _read_response(r)
         assert status == 429 and b"--max-inflight-mb" in body and b"0.2 MiB" in body
+        assert headers[b"retry-after"] == b"1"
         w.write(b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n" % 60_000 + b"c" * 60_000)
         status, _, body = await _read_response(r)
         assert status == 429 and b"--max-inflight-mb" in body
