@@ -100,7 +100,7 @@ class HttpError(Exception):
 
 _JSON_ERROR = [(b"content-type", b"application/json")]
 # a 429 is overload (a full queue, the process's request bytes): clients that honour Retry-After (urllib3's
-# Retry, Envoy's rate-limited retry back-off) wait a second instead of sending again at once
+# Retry; Envoy's rate-limited retry back-off, when set to) wait a second instead of sending again at once
 _OVERLOADED = [*_JSON_ERROR, (b"retry-after", b"1")]
 
 
