@@ -10,6 +10,7 @@ class InferError(Exception):
 
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    overload = False  # the server is overloaded: clients should wait before they try again
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -39,6 +40,7 @@ class QueueFull(InferError):
 
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    overload = True
 
 
 class Unavailable(InferError):

@@ -29,6 +29,7 @@ from runtime.serving.protocol.codec import (
     tensor_from_bytes,
     tensor_from_json,
 )
+from runtime.serving.protocol.http2 import PUSHBACK
 from runtime.serving.signature import check_input, check_request
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return _encode(request, model.name, model.version, model.signature, outs)
         except InferError as e:
             code = e.grpc_code.name
-            await context.abort(e.grpc_code, e.message)
+            await context.abort(e.grpc_code, e.message, PUSHBACK if e.overload else ())
         except asyncio.CancelledError:
             code = "CANCELLED"  # the client reset the call or left
             raise

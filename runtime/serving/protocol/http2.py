@@ -42,7 +42,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from hpack import Decoder
@@ -123,12 +123,18 @@ Buffer = Callable[[int, memoryview], Body | None]
 
 
 class RpcError(Exception):
-    """Ends a call with a gRPC status (not OK) and a message."""
+    """Ends a call with a gRPC status (not OK), a message, and trailers of its own."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, trailers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailers = trailers
+
+
+# overload (the process's request bytes, a full queue): clients with a retry policy wait this long before
+# they try again (gRPC's retry design, A6), instead of adding to the overload at once
+PUSHBACK = (("grpc-retry-pushback-ms", "1000"),)
 
 
 def parse_timeout(value: str | None) -> float | None:
@@ -500,7 +506,9 @@ class _Connection(asyncio.BufferedProtocol):
                 )
                 return
             if not self.server.budget.take(size, "grpc"):
-                self._end(s, RESOURCE_EXHAUSTED, self.server.budget.refusal(size), reset=True)
+                self._end(
+                    s, RESOURCE_EXHAUSTED, self.server.budget.refusal(size), reset=True, trailers=PUSHBACK
+                )
                 return
             make = self.server.buffers.get(s.headers.get(":path", ""))
             body = make(size, data) if make is not None else None
@@ -542,7 +550,7 @@ class _Connection(asyncio.BufferedProtocol):
             reply = await handler(body[5:])
             self._answer(s, reply)
         except RpcError as e:
-            self._end(s, e.code, e.message)
+            self._end(s, e.code, e.message, trailers=e.trailers)
         except asyncio.CancelledError:
             if not s.expired:
                 raise  # the client reset the stream or left
@@ -569,12 +577,21 @@ class _Connection(asyncio.BufferedProtocol):
         self._send(s)
         self._write()
 
-    def _end(self, s: _Stream, code: int, message: str, reset: bool = False) -> None:
+    def _end(
+        self,
+        s: _Stream,
+        code: int,
+        message: str,
+        reset: bool = False,
+        trailers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         """Trailers-only answer with a status; `reset` also tells the client to stop sending."""
         if self.transport is None or self._drop(s.sid) is None:
             return
         block = RESPONSE_HEADERS + literal(b"grpc-status", str(code).encode())
         block += literal(b"grpc-message", percent_encode(message))
+        for name, value in trailers:
+            block += literal(name.encode(), value.encode())
         self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, s.sid, block))
         if reset:
             self.out.append(frame(RST_STREAM, 0, s.sid, NO_ERROR.to_bytes(4, "big")))
@@ -747,8 +764,8 @@ def unary(parse: Callable[[Any], Any], method: Callable[[Any, Any], Awaitable[An
 class _Context:
     """The part of grpc.aio's ServicerContext that our servicer uses."""
 
-    async def abort(self, code: Any, details: str) -> None:
-        raise RpcError(int(code.value[0]), details)
+    async def abort(self, code: Any, details: str, trailing_metadata: Sequence[tuple[str, str]] = ()) -> None:
+        raise RpcError(int(code.value[0]), details, trailing_metadata)
 
     def time_remaining(self) -> float | None:
         """Seconds until the call's grpc-timeout passes; None without one."""

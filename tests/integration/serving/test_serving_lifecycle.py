@@ -29,16 +29,24 @@ def _post(url: str, value: float) -> httpx.Response:
 
 
 def _grpc_one(server: Serve, request_id: str = "") -> str:
-    """One ModelInfer call with tritonclient: "OK", or the status and message it ended with."""
-    import tritonclient.grpc as tg
+    """One ModelInfer call with grpcio: "OK", or the status and message it ended with, and the retry
+    pushback its trailers asked for ("[pushback N ms]")."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
 
-    client = tg.InferenceServerClient(server.grpc_url)
-    inp = tg.InferInput("input__0", [1, 4], "FP32")
-    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-    try:
-        client.infer("slow", [inp], request_id=request_id)
-    except tg.InferenceServerException as e:
-        return f"{e.status()} {e.message()}"
+    req = pb.ModelInferRequest(model_name="slow", id=request_id)
+    req.inputs.add(name="input__0", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1.0] * 4)
+    with grpc.insecure_channel(server.grpc_url) as ch:
+        call = ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+        )
+        try:
+            call(req, timeout=30)
+        except grpc.RpcError as e:
+            pushback = dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms")  # type: ignore[attr-defined]
+            more = f" [pushback {pushback} ms]" if pushback else ""
+            return f"{e.code()} {e.details()}{more}"  # type: ignore[attr-defined]
     return "OK"
 
 
@@ -84,8 +92,10 @@ def test_full_queue_answers_429_and_resource_exhausted(slow_server: Serve) -> No
             assert r.json()["outputs"][0]["data"] == [2.0 * i] * 4
 
     with cf.ThreadPoolExecutor(8) as pool:
-        statuses = {s.split(" ")[0] for s in pool.map(lambda _: _grpc_one(slow_server), range(8))}
-    assert statuses == {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, statuses
+        answers = list(pool.map(lambda _: _grpc_one(slow_server), range(8)))
+    assert {a.split(" ")[0] for a in answers} == {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, answers
+    # a client with a retry policy waits a second before it tries again (gRPC's retry pushback)
+    assert all(a.endswith("[pushback 1000 ms]") for a in answers if a != "OK"), answers
     assert httpx.get(f"{slow_server.url}/v2/health/ready").status_code == 200
 
 
@@ -237,7 +247,8 @@ def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(s
 
     with cf.ThreadPoolExecutor(8) as pool:  # an id that makes each message ~650 bytes
         statuses = list(pool.map(lambda _: _grpc_one(slow_server, request_id="r" * 600), range(8)))
-    assert any(s.startswith("StatusCode.RESOURCE_EXHAUSTED") and "--max-inflight-mb" in s for s in statuses)
+    refused = [s for s in statuses if s.startswith("StatusCode.RESOURCE_EXHAUSTED") and "--max-inflight" in s]
+    assert refused and all(s.endswith("[pushback 1000 ms]") for s in refused), statuses
     assert "OK" in statuses, statuses
     assert refusals("grpc") - before[1] == sum("--max-inflight-mb" in s for s in statuses)
 
