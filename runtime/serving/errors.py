@@ -58,8 +58,8 @@ class Cancelled(InferError):
 
 
 class DeadlineExceeded(InferError):
-    """The request's timeout or deadline passed before it ran: dropped from the queue, never run (504 /
-    DEADLINE_EXCEEDED)."""
+    """The request's deadline would pass before its answer, or it waited past the queue timeout: dropped from
+    the queue, never run (504 / DEADLINE_EXCEEDED)."""
 
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
