@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ def _grpc_one(server: Serve, request_id: str = "") -> str:
 
 
 @pytest.fixture(scope="module", params=["0", "2"], ids=["one-process", "2-workers"])
-def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Serve:
+def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[Serve]:
     """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests; each process holds
     at most 1 KiB of requests at once (more than 8 of the small ones, one padded one)."""
     s = start_serve(
@@ -74,7 +74,8 @@ def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Serve:
         str(1024 / (1 << 20)),
     )
     s.wait_ready()
-    return s
+    yield s
+    s.stop()
 
 
 def test_full_queue_answers_429_and_resource_exhausted(slow_server: Serve) -> None:
