@@ -160,20 +160,27 @@ def test_model_error_fails_only_that_batch() -> None:
     b.close(5)
 
 
+def _gated(seen: list[float], sizes: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """A runner that holds each batch until its gate is set, then doubles it; records the first column."""
+    gate = threading.Event()
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        gate.wait(5)
+        seen.extend(xs[0][:, 0].tolist())
+        if sizes is not None:
+            sizes.append(xs[0].shape[0])
+        return (xs[0] * 2,)
+
+    return run, gate
+
+
 def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_never_run() -> None:
     """Its client left (a worker's CANCEL, an event loop's cancelled future): the model never sees its rows,
     its sink gets Cancelled (so a worker frees its slot), the requests around it are answered, and its rows
     take no room in the batch that drops it."""
     seen: list[float] = []
     sizes: list[int] = []
-    gate = threading.Event()
-
-    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        gate.wait(5)  # hold the first batch so the others queue up behind it
-        seen.extend(xs[0][:, 0].tolist())
-        sizes.append(xs[0].shape[0])
-        return (xs[0] * 2,)
-
+    run, gate = _gated(seen, sizes)  # holds the first batch so the others queue up behind it
     b = Batcher(run, max_batch_size=2, max_delay_s=0.0, max_queue_size=100)
     first = b.submit([torch.full((1, 1), 1.0)], 1)
     assert _until(lambda: b.queued == 0)  # taken into the first batch, held at the gate
@@ -190,20 +197,6 @@ def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_
         assert isinstance(got[i], Cancelled) and "client left" in got[i].message  # type: ignore[union-attr]
     assert sorted(seen) == [1.0, 10.0, 12.0]  # the cancelled rows never reached the model
     assert sizes == [1, 2]  # the two live ones in one batch of 2: the cancelled ones took no room
-
-
-def _gated(seen: list[float], sizes: list[int] | None = None):  # type: ignore[no-untyped-def]
-    """A runner that holds each batch until its gate is set, then doubles it; records the first column."""
-    gate = threading.Event()
-
-    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        gate.wait(5)
-        seen.extend(xs[0][:, 0].tolist())
-        if sizes is not None:
-            sizes.append(xs[0].shape[0])
-        return (xs[0] * 2,)
-
-    return run, gate
 
 
 def test_requests_past_the_queue_timeout_are_dropped_unrun_with_deadline_exceeded() -> None:
