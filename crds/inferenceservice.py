@@ -113,6 +113,29 @@ class BatchingSpec(KubeModel):
         description="Overload: once the oldest queued request has waited this long, the newest go first"
         " (0: always oldest first).",
     )
+    priority_levels: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Priority levels of Triton's `priority` request parameter, 1 the most urgent: batches"
+        " take the most urgent first and a full queue refuses the least urgent first (0: none, the"
+        " parameter is ignored).",
+    )
+    default_priority_level: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Level of a request that names none (or one past the last); 0: the last, least urgent.",
+    )
+
+    x_rules = (
+        Rule(
+            cel="self.defaultPriorityLevel <= self.priorityLevels",
+            message="batching.defaultPriorityLevel must be at most batching.priorityLevels: raise"
+            " priorityLevels or lower defaultPriorityLevel (0: the last level)",
+            check=lambda m: m.default_priority_level <= m.priority_levels,
+        ),
+    )
 
 
 class AutoscalingSpec(KubeModel):

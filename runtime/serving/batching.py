@@ -15,6 +15,12 @@ DEADLINE_EXCEEDED). With `lifo_after_s`, once the oldest queued request has wait
 queue grows faster than batches drain it), batches form from the newest requests first, whose clients are
 most likely still waiting; the oldest wait until the queue drains, their clients leave or they expire.
 
+Priorities (Triton's `priority` parameter; `priority_levels` > 0): level 1 is the most urgent. A batch is the
+most urgent oldest request and those with its shapes, taken most urgent first, then oldest first (newest first
+in overload), so a less urgent request still fills room that the urgent ones leave. A full queue takes an
+urgent request by displacing the newest of its least urgent ones, which gets QueueFull (429): under overload
+the least urgent traffic is refused first, never the most urgent.
+
 Optional padding: `batch_buckets` pads the row count up to the next bucket (static shapes for CUDA graphs) and
 `pad_multiple` pads variable non-batch dimensions (sequence lengths) up to a multiple, so fewer distinct
 shapes reach the compiled model; padded rows and positions are cut off the outputs again.
@@ -42,7 +48,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -133,6 +139,7 @@ class Pending:
     deadline: float = math.inf  # time.monotonic() past which its client no longer wants the answer
     expires: float = math.inf  # time.monotonic() past which it is not launched (the queue timeout)
     late: str | None = None  # why it is dropped unrun (set by the batcher thread)
+    priority: int = 0  # its level, 1 the most urgent (0: the batcher has no priority levels)
 
 
 _EXPIRED = (
@@ -191,11 +198,15 @@ class Batcher:
         depth: int = 1,
         queue_timeout_s: float = 0.0,
         lifo_after_s: float = 0.0,
+        priority_levels: int = 0,
+        default_priority: int = 0,
     ) -> None:
         """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
         there: CUDA graphs and other per-thread state then belong to the thread that serves).
         `queue_timeout_s`: the longest a request waits in the queue (0: no limit);
-        `lifo_after_s`: the oldest request's wait past which the newest go first (0: always oldest first)."""
+        `lifo_after_s`: the oldest request's wait past which the newest go first (0: always oldest first);
+        `priority_levels`: how many (0: none), `default_priority`: the level of a request that names none, or
+        one past the last (Triton's; 0: the last level)."""
         if (run is None) == (setup is None):
             raise ValueError("give exactly one of run or setup")
         self._run: BatchRunner | None = run
@@ -208,6 +219,13 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.queue_timeout_s = queue_timeout_s
         self.lifo_after_s = lifo_after_s
+        if priority_levels < 0 or not 0 <= default_priority <= priority_levels:
+            raise ValueError(
+                f"default_priority ({default_priority}) must be between 1 and priority_levels"
+                f" ({priority_levels}), or 0 for the last level"
+            )
+        self.priority_levels = priority_levels
+        self.default_priority = default_priority or priority_levels
         self.batched = batched
         self._buckets = sorted(batch_buckets) if batch_buckets else None
         self._variable_dims = [list(v) for v in variable_dims]  # per input: non-batch dims that vary
@@ -305,10 +323,11 @@ class Batcher:
         *,
         announced: bool = False,
         deadline: float = math.inf,
+        priority: int = 0,
     ) -> Future[tuple[torch.Tensor, ...]]:
         """Queue a request (CPU tensors, batch dimension first when batched); the future gets its outputs."""
         fut: Future[tuple[torch.Tensor, ...]] = Future()
-        self.submit_to(_FUTURES, fut, inputs, rows, announced=announced, deadline=deadline)
+        self.submit_to(_FUTURES, fut, inputs, rows, announced=announced, deadline=deadline, priority=priority)
         return fut
 
     def submit_to(
@@ -320,9 +339,11 @@ class Batcher:
         *,
         announced: bool = False,
         deadline: float = math.inf,
+        priority: int = 0,
     ) -> Pending:
         """Queue a request whose result goes to `sink` under `tag` (QueueFull, Unavailable); `deadline`: the
-        time.monotonic() past which its client no longer wants the answer."""
+        time.monotonic() past which its client no longer wants the answer; `priority`: Triton's (1 the most
+        urgent; 0, or past the last level: the default level; ignored without priority levels)."""
         expires = time.monotonic() + self.queue_timeout_s if self.queue_timeout_s else math.inf
         orig = [t.shape for t in inputs]
         if self._pad_multiple:
@@ -332,21 +353,46 @@ class Batcher:
         else:
             key = tuple((t.shape, t.dtype) for t in inputs)
         p = Pending(inputs, rows, key, orig, sink, tag, deadline=deadline, expires=expires)
+        displaced = None
         with self._cond:
             if announced:
                 self._announced = max(0, self._announced - 1)
             if self._closed:
                 raise Unavailable(f"model {self.name!r} is shutting down")
-            if len(self._queue) >= self.max_queue_size:
+            queue = self._queue
+            if self.priority_levels:
+                p.priority = priority if 0 < priority <= self.priority_levels else self.default_priority
+                if len(queue) >= self.max_queue_size and queue and queue[-1].priority > p.priority:
+                    displaced = queue.pop()  # the newest of the least urgent (the queue is in level order)
+                    self._unqueue(displaced)
+            if len(queue) >= self.max_queue_size:
                 raise QueueFull(
                     f"model {self.name!r} queue is full ({self.max_queue_size} requests waiting); retry later"
                 )
-            self._queue.append(p)
+            if not queue or queue[-1].priority <= p.priority:
+                queue.append(p)
+            else:  # behind the requests of its level and the more urgent ones
+                queue.insert(bisect.bisect_right(queue, p.priority, key=_priority), p)
             n = self._rows[key] = self._rows.get(key, 0) + rows
             # while the device is busy the forming batch waits for it; only a full one goes earlier
             if not self._device_wait or n >= self.max_batch_size:
                 self._notify()
+        if displaced is not None:
+            self._displace(displaced)
         return p
+
+    def _unqueue(self, p: Pending) -> None:
+        """Count a request taken off the queue out of its key's rows (hold _cond)."""
+        left = self._rows[p.key] = self._rows[p.key] - p.rows
+        if not left:
+            del self._rows[p.key]
+
+    def _displace(self, p: Pending) -> None:
+        level = f"priority level {p.priority}"
+        _fail_all([p], QueueFull(f"model {self.name!r} queue is full: a more urgent request took the place of"
+                                 f" this one ({level}); retry later"))  # fmt: skip
+        if self._dropped is not None:
+            self._dropped(1, "displaced")
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish every queued one, then stop the worker."""
@@ -426,7 +472,9 @@ class Batcher:
         now = time.monotonic()
         queue = self._queue
         lifo = bool(self.lifo_after_s) and time.perf_counter() - queue[0].enqueued > self.lifo_after_s
-        order = reversed(queue) if lifo else iter(queue)
+        order: Iterable[Pending] = reversed(queue) if lifo else queue
+        if lifo and self.priority_levels:
+            order = sorted(order, key=_priority)  # newest first within each level (a stable sort)
         # a client that leaves before then gets no answer in time: a batch's seconds from launch to answers,
         # twice (the answer's way back to the client, the estimate's error; with once, bench/overload_bench.py
         # at 2x: gRPC goodput 176 rows/s against 203, and 14 % of the rows run answered too late)
@@ -458,7 +506,11 @@ class Batcher:
             for k in {p.key for p in batch}:
                 if k in queued and not queued[k]:
                     del queued[k]
-        self._queue = deque(reversed(rest) if lifo else rest)
+        if lifo:  # back to oldest first (within each level)
+            rest.reverse()
+            if self.priority_levels:
+                rest.sort(key=_priority)
+        self._queue = deque(rest)
         self._inflight += 1
         return batch
 
@@ -642,6 +694,10 @@ class Batcher:
                     if t.shape[d] != o[d] and d < part.dim() and part.shape[d] == t.shape[d]:
                         part = part.narrow(d, 0, o[d])
         return part
+
+
+def _priority(p: Pending) -> int:
+    return p.priority
 
 
 def _fail_all(batch: list[Pending], error: BaseException) -> None:

@@ -47,6 +47,8 @@ def _spec_defaults(path: str) -> dict[str, Any]:
         "max_queue_size": s["batching"]["max_queue_size"],
         "queue_timeout_ms": s["batching"]["queue_timeout_ms"],
         "lifo_after_ms": s["batching"]["lifo_after_ms"],
+        "priority_levels": s["batching"]["priority_levels"],
+        "default_priority_level": s["batching"]["default_priority_level"],
         "http_port": s["ports"]["http"],
         "grpc_port": s["ports"]["grpc"],
     }
@@ -130,6 +132,20 @@ def _parser() -> argparse.ArgumentParser:
         "requests first, whose clients are most likely still waiting (0: always oldest first)",
     )
     s.add_argument(
+        "--priority-levels",
+        type=_count,
+        default=0,
+        help="levels of Triton's `priority` request parameter, 1 the most urgent: batches take the most "
+        "urgent requests first, and a full queue refuses the least urgent first (0: none, the parameter "
+        "is ignored)",
+    )
+    s.add_argument(
+        "--default-priority-level",
+        type=_count,
+        default=0,
+        help="the level of a request that names none, or one past the last (0: the last, least urgent)",
+    )
+    s.add_argument(
         "--pad-multiple",
         type=int,
         default=None,
@@ -202,6 +218,11 @@ def _config(args: argparse.Namespace) -> Any:
         torch_threads=args.torch_threads,
     )
     if args.command == "serve":
+        if not 0 <= args.default_priority_level <= args.priority_levels:
+            raise SystemExit(
+                f"kubeforge-serve: --default-priority-level {args.default_priority_level} must be between 1"
+                f" and --priority-levels ({args.priority_levels}), or 0 for the last level"
+            )
         kw.update(
             host=args.host,
             http_port=args.http_port,
@@ -210,6 +231,8 @@ def _config(args: argparse.Namespace) -> Any:
             max_queue_size=args.max_queue_size,
             queue_timeout_ms=args.queue_timeout_ms,
             lifo_after_ms=args.lifo_after_ms,
+            priority_levels=args.priority_levels,
+            default_priority_level=args.default_priority_level,
             pad_multiple=args.pad_multiple,
             max_payload_bytes=int(args.max_payload_mb * (1 << 20)),
             max_inflight_bytes=int(args.max_inflight_mb * (1 << 20)),
@@ -232,6 +255,17 @@ def _milliseconds(value: str) -> float:
     if not ms >= 0 or ms == float("inf"):
         raise argparse.ArgumentTypeError(f"{value!r} is not a duration in milliseconds >= 0 (0: off)")
     return ms
+
+
+def _count(value: str) -> int:
+    """A whole number >= 0 (argparse names the flag in its error)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
+    return n
 
 
 def _workers(value: str) -> int | None:

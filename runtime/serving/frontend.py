@@ -85,12 +85,12 @@ class RemoteModel(ServedModel):
     worker: Worker
 
     async def infer(
-        self, inputs: list[torch.Tensor], rows: int, *, deadline: float = math.inf
+        self, inputs: list[torch.Tensor], rows: int, *, deadline: float = math.inf, priority: int = 0
     ) -> tuple[torch.Tensor, ...]:
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
-        return await self.worker.infer(inputs, rows, deadline)
+        return await self.worker.infer(inputs, rows, deadline, priority)
 
 
 class _Link(asyncio.Protocol):
@@ -158,7 +158,7 @@ class Worker:
         return info
 
     async def infer(
-        self, inputs: list[torch.Tensor], rows: int, deadline: float = math.inf
+        self, inputs: list[torch.Tensor], rows: int, deadline: float = math.inf, priority: int = 0
     ) -> tuple[torch.Tensor, ...]:
         if self._hub_lost or self.link is None or self.link.transport is None:
             self.batcher.withdraw()
@@ -177,7 +177,7 @@ class Worker:
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending[rid] = (fut, offset)
         self.batcher.withdraw()  # from here on the request is the model process's to count
-        self._post(ipc.encode_request(rid, rows, placed, deadline))
+        self._post(ipc.encode_request(rid, rows, placed, deadline, priority))
         try:
             return tuple(await fut)
         except asyncio.CancelledError:

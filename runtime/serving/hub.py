@@ -377,13 +377,17 @@ class Hub:
         if kind == ipc.REQ:
             self._hop.observe(time.monotonic() - ipc.sent_at(kind, payload))
             try:
-                rid, rows, inputs, deadline = ipc.decode_request(memoryview(payload), conn.arena.buf)
+                rid, rows, inputs, deadline, priority = ipc.decode_request(
+                    memoryview(payload), conn.arena.buf
+                )
             except Exception as e:  # a worker bug, not a client's: answer it rather than hang the client
                 log.exception("undecodable request from a protocol worker")
                 conn.post(ipc.encode_error(int.from_bytes(payload[:8], "little"), "ModelFailure", str(e)))
                 return
             try:
-                conn.queued[rid] = self.batcher.submit_to(conn, rid, inputs, rows, deadline=deadline)
+                conn.queued[rid] = self.batcher.submit_to(
+                    conn, rid, inputs, rows, deadline=deadline, priority=priority
+                )
             except InferError as e:
                 conn.post(ipc.encode_error(rid, type(e).__name__, e.message))
                 return

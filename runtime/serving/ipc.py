@@ -55,9 +55,10 @@ ROWS = 10  # model process -> worker: the outputs of several requests of one bat
 CANCEL = 11  # worker -> model process: <Q id>; its client left: drop the request unless its batch runs
 
 _FRAME = struct.Struct("<IB")
-# id, rows, n inputs, its client's deadline (batching.Pending; inf: none), when the worker encoded it (both
-# time.monotonic: one clock for every process of the host; sent_at reads the last field)
-_REQ = struct.Struct("<QIBdd")
+# id, rows, n inputs, its client's deadline (batching.Pending; inf: none), its priority (0: the default), when
+# the worker encoded it (both time.monotonic: one clock for every process of the host; sent_at reads the last
+# field)
+_REQ = struct.Struct("<QIBdId")
 _TENSOR = struct.Struct("<BBBQQ")  # dtype code, ndim, in arena (1) or inline (0), offset, nbytes
 _RESP = struct.Struct("<QB")  # id, 0 ok / 1 error
 _ID = struct.Struct("<Q")
@@ -165,20 +166,24 @@ def _tensors(
     return out
 
 
-def encode_request(rid: int, rows: int, inputs: Sequence[Placed], deadline: float = math.inf) -> bytes:
-    parts: list[bytes | memoryview] = [_REQ.pack(rid, rows, len(inputs), deadline, time.monotonic())]
+def encode_request(
+    rid: int, rows: int, inputs: Sequence[Placed], deadline: float = math.inf, priority: int = 0
+) -> bytes:
+    """`priority`: Triton's (past 2**32 - 1: that, which is past any level, so the default level too)."""
+    head = _REQ.pack(rid, rows, len(inputs), deadline, min(priority, 0xFFFFFFFF), time.monotonic())
+    parts: list[bytes | memoryview] = [head]
     parts += [_pack_meta(p.tensor, p.offset) for p in inputs]
     parts += [datatypes.tensor_buffer(p.tensor) for p in inputs if p.offset < 0]
     payload = b"".join(parts)
     return _FRAME.pack(len(payload) + 1, REQ) + payload
 
 
-def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor], float]:
-    """(id, rows, inputs, deadline): arena inputs are views into `arena`, inline ones into `payload` (no
-    copy)."""
-    rid, rows, n, deadline, _ = _REQ.unpack_from(payload, 0)
+def decode_request(payload: memoryview, arena: memoryview) -> tuple[int, int, list[torch.Tensor], float, int]:
+    """(id, rows, inputs, deadline, priority): arena inputs are views into `arena`, inline ones into `payload`
+    (no copy)."""
+    rid, rows, n, deadline, priority, _ = _REQ.unpack_from(payload, 0)
     metas, pos = _unpack_metas(payload, _REQ.size, n)
-    return rid, rows, _tensors(metas, payload, pos, arena), deadline
+    return rid, rows, _tensors(metas, payload, pos, arena), deadline, priority
 
 
 def sent_at(kind: int, payload: memoryview | bytes | bytearray) -> float:

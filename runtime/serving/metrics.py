@@ -103,7 +103,8 @@ class Metrics:
             "kubeforge_dropped_unrun",
             "Requests dropped before their batch ran: device time not spent on answers nobody reads. reason"
             " cancelled: the client left (connection closed, gRPC cancel); expired: its deadline (the timeout"
-            " parameter, grpc-timeout) would pass before its answer, or it waited past --queue-timeout-ms.",
+            " parameter, grpc-timeout) would pass before its answer, or it waited past --queue-timeout-ms;"
+            " displaced: a more urgent request (Triton's priority) took its place in a full queue.",
             ["model", "reason"],
             registry=r,
         )

@@ -45,13 +45,13 @@ class ServedModel:
         }
 
     async def infer(
-        self, inputs: list[torch.Tensor], rows: int, *, deadline: float = math.inf
+        self, inputs: list[torch.Tensor], rows: int, *, deadline: float = math.inf, priority: int = 0
     ) -> tuple[torch.Tensor, ...]:
-        """Run one request through the batcher; `deadline`: its client's (batching.Pending)."""
+        """Run one request through the batcher; `deadline`, `priority`: its client's (batching.Pending)."""
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
-        return await _waker().run(self.batcher, inputs, rows, deadline)
+        return await _waker().run(self.batcher, inputs, rows, deadline, priority)
 
 
 class _Waker:
@@ -69,10 +69,12 @@ class _Waker:
         self._released: dict[asyncio.Future[Any], asyncio.Future[None]] = {}
 
     async def run(
-        self, batcher: Batcher, inputs: list[torch.Tensor], rows: int, deadline: float
+        self, batcher: Batcher, inputs: list[torch.Tensor], rows: int, deadline: float, priority: int = 0
     ) -> tuple[torch.Tensor, ...]:
         mine: asyncio.Future[tuple[torch.Tensor, ...]] = self._loop.create_future()
-        pending = batcher.submit_to(self, mine, inputs, rows, announced=True, deadline=deadline)
+        pending = batcher.submit_to(
+            self, mine, inputs, rows, announced=True, deadline=deadline, priority=priority
+        )
         try:
             return await mine
         except asyncio.CancelledError:

@@ -66,6 +66,8 @@ class ServeConfig:
     max_queue_size: int = 1024
     queue_timeout_ms: float = 0.0  # the longest a request waits in the queue; 0: no limit
     lifo_after_ms: float = 0.0  # the oldest request's wait past which the newest go first; 0: never
+    priority_levels: int = 0  # of Triton's `priority` parameter (batching.Batcher); 0: none
+    default_priority_level: int = 0  # of requests that name none; 0: the last level
     pad_multiple: int | None = None
     host: str = "0.0.0.0"
     http_port: int = 8080
@@ -351,6 +353,8 @@ class Server:
             max_queue_size=cfg.max_queue_size,
             queue_timeout_s=cfg.queue_timeout_ms / 1000,
             lifo_after_s=cfg.lifo_after_ms / 1000,
+            priority_levels=cfg.priority_levels,
+            default_priority=cfg.default_priority_level,
         )
         self._pending = (batcher, holder)
 

@@ -23,6 +23,7 @@ class Request:
     rows: int
     outputs: list[tuple[str, bool]] = field(default_factory=list)  # requested (name, binary); empty = all
     timeout_s: float | None = None  # parameters.timeout: how long the client waits for the answer
+    priority: int = 0  # parameters.priority: 1 the most urgent, 0 the model's default level
 
 
 def request_timeout(value: object, where: str) -> float | None:
@@ -33,6 +34,16 @@ def request_timeout(value: object, where: str) -> float | None:
             f"answer; 0: no limit), not {value!r}"
         )
     return value / 1e6 if value else None
+
+
+def request_priority(value: object, where: str) -> int:
+    """Triton's request `priority` parameter: a level, 1 the most urgent (0: the model's default level)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(
+            f"{where} must be a whole number >= 0 (1 the most urgent level; 0: the model's default), not"
+            f" {value!r}"
+        )
+    return value
 
 
 def tensor_from_bytes(
@@ -125,6 +136,7 @@ def decode_request(
     if not isinstance(params, dict):
         raise BadRequest("malformed request: 'parameters' must be a JSON object")
     timeout = request_timeout(params["timeout"], "parameters.timeout") if "timeout" in params else None
+    priority = request_priority(params["priority"], "parameters.priority") if "priority" in params else 0
     default_binary = bool(params.get("binary_data_output", False))
     wanted: list[tuple[str, bool]] = []
     known = {o.name for o in sig.outputs}
@@ -139,7 +151,12 @@ def decode_request(
         wanted = [(o.name, default_binary) for o in sig.outputs]
     rid = req.get("id")
     return Request(
-        rid if isinstance(rid, str) else None, [by_name[s.name] for s in sig.inputs], rows, wanted, timeout
+        rid if isinstance(rid, str) else None,
+        [by_name[s.name] for s in sig.inputs],
+        rows,
+        wanted,
+        timeout,
+        priority,
     )
 
 

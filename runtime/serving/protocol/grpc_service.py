@@ -24,6 +24,7 @@ from runtime.serving.protocol import datatypes
 from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as _pb
 from runtime.serving.protocol._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from runtime.serving.protocol.codec import (
+    request_priority,
     request_timeout,
     tensor_bytes,
     tensor_from_bytes,
@@ -125,10 +126,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     inputs, rows = _decode(request, raw, model.signature, model.max_batch_size)
                     deadline = _deadline(request, context)
+                    priority = _priority(request)
                 except BaseException:
                     model.batcher.withdraw()
                     raise
-                outs = await model.infer(inputs, rows, deadline=deadline)
+                outs = await model.infer(inputs, rows, deadline=deadline, priority=priority)
             finally:
                 self.metrics.ended(label)
             return _encode(request, model.name, model.version, model.signature, outs)
@@ -151,13 +153,25 @@ def _deadline(request: Any, context: Any) -> float:
     now = time.monotonic()
     deadline = math.inf
     if "timeout" in request.parameters:
-        p = request.parameters["timeout"]
-        kind = p.WhichOneof("parameter_choice")
-        timeout = request_timeout(getattr(p, kind) if kind else None, "parameters['timeout'] (int64_param)")
+        timeout = request_timeout(_parameter(request, "timeout"), "parameters['timeout'] (int64_param)")
         if timeout is not None:
             deadline = now + timeout
     remaining = context.time_remaining()
     return deadline if remaining is None else min(deadline, now + remaining)
+
+
+def _priority(request: Any) -> int:
+    """Triton's `priority` parameter (uint64_param, as tritonclient sends it, or int64_param); 0: none."""
+    if "priority" not in request.parameters:
+        return 0
+    return request_priority(_parameter(request, "priority"), "parameters['priority'] (uint64_param)")
+
+
+def _parameter(request: Any, name: str) -> object:
+    """An InferParameter's value, whichever of its kinds is set (None: none)."""
+    p = request.parameters[name]
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
 
 
 def _decode(

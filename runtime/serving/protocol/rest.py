@@ -175,7 +175,9 @@ class RestApp:
                 model.batcher.announce()
             if decoded.timeout_s is not None:
                 deadline = min(deadline, time.monotonic() + decoded.timeout_s)
-            outs = await model.infer(decoded.inputs, decoded.rows, deadline=deadline)
+            outs = await model.infer(
+                decoded.inputs, decoded.rows, deadline=deadline, priority=decoded.priority
+            )
             payload, head_len = encode_response(model.name, model.version, decoded, model.signature, outs)
             if head_len is None:
                 return 200, payload, _JSON

@@ -245,6 +245,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("is-ports", isvc({"ports": {"http": 9000, "grpc": 9000}}), "ports.http and ports.grpc must differ"),
     (
+        "is-priority",
+        isvc({"batching": {"defaultPriorityLevel": 1}}),
+        "batching.defaultPriorityLevel must be at most batching.priorityLevels",
+    ),
+    (
         "is-backend-vendor",
         isvc({"compile": {"backend": "tensorrt"}}),
         "compile.backend must match accelerator.vendor",

@@ -52,8 +52,9 @@ def _grpc_one(server: Serve, request_id: str = "") -> str:
 
 @pytest.fixture(scope="module", params=["0", "2"], ids=["one-process", "2-workers"])
 def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[Serve]:
-    """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests; each process holds
-    at most 1 KiB of requests at once (more than 8 of the small ones, one padded one)."""
+    """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests, two priority levels
+    (requests that name none are of the second, least urgent); each process holds at most 1 KiB of requests
+    at once (more than 8 of the small ones, one padded one)."""
     s = start_serve(
         registry.env,
         "--workers",
@@ -67,6 +68,8 @@ def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[
         "--max-batch-size",
         "1",
         "--max-queue-size",
+        "2",
+        "--priority-levels",
         "2",
         "--drain-delay-s",
         "1",
@@ -214,6 +217,61 @@ def test_a_request_whose_timeout_would_pass_gets_504_and_deadline_exceeded_unrun
     after = counts()
     assert after[0] - before[0] == 6  # the firsts and the patient ones; the late ones never ran
     assert after[1] - before[1] == 3
+
+
+def test_an_urgent_request_takes_the_place_of_the_newest_in_a_full_queue_and_runs_first(
+    slow_server: Serve, request: pytest.FixtureRequest
+) -> None:
+    """Triton's `priority` from tritonclient, over HTTP and gRPC: one request runs (0.4 s), two of the default
+    level fill the queue; a priority-1 request is taken in place of the newer, which gets 429 /
+    RESOURCE_EXHAUSTED naming why and is counted as displaced, and the urgent one runs before the older.
+
+    The model process learns the order of requests from the order they reach it; with protocol workers,
+    requests on different connections may reach it in another order than they were sent, so there the
+    three go over one gRPC connection (one worker, in order)."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    def infer(client_module: Any, client: Any, value: float, priority: int = 0) -> tuple[float, str]:
+        inp = client_module.InferInput("input__0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.full((1, 4), value, np.float32))
+        try:
+            out = client.infer("slow", [inp], priority=priority).as_numpy("output__0")
+        except client_module.InferenceServerException as e:
+            return time.monotonic(), f"{e.status()} {e.message()}"
+        return time.monotonic(), str(out.tolist())
+
+    def displaced() -> float:
+        text = httpx.get(f"{slow_server.url}/metrics").text
+        return metric_sum(text, 'kubeforge_dropped_unrun_total{model="slow",reason="displaced"}')
+
+    before = displaced()
+    rounds = [(tg, lambda: tg.InferenceServerClient(slow_server.grpc_url))]
+    if request.node.callspec.params["slow_server"] == "0":  # one process: requests queue as they come
+        rounds.append(
+            (th, lambda: th.InferenceServerClient(slow_server.url.removeprefix("http://"), concurrency=4))
+        )
+    for module, connect in rounds:
+        client = connect()  # one client: its gRPC calls share one connection
+        with cf.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(_post, slow_server.url, 1.0)  # runs for 0.4 s
+            time.sleep(0.1)
+            older = pool.submit(infer, module, client, 2.0)
+            time.sleep(0.05)
+            newer = pool.submit(infer, module, client, 3.0)  # the queue is full (2)
+            time.sleep(0.05)
+            urgent = pool.submit(infer, module, client, 4.0, 1)
+            assert first.result().status_code == 200
+            (_, refused), (urgent_at, fast), (older_at, slow) = (
+                newer.result(),
+                urgent.result(),
+                older.result(),
+            )
+        assert refused.split(" ")[0] in ("429", "StatusCode.RESOURCE_EXHAUSTED"), refused
+        assert "a more urgent request took the place of this one (priority level 2)" in refused, refused
+        assert fast == str([[8.0] * 4]) and slow == str([[4.0] * 4])
+        assert urgent_at < older_at  # taken into a batch first
+    assert displaced() - before == len(rounds)
 
 
 def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(slow_server: Serve) -> None:

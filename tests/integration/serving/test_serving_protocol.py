@@ -109,6 +109,17 @@ def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
             call(bad)
     assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "parameters['timeout'] (int64_param) must be a whole number of microseconds" in rpc.value.details()
+    # Triton's priority parameter: named when it is not a level; ignored by a model without priority levels
+    del bad.parameters["timeout"]
+    bad.parameters["priority"].string_param = "high"
+    with grpc.insecure_channel(mlp_server.grpc_url) as ch, pytest.raises(grpc.RpcError) as rpc:
+        ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+        )(bad)
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameters['priority'] (uint64_param) must be a whole number >= 0" in rpc.value.details()
+    assert client.infer("mlp", [inp], priority=2).as_numpy("output__0").shape == (4, 4)
     queue_time = 'kubeforge_queue_time_seconds_sum{model="mlp"}'
     before = metric_sum(httpx.get(f"{mlp_server.url}/metrics").text, queue_time)
     for _ in range(5):
@@ -269,6 +280,13 @@ BAD = [
         {**_body(), "parameters": {"timeout": "1s"}},
         400,
         "parameters.timeout must be a whole number of microseconds",
+    ),
+    (
+        "priority not a level",
+        "/v2/models/mlp/infer",
+        {**_body(), "parameters": {"priority": -1}},
+        400,
+        "parameters.priority must be a whole number >= 0 (1 the most urgent level",
     ),
     ("parameters not an object", "/v2/models/mlp/infer", {**_body(), "parameters": [1]}, 400, "'parameters'"),
     ("oversized payload", "/v2/models/mlp/infer", b"[" + b"0," * 200_000 + b"0]", 413, "exceeds the limit"),

@@ -101,6 +101,11 @@ ISVC_CASES: list[tuple[str, dict[str, Any], str]] = [
         "must match accelerator",
     ),
     ("warm-up", {"model": {"uri": "models:/m/1"}, "compile": {"warmupBatchSizes": [64]}}, "warmupBatchSizes"),
+    (
+        "priority",
+        {"model": {"uri": "models:/m/1"}, "batching": {"priorityLevels": 2, "defaultPriorityLevel": 3}},
+        "batching.defaultPriorityLevel must be at most batching.priorityLevels",
+    ),
 ]
 
 

@@ -280,6 +280,89 @@ def test_in_overload_the_newest_requests_go_first_when_asked(lifo: bool) -> None
         assert seen == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
+@pytest.mark.parametrize("levels", [0, 3])
+def test_priority_levels_take_the_most_urgent_first_and_fill_batches_with_the_rest(levels: int) -> None:
+    """Triton's `priority`: with 3 levels, batches take level 1 first, then 2, then 3 (the default here:
+    priority 0 and priorities past the last level go there), oldest first within a level, and a batch the
+    urgent ones leave room in is filled with the next level's. Without levels the parameter is ignored."""
+    seen: list[float] = []
+    sizes: list[int] = []
+    run, gate = _gated(seen, sizes)
+    b = Batcher(run, max_batch_size=2, max_delay_s=0.0, max_queue_size=100, priority_levels=levels)
+    first = b.submit([torch.full((1, 1), 0.0)], 1)
+    assert _until(lambda: b.queued == 0)  # running, held at the gate
+    priorities = {1.0: 0, 2.0: 2, 3.0: 1, 4.0: 7, 5.0: 1}  # value -> its request's priority parameter
+    futs = [b.submit([torch.full((1, 1), v)], 1, priority=pr) for v, pr in priorities.items()]
+    gate.set()
+    assert [f.result(5)[0].item() for f in [first, *futs]] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    b.close(5)
+    assert sizes == [1, 2, 2, 1]
+    assert seen == ([0.0, 3.0, 5.0, 2.0, 1.0, 4.0] if levels else [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def test_a_full_queue_takes_an_urgent_request_in_place_of_the_newest_least_urgent() -> None:
+    """Queue full (3): an urgent request displaces the newest request of a less urgent level, which gets
+    QueueFull (429) naming why and is counted as displaced; one of the least urgent level, or an urgent one
+    when only urgent ones wait, is refused as before."""
+    seen: list[float] = []
+    run, gate = _gated(seen)
+    dropped: list[tuple[int, str]] = []
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, max_queue_size=3, priority_levels=2)
+    b.configure(
+        name="m", batched=True, max_batch_size=1, batch_buckets=None, variable_dims=(), pad_multiple=None,
+        observer=None, dropped=lambda n, why: dropped.append((n, why)),
+    )  # fmt: skip
+    first = b.submit([torch.full((1, 1), 0.0)], 1)
+    assert _until(lambda: b.queued == 0)  # running, held at the gate
+
+    def one(v: float, priority: int) -> Future[tuple[torch.Tensor, ...]]:
+        return b.submit([torch.full((1, 1), v)], 1, priority=priority)
+
+    low1, low2, high1 = one(1.0, 0), one(2.0, 2), one(3.0, 1)  # the queue is full
+    high2 = one(4.0, 1)
+    e = low2.exception(5)  # the newest of level 2 made room
+    assert isinstance(e, QueueFull) and e.http_status == 429 and e.overload
+    assert "a more urgent request took the place of this one (priority level 2)" in e.message
+    with pytest.raises(QueueFull, match="queue is full"):
+        one(5.0, 2)  # nothing less urgent to displace
+    high3 = one(6.0, 1)  # displaces low1
+    assert isinstance(low1.exception(5), QueueFull)
+    with pytest.raises(QueueFull, match="queue is full"):
+        one(7.0, 1)  # only urgent ones wait
+    assert dropped == [(1, "displaced"), (1, "displaced")]
+    gate.set()
+    assert [f.result(5)[0].item() for f in (first, high1, high2, high3)] == [0.0, 6.0, 8.0, 12.0]
+    b.close(5)
+    assert seen == [0.0, 3.0, 4.0, 6.0]
+
+
+def test_in_overload_lifo_takes_the_newest_first_within_each_level() -> None:
+    """lifo_after_s with priority levels: the most urgent level still goes first, newest first within it;
+    the queue left behind stays in level order (one row per batch, so each formation re-reads it)."""
+    seen: list[float] = []
+    run, gate = _gated(seen)
+    b = Batcher(
+        run, max_batch_size=1, max_delay_s=0.0, max_queue_size=100, lifo_after_s=0.05, priority_levels=2
+    )
+    first = b.submit([torch.full((1, 1), 0.0)], 1)
+    assert _until(lambda: b.queued == 0)
+    futs = [b.submit([torch.full((1, 1), v)], 1, priority=pr) for v, pr in ((1, 2), (2, 1), (3, 2), (4, 1))]
+    time.sleep(0.1)  # the oldest has waited past 50 ms
+    gate.set()
+    assert [f.result(5)[0].item() for f in futs] == [2.0, 4.0, 6.0, 8.0]
+    assert first.result(5)[0].item() == 0.0
+    b.close(5)
+    assert seen == [0.0, 4.0, 2.0, 3.0, 1.0]
+
+
+def test_a_default_priority_past_the_levels_is_refused() -> None:
+    run, _ = _gated([])
+    with pytest.raises(
+        ValueError, match=r"default_priority \(3\) must be between 1 and priority_levels \(2\)"
+    ):
+        Batcher(run, priority_levels=2, default_priority=3)
+
+
 def test_a_cancelled_requests_task_ends_once_the_batcher_let_go_of_it() -> None:
     """The task awaiting a queued request is cancelled (its client left): the request is marked for the
     batcher to drop, and the task ends, with CancelledError, only once the batcher dropped it, so the

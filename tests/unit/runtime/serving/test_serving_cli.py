@@ -24,6 +24,8 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
                 "maxQueueSize": 100,
                 "queueTimeoutMs": 250,
                 "lifoAfterMs": 40,
+                "priorityLevels": 3,
+                "defaultPriorityLevel": 2,
             },
             "ports": {"http": 9000, "grpc": 9001},
         },
@@ -45,6 +47,23 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
     assert cfg.mode == "jit" and cfg.warmup_batch_sizes == (1, 4) and cfg.http_port == 9000
     assert cfg.max_delay_ms == 5 and cfg.max_queue_size == 100
     assert cfg.queue_timeout_ms == 250 and cfg.lifo_after_ms == 40
+    assert (cfg.priority_levels, cfg.default_priority_level) == (3, 2)
+
+
+def test_priority_flags_refuse_a_default_level_past_the_levels(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli._parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--model-uri", "m", "--priority-levels", "-1"])
+    assert "--priority-levels" in capsys.readouterr().err
+    args = parser.parse_args(
+        ["serve", "--model-uri", "m", "--priority-levels", "2", "--default-priority-level", "3"]
+    )
+    with pytest.raises(
+        SystemExit, match="--default-priority-level 3 must be between 1 and --priority-levels"
+    ):
+        cli._config(args)
+    args = parser.parse_args(["serve", "--model-uri", "m", "--priority-levels", "2"])
+    assert (cli._config(args).priority_levels, cli._config(args).default_priority_level) == (2, 0)
 
 
 def test_duration_flags_refuse_negative_and_non_numbers(capsys: pytest.CaptureFixture[str]) -> None:

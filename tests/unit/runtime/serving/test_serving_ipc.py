@@ -39,11 +39,12 @@ def test_request_round_trips_every_dtype_inline_and_through_the_arena(
         placed = arena.place(xs, offset)
         assert all((p.offset >= 0) == (offset is not None) for p in placed)
         reader = ipc.FrameReader()
-        wire = ipc.encode_request(41, 3, placed, deadline=12.5)
+        wire = ipc.encode_request(41, 3, placed, deadline=12.5, priority=2)
         (kind, payload), *rest = reader.feed(wire)
         assert kind == ipc.REQ and not rest
-        rid, rows, got, deadline = ipc.decode_request(memoryview(payload), arena.buf)
-        assert (rid, rows, deadline) == (41, 3, 12.5)
+        rid, rows, got, deadline, priority = ipc.decode_request(memoryview(payload), arena.buf)
+        assert (rid, rows, deadline, priority) == (41, 3, 12.5, 2)
+        assert ipc.sent_at(kind, payload) == pytest.approx(time.monotonic(), abs=5)
         for a, b in zip(xs, got, strict=True):
             assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
 
@@ -445,7 +446,7 @@ def test_a_body_read_into_a_slot_travels_from_there_aligned_and_the_slot_comes_b
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         ((kind, payload),) = ipc.FrameReader().feed(worker.link.transport.writes[0])  # type: ignore[attr-defined]
-        rid, rows, (seen,), _ = ipc.decode_request(memoryview(payload), a.buf)  # the model process's view
+        rid, rows, (seen,), _, _ = ipc.decode_request(memoryview(payload), a.buf)  # the model process's view
         assert kind == ipc.REQ and rows == 2 and torch.equal(seen, x)
         offset = seen.data_ptr() - a.address
         assert offset % 64 == 0 and slot.offset <= offset < slot.offset + a.slot_bytes  # in place, aligned
@@ -503,7 +504,7 @@ def test_a_body_let_go_after_its_answer_leaves_its_slot_to_the_body_that_took_it
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         ((_, payload),) = ipc.FrameReader().feed(worker.link.transport.writes[0])  # type: ignore[attr-defined]
-        rid, _, (seen,), _ = ipc.decode_request(memoryview(payload), a.buf)
+        rid, _, (seen,), _, _ = ipc.decode_request(memoryview(payload), a.buf)
         for k, p in ipc.FrameReader().feed(ipc.encode_rows([rid], [0], [1], [seen * 2])):
             worker.on_message(k, p)  # answered: the slot is back in the arena
         await call
