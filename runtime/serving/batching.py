@@ -364,7 +364,9 @@ class Batcher:
                 p.priority = priority if 0 < priority <= self.priority_levels else self.default_priority
                 if len(queue) >= self.max_queue_size and queue and queue[-1].priority > p.priority:
                     displaced = queue.pop()  # the newest of the least urgent (the queue is in level order)
-                    self._unqueue(displaced)
+                    left = self._rows[displaced.key] = self._rows[displaced.key] - displaced.rows
+                    if not left:
+                        del self._rows[displaced.key]
             if len(queue) >= self.max_queue_size:
                 raise QueueFull(
                     f"model {self.name!r} queue is full ({self.max_queue_size} requests waiting); retry later"
@@ -381,16 +383,12 @@ class Batcher:
             self._displace(displaced)
         return p
 
-    def _unqueue(self, p: Pending) -> None:
-        """Count a request taken off the queue out of its key's rows (hold _cond)."""
-        left = self._rows[p.key] = self._rows[p.key] - p.rows
-        if not left:
-            del self._rows[p.key]
-
     def _displace(self, p: Pending) -> None:
-        level = f"priority level {p.priority}"
-        _fail_all([p], QueueFull(f"model {self.name!r} queue is full: a more urgent request took the place of"
-                                 f" this one ({level}); retry later"))  # fmt: skip
+        error = QueueFull(
+            f"model {self.name!r} queue is full: a more urgent request took the place of this one (priority"
+            f" level {p.priority}); retry later"
+        )
+        _fail_all([p], error)
         if self._dropped is not None:
             self._dropped(1, "displaced")
 
