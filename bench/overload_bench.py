@@ -14,6 +14,12 @@ server configuration and one client behaviour, in the same run:
 - fifo + gRPC deadline: the same with gRPC calls and their deadline (grpc-timeout).
 - lifo: `--lifo-after-ms`: once the oldest queued request has waited that long, the newest go first.
 - lifo + queue timeout: and `--queue-timeout-ms` (the client's patience) clears the ones left behind.
+- priority: `--priority-levels 2`; the urgent share of the requests (`--urgent-share`, a fifth) sends Triton's
+  `priority` 1, the rest nothing (the default, least urgent level).
+- priority + timeout: and every client sends its timeout.
+
+In every row the same share of the requests is urgent (the same random draw); only the priority rows mark
+them. The urgent columns give their own goodput and p99: what the traffic that matters most gets.
 
 Columns: goodput (answers that came back within the client's timeout, per second), its ratio to the fifo row
 at the same load, p50/p99 latency of those answers, what the other requests got (504, gave up, 429), and the
@@ -47,6 +53,7 @@ class Case:
     flags: list[str] = field(default_factory=list)  # server flags
     send_timeout: bool = False  # the client sends parameters.timeout (its patience)
     grpc: bool = False  # gRPC calls with a deadline instead of REST
+    mark_urgent: bool = False  # urgent requests send Triton's priority 1
 
 
 def _cases(client_timeout_ms: float, lifo_after_ms: float) -> list[Case]:
@@ -57,6 +64,8 @@ def _cases(client_timeout_ms: float, lifo_after_ms: float) -> list[Case]:
         Case("fifo + gRPC deadline", grpc=True),
         Case("lifo", lifo),
         Case("lifo + queue timeout", [*lifo, "--queue-timeout-ms", str(client_timeout_ms)]),
+        Case("priority", ["--priority-levels", "2"], mark_urgent=True),
+        Case("priority + timeout", ["--priority-levels", "2"], send_timeout=True, mark_urgent=True),
     ]
 
 
@@ -89,6 +98,8 @@ def _server_rows(url: str) -> float:
 class Tally:
     good: list[float] = field(default_factory=list)  # latencies of answers within the timeout
     codes: dict[str, int] = field(default_factory=dict)
+    urgent_sent: int = 0
+    urgent_good: list[float] = field(default_factory=list)
 
     def add(self, what: str) -> None:
         self.codes[what] = self.codes.get(what, 0) + 1
@@ -135,29 +146,45 @@ class _Rest:
 
 
 async def _load(
-    case: Case, port: int, grpc_target: str, rate: float, seconds: float, timeout_s: float, seed: int
+    case: Case,
+    port: int,
+    grpc_target: str,
+    rate: float,
+    seconds: float,
+    timeout_s: float,
+    seed: int,
+    urgent_share: float,
 ) -> Tally:
     import grpc
     from tritonclient.grpc import service_pb2 as pb
 
     row = {"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [1.0] * 4}
-    body: dict[str, object] = {"inputs": [row]}
-    if case.send_timeout:
-        body["parameters"] = {"timeout": int(timeout_s * 1e6)}
-    rest = _Rest(port, "/v2/models/sleepy/infer", json.dumps(body).encode())
-    req = pb.ModelInferRequest(model_name="sleepy")
-    inp = req.inputs.add(name="input__0", datatype="FP32", shape=[1, 4])
-    inp.contents.fp32_contents.extend([1.0] * 4)
-    message = req.SerializeToString()
+    rests: list[_Rest] = []
+    messages: list[bytes] = []
+    for urgent in (False, True):  # the request a client sends: [plain, urgent]
+        params: dict[str, int] = {}
+        if case.send_timeout:
+            params["timeout"] = int(timeout_s * 1e6)
+        if urgent and case.mark_urgent:
+            params["priority"] = 1
+        body: dict[str, object] = {"inputs": [row], **({"parameters": params} if params else {})}
+        rests.append(_Rest(port, "/v2/models/sleepy/infer", json.dumps(body).encode()))
+        req = pb.ModelInferRequest(model_name="sleepy")
+        inp = req.inputs.add(name="input__0", datatype="FP32", shape=[1, 4])
+        inp.contents.fp32_contents.extend([1.0] * 4)
+        if "priority" in params:
+            req.parameters["priority"].uint64_param = 1
+        messages.append(req.SerializeToString())
     tally = Tally()
     async with grpc.aio.insecure_channel(grpc_target) as channel:
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
 
-        async def one() -> None:
+        async def one(urgent: bool) -> None:
             t0 = time.perf_counter()
+            tally.urgent_sent += urgent
             if case.grpc:
                 try:
-                    await infer(message, timeout=timeout_s)
+                    await infer(messages[urgent], timeout=timeout_s)
                     code = "200"
                 except grpc.aio.AioRpcError as e:
                     code = {
@@ -167,10 +194,12 @@ async def _load(
                     if "dropped unrun" in (e.details() or ""):
                         code = "504"  # the server's DEADLINE_EXCEEDED, before the client's own
             else:
-                code = await rest.post(timeout_s)
+                code = await rests[urgent].post(timeout_s)
             took = time.perf_counter() - t0
             if code == "200" and took <= timeout_s:
                 tally.good.append(took)
+                if urgent:
+                    tally.urgent_good.append(took)
             else:  # an answer past the timeout came too late: as good as none
                 tally.add("gave up" if code == "200" else code)
 
@@ -181,13 +210,14 @@ async def _load(
         while due - start < seconds:
             due += rng.expovariate(rate)
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            t = asyncio.create_task(one())
+            t = asyncio.create_task(one(rng.random() < urgent_share))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
-        for _, writer in rest.idle:
-            writer.close()
+        for rest in rests:
+            for _, writer in rest.idle:
+                writer.close()
     return tally
 
 
@@ -208,6 +238,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     p.add_argument("--workers", default="0", help="the server's --workers (0: the model process's loop)")
+    p.add_argument("--urgent-share", type=float, default=0.2, help="share of the requests that are urgent")
     a = p.parse_args()
     capacity = a.max_batch / (a.batch_ms / 1000)
     timeout_s = a.client_timeout_ms / 1000
@@ -239,7 +270,16 @@ def main() -> int:
                     ran0 = _server_rows(url)
                     cpu0 = time.process_time()
                     tally = asyncio.run(
-                        _load(case, port, f"127.0.0.1:{gport}", load * capacity, a.seconds, timeout_s, 1)
+                        _load(
+                            case,
+                            port,
+                            f"127.0.0.1:{gport}",
+                            load * capacity,
+                            a.seconds,
+                            timeout_s,
+                            1,
+                            a.urgent_share,
+                        )
                     )
                     time.sleep(a.client_timeout_ms / 1000 + 0.5)  # what was launched finishes
                     ran = _server_rows(url) - ran0
@@ -262,6 +302,8 @@ def main() -> int:
                         f"{tally.codes.get('gave up', 0) / a.seconds:,.1f}",
                         f"{tally.codes.get('429', 0) / a.seconds:,.1f}",
                         f"{100 * wasted:.0f} %",
+                        f"{len(tally.urgent_good) / a.seconds:,.1f} of {tally.urgent_sent / a.seconds:,.0f}",
+                        f"{_pct(tally.urgent_good, 0.99) * 1000:.0f}",
                     ]
                 )
                 others = {k: v for k, v in tally.codes.items() if k not in ("504", "gave up", "429")}
@@ -272,11 +314,12 @@ def main() -> int:
     print(
         f"Model: {a.batch_ms:g} ms per batch of up to {a.max_batch} rows (capacity {capacity:,.0f} rows/s); "
         f"clients give up after {a.client_timeout_ms:g} ms; {a.seconds:g} s per row; "
-        f"lifo after {a.lifo_after_ms:g} ms; --workers {a.workers}.\n"
+        f"lifo after {a.lifo_after_ms:g} ms; --workers {a.workers}; {100 * a.urgent_share:g} % of the"
+        " requests urgent.\n"
     )
     head = [
         "load", "server / client", "sent/s", "goodput/s", "vs fifo", "p50 ms", "p99 ms", "504/s",
-        "gave up/s", "429/s", "rows run unread",
+        "gave up/s", "429/s", "rows run unread", "urgent goodput/s of sent/s", "urgent p99 ms",
     ]  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|")
