@@ -73,8 +73,9 @@ Outputs = tuple[torch.Tensor, ...]
 BatchRunner = Callable[[list[torch.Tensor]], Outputs | Callable[[], Outputs]]
 # per input, the requests' tensors and the row count to pad to -> the batch's inputs
 Gather = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
-# (rows, queue seconds of the oldest, run seconds, device seconds: the batch's share of the device's time)
-Observer = Callable[[int, float, float, float], None]
+# (rows, requests, queue seconds of the oldest, queue seconds of all its requests together, run seconds,
+# device seconds: the batch's share of the device's time)
+Observer = Callable[[int, int, float, float, float, float], None]
 
 
 @dataclass(eq=False)
@@ -665,7 +666,9 @@ class Batcher:
             _hand(sink, a)
         if self._observer is not None:
             device = ran if device_s is None else device_s
-            self._observer(sum(p.rows for p in live), start - live[0].enqueued, ran, device)
+            n = len(live)
+            queued = n * start - sum(p.enqueued for p in live)
+            self._observer(offset, n, start - live[0].enqueued, queued, ran, device)
 
     def _split(self, outs: Outputs, offset: int, p: Pending) -> Outputs | BaseException:
         if not self.batched:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,40 @@ class Metrics:
             "Time to run one batch (copy in, model, copy out).",
             ["model"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Triton's statistics extension (protocol.triton): per request run, its wait and its batch's run time
+        self.requests_run = Counter(
+            "kubeforge_requests_run", "Requests the model ran (in batches).", ["model"], registry=r
+        )
+        self.request_queue = Counter(
+            "kubeforge_request_queue_seconds",
+            "Seconds the requests the model ran waited in the queue, summed over requests.",
+            ["model"],
+            registry=r,
+        )
+        self.request_compute = Counter(
+            "kubeforge_request_compute_seconds",
+            "Seconds the batches took to run (copy in, model, copy out), summed over their requests.",
+            ["model"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "kubeforge_batches",
+            "Batches run, by their rows (at most --max-batch-size label values per model).",
+            ["model", "batch_size"],
+            registry=r,
+        )
+        self.batch_compute = Counter(
+            "kubeforge_batch_compute_seconds",
+            "Seconds the batches of each size took to run.",
+            ["model", "batch_size"],
+            registry=r,
+        )
+        self.last_inference = Gauge(
+            "kubeforge_last_inference_timestamp_seconds",
+            "When the model last finished a batch (Unix time).",
+            ["model"],
             registry=r,
         )
         self.device_busy = Counter(
@@ -141,19 +176,40 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def observer(self, model: str) -> Callable[[int, float, float, float], None]:
+    def observer(self, model: str) -> Callable[[int, int, float, float, float, float], None]:
         batch, queue, run, busy = (
             self.batch_size.labels(model),
             self.queue_time.labels(model),
             self.run_time.labels(model),
             self.device_busy.labels(model),
         )
+        run_n, queue_s, compute_s, last = (
+            self.requests_run.labels(model),
+            self.request_queue.labels(model),
+            self.request_compute.labels(model),
+            self.last_inference.labels(model),
+        )
+        by_size: dict[int, tuple[Any, Any]] = {}
 
-        def observe(rows: int, queued: float, ran: float, device_s: float) -> None:
+        def observe(
+            rows: int, requests: int, oldest: float, queued: float, ran: float, device_s: float
+        ) -> None:
             batch.observe(rows)
-            queue.observe(queued)
+            queue.observe(oldest)
             run.observe(ran)
             busy.inc(device_s)
+            run_n.inc(requests)
+            queue_s.inc(queued)
+            compute_s.inc(ran * requests)
+            size = by_size.get(rows)
+            if size is None:
+                size = by_size[rows] = (
+                    self.batches.labels(model, str(rows)),
+                    self.batch_compute.labels(model, str(rows)),
+                )
+            size[0].inc()
+            size[1].inc(ran)
+            last.set(time.time())
 
         return observe
 

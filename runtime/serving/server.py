@@ -46,7 +46,15 @@ SWITCH_INTERVAL_S = 0.001
 # the CPU's share is gathering batches and cutting outputs; a team of every core spins in OpenMP's barriers
 # (H200 host, ResNet-50 with one event loop: 9-28 ms of CPU per request, ten cores busy at 1,084 requests/s)
 ACCELERATOR_THREADS = 4
-EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "metrics", "kubeforge_compile"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_repository_metadata",
+    "metrics",
+    "kubeforge_compile",
+    "schedule_policy",  # Triton's request parameters priority and timeout
+    "model_configuration",  # Triton's, protocol.triton
+    "statistics",  # Triton's, protocol.triton
+]
 
 
 @dataclass
@@ -530,7 +538,16 @@ async def start_protocol(
     from runtime.serving.protocol.grpc_service import InferenceService, add_to_server
     from runtime.serving.protocol.http1 import Budget, HttpServer
     from runtime.serving.protocol.rest import RestApp
+    from runtime.serving.protocol.triton import Extensions, dynamic_batching
 
+    batching = dynamic_batching(
+        cfg.max_delay_ms,
+        cfg.max_queue_size,
+        cfg.queue_timeout_ms,
+        cfg.priority_levels,
+        cfg.default_priority_level,
+    )
+    triton = Extensions(repo, metrics, batching, render_metrics)
     app = RestApp(
         repo,
         metrics,
@@ -538,12 +555,13 @@ async def start_protocol(
         is_ready=is_ready,
         render_metrics=render_metrics,
         slot_body=slot_body,
+        triton=triton,
     )
     # one per process, HTTP/1.1 and gRPC together
     refused = metrics.inflight_refused
     budget = Budget(cfg.max_inflight_bytes or 4 * cfg.max_payload_bytes, lambda p: refused.labels(p).inc())
     http = HttpServer(app, max_payload=cfg.max_payload_bytes, budget=budget)
-    service = InferenceService(repo, metrics, server_info, is_ready)
+    service = InferenceService(repo, metrics, server_info, is_ready, triton)
     stop_grpc: Callable[[], Awaitable[Any]]
     if cfg.grpc_server == "native":
         from runtime.serving.frontend import listen_socket

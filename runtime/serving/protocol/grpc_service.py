@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 import torch
+from google.protobuf import json_format
 
 from runtime.serving.errors import BadRequest, InferError
 from runtime.serving.metrics import Metrics
@@ -31,6 +32,7 @@ from runtime.serving.protocol.codec import (
     tensor_from_json,
 )
 from runtime.serving.protocol.http2 import PUSHBACK
+from runtime.serving.protocol.triton import Extensions
 from runtime.serving.signature import check_input, check_request
 
 if TYPE_CHECKING:
@@ -65,11 +67,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         metrics: Metrics,
         server_info: Callable[[], dict[str, Any]],
         is_ready: Callable[[], bool],
+        triton: Extensions | None = None,
     ) -> None:
         self.repo = repo
         self.metrics = metrics
         self.server_info = server_info
         self.is_ready = is_ready
+        self.triton = triton or Extensions(repo, metrics, {})
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -108,6 +112,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 tm(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in model.signature.outputs
             ],
         )
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        """Triton's model configuration extension (protocol.triton)."""
+        try:
+            config = self.triton.config(request.name, request.version or None)
+        except InferError as e:
+            await context.abort(e.grpc_code, e.message)
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        """Triton's statistics extension (protocol.triton): of one model, or of every one (no name)."""
+        try:
+            stats = await self.triton.statistics(request.name, request.version or None)
+        except InferError as e:
+            await context.abort(e.grpc_code, e.message)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self.infer(request, request.raw_input_contents, context)
@@ -233,6 +253,8 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
         "ModelReady": pb.ModelReadyRequest,
         "ServerMetadata": pb.ServerMetadataRequest,
         "ModelMetadata": pb.ModelMetadataRequest,
+        "ModelConfig": pb.ModelConfigRequest,
+        "ModelStatistics": pb.ModelStatisticsRequest,
     }
     handlers = {
         f"/inference.GRPCInferenceService/{name}": unary(cls.FromString, getattr(service, name))

@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 over REST, served by runtime.serving.protocol.http1 (no framework, no ASGI).
 
-Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{m}[/versions/{v}], .../ready, /metrics;
-POST /v2/models/{m}[/versions/{v}]/infer. Errors are `{"error": "..."}` with a 4xx/5xx status.
+Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{m}[/versions/{v}], .../ready, /metrics,
+Triton's .../config, .../stats and /v2/models/stats (protocol.triton); POST
+/v2/models/{m}[/versions/{v}]/infer. Errors are `{"error": "..."}` with a 4xx/5xx status.
 
 An infer request is announced to the batcher as soon as its head is read (the batcher waits for announced
 requests), and its body goes where `slot_body` says (a protocol worker's shared-memory slot, for binary
@@ -23,6 +24,7 @@ from runtime.serving.metrics import CONTENT_TYPE, Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol.codec import decode_request, encode_response
 from runtime.serving.protocol.http1 import Body, HttpError, PlainBody, Request, Response, error_response
+from runtime.serving.protocol.triton import Extensions
 
 _JSON = [(b"content-type", b"application/json")]
 # (body length, Inference-Header-Content-Length) -> a body in shared memory, or None
@@ -62,8 +64,10 @@ class RestApp:
         is_ready: Callable[[], bool],
         render_metrics: Callable[[], Awaitable[bytes]] | None = None,
         slot_body: SlotBody | None = None,
+        triton: Extensions | None = None,
     ) -> None:
         self.repo = repo
+        self.triton = triton or Extensions(repo, metrics, {}, render_metrics)
         self.metrics = metrics
         self.server_info = server_info
         self.is_ready = is_ready
@@ -92,6 +96,8 @@ class RestApp:
             if self.render_metrics is not None:
                 return None
             return 200, self.metrics.render(), [(b"content-type", CONTENT_TYPE.encode())]
+        if req.path.endswith("/stats"):
+            return None  # read from the metrics: answered by `answer`
         try:
             return self._get(req.path)
         except HttpError as e:
@@ -104,6 +110,8 @@ class RestApp:
             assert self.render_metrics is not None
             return 200, await self.render_metrics(), [(b"content-type", CONTENT_TYPE.encode())]
         try:
+            if req.method != "POST":  # .../stats
+                return 200, orjson.dumps(await self._stats(req.path)), _JSON
             return await self._infer(req, body)
         except HttpError as e:
             return error_response(e.status, e.message)
@@ -144,6 +152,19 @@ class RestApp:
                 ready = model.ready and self.is_ready()
                 body = {"name": model.name, "version": model.version, "ready": ready, **model.info}
                 return (200 if ready else 503), orjson.dumps(body), _JSON
+            if rest == ["config"]:
+                return 200, orjson.dumps(self.triton.config(name, version)), _JSON
+        raise HttpError(404, f"no route {path}")
+
+    async def _stats(self, path: str) -> dict[str, Any]:
+        """Triton's statistics of /v2/models/stats (every model) or /v2/models/{m}[/versions/{v}]/stats."""
+        parts = path.strip("/").split("/")
+        if parts == ["v2", "models", "stats"]:
+            return await self.triton.statistics("", None)
+        if len(parts) >= 4 and parts[:2] == ["v2", "models"]:
+            name, version, rest = _model_path(parts)
+            if rest == ["stats"]:
+                return await self.triton.statistics(name, version)
         raise HttpError(404, f"no route {path}")
 
     async def _infer(self, req: Request, body: Body) -> Response:

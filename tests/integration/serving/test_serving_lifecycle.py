@@ -245,6 +245,9 @@ def test_an_urgent_request_takes_the_place_of_the_newest_in_a_full_queue_and_run
         text = httpx.get(f"{slow_server.url}/metrics").text
         return metric_sum(text, 'kubeforge_dropped_unrun_total{model="slow",reason="displaced"}')
 
+    batching = th.InferenceServerClient(slow_server.url.removeprefix("http://")).get_model_config("slow")
+    levels = batching["dynamic_batching"]
+    assert (levels["priority_levels"], levels["default_priority_level"]) == (2, 2)  # Triton's config says so
     before = displaced()
     rounds = [(tg, lambda: tg.InferenceServerClient(slow_server.grpc_url))]
     if request.node.callspec.params["slow_server"] == "0":  # one process: requests queue as they come

@@ -4,7 +4,9 @@ concurrency, metrics, and the bad-input table against a live server."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -130,6 +132,82 @@ def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
     text = httpx.get(f"{mlp_server.url}/metrics").text
     assert 'model="nosuch' not in text
     assert 'kubeforge_requests_total{code="NOT_FOUND",model="(unknown)",protocol="grpc"}' in text
+
+
+def test_triton_model_config_and_statistics_over_rest_and_grpc(mlp_server: Serve) -> None:
+    """Triton's model configuration and statistics extensions, read with tritonclient (gRPC answers decoded
+    by tritonclient's own messages, so our field numbers are checked): three requests of 2 rows, one at a
+    time, are three batches of 2 rows, three successes and three queued and computed requests, in the merged
+    counts of every process; the config carries the signature without its batch dimension and the batching
+    flags."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    http = th.InferenceServerClient(mlp_server.url.removeprefix("http://"))
+    grpc_ = tg.InferenceServerClient(mlp_server.grpc_url)
+
+    config = http.get_model_config("mlp")
+    assert (config["name"], config["max_batch_size"]) == ("mlp", 8)
+    assert config["input"] == [{"name": "input__0", "data_type": "TYPE_FP32", "dims": [16]}]
+    assert config["output"] == [{"name": "output__0", "data_type": "TYPE_FP32", "dims": [4]}]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 20_000
+    assert config["parameters"]["mode"] == {"string_value": "eager"}
+    pb = grpc_.get_model_config("mlp").config
+    assert (pb.name, pb.max_batch_size, pb.backend) == ("mlp", 8, "kubeforge")
+    assert [(i.name, i.data_type, list(i.dims)) for i in pb.input] == [("input__0", mc.TYPE_FP32, [16])]
+    assert pb.dynamic_batching.default_queue_policy.max_queue_size == 1024
+    assert pb.parameters["mode"].string_value == "eager"
+    with pytest.raises(th.InferenceServerException, match="model 'nosuch' not found"):
+        http.get_model_config("nosuch")
+    with pytest.raises(tg.InferenceServerException, match="model 'nosuch' not found"):
+        grpc_.get_model_config("nosuch")
+
+    def rest_stats() -> dict[str, Any]:
+        return http.get_inference_statistics("mlp")["model_stats"][0]  # type: ignore[no-any-return]
+
+    def grpc_stats() -> Any:
+        (only,) = grpc_.get_inference_statistics("mlp").model_stats
+        return only
+
+    def pairs(stats: dict[str, Any]) -> dict[int, int]:
+        return {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}
+
+    before, t0 = rest_stats(), time.time()
+    x = np.ones((2, 16), np.float32)
+    for _ in range(3):
+        inp = th.InferInput("input__0", [2, 16], "FP32")
+        inp.set_data_from_numpy(x)
+        http.infer("mlp", [inp])
+    end = time.monotonic() + 5  # a batch is counted just after its answers are handed out
+    while (after := rest_stats())["execution_count"] - before[
+        "execution_count"
+    ] < 3 and time.monotonic() < end:
+        time.sleep(0.01)
+    assert after["inference_count"] - before["inference_count"] == 6
+    assert after["execution_count"] - before["execution_count"] == 3
+    s0, s1 = before["inference_stats"], after["inference_stats"]
+    for kind in ("success", "queue", "compute_infer", "compute_input", "compute_output"):
+        assert s1[kind]["count"] - s0[kind]["count"] == 3, kind
+    assert s1["compute_infer"]["ns"] > s0["compute_infer"]["ns"] and s1["success"]["ns"] > s0["success"]["ns"]
+    assert s1["queue"]["ns"] >= s0["queue"]["ns"]
+    assert pairs(after).get(2, 0) - pairs(before).get(2, 0) == 3
+    assert after["last_inference"] >= int(t0 * 1000)
+    g = grpc_stats()
+    assert (g.name, g.inference_count, g.execution_count) == (
+        "mlp",
+        after["inference_count"],
+        after["execution_count"],
+    )
+    assert g.inference_stats.success.count == after["inference_stats"]["success"]["count"]
+    assert {b.batch_size: b.compute_infer.count for b in g.batch_stats} == pairs(after)
+    everything = http.get_inference_statistics()["model_stats"]  # no name: every model
+    assert [m["name"] for m in everything] == ["mlp"]
+    assert [m.name for m in grpc_.get_inference_statistics().model_stats] == ["mlp"]
+    with pytest.raises(th.InferenceServerException, match="model 'nosuch' not found"):
+        http.get_inference_statistics("nosuch")
+    with pytest.raises(tg.InferenceServerException, match="model 'nosuch' not found"):
+        grpc_.get_inference_statistics("nosuch")
 
 
 def test_concurrent_requests_are_batched_and_equal_unbatched(registry: Registry, mlp_server: Serve) -> None:

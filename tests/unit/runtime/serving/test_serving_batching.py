@@ -710,7 +710,7 @@ def test_pipelined_batches_report_their_own_device_seconds_not_the_wait_behind_t
         max_batch_size=1,
         max_delay_s=0.0,
         depth=2,
-        observer=lambda rows, queued, ran, dev: seen.append((ran, dev)),
+        observer=lambda rows, n, oldest, queued, ran, dev: seen.append((ran, dev)),
     )
     futs = [b.submit([torch.ones(1, 2)], 1) for _ in range(2)]
     for f in futs:
