@@ -333,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kubeforge-serve: {e}", file=sys.stderr)
         return 4
     except AssertionError as e:
-        print(f"kubeforge-serve: compiled model failed its check against eager: {e}", file=sys.stderr)
+        from runtime.serving.compile import describe
+
+        print(
+            f"kubeforge-serve: compiled model failed its check against eager: {describe(e)}", file=sys.stderr
+        )
         return 5
 
 

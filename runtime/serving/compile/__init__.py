@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,21 @@ def _tolerance(precision: torch.dtype | None, dtype: torch.dtype) -> float:
     return 1e-3  # fp32: reordered reductions, TF32 convolutions on GPUs
 
 
+class Mismatch(AssertionError):
+    """The compiled model's outputs differ from eager's (verify)."""
+
+
+def describe(e: BaseException) -> str:
+    """An exception for a log line or a fallback reason: its type and message, or, without a message (a bare
+    `assert` deep in a compiler), where it was raised."""
+    text = str(e).strip()
+    if text:
+        return f"{type(e).__name__}: {text}"
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(e).__name__} (no message){where}"
+
+
 def verify(
     compiled: Compiled,
     eager: torch.nn.Module,
@@ -127,7 +143,7 @@ def verify(
     sizes: Sequence[int],
     precision: torch.dtype | None = None,
 ) -> float:
-    """Run each warm-up size through both; AssertionError on the first mismatch; return the worst error.
+    """Run each warm-up size through both; Mismatch on the first mismatch; return the worst error.
 
     Floating outputs are compared by relative L2 error; integer and boolean outputs must be equal.
     """
@@ -137,28 +153,24 @@ def verify(
         xs = example_inputs(sig, b, device)
         got, want = compiled.run(xs), ref(xs)
         if len(got) != len(want):
-            raise AssertionError(f"batch {b}: compiled returned {len(got)} outputs, eager {len(want)}")
+            raise Mismatch(f"batch {b}: compiled returned {len(got)} outputs, eager {len(want)}")
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             if g.shape != w.shape or g.dtype != w.dtype:
-                raise AssertionError(
+                raise Mismatch(
                     f"batch {b} output {i}: compiled {g.dtype}{list(g.shape)} "
                     f"vs eager {w.dtype}{list(w.shape)}"
                 )
             if w.is_floating_point():
                 gf, wf = g.double(), w.double()
                 if not bool(torch.isfinite(gf).eq(torch.isfinite(wf)).all()):
-                    raise AssertionError(
-                        f"batch {b} output {i}: compiled and eager disagree on non-finite values"
-                    )
+                    raise Mismatch(f"batch {b} output {i}: compiled and eager disagree on non-finite values")
                 gf, wf = torch.nan_to_num(gf), torch.nan_to_num(wf)
                 err = ((gf - wf).norm() / wf.norm().clamp_min(1e-12)).item() if w.numel() else 0.0
                 worst = max(worst, err)
                 if err > _tolerance(precision, w.dtype):
-                    raise AssertionError(
-                        f"batch {b} output {i}: relative error |compiled - eager| = {err:.3g}"
-                    )
+                    raise Mismatch(f"batch {b} output {i}: relative error |compiled - eager| = {err:.3g}")
             elif not torch.equal(g, w):
-                raise AssertionError(f"batch {b} output {i}: compiled and eager differ")
+                raise Mismatch(f"batch {b} output {i}: compiled and eager differ")
     return worst
 
 
@@ -218,8 +230,12 @@ def build(
     except Exception as e:
         if strict or compiled.mode == "eager":
             raise
-        why = f"{compiled.mode} -> eager: compiled model failed the check against eager: "
-        why += f"{type(e).__name__}: {e}"
+        if isinstance(e, Mismatch):
+            why = f"{compiled.mode} -> eager: compiled model failed the check against eager: {e}"
+        else:  # the compiled model (or its warm-up) raised: say what and where, not "failed the check"
+            why = (
+                f"{compiled.mode} -> eager: compiled model raised while checked against eager: {describe(e)}"
+            )
         log.warning("compiled model rejected", extra={"reason": why})
         compiled = Compiled(
             call_module(eager),

@@ -122,6 +122,35 @@ def test_compiled_output_checked_against_eager_falls_back_visibly(
         compiler.build(MLP(), SIG, hw=detect_hardware(), requested="cpu", mode="jit", strict=True)
 
 
+class _Raising(Backend):
+    """A backend whose 'compiled' model fails with a bare assert (as torch's compilers' internals do)."""
+
+    name = "cpu"
+    family = "cpu"
+
+    def compile(self, req: CompileRequest) -> Compiled:
+        def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            raise AssertionError()  # a bare `assert` (pytest would add a message to one written here)
+
+        return Compiled(run, self.name, "jit", "raises on purpose")  # type: ignore[arg-type]
+
+
+def test_a_compiled_model_that_raises_falls_back_saying_what_and_where(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not "failed the check" with an empty message: the exception, and where it was raised when it says
+    nothing (a bare assert inside a compiler gave "AssertionError: " on the H200 before)."""
+    monkeypatch.setitem(compiler.BACKENDS, "cpu", _Raising())
+    b = compiler.build(MLP(), SIG, hw=detect_hardware(), requested="cpu", mode="jit")
+    assert b.compiled.mode == "eager"
+    (why,) = [f for f in b.compiled.fallbacks if "eager" in f.split(":")[0]]
+    assert (
+        "jit -> eager: compiled model raised while checked against eager: AssertionError (no message) at"
+        in why
+    )
+    assert "test_serving_compile.py" in why and "in run" in why
+
+
 def test_eager_build_matches_module_and_reports_itself() -> None:
     torch.manual_seed(0)
     m = MLP()
