@@ -10,6 +10,7 @@ import select
 import threading
 import time
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 import torch
@@ -174,6 +175,25 @@ def _gated(seen: list[float], sizes: list[int] | None = None):  # type: ignore[n
     return run, gate
 
 
+def _held(
+    max_batch_size: int, **kw: Any
+) -> tuple[Batcher, list[float], threading.Event, list[Any], Future[Any]]:
+    """A batcher over `_gated` that records what it drops ((how many, why)), with a first request of 1.0
+    taken into a batch and held at the gate: what is submitted next queues. Returns the batcher, the values
+    the model saw, the gate, the drops and the first request's future."""
+    seen: list[float] = []
+    run, gate = _gated(seen)
+    dropped: list[tuple[int, str]] = []
+    b = Batcher(run, max_batch_size=max_batch_size, max_delay_s=0.0, **kw)
+    b.configure(
+        name="m", batched=True, max_batch_size=max_batch_size, batch_buckets=None, variable_dims=(),
+        pad_multiple=None, observer=None, dropped=lambda n, why: dropped.append((n, why)),
+    )  # fmt: skip
+    first = b.submit([torch.full((1, 1), 1.0)], 1)
+    assert _until(lambda: b.queued == 0)  # running, held at the gate
+    return b, seen, gate, dropped, first
+
+
 def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_never_run() -> None:
     """Its client left (a worker's CANCEL, an event loop's cancelled future): the model never sees its rows,
     its sink gets Cancelled (so a worker frees its slot), the requests around it are answered, and its rows
@@ -202,16 +222,7 @@ def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_
 def test_requests_past_the_queue_timeout_are_dropped_unrun_with_deadline_exceeded() -> None:
     """The queue timeout passes while requests wait: they are answered DeadlineExceeded (504) and never run,
     whatever their shape (a patient client's too), counted as expired; what comes later runs."""
-    seen: list[float] = []
-    run, gate = _gated(seen)
-    dropped: list[tuple[int, str]] = []
-    b = Batcher(run, max_batch_size=4, max_delay_s=0.0, max_queue_size=100, queue_timeout_s=0.05)
-    b.configure(
-        name="m", batched=True, max_batch_size=4, batch_buckets=None, variable_dims=(), pad_multiple=None,
-        observer=None, dropped=lambda n, why: dropped.append((n, why)),
-    )  # fmt: skip
-    first = b.submit([torch.full((1, 1), 1.0)], 1)
-    assert _until(lambda: b.queued == 0)  # running, held at the gate
+    b, seen, gate, dropped, first = _held(max_batch_size=4, max_queue_size=100, queue_timeout_s=0.05)
     late = [
         b.submit([torch.full((1, 1), 2.0)], 1),
         b.submit([torch.full((1, 2), 3.0)], 1),  # another shape: another batch
@@ -304,16 +315,7 @@ def test_a_full_queue_takes_an_urgent_request_in_place_of_the_newest_least_urgen
     """Queue full (3): an urgent request displaces the newest request of a less urgent level, which gets
     QueueFull (429) naming why and is counted as displaced; one of the least urgent level, or an urgent one
     when only urgent ones wait, is refused as before."""
-    seen: list[float] = []
-    run, gate = _gated(seen)
-    dropped: list[tuple[int, str]] = []
-    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, max_queue_size=3, priority_levels=2)
-    b.configure(
-        name="m", batched=True, max_batch_size=1, batch_buckets=None, variable_dims=(), pad_multiple=None,
-        observer=None, dropped=lambda n, why: dropped.append((n, why)),
-    )  # fmt: skip
-    first = b.submit([torch.full((1, 1), 0.0)], 1)
-    assert _until(lambda: b.queued == 0)  # running, held at the gate
+    b, seen, gate, dropped, first = _held(max_batch_size=1, max_queue_size=3, priority_levels=2)
 
     def one(v: float, priority: int) -> Future[tuple[torch.Tensor, ...]]:
         return b.submit([torch.full((1, 1), v)], 1, priority=priority)
@@ -331,9 +333,9 @@ def test_a_full_queue_takes_an_urgent_request_in_place_of_the_newest_least_urgen
         one(7.0, 1)  # only urgent ones wait
     assert dropped == [(1, "displaced"), (1, "displaced")]
     gate.set()
-    assert [f.result(5)[0].item() for f in (first, high1, high2, high3)] == [0.0, 6.0, 8.0, 12.0]
+    assert [f.result(5)[0].item() for f in (first, high1, high2, high3)] == [2.0, 6.0, 8.0, 12.0]
     b.close(5)
-    assert seen == [0.0, 3.0, 4.0, 6.0]
+    assert seen == [1.0, 3.0, 4.0, 6.0]
 
 
 def test_in_overload_lifo_takes_the_newest_first_within_each_level() -> None:
