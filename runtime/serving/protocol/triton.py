@@ -126,7 +126,7 @@ def statistics(exposition: bytes, models: Sequence[ServedModel]) -> dict[str, An
 
 
 def _duration(count: float, seconds: float) -> dict[str, int]:
-    return {"count": int(count), "ns": int(seconds * 1e9)}
+    return {"count": round(count), "ns": round(seconds * 1e9)}
 
 
 def _text(value: object) -> str:
