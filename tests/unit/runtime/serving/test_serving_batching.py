@@ -357,6 +357,29 @@ def test_in_overload_lifo_takes_the_newest_first_within_each_level() -> None:
     assert seen == [0.0, 4.0, 2.0, 3.0, 1.0]
 
 
+def test_with_priority_levels_lifo_is_judged_per_level() -> None:
+    """The least urgent level has waited past lifo_after_s and fills the batch newest first; the urgent
+    level, just come, stays oldest first and still goes first. (Judged on the queue's head alone, a fresh
+    urgent request, the batch took the stale ones oldest first: 3, 4, 1, 2.)"""
+    seen: list[float] = []
+    sizes: list[int] = []
+    run, gate = _gated(seen, sizes)
+    b = Batcher(
+        run, max_batch_size=4, max_delay_s=0.0, max_queue_size=100, lifo_after_s=0.05, priority_levels=2
+    )
+    first = b.submit([torch.full((1, 1), 0.0)], 1)
+    assert _until(lambda: b.queued == 0)
+    low = [b.submit([torch.full((1, 1), v)], 1, priority=2) for v in (1.0, 2.0)]
+    time.sleep(0.1)  # the least urgent have waited past 50 ms
+    urgent = [b.submit([torch.full((1, 1), v)], 1, priority=1) for v in (3.0, 4.0)]
+    low.append(b.submit([torch.full((1, 1), 5.0)], 1, priority=2))
+    gate.set()
+    assert [f.result(5)[0].item() for f in [first, *urgent, *low]] == [0.0, 6.0, 8.0, 2.0, 4.0, 10.0]
+    b.close(5)
+    assert seen == [0.0, 3.0, 4.0, 5.0, 2.0, 1.0]
+    assert sizes == [1, 4, 1]
+
+
 def test_a_default_priority_past_the_levels_is_refused() -> None:
     run, _ = _gated([])
     with pytest.raises(
