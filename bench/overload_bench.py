@@ -17,6 +17,7 @@ server configuration and one client behaviour, in the same run:
 - priority: `--priority-levels 2`; the urgent share of the requests (`--urgent-share`, a fifth) sends Triton's
   `priority` 1, the rest nothing (the default, least urgent level).
 - priority + timeout: and every client sends its timeout.
+- priority + lifo: priorities and `--lifo-after-ms`, for clients that send no timeout.
 
 In every row the same share of the requests is urgent (the same random draw); only the priority rows mark
 them. The urgent columns give their own goodput and p99: what the traffic that matters most gets.
@@ -66,6 +67,7 @@ def _cases(client_timeout_ms: float, lifo_after_ms: float) -> list[Case]:
         Case("lifo + queue timeout", [*lifo, "--queue-timeout-ms", str(client_timeout_ms)]),
         Case("priority", ["--priority-levels", "2"], mark_urgent=True),
         Case("priority + timeout", ["--priority-levels", "2"], send_timeout=True, mark_urgent=True),
+        Case("priority + lifo", ["--priority-levels", "2", *lifo], mark_urgent=True),
     ]
 
 

@@ -17,7 +17,8 @@ most likely still waiting; the oldest wait until the queue drains, their clients
 
 Priorities (Triton's `priority` parameter; `priority_levels` > 0): level 1 is the most urgent. A batch is the
 most urgent oldest request and those with its shapes, taken most urgent first, then oldest first (newest first
-in overload), so a less urgent request still fills room that the urgent ones leave. A full queue takes an
+in a level whose oldest request waited past `lifo_after_s`), so a less urgent request still fills room that
+the urgent ones leave. A full queue takes an
 urgent request by displacing the newest of its least urgent ones, which gets QueueFull (429): under overload
 the least urgent traffic is refused first, never the most urgent.
 
