@@ -18,9 +18,8 @@ most likely still waiting; the oldest wait until the queue drains, their clients
 Priorities (Triton's `priority` parameter; `priority_levels` > 0): level 1 is the most urgent. A batch is the
 most urgent oldest request and those with its shapes, taken most urgent first, then oldest first (newest first
 in a level whose oldest request waited past `lifo_after_s`), so a less urgent request still fills room that
-the urgent ones leave. A full queue takes an
-urgent request by displacing the newest of its least urgent ones, which gets QueueFull (429): under overload
-the least urgent traffic is refused first, never the most urgent.
+the urgent ones leave. A full queue takes an urgent request by displacing the newest of its least urgent ones,
+which gets QueueFull (429): under overload the least urgent traffic is refused first, never the most urgent.
 
 Optional padding: `batch_buckets` pads the row count up to the next bucket (static shapes for CUDA graphs) and
 `pad_multiple` pads variable non-batch dimensions (sequence lengths) up to a multiple, so fewer distinct
@@ -365,7 +364,7 @@ class Batcher:
             queue = self._queue
             if self.priority_levels:
                 p.priority = priority if 0 < priority <= self.priority_levels else self.default_priority
-                if len(queue) >= self.max_queue_size and queue and queue[-1].priority > p.priority:
+                if len(queue) >= self.max_queue_size and queue[-1].priority > p.priority:
                     displaced = queue.pop()  # the newest of the least urgent (the queue is in level order)
                     left = self._rows[displaced.key] = self._rows[displaced.key] - displaced.rows
                     if not left:
