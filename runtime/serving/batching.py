@@ -364,7 +364,7 @@ class Batcher:
             queue = self._queue
             if self.priority_levels:
                 p.priority = priority if 0 < priority <= self.priority_levels else self.default_priority
-                if len(queue) >= self.max_queue_size and queue[-1].priority > p.priority:
+                if queue and len(queue) >= self.max_queue_size and queue[-1].priority > p.priority:
                     displaced = queue.pop()  # the newest of the least urgent (the queue is in level order)
                     left = self._rows[displaced.key] = self._rows[displaced.key] - displaced.rows
                     if not left:
