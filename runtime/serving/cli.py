@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--warmup-batch-sizes", default="1,8", help="comma-separated; compiled and checked vs eager"
     )
-    g.add_argument("--max-batch-size", type=int, default=32)
+    g.add_argument("--max-batch-size", type=_positive, default=32)
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.add_argument(
         "--strict", action="store_true", help="fail instead of falling back to eager on a bad check"
@@ -114,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--http-port", type=int, default=8080)
     s.add_argument("--grpc-port", type=int, default=8081)
-    s.add_argument("--max-delay-ms", type=float, default=2.0)
-    s.add_argument("--max-queue-size", type=int, default=1024)
+    s.add_argument("--max-delay-ms", type=_milliseconds, default=2.0)
+    s.add_argument("--max-queue-size", type=_positive, default=1024)
     s.add_argument(
         "--queue-timeout-ms",
         type=_milliseconds,
@@ -257,15 +257,19 @@ def _milliseconds(value: str) -> float:
     return ms
 
 
-def _count(value: str) -> int:
-    """A whole number >= 0 (argparse names the flag in its error)."""
+def _count(value: str, least: int = 0) -> int:
+    """A whole number >= `least` (argparse names the flag in its error)."""
     try:
         n = int(value)
     except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
+        n = least - 1
+    if n < least:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= {least}")
     return n
+
+
+def _positive(value: str) -> int:
+    return _count(value, 1)
 
 
 def _workers(value: str) -> int | None:

@@ -50,6 +50,24 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
     assert (cfg.priority_levels, cfg.default_priority_level) == (3, 2)
 
 
+@pytest.mark.parametrize(
+    ("flag", "bad"),
+    [
+        ("--max-queue-size", "0"),
+        ("--max-batch-size", "0"),
+        ("--max-batch-size", "big"),
+        ("--max-delay-ms", "-1"),
+    ],
+)
+def test_batching_flags_refuse_values_that_would_serve_nothing(
+    flag: str, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A queue of 0 would refuse every request, a batch of 0 rows run none: argparse names the flag."""
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["serve", "--model-uri", "m", flag, bad])
+    assert flag in capsys.readouterr().err
+
+
 def test_priority_flags_refuse_a_default_level_past_the_levels(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli._parser()
     with pytest.raises(SystemExit):
