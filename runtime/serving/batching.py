@@ -366,9 +366,7 @@ class Batcher:
                 p.priority = priority if 0 < priority <= self.priority_levels else self.default_priority
                 if queue and len(queue) >= self.max_queue_size and queue[-1].priority > p.priority:
                     displaced = queue.pop()  # the newest of the least urgent (the queue is in level order)
-                    left = self._rows[displaced.key] = self._rows[displaced.key] - displaced.rows
-                    if not left:
-                        del self._rows[displaced.key]
+                    self._count_out(displaced.key, displaced.rows)
             if len(queue) >= self.max_queue_size:
                 raise QueueFull(
                     f"model {self.name!r} queue is full ({self.max_queue_size} requests waiting); retry later"
@@ -384,6 +382,12 @@ class Batcher:
         if displaced is not None:
             self._displace(displaced)
         return p
+
+    def _count_out(self, key: tuple[object, ...], rows: int) -> None:
+        """`rows` of `key` left the queue (hold _cond)."""
+        left = self._rows[key] = self._rows[key] - rows
+        if not left:
+            del self._rows[key]
 
     def _displace(self, p: Pending) -> None:
         error = QueueFull(
@@ -496,9 +500,7 @@ class Batcher:
             else:
                 rest.append(p)
         if key is not None:
-            queued[key] -= rows
-            if not queued[key]:
-                del queued[key]
+            self._count_out(key, rows)
         if dead:
             for k in {p.key for p in batch}:
                 if k in queued and not queued[k]:
