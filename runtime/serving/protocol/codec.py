@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -26,9 +26,14 @@ class Request:
     priority: int = 0  # parameters.priority: 1 the most urgent, 0 the model's default level
 
 
+def _whole(value: object) -> TypeGuard[int]:
+    """A JSON or protobuf parameter that is a whole number >= 0 (not a bool, which Python counts as int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def request_timeout(value: object, where: str) -> float | None:
     """Triton's request `timeout` parameter (microseconds; 0: none) -> seconds or None."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not _whole(value):
         raise BadRequest(
             f"{where} must be a whole number of microseconds >= 0 (how long the client waits for the "
             f"answer; 0: no limit), not {value!r}"
@@ -38,7 +43,7 @@ def request_timeout(value: object, where: str) -> float | None:
 
 def request_priority(value: object, where: str) -> int:
     """Triton's request `priority` parameter: a level, 1 the most urgent (0: the model's default level)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not _whole(value):
         raise BadRequest(
             f"{where} must be a whole number >= 0 (1 the most urgent level; 0: the model's default), not"
             f" {value!r}"
