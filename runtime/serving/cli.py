@@ -276,12 +276,11 @@ def _workers(value: str) -> int | None:
     if value == "auto":
         return None
     try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise SystemExit(f"kubeforge-serve: --workers {value!r} must be auto or a whole number >= 0")
-    return n
+        return _count(value)
+    except argparse.ArgumentTypeError:
+        raise SystemExit(
+            f"kubeforge-serve: --workers {value!r} must be auto or a whole number >= 0"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
