@@ -98,14 +98,14 @@ class HttpError(Exception):
         self.message = message
 
 
-_JSON_ERROR = [(b"content-type", b"application/json")]
+JSON = [(b"content-type", b"application/json")]  # the headers of a JSON answer
 # a 429 is overload (a full queue, the process's request bytes): clients that honour Retry-After (urllib3's
 # Retry; Envoy's rate-limited retry back-off, when set to) wait a second instead of sending again at once
-_OVERLOADED = [*_JSON_ERROR, (b"retry-after", b"1")]
+_OVERLOADED = [*JSON, (b"retry-after", b"1")]
 
 
 def error_response(status: int, message: str) -> Response:
-    return status, orjson.dumps({"error": message}), _OVERLOADED if status == 429 else _JSON_ERROR
+    return status, orjson.dumps({"error": message}), _OVERLOADED if status == 429 else JSON
 
 
 _EMPTY = PlainBody(memoryview(b""))

@@ -23,10 +23,17 @@ from runtime.serving.errors import BadRequest, InferError
 from runtime.serving.metrics import CONTENT_TYPE, Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol.codec import decode_request, encode_response
-from runtime.serving.protocol.http1 import Body, HttpError, PlainBody, Request, Response, error_response
+from runtime.serving.protocol.http1 import (
+    JSON,
+    Body,
+    HttpError,
+    PlainBody,
+    Request,
+    Response,
+    error_response,
+)
 from runtime.serving.protocol.triton import Extensions
 
-_JSON = [(b"content-type", b"application/json")]
 # (body length, Inference-Header-Content-Length) -> a body in shared memory, or None
 SlotBody = Callable[[int, int], Body | None]
 SLOT_BODY_MIN = 64 << 10  # smaller bodies are copied into shared memory after decoding (cheap)
@@ -111,7 +118,7 @@ class RestApp:
             return 200, await self.render_metrics(), [(b"content-type", CONTENT_TYPE.encode())]
         try:
             if req.method != "POST":  # .../stats
-                return 200, orjson.dumps(await self._stats(req.path)), _JSON
+                return 200, orjson.dumps(await self._stats(req.path)), JSON
             return await self._infer(req, body)
         except HttpError as e:
             return error_response(e.status, e.message)
@@ -136,24 +143,24 @@ class RestApp:
 
     def _get(self, path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         if path == "/v2/health/live":
-            return 200, b'{"live":true}', _JSON
+            return 200, b'{"live":true}', JSON
         if path == "/v2/health/ready":
             ready = self.is_ready()
-            return (200 if ready else 503), orjson.dumps({"ready": ready}), _JSON
+            return (200 if ready else 503), orjson.dumps({"ready": ready}), JSON
         if path in ("/v2", "/v2/"):
-            return 200, orjson.dumps(self.server_info()), _JSON
+            return 200, orjson.dumps(self.server_info()), JSON
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
             name, version, rest = _model_path(parts)
             model = self.repo.get(name, version)
             if rest == []:
-                return 200, orjson.dumps(model.metadata()), _JSON
+                return 200, orjson.dumps(model.metadata()), JSON
             if rest == ["ready"]:
                 ready = model.ready and self.is_ready()
                 body = {"name": model.name, "version": model.version, "ready": ready, **model.info}
-                return (200 if ready else 503), orjson.dumps(body), _JSON
+                return (200 if ready else 503), orjson.dumps(body), JSON
             if rest == ["config"]:
-                return 200, orjson.dumps(self.triton.config(name, version)), _JSON
+                return 200, orjson.dumps(self.triton.config(name, version)), JSON
         raise HttpError(404, f"no route {path}")
 
     async def _stats(self, path: str) -> dict[str, Any]:
@@ -201,7 +208,7 @@ class RestApp:
             )
             payload, head_len = encode_response(model.name, model.version, decoded, model.signature, outs)
             if head_len is None:
-                return 200, payload, _JSON
+                return 200, payload, JSON
             return (
                 200,
                 payload,
