@@ -22,6 +22,8 @@ from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
 
 _SUCCESS = frozenset({"200", "OK"})  # kubeforge_requests_total's code of a success, over REST and gRPC
+# the by-size samples, and their place in [batches, seconds]
+_BY_SIZE = {"kubeforge_batches_total": 0, "kubeforge_batch_compute_seconds_total": 1}
 
 
 def model_config(model: ServedModel, batching: dict[str, Any]) -> dict[str, Any]:
@@ -83,10 +85,9 @@ def statistics(exposition: bytes, models: Sequence[ServedModel]) -> dict[str, An
             model = s.labels.get("model")
             if model is None:
                 continue
-            if s.name in ("kubeforge_batches_total", "kubeforge_batch_compute_seconds_total"):
-                sizes[model][int(s.labels["batch_size"])][
-                    s.name == "kubeforge_batch_compute_seconds_total"
-                ] += s.value
+            slot = _BY_SIZE.get(s.name)
+            if slot is not None:
+                sizes[model][int(s.labels["batch_size"])][slot] += s.value
             elif s.name == "kubeforge_requests_total":
                 ok = s.labels.get("code") in _SUCCESS
                 samples[model]["success" if ok else "fail"] += s.value
