@@ -50,6 +50,18 @@ def _grpc_one(server: Serve, request_id: str = "") -> str:
     return "OK"
 
 
+def _triton_infer(client_module: Any, client: Any, value: float, **infer_kw: Any) -> str:
+    """One infer of a [1, 4] row of `value` with tritonclient's HTTP or gRPC client (the same API): the
+    outputs, or the status and message it failed with."""
+    inp = client_module.InferInput("input__0", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.full((1, 4), value, np.float32))
+    try:
+        out = client.infer("slow", [inp], **infer_kw).as_numpy("output__0")
+    except client_module.InferenceServerException as e:
+        return f"{e.status()} {e.message()}"
+    return str(out.tolist())
+
+
 @pytest.fixture(scope="module", params=["0", "2"], ids=["one-process", "2-workers"])
 def slow_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[Serve]:
     """A model that sleeps 0.4 s per batch, one row per batch, at most 2 queued requests, two priority levels
@@ -180,15 +192,7 @@ def test_a_request_whose_timeout_would_pass_gets_504_and_deadline_exceeded_unrun
     x = np.ones((1, 4), np.float32)
 
     def call(client_module: Any, url: str, timeout_us: int) -> str:
-        """One infer with tritonclient's HTTP or gRPC client (the same API): the outputs or the error."""
-        client = client_module.InferenceServerClient(url)
-        inp = client_module.InferInput("input__0", [1, 4], "FP32")
-        inp.set_data_from_numpy(x)
-        try:
-            out = client.infer("slow", [inp], timeout=timeout_us).as_numpy("output__0")
-        except client_module.InferenceServerException as e:
-            return f"{e.status()} {e.message()}"
-        return str(out.tolist())
+        return _triton_infer(client_module, client_module.InferenceServerClient(url), 1.0, timeout=timeout_us)
 
     def behind_envoy(timeout_us: int) -> str:
         """Plain HTTP with what an Envoy proxy (Istio, Knative) adds: its route timeout, in ms."""
@@ -233,13 +237,8 @@ def test_an_urgent_request_takes_the_place_of_the_newest_in_a_full_queue_and_run
     import tritonclient.http as th
 
     def infer(client_module: Any, client: Any, value: float, priority: int = 0) -> tuple[float, str]:
-        inp = client_module.InferInput("input__0", [1, 4], "FP32")
-        inp.set_data_from_numpy(np.full((1, 4), value, np.float32))
-        try:
-            out = client.infer("slow", [inp], priority=priority).as_numpy("output__0")
-        except client_module.InferenceServerException as e:
-            return time.monotonic(), f"{e.status()} {e.message()}"
-        return time.monotonic(), str(out.tolist())
+        answer = _triton_infer(client_module, client, value, priority=priority)
+        return time.monotonic(), answer
 
     def displaced() -> float:
         text = httpx.get(f"{slow_server.url}/metrics").text
