@@ -17,6 +17,9 @@
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
 #   clients      gRPC load from ghz against bench/grpcload, ResNet-50 ($MODEL), 8 workers, 1 then 64 clients:
 #                what the load generator costs the rows it measures
+#   spread       how the load spreads over the protocol workers (hack/serve-profile.py's WORKERS line), for each
+#                line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default: ResNet-50 REST, then gRPC
+#                over 16 and over 64 connections, 64 clients)
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -74,8 +77,14 @@ ab)
     for tree in base new base new; do
       dir=$PWD; [[ $tree == base ]] && dir=$base
       (cd "$dir" && PYTHONPATH=/tmp/site:$dir MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g \
-        TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error|errors")
+        TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|WORKERS|Error|errors")
     done
+  done ;;
+spread)
+  echo "${RUNS:-$'resnet50 64 0 16\nresnet50 64 1 16\nresnet50 64 1 64'}" | while read -r m c g n; do
+    [[ -z $m ]] && continue
+    BENCH_GRPC_CONNECTIONS=$n MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g TAG=$m-c$c-g$g-n$n \
+      timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|WORKERS|Error|errors"
   done ;;
 precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
   # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench

@@ -22,7 +22,8 @@ WALL (1: py-spy profile of the model process's threads, waiting included, to $OU
 A second line, THREADS, gives each model-process thread's CPU over the run (percent of one core, by the
 names the server gives its OS threads), the load generator's CPU per request (wrk, grpcload or ghz), and
 where the workers put the inputs (kubeforge_worker_inputs_total: in place in shared memory, copied there,
-inline).
+inline). A third, WORKERS, gives each protocol worker's CPU over the run (percent of one core) and the client
+connections it holds halfway through, busiest first: how evenly the load spread.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -67,6 +69,31 @@ def _thread_cpu(pid: int) -> dict[str, float]:
             continue  # the thread ended
         out[name] = out.get(name, 0.0) + sb.cpu_seconds_of(task / "stat")
     return out
+
+
+def _workers(pid: int) -> list[str]:
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def _worker_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each protocol worker process of the server `pid`, by pid."""
+    return {k: sb.cpu_seconds_of(Path(f"/proc/{k}/stat")) for k in _workers(pid)}
+
+
+def _connections(pids: list[str], ports: set[int]) -> list[int]:
+    """Established TCP connections to `ports` that each process holds (/proc/net/tcp*, by socket inode)."""
+    open_: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) in ports:
+                open_.add(f[9])
+    counts = []
+    for k in pids:
+        links = [str(x.readlink()) for x in Path(f"/proc/{k}/fd").iterdir() if x.is_symlink()]
+        counts.append(sum(1 for x in links if x.startswith("socket:[") and x[8:-1] in open_))
+    return counts
 
 
 def _children_cpu() -> float:
@@ -110,6 +137,7 @@ def main() -> None:
             load = lambda s: sb._wrk(url, body, conns, s, headers, tmp)  # noqa: E731
         load(2)  # warm
         m0, c0, t0 = _sums(port), sb._cpu_seconds(proc.pid), _thread_cpu(proc.pid)
+        w0 = _worker_cpu(proc.pid)
         spies = []
         for flag, file in (("GIL", "gil.raw"), ("WALL", "wall.raw")):
             if env(flag) == "1":
@@ -119,15 +147,22 @@ def main() -> None:
                 spies.append(subprocess.Popen([*cmd, "--gil" if flag == "GIL" else "--idle"]))
         spyw = None
         if env("SPYW") == "1":
-            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-            workers_ = [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+            workers_ = _workers(proc.pid)
             out = Path(env("OUT", str(tmp))) / "worker.raw"
             cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
             spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"])
         client0 = _children_cpu()
+        held: dict[str, int] = {}  # connections per worker, halfway through the run
+        pids = list(w0)
+        w = threading.Timer(
+            secs / 2, lambda: held.update(zip(pids, _connections(pids, {port, gport}), strict=True))
+        )
+        w.start()
         r = load(secs)
+        w.join()
         client = _children_cpu() - client0  # py-spy is not waited for yet: the load generator's alone
         m1, c1, t1 = _sums(port), sb._cpu_seconds(proc.pid), _thread_cpu(proc.pid)
+        w1 = _worker_cpu(proc.pid)
         for p in [*spies, spyw]:
             if p is not None:
                 p.wait()
@@ -155,6 +190,11 @@ def main() -> None:
             + ", ".join(f"{k} {100 * v:.0f}%" for v, k in reversed(busy) if v >= 0.01)
             + f" | client CPU {1e6 * client / n:.0f} us/request | inputs "
             + ", ".join(f"{k.split(':')[1]} {v:.0f}" for k, v in d.items() if k.startswith(_INPUTS))
+        )
+        shares = sorted(((100 * (v - w0.get(k, 0.0)) / secs, held.get(k, -1)) for k, v in w1.items()))[::-1]
+        print(
+            f"WORKERS {env('TAG', '')}: each one's CPU (% of a core) / connections, busiest first: "
+            + " ".join(f"{x:.0f}/{n}" for x, n in shares)
         )
     finally:
         sb._stop(proc)
