@@ -130,6 +130,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         workers=a.workers,
         copy_stream=a.copy_stream,
         grpc_server=a.grpc_server,
+        balance=a.balance,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
     asyncio.run(Server(cfg, lambda: loaded).run())
@@ -219,6 +220,8 @@ def _start(
         *(["--copy-stream"] if getattr(a, "copy_stream", False) else []),
         "--grpc-server",
         getattr(a, "grpc_server", "native"),
+        "--balance",
+        getattr(a, "balance", "least-connections"),
     ]
     t0 = time.perf_counter()
     with log.open("ab") as f:
@@ -592,6 +595,9 @@ def main() -> int:
     )
     p.add_argument("--copy-stream", action="store_true", help="the server's --copy-stream (CUDA)")
     p.add_argument("--grpc-server", default="native", choices=["native", "grpcio"], help="the server's")
+    p.add_argument(
+        "--balance", default="least-connections", choices=["least-connections", "kernel"], help="the server's"
+    )
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--grpc-port", type=int, default=0)

@@ -17,9 +17,10 @@
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
 #   clients      gRPC load from ghz against bench/grpcload, ResNet-50 ($MODEL), 8 workers, 1 then 64 clients:
 #                what the load generator costs the rows it measures
-#   spread       how the load spreads over the protocol workers (hack/serve-profile.py's WORKERS line), for each
-#                line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default: ResNet-50 REST, then gRPC
-#                over 16 and over 64 connections, 64 clients)
+#   spread       how the load spreads over the protocol workers (hack/serve-profile.py's WORKERS line), the
+#                server's --balance least-connections against kernel, interleaved (least, kernel, least,
+#                kernel), for each line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default:
+#                ResNet-50 at 64 clients over REST, and over gRPC on 16 connections)
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -81,10 +82,13 @@ ab)
     done
   done ;;
 spread)
-  echo "${RUNS:-$'resnet50 64 0 16\nresnet50 64 1 16\nresnet50 64 1 64'}" | while read -r m c g n; do
+  echo "${RUNS:-$'resnet50 64 0 16\nresnet50 64 1 16'}" | while read -r m c g n; do
     [[ -z $m ]] && continue
-    BENCH_GRPC_CONNECTIONS=$n MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g TAG=$m-c$c-g$g-n$n \
-      timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|WORKERS|Error|errors"
+    for b in least-connections kernel least-connections kernel; do
+      BALANCE=$b BENCH_GRPC_CONNECTIONS=$n MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g \
+        TAG=$m-c$c-g$g-n$n-$b timeout 200 python hack/serve-profile.py 2>&1 |
+        grep -E "SUMMARY|THREADS|WORKERS|Error|errors"
+    done
   done ;;
 precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
   # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench

@@ -158,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
         "shared memory; 0: one event loop in the model process; auto: 0 on a CPU-only machine, else half "
         "the cores (at most 8)",
     )
+    s.add_argument(
+        "--balance",
+        default="least-connections",
+        choices=["least-connections", "kernel"],
+        help="how client connections reach 2+ protocol workers: least-connections (the model process "
+        "accepts each and deals it to the worker holding the fewest) or kernel (every worker listens, "
+        "SO_REUSEPORT: a hash of the client's address picks one, however loaded; no hop for clients that "
+        "open a connection per request)",
+    )
     s.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body (413 past it)")
     s.add_argument(
         "--max-inflight-mb",
@@ -239,6 +248,7 @@ def _config(args: argparse.Namespace) -> Any:
             drain_delay_s=args.drain_delay_s,
             grace_s=args.grace_s,
             workers=_workers(args.workers),
+            balance=args.balance,
             log_level=args.log_level,
             copy_stream=args.copy_stream,
             grpc_server=args.grpc_server,

@@ -1,8 +1,10 @@
-"""A protocol worker: one of several processes that accept REST and gRPC connections on the server's ports
-(SO_REUSEPORT: the kernel spreads connections over them), decode requests, and hand the tensors to the one
-model process through shared memory (runtime.serving.ipc). It keeps no model: health, readiness and
-metadata come from the state the model process pushes; /metrics is merged by the model process from every
-process's own metrics.
+"""A protocol worker: one of several processes that serve the REST and gRPC connections of the server's
+ports, decode requests, and hand the tensors to the one model process through shared memory
+(runtime.serving.ipc). The model process accepts the connections and deals each to the worker holding the
+fewest (`--balance least-connections`, through a Unix socket: runtime.serving.hub); or every worker listens
+on the ports itself (`--balance kernel`, SO_REUSEPORT: the kernel spreads connections over them by a hash).
+It keeps no model: health, readiness and metadata come from the state the model process pushes; /metrics is
+merged by the model process from every process's own metrics.
 
 Workers ignore SIGTERM/SIGINT: the model process owns shutdown. It tells every worker to stop (STOP), the
 worker stops accepting, finishes its in-flight requests (the model process keeps batching until all workers
@@ -49,6 +51,7 @@ class WorkerConfig:
     slot_bytes: int
     serve: ServeConfig  # the server's, with the ports the model process holds
     log_json: bool = True
+    dealt: socket.socket | None = None  # where the model process deals client connections; None: listen
 
 
 def listen_socket(host: str, port: int, *, listen: bool) -> socket.socket:
@@ -72,11 +75,11 @@ class RemoteBatcher:
         self._counters = arena.counters
 
     def announce(self) -> None:
-        self._counters[0] += 1
+        self._counters[ipc.ANNOUNCED] += 1
 
     def withdraw(self) -> None:
-        if self._counters[0] > 0:
-            self._counters[0] -= 1
+        if self._counters[ipc.ANNOUNCED] > 0:
+            self._counters[ipc.ANNOUNCED] -= 1
 
 
 class RemoteModel(ServedModel):
@@ -317,12 +320,17 @@ class Worker:
         model.worker = self
         self.repo.models = {model.name: model}
 
+    def _connection_closed(self) -> None:
+        """One of the client connections ended: the model process deals the next to the worker holding the
+        fewest (it counts those it dealt; this counter, in shared memory, those that ended)."""
+        self.arena.counters[ipc.CLOSED] += 1
+
     # -- life --
     async def run(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         _, self.link = await loop.create_unix_connection(lambda: _Link(self), cfg.socket_path)
-        sock = listen_socket(cfg.serve.host, cfg.serve.http_port, listen=True)
+        sock = None if cfg.dealt else listen_socket(cfg.serve.host, cfg.serve.http_port, listen=True)
         _, _, stop = await start_protocol(
             cfg.serve,
             self.repo,
@@ -332,6 +340,9 @@ class Worker:
             sock=sock,
             render_metrics=self.render_metrics,
             slot_body=self.slot_body if self.arena.slots else None,
+            dealt=cfg.dealt,
+            on_close=self._connection_closed,
+            process=str(cfg.index),
         )
         assert self.link.transport is not None
         self.link.transport.write(ipc.frame(ipc.HELLO, cfg.index.to_bytes(4, "little")))

@@ -8,6 +8,13 @@ responses to a worker leave in one send, from the answering thread itself when t
 the writer thread. A worker whose client leaves sends a CANCEL: the request is dropped unless its batch was
 launched. A worker that dies while the server is not stopping is started again; its in-flight requests are
 lost with its connections, as they would be with the process.
+
+With `--balance least-connections` (the default) a thread of its own, `hub-deal`, accepts the clients'
+connections and deals each to the worker holding the fewest (SCM_RIGHTS over a Unix socket per worker; ties
+go round the workers). With SO_REUSEPORT the kernel picks a worker by a hash of the client's address and
+port, which does not look at the load: 64 connections over 8 workers left one with 13 and another with 4,
+and gRPC clients open few connections (a channel is one), so 16 connections could leave a worker without
+any while another served 5 (docs/serving.md). A connection's requests stay with the worker it was dealt to.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from runtime.serving.errors import InferError
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
 from runtime.serving.logs import name_os_thread
 from runtime.serving.metrics import Metrics, merge
-from runtime.serving.server import ServeConfig
+from runtime.serving.server import DEALT_GRPC, DEALT_HTTP, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,12 @@ class _Conn:
     lock: threading.Condition = field(default_factory=threading.Condition)
     sending: bool = False  # the writer thread is sending this connection's earlier messages
     queued: dict[int, Pending] = field(default_factory=dict)  # submitted, not answered yet, by request id
+    dealt: socket.socket | None = None  # where client connections are dealt to the worker (least-connections)
+    handed: int = 0  # client connections dealt to it (by the dealing thread alone)
+
+    def clients(self) -> int:
+        """Client connections it holds: those dealt to it less those that ended (a counter it keeps)."""
+        return self.handed - int(self.arena.counters[ipc.CLOSED])
 
     def post(self, item: bytes) -> None:
         """Send `item` now if the socket takes all of it without waiting and nothing sent earlier is still
@@ -169,11 +182,20 @@ class Hub:
         self.stopping = False
         self._dir = tempfile.mkdtemp(prefix="kubeforge-serve-")
         self._socket_path = os.path.join(self._dir, "hub.sock")
-        # hold the ports (bound, not listening) so that port 0 means one port for every worker
+        # least-connections: listen on the ports here, and deal the connections (gRPC too unless grpc.aio
+        # serves it: it takes no connection it did not accept); else hold the ports (bound, not listening)
+        # so that port 0 means one port for every worker
+        self.dealing = cfg.balance == "least-connections" and workers > 1
+        deal_grpc = self.dealing and cfg.grpc_server == "native"
         self._holds = [
-            listen_socket(cfg.host, cfg.http_port, listen=False),
-            listen_socket(cfg.host, cfg.grpc_port, listen=False),
+            listen_socket(cfg.host, cfg.http_port, listen=self.dealing),
+            listen_socket(cfg.host, cfg.grpc_port, listen=deal_grpc),
         ]
+        self._dealt = [(DEALT_HTTP, self._holds[0])] + ([(DEALT_GRPC, self._holds[1])] if deal_grpc else [])
+        self._dealer: threading.Thread | None = None
+        self._deal_wake_r, self._deal_wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._deal_next = 0  # where a tie goes: round the workers
+        self._channels: dict[int, socket.socket] = {}  # our end of each worker's dealing socket
         # what the workers run with: the ports held (port 0 resolved)
         self.cfg = replace(
             cfg, http_port=self._holds[0].getsockname()[1], grpc_port=self._holds[1].getsockname()[1]
@@ -217,6 +239,9 @@ class Hub:
                 self._reader.start()
         for i in range(self.n):
             self._spawn(i)
+        if self.dealing:
+            self._dealer = threading.Thread(target=self._deal_loop, name="hub-deal", daemon=True)
+            self._dealer.start()
 
     def wait_started(self, timeout: float) -> None:
         """Until every worker listens and said hello (RuntimeError naming the missing ones otherwise)."""
@@ -250,9 +275,16 @@ class Hub:
     def _spawn(self, i: int) -> None:
         arena = self._new_arena(f"kubeforge-{os.getpid()}-{i}-{time.monotonic_ns()}")
         path = arena.path
-        cfg = WorkerConfig(i, self._socket_path, path, arena.slots, SLOT_BYTES, self.cfg)
+        theirs = None
+        if self.dealing:  # a datagram per connection, its descriptor attached; ours is there by its hello
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with self._lock:
+                self._channels[i] = ours
+        cfg = WorkerConfig(i, self._socket_path, path, arena.slots, SLOT_BYTES, self.cfg, dealt=theirs)
         p = self._ctx.Process(target=main, args=(cfg,), name=f"kubeforge-frontend-{i}", daemon=True)
-        p.start()
+        p.start()  # the worker inherits its end of the socket pair (spawn passes it as a descriptor)
+        if theirs is not None:
+            theirs.close()
         with self._lock:
             self._arenas[i] = arena
             self._procs[i] = p
@@ -262,6 +294,9 @@ class Hub:
         with self._lock:
             self.stopping = True  # a worker still starting gets STOP with its hello
             conns = list(self._conns.values())
+        if self._dealer is not None:  # no new connections (the kernel refuses them once the ports close)
+            os.write(self._deal_wake_w, b"\0")
+            self._dealer.join()
         for c in conns:
             c.post(ipc.frame(ipc.STOP))
         deadline = time.monotonic() + self.cfg.grace_s + 5
@@ -290,7 +325,7 @@ class Hub:
 
     def announced(self) -> int:
         """Requests the workers are decoding right now (the batcher may wait for them)."""
-        return int(sum(int(c.arena.counters[0]) for c in list(self._conns.values())))
+        return int(sum(int(c.arena.counters[ipc.ANNOUNCED]) for c in list(self._conns.values())))
 
     # -- reading the workers' connections --
     def _read(self) -> None:
@@ -364,7 +399,7 @@ class Hub:
             arena = self._arenas[i]
         arena.forget_path()  # mapped by both processes now; nothing to leave behind
         _page_lock(arena)
-        conn = _Conn(i, sock, arena, self._writer)
+        conn = _Conn(i, sock, arena, self._writer, dealt=self._channels.get(i))
         conn.post(self._state_frame())
         with self._hello:
             self._conns[i] = conn
@@ -456,8 +491,72 @@ class Hub:
 
     def _close(self, conn: _Conn) -> None:
         conn.closed = True
-        with contextlib.suppress(OSError):
-            conn.sock.close()
+        for sock in (conn.sock, conn.dealt):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    # -- dealing client connections (least-connections) --
+    def _deal_loop(self) -> None:
+        name_os_thread()
+        sel = selectors.DefaultSelector()  # waits without a timeout: epoll's rounding costs nothing here
+        for kind, listener in self._dealt:
+            listener.setblocking(False)
+            sel.register(listener, selectors.EVENT_READ, kind)
+        sel.register(self._deal_wake_r, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in sel.select():
+                if key.data is None:  # stop
+                    sel.close()
+                    for _, listener in self._dealt:
+                        listener.close()
+                    return
+                self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
+
+    def _accept(self, listener: socket.socket, kind: bytes) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors (EMFILE, ENFILE) or memory: the backlog keeps the rest
+                log.warning("accepting a client connection failed", extra={"error": str(e)})
+                time.sleep(0.05)
+                return
+            with client:  # our copy of it: the worker's stays open
+                self._deal(client, kind)
+
+    def _deal(self, client: socket.socket, kind: bytes) -> None:
+        """Hand `client` to the worker holding the fewest client connections (ties: round the workers);
+        one that is starting again or not reading its dealing socket is passed over."""
+        passed: set[int] = set()
+        deadline = time.monotonic() + 5.0
+        while True:
+            with self._hello:
+                ready = [
+                    c for c in self._conns.values() if c.dealt and not c.closed and c.index not in passed
+                ]
+                if not ready:
+                    if self.stopping or time.monotonic() > deadline or passed:
+                        log.warning("no protocol worker took a client connection; closing it")
+                        return
+                    self._hello.wait(0.1)  # every worker is starting (again)
+                    continue
+            n, nxt = self.n, self._deal_next
+            c = min(ready, key=lambda c: (c.clients(), (c.index - nxt) % n))
+            assert c.dealt is not None  # as `ready` has it
+            try:
+                socket.send_fds(c.dealt, [kind], [client.fileno()], socket.MSG_DONTWAIT)
+            except OSError as e:
+                log.warning(
+                    "could not deal a connection to a protocol worker",
+                    extra={"worker": c.index, "error": str(e)},
+                )
+                passed.add(c.index)
+                continue
+            c.handed += 1
+            self._deal_next = c.index + 1
+            return
 
 
 def register(sel: selectors.BaseSelector, fileobj: Any, data: Any) -> selectors.BaseSelector:

@@ -39,7 +39,9 @@ from runtime.serving.protocol import datatypes
 
 log = logging.getLogger(__name__)
 
-HEADER_BYTES = 64
+HEADER_BYTES = 64  # an arena's header: 8 int64 counters, each written by the worker alone
+ANNOUNCED = 0  # requests the worker is decoding (the batcher may wait for them)
+CLOSED = 1  # client connections dealt to the worker that have ended (hub.Hub deals by least connections)
 
 # message kinds
 HELLO = 1  # worker -> model process: <I worker index>

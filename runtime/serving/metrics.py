@@ -112,6 +112,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.connections = Gauge(
+            "kubeforge_client_connections",
+            "Client connections open, by protocol and by the process that holds them (a protocol worker's"
+            " index; model: the model process serving the protocols itself).",
+            ["protocol", "process"],
+            registry=r,
+        )
         self.inflight = Gauge("kubeforge_inflight", "Inference requests in progress.", ["model"], registry=r)
         self.queue_depth = Gauge(
             "kubeforge_queue_depth", "Requests waiting for a batch.", ["model"], registry=r

@@ -31,6 +31,7 @@ from runtime.serving.loader import LoadedModel, load_model
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol import datatypes
+from runtime.serving.protocol.http1 import Listener
 from runtime.serving.protocol.rest import SlotBody
 from runtime.serving.signature import Signature, TensorSpec
 
@@ -88,6 +89,10 @@ class ServeConfig:
     copy_stream: bool = False  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
     grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
+    # how client connections reach 2+ protocol workers: least-connections (the model process accepts them and
+    # deals each to the worker holding the fewest, see hub.Hub) or kernel (SO_REUSEPORT: a hash of the
+    # client's address and port picks the worker)
+    balance: str = "least-connections"
     log_level: str = "info"
     started: float = field(default_factory=time.time)
 
@@ -518,6 +523,40 @@ class Server:
         self._stop.set()
 
 
+DEALT_HTTP, DEALT_GRPC = b"h", b"g"  # what hub.Hub sends with a connection it deals: which server takes it
+
+
+def _take_dealt(
+    channel: socket.socket,
+    servers: dict[bytes, Listener],
+    adopting: set[asyncio.Task[None]],
+    on_close: Callable[[], object] | None,
+) -> None:
+    """Serve the connections the model process dealt this worker (one per message on `channel`)."""
+    while True:
+        try:
+            kind, fds, _, _ = socket.recv_fds(channel, 16, 4, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            kind, fds = b"", []
+        if not kind and not fds:  # the model process is gone (the worker's link says so and stops it)
+            asyncio.get_running_loop().remove_reader(channel.fileno())
+            return
+        for fd in fds:
+            conn = socket.socket(fileno=fd)
+            server = servers.get(kind)
+            if server is None or server.stopping:
+                conn.close()
+                if on_close is not None:
+                    on_close()  # dealt and ended: the model process counts it out
+                continue
+            conn.setblocking(False)
+            task = asyncio.ensure_future(server.adopt(conn))
+            adopting.add(task)  # held until done (the loop keeps only weak references to tasks)
+            task.add_done_callback(adopting.discard)
+
+
 async def start_protocol(
     cfg: ServeConfig,
     repo: Repository,
@@ -528,10 +567,15 @@ async def start_protocol(
     sock: socket.socket | None = None,
     render_metrics: Callable[[], Awaitable[bytes]] | None = None,
     slot_body: SlotBody | None = None,
+    dealt: socket.socket | None = None,
+    on_close: Callable[[], object] | None = None,
+    process: str = "model",
 ) -> tuple[int, int, Callable[[], Awaitable[None]]]:
     """Start the REST (protocol.http1) and gRPC servers over `repo` on cfg's host and ports; with `sock` (a
     protocol worker), REST on that listening socket and gRPC with SO_REUSEPORT, sharing the ports with the
-    other workers. Returns the HTTP and gRPC ports and the coroutine function that stops both (in-flight
+    other workers; with `dealt` (a protocol worker, `--balance least-connections`), neither listens: the
+    model process deals the connections through that Unix socket (hub.Hub), and `on_close` hears of each
+    that ends. Returns the HTTP and gRPC ports and the coroutine function that stops both (in-flight
     requests finish, up to cfg.grace_s)."""
     import grpc
 
@@ -561,8 +605,11 @@ async def start_protocol(
     refused = metrics.inflight_refused
     budget = Budget(cfg.max_inflight_bytes or 4 * cfg.max_payload_bytes, lambda p: refused.labels(p).inc())
     http = HttpServer(app, max_payload=cfg.max_payload_bytes, budget=budget)
+    http.on_close = on_close
+    metrics.connections.labels("http", process).set_function(lambda: len(http.connections))
     service = InferenceService(repo, metrics, server_info, is_ready, triton)
     stop_grpc: Callable[[], Awaitable[Any]]
+    servers: dict[bytes, Listener] = {DEALT_HTTP: http}
     if cfg.grpc_server == "native":
         from runtime.serving.frontend import listen_socket
         from runtime.serving.protocol.grpc_service import MODEL_INFER, infer_buffer, native_handlers
@@ -574,7 +621,13 @@ async def start_protocol(
             buffers={MODEL_INFER: infer_buffer(slot_body)} if slot_body is not None else None,
             budget=budget,
         )
-        grpc_port = await native.start(listen_socket(cfg.host, cfg.grpc_port, listen=True))
+        native.on_close = on_close
+        metrics.connections.labels("grpc", process).set_function(lambda: len(native.connections))
+        if dealt is None:
+            grpc_port = await native.start(listen_socket(cfg.host, cfg.grpc_port, listen=True))
+        else:
+            native.start_sweeping()
+            grpc_port, servers[DEALT_GRPC] = cfg.grpc_port, native
         stop_grpc = partial(native.stop, cfg.grace_s)
     else:
         opts = [
@@ -587,9 +640,19 @@ async def start_protocol(
         grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         await grpc_server.start()
         stop_grpc = partial(grpc_server.stop, cfg.grace_s)
-    http_port = await http.start(cfg.host, cfg.http_port, sock)
+    loop = asyncio.get_running_loop()
+    if dealt is None:
+        http_port = await http.start(cfg.host, cfg.http_port, sock)
+    else:
+        http.start_sweeping()
+        http_port = cfg.http_port
+        adopting: set[asyncio.Task[None]] = set()
+        dealt.setblocking(False)  # else a default timeout (socket.setdefaulttimeout) makes reads wait
+        loop.add_reader(dealt.fileno(), _take_dealt, dealt, servers, adopting, on_close)
 
     async def stop() -> None:
+        if dealt is not None:
+            loop.remove_reader(dealt.fileno())
         await asyncio.gather(http.stop(cfg.grace_s), stop_grpc(), return_exceptions=True)
 
     return http_port, grpc_port, stop

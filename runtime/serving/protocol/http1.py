@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -177,7 +177,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server.forget(self)
         self.transport = None
         if self.state == _BODY and self.body is not None:  # the client left half-way through a body
             self.body.release()
@@ -521,48 +521,106 @@ def _undelivered(transport: asyncio.WriteTransport) -> int:
     return n
 
 
-class HttpServer:
-    def __init__(
-        self, app: App, *, max_payload: int, keepalive_s: float = 60.0, budget: Budget | None = None
-    ) -> None:
-        self.app = app
-        self.max_payload = max_payload
-        self.budget = budget or Budget(4 * max_payload)
-        self.keepalive_s = keepalive_s
-        self.connections: set[_Connection] = set()
+class Listener:
+    """What HttpServer and GrpcServer share: their open connections, the sweep that closes the idle ones, and
+    the two ways connections come: accepted from a listening socket, or dealt one at a time (`adopt`, the
+    sockets a protocol worker is handed by the model process, see runtime.serving.hub)."""
+
+    keepalive_s: float
+
+    def __init__(self) -> None:
+        self.connections: set[Any] = set()
         self.stopping = False
-        self.scratch = memoryview(bytearray(READ_CHUNK))  # what heads are read into (one loop: one at a time)
+        self.on_close: Callable[[], object] | None = None  # told of every connection that ends
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
-        """Listen on host:port, or on `sock` (a listening socket); returns the port."""
+    def _connection(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
+
+    def _stale(self, cutoff: float) -> list[Any]:
+        """The connections to close: nothing received since `cutoff`, nothing being answered."""
+        raise NotImplementedError
+
+    def _expire(self, c: Any) -> None:
+        raise NotImplementedError
+
+    async def _listen(self, sock: socket.socket) -> int:
         loop = asyncio.get_running_loop()
-        if sock is not None:
-            self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
-        else:
-            self._server = await loop.create_server(
-                lambda: _Connection(self), host, port, backlog=2048, reuse_address=True
-            )
-        self._sweeper = loop.call_later(1.0, self._sweep)
-        return int(self._server.sockets[0].getsockname()[1])
+        self._server = await loop.create_server(self._connection, sock=sock, backlog=2048)
+        self.start_sweeping()
+        return int(sock.getsockname()[1])
+
+    def start_sweeping(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (its client may be gone already: then it ends at once)."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._connection, sock)
+        except OSError:
+            sock.close()
+            self._closed()  # counted as opened by whoever dealt it
+
+    def forget(self, c: object) -> None:
+        """A connection ended (its protocol's connection_lost)."""
+        self.connections.discard(c)
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
 
     def _sweep(self) -> None:
         """Close connections that sent nothing for keepalive_s while not being answered: idle keep-alive
-        ones, and clients stalled in the middle of a head or a body."""
-        cutoff = time.monotonic() - self.keepalive_s
-        for c in [c for c in self.connections if not c.answering and c.last_active < cutoff]:
-            c.close()
+        ones, and clients stalled in the middle of a request (whose bytes so far are held for them)."""
+        for c in self._stale(time.monotonic() - self.keepalive_s):
+            self._expire(c)
         if not self.stopping:
-            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+            self.start_sweeping()
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop accepting; idle connections close now, busy ones after their answer (at most grace_s)."""
+    def _stop_accepting(self) -> None:
         self.stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
+
+
+class HttpServer(Listener):
+    def __init__(
+        self, app: App, *, max_payload: int, keepalive_s: float = 60.0, budget: Budget | None = None
+    ) -> None:
+        super().__init__()
+        self.app = app
+        self.max_payload = max_payload
+        self.budget = budget or Budget(4 * max_payload)
+        self.keepalive_s = keepalive_s
+        self.scratch = memoryview(bytearray(READ_CHUNK))  # what heads are read into (one loop: one at a time)
+
+    def _connection(self) -> _Connection:
+        return _Connection(self)
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Listen on host:port, or on `sock` (a listening socket); returns the port."""
+        if sock is not None:
+            return await self._listen(sock)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._connection, host, port, backlog=2048, reuse_address=True
+        )
+        self.start_sweeping()
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _stale(self, cutoff: float) -> list[_Connection]:
+        return [c for c in self.connections if not c.answering and c.last_active < cutoff]
+
+    def _expire(self, c: _Connection) -> None:
+        c.close()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting; idle connections close now, busy ones after their answer (at most grace_s)."""
+        self._stop_accepting()
         await asyncio.sleep(0)  # take in what already arrived on open connections (a busy loop lags)
         for c in list(self.connections):
             if c.state == _HEAD and not c.inbox:  # between requests

@@ -48,7 +48,7 @@ from typing import Any
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from runtime.serving.protocol.http1 import READ_CHUNK, Body, Budget, PlainBody, close_then_drop
+from runtime.serving.protocol.http1 import READ_CHUNK, Body, Budget, Listener, PlainBody, close_then_drop
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class _Connection(asyncio.BufferedProtocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server.forget(self)
         self.transport = None
         if self.ack_timer is not None:
             self.ack_timer.cancel()
@@ -682,7 +682,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport = None
 
 
-class GrpcServer:
+class GrpcServer(Listener):
     """Unary gRPC calls on one port: `handlers` maps ':path' (/package.Service/Method) to a coroutine from
     the request message's bytes to the response message's bytes, raising RpcError to end with a status."""
 
@@ -696,6 +696,7 @@ class GrpcServer:
         keepalive_s: float = 60.0,
         budget: Budget | None = None,
     ) -> None:
+        super().__init__()
         self.handlers = handlers
         self.keepalive_s = keepalive_s
         self.buffers = buffers or {}
@@ -704,35 +705,24 @@ class GrpcServer:
         # request bytes a connection may hold for its open calls (memory stays bounded per connection)
         self.max_buffered = max_buffered or max(2 * (max_message + 5), 16 << 20)
         self.budget = budget or Budget(4 * max_message)  # request bytes held by all connections
-        self.connections: set[_Connection] = set()
-        self.stopping = False
-        self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _connection(self) -> _Connection:
+        return _Connection(self)
 
     async def start(self, sock: socket.socket) -> int:
         """Serve on a listening socket (SO_REUSEPORT ones let several processes share the port)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=2048)
-        self._sweeper = loop.call_later(1.0, self._sweep)
-        return int(sock.getsockname()[1])
+        return await self._listen(sock)
 
-    def _sweep(self) -> None:
-        """Close connections that sent nothing for keepalive_s while none of their calls is being answered:
-        idle ones, and clients stalled in the middle of a request (whose bytes so far are held for them).
-        As HTTP/1.1's keep-alive; gRPC clients reconnect for their next call."""
-        cutoff = time.monotonic() - self.keepalive_s
-        for c in [c for c in self.connections if c.last_active < cutoff and not c.answering()]:
-            c.close(NO_ERROR, f"nothing received for {self.keepalive_s:g} s")
-        if not self.stopping:
-            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+    def _stale(self, cutoff: float) -> list[_Connection]:
+        # as HTTP/1.1's keep-alive; gRPC clients reconnect for their next call
+        return [c for c in self.connections if c.last_active < cutoff and not c.answering()]
+
+    def _expire(self, c: _Connection) -> None:
+        c.close(NO_ERROR, f"nothing received for {self.keepalive_s:g} s")
 
     async def stop(self, grace: float) -> None:
         """GOAWAY to every connection, let the calls under way finish (up to `grace` seconds), close."""
-        self.stopping = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        self._stop_accepting()
         for c in list(self.connections):
             c.goaway()
         loop = asyncio.get_running_loop()

@@ -379,6 +379,127 @@ def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Reg
         assert s.stop() == 0
 
 
+def _holders(pids: list[int], port: int, clients: list[socket.socket]) -> list[int | None]:
+    """Which of `pids` holds the server's end of each client connection to `port` (None: none yet), from
+    /proc/net/tcp and the processes' descriptors."""
+    inodes: dict[int, str] = {}  # client port -> the server end's socket inode
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes[int(f[2].rsplit(":", 1)[1], 16)] = f[9]
+    held: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            link = os.readlink(fd) if fd.is_symlink() else ""
+            if link.startswith("socket:["):
+                held[link[8:-1]] = pid
+    return [held.get(inodes.get(c.getsockname()[1], "")) for c in clients]
+
+
+def _held_on(pid: int, port: int) -> bool:
+    """Whether `pid` holds a connection to `port` (in any state: one its client ended stays until closed)."""
+    ours = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] != "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+            ours.add(f"socket:[{f[9]}]")
+    return any(fd.is_symlink() and os.readlink(fd) in ours for fd in Path(f"/proc/{pid}/fd").iterdir())
+
+
+def _await_closed(pids: list[int], port: int) -> None:
+    deadline = time.monotonic() + 20
+    while any(_held_on(p, port) for p in pids):
+        assert time.monotonic() < deadline, "a worker never closed its ended connections"
+        time.sleep(0.05)
+
+
+def _await_holders(
+    pids: list[int], port: int, clients: list[socket.socket], timeout: float = 20
+) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while None in (got := _holders(pids, port, clients)):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.05)
+    return got  # type: ignore[return-value]
+
+
+def test_connections_are_dealt_to_the_worker_holding_the_fewest(registry: Registry) -> None:
+    """With 2+ protocol workers the model process accepts the connections and deals each to the worker that
+    holds the fewest (SO_REUSEPORT's hash would put each on either worker, whatever they hold)."""
+    s = start_serve(registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "2")
+    try:
+        s.wait_ready()
+        pids = _workers_of(s.proc.pid)
+        assert len(pids) == 2
+        for port in (s.http_port, s.grpc_port):
+            _await_closed(pids, port)  # earlier connections (readiness checks) ended: both hold none
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+            holders = _await_holders(pids, port, clients)
+            assert sorted(holders.count(p) for p in pids) == [3, 3], holders
+            # one worker's connections end: the next ones all go to it, as it holds the fewest now
+            emptied = holders[0]
+            for c, h in zip(clients, holders, strict=True):
+                if h == emptied:
+                    c.close()
+            _await_closed([emptied], port)
+            more = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            assert _await_holders(pids, port, more) == [emptied] * 3
+            if (
+                port == s.grpc_port
+            ):  # the gauge, per process (the /metrics request is a connection of its own)
+                text = httpx.get(f"{s.url}/metrics").text
+                held = [
+                    metric_sum(text, f'kubeforge_client_connections{{process="{i}",protocol="grpc"}}')
+                    for i in range(2)
+                ]
+                assert held == [3, 3], held
+            for c in clients + more:
+                c.close()
+        # requests over dealt connections, both protocols, several on one connection
+        body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
+        with httpx.Client() as h:
+            assert [h.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(5)] == [
+                200
+            ] * 5
+        import tritonclient.grpc as tg
+
+        with tg.InferenceServerClient(s.grpc_url) as g:
+            inp = tg.InferInput("input__0", [1, 16], "FP32")
+            inp.set_data_from_numpy(np.full((1, 16), 0.5, np.float32))
+            assert [g.infer("mlp", [inp]).as_numpy("output__0").shape for _ in range(3)] == [(1, 4)] * 3
+    finally:
+        assert s.stop() == 0
+
+
+def test_balance_kernel_leaves_the_ports_to_the_workers(registry: Registry) -> None:
+    """`--balance kernel`: every worker listens on both ports itself (SO_REUSEPORT), the model process on
+    neither, and requests are served."""
+    s = start_serve(
+        registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "2",
+        "--balance", "kernel",
+    )  # fmt: skip
+    try:
+        s.wait_ready()
+        listening: dict[str, set[int]] = {}  # socket inode -> the ports it listens on
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":
+                listening.setdefault(f[9], set()).add(int(f[1].rsplit(":", 1)[1], 16))
+
+        def ports_of(pid: int) -> set[int]:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()]
+            return set().union(*(listening.get(x[8:-1], set()) for x in links if x.startswith("socket:[")))
+
+        both = {s.http_port, s.grpc_port}
+        assert [ports_of(p) & both for p in _workers_of(s.proc.pid)] == [both, both]
+        assert not ports_of(s.proc.pid) & both
+        body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
+        assert httpx.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
 @pytest.mark.parametrize("workers", ["0", "2"], ids=["one-process", "2-workers"])
 def test_a_model_that_cannot_load_leaves_the_server_live_never_ready_and_saying_why(
     registry: Registry, workers: str
