@@ -12,9 +12,9 @@ lost with its connections, as they would be with the process.
 With `--balance least-connections` (the default) a thread of its own, `hub-deal`, accepts the clients'
 connections and deals each to the worker holding the fewest (SCM_RIGHTS over a Unix socket per worker; ties
 go round the workers). With SO_REUSEPORT the kernel picks a worker by a hash of the client's address and
-port, which does not look at the load: 64 connections over 8 workers left one with 13 and another with 4,
-and gRPC clients open few connections (a channel is one), so 16 connections could leave a worker without
-any while another served 5 (docs/serving.md). A connection's requests stay with the worker it was dealt to.
+port, which does not look at the load: 64 connections over 8 workers leave the busiest with 12 (median of a
+uniform hash) where 8 is the share, and gRPC clients open few connections (a channel is one): 16 over 8
+workers leave one idle in 69 % of draws (docs/serving.md). A connection's requests stay with its worker.
 """
 
 from __future__ import annotations
