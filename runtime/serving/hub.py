@@ -297,6 +297,8 @@ class Hub:
         if self._dealer is not None:  # no new connections (the kernel refuses them once the ports close)
             os.write(self._deal_wake_w, b"\0")
             self._dealer.join()
+        for fd in (self._deal_wake_r, self._deal_wake_w):
+            os.close(fd)
         for c in conns:
             c.post(ipc.frame(ipc.STOP))
         deadline = time.monotonic() + self.cfg.grace_s + 5
