@@ -298,7 +298,7 @@ def _grpc_load(tool: str, target: str, req: bytes, c: int, seconds: float, tmp: 
         cmd += ["-z", f"{seconds:.0f}s", "--connections", conns, "--format", "json", target]
     else:
         cmd = [tool, "-addr", target, "-request", str(bf), "-c", str(c), "-connections", conns]
-        cmd += ["-d", f"{seconds:.0f}s"]
+        cmd += ["-d", f"{seconds:.0f}s", *os.environ.get("BENCH_GRPCLOAD_FLAGS", "").split()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     try:
         r = json.loads(proc.stdout)

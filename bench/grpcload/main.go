@@ -55,18 +55,27 @@ func main() {
 	d := flag.Duration("d", 5*time.Second, "how long to measure")
 	warm := flag.Duration("warmup", 500*time.Millisecond, "calls before the window, not counted")
 	timeout := flag.Duration("timeout", 20*time.Second, "deadline of each call")
+	wbuf := flag.Int("write-buffer", 32<<10, "bytes grpc-go gathers before a write to the socket (its default: 32 KiB)")
+	window := flag.Int("window", 0, "static HTTP/2 receive windows, stream and connection, in bytes (0: grpc-go's default, "+
+		"64 KiB grown by its bandwidth estimate, which pings the server as answers arrive)")
 	flag.Parse()
 	req, err := os.ReadFile(*reqPath)
 	if err != nil || *c < 1 || *conns < 1 {
 		fmt.Fprintln(os.Stderr, "grpcload: -request FILE (a serialized message), -c >= 1 and -connections >= 1:", err)
 		os.Exit(2)
 	}
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(raw{}),
+			grpc.MaxCallRecvMsgSize(1<<30), grpc.MaxCallSendMsgSize(1<<30)),
+		grpc.WithWriteBufferSize(*wbuf),
+	}
+	if *window > 0 {
+		opts = append(opts, grpc.WithInitialWindowSize(int32(*window)), grpc.WithInitialConnWindowSize(int32(*window)))
+	}
 	cc := make([]*grpc.ClientConn, min(*conns, *c))
 	for i := range cc {
-		cc[i], err = grpc.NewClient(*addr,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.ForceCodec(raw{}),
-				grpc.MaxCallRecvMsgSize(1<<30), grpc.MaxCallSendMsgSize(1<<30)))
+		cc[i], err = grpc.NewClient(*addr, opts...)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "grpcload:", err)
 			os.Exit(1)
