@@ -4,6 +4,7 @@ concurrency, metrics, and the bad-input table against a live server."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,56 @@ def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
     text = httpx.get(f"{mlp_server.url}/metrics").text
     assert 'model="nosuch' not in text
     assert 'kubeforge_requests_total{code="NOT_FOUND",model="(unknown)",protocol="grpc"}' in text
+
+
+def test_tritonclient_asyncio_and_callback_clients(registry: Registry, mlp_server: Serve) -> None:
+    """tritonclient's other client styles, which Triton users' services and load tools use: the asyncio
+    clients (tritonclient.http.aio on aiohttp, tritonclient.grpc.aio on grpc.aio), several calls at once on
+    one client, and the gRPC client's callback-style async_infer."""
+    import asyncio
+    import threading
+
+    import tritonclient.grpc as tg
+    import tritonclient.grpc.aio as tga
+    import tritonclient.http.aio as tha
+
+    xs = [np.random.default_rng(10 + i).standard_normal((1 + i % 3, 16), dtype=np.float32) for i in range(8)]
+    want = [_eager(registry, x) for x in xs]
+
+    async def both() -> None:
+        for mod, url in ((tha, mlp_server.url.removeprefix("http://")), (tga, mlp_server.grpc_url)):
+            client = mod.InferenceServerClient(url)
+            try:
+                assert await client.is_model_ready("mlp")
+                inputs = []
+                for x in xs:
+                    inp = mod.InferInput("input__0", list(x.shape), "FP32")
+                    inp.set_data_from_numpy(x)
+                    inputs.append(inp)
+                results = await asyncio.gather(*(client.infer("mlp", [inp]) for inp in inputs))
+                for res, w in zip(results, want, strict=True):
+                    np.testing.assert_allclose(res.as_numpy("output__0"), w, rtol=1e-5, atol=1e-6)
+            finally:
+                await client.close()
+
+    asyncio.run(both())
+    client = tg.InferenceServerClient(mlp_server.grpc_url)
+    got: dict[int, np.ndarray] = {}
+    done = threading.Semaphore(0)
+
+    def callback(i: int, result: Any, error: Any) -> None:
+        got[i] = error if error is not None else result.as_numpy("output__0")
+        done.release()
+
+    for i, x in enumerate(xs):
+        inp = tg.InferInput("input__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        client.async_infer("mlp", [inp], functools.partial(callback, i))
+    for _ in xs:
+        assert done.acquire(timeout=30)
+    for i, w in enumerate(want):
+        np.testing.assert_allclose(got[i], w, rtol=1e-5, atol=1e-6)
+    client.close()
 
 
 def test_triton_model_config_and_statistics_over_rest_and_grpc(mlp_server: Serve) -> None:
