@@ -548,7 +548,7 @@ class Hub:
             c = min(ready, key=lambda c: (c.clients(), (c.index - nxt) % n))
             assert c.dealt is not None  # as `ready` has it
             try:
-                socket.send_fds(c.dealt, [kind], [client.fileno()], socket.MSG_DONTWAIT)
+                ipc.send_fd(c.dealt, kind, client.fileno())
             except OSError as e:
                 log.warning(
                     "could not deal a connection to a protocol worker",

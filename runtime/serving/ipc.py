@@ -21,12 +21,14 @@ sent (the batcher waits for them, as it waits for announced requests in a single
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import logging
 import math
 import mmap
 import os
+import socket
 import struct
 import time
 from collections.abc import Sequence
@@ -109,6 +111,26 @@ class FrameReader:
         if pos:
             del buf[:pos]
         return out
+
+
+def send_fd(sock: socket.socket, kind: bytes, fd: int) -> None:
+    """Send the descriptor `fd` with the message `kind` over a Unix socket, never waiting: BlockingIOError
+    when the socket has no room. (Python 3.11's socket.send_fds and recv_fds drop their flags argument,
+    MSG_DONTWAIT included: they wait on a blocking socket whatever they are told.)"""
+    sock.sendmsg(
+        [kind], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], socket.MSG_DONTWAIT
+    )
+
+
+def recv_fd(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message of send_fd's and the descriptors it carries, never waiting (BlockingIOError when there is
+    none); (b"", []) once the other end is closed."""
+    fds = array.array("i")
+    msg, ancdata, _, _ = sock.recvmsg(16, socket.CMSG_LEN(4 * fds.itemsize), socket.MSG_DONTWAIT)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _tensor(code: int, shape: Sequence[int], raw: memoryview | bytes) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from runtime.serving import compile as compiler
-from runtime.serving import pagelock
+from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
 from runtime.serving.detect import detect_hardware
@@ -535,7 +535,7 @@ def _take_dealt(
     """Serve the connections the model process dealt this worker (one per message on `channel`)."""
     while True:
         try:
-            kind, fds, _, _ = socket.recv_fds(channel, 16, 4, socket.MSG_DONTWAIT)
+            kind, fds = ipc.recv_fd(channel)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -647,7 +647,6 @@ async def start_protocol(
         http.start_sweeping()
         http_port = cfg.http_port
         adopting: set[asyncio.Task[None]] = set()
-        dealt.setblocking(False)  # else a default timeout (socket.setdefaulttimeout) makes reads wait
         loop.add_reader(dealt.fileno(), _take_dealt, dealt, servers, adopting, on_close)
 
     async def stop() -> None:

@@ -600,3 +600,47 @@ def test_hub_selector_takes_descriptors_past_fd_setsize_and_forgets_closed_socke
     assert [k.data for k, _ in sel2.select(1.0)] == ["a"]  # b's byte is still unread
     for s in (a, b, c, d, f):
         s.close()
+
+
+def test_descriptors_travel_with_their_kind_and_neither_side_ever_waits() -> None:
+    """How the model process deals client connections to protocol workers (hub.Hub): a descriptor with a
+    one-byte kind per message. Sending to a worker whose socket is full, or reading an empty one, raises
+    BlockingIOError at once even on a blocking socket (Python 3.11's socket.send_fds / recv_fds ignore their
+    flags: the dealing thread would hang on a worker that stopped reading, every new connection with it)."""
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # both blocking
+    r, w = os.pipe()
+    try:
+        ipc.send_fd(ours, b"g", w)
+        kind, fds = ipc.recv_fd(theirs)
+        assert kind == b"g" and len(fds) == 1 and fds[0] != w
+        os.write(fds[0], b"through the copy")
+        os.close(fds[0])
+        assert os.read(r, 100) == b"through the copy"
+        with pytest.raises(BlockingIOError):
+            ipc.recv_fd(theirs)  # nothing sent: no wait
+
+        outcome: list[object] = []
+
+        def fill() -> None:
+            try:
+                for _ in range(100_000):
+                    ipc.send_fd(ours, b"h", w)
+                outcome.append("never full")
+            except BlockingIOError as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=fill, daemon=True)
+        t.start()
+        t.join(10)
+        assert outcome and isinstance(outcome[0], BlockingIOError), outcome or "send_fd waited"
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.close()
+    assert ipc.recv_fd(a) == (b"", [])  # the model process is gone: an empty message
+    a.close()
