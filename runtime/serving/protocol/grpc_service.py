@@ -32,7 +32,7 @@ from runtime.serving.protocol.codec import (
     tensor_from_json,
 )
 from runtime.serving.protocol.http2 import PUSHBACK
-from runtime.serving.protocol.triton import Extensions
+from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 from runtime.serving.signature import check_input, check_request
 
 if TYPE_CHECKING:
@@ -128,6 +128,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except InferError as e:
             await context.abort(e.grpc_code, e.message)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        """Triton's model repository index (protocol.triton)."""
+        return json_format.ParseDict(
+            {"models": self.triton.index(request.ready)}, pb.RepositoryIndexResponse()
+        )
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, LOAD_REFUSED)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, LOAD_REFUSED)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self.infer(request, request.raw_input_contents, context)
@@ -255,6 +267,9 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
         "ModelMetadata": pb.ModelMetadataRequest,
         "ModelConfig": pb.ModelConfigRequest,
         "ModelStatistics": pb.ModelStatisticsRequest,
+        "RepositoryIndex": pb.RepositoryIndexRequest,
+        "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
+        "RepositoryModelUnload": pb.RepositoryModelUnloadRequest,
     }
     handlers = {
         f"/inference.GRPCInferenceService/{name}": unary(cls.FromString, getattr(service, name))

@@ -32,7 +32,7 @@ from runtime.serving.protocol.http1 import (
     Response,
     error_response,
 )
-from runtime.serving.protocol.triton import Extensions
+from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 
 # (body length, Inference-Header-Content-Length) -> a body in shared memory, or None
 SlotBody = Callable[[int, int], Body | None]
@@ -97,6 +97,8 @@ class RestApp:
     def answer_now(self, req: Request) -> Response | None:
         if req.method == "POST" and req.path.endswith("/infer"):
             return None
+        if req.method == "POST" and req.path.startswith("/v2/repository/"):
+            return self._repository(req.path)
         if req.method not in ("GET", "HEAD"):
             return error_response(405, f"method {req.method} not allowed on {req.path}")
         if req.path == "/metrics":
@@ -162,6 +164,16 @@ class RestApp:
             if rest == ["config"]:
                 return 200, orjson.dumps(self.triton.config(name, version)), JSON
         raise HttpError(404, f"no route {path}")
+
+    def _repository(self, path: str) -> Response:
+        """Triton's model repository extension: the index (every model: the filter of a `{"ready": true}`
+        body is gRPC's here), load and unload refused (protocol.triton)."""
+        parts = path.strip("/").split("/")
+        if parts == ["v2", "repository", "index"]:
+            return 200, orjson.dumps(self.triton.index()), JSON
+        if len(parts) == 5 and parts[:3] == ["v2", "repository", "models"] and parts[4] in ("load", "unload"):
+            return error_response(501, LOAD_REFUSED)
+        return error_response(404, f"no route {path}")
 
     async def _stats(self, path: str) -> dict[str, Any]:
         """Triton's statistics of /v2/models/stats (every model) or /v2/models/{m}[/versions/{v}]/stats."""

@@ -1,7 +1,10 @@
 """Triton's model configuration and statistics extensions, over REST (`GET /v2/models/{m}/config`,
 `/v2/models[/{m}[/versions/{v}]]/stats`) and gRPC (`ModelConfig`, `ModelStatistics`): what Triton's tools
 (perf_analyzer reads both before it measures) and tritonclient's `get_model_config` and
-`get_inference_statistics` ask a server for.
+`get_inference_statistics` ask a server for. And the model repository's index (`POST /v2/repository/index`,
+gRPC `RepositoryIndex`: tritonclient's `get_model_repository_index`), with load and unload refused: a server
+serves the one model it was started with (Triton's `--model-control-mode=none`); another model or version is
+another rollout (an InferenceService revision), not a call.
 
 Both are built as the JSON Triton answers over REST; the gRPC answers are the same dictionaries parsed into
 the messages (their field names are Triton's). The statistics come from the server's Prometheus metrics (with
@@ -136,8 +139,15 @@ def _text(value: object) -> str:
     return str(value)
 
 
+LOAD_REFUSED = (
+    "this server serves the one model it was started with (--model-uri), as Triton does with "
+    "--model-control-mode=none: loading and unloading models is not supported; to serve another model or "
+    "version, roll out a new revision of the InferenceService (or restart kubeforge-serve with its URI)"
+)
+
+
 class Extensions:
-    """The two extensions for one server process: its models, its metrics (with protocol workers, `render`
+    """The extensions for one server process: its models, its metrics (with protocol workers, `render`
     merges the model process's and every worker's) and its batching flags."""
 
     def __init__(
@@ -161,3 +171,14 @@ class Extensions:
         models = [self.repo.get(name, version)] if name else list(self.repo.models.values())
         text = await self.render() if self.render is not None else self.metrics.render()
         return statistics(text, models)
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index (JSON): each model with its state, READY or UNAVAILABLE (and why)."""
+        out = []
+        for m in self.repo.models.values():
+            entry = {"name": m.name, "version": m.version, "state": "READY" if m.ready else "UNAVAILABLE"}
+            if not m.ready:
+                entry["reason"] = "compiling or warming up; not ready yet"
+            if m.ready or not ready_only:
+                out.append(entry)
+        return out  # a model that failed to load is not in it: readiness and every model call say why

@@ -185,6 +185,43 @@ def test_tritonclient_asyncio_and_callback_clients(registry: Registry, mlp_serve
     client.close()
 
 
+def test_triton_repository_index_and_load_refused_over_rest_and_grpc(mlp_server: Serve) -> None:
+    """Triton's model repository extension as tritonclient calls it: the index lists the served model and its
+    state; load and unload are refused saying why and what to do instead (one model per server)."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    h = th.InferenceServerClient(mlp_server.url.removeprefix("http://"))
+    g = tg.InferenceServerClient(mlp_server.grpc_url)
+    want = [{"name": "mlp", "version": "1", "state": "READY"}]
+    assert h.get_model_repository_index() == want
+    assert g.get_model_repository_index(as_json=True) == {"models": want}
+    for client, status in ((h, "501"), (g, "StatusCode.UNIMPLEMENTED")):
+        for call in (client.load_model, client.unload_model):
+            with pytest.raises(Exception) as e:
+                call("mlp")
+            assert e.value.status() == status, e.value  # type: ignore[attr-defined]
+            assert "--model-control-mode=none" in e.value.message()  # type: ignore[attr-defined]
+            assert "new revision of the InferenceService" in e.value.message()  # type: ignore[attr-defined]
+    with httpx.Client() as c:  # a body with the request (gRPC's ready filter) is read past, not left behind
+        r = c.post(f"{mlp_server.url}/v2/repository/index", json={"ready": True})
+        assert r.status_code == 200 and r.json() == want
+        assert c.get(f"{mlp_server.url}/v2/health/ready").status_code == 200
+        assert c.post(f"{mlp_server.url}/v2/repository/nosuch").status_code == 404
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    with grpc.insecure_channel(mlp_server.grpc_url) as ch:  # gRPC's ready filter (tritonclient sends none)
+        index = ch.unary_unary(
+            "/inference.GRPCInferenceService/RepositoryIndex",
+            request_serializer=pb.RepositoryIndexRequest.SerializeToString,
+            response_deserializer=pb.RepositoryIndexResponse.FromString,
+        )(pb.RepositoryIndexRequest(ready=True), timeout=10)
+    assert [(m.name, m.version, m.state) for m in index.models] == [("mlp", "1", "READY")]
+    g.close()
+    h.close()
+
+
 def test_triton_model_config_and_statistics_over_rest_and_grpc(mlp_server: Serve) -> None:
     """Triton's model configuration and statistics extensions, read with tritonclient (gRPC answers decoded
     by tritonclient's own messages, so our field numbers are checked): three requests of 2 rows, one at a

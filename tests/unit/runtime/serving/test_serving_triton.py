@@ -6,8 +6,8 @@ import time
 
 from runtime.serving.batching import Batcher
 from runtime.serving.metrics import Metrics, merge
-from runtime.serving.model import ServedModel
-from runtime.serving.protocol.triton import dynamic_batching, model_config, statistics
+from runtime.serving.model import Repository, ServedModel
+from runtime.serving.protocol.triton import Extensions, dynamic_batching, model_config, statistics
 from runtime.serving.signature import Signature, TensorSpec
 
 
@@ -89,3 +89,20 @@ def test_model_config_gives_triton_dims_datatypes_batching_and_how_the_model_was
     assert unbatched["max_batch_size"] == 0 and "dynamic_batching" not in unbatched
     assert unbatched["output"] == [{"name": "pooled", "data_type": "TYPE_FP32", "dims": [768]}]
     assert "priority_levels" not in dynamic_batching(2.0, 1024, 0.0, 0, 0)
+
+
+def test_the_repository_index_gives_each_model_its_state_and_the_ready_filter_keeps_the_ready() -> None:
+    model = _model()
+    ext = Extensions(Repository([model]), Metrics(), {})
+    model.ready = False  # compiling
+    assert ext.index() == [
+        {
+            "name": "bert",
+            "version": "3",
+            "state": "UNAVAILABLE",
+            "reason": "compiling or warming up; not ready yet",
+        }
+    ]
+    assert ext.index(ready_only=True) == []
+    model.ready = True
+    assert ext.index() == ext.index(ready_only=True) == [{"name": "bert", "version": "3", "state": "READY"}]
