@@ -612,13 +612,21 @@ async def start_protocol(
     servers: dict[bytes, Listener] = {DEALT_HTTP: http}
     if cfg.grpc_server == "native":
         from runtime.serving.frontend import listen_socket
-        from runtime.serving.protocol.grpc_service import MODEL_INFER, infer_buffer, native_handlers
+        from runtime.serving.protocol.grpc_service import (
+            MODEL_INFER,
+            MODEL_STREAM_INFER,
+            infer_buffer,
+            native_handlers,
+            native_stream_handlers,
+        )
         from runtime.serving.protocol.http2 import GrpcServer
 
+        slots = infer_buffer(slot_body) if slot_body is not None else None
         native = GrpcServer(
             native_handlers(service),
+            stream_handlers=native_stream_handlers(service),
             max_message=cfg.max_payload_bytes,
-            buffers={MODEL_INFER: infer_buffer(slot_body)} if slot_body is not None else None,
+            buffers={MODEL_INFER: slots, MODEL_STREAM_INFER: slots} if slots is not None else None,
             budget=budget,
         )
         native.on_close = on_close

@@ -31,7 +31,7 @@ from runtime.serving.protocol.codec import (
     tensor_from_bytes,
     tensor_from_json,
 )
-from runtime.serving.protocol.http2 import PUSHBACK
+from runtime.serving.protocol.http2 import PUSHBACK, RpcError
 from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 from runtime.serving.signature import check_input, check_request
 
@@ -144,6 +144,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self.infer(request, request.raw_input_contents, context)
 
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> Any:
+        """Triton's streaming inference over grpc.aio: each request answered in turn (the native server
+        answers a call's requests concurrently: `native_stream_handlers`)."""
+        each = _InBand(context)
+        async for request in requests:
+            yield await stream_one(self, request, request.raw_input_contents, each)
+
     async def infer(self, request: Any, raw: Sequence[bytes | memoryview], context: Any) -> Any:
         """ModelInfer with the raw input contents given apart (the native server's views of the message)."""
         t0 = time.perf_counter()
@@ -177,6 +184,34 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             self.metrics.answered(label, "grpc", code, time.perf_counter() - t0 if code == "OK" else None)
+
+
+async def stream_one(
+    service: InferenceService, request: Any, raw: Sequence[bytes | memoryview], context: Any
+) -> Any:
+    """One request of Triton's ModelStreamInfer: its ModelStreamInferResponse. A request that fails has its
+    error in error_message and the call goes on, as Triton answers (tritonclient's stream callback gets it as
+    an InferenceServerException); `context` raises RpcError on abort."""
+    try:
+        reply = await service.infer(request, raw, context)
+    except RpcError as e:
+        failed = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
+        return pb.ModelStreamInferResponse(error_message=e.message, infer_response=failed)
+    return pb.ModelStreamInferResponse(infer_response=reply)
+
+
+class _InBand:
+    """A grpc.aio streaming call's context for one of its requests: abort raises RpcError (the request's
+    answer carries the error) instead of ending the call."""
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+
+    async def abort(self, code: Any, details: str, trailing_metadata: Sequence[tuple[str, str]] = ()) -> None:
+        raise RpcError(int(code.value[0]), details, trailing_metadata)
+
+    def time_remaining(self) -> float | None:
+        return self.context.time_remaining()  # type: ignore[no-any-return]
 
 
 def _deadline(request: Any, context: Any) -> float:
@@ -257,7 +292,6 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
     """The service's methods for protocol.http2's server, by gRPC path. ModelInfer's raw input contents
     stay views of the received message (our own, writable bytes): no copy until shared memory or the batch."""
     from runtime.serving.protocol.http2 import unary
-    from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, split_field
 
     requests = {
         "ServerLive": pb.ServerLiveRequest,
@@ -276,18 +310,41 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
         for name, cls in requests.items()
     }
 
-    def parse_infer(message: memoryview) -> tuple[Any, list[memoryview]]:
-        rest, raw = split_field(message, RAW_INPUT_CONTENTS)
-        return pb.ModelInferRequest.FromString(rest), raw
-
     async def infer(parsed: tuple[Any, list[memoryview]], context: Any) -> Any:
         return await service.infer(*parsed, context)
 
-    handlers[MODEL_INFER] = unary(parse_infer, infer)
+    handlers[MODEL_INFER] = unary(_parse_infer, infer)
     return handlers
 
 
+def native_stream_handlers(service: InferenceService) -> dict[str, Any]:
+    """ModelStreamInfer for protocol.http2's server: each request message to its answer's bytes."""
+    from runtime.serving.protocol.http2 import CONTEXT
+
+    async def each(message: memoryview) -> bytes:
+        try:
+            request, raw = _parse_infer(message)
+        except Exception as e:
+            return bytes(
+                pb.ModelStreamInferResponse(
+                    error_message=f"request message does not parse: {e}"
+                ).SerializeToString()
+            )
+        return bytes((await stream_one(service, request, raw, CONTEXT)).SerializeToString())
+
+    return {MODEL_STREAM_INFER: each}
+
+
+def _parse_infer(message: memoryview) -> tuple[Any, list[memoryview]]:
+    """A ModelInferRequest, its raw input contents left as views of `message` (protocol.protowire)."""
+    from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, split_field
+
+    rest, raw = split_field(message, RAW_INPUT_CONTENTS)
+    return pb.ModelInferRequest.FromString(rest), raw
+
+
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def infer_buffer(slot_body: SlotBody) -> Buffer:

@@ -1,4 +1,4 @@
-"""gRPC's unary calls over HTTP/2 of our own, on asyncio: what GRPCInferenceService needs and no more.
+"""gRPC over HTTP/2 of our own, on asyncio: what GRPCInferenceService needs and no more.
 
 Why: grpc.aio cost a protocol worker 470-650 us of CPU per BERT request on the H200 host and 1.5-2.1 ms per
 602 KB ResNet-50 image (3-5x our HTTP/1.1 path), most of it in grpc.aio's Cython callbacks and its poller
@@ -14,6 +14,9 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), as a server:
   touch the peer's dynamic table. A client's calls mostly repeat their header block as table indexes only
   (ghz: 97.6 % of blocks, 8 bytes each): such a block changes no state, so its decoding is kept per
   connection until a block that may change the table (a literal, a size update) comes;
+- bidirectional streaming calls (`stream_handlers`: Triton's ModelStreamInfer): each request message
+  answered on the call as its handler returns, several at once; OK once the client is done and every answer
+  is out;
 - unary calls: POST, content-type application/grpc*, one length-prefixed uncompressed message each way
   (compressed ones get UNIMPLEMENTED, naming the fix), grpc-timeout (DEADLINE_EXCEEDED), status and
   percent-encoded message in the trailers, or trailers-only for errors;
@@ -30,7 +33,8 @@ grpc-go and grpcio clients send a PING whenever a response reaches them (their b
 answering at once cost a protocol worker one more socket write per call, and its client one more read.
 Without open calls they go at once (keepalives).
 
-Not here: TLS (the pod's mesh or an ingress terminates it), streaming calls, server push, compression.
+Not here: TLS (the pod's mesh or an ingress terminates it), client- or server-only streaming, server push,
+compression.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import socket
 import struct
@@ -147,7 +152,7 @@ def parse_timeout(value: str | None) -> float | None:
 class _Stream:
     __slots__ = (
         *("body", "expired", "filled", "head", "headers", "out", "send_window", "sid", "task", "trailers"),
-        "unacked",
+        *("unacked", "inbox", "ended_in", "started"),
     )
 
     def __init__(self, sid: int, headers: dict[str, str], send_window: int) -> None:
@@ -163,6 +168,16 @@ class _Stream:
         self.trailers = b""
         self.task: asyncio.Task[None] | None = None
         self.expired = False
+        # a streaming call's: its whole messages for its task (None: the client sent its last), whether the
+        # client ended its side, whether our response headers went out
+        self.inbox: asyncio.Queue[Body | None] | None = None
+        self.ended_in = False
+        self.started = False
+
+    def receiving(self) -> bool:
+        """Whether the client may still send on it: a unary call until it is dispatched, a streaming one
+        until the client ends its side."""
+        return self.task is None if self.inbox is None else not self.ended_in
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -429,8 +444,8 @@ class _Connection(asyncio.BufferedProtocol):
             return self._fail(COMPRESSION_ERROR, f"header block: {e}")
         s = self.streams.get(sid)
         if s is not None:  # trailers from the client: the request is complete
-            if flags & END_STREAM and s.task is None:
-                self._dispatch(s)
+            if flags & END_STREAM and s.receiving():
+                self._ended_in(s)
             return
         if sid % 2 == 0 or sid <= self.last_sid:
             return  # a stream we closed or reset already (its header block kept the HPACK state in step)
@@ -440,8 +455,12 @@ class _Connection(asyncio.BufferedProtocol):
             return
         s = _Stream(sid, headers, self.peer_window)  # headers: shared with later calls, read only
         self.streams[sid] = s
+        if headers.get(":path", "") in self.server.stream_handlers:  # its task answers message by message
+            s.inbox = asyncio.Queue()
+            s.task = asyncio.get_running_loop().create_task(self._stream_call(s))
+            s.task.add_done_callback(functools.partial(self._stream_done, s))
         if flags & END_STREAM:
-            self._dispatch(s)
+            self._ended_in(s)
 
     def _data(self, flags: int, sid: int, a: int, b: int) -> None:
         """A whole DATA frame, its payload at view[a:b]."""
@@ -460,70 +479,189 @@ class _Connection(asyncio.BufferedProtocol):
             self.out.append(frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
             self.recv_unacked = 0
         s = self.streams.get(sid)
-        if s is not None and s.task is None:
+        if s is not None and s.receiving():
             s.unacked += length
 
     def _data_bytes(self, sid: int, data: memoryview) -> None:
         s = self.streams.get(sid)
-        if s is not None and s.task is None:  # else reset, refused or complete: its bytes are dropped
+        if s is not None and s.receiving():  # else reset, refused or complete: its bytes are dropped
             self._receive(s, data)
 
     def _data_end(self, flags: int, sid: int) -> None:
         s = self.streams.get(sid)
-        if s is None or s.task is not None or self.transport is None:
+        if s is None or not s.receiving() or self.transport is None:
             return
         if flags & END_STREAM:
-            self._dispatch(s)
+            self._ended_in(s)
         elif s.unacked >= WINDOW // 2:
             self.out.append(frame(WINDOW_UPDATE, 0, sid, s.unacked.to_bytes(4, "big")))
             s.unacked = 0
 
     def _receive(self, s: _Stream, data: memoryview) -> None:
         """Copy a DATA payload into the stream's message buffer, allocating it (exact size) once the length
-        prefix is in; or end the stream (too large, too many bytes held, more than one message)."""
-        if s.body is None:
-            if s.head or len(data) < 5:
-                s.head += data
-                if len(s.head) < 5:
+        prefix is in; or end the stream (too large, too many bytes held, more than one message). A streaming
+        call's whole messages go to its task as they complete, several per frame if the frame holds them."""
+        while True:
+            if s.body is None:
+                if s.head or len(data) < 5:
+                    s.head += data
+                    if len(s.head) < 5:
+                        return
+                    data, s.head = memoryview(s.head), bytearray()
+                size = 5 + int.from_bytes(data[1:5], "big")
+                if size - 5 > self.server.max_message:
+                    self._end(
+                        s,
+                        RESOURCE_EXHAUSTED,
+                        f"request message larger than the server's limit of {self.server.max_message} bytes",
+                        reset=True,
+                    )
                     return
-                data, s.head = memoryview(s.head), bytearray()
-            size = 5 + int.from_bytes(data[1:5], "big")
-            if size - 5 > self.server.max_message:
-                self._end(
-                    s,
-                    RESOURCE_EXHAUSTED,
-                    f"request message larger than the server's limit of {self.server.max_message} bytes",
-                    reset=True,
-                )
+                if self.buffered + size > self.server.max_buffered:
+                    self._end(
+                        s,
+                        RESOURCE_EXHAUSTED,
+                        f"more than {self.server.max_buffered} bytes of requests in flight on this "
+                        "connection: wait for answers or spread the calls over more connections",
+                        reset=True,
+                    )
+                    return
+                if not self.server.budget.take(size, "grpc"):
+                    self._end(
+                        s, RESOURCE_EXHAUSTED, self.server.budget.refusal(size), reset=True, trailers=PUSHBACK
+                    )
+                    return
+                make = self.server.buffers.get(s.headers.get(":path", ""))
+                body = make(size, data) if make is not None else None
+                s.body = body or PlainBody(memoryview(bytearray(size)))
+                self.buffered += size
+            view, n = s.body.view, len(data)
+            room = len(view) - s.filled
+            if n > room and s.inbox is None:
+                self._end(s, INTERNAL, "a unary call carries exactly one length-prefixed message", reset=True)
                 return
-            if self.buffered + size > self.server.max_buffered:
-                self._end(
-                    s,
-                    RESOURCE_EXHAUSTED,
-                    f"more than {self.server.max_buffered} bytes of requests in flight on this connection: "
-                    "wait for answers or spread the calls over more connections",
-                    reset=True,
-                )
+            view[s.filled : s.filled + min(n, room)] = data[:room]
+            s.filled += min(n, room)
+            if s.inbox is None or s.filled < len(view):
                 return
-            if not self.server.budget.take(size, "grpc"):
-                self._end(
-                    s, RESOURCE_EXHAUSTED, self.server.budget.refusal(size), reset=True, trailers=PUSHBACK
-                )
+            s.inbox.put_nowait(s.body)  # a whole message of a streaming call: its task answers it
+            s.body, s.filled = None, 0
+            if n <= room:
                 return
-            make = self.server.buffers.get(s.headers.get(":path", ""))
-            body = make(size, data) if make is not None else None
-            s.body = body or PlainBody(memoryview(bytearray(size)))
-            self.buffered += size
-        view, n = s.body.view, len(data)
-        if s.filled + n > len(view):
-            self._end(s, INTERNAL, "a unary call carries exactly one length-prefixed message", reset=True)
-            return
-        view[s.filled : s.filled + n] = data
-        s.filled += n
+            data = data[room:]  # the next message starts in this frame
 
     # -- calls --
-    def _dispatch(self, s: _Stream) -> None:
-        s.task = asyncio.get_running_loop().create_task(self._call(s))
+    def _ended_in(self, s: _Stream) -> None:
+        """The client sent the last of its request: a unary call runs now; a streaming one's task answers
+        what is queued, then ends the call (a message cut short ends it with an error)."""
+        if s.inbox is None:
+            s.task = asyncio.get_running_loop().create_task(self._call(s))
+            return
+        s.ended_in = True
+        if s.body is not None or s.head:
+            self._end(s, INTERNAL, "the client ended its stream in the middle of a message")
+            self._stop_stream(s)
+        else:
+            s.inbox.put_nowait(None)
+
+    async def _stream_call(self, s: _Stream) -> None:
+        """A streaming call (bidirectional: `GrpcServer.stream_handlers`): each request message is answered
+        by one response message as soon as its handler returns, several at once; once the client ends its
+        side and every answer is out, OK. grpc-timeout bounds the whole call."""
+        h = s.headers
+        handler = self.server.stream_handlers[h[":path"]]
+        inbox = s.inbox
+        assert inbox is not None
+        timer = None
+        running: set[asyncio.Task[None]] = set()
+        try:
+            if h.get(":method") != "POST" or not h.get("content-type", "").startswith("application/grpc"):
+                raise RpcError(INTERNAL, "not a gRPC call: expected POST with content-type application/grpc")
+            timeout = parse_timeout(h.get("grpc-timeout"))
+            if timeout is not None:
+                timer = asyncio.get_running_loop().call_later(timeout, self._expire, s)
+                _DEADLINE.set(time.monotonic() + timeout)  # this call's tasks only
+            while (body := await inbox.get()) is not None:
+                if body.view[0]:
+                    self._give(body)
+                    raise RpcError(
+                        UNIMPLEMENTED,
+                        f"compressed messages ({h.get('grpc-encoding', '?')}) are not supported: send them "
+                        "uncompressed (grpc-encoding identity)",
+                    )
+                one = asyncio.get_running_loop().create_task(self._stream_one(s, handler, body))
+                running.add(one)
+                # its bytes back once it is done, even cancelled before it ran (no finally runs then)
+                one.add_done_callback(functools.partial(self._message_done, running, body))
+            if running:
+                await asyncio.gather(*running)
+            self._stream_close(s)
+        except RpcError as e:
+            self._end(s, e.code, e.message, trailers=e.trailers)
+        except asyncio.CancelledError:
+            if not s.expired:
+                raise  # the client reset the stream or left
+            self._end(s, DEADLINE_EXCEEDED, "deadline exceeded (grpc-timeout)")
+        except Exception as e:
+            log.exception("gRPC call failed", extra={"path": h.get(":path")})
+            self._end(s, INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for one in list(running):
+                one.cancel()
+
+    def _message_done(self, running: set[asyncio.Task[None]], body: Body, task: asyncio.Task[None]) -> None:
+        running.discard(task)
+        self._give(body)
+
+    def _stream_done(self, s: _Stream, _: object = None) -> None:
+        """A streaming call's task is done (or was cancelled before it ran): the bytes of the messages it
+        did not take, and of one still arriving, go back."""
+        assert s.inbox is not None
+        while not s.inbox.empty():
+            if (body := s.inbox.get_nowait()) is not None:
+                self._give(body)
+        self._release(s)
+
+    async def _stream_one(self, s: _Stream, handler: Handler, body: Body) -> None:
+        try:  # (its bytes go back when this task is done: _stream_call)
+            reply = await handler(body.view[5:])
+        except RpcError as e:  # the handler ends the whole call (answers to other messages are dropped)
+            self._end(s, e.code, e.message, trailers=e.trailers)
+            self._stop_stream(s)
+            return
+        except Exception as e:
+            log.exception("gRPC call failed", extra={"path": s.headers.get(":path")})
+            self._end(s, INTERNAL, f"{type(e).__name__}: {e}")
+            self._stop_stream(s)
+            return
+        if self.transport is None or self.streams.get(s.sid) is not s:
+            return  # reset by the client meanwhile, or the connection is gone
+        if not s.started:
+            s.started = True
+            self.out.append(frame(HEADERS, END_HEADERS, s.sid, RESPONSE_HEADERS))
+        message = b"\x00" + len(reply).to_bytes(4, "big") + reply
+        s.out = memoryview(message if s.out is None else bytes(s.out) + message)
+        self._send(s)
+        self._write()
+
+    def _stop_stream(self, s: _Stream) -> None:
+        if s.task is not None and s.task is not asyncio.current_task():
+            s.task.cancel()
+
+    def _stream_close(self, s: _Stream) -> None:
+        """Every answer of a streaming call is queued: OK once they are out (trailers-only without any)."""
+        if self.transport is None or self.streams.get(s.sid) is not s:
+            return
+        if not s.started:
+            self._end(s, 0, "")
+            return
+        s.trailers = OK_TRAILERS
+        if s.out is None:
+            s.out = memoryview(b"")
+        self._send(s)
+        self._write()
 
     async def _call(self, s: _Stream) -> None:
         h = s.headers
@@ -613,8 +751,9 @@ class _Connection(asyncio.BufferedProtocol):
             s.send_window -= n
         s.out = None
         self.blocked.pop(s.sid, None)
-        self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, s.sid, s.trailers))
-        self._drop(s.sid)
+        if s.trailers:  # the call's last: a streaming call's answers so far leave it open
+            self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, s.sid, s.trailers))
+            self._drop(s.sid)
 
     def _drop(self, sid: int) -> _Stream | None:
         s = self.streams.pop(sid, None)
@@ -625,9 +764,13 @@ class _Connection(asyncio.BufferedProtocol):
     def _release(self, s: _Stream) -> None:
         if s.body is not None:
             body, s.body = s.body, None
-            self.buffered -= len(body.view)
-            self.server.budget.give(len(body.view))
-            body.release()
+            self._give(body)
+
+    def _give(self, body: Body) -> None:
+        """A message's buffer back: out of the connection's and the process's bytes held."""
+        self.buffered -= len(body.view)
+        self.server.budget.give(len(body.view))
+        body.release()
 
     def _unblock(self) -> None:
         for s in list(self.blocked.values()):
@@ -683,13 +826,16 @@ class _Connection(asyncio.BufferedProtocol):
 
 
 class GrpcServer(Listener):
-    """Unary gRPC calls on one port: `handlers` maps ':path' (/package.Service/Method) to a coroutine from
-    the request message's bytes to the response message's bytes, raising RpcError to end with a status."""
+    """gRPC calls on one port: `handlers` maps ':path' (/package.Service/Method) of a unary call to a
+    coroutine from the request message's bytes to the response message's bytes, raising RpcError to end with
+    a status; `stream_handlers` does the same for each request message of a bidirectional streaming call,
+    whose answers go back as they come (an RpcError ends the whole call)."""
 
     def __init__(
         self,
         handlers: dict[str, Handler],
         *,
+        stream_handlers: dict[str, Handler] | None = None,
         max_message: int = 64 << 20,
         max_buffered: int | None = None,
         buffers: dict[str, Buffer] | None = None,
@@ -698,6 +844,7 @@ class GrpcServer(Listener):
     ) -> None:
         super().__init__()
         self.handlers = handlers
+        self.stream_handlers = stream_handlers or {}  # streaming calls: each request message to its answer
         self.keepalive_s = keepalive_s
         self.buffers = buffers or {}
         self.scratch = memoryview(bytearray(READ_CHUNK))  # what every connection's reads land in first
@@ -745,7 +892,7 @@ def unary(parse: Callable[[Any], Any], method: Callable[[Any, Any], Awaitable[An
             request = parse(message)
         except Exception as e:
             raise RpcError(INVALID_ARGUMENT, f"request message does not parse: {e}") from None
-        reply = await method(request, _CONTEXT)
+        reply = await method(request, CONTEXT)
         return bytes(reply.SerializeToString())
 
     return call
@@ -767,4 +914,4 @@ class _Context:
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("grpc_deadline", default=None)
 
 
-_CONTEXT = _Context()
+CONTEXT = _Context()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.serving.conftest import WIDE, Registry, Serve, metric_sum
+from tests.integration.serving.conftest import WIDE, Registry, Serve, metric_sum, start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -183,6 +183,86 @@ def test_tritonclient_asyncio_and_callback_clients(registry: Registry, mlp_serve
     for i, w in enumerate(want):
         np.testing.assert_allclose(got[i], w, rtol=1e-5, atol=1e-6)
     client.close()
+
+
+def _stream(
+    url: str, model: str, xs: list[np.ndarray], bad: bool = True
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every row of `xs` through one tritonclient stream (start_stream / async_stream_infer), and a request
+    naming an input the model does not have: the answers by request id, and the errors' messages."""
+    import queue
+
+    import tritonclient.grpc as tg
+
+    got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = tg.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    for i, x in enumerate(xs):
+        inp = tg.InferInput("input__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        client.async_stream_infer(model, [inp], request_id=f"s{i}")
+    if bad:
+        wrong = tg.InferInput("nope", list(xs[0].shape), "FP32").set_data_from_numpy(xs[0])
+        client.async_stream_infer(model, [wrong], request_id="bad")
+    answers, errors = {}, []
+    for _ in range(len(xs) + bad):
+        result, error = got.get(timeout=60)
+        if error is not None:
+            errors.append(error.message())
+        else:
+            answers[result.get_response().id] = result.as_numpy("output__0")
+    client.stop_stream()
+    client.close()
+    return answers, errors
+
+
+def test_tritonclient_streaming_answers_each_request_and_reports_a_bad_one_in_band(
+    registry: Registry, mlp_server: Serve
+) -> None:
+    """Triton's ModelStreamInfer, as tritonclient's start_stream / async_stream_infer use it (and
+    perf_analyzer --streaming): every request on the call gets its answer, equal to eager; a bad request gets
+    its error in the stream and the others are answered as usual."""
+    xs = [np.random.default_rng(20 + i).standard_normal((1 + i % 3, 16), dtype=np.float32) for i in range(12)]
+    answers, errors = _stream(mlp_server.grpc_url, "mlp", xs)
+    assert len(errors) == 1 and "unknown input 'nope'" in errors[0], errors
+    assert sorted(answers) == sorted(f"s{i}" for i in range(len(xs)))
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(answers[f"s{i}"], _eager(registry, x), rtol=1e-5, atol=1e-6)
+
+
+def test_large_rows_through_a_stream_land_in_the_workers_shared_memory(
+    registry: Registry, wide_server: Serve
+) -> None:
+    """A stream's 64 KiB rows are received into protocol workers' shared-memory slots, as ModelInfer's are,
+    and each answer is its own row's."""
+    rows = list(np.random.default_rng(8).standard_normal((40, 1, WIDE), dtype=np.float32))
+    before = httpx.get(f"{wide_server.url}/metrics").text
+    answers, _ = _stream(wide_server.grpc_url, "wide", rows, bad=False)
+    with torch.inference_mode():
+        want = registry.wide(torch.from_numpy(np.concatenate(rows))).numpy()
+    for i in range(len(rows)):
+        np.testing.assert_allclose(answers[f"s{i}"][0], want[i], rtol=1e-4, atol=1e-5, err_msg=f"row {i}")
+    after = httpx.get(f"{wide_server.url}/metrics").text
+    placed = 'kubeforge_worker_inputs_total{placement="in_place"}'
+    assert metric_sum(after, placed) - metric_sum(before, placed) == len(rows)
+
+
+def test_grpcio_server_streams_too(registry: Registry) -> None:
+    """`--grpc-server grpcio` (grpc.aio) serves ModelInfer and ModelStreamInfer as well (a stream's requests
+    answered in turn there)."""
+    s = start_serve(
+        registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "0",
+        "--grpc-server", "grpcio",
+    )  # fmt: skip
+    try:
+        s.wait_ready()
+        xs = [np.random.default_rng(30 + i).standard_normal((2, 16), dtype=np.float32) for i in range(4)]
+        answers, errors = _stream(s.grpc_url, "mlp", xs)
+        assert len(errors) == 1 and "unknown input 'nope'" in errors[0], errors
+        for i, x in enumerate(xs):
+            np.testing.assert_allclose(answers[f"s{i}"], _eager(registry, x), rtol=1e-5, atol=1e-6)
+    finally:
+        assert s.stop() == 0
 
 
 def test_triton_repository_index_and_load_refused_over_rest_and_grpc(mlp_server: Serve) -> None:

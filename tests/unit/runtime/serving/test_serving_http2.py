@@ -174,7 +174,7 @@ def test_a_handler_reads_its_own_calls_time_remaining() -> None:
 
     async def remaining(message: memoryview) -> bytes:
         await asyncio.sleep(0.05)  # the calls overlap
-        left = http2._CONTEXT.time_remaining()
+        left = http2.CONTEXT.time_remaining()
         return b"none" if left is None else f"{left:.3f}".encode()
 
     async def scenario(target: str, _: GrpcServer) -> None:
@@ -624,3 +624,99 @@ def test_each_message_lands_in_one_buffer_of_its_size_released_once_however_its_
 
     handlers = app.handlers() | {"/t.E/Slow": slow}
     _serve(handlers, scenario, max_message=(2 << 20) - 1, buffers={"/t.E/Echo": bufs, "/t.E/Slow": bufs})
+
+
+def _stream_handlers(cancelled: asyncio.Event) -> dict[str, http2.Handler]:
+    """/t.E/Stream answers each message reversed; one starting with b"slow" after 0.3 s; b"boom" ends the
+    call with a status; b"hang" waits until cancelled."""
+
+    async def each(message: memoryview) -> bytes:
+        data = bytes(message)
+        if data.startswith(b"slow"):
+            await asyncio.sleep(0.3)
+        if data == b"boom":
+            raise RpcError(9, "boom refused")
+        if data == b"hang":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return data[::-1]
+
+    return {"/t.E/Stream": each}
+
+
+def test_a_streaming_call_answers_each_message_as_it_is_done_and_ends_ok() -> None:
+    """Bidirectional streaming (Triton's ModelStreamInfer is one) with grpcio's client: every request message
+    gets its answer on the same call, a quick one before a slow one sent earlier; several messages in flight
+    at once; the call ends OK once the client is done and every answer is out."""
+    cancelled = asyncio.Event()
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        async with _channel(target) as ch:
+            call = ch.stream_stream("/t.E/Stream")()
+            await call.write(b"slow one")
+            for i in range(5):
+                await call.write(f"quick {i}".encode())
+            big = os.urandom(3 << 20)  # past the windows, in many frames
+            await call.write(big)
+            await call.done_writing()
+            answers = [bytes(a) async for a in call]
+            assert await call.code() == grpc.StatusCode.OK
+        assert sorted(answers) == sorted(
+            [b"eno wols", *(f"quick {i}".encode()[::-1] for i in range(5)), big[::-1]]
+        )
+        assert answers[-1] == b"eno wols"  # answered last though sent first
+        assert server.budget.held == 0  # every message's bytes given back
+
+    _serve(_stream_handlers(cancelled), scenario, stream_handlers=_stream_handlers(cancelled))
+
+
+def test_streaming_calls_by_hand_messages_packed_split_none_cut_short_failed_and_reset() -> None:
+    cancelled = asyncio.Event()
+
+    def message(data: bytes) -> bytes:
+        return b"\x00" + len(data).to_bytes(4, "big") + data
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        # two whole messages in one DATA frame, a third split over two frames, then the end
+        c.call(1, "/t.E/Stream", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, 0, 1, message(b"ab") + message(b"cd") + message(b"efgh")[:4]))
+        await c.w.drain()
+        await asyncio.sleep(0.05)
+        c.w.write(http2.frame(http2.DATA, http2.END_STREAM, 1, message(b"efgh")[4:]))
+        headers, data = await c.answer(1)
+        assert headers[":status"] == "200" and headers["grpc-status"] == "0"
+        assert sorted(data.split(b"\x00\x00\x00\x00")[1:]) == [b"\x02ba", b"\x02dc", b"\x04hgfe"]
+        # no message at all: trailers-only OK
+        c.call(3, "/t.E/Stream", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, http2.END_STREAM, 3, b""))
+        headers, data = await c.answer(3)
+        assert headers["grpc-status"] == "0" and data == b""
+        # the client ends its side in the middle of a message
+        c.call(5, "/t.E/Stream", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, http2.END_STREAM, 5, message(b"whole")[:6]))
+        headers, _ = await c.answer(5)
+        assert (
+            headers["grpc-status"] == str(http2.INTERNAL) and "middle of a message" in headers["grpc-message"]
+        )
+        # a handler's status ends the call
+        c.call(7, "/t.E/Stream", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, 0, 7, message(b"boom")))
+        headers, _ = await c.answer(7)
+        assert headers["grpc-status"] == "9" and headers["grpc-message"] == "boom refused"
+        # the client resets the call: a message being answered is cancelled, its bytes given back
+        c.call(9, "/t.E/Stream", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, 0, 9, message(b"hang")))
+        await c.w.drain()
+        await asyncio.sleep(0.1)
+        c.w.write(http2.frame(http2.RST_STREAM, 0, 9, http2.CANCEL.to_bytes(4, "big")))
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert server.budget.held == 0
+        c.w.close()
+
+    _serve({}, scenario, stream_handlers=_stream_handlers(cancelled))
