@@ -149,6 +149,14 @@ def parse_timeout(value: str | None) -> float | None:
     return int(value[:-1]) * _UNITS[value[-1]]
 
 
+def _compressed(headers: dict[str, str]) -> RpcError:
+    return RpcError(
+        UNIMPLEMENTED,
+        f"compressed messages ({headers.get('grpc-encoding', '?')}) are not supported: send them "
+        "uncompressed (grpc-encoding identity)",
+    )
+
+
 class _Stream:
     __slots__ = (
         *("body", "expired", "filled", "head", "headers", "out", "send_window", "sid", "task", "trailers"),
@@ -568,48 +576,27 @@ class _Connection(asyncio.BufferedProtocol):
         """A streaming call (bidirectional: `GrpcServer.stream_handlers`): each request message is answered
         by one response message as soon as its handler returns, several at once; once the client ends its
         side and every answer is out, OK. grpc-timeout bounds the whole call."""
-        h = s.headers
-        handler = self.server.stream_handlers[h[":path"]]
-        inbox = s.inbox
-        assert inbox is not None
-        timer = None
         running: set[asyncio.Task[None]] = set()
         try:
-            if h.get(":method") != "POST" or not h.get("content-type", "").startswith("application/grpc"):
-                raise RpcError(INTERNAL, "not a gRPC call: expected POST with content-type application/grpc")
-            timeout = parse_timeout(h.get("grpc-timeout"))
-            if timeout is not None:
-                timer = asyncio.get_running_loop().call_later(timeout, self._expire, s)
-                _DEADLINE.set(time.monotonic() + timeout)  # this call's tasks only
-            while (body := await inbox.get()) is not None:
-                if body.view[0]:
-                    self._give(body)
-                    raise RpcError(
-                        UNIMPLEMENTED,
-                        f"compressed messages ({h.get('grpc-encoding', '?')}) are not supported: send them "
-                        "uncompressed (grpc-encoding identity)",
-                    )
-                one = asyncio.get_running_loop().create_task(self._stream_one(s, handler, body))
-                running.add(one)
-                # its bytes back once it is done, even cancelled before it ran (no finally runs then)
-                one.add_done_callback(functools.partial(self._message_done, running, body))
-            if running:
-                await asyncio.gather(*running)
-            self._stream_close(s)
-        except RpcError as e:
-            self._end(s, e.code, e.message, trailers=e.trailers)
-        except asyncio.CancelledError:
-            if not s.expired:
-                raise  # the client reset the stream or left
-            self._end(s, DEADLINE_EXCEEDED, "deadline exceeded (grpc-timeout)")
-        except Exception as e:
-            log.exception("gRPC call failed", extra={"path": h.get(":path")})
-            self._end(s, INTERNAL, f"{type(e).__name__}: {e}")
+            await self._guarded(s, functools.partial(self._stream_messages, s, running))
         finally:
-            if timer is not None:
-                timer.cancel()
             for one in list(running):
                 one.cancel()
+
+    async def _stream_messages(self, s: _Stream, running: set[asyncio.Task[None]]) -> None:
+        handler = self.server.stream_handlers[s.headers[":path"]]
+        assert s.inbox is not None
+        while (body := await s.inbox.get()) is not None:
+            if body.view[0]:
+                self._give(body)
+                raise _compressed(s.headers)
+            one = asyncio.get_running_loop().create_task(self._stream_one(s, handler, body))
+            running.add(one)
+            # its bytes back once it is done, even cancelled before it ran (no finally runs then)
+            one.add_done_callback(functools.partial(self._message_done, running, body))
+        if running:
+            await asyncio.gather(*running)
+        self._stream_close(s)
 
     def _message_done(self, running: set[asyncio.Task[None]], body: Body, task: asyncio.Task[None]) -> None:
         running.discard(task)
@@ -664,29 +651,37 @@ class _Connection(asyncio.BufferedProtocol):
         self._write()
 
     async def _call(self, s: _Stream) -> None:
+        """A unary call, once its request is whole."""
+        try:
+            await self._guarded(s, functools.partial(self._unary, s))
+        finally:
+            self._release(s)
+
+    async def _unary(self, s: _Stream) -> None:
+        h = s.headers
+        handler = self.server.handlers.get(h.get(":path", ""))
+        if handler is None:
+            raise RpcError(UNIMPLEMENTED, f"unknown method {h.get(':path')!r}")
+        if s.body is None or s.filled != len(s.body.view):  # no prefix, or fewer bytes than it said
+            raise RpcError(INTERNAL, "a unary call carries exactly one length-prefixed message")
+        body = s.body.view
+        if body[0]:
+            raise _compressed(h)
+        self._answer(s, await handler(body[5:]))
+
+    async def _guarded(self, s: _Stream, work: Callable[[], Awaitable[None]]) -> None:
+        """Run a call's `work` (in the call's task): a status for what it raises, DEADLINE_EXCEEDED once its
+        grpc-timeout passes."""
         h = s.headers
         timer = None
         try:
-            handler = self.server.handlers.get(h.get(":path", ""))
             if h.get(":method") != "POST" or not h.get("content-type", "").startswith("application/grpc"):
                 raise RpcError(INTERNAL, "not a gRPC call: expected POST with content-type application/grpc")
-            if handler is None:
-                raise RpcError(UNIMPLEMENTED, f"unknown method {h.get(':path')!r}")
-            if s.body is None or s.filled != len(s.body.view):  # no prefix, or fewer bytes than it said
-                raise RpcError(INTERNAL, "a unary call carries exactly one length-prefixed message")
-            body = s.body.view
-            if body[0]:
-                raise RpcError(
-                    UNIMPLEMENTED,
-                    f"compressed messages ({h.get('grpc-encoding', '?')}) are not supported: send them "
-                    "uncompressed (grpc-encoding identity)",
-                )
             timeout = parse_timeout(h.get("grpc-timeout"))
             if timeout is not None:
                 timer = asyncio.get_running_loop().call_later(timeout, self._expire, s)
-                _DEADLINE.set(time.monotonic() + timeout)  # this call's task only
-            reply = await handler(body[5:])
-            self._answer(s, reply)
+                _DEADLINE.set(time.monotonic() + timeout)  # this call's task (and those it starts) only
+            await work()
         except RpcError as e:
             self._end(s, e.code, e.message, trailers=e.trailers)
         except asyncio.CancelledError:
@@ -699,7 +694,6 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             if timer is not None:
                 timer.cancel()
-            self._release(s)
 
     def _expire(self, s: _Stream) -> None:
         if s.task is not None and not s.task.done():
