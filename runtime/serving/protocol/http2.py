@@ -612,7 +612,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._release(s)
 
     async def _stream_one(self, s: _Stream, handler: Handler, body: Body) -> None:
-        try:  # (its bytes go back when this task is done: _stream_call)
+        try:  # (its bytes go back when this task is done: _message_done)
             reply = await handler(body.view[5:])
         except RpcError as e:  # the handler ends the whole call (answers to other messages are dropped)
             self._end(s, e.code, e.message, trailers=e.trailers)
