@@ -4,6 +4,7 @@
 // CPU per 602 KB request on the machine being measured (docs/benchmarks.md).
 //
 //	grpcload -addr 127.0.0.1:8001 -request req.bin -c 64 -connections 16 -d 5s
+//	grpcload ... -stream /inference.GRPCInferenceService/ModelStreamInfer   # requests on one stream per caller
 //
 // prints one JSON object: calls completed in the window, rps, latency percentiles (ms), errors by code.
 package main
@@ -29,9 +30,22 @@ type raw struct{}
 
 func (raw) Marshal(v any) ([]byte, error) { return *(v.(*[]byte)), nil }
 func (raw) Unmarshal(data []byte, v any) error {
-	*(v.(*int)) = len(data)
+	switch r := v.(type) {
+	case *int:
+		*r = len(data)
+	case *streamed:
+		// Triton's ModelStreamInferResponse: field 1 (error_message, tag 0x0a) first when a request failed
+		r.n, r.failed = len(data), len(data) > 0 && data[0] == 0x0a
+	}
 	return nil
 }
+
+// streamed is what -stream keeps of an answer: its length, and whether it carries an error message.
+type streamed struct {
+	n      int
+	failed bool
+}
+
 func (raw) Name() string { return "proto" } // the content-type stays application/grpc+proto
 
 type result struct {
@@ -56,6 +70,9 @@ func main() {
 	warm := flag.Duration("warmup", 500*time.Millisecond, "calls before the window, not counted")
 	timeout := flag.Duration("timeout", 20*time.Second, "deadline of each call")
 	wbuf := flag.Int("write-buffer", 32<<10, "bytes grpc-go gathers before a write to the socket (its default: 32 KiB)")
+	stream := flag.String("stream", "", "a bidirectional streaming method (Triton's "+
+		"/inference.GRPCInferenceService/ModelStreamInfer): each caller sends its requests on one call of it, "+
+		"one at a time, instead of a unary call each")
 	window := flag.Int("window", 0, "static HTTP/2 receive windows, stream and connection, in bytes (0: grpc-go's default, "+
 		"64 KiB grown by its bandwidth estimate, which pings the server as answers arrive)")
 	flag.Parse()
@@ -96,24 +113,56 @@ func main() {
 			defer wg.Done()
 			conn, e := cc[w%len(cc)], map[string]int{}
 			errs[w] = e
+			var call grpc.ClientStream
+			if *stream != "" {
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				desc := &grpc.StreamDesc{StreamName: "stream", ServerStreams: true, ClientStreams: true}
+				var err error
+				if call, err = conn.NewStream(ctx, desc, *stream); err != nil {
+					e[status.Code(err).String()]++
+					firstErr[w] = err.Error()
+					return
+				}
+				defer call.CloseSend() //nolint:errcheck
+			}
 			for {
 				t0 := time.Now()
 				if !t0.Before(end) {
 					return
 				}
-				ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 				var n int
-				err := conn.Invoke(ctx, *method, &req, &n)
-				cancel()
+				var err error
+				inBand := false
+				if call != nil {
+					var got streamed
+					if err = call.SendMsg(&req); err == nil {
+						err = call.RecvMsg(&got)
+					}
+					if err == nil && got.failed {
+						err, inBand = fmt.Errorf("an error in the answer (%d bytes)", got.n), true
+					}
+					n = got.n
+				} else {
+					ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+					err = conn.Invoke(ctx, *method, &req, &n)
+					cancel()
+				}
 				t1 := time.Now()
 				if t0.Before(start) || t1.After(end) {
 					continue // warm-up, or finished after the window closed
 				}
 				if err != nil {
 					code := status.Code(err).String()
+					if inBand {
+						code = "IN_BAND"
+					}
 					e[code]++
 					if firstErr[w] == "" {
 						firstErr[w] = err.Error()
+					}
+					if call != nil && !inBand {
+						return // the stream is broken: this caller is done
 					}
 					continue
 				}
