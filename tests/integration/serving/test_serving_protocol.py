@@ -450,12 +450,14 @@ def test_large_inputs_under_load_each_get_their_own_answer_over_rest_and_grpc(
     assert wide_server.log("a shared-memory slot was given back twice; ignored") is None
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_a_grpc_go_client_under_load_gets_no_error(
-    wide_server: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    wide_server: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool
 ) -> None:
     """grpc-go (bench/grpcload, built with Go) as a second real client: 16 KiB DATA frames, its own flow
-    control and pings, 8 concurrent calls of 64 KiB over 4 connections for 2 s. Every call succeeds and each
-    answer is the size of a ModelInferResponse for one row."""
+    control and pings, 8 concurrent callers of 64 KiB over 4 connections for 2 s, each with a unary call per
+    request, or all its requests on one ModelStreamInfer call. Every request succeeds and each answer is the
+    size of a ModelInferResponse for one row (inside a ModelStreamInferResponse on a stream)."""
     import json
     import shutil
     import subprocess
@@ -474,13 +476,15 @@ def test_a_grpc_go_client_under_load_gets_no_error(
     req.raw_input_contents.append(np.ones((1, WIDE), np.float32).tobytes())
     (tmp_path / "req.bin").write_bytes(req.SerializeToString())
     cmd = [tool, "-addr", wide_server.grpc_url, "-request", str(tmp_path / "req.bin"), "-c", "8"]
+    cmd += ["-stream", "/inference.GRPCInferenceService/ModelStreamInfer"] if stream else []
     out = subprocess.run([*cmd, "-connections", "4", "-d", "2s"], capture_output=True, text=True, timeout=120)
     r = json.loads(out.stdout)
     assert r["errors"] == {} and r["calls"] >= 50, r
     resp = pb.ModelInferResponse(model_name="wide", model_version="1")
     resp.outputs.add(name="output__0", datatype="FP32", shape=[1, 4])
     resp.raw_output_contents.append(bytes(16))
-    assert abs(r["reply_bytes"] - len(resp.SerializeToString())) <= 8, r  # the version string may differ
+    size = len((pb.ModelStreamInferResponse(infer_response=resp) if stream else resp).SerializeToString())
+    assert abs(r["reply_bytes"] - size) <= 8, r  # the version string may differ
 
 
 def test_metrics_report_requests_latency_batches_and_backend(mlp_server: Serve) -> None:
