@@ -37,20 +37,8 @@ _MODES = ("kernel", "least-connections")
 
 
 def connections_per_worker(server_pid: int, ports: set[int]) -> list[int]:
-    """Established connections to `ports` each protocol worker of `server_pid` holds (from /proc)."""
-    kids = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    pids = [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
-    open_: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) in ports:
-                open_.add(f"socket:[{f[9]}]")
-    counts = []
-    for pid in pids:
-        fds = [fd for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()]
-        counts.append(sum(1 for fd in fds if str(fd.readlink()) in open_))
-    return sorted(counts, reverse=True)
+    """Established connections to `ports` each protocol worker of `server_pid` holds, busiest first."""
+    return sorted(sb.connections_held(sb.protocol_workers(server_pid), ports), reverse=True)
 
 
 def _spread_later(delay: float, pid: int, ports: set[int]) -> tuple[threading.Timer, list[int]]:

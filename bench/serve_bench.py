@@ -410,6 +410,28 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     )
 
 
+def protocol_workers(pid: int) -> list[str]:
+    """The protocol worker processes of a server process `pid` (multiprocessing spawn children), by pid."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def connections_held(pids: list[str], ports: set[int]) -> list[int]:
+    """Established TCP connections to `ports` that each process of `pids` holds (/proc/net/tcp*, matched by
+    socket inode), in the order of `pids`."""
+    open_: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) in ports:
+                open_.add(f"socket:[{f[9]}]")
+    counts = []
+    for k in pids:
+        links = [str(x.readlink()) for x in Path(f"/proc/{k}/fd").iterdir() if x.is_symlink()]
+        counts.append(sum(1 for x in links if x in open_))
+    return counts
+
+
 def bodies(model: str) -> tuple[bytes, bytes, int, bytes]:
     """One row's request for `model`, as each path sends it: the REST JSON body, the REST binary body (JSON
     header, then the tensor; binary outputs asked for) with its header's length, and the serialized gRPC

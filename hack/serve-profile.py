@@ -72,29 +72,9 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-def _workers(pid: int) -> list[str]:
-    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
-
-
 def _worker_cpu(pid: int) -> dict[str, float]:
     """CPU seconds so far of each protocol worker process of the server `pid`, by pid."""
-    return {k: sb.cpu_seconds_of(Path(f"/proc/{k}/stat")) for k in _workers(pid)}
-
-
-def _connections(pids: list[str], ports: set[int]) -> list[int]:
-    """Established TCP connections to `ports` that each process holds (/proc/net/tcp*, by socket inode)."""
-    open_: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) in ports:
-                open_.add(f[9])
-    counts = []
-    for k in pids:
-        links = [str(x.readlink()) for x in Path(f"/proc/{k}/fd").iterdir() if x.is_symlink()]
-        counts.append(sum(1 for x in links if x.startswith("socket:[") and x[8:-1] in open_))
-    return counts
+    return {k: sb.cpu_seconds_of(Path(f"/proc/{k}/stat")) for k in sb.protocol_workers(pid)}
 
 
 def _children_cpu() -> float:
@@ -149,7 +129,7 @@ def main() -> None:
                 spies.append(subprocess.Popen([*cmd, "--gil" if flag == "GIL" else "--idle"]))
         spyw = None
         if env("SPYW") == "1":
-            workers_ = _workers(proc.pid)
+            workers_ = sb.protocol_workers(proc.pid)
             out = Path(env("OUT", str(tmp))) / "worker.raw"
             cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
             spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"])
@@ -157,7 +137,7 @@ def main() -> None:
         held: dict[str, int] = {}  # connections per worker, halfway through the run
         pids = list(w0)
         w = threading.Timer(
-            secs / 2, lambda: held.update(zip(pids, _connections(pids, {port, gport}), strict=True))
+            secs / 2, lambda: held.update(zip(pids, sb.connections_held(pids, {port, gport}), strict=True))
         )
         w.start()
         r = load(secs)
