@@ -614,13 +614,8 @@ class _Connection(asyncio.BufferedProtocol):
     async def _stream_one(self, s: _Stream, handler: Handler, body: Body) -> None:
         try:  # (its bytes go back when this task is done: _message_done)
             reply = await handler(body.view[5:])
-        except RpcError as e:  # the handler ends the whole call (answers to other messages are dropped)
-            self._end(s, e.code, e.message, trailers=e.trailers)
-            self._stop_stream(s)
-            return
-        except Exception as e:
-            log.exception("gRPC call failed", extra={"path": s.headers.get(":path")})
-            self._end(s, INTERNAL, f"{type(e).__name__}: {e}")
+        except Exception as e:  # it ends the whole call (answers to other messages are dropped)
+            self._failed(s, e)
             self._stop_stream(s)
             return
         if self.transport is None or self.streams.get(s.sid) is not s:
@@ -682,18 +677,24 @@ class _Connection(asyncio.BufferedProtocol):
                 timer = asyncio.get_running_loop().call_later(timeout, self._expire, s)
                 _DEADLINE.set(time.monotonic() + timeout)  # this call's task (and those it starts) only
             await work()
-        except RpcError as e:
-            self._end(s, e.code, e.message, trailers=e.trailers)
         except asyncio.CancelledError:
             if not s.expired:
                 raise  # the client reset the stream or left
             self._end(s, DEADLINE_EXCEEDED, "deadline exceeded (grpc-timeout)")
         except Exception as e:
-            log.exception("gRPC call failed", extra={"path": h.get(":path")})
-            self._end(s, INTERNAL, f"{type(e).__name__}: {e}")
+            self._failed(s, e)
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _failed(self, s: _Stream, e: Exception) -> None:
+        """End a call with what its handler raised: an RpcError's status, else INTERNAL (logged; call this
+        from the except clause, which the log's traceback comes from)."""
+        if isinstance(e, RpcError):
+            self._end(s, e.code, e.message, trailers=e.trailers)
+            return
+        log.exception("gRPC call failed", extra={"path": s.headers.get(":path")})
+        self._end(s, INTERNAL, f"{type(e).__name__}: {e}")
 
     def _expire(self, s: _Stream) -> None:
         if s.task is not None and not s.task.done():
