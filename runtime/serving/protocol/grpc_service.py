@@ -31,7 +31,7 @@ from runtime.serving.protocol.codec import (
     tensor_from_bytes,
     tensor_from_json,
 )
-from runtime.serving.protocol.http2 import PUSHBACK, RpcError
+from runtime.serving.protocol.http2 import PUSHBACK, CallContext, RpcError
 from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 from runtime.serving.signature import check_input, check_request
 
@@ -200,15 +200,12 @@ async def stream_one(
     return pb.ModelStreamInferResponse(infer_response=reply)
 
 
-class _InBand:
+class _InBand(CallContext):
     """A grpc.aio streaming call's context for one of its requests: abort raises RpcError (the request's
-    answer carries the error) instead of ending the call."""
+    answer carries the error) instead of ending the call; the time left is the call's."""
 
     def __init__(self, context: Any) -> None:
         self.context = context
-
-    async def abort(self, code: Any, details: str, trailing_metadata: Sequence[tuple[str, str]] = ()) -> None:
-        raise RpcError(int(code.value[0]), details, trailing_metadata)
 
     def time_remaining(self) -> float | None:
         return self.context.time_remaining()  # type: ignore[no-any-return]

@@ -893,8 +893,8 @@ def unary(parse: Callable[[Any], Any], method: Callable[[Any, Any], Awaitable[An
     return call
 
 
-class _Context:
-    """The part of grpc.aio's ServicerContext that our servicer uses."""
+class CallContext:
+    """The part of grpc.aio's ServicerContext that our servicer uses: abort raises RpcError."""
 
     async def abort(self, code: Any, details: str, trailing_metadata: Sequence[tuple[str, str]] = ()) -> None:
         raise RpcError(int(code.value[0]), details, trailing_metadata)
@@ -909,4 +909,4 @@ class _Context:
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("grpc_deadline", default=None)
 
 
-CONTEXT = _Context()
+CONTEXT = CallContext()
