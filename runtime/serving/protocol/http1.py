@@ -545,11 +545,12 @@ class Listener:
     def _expire(self, c: Any) -> None:
         raise NotImplementedError
 
-    async def _listen(self, sock: socket.socket) -> int:
+    async def _listen(self, **where: Any) -> int:
+        """Accept connections (`where`: a listening `sock`, or `host` and `port`); returns the port."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._connection, sock=sock, backlog=2048)
+        self._server = await loop.create_server(self._connection, backlog=2048, **where)
         self.start_sweeping()
-        return int(sock.getsockname()[1])
+        return int(self._server.sockets[0].getsockname()[1])
 
     def start_sweeping(self) -> None:
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
@@ -604,13 +605,8 @@ class HttpServer(Listener):
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
         """Listen on host:port, or on `sock` (a listening socket); returns the port."""
         if sock is not None:
-            return await self._listen(sock)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._connection, host, port, backlog=2048, reuse_address=True
-        )
-        self.start_sweeping()
-        return int(self._server.sockets[0].getsockname()[1])
+            return await self._listen(sock=sock)
+        return await self._listen(host=host, port=port, reuse_address=True)
 
     def _stale(self, cutoff: float) -> list[_Connection]:
         return [c for c in self.connections if not c.answering and c.last_active < cutoff]

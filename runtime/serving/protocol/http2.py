@@ -853,7 +853,7 @@ class GrpcServer(Listener):
 
     async def start(self, sock: socket.socket) -> int:
         """Serve on a listening socket (SO_REUSEPORT ones let several processes share the port)."""
-        return await self._listen(sock)
+        return await self._listen(sock=sock)
 
     def _stale(self, cutoff: float) -> list[_Connection]:
         # as HTTP/1.1's keep-alive; gRPC clients reconnect for their next call
