@@ -379,32 +379,36 @@ def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Reg
         assert s.stop() == 0
 
 
-def _holders(pids: list[int], port: int, clients: list[socket.socket]) -> list[int | None]:
-    """Which of `pids` holds the server's end of each client connection to `port` (None: none yet), from
-    /proc/net/tcp and the processes' descriptors."""
-    inodes: dict[int, str] = {}  # client port -> the server end's socket inode
+def _tcp(port: int | None = None) -> list[tuple[str, int, int, str]]:
+    """The host's TCP sockets from /proc/net/tcp*: (state, local port, remote port, inode); only those of
+    local `port` when given. States: 01 established, 0A listening."""
+    out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             f = line.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes[int(f[2].rsplit(":", 1)[1], 16)] = f[9]
-    held: dict[str, int] = {}
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            link = os.readlink(fd) if fd.is_symlink() else ""
-            if link.startswith("socket:["):
-                held[link[8:-1]] = pid
+            local, remote = int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)
+            if port is None or local == port:
+                out.append((f[3], local, remote, f[9]))
+    return out
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets a process holds."""
+    links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()]
+    return {x[8:-1] for x in links if x.startswith("socket:[")}
+
+
+def _holders(pids: list[int], port: int, clients: list[socket.socket]) -> list[int | None]:
+    """Which of `pids` holds the server's end of each client connection to `port` (None: none yet)."""
+    inodes = {remote: inode for state, _, remote, inode in _tcp(port) if state == "01"}  # by client port
+    held = {inode: pid for pid in pids for inode in _socket_inodes(pid)}
     return [held.get(inodes.get(c.getsockname()[1], "")) for c in clients]
 
 
 def _held_on(pid: int, port: int) -> bool:
     """Whether `pid` holds a connection to `port` (in any state: one its client ended stays until closed)."""
-    ours = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[3] != "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-            ours.add(f"socket:[{f[9]}]")
-    return any(fd.is_symlink() and os.readlink(fd) in ours for fd in Path(f"/proc/{pid}/fd").iterdir())
+    mine = _socket_inodes(pid)
+    return any(state != "0A" and inode in mine for state, _, _, inode in _tcp(port))
 
 
 def _await_closed(pids: list[int], port: int) -> None:
@@ -445,9 +449,7 @@ def test_connections_are_dealt_to_the_worker_holding_the_fewest(registry: Regist
             _await_closed([emptied], port)
             more = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
             assert _await_holders(pids, port, more) == [emptied] * 3
-            if (
-                port == s.grpc_port
-            ):  # the gauge, per process (the /metrics request is a connection of its own)
+            if port == s.grpc_port:  # the gauge per process (the /metrics request is a connection too)
                 text = httpx.get(f"{s.url}/metrics").text
                 held = [
                     metric_sum(text, f'kubeforge_client_connections{{process="{i}",protocol="grpc"}}')
@@ -458,10 +460,9 @@ def test_connections_are_dealt_to_the_worker_holding_the_fewest(registry: Regist
                 c.close()
         # requests over dealt connections, both protocols, several on one connection
         body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
-        with httpx.Client() as h:
-            assert [h.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(5)] == [
-                200
-            ] * 5
+        with httpx.Client() as client:
+            codes = [client.post(f"{s.url}/v2/models/mlp/infer", json=body).status_code for _ in range(5)]
+            assert codes == [200] * 5
         import tritonclient.grpc as tg
 
         with tg.InferenceServerClient(s.grpc_url) as g:
@@ -481,15 +482,11 @@ def test_balance_kernel_leaves_the_ports_to_the_workers(registry: Registry) -> N
     )  # fmt: skip
     try:
         s.wait_ready()
-        listening: dict[str, set[int]] = {}  # socket inode -> the ports it listens on
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A":
-                listening.setdefault(f[9], set()).add(int(f[1].rsplit(":", 1)[1], 16))
+        listening = [(local, inode) for state, local, _, inode in _tcp() if state == "0A"]
 
-        def ports_of(pid: int) -> set[int]:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()]
-            return set().union(*(listening.get(x[8:-1], set()) for x in links if x.startswith("socket:[")))
+        def ports_of(pid: int) -> set[int]:  # the ports it listens on
+            mine = _socket_inodes(pid)
+            return {local for local, inode in listening if inode in mine}
 
         both = {s.http_port, s.grpc_port}
         assert [ports_of(p) & both for p in _workers_of(s.proc.pid)] == [both, both]
