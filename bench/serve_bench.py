@@ -427,8 +427,11 @@ def connections_held(pids: list[str], ports: set[int]) -> list[int]:
                 open_.add(f"socket:[{f[9]}]")
     counts = []
     for k in pids:
-        links = [str(x.readlink()) for x in Path(f"/proc/{k}/fd").iterdir() if x.is_symlink()]
-        counts.append(sum(1 for x in links if x in open_))
+        held = 0
+        for fd in Path(f"/proc/{k}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed while we look
+                held += os.readlink(fd) in open_
+        counts.append(held)
     return counts
 
 

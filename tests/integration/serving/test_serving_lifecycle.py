@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -393,9 +394,14 @@ def _tcp(port: int | None = None) -> list[tuple[str, int, int, str]]:
 
 
 def _socket_inodes(pid: int) -> set[str]:
-    """The inodes of the sockets a process holds."""
-    links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()]
-    return {x[8:-1] for x in links if x.startswith("socket:[")}
+    """The inodes of the sockets a process holds (one it closes while they are read is left out)."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                out.add(link[8:-1])
+    return out
 
 
 def _holders(pids: list[int], port: int, clients: list[socket.socket]) -> list[int | None]:
