@@ -183,6 +183,14 @@ def _parser() -> argparse.ArgumentParser:
         help="gRPC over our own HTTP/2 (native: unary calls, no TLS or compression) or grpcio's grpc.aio",
     )
     s.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        help="let clients register system shared memory regions and pass tensors through them (Triton's "
+        "extension and flag; for clients on the same host, such as a sidecar sharing the pod's /dev/shm). "
+        "Off by default: a client that may register regions may read and write any shared memory object "
+        "of the server's user",
+    )
+    s.add_argument(
         "--copy-stream",
         action="store_true",
         help="CUDA: copy inputs to the GPU on a stream of their own, overlapping the batch before "
@@ -252,6 +260,7 @@ def _config(args: argparse.Namespace) -> Any:
             log_level=args.log_level,
             copy_stream=args.copy_stream,
             grpc_server=args.grpc_server,
+            allow_client_shm=args.allow_client_shm,
         )
     return ServeConfig(**kw)
 

@@ -28,6 +28,13 @@ class NotFound(InferError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(InferError):
+    """A name already taken, such as a shared memory region's (409 / ALREADY_EXISTS)."""
+
+    http_status = 409
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class PayloadTooLarge(InferError):
     """Request body over the configured limit (413 / RESOURCE_EXHAUSTED)."""
 

@@ -93,6 +93,10 @@ class ServeConfig:
     # deals each to the worker holding the fewest, see hub.Hub) or kernel (SO_REUSEPORT: a hash of the
     # client's address and port picks the worker)
     balance: str = "least-connections"
+    # Triton's system shared memory extension (protocol.sharedmem): off unless asked for; the registry
+    # directory every process of the server shares (made by Server when empty)
+    allow_client_shm: bool = False
+    shm_registry: str = ""
     log_level: str = "info"
     started: float = field(default_factory=time.time)
 
@@ -288,6 +292,11 @@ def build_info(b: compiler.Build) -> dict[str, Any]:
 
 class Server:
     def __init__(self, cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -> None:
+        self._own_registry = cfg.allow_client_shm and not cfg.shm_registry
+        if self._own_registry:
+            from runtime.serving.protocol.sharedmem import SharedMemory
+
+            cfg = replace(cfg, shm_registry=SharedMemory.create_registry())
         self.cfg = cfg
         self.loader = loader
         self.metrics = Metrics()
@@ -322,7 +331,7 @@ class Server:
         return {
             "name": "kubeforge",
             "version": VERSION,
-            "extensions": EXTENSIONS,
+            "extensions": EXTENSIONS + ["system_shared_memory"] * self.cfg.allow_client_shm,
             "kubeforge": {"state": state, "error": self.failed, "models": models},
         }
 
@@ -486,6 +495,10 @@ class Server:
         if self._pending is not None:
             await loop.run_in_executor(None, self._pending[0].close, cfg.grace_s)
         model_task.cancel()
+        if self._own_registry:
+            from runtime.serving.protocol.sharedmem import SharedMemory
+
+            SharedMemory.remove_registry(self.cfg.shm_registry)
         log.info("stopped", extra={"drain_seconds": round(time.perf_counter() - t0, 3)})
 
     async def _listen_here(self) -> Callable[[], Awaitable[None]]:
@@ -591,7 +604,15 @@ async def start_protocol(
         cfg.priority_levels,
         cfg.default_priority_level,
     )
-    triton = Extensions(repo, metrics, batching, render_metrics)
+    # one per process, HTTP/1.1 and gRPC together
+    refused = metrics.inflight_refused
+    budget = Budget(cfg.max_inflight_bytes or 4 * cfg.max_payload_bytes, lambda p: refused.labels(p).inc())
+    shm = None
+    if cfg.allow_client_shm:
+        from runtime.serving.protocol.sharedmem import SharedMemory
+
+        shm = SharedMemory(cfg.shm_registry or None, max_payload=cfg.max_payload_bytes, budget=budget)
+    triton = Extensions(repo, metrics, batching, render_metrics, shm)
     app = RestApp(
         repo,
         metrics,
@@ -601,9 +622,6 @@ async def start_protocol(
         slot_body=slot_body,
         triton=triton,
     )
-    # one per process, HTTP/1.1 and gRPC together
-    refused = metrics.inflight_refused
-    budget = Budget(cfg.max_inflight_bytes or 4 * cfg.max_payload_bytes, lambda p: refused.labels(p).inc())
     http = HttpServer(app, max_payload=cfg.max_payload_bytes, budget=budget)
     http.on_close = on_close
     metrics.connections.labels("http", process).set_function(lambda: len(http.connections))
@@ -661,5 +679,7 @@ async def start_protocol(
         if dealt is not None:
             loop.remove_reader(dealt.fileno())
         await asyncio.gather(http.stop(cfg.grace_s), stop_grpc(), return_exceptions=True)
+        if shm is not None:
+            shm.close()  # this process's descriptors (and the registry, when it made its own)
 
     return http_port, grpc_port, stop

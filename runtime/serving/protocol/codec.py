@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -13,7 +13,11 @@ import torch
 
 from runtime.serving.errors import BadRequest
 from runtime.serving.protocol import datatypes
+from runtime.serving.protocol.sharedmem import NOT_ALLOWED, Target, target
 from runtime.serving.signature import Signature, check_input, check_request
+
+if TYPE_CHECKING:
+    from runtime.serving.protocol.sharedmem import SharedMemory
 
 
 @dataclass
@@ -24,6 +28,8 @@ class Request:
     outputs: list[tuple[str, bool]] = field(default_factory=list)  # requested (name, binary); empty = all
     timeout_s: float | None = None  # parameters.timeout: how long the client waits for the answer
     priority: int = 0  # parameters.priority: 1 the most urgent, 0 the model's default level
+    shm_outputs: dict[str, Target] = field(default_factory=dict)  # outputs asked for in shared memory
+    shm_bytes: int = 0  # input bytes read from shared memory (held in the budget until the answer)
 
 
 def _whole(value: object) -> TypeGuard[int]:
@@ -84,10 +90,41 @@ def _shape(name: str, value: Any) -> list[int]:
     return value
 
 
+def shm_target(shm: SharedMemory | None, params: object, where: str) -> Target | None:
+    """The shared memory region an input or output names in its parameters (protocol.sharedmem)."""
+    t = target(params, where) if isinstance(params, dict) else None
+    if t is not None and shm is None:
+        raise BadRequest(f"{where} names shared memory region {t.region!r}, but {NOT_ALLOWED}")
+    return t
+
+
 def decode_request(
-    body: bytes | bytearray | memoryview, header_length: int | None, sig: Signature, max_batch_size: int
+    body: bytes | bytearray | memoryview,
+    header_length: int | None,
+    sig: Signature,
+    max_batch_size: int,
+    shm: SharedMemory | None = None,
 ) -> Request:
-    """Parse an OIP infer request body (JSON, optionally followed by binary tensor data)."""
+    """Parse an OIP infer request body (JSON, optionally followed by binary tensor data); inputs may lie in
+    registered shared memory regions (`shm`), and their bytes stay taken from its budget until the caller
+    releases `shm_bytes`."""
+    held = [0]
+    try:
+        return _decode_request(body, header_length, sig, max_batch_size, shm, held)
+    except BaseException:
+        if shm is not None:
+            shm.release(held[0])
+        raise
+
+
+def _decode_request(
+    body: bytes | bytearray | memoryview,
+    header_length: int | None,
+    sig: Signature,
+    max_batch_size: int,
+    shm: SharedMemory | None,
+    held: list[int],
+) -> Request:
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise BadRequest(
@@ -122,7 +159,14 @@ def decode_request(
         dt = datatypes.lookup(datatype)
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
-        if size is not None:
+        region = shm_target(shm, params, f"input {name!r}")
+        if region is not None:
+            if size is not None or "data" in item:
+                raise BadRequest(f"input {name!r}: in shared memory and in the request both: give one")
+            assert shm is not None
+            t = shm.read(region, dt, shape, f"input {name!r}", "rest")
+            held[0] += t.nbytes
+        elif size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body")
             t = tensor_from_bytes(name, dt, shape, binary[offset : offset + size])
@@ -144,6 +188,7 @@ def decode_request(
     priority = request_priority(params["priority"], "parameters.priority") if "priority" in params else 0
     default_binary = bool(params.get("binary_data_output", False))
     wanted: list[tuple[str, bool]] = []
+    in_shm: dict[str, Target] = {}
     known = {o.name for o in sig.outputs}
     for out in req.get("outputs") or []:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
@@ -151,6 +196,9 @@ def decode_request(
         if known and out["name"] not in known:
             raise BadRequest(f"unknown output {out['name']!r}; the model has outputs {sorted(known)}")
         p = out.get("parameters") or {}
+        region = shm_target(shm, p, f"output {out['name']!r}")
+        if region is not None:
+            in_shm[out["name"]] = region
         wanted.append((out["name"], bool(p.get("binary_data", default_binary))))
     if not wanted:
         wanted = [(o.name, default_binary) for o in sig.outputs]
@@ -162,6 +210,8 @@ def decode_request(
         wanted,
         timeout,
         priority,
+        in_shm,
+        held[0],
     )
 
 
@@ -170,9 +220,15 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def encode_response(
-    model: str, version: str, req: Request, sig: Signature, outs: tuple[torch.Tensor, ...]
+    model: str,
+    version: str,
+    req: Request,
+    sig: Signature,
+    outs: tuple[torch.Tensor, ...],
+    shm: SharedMemory | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body and, when any output travels as binary, the JSON header's length."""
+    """The response body and, when any output travels as binary, the JSON header's length. Outputs asked for
+    in shared memory are written there and answered with their region instead of data."""
     index = {o.name: i for i, o in enumerate(sig.outputs)}
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
@@ -183,7 +239,18 @@ def encode_response(
             "datatype": datatypes.from_torch(t.dtype),
             "shape": list(t.shape),
         }
-        if binary:
+        region = req.shm_outputs.get(name)
+        if region is not None:
+            assert shm is not None
+            data = datatypes.tensor_buffer(t)
+            shm.write(region, data, f"output {name!r}")
+            entry["parameters"] = {
+                "shared_memory_region": region.region,
+                "shared_memory_byte_size": len(data),
+            }
+            if region.offset:
+                entry["parameters"]["shared_memory_offset"] = region.offset
+        elif binary:
             blob = tensor_bytes(t)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from google.protobuf import json_format
 
-from runtime.serving.errors import BadRequest, InferError
+from runtime.serving.errors import BadRequest, InferError, NotFound
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository
 from runtime.serving.protocol import datatypes
@@ -27,11 +27,13 @@ from runtime.serving.protocol._generated import grpc_predict_v2_pb2_grpc as pb_g
 from runtime.serving.protocol.codec import (
     request_priority,
     request_timeout,
+    shm_target,
     tensor_bytes,
     tensor_from_bytes,
     tensor_from_json,
 )
 from runtime.serving.protocol.http2 import PUSHBACK, CallContext, RpcError
+from runtime.serving.protocol.sharedmem import CUDA_REFUSED, NOT_ALLOWED, SharedMemory, Target
 from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 from runtime.serving.signature import check_input, check_request
 
@@ -141,6 +143,45 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, LOAD_REFUSED)
 
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        """Triton's shared memory extension (protocol.sharedmem): the registered regions, by name."""
+        try:
+            regions = self.triton.shm.status(request.name) if self.triton.shm is not None else []
+            if request.name and not regions:
+                raise NotFound(f"shared memory region {request.name!r} is not registered")
+        except InferError as e:
+            await context.abort(e.grpc_code, e.message)
+        return json_format.ParseDict(
+            {"regions": {r.name: r.status() for r in regions}}, pb.SystemSharedMemoryStatusResponse()
+        )
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        try:
+            if self.triton.shm is None:
+                raise BadRequest(f"cannot register shared memory region {request.name!r}: {NOT_ALLOWED}")
+            self.triton.shm.register(request.name, request.key, request.offset, request.byte_size)
+        except InferError as e:
+            await context.abort(e.grpc_code, e.message)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        if self.triton.shm is not None:
+            self.triton.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        if request.name:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"CUDA shared memory region {request.name!r} is not registered"
+            )
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_REFUSED)
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self.infer(request, request.raw_input_contents, context)
 
@@ -156,6 +197,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         label = UNKNOWN_MODEL  # not the name asked for: a client's made-up names would each add series
         code = "OK"
+        shm, held = self.triton.shm, [0]
         try:
             model = self.repo.get(request.model_name, request.model_version or None)
             label = model.name
@@ -163,7 +205,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 model.batcher.announce()
                 try:
-                    inputs, rows = _decode(request, raw, model.signature, model.max_batch_size)
+                    inputs, rows = _decode(request, raw, model.signature, model.max_batch_size, shm, held)
                     deadline = _deadline(request, context)
                     priority = _priority(request)
                 except BaseException:
@@ -172,7 +214,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 outs = await model.infer(inputs, rows, deadline=deadline, priority=priority)
             finally:
                 self.metrics.ended(label)
-            return _encode(request, model.name, model.version, model.signature, outs)
+            return _encode(request, model.name, model.version, model.signature, outs, shm)
         except InferError as e:
             code = e.grpc_code.name
             await context.abort(e.grpc_code, e.message, PUSHBACK if e.overload else ())
@@ -183,6 +225,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             code = "INTERNAL"  # the transport answers it so; not counted as OK
             raise
         finally:
+            if shm is not None:
+                shm.release(held[0])
             self.metrics.answered(label, "grpc", code, time.perf_counter() - t0 if code == "OK" else None)
 
 
@@ -233,28 +277,55 @@ def _priority(request: Any) -> int:
 
 def _parameter(request: Any, name: str) -> object:
     """An InferParameter's value, whichever of its kinds is set (None: none)."""
-    p = request.parameters[name]
+    return _value(request.parameters[name])
+
+
+def _value(p: Any) -> object:
     kind = p.WhichOneof("parameter_choice")
     return getattr(p, kind) if kind else None
 
 
+def _shm_target(shm: SharedMemory | None, parameters: Any, where: str) -> Target | None:
+    """The shared memory region a tensor's parameters name (protocol.sharedmem), if any."""
+    if "shared_memory_region" not in parameters and "shared_memory_byte_size" not in parameters:
+        return None
+    return shm_target(shm, {k: _value(v) for k, v in parameters.items()}, where)
+
+
 def _decode(
-    request: Any, raw: Sequence[bytes | memoryview], sig: Any, max_batch_size: int
+    request: Any,
+    raw: Sequence[bytes | memoryview],
+    sig: Any,
+    max_batch_size: int,
+    shm: SharedMemory | None = None,
+    held: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], int]:
-    if raw and len(raw) != len(request.inputs):
-        raise BadRequest(
-            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input"
-        )
+    """The request's inputs in signature order and its rows; inputs in shared memory are read from it (their
+    bytes added to `held`, for the caller to release), the others from raw_input_contents, in order."""
     by_name: dict[str, torch.Tensor] = {}
     names: list[str] = []
     batches: list[int] = []
-    for i, item in enumerate(request.inputs):
+    regions = [_shm_target(shm, item.parameters, f"input {item.name!r}") for item in request.inputs]
+    in_request = regions.count(None)
+    if raw and len(raw) != in_request:
+        raise BadRequest(
+            f"{len(raw)} raw_input_contents for {in_request} inputs not in shared memory: give one per input"
+        )
+    taken = 0
+    for item, region in zip(request.inputs, regions, strict=True):
         spec = sig.input(item.name)
         shape = list(item.shape)
         check_input(spec, item.datatype, shape)
         dt = datatypes.lookup(item.datatype)
-        if raw:
-            t = tensor_from_bytes(item.name, dt, shape, raw[i])
+        if region is not None:
+            if item.HasField("contents"):
+                raise BadRequest(f"input {item.name!r}: in shared memory and in contents both: give one")
+            assert shm is not None and held is not None
+            t = shm.read(region, dt, shape, f"input {item.name!r}", "grpc")
+            held[0] += t.nbytes
+        elif raw:
+            t = tensor_from_bytes(item.name, dt, shape, raw[taken])
+            taken += 1
         else:
             field = _CONTENTS.get(item.datatype)
             if field is None:
@@ -268,16 +339,37 @@ def _decode(
     return [by_name[s.name] for s in sig.inputs], rows
 
 
-def _encode(request: Any, name: str, version: str, sig: Any, outs: tuple[torch.Tensor, ...]) -> Any:
+def _encode(
+    request: Any,
+    name: str,
+    version: str,
+    sig: Any,
+    outs: tuple[torch.Tensor, ...],
+    shm: SharedMemory | None = None,
+) -> Any:
+    """The response; an output asked for in shared memory is written there, answered with its region in its
+    parameters and an empty raw_output_contents entry (which stay in the outputs' order)."""
     index = {o.name: i for i, o in enumerate(sig.outputs)}
-    wanted = [o.name for o in request.outputs] or [o.name for o in sig.outputs]
+    asked = {o.name: o for o in request.outputs}
+    wanted = list(asked) or [o.name for o in sig.outputs]
     resp = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
     for out_name in wanted:
         if out_name not in index:
             raise BadRequest(f"unknown output {out_name!r}; the model has outputs {sorted(index)}")
         t = outs[index[out_name]]
-        resp.outputs.add(name=out_name, datatype=datatypes.from_torch(t.dtype), shape=list(t.shape))
-        resp.raw_output_contents.append(tensor_bytes(t))
+        out = resp.outputs.add(name=out_name, datatype=datatypes.from_torch(t.dtype), shape=list(t.shape))
+        region = _shm_target(shm, asked[out_name].parameters, f"output {out_name!r}") if asked else None
+        if region is None:
+            resp.raw_output_contents.append(tensor_bytes(t))
+            continue
+        assert shm is not None
+        data = datatypes.tensor_buffer(t)
+        shm.write(region, data, f"output {out_name!r}")
+        out.parameters["shared_memory_region"].string_param = region.region
+        out.parameters["shared_memory_byte_size"].int64_param = len(data)
+        if region.offset:
+            out.parameters["shared_memory_offset"].int64_param = region.offset
+        resp.raw_output_contents.append(b"")
     return resp
 
 
@@ -301,6 +393,12 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
         "RepositoryIndex": pb.RepositoryIndexRequest,
         "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
         "RepositoryModelUnload": pb.RepositoryModelUnloadRequest,
+        "SystemSharedMemoryStatus": pb.SystemSharedMemoryStatusRequest,
+        "SystemSharedMemoryRegister": pb.SystemSharedMemoryRegisterRequest,
+        "SystemSharedMemoryUnregister": pb.SystemSharedMemoryUnregisterRequest,
+        "CudaSharedMemoryStatus": pb.CudaSharedMemoryStatusRequest,
+        "CudaSharedMemoryRegister": pb.CudaSharedMemoryRegisterRequest,
+        "CudaSharedMemoryUnregister": pb.CudaSharedMemoryUnregisterRequest,
     }
     handlers = {
         f"/inference.GRPCInferenceService/{name}": unary(cls.FromString, getattr(service, name))

@@ -1,8 +1,9 @@
 """Open Inference Protocol v2 over REST, served by runtime.serving.protocol.http1 (no framework, no ASGI).
 
 Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{m}[/versions/{v}], .../ready, /metrics,
-Triton's .../config, .../stats and /v2/models/stats (protocol.triton); POST
-/v2/models/{m}[/versions/{v}]/infer. Errors are `{"error": "..."}` with a 4xx/5xx status.
+Triton's .../config, .../stats and /v2/models/stats (protocol.triton), its shared memory routes
+/v2/{system,cuda}sharedmemory/... (protocol.sharedmem); POST /v2/models/{m}[/versions/{v}]/infer.
+Errors are `{"error": "..."}` with a 4xx/5xx status.
 
 An infer request is announced to the batcher as soon as its head is read (the batcher waits for announced
 requests), and its body goes where `slot_body` says (a protocol worker's shared-memory slot, for binary
@@ -14,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
-from runtime.serving.errors import BadRequest, InferError
+from runtime.serving.errors import BadRequest, InferError, NotFound
 from runtime.serving.metrics import CONTENT_TYPE, Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol.codec import decode_request, encode_response
@@ -32,6 +34,7 @@ from runtime.serving.protocol.http1 import (
     Response,
     error_response,
 )
+from runtime.serving.protocol.sharedmem import CUDA_REFUSED, NOT_ALLOWED, parse_register
 from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 
 # (body length, Inference-Header-Content-Length) -> a body in shared memory, or None
@@ -99,6 +102,8 @@ class RestApp:
             return None
         if req.method == "POST" and req.path.startswith("/v2/repository/"):
             return self._repository(req.path)
+        if req.path.startswith(SHM_ROUTES):
+            return None if req.method == "POST" else self._shm(req, b"")
         if req.method not in ("GET", "HEAD"):
             return error_response(405, f"method {req.method} not allowed on {req.path}")
         if req.path == "/metrics":
@@ -121,6 +126,8 @@ class RestApp:
         try:
             if req.method != "POST":  # .../stats
                 return 200, orjson.dumps(await self._stats(req.path)), JSON
+            if req.path.startswith(SHM_ROUTES):
+                return self._shm(req, body.view)
             return await self._infer(req, body)
         except HttpError as e:
             return error_response(e.status, e.message)
@@ -175,6 +182,46 @@ class RestApp:
             return error_response(501, LOAD_REFUSED)
         return error_response(404, f"no route {path}")
 
+    def _shm(self, req: Request, body: bytes | memoryview) -> Response:
+        """Triton's shared memory extension: v2/{system,cuda}sharedmemory[/region/{name}]/{status,register,
+        unregister} (protocol.sharedmem; CUDA: status empty, register refused)."""
+        parts = req.path.strip("/").split("/")
+        kind, op = parts[1], parts[-1]
+        if len(parts) == 3:
+            name = ""
+        elif len(parts) == 5 and parts[2] == "region" and parts[3]:
+            name = urllib.parse.unquote(parts[3])
+        else:
+            return error_response(404, f"no route {req.path}")
+        if op not in SHM_OPS or (op == "register" and not name):
+            return error_response(404, f"no route {req.path}")
+        if (op == "status") != (req.method in ("GET", "HEAD")):
+            return error_response(405, f"method {req.method} not allowed on {req.path}")
+        try:
+            if kind == "cudasharedmemory":
+                if op == "register":
+                    return error_response(501, CUDA_REFUSED)
+                if op == "status" and name:
+                    raise NotFound(f"CUDA shared memory region {name!r} is not registered")
+                return 200, b"[]" if op == "status" else b"{}", JSON
+            shm = self.triton.shm
+            if op == "status":
+                regions = shm.status(name) if shm is not None else []
+                if name and not regions:
+                    raise NotFound(f"shared memory region {name!r} is not registered")
+                return 200, orjson.dumps([r.status() for r in regions]), JSON
+            if shm is None:
+                if op == "unregister":
+                    return 200, b"{}", JSON
+                raise BadRequest(f"cannot register shared memory region {name!r}: {NOT_ALLOWED}")
+            if op == "register":
+                shm.register(name, *parse_register(body))
+            else:
+                shm.unregister(name)
+            return 200, b"{}", JSON
+        except InferError as e:
+            return error_response(e.http_status, e.message)
+
     async def _stats(self, path: str) -> dict[str, Any]:
         """Triton's statistics of /v2/models/stats (every model) or /v2/models/{m}[/versions/{v}]/stats."""
         parts = path.strip("/").split("/")
@@ -194,6 +241,8 @@ class RestApp:
         code = 200
         model_label = model.name
         self.metrics.started(model_label)
+        shm = self.triton.shm
+        decoded = None
         try:
             header_len: int | None = None
             deadline = math.inf
@@ -208,7 +257,7 @@ class RestApp:
                     if ms < 0:
                         raise BadRequest(f"header {k.decode()} is negative: {ms} ms")
                     deadline = time.monotonic() + ms / 1000 if ms else math.inf
-            decoded = decode_request(body.view, header_len, model.signature, model.max_batch_size)
+            decoded = decode_request(body.view, header_len, model.signature, model.max_batch_size, shm)
             if announced is not None:
                 announced.take()  # infer() consumes the announcement
             else:
@@ -218,7 +267,9 @@ class RestApp:
             outs = await model.infer(
                 decoded.inputs, decoded.rows, deadline=deadline, priority=decoded.priority
             )
-            payload, head_len = encode_response(model.name, model.version, decoded, model.signature, outs)
+            payload, head_len = encode_response(
+                model.name, model.version, decoded, model.signature, outs, shm
+            )
             if head_len is None:
                 return 200, payload, JSON
             return (
@@ -242,10 +293,15 @@ class RestApp:
             code = 500  # what http1 answers for it; not counted as a success
             raise
         finally:
+            if decoded is not None and shm is not None:
+                shm.release(decoded.shm_bytes)
             self.metrics.ended(model_label)
             seconds = time.perf_counter() - t0 if code == 200 else None
             self.metrics.answered(model_label, "rest", str(code), seconds)
 
+
+SHM_ROUTES = ("/v2/systemsharedmemory/", "/v2/cudasharedmemory/")
+SHM_OPS = ("status", "register", "unregister")
 
 # Envoy's time in ms it expects the request to complete in (its route timeout), set on requests it forwards
 ENVOY_TIMEOUT = b"x-envoy-expected-rq-timeout-ms"

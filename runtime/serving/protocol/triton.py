@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
+
+if TYPE_CHECKING:
+    from runtime.serving.protocol.sharedmem import SharedMemory
 
 _SUCCESS = frozenset({"200", "OK"})  # kubeforge_requests_total's code of a success, over REST and gRPC
 # the by-size samples, and their place in [batches, seconds]
@@ -148,7 +151,8 @@ LOAD_REFUSED = (
 
 class Extensions:
     """The extensions for one server process: its models, its metrics (with protocol workers, `render`
-    merges the model process's and every worker's) and its batching flags."""
+    merges the model process's and every worker's), its batching flags and the client shared memory
+    registered with the server (None: not allowed, protocol.sharedmem)."""
 
     def __init__(
         self,
@@ -156,11 +160,13 @@ class Extensions:
         metrics: Metrics,
         batching: dict[str, Any],
         render: Callable[[], Awaitable[bytes]] | None = None,
+        shm: SharedMemory | None = None,
     ) -> None:
         self.repo = repo
         self.metrics = metrics
         self.batching = batching
         self.render = render
+        self.shm = shm
 
     def config(self, name: str, version: str | None) -> dict[str, Any]:
         """Triton's ModelConfig (JSON) of a served model (NotFound, Unavailable)."""

@@ -1,0 +1,349 @@
+"""Triton's system shared memory extension (REST `v2/systemsharedmemory/...`, gRPC `SystemSharedMemory*`):
+a client on the same host (a sidecar, a pre-processing container of the pod) puts input tensors in a POSIX
+shared memory object, registers it under a name, and names it in a request instead of sending the bytes;
+outputs can be asked for in a region too. tritonclient's `utils.shared_memory` and its
+`register_system_shared_memory` / `set_shared_memory` work unchanged.
+
+Off unless the server is started with `--allow-client-shm` (Triton's own flag and default): a client that
+may register regions may read and write any shared memory object the server's user can open.
+
+Decisions:
+- The registry is a directory of small files, one per region (key, offset, byte size), which every process
+  of the server shares (the model process and its protocol workers). A registration is visible to every
+  worker once its answer is sent, whichever worker a later request reaches; a name is taken atomically
+  (a hard link fails when it exists). Each process keeps the objects it has opened, checked against the
+  registry file's identity on every use (one stat): a region unregistered, or registered again, is opened
+  anew, never served from an old descriptor.
+- Reads and writes go through the object's descriptor (pread / pwrite), not a mapping: a client that
+  truncates its object under the server gets a short read, answered 400, not a SIGBUS. An input costs one
+  copy into memory of the server's own (then, with protocol workers, into the shared-memory slot, as any
+  input); its bytes count against the per-request limit (--max-payload-mb, 413) and the process's in-flight
+  budget (--max-inflight-mb, 429) until its answer.
+- CUDA shared memory (cudaIPC handles) is not supported: registering one is answered 501 / UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import stat
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import torch
+
+from runtime.serving.errors import AlreadyExists, BadRequest, NotFound, PayloadTooLarge, QueueFull
+from runtime.serving.protocol import datatypes
+
+KEY_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory objects (shm_open's names)
+MAX_REGIONS = 1024
+OWN_PREFIX = "kubeforge"  # the server's own objects (protocol workers' arenas where memfd is missing)
+REGION = "shared_memory_region"
+BYTE_SIZE = "shared_memory_byte_size"
+OFFSET = "shared_memory_offset"
+NOT_ALLOWED = (
+    "this server does not take client shared memory: start it with --allow-client-shm (a client that may "
+    "register regions may read and write any shared memory object of the server's user), or send the "
+    "tensor in the request"
+)
+CUDA_REFUSED = (
+    "CUDA shared memory is not supported by this server: register system shared memory instead "
+    "(tritonclient.utils.shared_memory; the server started with --allow-client-shm), or send the tensor in "
+    "the request"
+)
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a request puts one output: a region, an offset into it and the room there."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+class _Opened:
+    __slots__ = ("fd", "ident", "region")
+
+    def __init__(self, region: Region, fd: int, ident: tuple[int, int, int]) -> None:
+        self.region = region
+        self.fd = fd
+        self.ident = ident
+
+
+def _whole(params: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{where}: parameter {key} must be a whole number of bytes >= 0, not {value!r}")
+    return value
+
+
+def target(params: dict[str, Any], where: str) -> Target | None:
+    """The shared memory parameters of an input or requested output (Triton's: region and byte size
+    together, offset optional), or None when it names no region."""
+    region = params.get(REGION)
+    if region is None and BYTE_SIZE not in params:
+        return None
+    if not isinstance(region, str) or not region:
+        raise BadRequest(f"{where}: {BYTE_SIZE} given without {REGION} (the registered region's name)")
+    if BYTE_SIZE not in params:
+        raise BadRequest(f"{where}: {REGION} {region!r} given without {BYTE_SIZE}")
+    return Target(region, _whole(params, OFFSET, where, 0), _whole(params, BYTE_SIZE, where))
+
+
+class SharedMemory:
+    """The regions registered with the server (the registry directory, shared by its processes) and this
+    process's open descriptors. `registry` None: a private directory, removed by `close`."""
+
+    def __init__(
+        self,
+        registry: str | None = None,
+        *,
+        key_dir: str = KEY_DIR,
+        max_payload: int = 64 << 20,
+        budget: Any = None,  # protocol.http1.Budget: input bytes held until each request's answer
+    ) -> None:
+        self.owned = registry is None
+        self.registry = registry or self.create_registry()
+        self.key_dir = key_dir
+        self.max_payload = max_payload
+        self.budget = budget
+        self._open: dict[str, _Opened] = {}
+
+    @staticmethod
+    def create_registry() -> str:
+        """A fresh registry directory for a server's processes (the caller removes it: `remove_registry`)."""
+        where = KEY_DIR if os.path.isdir(KEY_DIR) else None  # writable in a pod whose root file system is not
+        return tempfile.mkdtemp(prefix=f"{OWN_PREFIX}-shm-registry-", dir=where)
+
+    @staticmethod
+    def remove_registry(path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        for o in self._open.values():
+            os.close(o.fd)
+        self._open.clear()
+        if self.owned:
+            self.remove_registry(self.registry)
+
+    # -- the registry --
+    def _file(self, name: str) -> str:
+        if not name:
+            raise BadRequest("a shared memory region needs a name")
+        quoted = urllib.parse.quote(name, safe="")
+        if len(quoted) > 200:
+            raise BadRequest(f"shared memory region name of {len(name)} characters: at most ~200 allowed")
+        return os.path.join(self.registry, "r-" + quoted)
+
+    def _object(self, key: str) -> str:
+        """The path of the shared memory object `key` (shm_open's name: '/name' or 'name')."""
+        name = key[1:] if key.startswith("/") else key
+        if not name or "/" in name or name in (".", "..") or "\0" in name or len(name) > 255:
+            raise BadRequest(
+                f"shared memory key {key!r} is not the name of a POSIX shared memory object ('/name', as "
+                "passed to shm_open: no other '/')"
+            )
+        if name.startswith(OWN_PREFIX):
+            raise BadRequest(f"shared memory key {key!r} names one of the server's own objects")
+        return os.path.join(self.key_dir, name)
+
+    def _open_object(self, region: Region) -> int:
+        """A descriptor of the region's object, checked to hold the region; BadRequest naming what is
+        wrong."""
+        try:
+            fd = os.open(self._object(region.key), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise BadRequest(
+                f"shared memory region {region.name!r}: no shared memory object {region.key!r} (create it "
+                "first, as tritonclient.utils.shared_memory.create_shared_memory_region does)"
+            ) from None
+        except OSError as e:
+            raise BadRequest(
+                f"shared memory region {region.name!r}: cannot open object {region.key!r}: {e.strerror}"
+            ) from None
+        size = os.fstat(fd)
+        if not stat.S_ISREG(size.st_mode) or size.st_size < region.offset + region.byte_size:
+            os.close(fd)
+            raise BadRequest(
+                f"shared memory region {region.name!r}: object {region.key!r} holds {size.st_size} bytes; "
+                f"the region needs {region.offset + region.byte_size} (offset {region.offset} + byte_size "
+                f"{region.byte_size})"
+            )
+        return fd
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        path = self._file(name)
+        region = Region(name, key, offset, byte_size)
+        os.close(self._open_object(region))  # refused now, not at the first request, when it cannot serve
+        if len(os.listdir(self.registry)) >= MAX_REGIONS:
+            raise BadRequest(f"{MAX_REGIONS} shared memory regions are registered: unregister some first")
+        fd, tmp = tempfile.mkstemp(dir=self.registry, prefix=".new-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(orjson.dumps({"key": key, "offset": offset, "byte_size": byte_size}))
+            os.link(tmp, path)  # atomic: fails when the name is taken
+        except FileExistsError:
+            raise AlreadyExists(
+                f"shared memory region {name!r} is already registered: unregister it first, or use another "
+                "name"
+            ) from None
+        finally:
+            os.unlink(tmp)
+
+    def unregister(self, name: str = "") -> None:
+        """Unregister one region (a name not registered: nothing to do, as Triton answers) or every one."""
+        names = [name] if name else [r.name for r in self.status()]
+        for n in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file(n))
+            self._forget(n)
+
+    def status(self, name: str = "") -> list[Region]:
+        """The registered regions (one, by name; NotFound when it is not registered)."""
+        if name:
+            region = self._read(name)
+            if region is None:
+                raise NotFound(f"shared memory region {name!r} is not registered")
+            return [region]
+        out = []
+        for f in sorted(os.listdir(self.registry)):
+            if f.startswith("r-"):
+                region = self._read(urllib.parse.unquote(f[2:]))
+                if region is not None:
+                    out.append(region)
+        return out
+
+    def _read(self, name: str) -> Region | None:
+        try:
+            with open(self._file(name), "rb") as f:
+                d = orjson.loads(f.read())
+        except FileNotFoundError:
+            return None
+        return Region(name, d["key"], d["offset"], d["byte_size"])
+
+    # -- use --
+    def _forget(self, name: str) -> None:
+        o = self._open.pop(name, None)
+        if o is not None:
+            os.close(o.fd)
+
+    def _get(self, name: str) -> _Opened:
+        """The region `name` as registered now, its object open."""
+        path = self._file(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._forget(name)
+            raise BadRequest(
+                f"shared memory region {name!r} is not registered (register it first: POST "
+                f"v2/systemsharedmemory/region/{name}/register, or tritonclient's "
+                "register_system_shared_memory)"
+            ) from None
+        ident = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        o = self._open.get(name)
+        if o is not None and o.ident == ident:
+            return o
+        self._sweep()  # a miss: let go of regions unregistered since (their objects stay pinned while open)
+        region = self._read(name)
+        if region is None:
+            raise BadRequest(f"shared memory region {name!r} is not registered")
+        o = _Opened(region, self._open_object(region), ident)
+        self._open[name] = o
+        return o
+
+    def _sweep(self) -> None:
+        for name, o in list(self._open.items()):
+            try:
+                st = os.stat(self._file(name))
+                if (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == o.ident:
+                    continue
+            except FileNotFoundError:
+                pass
+            self._forget(name)
+
+    def _span(self, o: _Opened, t: Target, n: int, where: str) -> int:
+        """The object offset of `n` bytes at t.offset in its region, checked to lie inside it."""
+        r = o.region
+        if t.offset + n > r.byte_size:
+            raise BadRequest(
+                f"{where}: {n} bytes at offset {t.offset} run past the end of shared memory region "
+                f"{r.name!r} ({r.byte_size} bytes)"
+            )
+        return r.offset + t.offset
+
+    def read(
+        self, t: Target, dt: datatypes.DataType, shape: list[int], where: str, protocol: str
+    ) -> torch.Tensor:
+        """An input tensor read from its region (BadRequest naming the problem). Its bytes are taken from
+        the budget: give them back with `release` once the request is answered."""
+        need = math.prod(shape) * dt.itemsize
+        if t.byte_size != need:
+            raise BadRequest(
+                f"{where}: {BYTE_SIZE} is {t.byte_size}, but shape {shape} of {dt.name} needs {need} bytes"
+            )
+        if need > self.max_payload:
+            raise PayloadTooLarge(
+                f"{where}: {need} bytes in shared memory, more than the server's --max-payload-mb "
+                f"({self.max_payload} bytes)"
+            )
+        o = self._get(t.region)
+        at = self._span(o, t, need, where)
+        if self.budget is not None and not self.budget.take(need, protocol):
+            raise QueueFull(self.budget.refusal(need))
+        buf = bytearray(need)
+        why = ""
+        try:
+            got = os.preadv(o.fd, [buf], at) if need else 0
+        except OSError as e:
+            got, why = -1, str(e.strerror)
+        if got != need:
+            self.release(need)
+            raise BadRequest(
+                f"{where}: could not read {need} bytes of shared memory region {t.region!r} "
+                f"({why if got < 0 else f'object ends after {got}'}): was it truncated?"
+            )
+        return datatypes.tensor_view(buf, dt.torch, shape)
+
+    def release(self, n: int) -> None:
+        if self.budget is not None and n:
+            self.budget.give(n)
+
+    def write(self, t: Target, data: memoryview, where: str) -> None:
+        """An output's bytes into its region (BadRequest when they do not fit)."""
+        n = len(data)
+        if n > t.byte_size:
+            raise BadRequest(f"{where}: the output is {n} bytes, more than its {BYTE_SIZE} of {t.byte_size}")
+        o = self._get(t.region)
+        at = self._span(o, t, n, where)
+        done = 0
+        while done < n:
+            done += os.pwrite(o.fd, data[done:], at + done)
+
+
+def parse_register(body: bytes | bytearray | memoryview) -> tuple[str, int, int]:
+    """A REST register request's body: key, offset, byte size."""
+    try:
+        d = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("key"), str):
+        raise BadRequest('a register request is {"key": "/name", "offset": n, "byte_size": n}: key missing')
+    where = "register request"
+    return d["key"], _whole(d, "offset", where, 0), _whole(d, "byte_size", where)
