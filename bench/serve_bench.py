@@ -131,6 +131,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         copy_stream=a.copy_stream,
         grpc_server=a.grpc_server,
         balance=a.balance,
+        allow_client_shm="shm" in a.paths,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
     asyncio.run(Server(cfg, lambda: loaded).run())
@@ -222,6 +223,8 @@ def _start(
         getattr(a, "grpc_server", "native"),
         "--balance",
         getattr(a, "balance", "least-connections"),
+        "--paths",
+        getattr(a, "paths", ""),
     ]
     t0 = time.perf_counter()
     with log.open("ab") as f:
@@ -456,6 +459,35 @@ def bodies(model: str) -> tuple[bytes, bytes, int, bytes]:
     return oip_json, head + row.tobytes(), len(head), greq.SerializeToString()
 
 
+def shm_bodies(model: str, port: int) -> tuple[bytes, bytes, Callable[[], None]]:
+    """One row of `model` in a system shared memory object registered with the server on `port`, and the
+    requests naming it: the REST JSON body and the serialized gRPC ModelInferRequest (Triton's shared memory
+    parameters; outputs in the answer). The callable unregisters the region and removes the object."""
+    from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as pb
+
+    row = _row(model)
+    key = f"/kf-bench-{os.getpid()}-{model}"
+    path = f"/dev/shm{key}"
+    Path(path).write_bytes(row.tobytes())
+    base = f"http://127.0.0.1:{port}/v2/systemsharedmemory"
+    body = json.dumps({"key": key, "offset": 0, "byte_size": row.nbytes}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{base}/region/bench/register", data=body)).read()
+    params = {"shared_memory_region": "bench", "shared_memory_byte_size": row.nbytes}
+    spec = {"name": "input__0", "shape": list(row.shape), "datatype": _models()[model].datatype}
+    rest = json.dumps({"inputs": [spec | {"parameters": params}]}).encode()
+    greq = pb.ModelInferRequest(model_name=model)
+    inp = greq.inputs.add(name="input__0", datatype=spec["datatype"], shape=spec["shape"])
+    inp.parameters["shared_memory_region"].string_param = "bench"
+    inp.parameters["shared_memory_byte_size"].int64_param = row.nbytes
+
+    def done() -> None:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(urllib.request.Request(f"{base}/unregister", data=b"")).read()
+        os.unlink(path)
+
+    return rest, greq.SerializeToString(), done
+
+
 def _measure_server(
     a: argparse.Namespace,
     pid: int,
@@ -470,6 +502,7 @@ def _measure_server(
     """Load one running Kubeforge server at every concurrency, over each protocol path."""
     oip_json, oip_bin, head_len, grpc_wire = bodies(model)
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
+    shm_rest, shm_grpc, shm_done = shm_bodies(model, port) if "shm" in a.paths else (b"", b"", None)
 
     def batch_counts() -> tuple[float, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
@@ -512,6 +545,15 @@ def _measure_server(
                 (f"{label} gRPC", c),
                 lambda c=c: _grpc_load(grpc_load, f"127.0.0.1:{gport}", grpc_wire, c, a.seconds, tmp),
             )
+        if shm_done is not None:  # the row in a registered shared memory region, named by the request
+            measured((f"{label} REST shm", c), lambda c=c: _wrk(url, shm_rest, c, a.seconds, {}, tmp))
+            if grpc_load:
+                measured(
+                    (f"{label} gRPC shm", c),
+                    lambda c=c: _grpc_load(grpc_load, f"127.0.0.1:{gport}", shm_grpc, c, a.seconds, tmp),
+                )
+    if shm_done is not None:
+        shm_done()
 
 
 def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | None) -> list[str]:
@@ -637,7 +679,12 @@ def main() -> int:
         default="0",
         help="protocol worker processes of the Kubeforge server; a comma-separated list measures each",
     )
-    p.add_argument("--paths", default="json,binary,grpc", help="which Kubeforge request paths to load")
+    p.add_argument(
+        "--paths",
+        default="json,binary,grpc",
+        help="which Kubeforge request paths to load (json, binary, grpc; shm: the row in a registered "
+        "system shared memory region, over REST and gRPC, the server started with --allow-client-shm)",
+    )
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--workdir", help="keep server logs and caches here (default: a temporary folder)")
     a = p.parse_args()

@@ -611,7 +611,10 @@ async def start_protocol(
     if cfg.allow_client_shm:
         from runtime.serving.protocol.sharedmem import SharedMemory
 
-        shm = SharedMemory(cfg.shm_registry or None, max_payload=cfg.max_payload_bytes, budget=budget)
+        lend = (lambda n: slot_body(n, 0)) if slot_body is not None else None
+        shm = SharedMemory(
+            cfg.shm_registry or None, max_payload=cfg.max_payload_bytes, budget=budget, lend=lend
+        )
     triton = Extensions(repo, metrics, batching, render_metrics, shm)
     app = RestApp(
         repo,

@@ -13,7 +13,7 @@ import torch
 
 from runtime.serving.errors import BadRequest
 from runtime.serving.protocol import datatypes
-from runtime.serving.protocol.sharedmem import NOT_ALLOWED, Target, target
+from runtime.serving.protocol.sharedmem import NOT_ALLOWED, Reads, Target, target
 from runtime.serving.signature import Signature, check_input, check_request
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class Request:
     timeout_s: float | None = None  # parameters.timeout: how long the client waits for the answer
     priority: int = 0  # parameters.priority: 1 the most urgent, 0 the model's default level
     shm_outputs: dict[str, Target] = field(default_factory=dict)  # outputs asked for in shared memory
-    shm_bytes: int = 0  # input bytes read from shared memory (held in the budget until the answer)
+    shm_reads: Reads | None = None  # what inputs read from shared memory hold until the answer
 
 
 def _whole(value: object) -> TypeGuard[int]:
@@ -107,13 +107,13 @@ def decode_request(
 ) -> Request:
     """Parse an OIP infer request body (JSON, optionally followed by binary tensor data); inputs may lie in
     registered shared memory regions (`shm`), and their bytes stay taken from its budget until the caller
-    releases `shm_bytes`."""
-    held = [0]
+    releases `shm_reads`."""
+    reads = Reads("rest")
     try:
-        return _decode_request(body, header_length, sig, max_batch_size, shm, held)
+        return _decode_request(body, header_length, sig, max_batch_size, shm, reads)
     except BaseException:
         if shm is not None:
-            shm.release(held[0])
+            shm.release(reads)
         raise
 
 
@@ -123,7 +123,7 @@ def _decode_request(
     sig: Signature,
     max_batch_size: int,
     shm: SharedMemory | None,
-    held: list[int],
+    reads: Reads,
 ) -> Request:
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
@@ -164,8 +164,7 @@ def _decode_request(
             if size is not None or "data" in item:
                 raise BadRequest(f"input {name!r}: in shared memory and in the request both: give one")
             assert shm is not None
-            t = shm.read(region, dt, shape, f"input {name!r}", "rest")
-            held[0] += t.nbytes
+            t = shm.read(region, dt, shape, f"input {name!r}", reads)
         elif size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body")
@@ -211,7 +210,7 @@ def _decode_request(
         timeout,
         priority,
         in_shm,
-        held[0],
+        reads if reads.nbytes else None,
     )
 
 

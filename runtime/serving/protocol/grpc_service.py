@@ -33,7 +33,7 @@ from runtime.serving.protocol.codec import (
     tensor_from_json,
 )
 from runtime.serving.protocol.http2 import PUSHBACK, CallContext, RpcError
-from runtime.serving.protocol.sharedmem import CUDA_REFUSED, NOT_ALLOWED, SharedMemory, Target
+from runtime.serving.protocol.sharedmem import CUDA_REFUSED, NOT_ALLOWED, Reads, SharedMemory, Target
 from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 from runtime.serving.signature import check_input, check_request
 
@@ -197,7 +197,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         label = UNKNOWN_MODEL  # not the name asked for: a client's made-up names would each add series
         code = "OK"
-        shm, held = self.triton.shm, [0]
+        shm, reads = self.triton.shm, Reads("grpc")
         try:
             model = self.repo.get(request.model_name, request.model_version or None)
             label = model.name
@@ -205,7 +205,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 model.batcher.announce()
                 try:
-                    inputs, rows = _decode(request, raw, model.signature, model.max_batch_size, shm, held)
+                    inputs, rows = _decode(request, raw, model.signature, model.max_batch_size, shm, reads)
                     deadline = _deadline(request, context)
                     priority = _priority(request)
                 except BaseException:
@@ -226,7 +226,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             if shm is not None:
-                shm.release(held[0])
+                shm.release(reads)
             self.metrics.answered(label, "grpc", code, time.perf_counter() - t0 if code == "OK" else None)
 
 
@@ -298,10 +298,10 @@ def _decode(
     sig: Any,
     max_batch_size: int,
     shm: SharedMemory | None = None,
-    held: list[int] | None = None,
+    reads: Reads | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """The request's inputs in signature order and its rows; inputs in shared memory are read from it (their
-    bytes added to `held`, for the caller to release), the others from raw_input_contents, in order."""
+    holdings added to `reads`, for the caller to release), the others from raw_input_contents, in order."""
     by_name: dict[str, torch.Tensor] = {}
     names: list[str] = []
     batches: list[int] = []
@@ -320,9 +320,8 @@ def _decode(
         if region is not None:
             if item.HasField("contents"):
                 raise BadRequest(f"input {item.name!r}: in shared memory and in contents both: give one")
-            assert shm is not None and held is not None
-            t = shm.read(region, dt, shape, f"input {item.name!r}", "grpc")
-            held[0] += t.nbytes
+            assert shm is not None and reads is not None
+            t = shm.read(region, dt, shape, f"input {item.name!r}", reads)
         elif raw:
             t = tensor_from_bytes(item.name, dt, shape, raw[taken])
             taken += 1

@@ -293,8 +293,8 @@ class RestApp:
             code = 500  # what http1 answers for it; not counted as a success
             raise
         finally:
-            if decoded is not None and shm is not None:
-                shm.release(decoded.shm_bytes)
+            if decoded is not None and decoded.shm_reads is not None and shm is not None:
+                shm.release(decoded.shm_reads)
             self.metrics.ended(model_label)
             seconds = time.perf_counter() - t0 if code == 200 else None
             self.metrics.answered(model_label, "rest", str(code), seconds)

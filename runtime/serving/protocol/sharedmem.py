@@ -16,9 +16,10 @@ Decisions:
   anew, never served from an old descriptor.
 - Reads and writes go through the object's descriptor (pread / pwrite), not a mapping: a client that
   truncates its object under the server gets a short read, answered 400, not a SIGBUS. An input costs one
-  copy into memory of the server's own (then, with protocol workers, into the shared-memory slot, as any
-  input); its bytes count against the per-request limit (--max-payload-mb, 413) and the process's in-flight
-  budget (--max-inflight-mb, 429) until its answer.
+  copy: with protocol workers, a request's first input of 64 KiB or more is read straight into a worker's
+  shared-memory slot and travels to the model process where it lies (others into memory of their own, then
+  into a slot, as any input); its bytes count against the per-request limit (--max-payload-mb, 413) and
+  the process's in-flight budget (--max-inflight-mb, 429) until its answer.
 - CUDA shared memory (cudaIPC handles) is not supported: registering one is answered 501 / UNIMPLEMENTED.
 """
 
@@ -31,6 +32,7 @@ import shutil
 import stat
 import tempfile
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,7 @@ from runtime.serving.protocol import datatypes
 
 KEY_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory objects (shm_open's names)
 MAX_REGIONS = 1024
+LEND_MIN = 64 << 10  # inputs this large are read into a protocol worker's slot (rest.SLOT_BODY_MIN)
 OWN_PREFIX = "kubeforge"  # the server's own objects (protocol workers' arenas where memfd is missing)
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
@@ -76,6 +79,17 @@ class Target:
     region: str
     offset: int
     byte_size: int
+
+
+class Reads:
+    """What one request's inputs read from shared memory hold until its answer (SharedMemory.release)."""
+
+    __slots__ = ("nbytes", "protocol", "slot")
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol  # rest or grpc: the budget's refusals are counted by protocol
+        self.nbytes = 0  # taken from the budget
+        self.slot: Any = None  # a protocol worker's slot an input was read into (http1.Body)
 
 
 class _Opened:
@@ -118,12 +132,14 @@ class SharedMemory:
         key_dir: str = KEY_DIR,
         max_payload: int = 64 << 20,
         budget: Any = None,  # protocol.http1.Budget: input bytes held until each request's answer
+        lend: Callable[[int], Any] | None = None,  # a protocol worker's slot for n bytes (http1.Body) or None
     ) -> None:
         self.owned = registry is None
         self.registry = registry or self.create_registry()
         self.key_dir = key_dir
         self.max_payload = max_payload
         self.budget = budget
+        self.lend = lend
         self._open: dict[str, _Opened] = {}
 
     @staticmethod
@@ -289,10 +305,12 @@ class SharedMemory:
         return r.offset + t.offset
 
     def read(
-        self, t: Target, dt: datatypes.DataType, shape: list[int], where: str, protocol: str
+        self, t: Target, dt: datatypes.DataType, shape: list[int], where: str, reads: Reads
     ) -> torch.Tensor:
-        """An input tensor read from its region (BadRequest naming the problem). Its bytes are taken from
-        the budget: give them back with `release` once the request is answered."""
+        """An input tensor read from its region (BadRequest naming the problem): into a protocol worker's
+        shared-memory slot when it lends one (the first large input of a request: it travels to the model
+        process where it lies), else into memory of its own. Its bytes are taken from the budget and added
+        to `reads`: `release` it once the request is answered."""
         need = math.prod(shape) * dt.itemsize
         if t.byte_size != need:
             raise BadRequest(
@@ -305,25 +323,35 @@ class SharedMemory:
             )
         o = self._get(t.region)
         at = self._span(o, t, need, where)
-        if self.budget is not None and not self.budget.take(need, protocol):
+        if self.budget is not None and not self.budget.take(need, reads.protocol):
             raise QueueFull(self.budget.refusal(need))
-        buf = bytearray(need)
+        reads.nbytes += need
+        buf: bytearray | memoryview | None = None
+        if self.lend is not None and reads.slot is None and need >= LEND_MIN:
+            reads.slot = self.lend(need)
+            buf = reads.slot.view if reads.slot is not None else None
+        if buf is None:
+            buf = bytearray(need)
         why = ""
         try:
             got = os.preadv(o.fd, [buf], at) if need else 0
         except OSError as e:
             got, why = -1, str(e.strerror)
         if got != need:
-            self.release(need)
             raise BadRequest(
                 f"{where}: could not read {need} bytes of shared memory region {t.region!r} "
                 f"({why if got < 0 else f'object ends after {got}'}): was it truncated?"
             )
         return datatypes.tensor_view(buf, dt.torch, shape)
 
-    def release(self, n: int) -> None:
-        if self.budget is not None and n:
-            self.budget.give(n)
+    def release(self, reads: Reads) -> None:
+        """Give back what a request's shared memory inputs held: their bytes in the budget, and the slot."""
+        if self.budget is not None and reads.nbytes:
+            self.budget.give(reads.nbytes)
+        reads.nbytes = 0
+        if reads.slot is not None:
+            reads.slot.release()
+            reads.slot = None
 
     def write(self, t: Target, data: memoryview, where: str) -> None:
         """An output's bytes into its region (BadRequest when they do not fit)."""

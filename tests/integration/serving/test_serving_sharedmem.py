@@ -284,3 +284,109 @@ def test_shared_memory_is_refused_unless_the_server_allows_it(mlp_server: Serve)
         client.register_cuda_shared_memory("c", b"\0" * 64, 0, 8)
     assert e.value.status() == "StatusCode.UNIMPLEMENTED"
     assert client.get_cuda_shared_memory_status(as_json=True) == {}
+
+
+@pytest.fixture(scope="module")
+def wide_shm_server(registry: Registry) -> Iterator[Serve]:
+    """Registry.wide (64 KiB rows) with two protocol workers and client shared memory allowed."""
+    s = start_serve(
+        registry.env,
+        "--workers",
+        "2",
+        "--model-uri",
+        str(registry.wide_path),
+        "--model-name",
+        "wide",
+        "--mode",
+        "eager",
+        "--max-batch-size",
+        "8",
+        "--max-delay-ms",
+        "2",
+        "--allow-client-shm",
+    )
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+def _placements(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("kubeforge_worker_inputs_total{"):
+            kind = line.split('placement="')[1].split('"')[0]
+            out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_large_inputs_are_read_from_shared_memory_into_the_workers_slots_and_failed_reads_leak_none(
+    registry: Registry, wide_shm_server: Serve, regions: Regions
+) -> None:
+    """64 KiB rows from 16 clients at once, over REST and gRPC, each in its own place of one region: every
+    answer is its own row's, and every input went to the model process from the slot it was read into
+    (in place: one copy, region to slot). Then 150 reads that fail (the object truncated under the server),
+    more than the two workers' 128 slots: none keeps its slot, as the requests after them are still read
+    into slots."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    import tritonclient.utils.shared_memory as shm
+
+    from tests.integration.serving.conftest import WIDE
+
+    n, row = 32, WIDE * 4
+    xs = np.random.default_rng(14).standard_normal((n, WIDE), dtype=np.float32)
+    key, h = regions.make(xs.nbytes)
+    shm.set_shared_memory_region(h, [xs])
+    th.InferenceServerClient(wide_shm_server.url.removeprefix("http://")).register_system_shared_memory(
+        "rows", key, xs.nbytes
+    )
+
+    def one(i: int) -> np.ndarray:
+        mod: Any = tg if i % 2 else th
+        if mod is tg:
+            c: Any = tg.InferenceServerClient(wide_shm_server.grpc_url)
+        else:
+            c = th.InferenceServerClient(wide_shm_server.url.removeprefix("http://"))
+        inp = mod.InferInput("input__0", [1, WIDE], "FP32")
+        inp.set_shared_memory("rows", row, offset=i * row)
+        return c.infer("wide", [inp]).as_numpy("output__0")  # type: ignore[no-any-return]
+
+    def all_rows() -> None:
+        with cf.ThreadPoolExecutor(16) as pool:
+            outs = list(pool.map(one, range(n)))
+        with torch.inference_mode():
+            want = registry.wide(torch.from_numpy(xs)).numpy()
+        np.testing.assert_allclose(np.concatenate(outs), want, rtol=1e-4, atol=1e-5)
+
+    before = _placements(wide_shm_server.url)
+    all_rows()
+    after = _placements(wide_shm_server.url)
+    assert after.get("in_place", 0) - before.get("in_place", 0) == n, (before, after)
+
+    short_key, _ = regions.make(row)
+    th.InferenceServerClient(wide_shm_server.url.removeprefix("http://")).register_system_shared_memory(
+        "short", short_key, row
+    )
+    body = {
+        "inputs": [
+            {
+                "name": "input__0",
+                "shape": [1, WIDE],
+                "datatype": "FP32",
+                "parameters": {"shared_memory_region": "short", "shared_memory_byte_size": row},
+            }
+        ]
+    }
+    with httpx.Client(base_url=wide_shm_server.url) as c:  # one connection: one worker, all its slots
+        assert c.post("/v2/models/wide/infer", json=body).status_code == 200  # the worker opens the object
+        fd = os.open(f"/dev/shm/{short_key.lstrip('/')}", os.O_RDWR)
+        os.ftruncate(fd, 100)
+        os.close(fd)
+        for _ in range(150):
+            r = c.post("/v2/models/wide/infer", json=body)
+            assert r.status_code == 400 and "object ends after 100" in r.json()["error"], r.text
+    before = _placements(wide_shm_server.url)
+    all_rows()
+    after = _placements(wide_shm_server.url)
+    assert after.get("in_place", 0) - before.get("in_place", 0) == n, (before, after)
