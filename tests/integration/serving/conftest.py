@@ -176,21 +176,17 @@ def mlp_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[S
 def wide_server(registry: Registry) -> Iterator[Serve]:
     """Registry.wide, eager on CPU, served by two protocol worker processes: its requests' bodies are
     received into the workers' shared-memory slots, and the slot an answer gives back is the next one lent."""
-    s = start_serve(
-        registry.env,
-        "--workers",
-        "2",
-        "--model-uri",
-        str(registry.wide_path),
-        "--model-name",
-        "wide",
-        "--mode",
-        "eager",
-        "--max-batch-size",
-        "8",
-        "--max-delay-ms",
-        "2",
-    )
-    s.wait_ready()
+    s = start_wide(registry)
     yield s
     s.stop()
+
+
+def start_wide(registry: Registry, *extra: str) -> Serve:
+    """Registry.wide, eager on CPU, two protocol workers, max batch 8: started and ready."""
+    s = start_serve(
+        registry.env,
+        *("--workers", "2", "--model-uri", str(registry.wide_path), "--model-name", "wide"),
+        *("--mode", "eager", "--max-batch-size", "8", "--max-delay-ms", "2", *extra),
+    )
+    s.wait_ready()
+    return s

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.serving.conftest import Registry, Serve, start_serve
+from tests.integration.serving.conftest import WIDE, Registry, Serve, start_serve, start_wide
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,7 @@ def _eager(reg: Registry, x: np.ndarray) -> np.ndarray:
 def shm_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[Serve]:
     s = start_serve(
         registry.env,
-        "--workers",
-        request.param,
-        "--model-uri",
-        "models:/mlp@champion",
-        "--mode",
-        "eager",
-        "--max-batch-size",
-        "8",
-        "--max-delay-ms",
-        "2",
+        *("--workers", request.param, "--model-uri", "models:/mlp@champion", "--mode", "eager"),
         "--allow-client-shm",
     )
     s.wait_ready()
@@ -289,23 +280,7 @@ def test_shared_memory_is_refused_unless_the_server_allows_it(mlp_server: Serve)
 @pytest.fixture(scope="module")
 def wide_shm_server(registry: Registry) -> Iterator[Serve]:
     """Registry.wide (64 KiB rows) with two protocol workers and client shared memory allowed."""
-    s = start_serve(
-        registry.env,
-        "--workers",
-        "2",
-        "--model-uri",
-        str(registry.wide_path),
-        "--model-name",
-        "wide",
-        "--mode",
-        "eager",
-        "--max-batch-size",
-        "8",
-        "--max-delay-ms",
-        "2",
-        "--allow-client-shm",
-    )
-    s.wait_ready()
+    s = start_wide(registry, "--allow-client-shm")
     yield s
     s.stop()
 
@@ -331,8 +306,6 @@ def test_large_inputs_are_read_from_shared_memory_into_the_workers_slots_and_fai
     import tritonclient.grpc as tg
     import tritonclient.http as th
     import tritonclient.utils.shared_memory as shm
-
-    from tests.integration.serving.conftest import WIDE
 
     n, row = 32, WIDE * 4
     xs = np.random.default_rng(14).standard_normal((n, WIDE), dtype=np.float32)
