@@ -17,7 +17,7 @@ COPY_STREAM (1: --copy-stream), BALANCE (the server's --balance), GIL (1: py-spy
 SPY (py-spy path), TAG (label),
 GRPC (1: load ModelInfer over gRPC, not REST with wrk; GRPC_LOAD: bench/grpcload's binary (the default,
 built with Go when missing) or a ghz; GRPC_SERVER: native|grpcio),
-SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw),
+SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw; NATIVE=1: with C frames),
 WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw).
 
 A second line, THREADS, gives each model-process thread's CPU over the run (percent of one core, by the
@@ -132,7 +132,9 @@ def main() -> None:
             workers_ = sb.protocol_workers(proc.pid)
             out = Path(env("OUT", str(tmp))) / "worker.raw"
             cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
-            spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"])
+            # NATIVE=1: C frames too (py-spy then stops the worker for each sample)
+            how = ["--native"] if env("NATIVE") == "1" else ["--nonblocking"]
+            spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), *how])
         client0 = _children_cpu()
         held: dict[str, int] = {}  # connections per worker, halfway through the run
         pids = list(w0)
