@@ -21,7 +21,11 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), as a server:
   (compressed ones get UNIMPLEMENTED, naming the fix), grpc-timeout (DEADLINE_EXCEEDED), status and
   percent-encoded message in the trailers, or trailers-only for errors;
 - flow control on what we send: a response waits for the client's windows and goes in frames no larger than
-  the client allows.
+  the client allows;
+- the errors RFC 9113 asks for (h2spec passes every case: tests/integration/serving): frames on streams never
+  opened or ended, bad stream ids, windows, priorities and frame sizes end the connection or reset the
+  stream; malformed requests reset their stream; frames for a call we reset are dropped; a request that is
+  not a gRPC call gets a plain 405 / 415.
 
 A request message is written once, into a buffer of its exact size allocated when its 5-byte length prefix
 arrives (a growing buffer cost a fifth of a worker's time per 602 KB image: bytearray's 1/8 over-allocation
@@ -40,6 +44,7 @@ compression.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -66,7 +71,8 @@ PADDED = 0x8
 PRIORITY_FLAG = 0x20
 # HTTP/2 error codes
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 6, 7, 8, 9, 11
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+ENHANCE_YOUR_CALM = 11
 # gRPC status codes
 OK, CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 1, 3, 4, 8
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
@@ -75,6 +81,13 @@ MAX_FRAME = 1 << 20  # the largest frame we accept (SETTINGS_MAX_FRAME_SIZE)
 MAX_DECODED = 64  # index-only header blocks remembered per connection
 WINDOW = 1 << 24  # our receive window, per stream and for the connection
 MAX_STREAMS = 1024
+MAX_WINDOW = 0x7FFFFFFF
+CLOSED_KEPT = 256  # streams remembered once closed (how each ended: a late frame on one is told apart)
+# request header fields that are HTTP/1.1's connection management: malformed in HTTP/2 (RFC 9113 8.2.2)
+CONNECTION_FIELDS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+REQUEST_PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
 MAX_HEADER_LIST = 16 << 10
 DEFAULT_WINDOW = 65535
 ACK_DELAY = 0.005  # s: the longest a PING answer waits for an answer to ride with
@@ -117,6 +130,7 @@ def percent_encode(message: str) -> bytes:
     )
 
 
+NOT_GRPC = b"this port speaks gRPC: HTTP/2 POST with content-type application/grpc (REST: the HTTP port)\n"
 STATUS_200 = b"\x88"  # indexed: static table entry 8, ":status: 200"
 RESPONSE_HEADERS = STATUS_200 + literal(b"content-type", b"application/grpc")
 OK_TRAILERS = literal(b"grpc-status", b"0")
@@ -157,10 +171,36 @@ def _compressed(headers: dict[str, str]) -> RpcError:
     )
 
 
+def malformed(fields: Sequence[tuple[str, str]], trailers: bool) -> str:
+    """Why a request's header block (or its trailers) is malformed (RFC 9113 8.2, 8.3), or ""."""
+    seen: set[str] = set()
+    regular = False
+    for name, value in fields:
+        if name != name.lower():
+            return f"header field name {name!r} is not lowercase"
+        if name.startswith(":"):
+            if trailers or regular:
+                return f"pseudo-header {name} {'in trailers' if trailers else 'after a regular field'}"
+            if name not in REQUEST_PSEUDO or name in seen:
+                return f"pseudo-header {name} {'repeated' if name in seen else 'is not a request one'}"
+            seen.add(name)
+        else:
+            regular = True
+            if name in CONNECTION_FIELDS or (name == "te" and value != "trailers"):
+                return f"connection-specific header field {name}"
+    if not trailers:
+        missing = [p for p in (":method", ":scheme", ":path") if p not in seen]
+        if missing:
+            return f"no {', '.join(missing)}"
+        if not dict(fields)[":path"]:
+            return "empty :path"
+    return ""
+
+
 class _Stream:
     __slots__ = (
         *("body", "expired", "filled", "head", "headers", "out", "send_window", "sid", "task", "trailers"),
-        *("unacked", "inbox", "ended_in", "started"),
+        *("unacked", "inbox", "ended_in", "started", "expect", "received", "plain"),
     )
 
     def __init__(self, sid: int, headers: dict[str, str], send_window: int) -> None:
@@ -181,6 +221,9 @@ class _Stream:
         self.inbox: asyncio.Queue[Body | None] | None = None
         self.ended_in = False
         self.started = False
+        self.expect = -1  # the request's content-length, when it gives one
+        self.received = 0  # DATA payload bytes received
+        self.plain = False  # not a gRPC call: answered in plain HTTP (405 or 415, and why)
 
     def receiving(self) -> bool:
         """Whether the client may still send on it: a unary call until it is dispatched, a streaming one
@@ -203,6 +246,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.decoded: dict[bytes, dict[str, str]] = {}  # index-only header blocks, valid for this table
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
+        # the last CLOSED_KEPT streams closed, each with whether we reset it (frames the client sent before
+        # it heard are dropped) or it ended (more frames on it are the client's error)
+        self.closed: collections.OrderedDict[int, bool] = collections.OrderedDict()
         self.peer_frame = 16384
         self.peer_window = DEFAULT_WINDOW  # the initial send window of each new stream
         self.conn_window = DEFAULT_WINDOW  # what we may still send on the connection
@@ -210,6 +256,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.block_sid = 0  # a header block continued in CONTINUATION frames
         self.block_flags = 0
         self.block = bytearray()
+        self.bad_block = 0  # a stream refused at its HEADERS frame, whose header block is still to decode
         self.goaway_sent = False
         self.blocked: dict[int, _Stream] = {}  # responses waiting for a window, in order
         self.out: list[bytes] = []  # frames to write at the end of this turn
@@ -333,10 +380,16 @@ class _Connection(asyncio.BufferedProtocol):
         elif kind == DATA:
             self._data(flags, sid, a, b)
         elif kind == HEADERS:
-            if sid == 0:
-                return self._fail(PROTOCOL_ERROR, "HEADERS on stream 0")
+            if sid == 0 or sid % 2 == 0:
+                return self._fail(PROTOCOL_ERROR, f"HEADERS on stream {sid}: clients open odd-numbered ones")
             pad = buf[a] if flags & PADDED else 0
-            a += (1 if flags & PADDED else 0) + (5 if flags & PRIORITY_FLAG else 0)
+            a += 1 if flags & PADDED else 0
+            if flags & PRIORITY_FLAG:
+                if b - a >= 4 and int.from_bytes(buf[a : a + 4], "big") & MAX_WINDOW == sid:
+                    # refused; its header block is still decoded (HPACK's state), then dropped
+                    self._stream_error(sid, PROTOCOL_ERROR, "a stream that depends on itself")
+                    self.bad_block = sid
+                a += 5
             if a > b - pad:
                 return self._fail(PROTOCOL_ERROR, "HEADERS padding longer than the frame")
             if flags & END_HEADERS:
@@ -357,8 +410,9 @@ class _Connection(asyncio.BufferedProtocol):
                 return self._fail(FRAME_SIZE_ERROR if (b - a) % 6 else PROTOCOL_ERROR, "malformed SETTINGS")
             if not flags & ACK:
                 self._settings(a, b)
-                if self._owe_answer():
+                if self.transport is not None and self._owe_answer():
                     self.out.append(frame(SETTINGS, ACK, 0))
+                self._unblock()  # after the ACK: data sent by the new windows follows it
         elif kind == PING:
             if b - a != 8 or sid:
                 return self._fail(FRAME_SIZE_ERROR, "malformed PING")
@@ -370,13 +424,28 @@ class _Connection(asyncio.BufferedProtocol):
         elif kind == WINDOW_UPDATE:
             if b - a != 4:
                 return self._fail(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
-            inc = int.from_bytes(buf[a:b], "big") & 0x7FFFFFFF
+            inc = int.from_bytes(buf[a:b], "big") & MAX_WINDOW
             if sid == 0:
+                if not inc:
+                    return self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0 bytes")
                 self.conn_window += inc
+                if self.conn_window > MAX_WINDOW:
+                    return self._fail(FLOW_CONTROL_ERROR, "connection window beyond 2^31-1 bytes")
+            elif sid > self.last_sid:
+                return self._fail(PROTOCOL_ERROR, f"WINDOW_UPDATE on stream {sid}, not opened yet")
             elif (s := self.streams.get(sid)) is not None:
                 s.send_window += inc
+                if not inc or s.send_window > MAX_WINDOW:
+                    why = "of 0 bytes" if not inc else "past 2^31-1 bytes"
+                    return self._stream_error(
+                        sid, FLOW_CONTROL_ERROR if inc else PROTOCOL_ERROR, f"WINDOW_UPDATE {why}"
+                    )
             self._unblock()
         elif kind == RST_STREAM:
+            if b - a != 4:
+                return self._fail(FRAME_SIZE_ERROR, "malformed RST_STREAM")
+            if sid == 0 or sid > self.last_sid:
+                return self._fail(PROTOCOL_ERROR, f"RST_STREAM on stream {sid}, not an opened one")
             s = self._drop(sid)
             self.blocked.pop(sid, None)
             if s is not None:
@@ -385,7 +454,16 @@ class _Connection(asyncio.BufferedProtocol):
                 self._count_reset()
         elif kind == PUSH_PROMISE:
             self._fail(PROTOCOL_ERROR, "clients may not push")
-        # PRIORITY, GOAWAY (the client starts no new calls; ours finish) and unknown types: nothing to do
+        elif kind == PRIORITY:  # otherwise ignored
+            if sid == 0:
+                return self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if b - a != 5:
+                return self._stream_error(sid, FRAME_SIZE_ERROR, "PRIORITY of other than 5 bytes")
+            if int.from_bytes(buf[a : a + 4], "big") & MAX_WINDOW == sid:
+                return self._stream_error(sid, PROTOCOL_ERROR, "a stream that depends on itself")
+        elif kind == GOAWAY and sid:  # otherwise: the client starts no new calls; ours finish
+            self._fail(PROTOCOL_ERROR, "GOAWAY on a stream")
+        # unknown types: nothing to do
 
     def _count_reset(self) -> None:
         """A call the client cancelled: past RESET_BURST, and RESET_RATE per second, end the connection."""
@@ -425,45 +503,76 @@ class _Connection(asyncio.BufferedProtocol):
                 for s in self.streams.values():
                     s.send_window += value - self.peer_window
                 self.peer_window = value
-                self._unblock()
+            elif key == 2 and value > 1:  # ENABLE_PUSH (we never push)
+                return self._fail(PROTOCOL_ERROR, "ENABLE_PUSH other than 0 or 1")
             elif key == 5:  # MAX_FRAME_SIZE
                 if not 16384 <= value <= 16777215:
                     return self._fail(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
                 self.peer_frame = value
 
-    def _decode(self, block: bytes) -> dict[str, str]:
-        """A header block's fields (HPACKError). A block of one-byte indexed fields only (every byte has its
-        high bit set: a longer index would end in a byte without it) reads the dynamic table without
-        changing it, so its result holds until another block changes the table; any other block may."""
-        if block and min(block) >= 0x80:
+    def _decode(self, block: bytes, trailers: bool = False) -> dict[str, str] | str:
+        """A header block's fields (HPACKError), or why they make a malformed request (RFC 9113 8.2, 8.3; a
+        stream error). A block of one-byte indexed fields only (every byte has its high bit set: a longer
+        index would end in a byte without it) reads the dynamic table without changing it, so its result
+        holds until another block changes the table; any other block may."""
+        if block and min(block) >= 0x80 and not trailers:
             headers = self.decoded.get(block)
             if headers is None:
+                fields = self.decoder.decode(block)
+                why = malformed(fields, trailers)  # type: ignore[arg-type]
+                if why:
+                    return why
                 if len(self.decoded) >= MAX_DECODED:
                     self.decoded.clear()
-                headers = self.decoded[block] = dict(self.decoder.decode(block))  # type: ignore[arg-type]
+                headers = self.decoded[block] = dict(fields)  # type: ignore[arg-type]
             return headers
         self.decoded.clear()
-        return dict(self.decoder.decode(block))  # type: ignore[arg-type]
+        fields = self.decoder.decode(block)
+        return malformed(fields, trailers) or dict(fields)  # type: ignore[arg-type]
 
     def _headers(self, sid: int, flags: int, block: bytes) -> None:
+        s = self.streams.get(sid)
         try:
-            headers = self._decode(block)
+            headers = self._decode(block, trailers=s is not None)
         except HPACKError as e:
             return self._fail(COMPRESSION_ERROR, f"header block: {e}")
-        s = self.streams.get(sid)
-        if s is not None:  # trailers from the client: the request is complete
-            if flags & END_STREAM and s.receiving():
-                self._ended_in(s)
+        if self.bad_block == sid:  # refused already (its block decoded only to keep HPACK's state)
+            self.bad_block, self.last_sid = 0, max(self.last_sid, sid)
             return
-        if sid % 2 == 0 or sid <= self.last_sid:
-            return  # a stream we closed or reset already (its header block kept the HPACK state in step)
+        if s is not None:  # trailers from the client: the request is complete
+            if not s.receiving():
+                return self._stream_error(sid, STREAM_CLOSED, "HEADERS after the end of the request")
+            if isinstance(headers, str) or not flags & END_STREAM:
+                why = headers if isinstance(headers, str) else "trailers without END_STREAM"
+                return self._stream_error(sid, PROTOCOL_ERROR, f"malformed request: {why}")
+            self._ended_in(s)
+            return
+        if sid <= self.last_sid:
+            if self.closed.get(sid):
+                return  # a stream we reset: the client sent this before it heard
+            if sid in self.closed:
+                return self._fail(STREAM_CLOSED, f"HEADERS on stream {sid}, which has ended")
+            return self._fail(PROTOCOL_ERROR, f"stream {sid} opened after stream {self.last_sid}")
         self.last_sid = sid
+        if isinstance(headers, str):
+            return self._stream_error(sid, PROTOCOL_ERROR, f"malformed request: {headers}")
         if self.goaway_sent or self.server.stopping or len(self.streams) >= MAX_STREAMS:
             self.out.append(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            self._closed(sid, True)
             return
         s = _Stream(sid, headers, self.peer_window)  # headers: shared with later calls, read only
+        if "content-length" in headers:
+            if not headers["content-length"].isdigit():
+                return self._stream_error(sid, PROTOCOL_ERROR, "malformed request: content-length")
+            s.expect = int(headers["content-length"])
         self.streams[sid] = s
-        if headers.get(":path", "") in self.server.stream_handlers:  # its task answers message by message
+        # not a gRPC call: its body is counted, not kept, and it gets a plain HTTP answer (_not_grpc)
+        s.plain = headers[":method"] != "POST" or not headers.get("content-type", "").startswith(
+            "application/grpc"
+        )
+        if (
+            not s.plain and headers[":path"] in self.server.stream_handlers
+        ):  # its task answers message by message
             s.inbox = asyncio.Queue()
             s.task = asyncio.get_running_loop().create_task(self._stream_call(s))
             s.task.add_done_callback(functools.partial(self._stream_done, s))
@@ -489,17 +598,35 @@ class _Connection(asyncio.BufferedProtocol):
         s = self.streams.get(sid)
         if s is not None and s.receiving():
             s.unacked += length
+        else:
+            self._stray_data(sid, s)
+
+    def _stray_data(self, sid: int, s: _Stream | None) -> None:
+        """A DATA frame on no stream receiving: the client's error, unless it is for a stream we reset (it
+        was sent before the client heard)."""
+        if sid == 0 or sid > self.last_sid:
+            self._fail(PROTOCOL_ERROR, f"DATA on stream {sid}, not an opened one")
+        elif s is not None or self.closed.get(sid) is False:
+            self._stream_error(sid, STREAM_CLOSED, "DATA after the end of the request")
 
     def _data_bytes(self, sid: int, data: memoryview) -> None:
         s = self.streams.get(sid)
         if s is not None and s.receiving():  # else reset, refused or complete: its bytes are dropped
-            self._receive(s, data)
+            s.received += len(data)
+            if s.received > s.expect >= 0:
+                why = f"content-length {s.expect}, more DATA than that"
+                self._stream_error(sid, PROTOCOL_ERROR, f"malformed request: {why}")
+            elif not s.plain:
+                self._receive(s, data)
 
     def _data_end(self, flags: int, sid: int) -> None:
         s = self.streams.get(sid)
         if s is None or not s.receiving() or self.transport is None:
             return
         if flags & END_STREAM:
+            if s.expect >= 0 and s.expect != s.received:
+                why = f"content-length {s.expect}, DATA of {s.received} bytes"
+                return self._stream_error(sid, PROTOCOL_ERROR, f"malformed request: {why}")
             self._ended_in(s)
         elif s.unacked >= WINDOW // 2:
             self.out.append(frame(WINDOW_UPDATE, 0, sid, s.unacked.to_bytes(4, "big")))
@@ -670,8 +797,8 @@ class _Connection(asyncio.BufferedProtocol):
         h = s.headers
         timer = None
         try:
-            if h.get(":method") != "POST" or not h.get("content-type", "").startswith("application/grpc"):
-                raise RpcError(INTERNAL, "not a gRPC call: expected POST with content-type application/grpc")
+            if s.plain:
+                return self._not_grpc(s)
             timeout = parse_timeout(h.get("grpc-timeout"))
             if timeout is not None:
                 timer = asyncio.get_running_loop().call_later(timeout, self._expire, s)
@@ -686,6 +813,23 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _not_grpc(self, s: _Stream) -> None:
+        """A plain HTTP answer to a request that is not a gRPC call (a browser, curl, a health checker): 405
+        or 415 and why, as grpc-go answers."""
+        if self.transport is None or self.streams.get(s.sid) is not s:
+            return
+        method = s.headers.get(":method", "")
+        status = b"405" if method != "POST" else b"415"
+        head = b"\x08" + _hpack_int(len(status), 7) + status + literal(b"content-type", b"text/plain")
+        if method == "HEAD":
+            self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, s.sid, head))
+            self._drop(s.sid, s.receiving())
+        else:
+            self.out.append(frame(HEADERS, END_HEADERS, s.sid, head))
+            s.out = memoryview(NOT_GRPC)
+            self._send(s)  # as the client's windows allow; the last DATA frame ends the stream
+        self._write()
 
     def _failed(self, s: _Stream, e: Exception) -> None:
         """End a call with what its handler raised: an RpcError's status, else INTERNAL (logged; call this
@@ -718,8 +862,10 @@ class _Connection(asyncio.BufferedProtocol):
         reset: bool = False,
         trailers: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """Trailers-only answer with a status; `reset` also tells the client to stop sending."""
-        if self.transport is None or self._drop(s.sid) is None:
+        """Trailers-only answer with a status; `reset` also tells the client to stop sending (so does an
+        answer before the client's last message, as gRPC servers do)."""
+        reset = reset or s.receiving()
+        if self.transport is None or self._drop(s.sid, reset) is None:
             return
         block = RESPONSE_HEADERS + literal(b"grpc-status", str(code).encode())
         block += literal(b"grpc-message", percent_encode(message))
@@ -740,7 +886,8 @@ class _Connection(asyncio.BufferedProtocol):
                 s.out = out
                 self.blocked[s.sid] = s
                 return
-            self.out.append(frame(DATA, 0, s.sid, out[:n]))
+            last = s.plain and n == len(out)  # a plain HTTP answer ends with its last DATA frame
+            self.out.append(frame(DATA, END_STREAM if last else 0, s.sid, out[:n]))
             out = out[n:]
             self.conn_window -= n
             s.send_window -= n
@@ -749,12 +896,31 @@ class _Connection(asyncio.BufferedProtocol):
         if s.trailers:  # the call's last: a streaming call's answers so far leave it open
             self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, s.sid, s.trailers))
             self._drop(s.sid)
+        elif s.plain:
+            if s.receiving():  # answered before the client's end: it may stop sending (RFC 9113 8.1)
+                self.out.append(frame(RST_STREAM, 0, s.sid, NO_ERROR.to_bytes(4, "big")))
+            self._drop(s.sid, s.receiving())
 
-    def _drop(self, sid: int) -> _Stream | None:
+    def _drop(self, sid: int, reset: bool = False) -> _Stream | None:
         s = self.streams.pop(sid, None)
         if s is not None and s.task is None:
             self._release(s)  # a call under way releases its buffer when it ends
+        self._closed(sid, reset)
         return s
+
+    def _closed(self, sid: int, reset: bool) -> None:
+        if len(self.closed) >= CLOSED_KEPT:
+            self.closed.popitem(last=False)
+        self.closed[sid] = reset or self.closed.get(sid, False)
+
+    def _stream_error(self, sid: int, code: int, why: str) -> None:
+        """RST_STREAM: the call ends (its task cancelled), the connection goes on."""
+        log.info("gRPC stream reset", extra={"reason": why, "http2_error": code, "stream": sid})
+        s = self._drop(sid, reset=True)
+        self.blocked.pop(sid, None)
+        if s is not None and s.task is not None:
+            s.task.cancel()
+        self.out.append(frame(RST_STREAM, 0, sid, code.to_bytes(4, "big")))
 
     def _release(self, s: _Stream) -> None:
         if s.body is not None:

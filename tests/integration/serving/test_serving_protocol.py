@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -485,6 +486,47 @@ def test_a_grpc_go_client_under_load_gets_no_error(
     resp.raw_output_contents.append(bytes(16))
     size = len((pb.ModelStreamInferResponse(infer_response=resp) if stream else resp).SerializeToString())
     assert abs(r["reply_bytes"] - size) <= 8, r  # the version string may differ
+
+
+def h2spec_tool() -> Path:
+    """h2spec (HTTP/2 conformance, RFC 7540/9113 and HPACK), pinned in hack/h2spec/go.mod, built with Go into
+    .cache/gobin when missing or older than its pin."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    pin, out = root / "hack/h2spec/go.mod", root / ".cache/gobin/h2spec"
+    if out.is_file() and out.stat().st_mtime >= pin.stat().st_mtime:
+        return out
+    if shutil.which("go") is None:
+        pytest.skip("no Go toolchain to build h2spec")
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+    cmd = ["go", "build", "-o", str(out), "github.com/summerwind/h2spec/cmd/h2spec"]
+    built = subprocess.run(cmd, cwd=pin.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    return out
+
+
+def test_h2spec_finds_the_grpc_port_conformant(mlp_server: Serve) -> None:
+    """Every h2spec case (HTTP/2 and HPACK, strict mode) against our own HTTP/2 server: frames on idle,
+    half-closed and closed streams, malformed header blocks, flow-control limits, priority loops, and the
+    generic exchanges (a request that is not a gRPC call gets a plain HTTP answer with a body)."""
+    import re
+    import subprocess
+
+    tool = h2spec_tool()
+    out = subprocess.run(
+        [str(tool), "-S", "-h", "127.0.0.1", "-p", str(mlp_server.grpc_port), "-o", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    m = re.search(r"(\d+) tests, (\d+) passed, (\d+) skipped, (\d+) failed", out)
+    assert m, out[-3000:]
+    _, passed, _, failed = map(int, m.groups())
+    failures = out[out.find("Failures:") :] if "Failures:" in out else ""
+    assert failed == 0 and passed >= 140, failures[-6000:]
+    assert httpx.get(f"{mlp_server.url}/v2/health/ready").status_code == 200
 
 
 def test_metrics_report_requests_latency_batches_and_backend(mlp_server: Serve) -> None:

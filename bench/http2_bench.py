@@ -1,0 +1,155 @@
+"""CPU per unary call of our HTTP/2 server's own code (runtime/serving/protocol/http2.py), in-process: the
+frames of N calls (HEADERS, then the request message in DATA frames of a given size) are fed to one
+connection as a socket would hand them over (256 KiB reads), its calls answered by a handler that returns at
+once; no socket, no protobuf, no model. A diagnostic that a loaded machine's noise does not swamp (best of
+five rounds of process time), for A/B runs of a change to the frame handling:
+
+    python bench/http2_bench.py                  # this tree
+    python bench/http2_bench.py --base HEAD~1    # and a git revision, in the same run (baseline)
+
+The `--base` revision is checked out into a temporary worktree and measured in a subprocess of its own, the
+rounds of both interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [  # (label, message bytes, DATA frame size: grpc-go sends 16 KiB frames)
+    ("1 KB message", 1024, 16384),
+    ("602 KB message, 16 KiB frames", 602112, 16384),
+    ("602 KB message, 1 MiB frames", 602112, 1 << 20),
+]
+
+
+def _measure(size: int, frame_size: int, calls: int) -> float:
+    """µs of process time per call, for one round."""
+    from hpack import Encoder
+
+    from runtime.serving.protocol import http2
+
+    answered = [0]
+
+    async def handler(message: memoryview) -> bytes:
+        answered[0] += 1
+        return b"ok"
+
+    class Sink(asyncio.Transport):
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            pass
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+        def close(self) -> None:
+            pass
+
+    def call(enc: Encoder, sid: int) -> bytes:
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", "/b.B/Call"), (":authority", "x")]
+        fields += [("content-type", "application/grpc"), ("te", "trailers")]
+        out = [http2.frame(http2.HEADERS, http2.END_HEADERS, sid, enc.encode(fields))]
+        body = b"\x00" + size.to_bytes(4, "big") + bytes(size)
+        for i in range(0, len(body), frame_size):
+            flags = http2.END_STREAM if i + frame_size >= len(body) else 0
+            out.append(http2.frame(http2.DATA, flags, sid, body[i : i + frame_size]))
+        return b"".join(out)
+
+    async def run() -> float:
+        server = http2.GrpcServer({"/b.B/Call": handler}, max_message=1 << 21)
+        conn = http2._Connection(server)
+        conn.connection_made(Sink())
+
+        def feed(data: bytes) -> None:
+            view = memoryview(data)
+            while len(view):
+                n = min(len(view), len(server.scratch))
+                server.scratch[:n] = view[:n]
+                conn.buffer_updated(n)
+                view = view[n:]
+
+        enc = Encoder()
+        window = http2.frame(http2.WINDOW_UPDATE, 0, 0, (1 << 30).to_bytes(4, "big"))
+        feed(http2.PREFACE + http2.frame(http2.SETTINGS, 0, 0) + window)
+        wire = [call(enc, 1 + 2 * i) for i in range(calls)]
+        t0 = time.process_time()
+        for i, data in enumerate(wire):
+            feed(data)
+            if i % 8 == 7:  # the calls' tasks run between reads, as on a busy connection
+                for _ in range(3):
+                    await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        spent = time.process_time() - t0
+        assert answered[0] == calls and conn.transport is not None, (answered[0], calls)
+        return spent / calls * 1e6
+
+    return asyncio.run(run())
+
+
+def _child(rounds: int) -> None:
+    """One round of every case, printed as µs per call (run with the measured tree first on sys.path)."""
+    for _, size, frame_size in CASES:
+        calls = 2000 if size < 65536 else 300
+        print(min(_measure(size, frame_size, calls) for _ in range(rounds)))
+
+
+def _round(tree: Path) -> list[float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "--tree", str(tree)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    return [float(x) for x in out.split()]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="a git revision to measure in the same run (the baseline)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        sys.path.insert(0, a.tree)
+        _child(1)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="kf-http2-bench-") as d:
+        base = Path(d) / "base"
+        if a.base:
+            subprocess.run(
+                ["git", "worktree", "add", "-q", "--detach", str(base), a.base], cwd=ROOT, check=True
+            )
+        try:
+            here: list[list[float]] = []
+            there: list[list[float]] = []
+            for _ in range(a.rounds):  # interleaved: a machine's slow spell hits both
+                here.append(_round(ROOT))
+                if a.base:
+                    there.append(_round(base))
+        finally:
+            if a.base:
+                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=True)
+    print(f"HTTP/2 layer, µs of CPU per unary call (best of {a.rounds} rounds)\n")
+    print("| case | this tree |" + (f" {a.base} (baseline) | ratio |" if a.base else ""))
+    print("|---|---:|" + ("---:|---:|" if a.base else ""))
+    for i, (label, _, _) in enumerate(CASES):
+        mine = min(r[i] for r in here)
+        row = f"| {label} | {mine:.1f} |"
+        if a.base:
+            ref = min(r[i] for r in there)
+            row += f" {ref:.1f} | {mine / ref:.2f} |"
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
