@@ -44,7 +44,6 @@ compression.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import functools
@@ -200,7 +199,7 @@ def malformed(fields: Sequence[tuple[str, str]], trailers: bool) -> str:
 class _Stream:
     __slots__ = (
         *("body", "expired", "filled", "head", "headers", "out", "send_window", "sid", "task", "trailers"),
-        *("unacked", "inbox", "ended_in", "started", "expect", "received", "plain"),
+        *("unacked", "inbox", "ended_in", "started", "expect", "received", "plain", "counted"),
     )
 
     def __init__(self, sid: int, headers: dict[str, str], send_window: int) -> None:
@@ -224,6 +223,7 @@ class _Stream:
         self.expect = -1  # the request's content-length, when it gives one
         self.received = 0  # DATA payload bytes received
         self.plain = False  # not a gRPC call: answered in plain HTTP (405 or 415, and why)
+        self.counted = False  # its DATA is counted (a content-length to check, or plain)
 
     def receiving(self) -> bool:
         """Whether the client may still send on it: a unary call until it is dispatched, a streaming one
@@ -248,7 +248,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.last_sid = 0
         # the last CLOSED_KEPT streams closed, each with whether we reset it (frames the client sent before
         # it heard are dropped) or it ended (more frames on it are the client's error)
-        self.closed: collections.OrderedDict[int, bool] = collections.OrderedDict()
+        self.closed: dict[int, bool] = {}
         self.peer_frame = 16384
         self.peer_window = DEFAULT_WINDOW  # the initial send window of each new stream
         self.conn_window = DEFAULT_WINDOW  # what we may still send on the connection
@@ -570,6 +570,7 @@ class _Connection(asyncio.BufferedProtocol):
         s.plain = headers[":method"] != "POST" or not headers.get("content-type", "").startswith(
             "application/grpc"
         )
+        s.counted = s.plain or s.expect >= 0
         if (
             not s.plain and headers[":path"] in self.server.stream_handlers
         ):  # its task answers message by message
@@ -612,12 +613,19 @@ class _Connection(asyncio.BufferedProtocol):
     def _data_bytes(self, sid: int, data: memoryview) -> None:
         s = self.streams.get(sid)
         if s is not None and s.receiving():  # else reset, refused or complete: its bytes are dropped
-            s.received += len(data)
-            if s.received > s.expect >= 0:
-                why = f"content-length {s.expect}, more DATA than that"
-                self._stream_error(sid, PROTOCOL_ERROR, f"malformed request: {why}")
-            elif not s.plain:
+            if s.counted:
+                self._count(s, data)
+            else:
                 self._receive(s, data)
+
+    def _count(self, s: _Stream, data: memoryview) -> None:
+        """DATA of a request with a content-length (checked against it), or not a gRPC call (not kept)."""
+        s.received += len(data)
+        if s.received > s.expect >= 0:
+            why = f"content-length {s.expect}, more DATA than that"
+            self._stream_error(s.sid, PROTOCOL_ERROR, f"malformed request: {why}")
+        elif not s.plain:
+            self._receive(s, data)
 
     def _data_end(self, flags: int, sid: int) -> None:
         s = self.streams.get(sid)
@@ -909,9 +917,10 @@ class _Connection(asyncio.BufferedProtocol):
         return s
 
     def _closed(self, sid: int, reset: bool) -> None:
-        if len(self.closed) >= CLOSED_KEPT:
-            self.closed.popitem(last=False)
-        self.closed[sid] = reset or self.closed.get(sid, False)
+        closed = self.closed
+        closed[sid] = reset or closed.get(sid, False)
+        if len(closed) > 2 * CLOSED_KEPT:  # the newest CLOSED_KEPT stay (dicts keep insertion order)
+            self.closed = dict(list(closed.items())[-CLOSED_KEPT:])
 
     def _stream_error(self, sid: int, code: int, why: str) -> None:
         """RST_STREAM: the call ends (its task cancelled), the connection goes on."""
