@@ -317,7 +317,9 @@ def test_request_bytes_past_what_a_process_may_hold_answer_429_naming_the_flag(s
 
 def test_sigterm_drains_in_flight_requests(slow_server: Serve) -> None:
     with cf.ThreadPoolExecutor(3) as pool:
-        futs = [pool.submit(_post, slow_server.url, float(i)) for i in range(3)]
+        futs = [pool.submit(_post, slow_server.url, 0.0)]
+        time.sleep(0.1)  # running (the queue holds 2: three at once could find the first still queued)
+        futs += [pool.submit(_post, slow_server.url, float(i)) for i in (1, 2)]
         time.sleep(0.2)  # all three are in the server: one running, two queued
         slow_server.proc.terminate()
         time.sleep(0.2)
