@@ -770,3 +770,41 @@ def test_protocol_errors_are_answered_as_rfc_9113_says_and_late_frames_of_a_rese
         c.w.close()
 
     _serve(Echo(), scenario)
+
+
+def test_a_message_in_many_small_data_frames_arrives_whole_and_its_windows_are_refilled() -> None:
+    """A 9 MiB message in 16 KiB DATA frames (as grpc-go sends them; the receiving side's fast path), each
+    read holding several frames and ending mid-frame: the echo is the message reversed, and past half of
+    each 16 MiB window the server sent WINDOW_UPDATEs for the connection and the stream."""
+    message = bytes(range(256)) * (9 << 12)  # 9 MiB
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        c.call(1, "/t.E/Echo", b"", data=False)
+        body = b"\x00" + len(message).to_bytes(4, "big") + message
+        step = 16384
+        for i in range(0, len(body), step):
+            last = i + step >= len(body)
+            c.w.write(http2.frame(http2.DATA, http2.END_STREAM if last else 0, 1, body[i : i + step]))
+        for sid in (0, 1):  # room for the 9 MiB echo
+            c.w.write(http2.frame(http2.WINDOW_UPDATE, 0, sid, (16 << 20).to_bytes(4, "big")))
+        await c.w.drain()
+        updates: dict[int, int] = {}
+        data = b""
+        while True:
+            kind, flags, sid, payload = await c.frames()
+            if kind == http2.WINDOW_UPDATE:
+                updates[sid] = updates.get(sid, 0) + int.from_bytes(payload, "big")
+            elif kind == http2.DATA and sid == 1:
+                data += payload
+            elif kind == http2.HEADERS and sid == 1 and flags & http2.END_STREAM:
+                break
+        assert data[5:] == message[::-1]
+        # the connection's first update is the window's growth at the start; then half-window refills
+        assert updates[1] >= http2.WINDOW // 2 and updates[0] - (http2.WINDOW - http2.DEFAULT_WINDOW) >= (
+            http2.WINDOW // 2
+        ), updates
+        c.w.close()
+
+    _serve(Echo(), scenario)
