@@ -262,6 +262,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self._fail(431, f"request head larger than {MAX_HEAD} bytes")
                 return
             if end < 0:
+                if b"\n\n" in self.inbox:  # a head of bare LFs: it would never end
+                    self._fail(400, "request head lines must end in CRLF")
                 return
             head = bytes(self.inbox[:end])
             del self.inbox[: end + 4]
@@ -321,11 +323,11 @@ class _Connection(asyncio.BufferedProtocol):
                     self.body = PlainBody(memoryview(c.out))
                     self._dispatch()
                     return True
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
+                digits = line.split(b";", 1)[0].strip()
+                if not 0 < len(digits) <= 15 or digits.strip(HEX_DIGITS):  # 1*HEXDIG, nothing else
                     self._fail(400, f"malformed chunk size {line[:40]!r}")
                     return True
+                size = int(digits, 16)
                 if size == 0:
                     c.trailers = True
                     continue
@@ -448,44 +450,67 @@ class _Connection(asyncio.BufferedProtocol):
 
 
 def _parse_head(head: bytes) -> Request:
+    """A request head (RFC 9112), refused with 400 wherever two parsers could read it differently (a proxy in
+    front and this server: request smuggling): bare LF, NUL or CR in a line, whitespace before a field's
+    colon or folded lines, a content-length that is not one number, transfer-encoding other than chunked
+    once, both of them, more than one Host."""
     lines = head.split(b"\r\n")
+    crlf = len(lines) - 1
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\x00" in head:
+        raise HttpError(400, "request head with a NUL, or a CR or LF not in a CRLF")
     try:
         method, target, version = lines[0].split(b" ")
     except ValueError:
         raise HttpError(400, f"malformed request line {lines[0][:80]!r}") from None
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpError(505, f"HTTP version {version[:20]!r} is not supported")
+    if not method or not target:
+        raise HttpError(400, f"malformed request line {lines[0][:80]!r}")
     headers: Headers = []
-    length: int | None = 0
+    length: int | None = None
     chunked = False
+    hosts = 0
     conn = b""
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in (b" ", b"\t"):
+        if not sep or not name or name[-1] in _SP_HT or name[0] in _SP_HT:  # (folded lines start so)
             raise HttpError(400, f"malformed header line {line[:80]!r}")
         name = name.lower()
         value = value.strip()
         headers.append((name, value))
         if name == b"content-length":
-            if not value.isdigit():
+            if not value.isdigit() or len(value) > 18:
                 raise HttpError(400, f"header content-length is not an integer: {value[:40]!r}")
-            if length and int(value) != length:
+            if length is not None and int(value) != length:
                 raise HttpError(400, "conflicting content-length headers")
             length = int(value)
         elif name == b"transfer-encoding":
             if value.lower() != b"chunked":
                 coding = value[:40].decode(errors="replace")
-                raise HttpError(501, f"transfer-encoding {coding} is not supported")
+                raise HttpError(501, f"transfer-encoding {coding} is not supported (only chunked)")
+            if chunked:
+                raise HttpError(400, "transfer-encoding chunked given twice")
             chunked = True
+        elif name == b"host":
+            hosts += 1
         elif name == b"connection":
             conn = value.lower()
+    if hosts > 1:  # none is let through (RFC 9112 says 400): raw probes omit it, and no route depends on it
+        raise HttpError(400, f"{hosts} Host headers: give one")
     if chunked:
-        if any(k == b"content-length" for k, _ in headers):
+        if length is not None:
             raise HttpError(400, "both content-length and transfer-encoding: chunked")
-        length = None
+    elif length is None:
+        length = 0
     keep = b"close" not in conn if version == b"HTTP/1.1" else b"keep-alive" in conn
+    if target[0] != 47 and target[:4].lower() == b"http":  # absolute form (not "/..."): its path
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
     path = target.split(b"?", 1)[0].decode("latin-1")
     return Request(method.decode("latin-1"), path, headers, version, keep, length)
+
+
+HEX_DIGITS = b"0123456789abcdefABCDEF"
+_SP_HT = (32, 9)
 
 
 def close_then_drop(transport: asyncio.BaseTransport, period: float) -> None:

@@ -194,6 +194,28 @@ def test_oversized_body_is_refused_read_and_dropped_and_the_connection_goes_on()
         (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400, b"malformed header line"),
         (b"GET / HTTP/1.1\r\nx: " + b"a" * 70_000 + b"\r\n\r\n", 431, b"request head larger"),
         (b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400, b"malformed chunk size"),
+        # what a proxy in front could read otherwise (request smuggling): each refused, the connection closed
+        (b"POST /p HTTP/1.1\r\ncontent-length: 0\r\ncontent-length: 5\r\n\r\nhello", 400, b"conflicting"),
+        (b"POST /p HTTP/1.1\r\ncontent-length: +5\r\n\r\nhello", 400, b"not an integer"),
+        (
+            b"POST /p HTTP/1.1\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            b"both",
+        ),
+        (
+            b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            400,
+            b"twice",
+        ),
+        (b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked, gzip\r\n\r\n", 501, b"only chunked"),
+        (b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n-1\r\n", 400, b"malformed chunk size"),
+        (b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0x10\r\n", 400, b"malformed chunk size"),
+        (b"GET / HTTP/1.1\r\ncontent-length : 5\r\n\r\nhello", 400, b"malformed header line"),
+        (b"GET / HTTP/1.1\r\nx: a\r\n b\r\n\r\n", 400, b"malformed header line"),  # a folded line
+        (b"GET / HTTP/1.1\nhost: x\n\n", 400, b"must end in CRLF"),
+        (b"GET / HTTP/1.1\r\nx: a\nb: c\r\n\r\n", 400, b"not in a CRLF"),
+        (b"GET / HTTP/1.1\r\nx: a\x00b\r\n\r\n", 400, b"NUL"),
+        (b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400, b"2 Host headers"),
     ],
 )
 def test_broken_requests_get_an_error_naming_the_problem_and_a_closed_connection(
@@ -404,3 +426,16 @@ def test_request_bytes_held_across_connections_are_bounded_by_the_budget() -> No
         assert await until(lambda: not budget.held, 1.0)
 
     _serve(app, scenario)
+
+
+def test_a_request_target_in_absolute_form_is_served_by_its_path() -> None:
+    """RFC 9112 3.2.2: servers accept `GET http://host/path` (what a client talking to a proxy sends)."""
+
+    async def scenario(port: int, _: HttpServer) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET http://x:8080/abs?q=1 HTTP/1.1\r\nhost: x\r\n\r\nGET HTTPS://x HTTP/1.1\r\n\r\n")
+        assert (await _read_response(r))[2] == b"hello /abs"
+        assert (await _read_response(r))[2] == b"hello /"
+        w.close()
+
+    _serve(EchoApp(), scenario)
