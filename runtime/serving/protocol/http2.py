@@ -724,6 +724,8 @@ class _Connection(asyncio.BufferedProtocol):
         what is queued, then ends the call (a message cut short ends it with an error)."""
         if s.inbox is None:
             s.task = asyncio.get_running_loop().create_task(self._call(s))
+            # its buffer back once it is done, even cancelled before it ran (a reset: no finally runs then)
+            s.task.add_done_callback(functools.partial(self._call_done, s))
             return
         s.ended_in = True
         if s.body is not None or s.head:
@@ -761,6 +763,9 @@ class _Connection(asyncio.BufferedProtocol):
     def _message_done(self, running: set[asyncio.Task[None]], body: Body, task: asyncio.Task[None]) -> None:
         running.discard(task)
         self._give(body)
+
+    def _call_done(self, s: _Stream, _: object) -> None:
+        self._release(s)
 
     def _stream_done(self, s: _Stream, _: object = None) -> None:
         """A streaming call's task is done (or was cancelled before it ran): the bytes of the messages it
@@ -806,11 +811,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._write()
 
     async def _call(self, s: _Stream) -> None:
-        """A unary call, once its request is whole."""
-        try:
-            await self._guarded(s, functools.partial(self._unary, s))
-        finally:
-            self._release(s)
+        """A unary call, once its request is whole (its buffer goes back when the task is done: _ended_in)."""
+        await self._guarded(s, functools.partial(self._unary, s))
 
     async def _unary(self, s: _Stream) -> None:
         h = s.headers
@@ -938,6 +940,8 @@ class _Connection(asyncio.BufferedProtocol):
         s = self.streams.pop(sid, None)
         if s is not None and s.task is None:
             self._release(s)  # a call under way releases its buffer when it ends
+        elif s is not None and s.inbox is not None:
+            self._stop_stream(s)  # a streaming call ended from outside its task: it would wait for ever
         self._closed(sid, reset)
         return s
 

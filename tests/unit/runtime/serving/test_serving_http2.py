@@ -808,3 +808,31 @@ def test_a_message_in_many_small_data_frames_arrives_whole_and_its_windows_are_r
         c.w.close()
 
     _serve(Echo(), scenario)
+
+
+def test_a_call_reset_before_its_task_ran_gives_its_bytes_back_and_a_stream_ended_from_outside_stops() -> (
+    None
+):
+    """Two leaks the fuzz test (test_serving_fuzz.py) found: a unary call whose request ends and is reset in
+    the same read is cancelled before its task runs, so no `finally` in it could give its message's bytes
+    back (they stayed held in the budget for good); and a streaming call ended by the server from outside its
+    task (a message over the limit) left the task waiting for messages for ever."""
+    cancelled = asyncio.Event()
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        c.call(1, "/t.E/Echo", b"x" * 100)  # HEADERS, DATA with END_STREAM ...
+        c.w.write(http2.frame(http2.RST_STREAM, 0, 1, http2.CANCEL.to_bytes(4, "big")))  # ... reset at once
+        await c.w.drain()
+        c.call(3, "/t.E/Stream", b"", data=False)
+        c.w.write(http2.frame(http2.DATA, 0, 3, b"\x00" + (1 << 30).to_bytes(4, "big")))  # 1 GiB: refused
+        headers, _ = await c.answer(3)
+        assert headers["grpc-status"] == str(http2.RESOURCE_EXHAUSTED)
+        assert await until(lambda: server.budget.held == 0, 5), server.budget.held
+        await asyncio.sleep(0.05)
+        pending = [t for t in asyncio.all_tasks() if "_stream_call" in repr(t) and not t.done()]
+        assert pending == []
+        c.w.close()
+
+    _serve(Echo().handlers(), scenario, stream_handlers=_stream_handlers(cancelled))
