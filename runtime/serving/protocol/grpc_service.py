@@ -206,6 +206,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 model.batcher.announce()
                 try:
                     inputs, rows = _decode(request, raw, model.signature, model.max_batch_size, shm, reads)
+                    wanted = _outputs(request, model.signature, shm)  # refused before the model runs
                     deadline = _deadline(request, context)
                     priority = _priority(request)
                 except BaseException:
@@ -214,7 +215,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 outs = await model.infer(inputs, rows, deadline=deadline, priority=priority)
             finally:
                 self.metrics.ended(label)
-            return _encode(request, model.name, model.version, model.signature, outs, shm)
+            return _encode(request, model.name, model.version, model.signature, outs, wanted, shm)
         except InferError as e:
             code = e.grpc_code.name
             await context.abort(e.grpc_code, e.message, PUSHBACK if e.overload else ())
@@ -338,26 +339,34 @@ def _decode(
     return [by_name[s.name] for s in sig.inputs], rows
 
 
+def _outputs(request: Any, sig: Any, shm: SharedMemory | None) -> list[tuple[str, Target | None]]:
+    """The outputs the request asks for (all, when it names none), each with the shared memory region it
+    is to be written to, if any; BadRequest for an unknown one."""
+    known = {o.name for o in sig.outputs}
+    out: list[tuple[str, Target | None]] = []
+    for o in request.outputs:
+        if o.name not in known:
+            raise BadRequest(f"unknown output {o.name!r}; the model has outputs {sorted(known)}")
+        out.append((o.name, _shm_target(shm, o.parameters, f"output {o.name!r}")))
+    return out or [(o.name, None) for o in sig.outputs]
+
+
 def _encode(
     request: Any,
     name: str,
     version: str,
     sig: Any,
     outs: tuple[torch.Tensor, ...],
+    wanted: list[tuple[str, Target | None]],
     shm: SharedMemory | None = None,
 ) -> Any:
     """The response; an output asked for in shared memory is written there, answered with its region in its
     parameters and an empty raw_output_contents entry (which stay in the outputs' order)."""
     index = {o.name: i for i, o in enumerate(sig.outputs)}
-    asked = {o.name: o for o in request.outputs}
-    wanted = list(asked) or [o.name for o in sig.outputs]
     resp = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
-    for out_name in wanted:
-        if out_name not in index:
-            raise BadRequest(f"unknown output {out_name!r}; the model has outputs {sorted(index)}")
+    for out_name, region in wanted:
         t = outs[index[out_name]]
         out = resp.outputs.add(name=out_name, datatype=datatypes.from_torch(t.dtype), shape=list(t.shape))
-        region = _shm_target(shm, asked[out_name].parameters, f"output {out_name!r}") if asked else None
         if region is None:
             resp.raw_output_contents.append(tensor_bytes(t))
             continue

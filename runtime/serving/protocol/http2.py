@@ -596,9 +596,8 @@ class _Connection(asyncio.BufferedProtocol):
             "application/grpc"
         )
         s.counted = s.plain or s.expect >= 0
-        if (
-            not s.plain and headers[":path"] in self.server.stream_handlers
-        ):  # its task answers message by message
+        # a streaming call: its task answers message by message
+        if not s.plain and headers[":path"] in self.server.stream_handlers:
             s.inbox = asyncio.Queue()
             s.task = asyncio.get_running_loop().create_task(self._stream_call(s))
             s.task.add_done_callback(functools.partial(self._stream_done, s))

@@ -92,6 +92,9 @@ def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
     with pytest.raises(tg.InferenceServerException) as e:
         client.infer("mlp", [tg.InferInput("nope", [1, 16], "FP32").set_data_from_numpy(x[:1])])
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "unknown input 'nope'" in e.value.message()
+    with pytest.raises(tg.InferenceServerException) as e:  # refused before the model runs
+        client.infer("mlp", [inp], outputs=[tg.InferRequestedOutput("nope")])
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "unknown output 'nope'" in e.value.message()
     for name in ("nosuch", "nosuch2"):
         with pytest.raises(tg.InferenceServerException) as e:
             client.infer(name, [inp])
