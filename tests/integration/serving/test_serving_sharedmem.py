@@ -144,6 +144,17 @@ def test_tritonclient_grpc_with_shared_memory_and_a_region_registered_again(
     got = shm.get_contents_as_numpy(out_h, np.float32, [2, 4], offset=8)
     np.testing.assert_allclose(got, _eager(registry, x), rtol=1e-5, atol=1e-6)
 
+    # Triton's streaming inference reads shared memory too
+    import queue
+
+    answers: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    client.async_stream_infer("mlp", [inp], request_id="s1")
+    result, error = answers.get(timeout=30)
+    client.stop_stream()
+    assert error is None and result.get_response().id == "s1"
+    np.testing.assert_allclose(result.as_numpy("output__0"), _eager(registry, x), rtol=1e-5, atol=1e-6)
+
     x2 = x * -3
     key2, h2 = regions.make(x2.nbytes)
     shm.set_shared_memory_region(h2, [x2])
