@@ -110,6 +110,25 @@ def _run(scenario: Any) -> None:
         assert not watch.problems, watch.problems[:3]
 
 
+async def _deliver(conn: asyncio.BufferedProtocol, data: bytes, rng: random.Random) -> None:
+    """`data` into the connection as reads of 1 byte to 1 MiB, the loop turning now and then; the
+    connection's calls left to run, then the connection lost."""
+    view = memoryview(data)
+    while len(view) and getattr(conn, "transport", None) is not None:
+        buf = conn.get_buffer(-1)
+        n = min(len(view), len(buf), rng.choice([1, 9, 100, 4096, 1 << 20]))
+        buf[:n] = view[:n]
+        conn.buffer_updated(n)
+        view = view[n:]
+        if rng.random() < 0.3:
+            await asyncio.sleep(0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    conn.connection_lost(None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 def _h2_calls(rng: random.Random) -> bytes:
     enc = Encoder()
     out = [http2.PREFACE, http2.frame(http2.SETTINGS, 0, 0, bytes.fromhex("000400010000"))]
@@ -155,19 +174,7 @@ def test_http2_survives_mutated_call_streams() -> None:
         data = _h2_calls(rng)
         if rng.random() < 0.9:  # the preface stays: past it is where the protocol's own code runs
             data = data[: len(http2.PREFACE)] + _mutate(rng, data[len(http2.PREFACE) :])
-        view = memoryview(data)
-        while len(view) and conn.transport is not None:
-            n = min(len(view), rng.choice([1, 9, 100, 4096, len(server.scratch)]))
-            server.scratch[:n] = view[:n]
-            conn.buffer_updated(n)
-            view = view[n:]
-            if rng.random() < 0.3:
-                await asyncio.sleep(0)
-        for _ in range(5):
-            await asyncio.sleep(0)
-        conn.connection_lost(None)
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await _deliver(conn, data, rng)
         assert server.budget.held == 0, (seed, server.budget.held)
 
     _run(scenario)
@@ -226,20 +233,7 @@ def test_http1_survives_mutated_request_streams() -> None:
         data = _h1_requests(rng)
         if rng.random() < 0.9:
             data = _mutate(rng, data)
-        view = memoryview(data)
-        while len(view) and conn.transport is not None:
-            buf = conn.get_buffer(-1)
-            n = min(len(view), len(buf), rng.choice([1, 9, 100, 4096, 1 << 20]))
-            buf[:n] = view[:n]
-            conn.buffer_updated(n)
-            view = view[n:]
-            if rng.random() < 0.3:
-                await asyncio.sleep(0)
-        for _ in range(5):
-            await asyncio.sleep(0)
-        conn.connection_lost(None)
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await _deliver(conn, data, rng)
         assert server.budget.held == 0 and app.bodies == 0, (seed, server.budget.held, app.bodies)
 
     _run(scenario)
