@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (see hack/device-kit.sh; carry .cache/dev), one part per call (each fits in 10 min):
 #   tests        the CUDA-only tests in one pytest process
-#   tables       the bench tables of $MODELS (bert resnet50), REST binary and gRPC, max batch 32, 8 workers, to
+#   tables       the bench tables of $MODELS (bert resnet50), $PATHS (binary,grpc; add shm for inputs through
+#                Triton's system shared memory: what the sockets cost), max batch 32, 8 workers, to
 #                $OUT/<model>.md (whatever finished comes back if the call runs out of time); the compile caches
 #                stay under /tmp/kf-serve-profile, where hack/serve-profile.py (copy-stream, ab, ...) finds them
 #                on the same warm machine (so run it first: its cold start needs them empty)
@@ -36,11 +37,11 @@ tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose pac
   timeout 500 python -m pytest -q --noconftest -p no:cacheprovider tests/unit/runtime/serving -k gpu 2>&1 | tail -15 ;;
 tables)
   for m in ${MODELS:-bert resnet50}; do
-    t=230; [[ $m == resnet50 ]] && t=330
+    t=230; [[ $m == resnet50 ]] && t=330; [[ ${PATHS:-} == *shm* ]] && t=$((t + 90))
     timeout $t python bench/serve_bench.py --device cuda --models "$m" --mode aot --precision bf16 --max-batch 32 \
-      --delay-ms 2.0 --seconds 3 --workers 8 --paths binary,grpc --workdir /tmp/kf-serve-profile \
+      --delay-ms 2.0 --seconds 3 --workers 8 --paths "${PATHS:-binary,grpc}" --workdir /tmp/kf-serve-profile \
       --out "${OUT:-/tmp}/$m.md" > "${OUT:-/tmp}/$m.log" 2>&1
-    echo "$m rc=$?"; grep -E "^\||Cold" "${OUT:-/tmp}/$m.log" | tail -16
+    echo "$m rc=$?"; grep -E "^\||Cold" "${OUT:-/tmp}/$m.log" | tail -22
   done ;;
 copy-stream)
   for tag in ${TAGS:-one-stream copy-stream one-stream copy-stream}; do
