@@ -294,9 +294,9 @@ class Server:
     def __init__(self, cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -> None:
         self._own_registry = cfg.allow_client_shm and not cfg.shm_registry
         if self._own_registry:
-            from runtime.serving.protocol.sharedmem import SharedMemory
+            from runtime.serving.protocol.sharedmem import create_registry
 
-            cfg = replace(cfg, shm_registry=SharedMemory.create_registry())
+            cfg = replace(cfg, shm_registry=create_registry())
         self.cfg = cfg
         self.loader = loader
         self.metrics = Metrics()
@@ -496,9 +496,9 @@ class Server:
             await loop.run_in_executor(None, self._pending[0].close, cfg.grace_s)
         model_task.cancel()
         if self._own_registry:
-            from runtime.serving.protocol.sharedmem import SharedMemory
+            from runtime.serving.protocol.sharedmem import remove_registry
 
-            SharedMemory.remove_registry(self.cfg.shm_registry)
+            remove_registry(self.cfg.shm_registry)
         log.info("stopped", extra={"drain_seconds": round(time.perf_counter() - t0, 3)})
 
     async def _listen_here(self) -> Callable[[], Awaitable[None]]:
@@ -612,9 +612,8 @@ async def start_protocol(
         from runtime.serving.protocol.sharedmem import SharedMemory
 
         lend = (lambda n: slot_body(n, 0)) if slot_body is not None else None
-        shm = SharedMemory(
-            cfg.shm_registry or None, max_payload=cfg.max_payload_bytes, budget=budget, lend=lend
-        )
+        assert cfg.shm_registry, "Server makes the registry the server's processes share"
+        shm = SharedMemory(cfg.shm_registry, max_payload=cfg.max_payload_bytes, budget=budget, lend=lend)
     triton = Extensions(repo, metrics, batching, render_metrics, shm)
     app = RestApp(
         repo,
@@ -683,6 +682,6 @@ async def start_protocol(
             loop.remove_reader(dealt.fileno())
         await asyncio.gather(http.stop(cfg.grace_s), stop_grpc(), return_exceptions=True)
         if shm is not None:
-            shm.close()  # this process's descriptors (and the registry, when it made its own)
+            shm.close()  # this process's descriptors
 
     return http_port, grpc_port, stop

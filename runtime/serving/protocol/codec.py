@@ -13,7 +13,7 @@ import torch
 
 from runtime.serving.errors import BadRequest
 from runtime.serving.protocol import datatypes
-from runtime.serving.protocol.sharedmem import NOT_ALLOWED, Reads, Target, target
+from runtime.serving.protocol.sharedmem import BYTE_SIZE, NOT_ALLOWED, OFFSET, REGION, Reads, Target
 from runtime.serving.signature import Signature, check_input, check_request
 
 if TYPE_CHECKING:
@@ -90,12 +90,41 @@ def _shape(name: str, value: Any) -> list[int]:
     return value
 
 
+def _byte_count(params: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = params.get(key, default)
+    if not _whole(value):
+        raise BadRequest(f"{where}: parameter {key} must be a whole number of bytes >= 0, not {value!r}")
+    return value
+
+
 def shm_target(shm: SharedMemory | None, params: object, where: str) -> Target | None:
-    """The shared memory region an input or output names in its parameters (protocol.sharedmem)."""
-    t = target(params, where) if isinstance(params, dict) else None
-    if t is not None and shm is None:
+    """The shared memory region an input or output names in its parameters (protocol.sharedmem; Triton's:
+    region and byte size together, offset optional), or None when it names none."""
+    if not isinstance(params, dict):
+        return None
+    region = params.get(REGION)
+    if region is None and BYTE_SIZE not in params:
+        return None
+    if not isinstance(region, str) or not region:
+        raise BadRequest(f"{where}: {BYTE_SIZE} given without {REGION} (the registered region's name)")
+    if BYTE_SIZE not in params:
+        raise BadRequest(f"{where}: {REGION} {region!r} given without {BYTE_SIZE}")
+    t = Target(region, _byte_count(params, OFFSET, where, 0), _byte_count(params, BYTE_SIZE, where))
+    if shm is None:
         raise BadRequest(f"{where} names shared memory region {t.region!r}, but {NOT_ALLOWED}")
     return t
+
+
+def shm_register_body(body: bytes | bytearray | memoryview) -> tuple[str, int, int]:
+    """A REST shared memory register request's body: key, offset, byte size."""
+    try:
+        d = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("key"), str):
+        raise BadRequest('a register request is {"key": "/name", "offset": n, "byte_size": n}: key missing')
+    where = "register request"
+    return d["key"], _byte_count(d, "offset", where, 0), _byte_count(d, "byte_size", where)
 
 
 def decode_request(

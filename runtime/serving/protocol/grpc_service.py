@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from google.protobuf import json_format
 
-from runtime.serving.errors import BadRequest, InferError, NotFound
+from runtime.serving.errors import BadRequest, InferError
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository
 from runtime.serving.protocol import datatypes
@@ -33,7 +33,7 @@ from runtime.serving.protocol.codec import (
     tensor_from_json,
 )
 from runtime.serving.protocol.http2 import PUSHBACK, CallContext, RpcError
-from runtime.serving.protocol.sharedmem import CUDA_REFUSED, NOT_ALLOWED, Reads, SharedMemory, Target
+from runtime.serving.protocol.sharedmem import CUDA_REFUSED, Reads, SharedMemory, Target
 from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 from runtime.serving.signature import check_input, check_request
 
@@ -146,9 +146,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
         """Triton's shared memory extension (protocol.sharedmem): the registered regions, by name."""
         try:
-            regions = self.triton.shm.status(request.name) if self.triton.shm is not None else []
-            if request.name and not regions:
-                raise NotFound(f"shared memory region {request.name!r} is not registered")
+            regions = self.triton.shm_status(request.name)
         except InferError as e:
             await context.abort(e.grpc_code, e.message)
         return json_format.ParseDict(
@@ -157,16 +155,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
         try:
-            if self.triton.shm is None:
-                raise BadRequest(f"cannot register shared memory region {request.name!r}: {NOT_ALLOWED}")
-            self.triton.shm.register(request.name, request.key, request.offset, request.byte_size)
+            self.triton.shm_register(request.name, request.key, request.offset, request.byte_size)
         except InferError as e:
             await context.abort(e.grpc_code, e.message)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        if self.triton.shm is not None:
-            self.triton.shm.unregister(request.name)
+        self.triton.shm_unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:

@@ -24,7 +24,7 @@ import orjson
 from runtime.serving.errors import BadRequest, InferError, NotFound
 from runtime.serving.metrics import CONTENT_TYPE, Metrics
 from runtime.serving.model import Repository, ServedModel
-from runtime.serving.protocol.codec import decode_request, encode_response
+from runtime.serving.protocol.codec import decode_request, encode_response, shm_register_body
 from runtime.serving.protocol.http1 import (
     JSON,
     Body,
@@ -34,7 +34,7 @@ from runtime.serving.protocol.http1 import (
     Response,
     error_response,
 )
-from runtime.serving.protocol.sharedmem import CUDA_REFUSED, NOT_ALLOWED, parse_register
+from runtime.serving.protocol.sharedmem import CUDA_REFUSED
 from runtime.serving.protocol.triton import LOAD_REFUSED, Extensions
 
 # (body length, Inference-Header-Content-Length) -> a body in shared memory, or None
@@ -204,20 +204,12 @@ class RestApp:
                 if op == "status" and name:
                     raise NotFound(f"CUDA shared memory region {name!r} is not registered")
                 return 200, b"[]" if op == "status" else b"{}", JSON
-            shm = self.triton.shm
             if op == "status":
-                regions = shm.status(name) if shm is not None else []
-                if name and not regions:
-                    raise NotFound(f"shared memory region {name!r} is not registered")
-                return 200, orjson.dumps([r.status() for r in regions]), JSON
-            if shm is None:
-                if op == "unregister":
-                    return 200, b"{}", JSON
-                raise BadRequest(f"cannot register shared memory region {name!r}: {NOT_ALLOWED}")
+                return 200, orjson.dumps([r.status() for r in self.triton.shm_status(name)]), JSON
             if op == "register":
-                shm.register(name, *parse_register(body))
+                self.triton.shm_register(name, *shm_register_body(body))
             else:
-                shm.unregister(name)
+                self.triton.shm_unregister(name)
             return 200, b"{}", JSON
         except InferError as e:
             return error_response(e.http_status, e.message)

@@ -101,63 +101,41 @@ class _Opened:
         self.ident = ident
 
 
-def _whole(params: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{where}: parameter {key} must be a whole number of bytes >= 0, not {value!r}")
-    return value
+def create_registry() -> str:
+    """A fresh registry directory for a server's processes (the server removes it: `remove_registry`)."""
+    where = KEY_DIR if os.path.isdir(KEY_DIR) else None  # writable in a pod whose root file system is not
+    return tempfile.mkdtemp(prefix=f"{OWN_PREFIX}-shm-registry-", dir=where)
 
 
-def target(params: dict[str, Any], where: str) -> Target | None:
-    """The shared memory parameters of an input or requested output (Triton's: region and byte size
-    together, offset optional), or None when it names no region."""
-    region = params.get(REGION)
-    if region is None and BYTE_SIZE not in params:
-        return None
-    if not isinstance(region, str) or not region:
-        raise BadRequest(f"{where}: {BYTE_SIZE} given without {REGION} (the registered region's name)")
-    if BYTE_SIZE not in params:
-        raise BadRequest(f"{where}: {REGION} {region!r} given without {BYTE_SIZE}")
-    return Target(region, _whole(params, OFFSET, where, 0), _whole(params, BYTE_SIZE, where))
+def remove_registry(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class SharedMemory:
-    """The regions registered with the server (the registry directory, shared by its processes) and this
-    process's open descriptors. `registry` None: a private directory, removed by `close`."""
+    """The regions registered with the server (the `registry` directory, shared by its processes: see
+    create_registry) and this process's open descriptors."""
 
     def __init__(
         self,
-        registry: str | None = None,
+        registry: str,
         *,
         key_dir: str = KEY_DIR,
         max_payload: int = 64 << 20,
         budget: Any = None,  # protocol.http1.Budget: input bytes held until each request's answer
         lend: Callable[[int], Any] | None = None,  # a protocol worker's slot for n bytes (http1.Body) or None
     ) -> None:
-        self.owned = registry is None
-        self.registry = registry or self.create_registry()
+        self.registry = registry
         self.key_dir = key_dir
         self.max_payload = max_payload
         self.budget = budget
         self.lend = lend
         self._open: dict[str, _Opened] = {}
 
-    @staticmethod
-    def create_registry() -> str:
-        """A fresh registry directory for a server's processes (the caller removes it: `remove_registry`)."""
-        where = KEY_DIR if os.path.isdir(KEY_DIR) else None  # writable in a pod whose root file system is not
-        return tempfile.mkdtemp(prefix=f"{OWN_PREFIX}-shm-registry-", dir=where)
-
-    @staticmethod
-    def remove_registry(path: str) -> None:
-        shutil.rmtree(path, ignore_errors=True)
-
     def close(self) -> None:
+        """Close this process's descriptors (the registry stays: the server removes it)."""
         for o in self._open.values():
             os.close(o.fd)
         self._open.clear()
-        if self.owned:
-            self.remove_registry(self.registry)
 
     # -- the registry --
     def _file(self, name: str) -> str:
@@ -260,19 +238,25 @@ class SharedMemory:
         if o is not None:
             os.close(o.fd)
 
+    def _ident(self, name: str) -> tuple[int, int, int] | None:
+        """The identity of `name`'s registry file (None: not registered): a region registered again has
+        another."""
+        try:
+            st = os.stat(self._file(name))
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
     def _get(self, name: str) -> _Opened:
         """The region `name` as registered now, its object open."""
-        path = self._file(name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
+        ident = self._ident(name)
+        if ident is None:
             self._forget(name)
             raise BadRequest(
                 f"shared memory region {name!r} is not registered (register it first: POST "
                 f"v2/systemsharedmemory/region/{name}/register, or tritonclient's "
                 "register_system_shared_memory)"
-            ) from None
-        ident = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            )
         o = self._open.get(name)
         if o is not None and o.ident == ident:
             return o
@@ -286,13 +270,8 @@ class SharedMemory:
 
     def _sweep(self) -> None:
         for name, o in list(self._open.items()):
-            try:
-                st = os.stat(self._file(name))
-                if (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == o.ident:
-                    continue
-            except FileNotFoundError:
-                pass
-            self._forget(name)
+            if self._ident(name) != o.ident:
+                self._forget(name)
 
     def _span(self, o: _Opened, t: Target, n: int, where: str) -> int:
         """The object offset of `n` bytes at t.offset in its region, checked to lie inside it."""
@@ -363,15 +342,3 @@ class SharedMemory:
         done = 0
         while done < n:
             done += os.pwrite(o.fd, data[done:], at + done)
-
-
-def parse_register(body: bytes | bytearray | memoryview) -> tuple[str, int, int]:
-    """A REST register request's body: key, offset, byte size."""
-    try:
-        d = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"malformed JSON: {e}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("key"), str):
-        raise BadRequest('a register request is {"key": "/name", "offset": n, "byte_size": n}: key missing')
-    where = "register request"
-    return d["key"], _whole(d, "offset", where, 0), _whole(d, "byte_size", where)

@@ -21,8 +21,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from runtime.serving.errors import BadRequest, NotFound
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
+from runtime.serving.protocol.sharedmem import NOT_ALLOWED, Region
 
 if TYPE_CHECKING:
     from runtime.serving.protocol.sharedmem import SharedMemory
@@ -177,6 +179,25 @@ class Extensions:
         models = [self.repo.get(name, version)] if name else list(self.repo.models.values())
         text = await self.render() if self.render is not None else self.metrics.render()
         return statistics(text, models)
+
+    # Triton's system shared memory extension (protocol.sharedmem), over REST and gRPC alike
+    def shm_status(self, name: str = "") -> list[Region]:
+        """The registered regions, or the one named (NotFound when it is not registered)."""
+        if self.shm is not None:
+            return self.shm.status(name)
+        if name:
+            raise NotFound(f"shared memory region {name!r} is not registered")
+        return []
+
+    def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if self.shm is None:
+            raise BadRequest(f"cannot register shared memory region {name!r}: {NOT_ALLOWED}")
+        self.shm.register(name, key, offset, byte_size)
+
+    def shm_unregister(self, name: str = "") -> None:
+        """One region, or every one (nothing to do where none can be registered)."""
+        if self.shm is not None:
+            self.shm.unregister(name)
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index (JSON): each model with its state, READY or UNAVAILABLE (and why)."""
