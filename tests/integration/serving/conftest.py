@@ -148,18 +148,20 @@ def start_serve(env: dict[str, str], *args: str, command: str = "serve") -> Serv
     return s
 
 
+def start_mlp(registry: Registry, workers: str, *extra: str) -> Serve:
+    """models:/mlp@champion, eager on CPU, with `workers` protocol workers and the `extra` flags."""
+    return start_serve(
+        registry.env, "--workers", workers, "--model-uri", "models:/mlp@champion", "--mode", "eager", *extra
+    )
+
+
 @pytest.fixture(scope="session", params=["0", "2"], ids=["one-process", "2-workers"])
 def mlp_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[Serve]:
     """models:/mlp@champion, eager on CPU, small payload limit, batching with a 20 ms window; served by the
     model process's own event loop, and by two protocol worker processes (shared memory to the model)."""
-    s = start_serve(
-        registry.env,
-        "--workers",
+    s = start_mlp(
+        registry,
         request.param,
-        "--model-uri",
-        "models:/mlp@champion",
-        "--mode",
-        "eager",
         "--max-batch-size",
         "8",
         "--max-delay-ms",

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.serving.conftest import ROOT, Registry, Serve, metric_sum, start_serve
+from tests.integration.serving.conftest import ROOT, Registry, Serve, metric_sum, start_mlp, start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -344,7 +344,7 @@ def _arenas_of(pid: int) -> set[str]:
 
 
 def test_a_dead_protocol_worker_is_replaced_while_the_other_serves(registry: Registry) -> None:
-    s = start_serve(registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "2")
+    s = start_mlp(registry, "2")
     try:
         s.wait_ready()
         assert s.log("listening")["workers"] == 2  # type: ignore[index]
@@ -439,7 +439,7 @@ def _await_holders(
 def test_connections_are_dealt_to_the_worker_holding_the_fewest(registry: Registry) -> None:
     """With 2+ protocol workers the model process accepts the connections and deals each to the worker that
     holds the fewest (SO_REUSEPORT's hash would put each on either worker, whatever they hold)."""
-    s = start_serve(registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "2")
+    s = start_mlp(registry, "2")
     try:
         s.wait_ready()
         pids = _workers_of(s.proc.pid)
@@ -484,10 +484,7 @@ def test_connections_are_dealt_to_the_worker_holding_the_fewest(registry: Regist
 def test_balance_kernel_leaves_the_ports_to_the_workers(registry: Registry) -> None:
     """`--balance kernel`: every worker listens on both ports itself (SO_REUSEPORT), the model process on
     neither, and requests are served."""
-    s = start_serve(
-        registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "2",
-        "--balance", "kernel",
-    )  # fmt: skip
+    s = start_mlp(registry, "2", "--balance", "kernel")
     try:
         s.wait_ready()
         listening = [(local, inode) for state, local, _, inode in _tcp() if state == "0A"]
@@ -580,11 +577,7 @@ def test_large_inputs_reach_the_model_process_from_where_rest_and_grpc_received_
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
-    s = start_serve(
-        registry.env,
-        *("--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "1"),
-        *("--max-batch-size", "4096", "--max-delay-ms", "1"),
-    )
+    s = start_mlp(registry, "1", "--max-batch-size", "4096", "--max-delay-ms", "1")
 
     def placements() -> dict[str, float]:
         text = httpx.get(f"{s.url}/metrics").text

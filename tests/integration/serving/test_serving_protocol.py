@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.serving.conftest import WIDE, Registry, Serve, metric_sum, start_serve
+from tests.integration.serving.conftest import WIDE, Registry, Serve, metric_sum, start_mlp
 
 pytestmark = pytest.mark.integration
 
@@ -254,10 +254,7 @@ def test_large_rows_through_a_stream_land_in_the_workers_shared_memory(
 def test_grpcio_server_streams_too(registry: Registry) -> None:
     """`--grpc-server grpcio` (grpc.aio) serves ModelInfer and ModelStreamInfer as well (a stream's requests
     answered in turn there)."""
-    s = start_serve(
-        registry.env, "--model-uri", "models:/mlp@champion", "--mode", "eager", "--workers", "0",
-        "--grpc-server", "grpcio",
-    )  # fmt: skip
+    s = start_mlp(registry, "0", "--grpc-server", "grpcio")
     try:
         s.wait_ready()
         xs = [np.random.default_rng(30 + i).standard_normal((2, 16), dtype=np.float32) for i in range(4)]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.serving.conftest import WIDE, Registry, Serve, start_serve, start_wide
+from tests.integration.serving.conftest import WIDE, Registry, Serve, start_mlp, start_wide
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +30,7 @@ def _eager(reg: Registry, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=["0", "2"], ids=["one-process", "2-workers"])
 def shm_server(registry: Registry, request: pytest.FixtureRequest) -> Iterator[Serve]:
-    s = start_serve(
-        registry.env,
-        *("--workers", request.param, "--model-uri", "models:/mlp@champion", "--mode", "eager"),
-        "--allow-client-shm",
-    )
+    s = start_mlp(registry, request.param, "--allow-client-shm")
     s.wait_ready()
     yield s
     s.stop()
