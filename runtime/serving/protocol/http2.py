@@ -387,13 +387,12 @@ class _Connection(asyncio.BufferedProtocol):
             off += 9 + length
         return off if self.transport is not None else end
 
-    def _window_updates(self, s: _Stream) -> None:
-        """WINDOW_UPDATEs for the connection and `s` once half of a window is used (as _data_start and
-        _data_end send them)."""
+    def _window_updates(self, s: _Stream | None) -> None:
+        """WINDOW_UPDATEs for the connection and `s` (if given), each once half of its window is used."""
         if self.recv_unacked >= WINDOW // 2:
             self.out.append(frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
             self.recv_unacked = 0
-        if s.unacked >= WINDOW // 2:
+        if s is not None and s.unacked >= WINDOW // 2:
             self.out.append(frame(WINDOW_UPDATE, 0, s.sid, s.unacked.to_bytes(4, "big")))
             s.unacked = 0
 
@@ -618,8 +617,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Flow control counts a DATA frame's whole payload, padding included, open stream or not."""
         self.recv_unacked += length
         if self.recv_unacked >= WINDOW // 2:
-            self.out.append(frame(WINDOW_UPDATE, 0, 0, self.recv_unacked.to_bytes(4, "big")))
-            self.recv_unacked = 0
+            self._window_updates(None)
         s = self.streams.get(sid)
         if s is not None and s.receiving():
             s.unacked += length
@@ -661,8 +659,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return self._stream_error(sid, PROTOCOL_ERROR, f"malformed request: {why}")
             self._ended_in(s)
         elif s.unacked >= WINDOW // 2:
-            self.out.append(frame(WINDOW_UPDATE, 0, sid, s.unacked.to_bytes(4, "big")))
-            s.unacked = 0
+            self._window_updates(s)
 
     def _receive(self, s: _Stream, data: memoryview) -> None:
         """Copy a DATA payload into the stream's message buffer, allocating it (exact size) once the length
