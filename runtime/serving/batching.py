@@ -31,7 +31,10 @@ while the batcher thread gathers the next batch. While a batch runs on the devic
 filling (past max delay: its requests would wait for the device anyway) and is launched when the device is
 about to be done (running estimates of device seconds per batch size and of launch seconds), or earlier
 once it is full; up to `depth` batches are in flight. So the device idles neither while the CPU answers
-requests nor while it launches the next batch, and a busy device still gets full batches.
+requests nor while it launches the next batch, and a busy device still gets full batches. A runner whose
+inputs travel to the device on a stream of their own (CUDA's copy stream) gives a `lead`: the seconds a
+batch's bytes take to get there, which the launch comes that much earlier by, so that the copies run while
+the device computes the batch before instead of in front of this one.
 
 Answers go to *sinks*, a batch at a time: a request names its sink and a tag (what the sink needs to find the
 request again), and each sink gets one `deliver` call per batch with all of its requests' results. The
@@ -202,6 +205,7 @@ class Batcher:
         lifo_after_s: float = 0.0,
         priority_levels: int = 0,
         default_priority: int = 0,
+        lead: Callable[[int], float] | None = None,
     ) -> None:
         """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
         there: CUDA graphs and other per-thread state then belong to the thread that serves).
@@ -257,6 +261,7 @@ class Batcher:
         # estimates of device seconds per batch size and of the seconds a launch takes (the CPU side)
         self._device_s: dict[int, float] = {}
         self._launch_s = 0.0
+        self._lead = lead  # a batch's input bytes -> seconds they take to the device (see configure)
         self._free_at = 0.0
         self._answer_s = 0.0  # running estimate of the seconds from a batch's launch to its answers
         self._finisher: threading.Thread | None = None
@@ -276,9 +281,13 @@ class Batcher:
         gather: Gather | None = None,
         depth: int = 1,
         dropped: Callable[[int, str], object] | None = None,
+        lead: Callable[[int], float] | None = None,
     ) -> None:
-        """Apply what loading the model decided (call from `setup`, before the first batch)."""
+        """Apply what loading the model decided (call from `setup`, before the first batch). `lead`: the
+        seconds a batch's input bytes take to reach the device while it still computes the batch before
+        (pipelining; see the module's docstring)."""
         self._dropped = dropped
+        self._lead = lead
         self._gather = gather or cat_and_pad
         self._depth = max(1, depth)
         self.name = name
@@ -450,7 +459,11 @@ class Batcher:
                     break
                 if self._running:
                     # the device is busy: fill the batch until it is about to be done (or done: notified)
-                    go_in = self._free_at - self._launch_s - time.perf_counter() if self._free_at else None
+                    go_in = (
+                        self._free_at - self._launch_s - self._lead_s(first) - time.perf_counter()
+                        if self._free_at
+                        else None
+                    )
                     if go_in is not None and go_in <= 0:
                         break
                     self._device_wait = True
@@ -468,6 +481,15 @@ class Batcher:
                 self._idle(0)
             self._pumped = False
             return self._form()
+
+    def _lead_s(self, first: Pending) -> float:
+        """How much earlier than the device is free a batch of `first`'s rows goes: the time a full batch of
+        its inputs takes to reach the device on their own stream (0 without a `lead`). A full batch's, not the
+        rows queued so far: the batch grows until it goes."""
+        if self._lead is None:
+            return 0.0
+        row = sum(t.nbytes for t in first.inputs) // max(1, first.rows)
+        return self._lead(row * self.max_batch_size)
 
     def _form(self) -> list[Pending]:
         """Take the next batch off the queue (hold _cond; the queue is not empty): the oldest live request

@@ -607,11 +607,12 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager(copy_stream: bool, big: bo
     """Two batches in flight through CUDA graphs (the next replay overwrites the graph's outputs): every
     request still gets its own rows, as the eager model computes them — with inputs staged through a
     page-locked buffer or copied straight from page-locked memory, on the compute stream or a copy
-    stream of their own (the next batch's copies overlapping the batch before)."""
+    stream of their own (the next batch launched early by its copies' measured time, so that they overlap
+    the batch before)."""
     from runtime.serving import compile as compiler
     from runtime.serving import pagelock
     from runtime.serving.detect import detect_hardware
-    from runtime.serving.server import PIPELINE_DEPTH, cuda_runner, pinned_gather
+    from runtime.serving.server import PIPELINE_DEPTH, cuda_runner, h2d_seconds_per_byte, pinned_gather
     from runtime.serving.signature import Signature, TensorSpec
 
     torch.manual_seed(0)
@@ -627,6 +628,7 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager(copy_stream: bool, big: bo
             served, sig, hw=detect_hardware(), mode="jit", warmup_batch_sizes=(1, 8), max_batch_size=8
         )
         built["b"] = b
+        per_byte = built["per_byte"] = h2d_seconds_per_byte(b.device)
         batcher.configure(
             name="mlp",
             batched=True,
@@ -637,12 +639,14 @@ def test_gpu_pipelined_cuda_graph_batches_equal_eager(copy_stream: bool, big: bo
             observer=None,
             gather=pinned_gather(b.device, stream),
             depth=PIPELINE_DEPTH,
+            lead=(lambda n: n * per_byte) if copy_stream else None,
         )
         return cuda_runner(b.compiled.run, b.device, stream)
 
     batcher = Batcher(setup=setup, max_batch_size=8, max_delay_s=0.001)
     assert batcher.ready.wait(300) and batcher.error is None
     assert "CUDA graph" in built["b"].compiled.path  # type: ignore[attr-defined]
+    assert 1e9 < 1 / built["per_byte"] < 2e12  # type: ignore[operator]  # a host link's bytes per second
     rows = [torch.randn(1 + i % 3, width) for i in range(400)]
     if big:  # page-locked and known as such (the hub registers its arenas with pagelock)
         rows = [r.pin_memory() for r in rows]
@@ -721,6 +725,31 @@ def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> 
     (_, running_end), (next_began, _) = log[1], log[2]
     assert next_began < running_end  # launched before the device was done...
     assert next_began > running_end - launch_s - 0.1  # ...and not at once: it waited until about then
+    b.close(5)
+
+
+def test_pipelined_next_batch_launches_earlier_by_its_inputs_copy_time_when_given_a_lead() -> None:
+    """Inputs that travel to the device on a stream of their own (a lead: seconds per batch's bytes) go that
+    much earlier, so that they are there when the device is done with the batch before; the lead asked for is
+    a full batch's bytes (8 rows of 2 FP32 values here)."""
+    device_s, per_byte = 0.6, 0.3 / 64
+    asked: list[int] = []
+
+    def lead(nbytes: int) -> float:
+        asked.append(nbytes)
+        return nbytes * per_byte
+
+    run, log = _serial_device(device_s)
+    b = Batcher(run, max_batch_size=8, max_delay_s=0.0, depth=2, lead=lead)
+    b.submit([torch.ones(1, 2)], 1).result(5)  # learns a batch of 1's device seconds
+    running = b.submit([torch.ones(1, 2)], 1)
+    assert _until(lambda: len(log) == 2)
+    following = b.submit([torch.full((1, 2), 3.0)], 1)
+    torch.testing.assert_close(following.result(5)[0], torch.full((1, 2), 6.0))
+    running.result(5)
+    (_, running_end), (next_began, _) = log[1], log[2]
+    assert set(asked) == {8 * 2 * 4}
+    assert running_end - 0.3 - 0.1 < next_began < running_end - 0.3 + 0.15  # 0.3 s early, not at once
     b.close(5)
 
 
