@@ -191,6 +191,14 @@ def _parser() -> argparse.ArgumentParser:
         "of the server's user",
     )
     s.add_argument(
+        "--allow-log-settings",
+        action="store_true",
+        help="let clients change the log settings (Triton's logging extension: POST v2/logging, gRPC "
+        "LogSettings; e.g. log_verbose_level 1 for a debug line per request) while the server runs. Off "
+        "by default: a client that may can turn the error logs off, or flood them. Reading them is always "
+        "allowed",
+    )
+    s.add_argument(
         "--copy-stream",
         action="store_true",
         help="CUDA: copy inputs to the GPU on a stream of their own, overlapping the batch before "
@@ -261,6 +269,7 @@ def _config(args: argparse.Namespace) -> Any:
             copy_stream=args.copy_stream,
             grpc_server=args.grpc_server,
             allow_client_shm=args.allow_client_shm,
+            allow_log_settings=args.allow_log_settings,
         )
     return ServeConfig(**kw)
 

@@ -35,6 +35,13 @@ class AlreadyExists(InferError):
     grpc_code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class Forbidden(InferError):
+    """The server was not started to allow this."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class PayloadTooLarge(InferError):
     """Request body over the configured limit (413 / RESOURCE_EXHAUSTED)."""
 

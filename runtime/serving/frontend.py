@@ -30,6 +30,7 @@ import torch
 
 from runtime.serving import errors, ipc
 from runtime.serving.errors import InferError, ModelFailure, Unavailable
+from runtime.serving.logs import apply_log_settings
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.server import ServeConfig, freeze_heap, start_protocol
@@ -141,6 +142,7 @@ class Worker:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], int | None]] = {}
         self._metrics_waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._log_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._stop = asyncio.Event()
         self._hub_lost = False
         self.link: _Link | None = None
@@ -240,6 +242,23 @@ class Worker:
         (offset,) = slots
         return offset if offset in self._lent else None
 
+    async def set_log(self, changes: object) -> dict[str, Any]:
+        """Triton's log settings changed by the model process, which hands them to every worker with its
+        state (this one's before the answer): InferError when it refuses them."""
+        if self._hub_lost or self.link is None or self.link.transport is None:
+            raise Unavailable("the model process is gone")
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._log_waiters[rid] = fut
+        self.link.transport.write(ipc.frame(ipc.LOG_REQ, ipc.pack_id(rid, json.dumps(changes).encode())))
+        try:
+            reply = await asyncio.wait_for(fut, 10)
+        finally:
+            self._log_waiters.pop(rid, None)
+        if "error" in reply:
+            raise _ERRORS.get(reply.get("kind", ""), ModelFailure)(reply["error"])
+        return dict(reply["settings"])
+
     async def render_metrics(self) -> bytes:
         if self._hub_lost or self.link is None or self.link.transport is None:
             return self.metrics.render()
@@ -271,6 +290,11 @@ class Worker:
             waiter = self._metrics_waiters.get(rid)
             if waiter is not None and not waiter.done():
                 waiter.set_result(text)
+        elif kind == ipc.LOG_RESP:
+            rid, text = ipc.unpack_id(memoryview(payload))
+            log_waiter = self._log_waiters.get(rid)
+            if log_waiter is not None and not log_waiter.done():
+                log_waiter.set_result(json.loads(text))
         elif kind == ipc.STOP:
             self.stopping = True
             self._stop.set()
@@ -300,6 +324,8 @@ class Worker:
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.state = state
+        if "log" in state:
+            apply_log_settings(state["log"])
         self.repo.failed = state.get("info", {}).get("kubeforge", {}).get("error")
         m = state.get("model")
         if not m:
@@ -339,6 +365,7 @@ class Worker:
             self.is_ready,
             sock=sock,
             render_metrics=self.render_metrics,
+            set_log=self.set_log,
             slot_body=self.slot_body if self.arena.slots else None,
             dealt=cfg.dealt,
             on_close=self._connection_closed,

@@ -37,7 +37,7 @@ from typing import Any
 
 from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Answer, Batcher, Pending
-from runtime.serving.errors import InferError
+from runtime.serving.errors import InferError, Unavailable
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
 from runtime.serving.logs import name_os_thread
 from runtime.serving.metrics import Metrics, merge
@@ -173,8 +173,11 @@ class Hub:
         batcher: Batcher,
         metrics: Metrics,
         state: Callable[[], dict[str, Any]],
+        set_log: Callable[[object], dict[str, Any]] | None = None,
     ) -> None:
+        """`set_log`: changes Triton's log settings (the server's; InferError when refused)."""
         self.n = workers
+        self.set_log = set_log
         self.batcher = batcher
         self.metrics = metrics
         self._hop = metrics.hop_time.labels("to_model")
@@ -433,6 +436,17 @@ class Hub:
             p = conn.queued.get(ipc.unpack_id(memoryview(payload))[0])
             if p is not None:
                 p.cancelled = True  # dropped unless its batch is launched already
+        elif kind == ipc.LOG_REQ:
+            rid, body = ipc.unpack_id(memoryview(payload))
+            try:
+                if self.set_log is None:
+                    raise Unavailable("log settings are not served here")
+                reply: dict[str, Any] = {"settings": self.set_log(json.loads(body))}
+            except InferError as e:
+                reply = {"error": e.message, "kind": type(e).__name__}
+            except ValueError as e:  # not JSON: a worker bug
+                reply = {"error": f"log settings message: {e}", "kind": "ModelFailure"}
+            conn.post(ipc.frame(ipc.LOG_RESP, ipc.pack_id(rid, json.dumps(reply).encode())))
         elif kind == ipc.METRICS_REQ:
             rid, _ = ipc.unpack_id(memoryview(payload))
             threading.Thread(target=self._gather_metrics, args=(conn, rid), daemon=True).start()

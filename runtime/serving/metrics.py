@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
+
+log = logging.getLogger("runtime.serving.requests")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -171,8 +174,12 @@ class Metrics:
         self._child(self.inflight, model).dec()
 
     def answered(self, model: str, protocol: str, code: str, seconds: float | None) -> None:
-        """A request was answered with `code`; `seconds` (of a success) go to the latency histogram."""
+        """A request was answered with `code`; `seconds` (of a success) go to the latency histogram; with
+        debug logs on (Triton's log_verbose_level 1, --log-level debug) a line says so."""
         self._child(self.requests, model, protocol, code).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            ms = None if seconds is None else round(seconds * 1e3, 3)
+            log.debug("answered", extra={"model": model, "protocol": protocol, "code": code, "ms": ms})
         if seconds is not None:
             self._child(self.latency, model, protocol).observe(seconds)
 

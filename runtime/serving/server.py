@@ -27,7 +27,9 @@ from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
 from runtime.serving.detect import detect_hardware
+from runtime.serving.errors import BadRequest
 from runtime.serving.loader import LoadedModel, load_model
+from runtime.serving.logs import apply_log_settings, checked_log_settings, log_settings
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol import datatypes
@@ -55,6 +57,7 @@ EXTENSIONS = [
     "schedule_policy",  # Triton's request parameters priority and timeout
     "model_configuration",  # Triton's, protocol.triton
     "statistics",  # Triton's, protocol.triton
+    "logging",  # Triton's, protocol.triton and logs (changes only with --allow-log-settings)
 ]
 
 
@@ -96,6 +99,7 @@ class ServeConfig:
     # Triton's system shared memory extension (protocol.sharedmem): off unless asked for; the registry
     # directory every process of the server shares (made by Server when empty)
     allow_client_shm: bool = False
+    allow_log_settings: bool = False  # Triton's POST v2/logging / LogSettings may change the log settings
     shm_registry: str = ""
     log_level: str = "info"
     started: float = field(default_factory=time.time)
@@ -490,7 +494,22 @@ class Server:
                 "info": m.info,
                 "ready": m.ready,
             }
-        return {"ready": self.is_ready(), "info": self.server_info(), "model": model}
+        return {"ready": self.is_ready(), "info": self.server_info(), "model": model, "log": log_settings()}
+
+    def set_log(self, changes: object) -> dict[str, Any]:
+        """Triton's log settings changed (BadRequest naming the setting): here, and in every protocol worker
+        with the state it gets before the answer."""
+        try:
+            settings = checked_log_settings(changes)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        apply_log_settings(settings)
+        log.warning("log settings changed", extra={"settings": settings})  # seen whatever they let through
+        self._changed()
+        return settings
+
+    async def _set_log(self, changes: object) -> dict[str, Any]:
+        return self.set_log(changes)
 
     def _changed(self) -> None:
         if self._hub is not None:
@@ -532,7 +551,7 @@ class Server:
     async def _listen_here(self) -> Callable[[], Awaitable[None]]:
         """REST and gRPC on this process's event loop."""
         self.http_port, self.grpc_port, stop = await start_protocol(
-            self.cfg, self.repo, self.metrics, self.server_info, self.is_ready
+            self.cfg, self.repo, self.metrics, self.server_info, self.is_ready, set_log=self._set_log
         )
         return stop
 
@@ -542,7 +561,12 @@ class Server:
 
         assert self._pending is not None
         hub = Hub(
-            workers=n, cfg=self.cfg, batcher=self._pending[0], metrics=self.metrics, state=self.worker_state
+            workers=n,
+            cfg=self.cfg,
+            batcher=self._pending[0],
+            metrics=self.metrics,
+            state=self.worker_state,
+            set_log=self.set_log,
         )
         self._hub = hub
         self.http_port, self.grpc_port = hub.cfg.http_port, hub.cfg.grpc_port
@@ -607,6 +631,7 @@ async def start_protocol(
     *,
     sock: socket.socket | None = None,
     render_metrics: Callable[[], Awaitable[bytes]] | None = None,
+    set_log: Callable[[object], Awaitable[dict[str, Any]]] | None = None,
     slot_body: SlotBody | None = None,
     dealt: socket.socket | None = None,
     on_close: Callable[[], object] | None = None,
@@ -642,7 +667,9 @@ async def start_protocol(
         lend = (lambda n: slot_body(n, 0)) if slot_body is not None else None
         assert cfg.shm_registry, "Server makes the registry the server's processes share"
         shm = SharedMemory(cfg.shm_registry, max_payload=cfg.max_payload_bytes, budget=budget, lend=lend)
-    triton = Extensions(repo, metrics, batching, render_metrics, shm)
+    triton = Extensions(
+        repo, metrics, batching, render_metrics, shm, set_log=set_log, allow_log=cfg.allow_log_settings
+    )
     app = RestApp(
         repo,
         metrics,

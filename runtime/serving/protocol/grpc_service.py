@@ -177,6 +177,30 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
         return pb.CudaSharedMemoryUnregisterResponse()
 
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        """Triton's logging extension (protocol.triton): change the settings given (those with a value),
+        answer them all."""
+        changes = {
+            k: getattr(v, kind)
+            for k, v in request.settings.items()
+            if (kind := v.WhichOneof("parameter_choice")) is not None
+        }
+        try:
+            settings = await self.triton.update_log_settings(changes)
+        except InferError as e:
+            await context.abort(e.grpc_code, e.message)
+        out = pb.LogSettingsResponse()
+        for k, v in settings.items():
+            kind = (
+                "bool_param"
+                if isinstance(v, bool)
+                else "uint32_param"
+                if isinstance(v, int)
+                else "string_param"
+            )
+            setattr(out.settings[k], kind, v)
+        return out
+
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self.infer(request, request.raw_input_contents, context)
 
@@ -402,6 +426,7 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
         "CudaSharedMemoryStatus": pb.CudaSharedMemoryStatusRequest,
         "CudaSharedMemoryRegister": pb.CudaSharedMemoryRegisterRequest,
         "CudaSharedMemoryUnregister": pb.CudaSharedMemoryUnregisterRequest,
+        "LogSettings": pb.LogSettingsRequest,
     }
     handlers = {
         f"/inference.GRPCInferenceService/{name}": unary(cls.FromString, getattr(service, name))

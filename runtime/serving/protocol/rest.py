@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 over REST, served by runtime.serving.protocol.http1 (no framework, no ASGI).
 
 Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{m}[/versions/{v}], .../ready, /metrics,
-Triton's .../config, .../stats and /v2/models/stats (protocol.triton), its shared memory routes
+Triton's .../config, .../stats and /v2/models/stats (protocol.triton), GET/POST /v2/logging (its logging
+extension), its shared memory routes
 /v2/{system,cuda}sharedmemory/... (protocol.sharedmem); POST /v2/models/{m}[/versions/{v}]/infer.
 Errors are `{"error": "..."}` with a 4xx/5xx status.
 
@@ -104,6 +105,8 @@ class RestApp:
             return self._repository(req.path)
         if req.path.startswith(SHM_ROUTES):
             return None if req.method == "POST" else self._shm(req, b"")
+        if req.path == LOGGING and req.method == "POST":
+            return None
         if req.method not in ("GET", "HEAD"):
             return error_response(405, f"method {req.method} not allowed on {req.path}")
         if req.path == "/metrics":
@@ -128,6 +131,8 @@ class RestApp:
                 return 200, orjson.dumps(await self._stats(req.path)), JSON
             if req.path.startswith(SHM_ROUTES):
                 return self._shm(req, body.view)
+            if req.path == LOGGING:
+                return 200, orjson.dumps(await self.triton.update_log_settings(_json_body(body.view))), JSON
             return await self._infer(req, body)
         except HttpError as e:
             return error_response(e.status, e.message)
@@ -158,6 +163,8 @@ class RestApp:
             return (200 if ready else 503), orjson.dumps({"ready": ready}), JSON
         if path in ("/v2", "/v2/"):
             return 200, orjson.dumps(self.server_info()), JSON
+        if path == LOGGING:
+            return 200, orjson.dumps(self.triton.log_settings()), JSON
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
             name, version, rest = _model_path(parts)
@@ -293,10 +300,21 @@ class RestApp:
 
 
 SHM_ROUTES = ("/v2/systemsharedmemory/", "/v2/cudasharedmemory/")
+LOGGING = "/v2/logging"  # Triton's logging extension (protocol.triton)
 SHM_OPS = ("status", "register", "unregister")
 
 # Envoy's time in ms it expects the request to complete in (its route timeout), set on requests it forwards
 ENVOY_TIMEOUT = b"x-envoy-expected-rq-timeout-ms"
+
+
+def _json_body(view: bytes | memoryview) -> object:
+    """A request body's JSON ({} when empty); BadRequest when it is not JSON."""
+    if not len(view):
+        return {}
+    try:
+        return orjson.loads(view)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"the request body is not JSON: {e}") from None
 
 
 def _int_header(name: bytes, value: bytes) -> int:

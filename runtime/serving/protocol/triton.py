@@ -4,7 +4,10 @@
 `get_inference_statistics` ask a server for. And the model repository's index (`POST /v2/repository/index`,
 gRPC `RepositoryIndex`: tritonclient's `get_model_repository_index`), with load and unload refused: a server
 serves the one model it was started with (Triton's `--model-control-mode=none`); another model or version is
-another rollout (an InferenceService revision), not a call.
+another rollout (an InferenceService revision), not a call. And Triton's logging extension (`GET/POST
+v2/logging`, gRPC `LogSettings`: tritonclient's `get_log_settings` / `update_log_settings`; the settings:
+runtime.serving.logs): anyone may read them; changing them takes `--allow-log-settings` (a client that may
+could turn the error logs off, or flood them), else 403 / PERMISSION_DENIED.
 
 Both are built as the JSON Triton answers over REST; the gRPC answers are the same dictionaries parsed into
 the messages (their field names are Triton's). The statistics come from the server's Prometheus metrics (with
@@ -21,7 +24,8 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from runtime.serving.errors import BadRequest, NotFound
+from runtime.serving.errors import BadRequest, Forbidden, NotFound
+from runtime.serving.logs import log_settings
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol.sharedmem import NOT_ALLOWED, Region
@@ -144,6 +148,10 @@ def _text(value: object) -> str:
     return str(value)
 
 
+LOG_REFUSED = (
+    "this server does not let clients change its log settings: start it with --allow-log-settings (a client "
+    "that may can turn the error logs off, or flood them), or change --log-level and restart"
+)
 LOAD_REFUSED = (
     "this server serves the one model it was started with (--model-uri), as Triton does with "
     "--model-control-mode=none: loading and unloading models is not supported; to serve another model or "
@@ -163,12 +171,19 @@ class Extensions:
         batching: dict[str, Any],
         render: Callable[[], Awaitable[bytes]] | None = None,
         shm: SharedMemory | None = None,
+        *,
+        set_log: Callable[[object], Awaitable[dict[str, Any]]] | None = None,
+        allow_log: bool = False,
     ) -> None:
+        """`set_log`: changes the server's log settings (the model process's, which every worker follows);
+        `allow_log`: whether clients may (--allow-log-settings)."""
         self.repo = repo
         self.metrics = metrics
         self.batching = batching
         self.render = render
         self.shm = shm
+        self.set_log = set_log
+        self.allow_log = allow_log
 
     def config(self, name: str, version: str | None) -> dict[str, Any]:
         """Triton's ModelConfig (JSON) of a served model (NotFound, Unavailable)."""
@@ -179,6 +194,19 @@ class Extensions:
         models = [self.repo.get(name, version)] if name else list(self.repo.models.values())
         text = await self.render() if self.render is not None else self.metrics.render()
         return statistics(text, models)
+
+    # Triton's logging extension (runtime.serving.logs), over REST and gRPC alike
+    def log_settings(self) -> dict[str, Any]:
+        return log_settings()
+
+    async def update_log_settings(self, changes: object) -> dict[str, Any]:
+        """Change the server's log settings (Forbidden unless allowed, BadRequest naming a bad setting); an
+        empty change reads them."""
+        if changes == {}:
+            return log_settings()
+        if not self.allow_log or self.set_log is None:
+            raise Forbidden(LOG_REFUSED)
+        return await self.set_log(changes)
 
     # Triton's system shared memory extension (protocol.sharedmem), over REST and gRPC alike
     def shm_status(self, name: str = "") -> list[Region]:
