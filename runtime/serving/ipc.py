@@ -57,9 +57,7 @@ METRICS_RESP = 8  # model process -> worker: <Q id> + merged text exposition
 STOP = 9  # model process -> worker: stop accepting, finish in-flight requests, exit
 ROWS = 10  # model process -> worker: the outputs of several requests of one batch, rows back to back
 CANCEL = 11  # worker -> model process: <Q id>; its client left: drop the request unless its batch runs
-LOG_REQ = (
-    12  # worker -> model process: <Q id> + JSON: change Triton's log settings (logs.checked_log_settings)
-)
+LOG_REQ = 12  # worker -> model process: <Q id> + JSON: the log settings to change (logs.py)
 LOG_RESP = 13  # model process -> worker: <Q id> + JSON {"settings": ...} or {"error": ...}, after its STATE
 
 _FRAME = struct.Struct("<IB")
