@@ -2,7 +2,8 @@
 
 Starts the bench's Kubeforge server, loads it with wrk, and prints one SUMMARY line: throughput, wrk's
 p50/p99, CPU per request (model process, workers; /proc), and from /metrics sums over the run: mean
-batch, the share of the run the device was busy (kubeforge_device_busy_seconds), launch to answer per
+batch, the share of the run the device was busy (kubeforge_device_busy_seconds) and idle, with a request
+waiting or for one (kubeforge_device_idle_seconds, pipelined: GPUs), launch to answer per
 batch, the oldest request's queue time per batch, the time a request spends inside the server's REST
 handler, and the mean hop of a request to the model process and of a batch's answers back to a worker.
 With GIL=1 it also records a py-spy `--gil` profile of the model process (needs py-spy).
@@ -56,6 +57,8 @@ def _sums(port: int) -> dict[str, float]:
             continue
         elif 'direction="' in line:  # the worker hops: one entry per direction
             name += ":" + line.split('direction="')[1].split('"')[0]
+        elif 'reason="' in line:  # the device's idle time, by why
+            name += ":" + line.split('reason="')[1].split('"')[0]
         out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
@@ -158,7 +161,10 @@ def main() -> None:
             f"CPU us/request model {1e6 * (c1[0] - c0[0]) / n:.0f} "
             f"workers {1e6 * (c1[1] - c0[1]) / n:.0f} | mean batch "
             f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, device busy "
-            f"{100 * d.get('kubeforge_device_busy_seconds_total', 0) / secs:.0f}%, launch to answer "
+            f"{100 * d.get('kubeforge_device_busy_seconds_total', 0) / secs:.0f}% (idle with a request "
+            f"waiting {100 * d.get('kubeforge_device_idle_seconds_total:late_launch', 0) / secs:.0f}%, "
+            f"for one {100 * d.get('kubeforge_device_idle_seconds_total:no_requests', 0) / secs:.0f}%), "
+            f"launch to answer "
             f"{1e3 * d.get('kubeforge_batch_run_seconds_sum', 0) / nb:.2f} ms, oldest queued "
             f"{1e3 * d.get('kubeforge_queue_time_seconds_sum', 0) / nb:.2f} ms, in the REST handler "
             f"{1e3 * d.get('kubeforge_request_latency_seconds_sum', 0) / handled:.2f} ms | worker hops: "

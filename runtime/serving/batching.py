@@ -34,7 +34,9 @@ once it is full; up to `depth` batches are in flight. So the device idles neithe
 requests nor while it launches the next batch, and a busy device still gets full batches. A runner whose
 inputs travel to the device on a stream of their own (CUDA's copy stream) gives a `lead`: the seconds a
 batch's bytes take to get there, which the launch comes that much earlier by, so that the copies run while
-the device computes the batch before instead of in front of this one.
+the device computes the batch before instead of in front of this one. The device's idle time between batches
+goes to `idle` with why: `no_requests` (none was queued or being launched when it went idle: the clients'
+pace) or `late_launch` (one was: the server launched it late).
 
 Answers go to *sinks*, a batch at a time: a request names its sink and a tag (what the sink needs to find the
 request again), and each sink gets one `deliver` call per batch with all of its requests' results. The
@@ -206,6 +208,7 @@ class Batcher:
         priority_levels: int = 0,
         default_priority: int = 0,
         lead: Callable[[int], float] | None = None,
+        idle: Callable[[float, str], object] | None = None,
     ) -> None:
         """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
         there: CUDA graphs and other per-thread state then belong to the thread that serves).
@@ -262,6 +265,9 @@ class Batcher:
         self._device_s: dict[int, float] = {}
         self._launch_s = 0.0
         self._lead = lead  # a batch's input bytes -> seconds they take to the device (see configure)
+        self._on_idle = idle  # told the device's idle seconds between pipelined batches, and why
+        self._idle_since = 0.0  # when the device went idle (0: busy, or not known)
+        self._idle_why = ""
         self._free_at = 0.0
         self._answer_s = 0.0  # running estimate of the seconds from a batch's launch to its answers
         self._finisher: threading.Thread | None = None
@@ -282,12 +288,15 @@ class Batcher:
         depth: int = 1,
         dropped: Callable[[int, str], object] | None = None,
         lead: Callable[[int], float] | None = None,
+        idle: Callable[[float, str], object] | None = None,
     ) -> None:
         """Apply what loading the model decided (call from `setup`, before the first batch). `lead`: the
-        seconds a batch's input bytes take to reach the device while it still computes the batch before
-        (pipelining; see the module's docstring)."""
+        seconds a batch's input bytes take to reach the device while it still computes the batch before;
+        `idle`: told the device's idle seconds between batches and why (pipelining; see the module's
+        docstring)."""
         self._dropped = dropped
         self._lead = lead
+        self._on_idle = idle
         self._gather = gather or cat_and_pad
         self._depth = max(1, depth)
         self.name = name
@@ -594,13 +603,18 @@ class Batcher:
         outs = self._start(live, bucket) if live else None
         if callable(outs) and self._finisher is not None:
             launched = time.perf_counter()
+            gap, why = 0.0, ""
             with self._cond:
+                if self._idle_since:  # the device was idle from then until this launch
+                    gap, why, self._idle_since = launched - self._idle_since, self._idle_why, 0.0
                 self._running += 1
                 self._launch_s = _ewma(self._launch_s or None, launched - start)
                 device_s = self._device_s.get(bucket)
                 # when the device will be done with all launched (unknown before a batch of this size ran)
                 self._free_at = max(launched, self._free_at) + device_s if device_s else 0.0
             self._launched.put((live, outs, start, launched, bucket))
+            if gap > 0 and self._on_idle is not None:
+                self._on_idle(gap, why)
             return
         try:
             if callable(outs):
@@ -637,6 +651,11 @@ class Batcher:
                     self._device_s[bucket] = _ewma(self._device_s.get(bucket), took)
                     if not self._running:
                         self._free_at = 0.0
+                        # idle from now: for want of requests, or with one queued or being launched (this
+                        # batch counts in _inflight until it is answered)
+                        self._idle_since = done
+                        late = self._queue or self._inflight - 1 > self._running
+                        self._idle_why = "late_launch" if late else "no_requests"
                     self._notify()  # the next batch may go now
                 last_done = done
                 if outs is not None:

@@ -98,6 +98,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.device_idle = Counter(
+            "kubeforge_device_idle_seconds",
+            "Pipelined (accelerators): seconds the device sat idle between one batch's end and the next"
+            " one's launch, as the host sees them, by why: no_requests (none was queued or being launched"
+            " when it went idle: the clients' pace), late_launch (one was: the server's own delay).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.input_placement = Counter(
             "kubeforge_worker_inputs_total",
             "Requests a protocol worker handed to the model process, by where their input tensors were:"
@@ -189,6 +197,14 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def idle(self, model: str) -> Callable[[float, str], None]:
+        """For the batcher: the device's idle seconds between batches, and why."""
+
+        def idle(seconds: float, why: str) -> None:
+            self._child(self.device_idle, model, why).inc(seconds)
+
+        return idle
 
     def observer(self, model: str) -> Callable[[int, int, float, float, float, float], None]:
         batch, queue, run, busy = (

@@ -392,6 +392,7 @@ class Server:
                 variable_dims=[[j for j, d in enumerate(s.shape) if d == -1 and j > 0] for s in sig.inputs],
                 pad_multiple=cfg.pad_multiple,
                 observer=self.metrics.observer(p.loaded.name),
+                idle=self.metrics.idle(p.loaded.name),
                 gather=p.gather,
                 depth=p.depth,
                 dropped=lambda n, why: self.metrics.dropped.labels(p.loaded.name, why).inc(n),

@@ -753,6 +753,25 @@ def test_pipelined_next_batch_launches_earlier_by_its_inputs_copy_time_when_give
     b.close(5)
 
 
+def test_device_idle_time_is_told_with_why_a_request_late_to_launch_or_none_to_run() -> None:
+    """Launches that take longer (0.15 s) than the device (0.05 s) leave it idle with the next request
+    queued or being launched: late_launch, ~0.1 s a batch; then a quiet 0.3 s with nothing queued is
+    no_requests."""
+    device_s, launch_s = 0.05, 0.15
+    run, _ = _serial_device(device_s, launch_s)
+    idle: list[tuple[float, str]] = []
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, depth=2, idle=lambda s, why: idle.append((s, why)))
+    for f in [b.submit([torch.ones(1, 2)], 1) for _ in range(4)]:
+        f.result(5)
+    late = [s for s, why in idle if why == "late_launch"]
+    assert len(late) == 3 and all(0.05 < s < 0.2 for s in late), idle
+    assert not [why for _, why in idle if why != "late_launch"]
+    time.sleep(0.3)
+    b.submit([torch.ones(1, 2)], 1).result(5)
+    assert idle[-1][1] == "no_requests" and 0.3 + launch_s - 0.05 < idle[-1][0] < 0.3 + launch_s + 0.2
+    b.close(5)
+
+
 def test_pipelined_batches_report_their_own_device_seconds_not_the_wait_behind_the_one_before() -> None:
     """Two batches launched at once on a device that takes 0.2 s each: the second is answered ~0.4 s after
     its launch, but only 0.2 s of that were its own (kubeforge_device_busy_seconds adds these up)."""
