@@ -4,12 +4,14 @@ they change seen in the server's own log lines; the bad-input table."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.fixtures.polling import holds_within
 from tests.integration.serving.conftest import Registry, Serve, start_mlp
 
 pytestmark = pytest.mark.integration
@@ -52,17 +54,6 @@ def _answered(s: Serve) -> list[str]:
     return [e["protocol"] for e in s.logs if e.get("msg") == "answered" and e.get("level") == "debug"]
 
 
-def _until(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_log_settings_change_over_rest_and_grpc_reach_every_worker_and_the_logs(log_server: Serve) -> None:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
@@ -85,7 +76,7 @@ def test_log_settings_change_over_rest_and_grpc_reach_every_worker_and_the_logs(
         for c in (a, b):
             assert c.get(f"{s.url}/v2/logging").json()["log_verbose_level"] == 1
     _infer(s)
-    assert _until(lambda: sorted(_answered(s)) == ["grpc", "rest"]), _answered(s)
+    assert holds_within(lambda: sorted(_answered(s)) == ["grpc", "rest"], 10), _answered(s)
     line = next(e for e in s.logs if e.get("msg") == "answered")
     assert line["model"] == "mlp" and line["code"] in ("200", "OK") and line["ms"] > 0
 
@@ -94,21 +85,19 @@ def test_log_settings_change_over_rest_and_grpc_reach_every_worker_and_the_logs(
     assert settings == DEFAULTS
     before = len(_answered(s))
     _infer(s)
-    assert _until(lambda: httpx.get(f"{s.url}/v2/models/mlp/ready").status_code == 200)
+    time.sleep(0.5)  # for lines on their way through the server's stderr pipe
     assert len(_answered(s)) == before
 
-    # warnings off, then on again: the next change's own warning line is not logged while they are off
+    # warnings off, then on again: the change that turned them off is not logged (its line is a warning)
+    def changes() -> list[bool]:
+        return [e["settings"]["log_warnings"] for e in s.logs if e.get("msg") == "log settings changed"]
+
     r = httpx.post(f"{s.url}/v2/logging", json={"log_warnings": False})
     assert r.status_code == 200 and r.json()["log_warnings"] is False
-    changed = [e for e in s.logs if e.get("msg") == "log settings changed"]
+    seen = len(changes())
     httpx.post(f"{s.url}/v2/logging", json={"log_warnings": True, "log_format": "json"}).raise_for_status()
-    assert _until(lambda: len([e for e in s.logs if e.get("msg") == "log settings changed"]) > len(changed))
-    assert [e["settings"]["log_warnings"] for e in s.logs if e.get("msg") == "log settings changed"][
-        -1
-    ] is True
-    assert not any(
-        e["settings"]["log_warnings"] is False for e in s.logs if e.get("msg") == "log settings changed"
-    )
+    assert holds_within(lambda: len(changes()) > seen, 10)
+    assert changes()[-1] is True and False not in changes()
 
 
 @pytest.mark.parametrize(

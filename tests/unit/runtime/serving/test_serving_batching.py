@@ -18,7 +18,7 @@ import torch
 from runtime.serving.batching import _FUTURES, Answer, Batcher
 from runtime.serving.errors import Cancelled, DeadlineExceeded, QueueFull, Unavailable
 from runtime.serving.examples import MLP, TokenTagger
-from tests.fixtures.polling import until
+from tests.fixtures.polling import holds_within, until
 
 
 def _runner(model: torch.nn.Module, seen: list[int]):  # type: ignore[no-untyped-def]
@@ -190,7 +190,7 @@ def _held(
         pad_multiple=None, observer=None, dropped=lambda n, why: dropped.append((n, why)),
     )  # fmt: skip
     first = b.submit([torch.full((1, 1), 1.0)], 1)
-    assert _until(lambda: b.queued == 0)  # running, held at the gate
+    assert holds_within(lambda: b.queued == 0)  # running, held at the gate
     return b, seen, gate, dropped, first
 
 
@@ -203,13 +203,13 @@ def test_a_request_cancelled_before_its_batch_runs_is_dropped_with_an_error_and_
     run, gate = _gated(seen, sizes)  # holds the first batch so the others queue up behind it
     b = Batcher(run, max_batch_size=2, max_delay_s=0.0, max_queue_size=100)
     first = b.submit([torch.full((1, 1), 1.0)], 1)
-    assert _until(lambda: b.queued == 0)  # taken into the first batch, held at the gate
+    assert holds_within(lambda: b.queued == 0)  # taken into the first batch, held at the gate
     sink = _Collect()
     queued = [b.submit_to(sink, i, [torch.full((1, 1), 10.0 + i)], 1) for i in range(4)]
     queued[1].cancelled = queued[3].cancelled = True
     gate.set()
     assert first.result(5)[0].item() == 2.0
-    assert _until(lambda: len(sink.results) == 4)
+    assert holds_within(lambda: len(sink.results) == 4)
     b.close(5)
     got = dict(sink.results)
     assert got[0][0].item() == 20.0 and got[2][0].item() == 24.0  # type: ignore[index]
@@ -256,7 +256,7 @@ def test_a_request_whose_client_deadline_would_pass_before_its_answer_is_not_run
     b = Batcher(slow, max_batch_size=1, max_delay_s=0.0, max_queue_size=100)
     assert b.submit([torch.full((1, 1), 1.0)], 1).result(5)[0].item() == 2.0  # learns ~0.1 s per batch
     busy = b.submit([torch.full((1, 1), 2.0)], 1)
-    assert _until(lambda: b.queued == 0)
+    assert holds_within(lambda: b.queued == 0)
     now = time.monotonic()
     hopeless = b.submit([torch.full((1, 1), 3.0)], 1, deadline=now + 0.15)  # ~0.1 s queued, then 0.1 s
     fine = b.submit([torch.full((1, 1), 4.0)], 1, deadline=now + 5)
@@ -278,7 +278,7 @@ def test_in_overload_the_newest_requests_go_first_when_asked(lifo: bool) -> None
         run, max_batch_size=2, max_delay_s=0.0, max_queue_size=100, lifo_after_s=0.05 if lifo else 0.0
     )
     first = b.submit([torch.full((1, 1), 0.0)], 1)
-    assert _until(lambda: b.queued == 0)
+    assert holds_within(lambda: b.queued == 0)
     futs = [b.submit([torch.full((1, 1), float(i))], 1) for i in range(1, 6)]
     time.sleep(0.1)  # the oldest has waited past 50 ms
     gate.set()
@@ -301,7 +301,7 @@ def test_priority_levels_take_the_most_urgent_first_and_fill_batches_with_the_re
     run, gate = _gated(seen, sizes)
     b = Batcher(run, max_batch_size=2, max_delay_s=0.0, max_queue_size=100, priority_levels=levels)
     first = b.submit([torch.full((1, 1), 0.0)], 1)
-    assert _until(lambda: b.queued == 0)  # running, held at the gate
+    assert holds_within(lambda: b.queued == 0)  # running, held at the gate
     priorities = {1.0: 0, 2.0: 2, 3.0: 1, 4.0: 7, 5.0: 1}  # value -> its request's priority parameter
     futs = [b.submit([torch.full((1, 1), v)], 1, priority=pr) for v, pr in priorities.items()]
     gate.set()
@@ -347,7 +347,7 @@ def test_in_overload_lifo_takes_the_newest_first_within_each_level() -> None:
         run, max_batch_size=1, max_delay_s=0.0, max_queue_size=100, lifo_after_s=0.05, priority_levels=2
     )
     first = b.submit([torch.full((1, 1), 0.0)], 1)
-    assert _until(lambda: b.queued == 0)
+    assert holds_within(lambda: b.queued == 0)
     futs = [b.submit([torch.full((1, 1), v)], 1, priority=pr) for v, pr in ((1, 2), (2, 1), (3, 2), (4, 1))]
     time.sleep(0.1)  # the oldest has waited past 50 ms
     gate.set()
@@ -368,7 +368,7 @@ def test_with_priority_levels_lifo_is_judged_per_level() -> None:
         run, max_batch_size=4, max_delay_s=0.0, max_queue_size=100, lifo_after_s=0.05, priority_levels=2
     )
     first = b.submit([torch.full((1, 1), 0.0)], 1)
-    assert _until(lambda: b.queued == 0)
+    assert holds_within(lambda: b.queued == 0)
     low = [b.submit([torch.full((1, 1), v)], 1, priority=2) for v in (1.0, 2.0)]
     time.sleep(0.1)  # the least urgent have waited past 50 ms
     urgent = [b.submit([torch.full((1, 1), v)], 1, priority=1) for v in (3.0, 4.0)]
@@ -453,17 +453,6 @@ def _deferred(model: torch.nn.Module, launched: list[int], gates: list[threading
     return run
 
 
-def _until(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return False
-
-
 def test_pipelined_batches_launch_while_earlier_ones_run_and_never_more_than_depth() -> None:
     torch.manual_seed(0)
     model = MLP().eval()
@@ -473,11 +462,11 @@ def test_pipelined_batches_launch_while_earlier_ones_run_and_never_more_than_dep
     rows = [torch.randn(1, 16) for _ in range(6)]
     futs = [b.submit([r], 1) for r in rows]
     # two batches in flight, none answered yet: the third waits for a free slot
-    assert _until(lambda: len(launched) == 2)
-    assert not _until(lambda: len(launched) > 2, timeout=0.2)
+    assert holds_within(lambda: len(launched) == 2)
+    assert not holds_within(lambda: len(launched) > 2, seconds=0.2)
     assert not any(f.done() for f in futs)
     gates[0].set()  # the first batch completes: its requests are answered and the third batch launches
-    assert _until(lambda: len(launched) == 3)
+    assert holds_within(lambda: len(launched) == 3)
     assert all(f.done() for f in futs[:2]) and not any(f.done() for f in futs[2:])
     for g in gates:
         g.set()
@@ -555,13 +544,13 @@ def test_the_batcher_thread_reads_its_source_while_batches_run_and_close_wakes_i
     b.set_source(src)
     rows = [torch.randn(1, 16) for _ in range(8)]
     futs = [src.send(r) for r in rows[:4]]
-    assert _until(lambda: len(launched) == 2)  # two batches in flight: as many as depth allows
+    assert holds_within(lambda: len(launched) == 2)  # two batches in flight: as many as depth allows
     futs += [src.send(r) for r in rows[4:]]
     # no slot is free, yet the batcher thread keeps reading: the requests sent since are queued
-    assert _until(lambda: b.queued == 4)
+    assert holds_within(lambda: b.queued == 4)
     assert len(launched) == 2 and not any(f.done() for f in futs)
     for i in range(4):  # each batch answered frees a slot, which wakes the pump to launch the next
-        assert _until(lambda: len(gates) > i)  # noqa: B023
+        assert holds_within(lambda: len(gates) > i)  # noqa: B023
         gates[i].set()
     outs = [f.result(10)[0] for f in futs]
     for r, o in zip(rows, outs, strict=True):
@@ -673,11 +662,11 @@ def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is
     gates: list[threading.Event] = []
     b = Batcher(_deferred(model, launched, gates), max_batch_size=8, max_delay_s=0.0, depth=2)
     first = b.submit([torch.randn(1, 16)], 1)
-    assert _until(lambda: launched == [1])
+    assert holds_within(lambda: launched == [1])
     later = [b.submit([torch.randn(1, 16)], 1) for _ in range(3)]
-    assert not _until(lambda: len(launched) > 1, timeout=0.3)  # max delay 0, yet no second launch
+    assert not holds_within(lambda: len(launched) > 1, seconds=0.3)  # max delay 0, yet no second launch
     gates[0].set()
-    assert _until(lambda: launched == [1, 3])
+    assert holds_within(lambda: launched == [1, 3])
     gates[1].set()
     for f in [first, *later]:
         assert f.result(5)[0].shape == (1, 4)
@@ -718,7 +707,7 @@ def test_pipelined_next_batch_launches_when_the_device_is_about_to_be_done() -> 
     b = Batcher(run, max_batch_size=8, max_delay_s=0.0, depth=2)
     b.submit([torch.ones(1, 2)], 1).result(5)  # learns a batch of 1: device and launch seconds
     running = b.submit([torch.ones(1, 2)], 1)
-    assert _until(lambda: len(log) == 2)
+    assert holds_within(lambda: len(log) == 2)
     following = b.submit([torch.full((1, 2), 3.0)], 1)
     torch.testing.assert_close(following.result(5)[0], torch.full((1, 2), 6.0))
     assert running.result(5)[0].shape == (1, 2)
@@ -743,7 +732,7 @@ def test_pipelined_next_batch_launches_earlier_by_its_inputs_copy_time_when_give
     b = Batcher(run, max_batch_size=8, max_delay_s=0.0, depth=2, lead=lead)
     b.submit([torch.ones(1, 2)], 1).result(5)  # learns a batch of 1's device seconds
     running = b.submit([torch.ones(1, 2)], 1)
-    assert _until(lambda: len(log) == 2)
+    assert holds_within(lambda: len(log) == 2)
     following = b.submit([torch.full((1, 2), 3.0)], 1)
     torch.testing.assert_close(following.result(5)[0], torch.full((1, 2), 6.0))
     running.result(5)
@@ -821,7 +810,7 @@ def test_each_sink_gets_its_requests_of_a_batch_in_one_delivery() -> None:
     for i, (sink, x) in enumerate(zip([a, b, a, b], rows, strict=True)):
         batcher.submit_to(sink, f"{'ab'[i % 2]}{i + 1}", [x], x.shape[0])
     gate.set()
-    assert _until(lambda: len(a.answers) == 2 and len(b.answers) == 1)
+    assert holds_within(lambda: len(a.answers) == 2 and len(b.answers) == 1)
     second_a, only_b = a.answers[1], b.answers[0]
     assert first.tag == "a0" and a.answers[0].tags == ["a0"]
     assert second_a.tags == ["a1", "a3"] and only_b.tags == ["b2", "b4"]
@@ -833,7 +822,7 @@ def test_each_sink_gets_its_requests_of_a_batch_in_one_delivery() -> None:
                 torch.testing.assert_close(outs[0], model(x))
     fail = True
     batcher.submit_to(a, "a5", [torch.randn(1, 16)], 1)
-    assert _until(lambda: len(a.answers) == 3)
+    assert holds_within(lambda: len(a.answers) == 3)
     assert a.answers[2].tags == ["a5"] and not a.answers[2].sliced
     ((tag, err),) = a.answers[2].results()
     assert tag == "a5" and "device fault" in str(err)
