@@ -22,6 +22,10 @@
 #                server's --balance least-connections against kernel, interleaved (least, kernel, least,
 #                kernel), for each line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default:
 #                ResNet-50 at 64 clients over REST, and over gRPC on 16 connections)
+#   idle         why the device idles under load: hack/serve-profile.py's SUMMARY (device busy, idle with a
+#                request waiting or for one: kubeforge_device_idle_seconds) and THREADS lines, 8 workers, max
+#                batch 32, twice for each line "MODEL C GRPC" of $RUNS (default: ResNet-50 then BERT at 64
+#                clients over REST)
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -91,6 +95,14 @@ spread)
         grep -E "SUMMARY|THREADS|WORKERS|Error|errors"
     done
   done ;;
+idle)
+  echo "${RUNS:-$'resnet50 64 0\nbert 64 0'}" | while read -r m c g; do
+    [[ -z $m ]] && continue
+    for i in 1 2; do
+      MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g TAG=$m-c$c-g$g-$i timeout 200 python hack/serve-profile.py \
+        2>&1 | grep -E "SUMMARY|THREADS|Error"
+    done
+  done ;;
 precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
   # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench
   for v in 0 1; do
@@ -99,5 +111,5 @@ precompile) # cold start with a filled compile cache, torch's caching precompile
       --workdir "/tmp/kf-precompile-$v" > "${OUT:-/tmp}/precompile-$v.log" 2>&1
     echo "TORCH_CACHING_PRECOMPILE=$v rc=$?"; grep -E "Cold|Error" "${OUT:-/tmp}/precompile-$v.log" | tail -3
   done ;;
-*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|precompile" >&2; exit 2 ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|spread|idle|precompile" >&2; exit 2 ;;
 esac
