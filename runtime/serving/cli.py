@@ -102,7 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--output", action="append", default=[], metavar="NAME:DATATYPE:DIMS")
     g.add_argument("--log-format", default="json", choices=["json", "text"])
-    g.add_argument("--log-level", default="info")
+    g.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe level logged at start (debug: a line per answered request too); changed while "
+        "running with Triton's log settings (--allow-log-settings)",
+    )
     g.add_argument(
         "--torch-threads",
         type=int,
