@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from runtime.serving.errors import BadRequest, InferError
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository
-from runtime.serving.protocol import datatypes
+from runtime.serving.protocol import datatypes, protowire
 from runtime.serving.protocol._generated import grpc_predict_v2_pb2 as _pb
 from runtime.serving.protocol._generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from runtime.serving.protocol.codec import (
@@ -200,6 +200,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
             setattr(out.settings[k], kind, v)
         return out
+
+    async def health_check(self, request: bytes | memoryview, context: Any) -> bytes:
+        """The standard gRPC health protocol's Check (grpc.health.v1.Health, what Kubernetes' `grpc` probes
+        call), on raw bytes: HealthCheckRequest {string service = 1} -> HealthCheckResponse {status = 1}.
+        Services: "", "ready" and "inference.GRPCInferenceService" are SERVING once the model is ready (not
+        while it loads or the server drains), "live" whenever this process answers; another: NOT_FOUND."""
+        try:
+            service = ""
+            message = memoryview(request)
+            for field, wire, _, value, end in protowire.fields(message):
+                if end > len(message):
+                    raise ValueError("truncated")
+                if field == 1 and wire == 2:
+                    service = bytes(message[value:end]).decode()
+        except (IndexError, ValueError, UnicodeDecodeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"HealthCheckRequest does not parse: {e}")
+        if service == HEALTH_LIVE:
+            serving = True
+        elif service in HEALTH_READY:
+            serving = self.is_ready()
+        else:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no health service {service!r}: ask for '' or 'ready' (ready to serve), or 'live' (the "
+                "process answers)",
+            )
+        return bytes([0x08, SERVING if serving else NOT_SERVING])
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self.infer(request, request.raw_input_contents, context)
@@ -402,12 +429,16 @@ def _encode(
 
 def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    check = grpc.unary_unary_rpc_method_handler(service.health_check)  # raw bytes in and out
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": check}),)
+    )
 
 
 def native_handlers(service: InferenceService) -> dict[str, Any]:
     """The service's methods for protocol.http2's server, by gRPC path. ModelInfer's raw input contents
     stay views of the received message (our own, writable bytes): no copy until shared memory or the batch."""
-    from runtime.serving.protocol.http2 import unary
+    from runtime.serving.protocol.http2 import CONTEXT, unary
 
     requests = {
         "ServerLive": pb.ServerLiveRequest,
@@ -437,6 +468,11 @@ def native_handlers(service: InferenceService) -> dict[str, Any]:
         return await service.infer(*parsed, context)
 
     handlers[MODEL_INFER] = unary(_parse_infer, infer)
+
+    async def health(message: memoryview) -> bytes:
+        return await service.health_check(message, CONTEXT)
+
+    handlers[HEALTH_CHECK] = health
     return handlers
 
 
@@ -466,6 +502,10 @@ def _parse_infer(message: memoryview) -> tuple[Any, list[memoryview]]:
     return pb.ModelInferRequest.FromString(rest), raw
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_LIVE = "live"
+HEALTH_READY = ("", "ready", "inference.GRPCInferenceService")
+SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 

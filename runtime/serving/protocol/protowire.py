@@ -22,7 +22,7 @@ def _varint(buf: memoryview, i: int) -> tuple[int, int]:
             raise ValueError("varint longer than 10 bytes")
 
 
-def _fields(message: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+def fields(message: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
     """(number, wire type, where its key starts, where its value starts, where it ends) for each top-level
     field in turn; a length-delimited field's value is its payload. The last one may end past `message`."""
     i, n = 0, len(message)
@@ -50,7 +50,7 @@ def split_field(message: memoryview, number: int) -> tuple[bytes, list[memoryvie
     field's values as views of `message`, in order). A walk over the top-level fields only."""
     rest = bytearray()
     found: list[memoryview] = []
-    for field, wire, start, value, end in _fields(message):
+    for field, wire, start, value, end in fields(message):
         if end > len(message):
             raise ValueError("truncated message")
         if field == number and wire == 2:
@@ -65,7 +65,7 @@ def field_start(prefix: memoryview, number: int) -> int | None:
     only `prefix` has arrived; None when its key and length are not in `prefix` (or the bytes are not a
     message)."""
     try:
-        for field, wire, _, value, _ in _fields(prefix):
+        for field, wire, _, value, _ in fields(prefix):
             if field == number and wire == 2:
                 return value if value <= len(prefix) else None
     except (IndexError, ValueError):

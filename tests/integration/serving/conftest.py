@@ -118,6 +118,22 @@ class Serve:
         return self.proc.wait(timeout)
 
 
+def grpc_health(target: str, service: str = "") -> str:
+    """The standard gRPC health protocol's Check (what Kubernetes' `grpc` probes call), with grpcio and the
+    messages written out by hand (grpc.health.v1: HealthCheckRequest {string service = 1}, HealthCheckResponse
+    {ServingStatus status = 1}): "SERVING", "NOT_SERVING", or the call's error status."""
+    import grpc
+
+    name = service.encode()
+    request = b"\x0a" + bytes([len(name)]) + name if name else b""
+    with grpc.insecure_channel(target) as ch:
+        try:
+            reply = ch.unary_unary("/grpc.health.v1.Health/Check")(request, timeout=10)
+        except grpc.RpcError as e:
+            return str(e.code())  # type: ignore[attr-defined]
+    return {b"\x08\x01": "SERVING", b"\x08\x02": "NOT_SERVING"}.get(reply, repr(reply))
+
+
 def metric_sum(text: str, prefix: str) -> float:
     """The sum of the Prometheus samples in `text` (a /metrics page) whose line starts with `prefix`: a
     name and "{", or a name and the first of its labels."""

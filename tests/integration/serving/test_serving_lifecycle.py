@@ -19,7 +19,15 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.serving.conftest import ROOT, Registry, Serve, metric_sum, start_mlp, start_serve
+from tests.integration.serving.conftest import (
+    ROOT,
+    Registry,
+    Serve,
+    grpc_health,
+    metric_sum,
+    start_mlp,
+    start_serve,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -324,6 +332,7 @@ def test_sigterm_drains_in_flight_requests(slow_server: Serve) -> None:
         slow_server.proc.terminate()
         time.sleep(0.2)
         assert httpx.get(f"{slow_server.url}/v2/health/ready").status_code == 503  # draining: out of rotation
+        assert grpc_health(slow_server.grpc_url) == "NOT_SERVING"  # Kubernetes' gRPC probes too
         results = [f.result(30) for f in futs]
     assert [r.status_code for r in results] == [200, 200, 200]
     assert [r.json()["outputs"][0]["data"][0] for r in results] == [0.0, 2.0, 4.0]
@@ -512,6 +521,7 @@ def test_a_model_that_cannot_load_leaves_the_server_live_never_ready_and_saying_
         s.wait_log("model failed to load; the server stays live but never ready", 120)
         assert httpx.get(f"{s.url}/v2/health/live").status_code == 200
         assert httpx.get(f"{s.url}/v2/health/ready").status_code == 503
+        assert [grpc_health(s.grpc_url, n) for n in ("", "live")] == ["NOT_SERVING", "SERVING"]
         state = httpx.get(f"{s.url}/v2").json()["kubeforge"]
         assert state["state"] == "failed" and "nosuch" in state["error"], state
         body = {"inputs": [{"name": "input__0", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}

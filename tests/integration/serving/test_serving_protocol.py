@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.serving.conftest import WIDE, Registry, Serve, metric_sum, start_mlp
+from tests.integration.serving.conftest import WIDE, Registry, Serve, grpc_health, metric_sum, start_mlp
 
 pytestmark = pytest.mark.integration
 
@@ -260,10 +260,29 @@ def test_grpcio_server_streams_too(registry: Registry) -> None:
         xs = [np.random.default_rng(30 + i).standard_normal((2, 16), dtype=np.float32) for i in range(4)]
         answers, errors = _stream(s.grpc_url, "mlp", xs)
         assert len(errors) == 1 and "unknown input 'nope'" in errors[0], errors
+        assert [grpc_health(s.grpc_url, n) for n in ("", "live", "nope")] == [
+            "SERVING",
+            "SERVING",
+            "StatusCode.NOT_FOUND",
+        ]
         for i, x in enumerate(xs):
             np.testing.assert_allclose(answers[f"s{i}"], _eager(registry, x), rtol=1e-5, atol=1e-6)
     finally:
         assert s.stop() == 0
+
+
+def test_the_standard_grpc_health_protocol_answers_kubernetes_grpc_probes(mlp_server: Serve) -> None:
+    """grpc.health.v1.Health/Check: readiness under "" (the server as a whole), "ready" and the inference
+    service's name, liveness under "live"; another service is NOT_FOUND, Watch is not served."""
+    import grpc
+
+    url = mlp_server.grpc_url
+    for service in ("", "ready", "inference.GRPCInferenceService", "live"):
+        assert grpc_health(url, service) == "SERVING", service
+    assert grpc_health(url, "mlp") == "StatusCode.NOT_FOUND"
+    with grpc.insecure_channel(url) as ch, pytest.raises(grpc.RpcError) as e:
+        next(iter(ch.unary_stream("/grpc.health.v1.Health/Watch")(b"", timeout=10)))
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
 
 
 def test_triton_repository_index_and_load_refused_over_rest_and_grpc(mlp_server: Serve) -> None:
