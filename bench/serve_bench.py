@@ -504,21 +504,29 @@ def _measure_server(
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
     shm_rest, shm_grpc, shm_done = shm_bodies(model, port) if "shm" in a.paths else (b"", b"", None)
 
-    def batch_counts() -> tuple[float, float]:
+    def counters() -> dict[str, float]:
+        """The server's batch and device counters: rows and batches, device busy seconds, and its idle
+        seconds with a request waiting (kubeforge_device_idle_seconds, reason late_launch)."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        vals = {
-            k: sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(k + "{"))
-            for k in ("kubeforge_batch_size_sum", "kubeforge_batch_size_count")
-        }
-        return vals["kubeforge_batch_size_sum"], vals["kubeforge_batch_size_count"]
+        out = dict.fromkeys(_COUNTERS, 0.0)
+        for line in text.splitlines():
+            name = line.split("{")[0]
+            if name == "kubeforge_device_idle_seconds_total" and 'reason="late_launch"' not in line:
+                continue
+            if name in out:
+                out[name] += float(line.split()[-1])
+        return out
 
     def measured(key: tuple[str, int], fn: Callable[[], dict[str, float]]) -> None:
-        s0, n0 = batch_counts()
+        k0 = counters()
         m0, w0 = _cpu_seconds(pid)
         r = fn()
         m1, w1 = _cpu_seconds(pid)
-        s1, n1 = batch_counts()
-        r["batch"] = (s1 - s0) / max(1.0, n1 - n0)
+        k1 = counters()
+        d = {k: k1[k] - k0[k] for k in _COUNTERS}
+        r["batch"] = d["kubeforge_batch_size_sum"] / max(1.0, d["kubeforge_batch_size_count"])
+        r["busy"] = 100 * d["kubeforge_device_busy_seconds_total"] / a.seconds
+        r["late"] = 100 * d["kubeforge_device_idle_seconds_total"] / a.seconds
         requests = max(1.0, r["rps"] * a.seconds)
         r["cpu_model"], r["cpu_workers"] = (m1 - m0) / requests * 1e6, (w1 - w0) / requests * 1e6
         results[key] = r
@@ -598,16 +606,17 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
     lines.append(f"Ceiling: {ceil[0]['mode']} ({ceil[0]['path']}), in-process, same batch size.\n")  # type: ignore[index]
     lines.append(
         "| concurrency | path | rows/s | x naive | % of ceiling | % of raw at its mean batch | p50 ms "
-        "| p99 ms | errors | mean batch | CPU us/request: model process, workers |"
+        "| p99 ms | errors | mean batch | CPU us/request: model process, workers "
+        "| device busy %, idle with a request waiting % |"
     )
-    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in a.concurrency:
         ce = ceil[min(c, a.max_batch)]
         naive = results[("naive FastAPI eager", c)]["rps"] or float("nan")  # 0: every request timed out
         lines.append(
             f"| {c} | ceiling: compiled model, batch {min(c, a.max_batch)} | {ce['rps']:,.0f} | "
             f"{ce['rps'] / naive:.1f} | 100 | 100 | {ce['p50']:.2f} | {ce['p99']:.2f} | | "
-            f"{min(c, a.max_batch)} | |"
+            f"{min(c, a.max_batch)} | | |"
         )
         for (path, cc), r in results.items():
             if cc != c:
@@ -618,7 +627,7 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
                 f"| {c} | {path} | {r['rps']:,.0f} | {r['rps'] / naive:.1f} | "
                 f"{100 * r['rps'] / ce['rps']:.0f} | {own_pct} | "
                 f"{r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
-                f"{r.get('batch', float('nan')):.1f} | {_cpu_cell(r)} |"
+                f"{r.get('batch', float('nan')):.1f} | {_cpu_cell(r)} | {_device_cell(r)} |"
             )
     best = f"kubeforge w{a.workers_list[-1]}"
     kf1 = results.get((f"{best} gRPC", 1)) or results[(f"{best} REST binary", 1)]
@@ -631,10 +640,24 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
     return lines
 
 
+_COUNTERS = (
+    "kubeforge_batch_size_sum",
+    "kubeforge_batch_size_count",
+    "kubeforge_device_busy_seconds_total",
+    "kubeforge_device_idle_seconds_total",  # with a request waiting (late_launch) only
+)
+
+
 def _batch_of(r: dict[str, float]) -> int:
     """A server point's mean batch, rounded (0: none measured)."""
     b = r.get("batch", float("nan"))
     return max(1, round(b)) if math.isfinite(b) and b > 0 else 0
+
+
+def _device_cell(r: dict[str, float]) -> str:
+    """A Kubeforge point's device busy share and its idle share with a request waiting (the naive server's:
+    empty)."""
+    return f"{r['busy']:.0f}, {r['late']:.0f}" if "busy" in r else ""
 
 
 def _cpu_cell(r: dict[str, float]) -> str:
