@@ -33,8 +33,8 @@ from runtime.serving.logs import apply_log_settings, checked_log_settings, log_s
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol import datatypes
-from runtime.serving.protocol.http1 import Listener
-from runtime.serving.protocol.rest import SlotBody
+from runtime.serving.protocol.http1 import Body, Listener
+from runtime.serving.protocol.rest import SLOT_BODY_MIN, SlotBody
 from runtime.serving.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -665,9 +665,16 @@ async def start_protocol(
     if cfg.allow_client_shm:
         from runtime.serving.protocol.sharedmem import SharedMemory
 
-        lend = (lambda n: slot_body(n, 0)) if slot_body is not None else None
+        def lend(n: int) -> Body | None:  # a slot for inputs as large as REST bodies that get one
+            return slot_body(n, 0) if slot_body is not None and n >= SLOT_BODY_MIN else None
+
         assert cfg.shm_registry, "Server makes the registry the server's processes share"
-        shm = SharedMemory(cfg.shm_registry, max_payload=cfg.max_payload_bytes, budget=budget, lend=lend)
+        shm = SharedMemory(
+            cfg.shm_registry,
+            max_payload=cfg.max_payload_bytes,
+            budget=budget,
+            lend=lend if slot_body is not None else None,
+        )
     triton = Extensions(
         repo, metrics, batching, render_metrics, shm, set_log=set_log, allow_log=cfg.allow_log_settings
     )

@@ -44,7 +44,6 @@ from runtime.serving.protocol import datatypes
 
 KEY_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory objects (shm_open's names)
 MAX_REGIONS = 1024
-LEND_MIN = 64 << 10  # inputs this large are read into a protocol worker's slot (rest.SLOT_BODY_MIN)
 OWN_PREFIX = "kubeforge"  # the server's own objects (protocol workers' arenas where memfd is missing)
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
@@ -122,7 +121,8 @@ class SharedMemory:
         key_dir: str = KEY_DIR,
         max_payload: int = 64 << 20,
         budget: Any = None,  # protocol.http1.Budget: input bytes held until each request's answer
-        lend: Callable[[int], Any] | None = None,  # a protocol worker's slot for n bytes (http1.Body) or None
+        # a protocol worker's slot for an input of n bytes (http1.Body), or None (too small, or none free)
+        lend: Callable[[int], Any] | None = None,
     ) -> None:
         self.registry = registry
         self.key_dir = key_dir
@@ -306,7 +306,7 @@ class SharedMemory:
             raise QueueFull(self.budget.refusal(need))
         reads.nbytes += need
         buf: bytearray | memoryview | None = None
-        if self.lend is not None and reads.slot is None and need >= LEND_MIN:
+        if self.lend is not None and reads.slot is None:
             reads.slot = self.lend(need)
             buf = reads.slot.view if reads.slot is not None else None
         if buf is None:
