@@ -115,12 +115,17 @@ def shm_target(shm: SharedMemory | None, params: object, where: str) -> Target |
     return t
 
 
-def shm_register_body(body: bytes | bytearray | memoryview) -> tuple[str, int, int]:
-    """A REST shared memory register request's body: key, offset, byte size."""
+def parse_json(data: bytes | bytearray | memoryview) -> Any:
+    """A request body's (or head's) JSON; BadRequest when it is not JSON."""
     try:
-        d = orjson.loads(body)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise BadRequest(f"malformed JSON: {e}") from None
+
+
+def shm_register_body(body: bytes | bytearray | memoryview) -> tuple[str, int, int]:
+    """A REST shared memory register request's body: key, offset, byte size."""
+    d = parse_json(body)
     if not isinstance(d, dict) or not isinstance(d.get("key"), str):
         raise BadRequest('a register request is {"key": "/name", "offset": n, "byte_size": n}: key missing')
     where = "register request"
@@ -162,10 +167,7 @@ def _decode_request(
         head, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        req = orjson.loads(head)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"malformed JSON: {e}") from None
+    req = parse_json(head)
     if not isinstance(req, dict):
         raise BadRequest("malformed request: the body must be a JSON object")
     inputs = req.get("inputs")

@@ -25,7 +25,7 @@ import orjson
 from runtime.serving.errors import BadRequest, InferError, NotFound
 from runtime.serving.metrics import CONTENT_TYPE, Metrics
 from runtime.serving.model import Repository, ServedModel
-from runtime.serving.protocol.codec import decode_request, encode_response, shm_register_body
+from runtime.serving.protocol.codec import decode_request, encode_response, parse_json, shm_register_body
 from runtime.serving.protocol.http1 import (
     JSON,
     Body,
@@ -132,7 +132,8 @@ class RestApp:
             if req.path.startswith(SHM_ROUTES):
                 return self._shm(req, body.view)
             if req.path == LOGGING:
-                return 200, orjson.dumps(await self.triton.update_log_settings(_json_body(body.view))), JSON
+                changes = parse_json(body.view) if len(body.view) else {}  # empty: read them
+                return 200, orjson.dumps(await self.triton.update_log_settings(changes)), JSON
             return await self._infer(req, body)
         except HttpError as e:
             return error_response(e.status, e.message)
@@ -305,16 +306,6 @@ SHM_OPS = ("status", "register", "unregister")
 
 # Envoy's time in ms it expects the request to complete in (its route timeout), set on requests it forwards
 ENVOY_TIMEOUT = b"x-envoy-expected-rq-timeout-ms"
-
-
-def _json_body(view: bytes | memoryview) -> object:
-    """A request body's JSON ({} when empty); BadRequest when it is not JSON."""
-    if not len(view):
-        return {}
-    try:
-        return orjson.loads(view)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"the request body is not JSON: {e}") from None
 
 
 def _int_header(name: bytes, value: bytes) -> int:

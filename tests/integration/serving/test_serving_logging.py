@@ -131,7 +131,7 @@ def test_bad_log_settings_over_grpc_are_invalid_argument_and_a_body_not_json_is_
         grpc.update_log_settings({"log_format": "default"})
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "log_format" in e.value.message()
     r = httpx.post(f"{log_server.url}/v2/logging", content=b"{verbose")
-    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
 
 
 def test_without_the_flag_log_settings_are_read_but_not_changed(mlp_server: Serve) -> None:
