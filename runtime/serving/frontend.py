@@ -141,8 +141,8 @@ class Worker:
         self.stopping = False
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], int | None]] = {}
-        self._metrics_waiters: dict[int, asyncio.Future[bytes]] = {}
-        self._log_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # answers awaited from the model process (METRICS_RESP, LOG_RESP), by request id
+        self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._stop = asyncio.Event()
         self._hub_lost = False
         self.link: _Link | None = None
@@ -165,7 +165,7 @@ class Worker:
     async def infer(
         self, inputs: list[torch.Tensor], rows: int, deadline: float = math.inf, priority: int = 0
     ) -> tuple[torch.Tensor, ...]:
-        if self._hub_lost or self.link is None or self.link.transport is None:
+        if not self._hub_there():
             self.batcher.withdraw()
             raise Unavailable("the model process is gone")
         offset = self._slot_holding(inputs)
@@ -208,7 +208,8 @@ class Worker:
 
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
-        if self.link is not None and self.link.transport is not None and not self._hub_lost:
+        if self._hub_there():
+            assert self.link is not None and self.link.transport is not None
             self.link.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def slot_body(self, length: int, header_len: int) -> SlotBody | None:
@@ -242,34 +243,35 @@ class Worker:
         (offset,) = slots
         return offset if offset in self._lent else None
 
+    def _hub_there(self) -> bool:
+        return not self._hub_lost and self.link is not None and self.link.transport is not None
+
+    async def _ask(self, kind: int, body: bytes = b"") -> bytes:
+        """Send the model process a request of `kind` and wait (10 s at most) for its answer's bytes."""
+        assert self.link is not None and self.link.transport is not None
+        rid = next(self._ids)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        self.link.transport.write(ipc.frame(kind, ipc.pack_id(rid, body)))
+        try:
+            return await asyncio.wait_for(fut, 10)
+        finally:
+            self._waiters.pop(rid, None)
+
     async def set_log(self, changes: object) -> dict[str, Any]:
         """Triton's log settings changed by the model process, which hands them to every worker with its
         state (this one's before the answer): InferError when it refuses them."""
-        if self._hub_lost or self.link is None or self.link.transport is None:
+        if not self._hub_there():
             raise Unavailable("the model process is gone")
-        rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._log_waiters[rid] = fut
-        self.link.transport.write(ipc.frame(ipc.LOG_REQ, ipc.pack_id(rid, json.dumps(changes).encode())))
-        try:
-            reply = await asyncio.wait_for(fut, 10)
-        finally:
-            self._log_waiters.pop(rid, None)
+        reply = json.loads(await self._ask(ipc.LOG_REQ, json.dumps(changes).encode()))
         if "error" in reply:
             raise _ERRORS.get(reply.get("kind", ""), ModelFailure)(reply["error"])
         return dict(reply["settings"])
 
     async def render_metrics(self) -> bytes:
-        if self._hub_lost or self.link is None or self.link.transport is None:
+        if not self._hub_there():
             return self.metrics.render()
-        rid = next(self._ids)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._metrics_waiters[rid] = fut
-        self.link.transport.write(ipc.frame(ipc.METRICS_REQ, ipc.pack_id(rid)))
-        try:
-            return await asyncio.wait_for(fut, 10)
-        finally:
-            self._metrics_waiters.pop(rid, None)
+        return await self._ask(ipc.METRICS_REQ)
 
     # -- what the model process says --
     def on_message(self, kind: int, payload: bytearray) -> None:
@@ -285,16 +287,11 @@ class Worker:
             rid, _ = ipc.unpack_id(memoryview(payload))
             assert self.link is not None and self.link.transport is not None
             self.link.transport.write(ipc.frame(ipc.METRICS_TEXT, ipc.pack_id(rid, self.metrics.render())))
-        elif kind == ipc.METRICS_RESP:
+        elif kind in (ipc.METRICS_RESP, ipc.LOG_RESP):  # the answer to an _ask
             rid, text = ipc.unpack_id(memoryview(payload))
-            waiter = self._metrics_waiters.get(rid)
+            waiter = self._waiters.get(rid)
             if waiter is not None and not waiter.done():
                 waiter.set_result(text)
-        elif kind == ipc.LOG_RESP:
-            rid, text = ipc.unpack_id(memoryview(payload))
-            log_waiter = self._log_waiters.get(rid)
-            if log_waiter is not None and not log_waiter.done():
-                log_waiter.set_result(json.loads(text))
         elif kind == ipc.STOP:
             self.stopping = True
             self._stop.set()
