@@ -506,12 +506,12 @@ def _measure_server(
 
     def counters() -> dict[str, float]:
         """The server's batch and device counters: rows and batches, device busy seconds, and its idle
-        seconds with a request waiting (kubeforge_device_idle_seconds, reason late_launch)."""
+        seconds with a request waiting (kubeforge_device_idle_seconds, reasons queued and launching)."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         out = dict.fromkeys(_COUNTERS, 0.0)
         for line in text.splitlines():
             name = line.split("{")[0]
-            if name == "kubeforge_device_idle_seconds_total" and 'reason="late_launch"' not in line:
+            if name == "kubeforge_device_idle_seconds_total" and 'reason="no_requests"' in line:
                 continue
             if name in out:
                 out[name] += float(line.split()[-1])
@@ -644,7 +644,7 @@ _COUNTERS = (
     "kubeforge_batch_size_sum",
     "kubeforge_batch_size_count",
     "kubeforge_device_busy_seconds_total",
-    "kubeforge_device_idle_seconds_total",  # with a request waiting (late_launch) only
+    "kubeforge_device_idle_seconds_total",  # with a request waiting (queued, launching) only
 )
 
 

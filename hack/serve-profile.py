@@ -156,14 +156,19 @@ def main() -> None:
         d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
         n, nb = r["rps"] * secs, max(1.0, d.get("kubeforge_batch_size_count", 1.0))
         handled = max(1.0, d.get("kubeforge_request_latency_seconds_count", 1.0))
+
+        def idle(why: str) -> float:
+            return d.get(f"kubeforge_device_idle_seconds_total:{why}", 0.0)
+
         print(
             f"SUMMARY {env('TAG', '')}: {r['rps']:.0f} rows/s p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms | "
             f"CPU us/request model {1e6 * (c1[0] - c0[0]) / n:.0f} "
             f"workers {1e6 * (c1[1] - c0[1]) / n:.0f} | mean batch "
             f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, device busy "
             f"{100 * d.get('kubeforge_device_busy_seconds_total', 0) / secs:.0f}% (idle with a request "
-            f"waiting {100 * d.get('kubeforge_device_idle_seconds_total:late_launch', 0) / secs:.0f}%, "
-            f"for one {100 * d.get('kubeforge_device_idle_seconds_total:no_requests', 0) / secs:.0f}%), "
+            f"waiting {100 * (idle('queued') + idle('launching')) / secs:.0f}%: queued "
+            f"{100 * idle('queued') / secs:.0f}%, launching {100 * idle('launching') / secs:.0f}%; "
+            f"for one {100 * idle('no_requests') / secs:.0f}%), "
             f"launch to answer "
             f"{1e3 * d.get('kubeforge_batch_run_seconds_sum', 0) / nb:.2f} ms, oldest queued "
             f"{1e3 * d.get('kubeforge_queue_time_seconds_sum', 0) / nb:.2f} ms, in the REST handler "

@@ -36,7 +36,9 @@ inputs travel to the device on a stream of their own (CUDA's copy stream) gives 
 batch's bytes take to get there, which the launch comes that much earlier by, so that the copies run while
 the device computes the batch before instead of in front of this one. The device's idle time between batches
 goes to `idle` with why: `no_requests` (none was queued or being launched when it went idle: the clients'
-pace) or `late_launch` (one was: the server launched it late).
+pace), `queued` (requests were queued and no batch of them formed yet: the batcher thread waited too long,
+by its estimates, or was still reading requests) or `launching` (a batch had formed and was still being
+gathered and launched: the launch took longer than estimated).
 
 Answers go to *sinks*, a batch at a time: a request names its sink and a tag (what the sink needs to find the
 request again), and each sink gets one `deliver` call per batch with all of its requests' results. The
@@ -651,11 +653,14 @@ class Batcher:
                     self._device_s[bucket] = _ewma(self._device_s.get(bucket), took)
                     if not self._running:
                         self._free_at = 0.0
-                        # idle from now: for want of requests, or with one queued or being launched (this
-                        # batch counts in _inflight until it is answered)
+                        # idle from now: with a batch being launched (this one counts in _inflight until it
+                        # is answered), with requests queued, or for want of requests
                         self._idle_since = done
-                        late = self._queue or self._inflight - 1 > self._running
-                        self._idle_why = "late_launch" if late else "no_requests"
+                        self._idle_why = (
+                            "launching"
+                            if self._inflight - 1 > self._running
+                            else ("queued" if self._queue else "no_requests")
+                        )
                     self._notify()  # the next batch may go now
                 last_done = done
                 if outs is not None:

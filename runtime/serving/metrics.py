@@ -102,7 +102,8 @@ class Metrics:
             "kubeforge_device_idle_seconds",
             "Pipelined (accelerators): seconds the device sat idle between one batch's end and the next"
             " one's launch, as the host sees them, by why: no_requests (none was queued or being launched"
-            " when it went idle: the clients' pace), late_launch (one was: the server's own delay).",
+            " when it went idle: the clients' pace), queued (requests were, in no batch yet: the batcher"
+            " waited or read too long), launching (a batch was being launched: its launch took long).",
             ["model", "reason"],
             registry=r,
         )

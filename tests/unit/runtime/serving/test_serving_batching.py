@@ -742,22 +742,51 @@ def test_pipelined_next_batch_launches_earlier_by_its_inputs_copy_time_when_give
     b.close(5)
 
 
-def test_device_idle_time_is_told_with_why_a_request_late_to_launch_or_none_to_run() -> None:
-    """Launches that take longer (0.15 s) than the device (0.05 s) leave it idle with the next request
-    queued or being launched: late_launch, ~0.1 s a batch; then a quiet 0.3 s with nothing queued is
-    no_requests."""
+def test_device_idle_time_is_told_with_why_a_batch_being_launched_or_none_to_run() -> None:
+    """Launches that take longer (0.15 s) than the device (0.05 s) leave it idle with the next batch being
+    launched: launching, ~0.1 s a batch; then a quiet 0.3 s with nothing queued is no_requests."""
     device_s, launch_s = 0.05, 0.15
     run, _ = _serial_device(device_s, launch_s)
     idle: list[tuple[float, str]] = []
     b = Batcher(run, max_batch_size=1, max_delay_s=0.0, depth=2, idle=lambda s, why: idle.append((s, why)))
     for f in [b.submit([torch.ones(1, 2)], 1) for _ in range(4)]:
         f.result(5)
-    late = [s for s, why in idle if why == "late_launch"]
+    late = [s for s, why in idle if why == "launching"]
     assert len(late) == 3 and all(0.05 < s < 0.2 for s in late), idle
-    assert not [why for _, why in idle if why != "late_launch"]
+    assert not [why for _, why in idle if why != "launching"]
     time.sleep(0.3)
     b.submit([torch.ones(1, 2)], 1).result(5)
     assert idle[-1][1] == "no_requests" and 0.3 + launch_s - 0.05 < idle[-1][0] < 0.3 + launch_s + 0.2
+    b.close(5)
+
+
+class _DeafSource:
+    """A Source whose every round takes `round_s` and that no wake cuts short: a batcher thread that reads
+    too long at a time."""
+
+    def __init__(self, round_s: float) -> None:
+        self.round_s = round_s
+
+    def pump(self, timeout: float | None) -> None:
+        time.sleep(self.round_s)
+
+    def wake(self) -> None:
+        pass
+
+
+def test_device_idle_time_with_requests_queued_and_no_batch_formed_is_told_as_queued() -> None:
+    """The batcher thread's source keeps it 0.15 s per round while the device takes 0.05 s a batch: the
+    device runs dry with requests queued that no batch took yet (queued), not while one is launched."""
+    run, _ = _serial_device(0.05)
+    idle: list[tuple[float, str]] = []
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, depth=2, idle=lambda s, why: idle.append((s, why)))
+    b.set_source(_DeafSource(0.15))
+    futs = [b.submit([torch.full((1, 2), float(i))], 1) for i in range(4)]
+    for i, f in enumerate(futs):
+        torch.testing.assert_close(f.result(5)[0], torch.full((1, 2), 2.0 * i))
+    queued = [s for s, why in idle if why == "queued"]
+    assert queued and all(0.01 < s < 0.2 for s in queued), idle
+    assert "launching" not in {why for _, why in idle}
     b.close(5)
 
 
