@@ -129,7 +129,8 @@ class Source(Protocol):
         """Wait up to `timeout` seconds (None: no limit) for requests, submit those that came, return."""
 
     def wake(self) -> None:
-        """Make a `pump` under way return now (from any thread)."""
+        """Make a `pump` under way return now (from another thread), or (from the batcher thread itself,
+        while it handles what it read) once the request being submitted is."""
 
 
 @dataclass(eq=False, slots=True)
@@ -396,9 +397,11 @@ class Batcher:
             else:  # behind the requests of its level and the more urgent ones
                 queue.insert(bisect.bisect_right(queue, p.priority, key=_priority), p)
             n = self._rows[key] = self._rows.get(key, 0) + rows
-            # while the device is busy the forming batch waits for it; only a full one goes earlier
-            if not self._device_wait or n >= self.max_batch_size:
-                self._notify()
+            # while the device is busy the forming batch waits for it; only a full one goes earlier, and
+            # then at once: the rest of what the batcher thread is reading waits for the next batch
+            full = n >= self.max_batch_size
+            if not self._device_wait or full:
+                self._notify(now=full)
         if displaced is not None:
             self._displace(displaced)
         return p
@@ -434,10 +437,11 @@ class Batcher:
             pad += [0, extra]
         return F.pad(t, pad) if any(pad) else t
 
-    def _notify(self) -> None:
-        """Wake the batcher thread (hold _cond): from its wait, or from its source's pump."""
+    def _notify(self, now: bool = True) -> None:
+        """Wake the batcher thread (hold _cond): from its wait, or from its source's pump; when it is the
+        batcher thread itself (submitting what its pump read), that pump returns early only if `now`."""
         self._cond.notify()
-        if self._pumping and threading.get_ident() != self._thread.ident:
+        if self._pumping and (now or threading.get_ident() != self._thread.ident):
             assert self._source is not None
             self._source.wake()
 

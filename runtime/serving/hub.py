@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import selectors
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Answer, Batcher, Pending
@@ -44,11 +45,24 @@ from runtime.serving.metrics import Metrics, merge
 from runtime.serving.server import DEALT_GRPC, DEALT_HTTP, ServeConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _WAKE = object()  # the selector's key for the wake-up pipe
 _FD_SETSIZE = 1024
 SLOT_BYTES = 1 << 20  # one 224x224x3 FP32 image (602 KB) per slot, with room to spare
 MAX_SLOTS = 64  # per worker: 64 requests in flight through shared memory, more travel inline
+
+
+def take_turns(ready: list[T], turn: int, handle: Callable[[T], object], over: Callable[[], bool]) -> int:
+    """Handle `ready`'s items from index `turn` (modulo its length) round to the start, until `over()` says
+    the round is over (asked before each); returns the turn the next round starts at: just past the last
+    handled, so that rounds cut short do not keep favouring the same connections."""
+    n = len(ready)
+    for i in range(n):
+        if over():
+            return (turn + i) % n
+        handle(ready[(turn + i) % n])
+    return (turn + 1) % n if n else turn
 
 
 def shm_dir() -> str:
@@ -221,6 +235,8 @@ class Hub:
         self._sel = register(self._sel, self._wake_r, _WAKE)
         self._sel = register(self._sel, self._listener, None)
         self._handed = False  # the batcher thread reads the connections now (pump)
+        self._woken = False  # wake() was called during this round
+        self._turn = 0  # the ready connection a round starts with (see take_turns)
         self._reader: threading.Thread | None = None
         batcher.set_external_announced(self.announced)
         batcher.set_source(self)
@@ -352,14 +368,21 @@ class Hub:
             if reader is not None:
                 reader.join()
             log.info("the batcher thread reads the protocol workers' requests from now on")
-        self._select(timeout)
+        self._select(timeout, cut=True)
 
     def wake(self) -> None:
+        self._woken = True
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
 
-    def _select(self, timeout: float | None) -> None:
-        """One round: wait up to `timeout` for the connections, handle everything that came."""
+    def _select(self, timeout: float | None, cut: bool = False) -> None:
+        """One round: wait up to `timeout` for the connections, handle what came. With `cut` (the batcher
+        thread's rounds) the round ends between two connections once `timeout` has passed or `wake` was
+        called, and what it did not read waits in the sockets for the next: a round that read every
+        connection overran the batcher's launch time (H200, ResNet-50, 64 clients over 8 workers: the
+        device idle a fifth of the time with requests queued)."""
+        start = time.perf_counter()
+        self._woken = False
         try:
             ready = self._sel.select(timeout)
         except (OSError, ValueError):  # select() refuses a descriptor closed meanwhile (stop, a lost worker)
@@ -367,19 +390,29 @@ class Hub:
                 log.exception("waiting for the protocol workers failed")
                 time.sleep(0.01 if timeout is None else min(timeout, 0.01))
             return
+        conns = []
         for key, _ in ready:
             if key.data is _WAKE:
+                self._woken = cut
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-            elif key.data is None:
-                try:
-                    sock, _ = self._listener.accept()
-                except OSError:  # stopped
-                    self._sel.unregister(self._listener)
-                    continue
-                self._sel = register(self._sel, sock, [ipc.FrameReader(), None])
             else:
-                self._receive(key.fileobj, key.data)  # type: ignore[arg-type]
+                conns.append(key)
+        ends = start + timeout if cut and timeout else math.inf
+        self._turn = take_turns(
+            conns, self._turn, self._ready, lambda: self._woken or time.perf_counter() >= ends
+        )
+
+    def _ready(self, key: selectors.SelectorKey) -> None:
+        if key.data is not None:
+            self._receive(key.fileobj, key.data)  # type: ignore[arg-type]
+            return
+        try:
+            sock, _ = self._listener.accept()
+        except OSError:  # stopped
+            self._sel.unregister(self._listener)
+            return
+        self._sel = register(self._sel, sock, [ipc.FrameReader(), None])
 
     def _receive(self, peer: socket.socket, state: list[Any]) -> None:
         try:

@@ -790,6 +790,33 @@ def test_device_idle_time_with_requests_queued_and_no_batch_formed_is_told_as_qu
     b.close(5)
 
 
+def test_a_batch_that_fills_while_the_batcher_thread_reads_its_source_cuts_that_read_short() -> None:
+    """With the device busy the batcher reads its source until the device is about to be done; a batch
+    that fills meanwhile goes at once: the batcher thread wakes its own pump (which ends its round after the
+    request being submitted), and not for a request that leaves the batch short of full."""
+    gates: list[threading.Event] = []
+    launched: list[int] = []
+    b = Batcher(
+        _deferred(MLP().eval(), launched, gates), name="cut", max_batch_size=2, max_delay_s=0.0, depth=2
+    )
+    src = _PipeSource(b)
+    woken: list[tuple[str, int]] = []  # (thread, requests queued) per wake
+    src.wake = lambda: woken.append((threading.current_thread().name, b.queued))  # type: ignore[method-assign]
+    b.set_source(src)
+    first = src.send(torch.randn(1, 16))
+    assert holds_within(lambda: launched == [1])  # on the device (held by its gate): the next batch waits
+    src.send(torch.randn(1, 16))  # one row of two: no wake
+    assert holds_within(lambda: b.queued == 1)
+    assert not [w for w in woken if w[0] == "batcher-cut"]
+    src.send(torch.randn(1, 16))  # fills the batch: the batcher thread wakes its own pump
+    assert holds_within(lambda: launched == [1, 2])
+    assert ("batcher-cut", 2) in woken
+    for g in gates:
+        g.set()
+    first.result(5)
+    b.close(5)
+
+
 def test_pipelined_batches_report_their_own_device_seconds_not_the_wait_behind_the_one_before() -> None:
     """Two batches launched at once on a device that takes 0.2 s each: the second is answered ~0.4 s after
     its launch, but only 0.2 s of that were its own (kubeforge_device_busy_seconds adds these up)."""

@@ -644,3 +644,21 @@ def test_descriptors_travel_with_their_kind_and_neither_side_ever_waits() -> Non
     b.close()
     assert ipc.recv_fd(a) == (b"", [])  # the model process is gone: an empty message
     a.close()
+
+
+def test_a_round_cut_short_starts_the_next_where_it_stopped_and_a_whole_round_moves_on_by_one() -> None:
+    """The batcher thread's rounds over the workers' connections (hub.take_turns): it stops before the next
+    connection once the round is over, and the next round starts with the first one it left, so that rounds
+    cut short do not keep serving the same workers first."""
+    from runtime.serving.hub import take_turns
+
+    handled: list[str] = []
+    ready = ["a", "b", "c", "d"]
+    turn = take_turns(ready, 0, handled.append, lambda: len(handled) >= 2)
+    assert handled == ["a", "b"] and turn == 2
+    turn = take_turns(ready, turn, handled.append, lambda: len(handled) >= 5)
+    assert handled[2:] == ["c", "d", "a"] and turn == 1
+    turn = take_turns(ready, turn, handled.append, lambda: False)  # a whole round: the next starts one on
+    assert handled[5:] == ["b", "c", "d", "a"] and turn == 2
+    assert take_turns([], 7, handled.append, lambda: False) == 7
+    assert take_turns(ready, 3, handled.append, lambda: True) == 3 and len(handled) == 9  # over at once
