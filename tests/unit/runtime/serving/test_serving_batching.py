@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import math
 import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -673,10 +675,10 @@ def test_pipelined_next_batch_fills_while_the_device_is_busy_and_goes_when_it_is
     b.close(5)
 
 
-def _serial_device(device_s: float, launch_s: float = 0.0):  # type: ignore[no-untyped-def]
+def _serial_device(device_s: float, launch_s: float | Callable[[], float] = 0.0):  # type: ignore[no-untyped-def]
     """A pipelined runner on a simulated device that runs one batch at a time, `device_s` each, after a
-    launch that takes `launch_s` of CPU; doubles its input. Returns it and its log: per batch, when its launch
-    began and when the device finishes it."""
+    launch that takes `launch_s` of CPU (or what it returns, each launch); doubles its input. Returns it and
+    its log: per batch, when its launch began and when the device finishes it."""
     import time
 
     state = {"end": 0.0}
@@ -684,7 +686,7 @@ def _serial_device(device_s: float, launch_s: float = 0.0):  # type: ignore[no-u
 
     def run(xs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
         entered = time.perf_counter()
-        time.sleep(launch_s)
+        time.sleep(launch_s() if callable(launch_s) else launch_s)
         end = state["end"] = max(time.perf_counter(), state["end"]) + device_s
         log.append((entered, end))
 
@@ -758,6 +760,75 @@ def test_device_idle_time_is_told_with_why_a_batch_being_launched_or_none_to_run
     b.submit([torch.ones(1, 2)], 1).result(5)
     assert idle[-1][1] == "no_requests" and 0.3 + launch_s - 0.05 < idle[-1][0] < 0.3 + launch_s + 0.2
     b.close(5)
+
+
+@pytest.mark.parametrize("deviations", [2.0, 0.0], ids=["mean-and-deviation", "mean-only"])
+def test_launches_whose_time_varies_are_budgeted_their_deviation_and_leave_the_device_no_gap(
+    deviations: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Launches take 0.02 and 0.12 s in turn (mean 0.07) in front of a device busy 0.3 s a batch, requests
+    coming every 0.03 s: begun the mean before the device is free, every long launch ends 0.05 s late and the
+    device waits for it (launching); begun the mean and twice the mean deviation before, none does."""
+    import runtime.serving.batching as batching
+
+    monkeypatch.setattr(batching, "LAUNCH_DEVIATIONS", deviations)
+    times = itertools.cycle([0.02, 0.12])
+    run, _ = _serial_device(0.3, lambda: next(times))
+    idle: list[tuple[float, str]] = []
+    b = Batcher(
+        run,
+        max_batch_size=16,
+        max_delay_s=0.0,
+        depth=2,
+        batch_buckets=[16],
+        idle=lambda s, why: idle.append((s, why)),
+    )
+    futs = []
+    end = time.perf_counter() + 3.0
+    while time.perf_counter() < end:
+        futs.append(b.submit([torch.ones(1, 2)], 1))
+        time.sleep(0.03)
+    for f in futs:
+        torch.testing.assert_close(f.result(5)[0], torch.full((1, 2), 2.0))
+    b.close(5)
+    # the first batches learn the device's and the launches' seconds
+    late = sum(s for s, why in idle[3:] if why == "launching")
+    if deviations:
+        assert late < 0.04, idle
+    else:
+        assert late > 0.08, idle  # what the deviation is for: without it the device waits
+
+
+class _TimedWait:
+    """What server.Launched is to the batcher: the outputs after a wait, and the device's own seconds."""
+
+    def __init__(self, out: torch.Tensor, wait_s: float, device_s: float) -> None:
+        self.out, self.wait_s, self.device_s = out, wait_s, device_s
+
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        time.sleep(self.wait_s)
+        return (self.out,)
+
+    def device_seconds(self) -> float:
+        return self.device_s
+
+
+def test_a_batch_timed_by_the_device_counts_the_devices_seconds_not_the_hosts_wait() -> None:
+    """A launched batch that can say how long the device spent on it (CUDA events) is counted by that, not
+    by when the host saw it end (here 0.15 s later: the finishing thread's wait and its GIL)."""
+    seen: list[float] = []
+    b = Batcher(
+        lambda xs: _TimedWait(xs[0] * 2, 0.15, 0.02),
+        max_batch_size=4,
+        max_delay_s=0.0,
+        depth=2,
+        observer=lambda rows, n, oldest, queued, ran, device: seen.append(device),
+    )
+    for f in [b.submit([torch.ones(1, 2)], 1) for _ in range(3)]:
+        torch.testing.assert_close(f.result(5)[0], torch.full((1, 2), 2.0))
+    b.close(5)
+    assert seen and all(d == 0.02 for d in seen)
+    assert b._device_s and all(abs(s - 0.02) < 1e-9 for s in b._device_s.values())
 
 
 class _DeafSource:
