@@ -664,12 +664,10 @@ class Batcher:
             try:
                 outs = self._wait(live, wait)
                 done = time.perf_counter()
-                timed = getattr(wait, "device_seconds", None) if outs is not None else None
                 with self._cond:
                     self._running -= 1
-                    # timed by the device (server.Launched), else: the device started on this batch once it
-                    # was launched and the one before was done, as the host saw them
-                    took = timed() if timed is not None else done - max(launched, last_done)
+                    # the device started on this batch once it was launched and the one before was done
+                    took = done - max(launched, last_done)
                     self._device_s[bucket] = _ewma(self._device_s.get(bucket), took)
                     if not self._running:
                         self._free_at = 0.0

@@ -166,13 +166,12 @@ def prepare(cfg: ServeConfig, loader: Callable[[], LoadedModel] | None = None) -
             per_byte = h2d_seconds_per_byte(device)
             log.info("host to device copies", extra={"gb_per_s": round(1e-9 / per_byte, 1)})
             lead = lambda nbytes: nbytes * per_byte  # noqa: E731
-        clock = BatchClock(device)
         return Prepared(
             loaded,
             b,
             sig,
-            cuda_runner(run, device, stream, clock),
-            pinned_gather(device, stream, clock),
+            cuda_runner(run, device, stream),
+            pinned_gather(device, stream),
             PIPELINE_DEPTH,
             lead,
         )
@@ -211,66 +210,16 @@ def freeze_heap(process: str) -> None:
     log.info("heap frozen", extra={"who": process, "objects": gc.get_freeze_count()})
 
 
-class BatchClock:
-    """Times each batch on the device: pinned_gather marks (a timing event on the compute stream) where a
-    batch's work begins, before its input copies, and cuda_runner's Launched reads the seconds from that mark
-    to the batch's end. The stream reaches the mark once the batch before is done, so the seconds are the
-    batch's own, copies included. The batcher estimates when the device will be free from them: timed on the
-    host instead, a batch's end is when the finishing thread got the GIL back after waiting for it, which
-    under load came late and made the next launch late (H100, ResNet-50, 64 clients: the device idle 7-13 %
-    of the time with the next batch being launched)."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.begun: torch.cuda.Event | None = None
-
-    def mark(self) -> None:
-        self.begun = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        self.begun.record(torch.cuda.current_stream(self.device))
-
-    def take(self) -> torch.cuda.Event:
-        """The mark of the batch being launched (one made now if its gather made none)."""
-        if self.begun is None:
-            self.mark()
-        begun, self.begun = self.begun, None
-        assert begun is not None
-        return begun
-
-
-class Launched:
-    """A launched batch (cuda_runner): calling it waits for the outputs; then `device_seconds` says how long
-    the device spent on the batch (BatchClock)."""
-
-    __slots__ = ("begun", "done", "host")
-
-    def __init__(self, begun: torch.cuda.Event, host: tuple[torch.Tensor, ...]) -> None:
-        self.begun, self.host = begun, host
-        self.done = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        self.done.record()
-
-    def __call__(self) -> tuple[torch.Tensor, ...]:
-        self.done.synchronize()
-        return self.host
-
-    def device_seconds(self) -> float:
-        return float(self.begun.elapsed_time(self.done)) / 1e3
-
-
-def cuda_runner(
-    run: Runner, device: str, copy_stream: torch.cuda.Stream | None = None, clock: BatchClock | None = None
-) -> BatchRunner:
+def cuda_runner(run: Runner, device: str, copy_stream: torch.cuda.Stream | None = None) -> BatchRunner:
     """Launch a batch without waiting for it: inputs (page-locked, see pinned_gather) go to the GPU and the
     outputs come back into page-locked memory with non-blocking copies on the current stream, then an event
     marks the end. The batcher's finishing thread waits on the event (without the GIL) while its own thread
     launches the next batch. Stream order makes this safe with CUDA graphs, whose outputs the next replay
     overwrites: the copy out is queued before it. With a copy stream (pinned_gather's) the batch's work
     first waits for the copies queued there so far: its own inputs', not the next batch's, which the batcher
-    thread gathers only after this launch. The returned Launched times the batch on the device (from
-    `clock`'s mark when the gather made one, else from here)."""
-    clock = clock or BatchClock(device)
+    thread gathers only after this launch."""
 
     def launch(xs: list[torch.Tensor]) -> Callable[[], tuple[torch.Tensor, ...]]:
-        begun = clock.take()
         if copy_stream is not None:
             torch.cuda.current_stream(device).wait_stream(copy_stream)
         # pinned_gather's batches are there already: each torch call lets go of the GIL, so none for nothing
@@ -279,14 +228,19 @@ def cuda_runner(
         host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs)
         for h, o in zip(host, outs, strict=True):
             h.copy_(o, non_blocking=True)
-        return Launched(begun, host)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record()
+
+        def wait() -> tuple[torch.Tensor, ...]:
+            done.synchronize()
+            return host
+
+        return wait
 
     return launch
 
 
-def pinned_gather(
-    device: str, copy_stream: torch.cuda.Stream | None = None, clock: BatchClock | None = None
-) -> Gather:
+def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> Gather:
     """Assemble a batch on the device without synchronous copies from pageable memory.
 
     Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, which the hub
@@ -302,12 +256,9 @@ def pinned_gather(
     compute stream still runs the batch before (cuda_runner makes each batch wait for its own copies). On the
     compute stream alone they queue behind it: ResNet-50 moves 602 KB per row, ~12 MB for a batch of 20, a
     fifth to a third of that batch's compute time on an H200's host link. The batch tensors are then marked
-    as used by the compute stream, so the caching allocator reuses their memory only once it is done.
-    `clock`: marked before the batch's copies (BatchClock)."""
+    as used by the compute stream, so the caching allocator reuses their memory only once it is done."""
 
     def gather(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
-        if clock is not None:
-            clock.mark()
         if copy_stream is None:
             return assemble(parts, padded_rows)
         # no wait for the compute stream: the copies read page-locked memory that stays untouched until the

@@ -799,38 +799,6 @@ def test_launches_whose_time_varies_are_budgeted_their_deviation_and_leave_the_d
         assert late > 0.08, idle  # what the deviation is for: without it the device waits
 
 
-class _TimedWait:
-    """What server.Launched is to the batcher: the outputs after a wait, and the device's own seconds."""
-
-    def __init__(self, out: torch.Tensor, wait_s: float, device_s: float) -> None:
-        self.out, self.wait_s, self.device_s = out, wait_s, device_s
-
-    def __call__(self) -> tuple[torch.Tensor, ...]:
-        time.sleep(self.wait_s)
-        return (self.out,)
-
-    def device_seconds(self) -> float:
-        return self.device_s
-
-
-def test_a_batch_timed_by_the_device_counts_the_devices_seconds_not_the_hosts_wait() -> None:
-    """A launched batch that can say how long the device spent on it (CUDA events) is counted by that, not
-    by when the host saw it end (here 0.15 s later: the finishing thread's wait and its GIL)."""
-    seen: list[float] = []
-    b = Batcher(
-        lambda xs: _TimedWait(xs[0] * 2, 0.15, 0.02),
-        max_batch_size=4,
-        max_delay_s=0.0,
-        depth=2,
-        observer=lambda rows, n, oldest, queued, ran, device: seen.append(device),
-    )
-    for f in [b.submit([torch.ones(1, 2)], 1) for _ in range(3)]:
-        torch.testing.assert_close(f.result(5)[0], torch.full((1, 2), 2.0))
-    b.close(5)
-    assert seen and all(d == 0.02 for d in seen)
-    assert b._device_s and all(abs(s - 0.02) < 1e-9 for s in b._device_s.values())
-
-
 class _DeafSource:
     """A Source whose every round takes `round_s` and that no wake cuts short: a batcher thread that reads
     too long at a time."""
