@@ -23,7 +23,8 @@
 #                kernel), for each line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default:
 #                ResNet-50 at 64 clients over REST, and over gRPC on 16 connections)
 #   idle         why the device idles under load: hack/serve-profile.py's SUMMARY (device busy, idle with a
-#                request waiting or for one: kubeforge_device_idle_seconds) and THREADS lines, 8 workers, max
+#                request waiting, queued or being launched, or for one: kubeforge_device_idle_seconds) and
+#                THREADS lines, 8 workers, max
 #                batch 32, twice for each line "MODEL C GRPC" of $RUNS (default: ResNet-50 then BERT at 64
 #                clients over REST)
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills

@@ -29,7 +29,8 @@ Pipelining (`depth` > 1): a runner may return a zero-argument function instead o
 device work is queued and that function waits for it. A second thread then waits and hands out the results
 while the batcher thread gathers the next batch. While a batch runs on the device the next one keeps
 filling (past max delay: its requests would wait for the device anyway) and is launched when the device is
-about to be done (running estimates of device seconds per batch size and of launch seconds), or earlier
+about to be done (running estimates of device seconds per batch size and of launch seconds, a launch
+given its mean and twice its mean deviation), or earlier
 once it is full; up to `depth` batches are in flight. So the device idles neither while the CPU answers
 requests nor while it launches the next batch, and a busy device still gets full batches. A runner whose
 inputs travel to the device on a stream of their own (CUDA's copy stream) gives a `lead`: the seconds a
@@ -505,7 +506,8 @@ class Batcher:
         """The seconds a launch is given before the device is expected to be free: the running mean of the
         launches' seconds and twice their mean deviation (as TCP budgets a round trip), since a launch that
         comes late leaves the device idle while one early only leaves the batch a few rows smaller (H100,
-        ResNet-50, 64 clients: with the mean alone, idle 7-13 % of the time with a batch being launched)."""
+        ResNet-50, 64 clients: with the mean alone, idle 7-19 % of the time with a batch being launched; the
+        deviation's own effect there is not measured yet, docs/benchmarks.md)."""
         return self._launch_s + LAUNCH_DEVIATIONS * self._launch_dev
 
     def _lead_s(self, first: Pending) -> float:
