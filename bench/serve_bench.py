@@ -129,6 +129,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         grace_s=5,
         workers=a.workers,
         copy_stream=a.copy_stream,
+        launch_deviations=a.launch_deviations,
         grpc_server=a.grpc_server,
         balance=a.balance,
         allow_client_shm="shm" in a.paths,
@@ -219,6 +220,8 @@ def _start(
         "--warmup-batch-sizes",
         getattr(a, "warmup_batch_sizes", ""),
         *(["--copy-stream"] if getattr(a, "copy_stream", False) else []),
+        "--launch-deviations",
+        str(getattr(a, "launch_deviations", 2.0)),
         "--grpc-server",
         getattr(a, "grpc_server", "native"),
         "--balance",
@@ -684,6 +687,7 @@ def main() -> int:
         help="warm-up batch sizes, comma-separated; each is also a padding bucket on CUDA (default: 1,MAX)",
     )
     p.add_argument("--copy-stream", action="store_true", help="the server's --copy-stream (CUDA)")
+    p.add_argument("--launch-deviations", type=float, default=2.0, help="the server's --launch-deviations")
     p.add_argument("--grpc-server", default="native", choices=["native", "grpcio"], help="the server's")
     p.add_argument(
         "--balance", default="least-connections", choices=["least-connections", "kernel"], help="the server's"

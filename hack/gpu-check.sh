@@ -27,6 +27,9 @@
 #                THREADS lines, 8 workers, max
 #                batch 32, twice for each line "MODEL C GRPC" of $RUNS (default: ResNet-50 then BERT at 64
 #                clients over REST)
+#   deviations   the server's --launch-deviations (a launch's budget beyond its mean), 2 against 0, interleaved
+#                (2 0 2 0), ResNet-50 at 64 clients over REST (hack/serve-profile.py's SUMMARY: rows/s, mean batch,
+#                device idle with a batch being launched); $RUNS as for idle
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -104,6 +107,14 @@ idle)
         2>&1 | grep -E "SUMMARY|THREADS|Error"
     done
   done ;;
+deviations)
+  echo "${RUNS:-resnet50 64 0}" | while read -r m c g; do
+    [[ -z $m ]] && continue
+    for k in 2 0 2 0; do
+      LAUNCH_DEVIATIONS=$k MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g TAG=$m-c$c-g$g-dev$k \
+        timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
+    done
+  done ;;
 precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
   # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench
   for v in 0 1; do
@@ -112,5 +123,5 @@ precompile) # cold start with a filled compile cache, torch's caching precompile
       --workdir "/tmp/kf-precompile-$v" > "${OUT:-/tmp}/precompile-$v.log" 2>&1
     echo "TORCH_CACHING_PRECOMPILE=$v rc=$?"; grep -E "Cold|Error" "${OUT:-/tmp}/precompile-$v.log" | tail -3
   done ;;
-*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|spread|idle|precompile" >&2; exit 2 ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|spread|idle|deviations|precompile" >&2; exit 2 ;;
 esac

@@ -186,9 +186,6 @@ class _FutureSink:
 _FUTURES = _FutureSink()
 
 
-LAUNCH_DEVIATIONS = 2.0  # a launch's budget: its mean seconds and this many mean deviations
-
-
 def _ewma(old: float | None, sample: float) -> float:
     """A running estimate (of device or launch seconds): the newest sample weighs a fifth."""
     return sample if old is None else old + (sample - old) * 0.2
@@ -216,13 +213,15 @@ class Batcher:
         default_priority: int = 0,
         lead: Callable[[int], float] | None = None,
         idle: Callable[[float, str], object] | None = None,
+        launch_deviations: float = 2.0,
     ) -> None:
         """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
         there: CUDA graphs and other per-thread state then belong to the thread that serves).
         `queue_timeout_s`: the longest a request waits in the queue (0: no limit);
         `lifo_after_s`: the oldest request's wait past which the newest go first (0: always oldest first);
         `priority_levels`: how many (0: none), `default_priority`: the level of a request that names none, or
-        one past the last (Triton's; 0: the last level)."""
+        one past the last (Triton's; 0: the last level); `launch_deviations`: pipelined, how many mean
+        deviations of the launches' seconds a launch is given beyond their mean (see _launch_budget)."""
         if (run is None) == (setup is None):
             raise ValueError("give exactly one of run or setup")
         self._run: BatchRunner | None = run
@@ -272,6 +271,7 @@ class Batcher:
         self._device_s: dict[int, float] = {}
         self._launch_s = 0.0
         self._launch_dev = 0.0  # running mean of |launch seconds - _launch_s|: how much a launch varies
+        self._deviations = launch_deviations
         self._lead = lead  # a batch's input bytes -> seconds they take to the device (see configure)
         self._on_idle = idle  # told the device's idle seconds between pipelined batches, and why
         self._idle_since = 0.0  # when the device went idle (0: busy, or not known)
@@ -504,11 +504,12 @@ class Batcher:
 
     def _launch_budget(self) -> float:
         """The seconds a launch is given before the device is expected to be free: the running mean of the
-        launches' seconds and twice their mean deviation (as TCP budgets a round trip), since a launch that
+        launches' seconds and (by default) twice their mean deviation (as TCP budgets a round trip), since a
+        launch that
         comes late leaves the device idle while one early only leaves the batch a few rows smaller (H100,
         ResNet-50, 64 clients: with the mean alone, idle 7-19 % of the time with a batch being launched; the
         deviation's own effect there is not measured yet, docs/benchmarks.md)."""
-        return self._launch_s + LAUNCH_DEVIATIONS * self._launch_dev
+        return self._launch_s + self._deviations * self._launch_dev
 
     def _lead_s(self, first: Pending) -> float:
         """How much earlier than the device is free a batch of `first`'s rows goes: the time a full batch of

@@ -206,6 +206,14 @@ def _parser() -> argparse.ArgumentParser:
         "allowed",
     )
     s.add_argument(
+        "--launch-deviations",
+        type=_deviations,
+        default=2.0,
+        help="GPUs: a batch's launch starts this many mean deviations of the launches' seconds, beside "
+        "their mean, before the device is expected to be free (0: the mean alone). Larger: fewer idle gaps "
+        "behind a slow launch, batches a little smaller (docs/serving.md)",
+    )
+    s.add_argument(
         "--copy-stream",
         action="store_true",
         help="CUDA: copy inputs to the GPU on a stream of their own, overlapping the batch before "
@@ -274,6 +282,7 @@ def _config(args: argparse.Namespace) -> Any:
             balance=args.balance,
             log_level=args.log_level,
             copy_stream=args.copy_stream,
+            launch_deviations=args.launch_deviations,
             grpc_server=args.grpc_server,
             allow_client_shm=args.allow_client_shm,
             allow_log_settings=args.allow_log_settings,
@@ -290,6 +299,17 @@ def _milliseconds(value: str) -> float:
     if not ms >= 0 or ms == float("inf"):
         raise argparse.ArgumentTypeError(f"{value!r} is not a duration in milliseconds >= 0 (0: off)")
     return ms
+
+
+def _deviations(value: str) -> float:
+    """--launch-deviations: a number of deviations, 0 to 10 (argparse names the flag in its error)."""
+    try:
+        n = float(value)
+    except ValueError:
+        n = -1.0
+    if not 0 <= n <= 10:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of deviations from 0 to 10 (default 2)")
+    return n
 
 
 def _count(value: str, least: int = 0) -> int:

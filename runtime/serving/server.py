@@ -90,6 +90,7 @@ class ServeConfig:
     grace_s: float = 30.0
     torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
     copy_stream: bool = False  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
+    launch_deviations: float = 2.0  # pipelined: a launch's budget beyond its mean (batching.Batcher)
     grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
     # how client connections reach 2+ protocol workers: least-connections (the model process accepts them and
@@ -410,6 +411,7 @@ class Server:
             lifo_after_s=cfg.lifo_after_ms / 1000,
             priority_levels=cfg.priority_levels,
             default_priority=cfg.default_priority_level,
+            launch_deviations=cfg.launch_deviations,
         )
         self._pending = (batcher, holder)
 

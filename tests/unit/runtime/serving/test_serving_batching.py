@@ -764,14 +764,11 @@ def test_device_idle_time_is_told_with_why_a_batch_being_launched_or_none_to_run
 
 @pytest.mark.parametrize("deviations", [2.0, 0.0], ids=["mean-and-deviation", "mean-only"])
 def test_launches_whose_time_varies_are_budgeted_their_deviation_and_leave_the_device_no_gap(
-    deviations: float, monkeypatch: pytest.MonkeyPatch
+    deviations: float,
 ) -> None:
     """Launches take 0.02 and 0.12 s in turn (mean 0.07) in front of a device busy 0.3 s a batch, requests
     coming every 0.03 s: begun the mean before the device is free, every long launch ends 0.05 s late and the
     device waits for it (launching); begun the mean and twice the mean deviation before, none does."""
-    import runtime.serving.batching as batching
-
-    monkeypatch.setattr(batching, "LAUNCH_DEVIATIONS", deviations)
     times = itertools.cycle([0.02, 0.12])
     run, _ = _serial_device(0.3, lambda: next(times))
     idle: list[tuple[float, str]] = []
@@ -782,6 +779,7 @@ def test_launches_whose_time_varies_are_budgeted_their_deviation_and_leave_the_d
         depth=2,
         batch_buckets=[16],
         idle=lambda s, why: idle.append((s, why)),
+        launch_deviations=deviations,
     )
     futs = []
     end = time.perf_counter() + 3.0

@@ -57,6 +57,9 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
         ("--max-batch-size", "0"),
         ("--max-batch-size", "big"),
         ("--max-delay-ms", "-1"),
+        ("--launch-deviations", "-1"),
+        ("--launch-deviations", "nan"),
+        ("--launch-deviations", "many"),
     ],
 )
 def test_batching_flags_refuse_values_that_would_serve_nothing(
@@ -98,3 +101,10 @@ def test_copy_stream_is_off_unless_asked_for() -> None:
     parser = cli._parser()
     assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).copy_stream is False
     assert cli._config(parser.parse_args(["serve", "--model-uri", "m", "--copy-stream"])).copy_stream is True
+
+
+def test_launch_deviations_default_to_two_and_reach_the_config() -> None:
+    parser = cli._parser()
+    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).launch_deviations == 2.0
+    args = parser.parse_args(["serve", "--model-uri", "m", "--launch-deviations", "0"])
+    assert cli._config(args).launch_deviations == 0.0

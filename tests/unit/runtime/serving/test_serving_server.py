@@ -47,8 +47,8 @@ def test_ready_model_process_has_frozen_its_heap() -> None:
 
 
 def test_the_queue_flags_reach_the_batcher_and_drops_are_counted_by_reason() -> None:
-    """--queue-timeout-ms, --lifo-after-ms and --priority-levels configure the model's batcher; a request
-    whose deadline passed is answered DeadlineExceeded and counted under
+    """--queue-timeout-ms, --lifo-after-ms, --priority-levels and --launch-deviations configure the model's
+    batcher; a request whose deadline passed is answered DeadlineExceeded and counted under
     kubeforge_dropped_unrun_total{reason="expired"}."""
     import time
 
@@ -56,13 +56,20 @@ def test_the_queue_flags_reach_the_batcher_and_drops_are_counted_by_reason() -> 
 
     s = _server()
     s.cfg = srv.ServeConfig(
-        **{**vars(s.cfg), "queue_timeout_ms": 250.0, "lifo_after_ms": 40.0, "priority_levels": 3}
+        **{
+            **vars(s.cfg),
+            "queue_timeout_ms": 250.0,
+            "lifo_after_ms": 40.0,
+            "priority_levels": 3,
+            "launch_deviations": 0.5,
+        }
     )
     try:
         asyncio.run(_start(s))
         b = s.repo.get("mlp").batcher
         assert (b.queue_timeout_s, b.lifo_after_s) == (0.25, 0.04)
         assert (b.priority_levels, b.default_priority) == (3, 3)  # no default level named: the last
+        assert b._deviations == 0.5  # --launch-deviations
         late = b.submit([torch.ones(1, 16)], 1, deadline=time.monotonic() - 1)
         assert isinstance(late.exception(10), DeadlineExceeded)
         assert b.submit([torch.ones(1, 16)], 1).result(10)[0].shape == (1, 4)
