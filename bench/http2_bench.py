@@ -1,8 +1,11 @@
 """CPU per unary call of our HTTP/2 server's own code (runtime/serving/protocol/http2.py), in-process: the
 frames of N calls (HEADERS, then the request message in DATA frames of a given size) are fed to one
 connection as a socket would hand them over (256 KiB reads), its calls answered by a handler that returns at
-once; no socket, no protobuf, no model. A diagnostic that a loaded machine's noise does not swamp (best of
-five rounds of process time), for A/B runs of a change to the frame handling:
+once; no socket, no protobuf, no model. Messages of 64 KiB or more land in one buffer reused call after call,
+as ModelInfer's land in a protocol worker's shared-memory slot (until 2026-12-05 they got a fresh bytearray
+each, whose zero-filling and page faults were most of what the 602 KB cases measured: 283-385 µs against
+75-110). A diagnostic that a loaded machine's noise does not swamp (best of five rounds of process time),
+for A/B runs of a change to the frame handling:
 
     python bench/http2_bench.py                  # this tree
     python bench/http2_bench.py --base HEAD~1    # and a git revision, in the same run (baseline)
@@ -34,6 +37,7 @@ def _measure(size: int, frame_size: int, calls: int) -> float:
     from hpack import Encoder
 
     from runtime.serving.protocol import http2
+    from runtime.serving.protocol.http1 import PlainBody
 
     answered = [0]
 
@@ -61,8 +65,14 @@ def _measure(size: int, frame_size: int, calls: int) -> float:
             out.append(http2.frame(http2.DATA, flags, sid, body[i : i + frame_size]))
         return b"".join(out)
 
+    slot = memoryview(bytearray(size + 5))  # as the server's slots: one buffer, reused, pages resident
+    slot[:] = b"\1" * len(slot)
+
+    def place(length: int, seen: memoryview) -> PlainBody | None:
+        return PlainBody(slot[:length]) if length <= len(slot) and length >= 65536 else None
+
     async def run() -> float:
-        server = http2.GrpcServer({"/b.B/Call": handler}, max_message=1 << 21)
+        server = http2.GrpcServer({"/b.B/Call": handler}, max_message=1 << 21, buffers={"/b.B/Call": place})
         conn = http2._Connection(server)
         conn.connection_made(Sink())
 
