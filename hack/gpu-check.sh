@@ -24,9 +24,8 @@
 #                ResNet-50 at 64 clients over REST, and over gRPC on 16 connections)
 #   idle         why the device idles under load: hack/serve-profile.py's SUMMARY (device busy, idle with a
 #                request waiting, queued or being launched, or for one: kubeforge_device_idle_seconds) and
-#                THREADS lines, 8 workers, max
-#                batch 32, twice for each line "MODEL C GRPC" of $RUNS (default: ResNet-50 then BERT at 64
-#                clients over REST)
+#                THREADS lines, 8 workers, max batch 32, twice for each line "MODEL C GRPC" of $RUNS
+#                (default: ResNet-50 then BERT at 64 clients over REST)
 #   deviations   the server's --launch-deviations (a launch's budget beyond its mean), 2 against 0, interleaved
 #                (2 0 2 0), ResNet-50 at 64 clients over REST (hack/serve-profile.py's SUMMARY: rows/s, mean batch,
 #                device idle with a batch being launched); $RUNS as for idle

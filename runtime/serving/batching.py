@@ -30,8 +30,8 @@ device work is queued and that function waits for it. A second thread then waits
 while the batcher thread gathers the next batch. While a batch runs on the device the next one keeps
 filling (past max delay: its requests would wait for the device anyway) and is launched when the device is
 about to be done (running estimates of device seconds per batch size and of launch seconds, a launch
-given its mean and twice its mean deviation), or earlier
-once it is full; up to `depth` batches are in flight. So the device idles neither while the CPU answers
+given its mean and twice its mean deviation), or earlier once it is full; up to `depth` batches are in
+flight. So the device idles neither while the CPU answers
 requests nor while it launches the next batch, and a busy device still gets full batches. A runner whose
 inputs travel to the device on a stream of their own (CUDA's copy stream) gives a `lead`: the seconds a
 batch's bytes take to get there, which the launch comes that much earlier by, so that the copies run while
@@ -186,6 +186,9 @@ class _FutureSink:
 _FUTURES = _FutureSink()
 
 
+LAUNCH_DEVIATIONS = 2.0  # a launch's budget beyond its mean, by default (--launch-deviations)
+
+
 def _ewma(old: float | None, sample: float) -> float:
     """A running estimate (of device or launch seconds): the newest sample weighs a fifth."""
     return sample if old is None else old + (sample - old) * 0.2
@@ -213,7 +216,7 @@ class Batcher:
         default_priority: int = 0,
         lead: Callable[[int], float] | None = None,
         idle: Callable[[float, str], object] | None = None,
-        launch_deviations: float = 2.0,
+        launch_deviations: float = LAUNCH_DEVIATIONS,
     ) -> None:
         """`run` runs a batch; or `setup` builds that runner in the worker thread itself (compile and warm-up
         there: CUDA graphs and other per-thread state then belong to the thread that serves).
@@ -505,10 +508,9 @@ class Batcher:
     def _launch_budget(self) -> float:
         """The seconds a launch is given before the device is expected to be free: the running mean of the
         launches' seconds and (by default) twice their mean deviation (as TCP budgets a round trip), since a
-        launch that
-        comes late leaves the device idle while one early only leaves the batch a few rows smaller (H100,
-        ResNet-50, 64 clients: with the mean alone, idle 7-19 % of the time with a batch being launched; the
-        deviation's own effect there is not measured yet, docs/benchmarks.md)."""
+        launch that comes late leaves the device idle while one early only leaves the batch a few rows
+        smaller (H100, ResNet-50, 64 clients: with the mean alone, idle 7-19 % of the time with a batch being
+        launched; the deviation's own effect there is not measured yet, docs/benchmarks.md)."""
         return self._launch_s + self._deviations * self._launch_dev
 
     def _lead_s(self, first: Pending) -> float:

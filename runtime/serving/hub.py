@@ -392,15 +392,14 @@ class Hub:
         conns = []
         for key, _ in ready:
             if key.data is _WAKE:
-                self._woken = cut
+                self._woken = True
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             else:
                 conns.append(key)
-        ends = start + timeout if cut and timeout else math.inf
-        self._turn = take_turns(
-            conns, self._turn, self._ready, lambda: self._woken or time.perf_counter() >= ends
-        )
+        ends = start + timeout if timeout else math.inf
+        over = (lambda: self._woken or time.perf_counter() >= ends) if cut else (lambda: False)
+        self._turn = take_turns(conns, self._turn, self._ready, over)
 
     def _ready(self, key: selectors.SelectorKey) -> None:
         if key.data is not None:

@@ -24,7 +24,7 @@ import torch
 
 from runtime.serving import compile as compiler
 from runtime.serving import ipc, pagelock
-from runtime.serving.batching import Batcher, BatchRunner, Gather
+from runtime.serving.batching import LAUNCH_DEVIATIONS, Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
 from runtime.serving.detect import detect_hardware
 from runtime.serving.errors import BadRequest
@@ -90,7 +90,7 @@ class ServeConfig:
     grace_s: float = 30.0
     torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
     copy_stream: bool = False  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
-    launch_deviations: float = 2.0  # pipelined: a launch's budget beyond its mean (batching.Batcher)
+    launch_deviations: float = LAUNCH_DEVIATIONS  # pipelined: a launch's budget beyond its mean (Batcher)
     grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
     # how client connections reach 2+ protocol workers: least-connections (the model process accepts them and
