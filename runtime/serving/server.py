@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from runtime.serving import compile as compiler
-from runtime.serving import ipc, pagelock
+from runtime.serving import cudadriver, ipc, pagelock
 from runtime.serving.batching import LAUNCH_DEVIATIONS, Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
 from runtime.serving.detect import detect_hardware
@@ -245,10 +245,12 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
     """Assemble a batch on the device without synchronous copies from pageable memory.
 
     Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, which the hub
-    registers with CUDA: pagelock) go to the device by DMA with no CPU copy, the batch's copies in one call.
-    torch's calls let go of the GIL and take it back, and this thread is the one every batch waits for: with
-    a call per row (and `is_pinned()`, a driver call, per row) it spent half its time waiting to get the GIL
-    back from the threads that read requests and answer batches (H200, 602 KB rows, 13,000 rows/s). Anything
+    registers with CUDA: pagelock) go to the device by DMA with no CPU copy, the batch's copies in one call
+    of the CUDA driver's that keeps the GIL (cudadriver). torch's calls let go of the GIL and take it back,
+    and this thread is the one every batch waits for: with a call per row (and `is_pinned()`, a driver call,
+    per row) it spent half its time waiting to get the GIL back from the threads that read requests and
+    answer batches (H200, 602 KB rows, 13,000 rows/s); torch's `_foreach_copy_`, one call for the batch,
+    still took ~0.3 ms of ~0.6 for launching a batch of 21 rows, the driver's batch call 0.05. Anything
     else is concatenated into a page-locked buffer whose copy to the device does not wait. The buffer comes
     from torch's caching host allocator, which reuses a block only after the copies queued from it have
     run: with batches in flight, a buffer still waiting for its copy is never overwritten.
@@ -271,6 +273,22 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
             t.record_stream(compute)
         return out
 
+    driver = cudadriver.load()
+
+    def driver_copy(batch: torch.Tensor, rows: list[torch.Tensor]) -> bool:
+        """Copy `rows` into the start of `batch` through the CUDA driver, on the current stream, holding the
+        GIL (True), or leave it to torch (False: no driver, or it failed once; logged)."""
+        nonlocal driver
+        if driver is None:
+            return False
+        try:
+            driver.copy_rows(batch.data_ptr(), rows, torch.cuda.current_stream(device).cuda_stream)
+            return True
+        except RuntimeError as e:
+            log.warning("CUDA driver copies failed; torch's from now on", extra={"error": str(e)})
+            driver = None
+            return False
+
     def assemble(parts: list[list[torch.Tensor]], padded_rows: int) -> list[torch.Tensor]:
         out = []
         for ts in parts:
@@ -279,8 +297,9 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
             rows = sum(sizes)
             if ts[0].nbytes >= DIRECT_COPY_ROW_BYTES * sizes[0] and all(map(pagelock.holds, ts)):
                 batch = torch.empty(shape, dtype=ts[0].dtype, device=device)
-                # one call for the batch's copies: no Python, and no GIL hand-over, between them
-                torch._foreach_copy_(batch[:rows].split_with_sizes(sizes), ts, non_blocking=True)
+                if not driver_copy(batch, ts):
+                    # one call for the batch's copies: no Python, and no GIL hand-over, between them
+                    torch._foreach_copy_(batch[:rows].split_with_sizes(sizes), ts, non_blocking=True)
                 if padded_rows > rows:
                     batch[rows:].zero_()
                 out.append(batch)

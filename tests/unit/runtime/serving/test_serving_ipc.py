@@ -662,3 +662,43 @@ def test_a_round_cut_short_starts_the_next_where_it_stopped_and_a_whole_round_mo
     assert handled[5:] == ["b", "c", "d", "a"] and turn == 2
     assert take_turns([], 7, handled.append, lambda: False) == 7
     assert take_turns(ready, 3, handled.append, lambda: True) == 3 and len(handled) == 9  # over at once
+
+
+def test_cuda_driver_is_absent_without_cuda() -> None:
+    from runtime.serving import cudadriver
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: test_gpu_driver_copies_equal_torchs covers the driver")
+    assert cudadriver.load() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("way", ["each", "batch"])
+def test_gpu_driver_copies_equal_torchs(way: str) -> None:
+    """The driver's copies (one call per row, or one batch call) from a registered arena's scattered slots
+    land the rows where torch's copies would, on the stream they were given."""
+    from runtime.serving import cudadriver
+    from runtime.serving.hub import _page_lock, _page_unlock
+
+    drv = cudadriver.load()
+    assert drv is not None
+    if way == "batch" and not drv.batches:
+        pytest.skip("this CUDA driver has no cuMemcpyBatchAsync")
+    arena = ipc.Arena.anonymous(f"kubeforge-test-driver-{os.getpid()}", 8, 1 << 16)
+    arena.forget_path()
+    _page_lock(arena)
+    try:
+        rows = [torch.randn(1, 999) for _ in range(5)]
+        views = [arena.place([r], arena.take(r.nbytes))[0] for r in reversed(rows)][::-1]
+        srcs = [arena.address + p.offset for p in views]
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        with torch.cuda.stream(stream):
+            batch = torch.empty(5, 999, device="cuda")
+            n = rows[0].nbytes
+            dsts = [batch.data_ptr() + i * n for i in range(5)]
+            (drv.copy_each if way == "each" else drv.copy_batch)(dsts, srcs, [n] * 5, stream.cuda_stream)
+        stream.synchronize()
+        assert torch.equal(batch.cpu(), torch.cat(rows))
+    finally:
+        _page_unlock(arena)
+        arena.close()
