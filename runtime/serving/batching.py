@@ -535,6 +535,7 @@ class Batcher:
         hopeless = now + 2 * self._answer_s
         batch: list[Pending] = []
         rest: list[Pending] = []
+        taken: list[Pending] = []  # the batch's requests to run
         key: tuple[object, ...] | None = None
         rows = 0  # the batch's rows to run
         queued = self._rows  # rows per key
@@ -549,9 +550,16 @@ class Batcher:
             elif key is None or (p.key == key and rows + p.rows <= self.max_batch_size):
                 key = p.key
                 batch.append(p)
+                taken.append(p)
                 rows += p.rows
             else:
                 rest.append(p)
+        if taken and self._running and not lifo and (keep := self._fit([p.rows for p in taken])) < len(taken):
+            back = {id(p) for p in taken[keep:]}  # they lead the next batch, in their places in the queue
+            rows -= sum(p.rows for p in taken[keep:])
+            batch = [p for p in batch if id(p) not in back]
+            kept = {id(p) for p in batch}
+            rest = [p for p in queue if id(p) not in kept]
         if key is not None:
             self._count_out(key, rows)
         if dead:
@@ -566,6 +574,25 @@ class Batcher:
         self._queue = deque(rest)
         self._inflight += 1
         return batch
+
+    def _fit(self, rows_each: list[int]) -> int:
+        """How many of a batch's requests (oldest first, `rows_each` rows each) go now, while the device is
+        busy with a batch before: all, unless the most of them that fit the next smaller bucket run more rows
+        per device second than all of them padded up to theirs (by the device seconds learnt per bucket; the
+        others lead the next batch). The device is the bound then, and the rows a batch is padded with are
+        device time no request gets: ResNet-50 on an H200 ran batches of ~20 rows in buckets of 20 and 24."""
+        total, n = sum(rows_each), len(rows_each)
+        up = self._bucket(total)
+        t_up = self._device_s.get(up)
+        if up == total or not t_up:
+            return n
+        rows, keep = total, n
+        while keep > 1 and self._bucket(rows) == up:
+            keep -= 1
+            rows -= rows_each[keep]
+        down = self._bucket(rows)
+        t_down = self._device_s.get(down)
+        return keep if down < up and t_down and rows / t_down > total / t_up else n
 
     def _lifo_order(self, queue: deque[Pending]) -> tuple[Iterable[Pending], bool]:
         """The order a batch forms in under `lifo_after_s`, and whether any of it is newest first: newest
