@@ -509,8 +509,8 @@ class Batcher:
         """The seconds a launch is given before the device is expected to be free: the running mean of the
         launches' seconds and (by default) twice their mean deviation (as TCP budgets a round trip), since a
         launch that comes late leaves the device idle while one early only leaves the batch a few rows
-        smaller (H100, ResNet-50, 64 clients: with the mean alone, idle 7-19 % of the time with a batch being
-        launched; the deviation's own effect there is not measured yet, docs/benchmarks.md)."""
+        smaller (H100, ResNet-50, 64 clients, one pair: idle with a batch being launched 9 % of the time with
+        the mean alone, 7 % with the deviations, rows/s within the runs' spread; docs/benchmarks.md)."""
         return self._launch_s + self._deviations * self._launch_dev
 
     def _lead_s(self, first: Pending) -> float:
