@@ -121,10 +121,13 @@ _tried = False
 
 
 def load() -> Driver | None:
-    """The process's Driver, or None where libcuda cannot be loaded (no NVIDIA driver: CPU, ROCm, CI)."""
+    """The process's Driver, or None where libcuda cannot be loaded (no NVIDIA driver: CPU, CI) or torch is
+    not built for CUDA (ROCm: its pointers and streams are HIP's)."""
     global _driver, _tried
     if not _tried:
         _tried = True
+        if torch.version.cuda is None:
+            return None
         try:
             _driver = Driver(ctypes.PyDLL("libcuda.so.1"))
         except (OSError, AttributeError) as e:

@@ -702,3 +702,55 @@ def test_gpu_driver_copies_equal_torchs(way: str) -> None:
     finally:
         _page_unlock(arena)
         arena.close()
+
+
+class _Libcuda:
+    """The entry points Driver looks up, recording their calls (arrays read back from the addresses given);
+    `v2`: CUDA 13's batch call (8 arguments) rather than 12.8's (9: and a fail index)."""
+
+    def __init__(self, v2: bool) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+        for name in ("cuMemcpyHtoDAsync_v2",):
+            setattr(self, name, self._recorder(name))
+        setattr(self, "cuMemcpyBatchAsync_v2" if v2 else "cuMemcpyBatchAsync", self._batch())
+
+    def _recorder(self, name: str):  # type: ignore[no-untyped-def]
+        def call(*args: object) -> int:  # a function, not a method: Driver sets its argtypes
+            self.calls.append((name, args))
+            return 0
+
+        return call
+
+    def _batch(self):  # type: ignore[no-untyped-def]
+        import ctypes
+
+        def call(dsts: int, srcs: int, sizes: int, count: int, *rest: object) -> int:
+            read = lambda a: list((ctypes.c_uint64 * count).from_address(a))  # noqa: E731
+            self.calls.append(("batch", (read(dsts), read(srcs), read(sizes), len(rest))))
+            return 0
+
+        return call
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["cuda13-batch-call", "cuda12.8-batch-call"])
+def test_cuda_driver_copies_rows_back_to_back_in_one_batch_call_or_one_call_each(v2: bool) -> None:
+    """copy_rows lays the rows one after another from the destination on; one batch call on a stream of
+    its own, with the argument count of the driver's version; a call per row on the legacy default stream,
+    which the batch call refuses."""
+    from runtime.serving import cudadriver
+
+    rows = [torch.zeros(1, 10), torch.zeros(2, 10), torch.zeros(1, 10)]
+    lib = _Libcuda(v2)
+    drv = cudadriver.Driver(lib)  # type: ignore[arg-type]
+    assert drv.batches
+    drv.copy_rows(1000, rows, stream=7)
+    want_dsts = [1000, 1040, 1120]
+    (name, (dsts, srcs, sizes, rest)), *more = lib.calls
+    assert name == "batch" and not more
+    assert (dsts, srcs, sizes) == (want_dsts, [r.data_ptr() for r in rows], [40, 80, 40])
+    assert rest == (4 if v2 else 5)  # attrs, attrsIdxs, numAttrs, [failIdx,] stream
+    lib.calls.clear()
+    drv.copy_rows(1000, rows, stream=0)
+    assert lib.calls == [
+        ("cuMemcpyHtoDAsync_v2", (d, r.data_ptr(), r.nbytes, 0)) for d, r in zip(want_dsts, rows, strict=True)
+    ]
