@@ -59,9 +59,6 @@ class Driver:
         """Whether the driver has the batch call (CUDA 12.8 or later)."""
         return self._batch is not None
 
-    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        check(self._copy(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
-
     def copy_each(self, dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int], stream: int) -> None:
         """One driver call per copy."""
         for d, s, n in zip(dsts, srcs, sizes, strict=True):

@@ -277,9 +277,10 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
 
     def driver_copy(batch: torch.Tensor, rows: list[torch.Tensor]) -> bool:
         """Copy `rows` into the start of `batch` through the CUDA driver, on the current stream, holding the
-        GIL (True), or leave it to torch (False: no driver, or it failed once; logged)."""
+        GIL (True), or leave it to torch (False: no driver, or it failed once, logged; or a row is not
+        contiguous, which the driver's byte copies would scramble)."""
         nonlocal driver
-        if driver is None:
+        if driver is None or not all(t.is_contiguous() for t in rows):
             return False
         try:
             driver.copy_rows(batch.data_ptr(), rows, torch.cuda.current_stream(device).cuda_stream)
