@@ -10,10 +10,11 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), as a server:
   both ways,
   RST_STREAM (the call is cancelled), GOAWAY (theirs: no new calls expected; ours on stop and on errors),
   PRIORITY ignored, padding, header blocks split over CONTINUATION frames;
-- HPACK decoding with the `hpack` package (dynamic table, Huffman); our own headers are literals that never
-  touch the peer's dynamic table. A client's calls mostly repeat their header block as table indexes only
-  (ghz: 97.6 % of blocks, 8 bytes each): such a block changes no state, so its decoding is kept per
-  connection until a block that may change the table (a literal, a size update) comes;
+- HPACK decoding with our own decoder (hpackdec.py: dynamic table; the `hpack` package's Huffman decoding and
+  exceptions); our own headers are literals that never touch the peer's dynamic table. A client's calls
+  mostly repeat their header block as table indexes only (ghz: 97.6 % of blocks, 8 bytes each): such a block
+  changes no state, so its decoding is kept per connection until a block that may change the table (a
+  literal, a size update) comes; a client with deadlines sends a new `grpc-timeout` literal each call;
 - bidirectional streaming calls (`stream_handlers`: Triton's ModelStreamInfer): each request message
   answered on the call as its handler returns, several at once; OK once the client is done and every answer
   is out;
@@ -54,9 +55,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from hpack import Decoder
 from hpack.exceptions import HPACKError
 
+from runtime.serving.protocol.hpackdec import Decoder
 from runtime.serving.protocol.http1 import READ_CHUNK, Body, Budget, Listener, PlainBody, close_then_drop
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.data_sid = 0
         self.data_flags = 0
         self.preface = False
-        self.decoder = Decoder()
-        self.decoder.max_header_list_size = MAX_HEADER_LIST
+        self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
         self.decoded: dict[bytes, dict[str, str]] = {}  # index-only header blocks, valid for this table
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
