@@ -30,7 +30,8 @@ _STATIC: tuple[_Entry, ...] = tuple(
     (n.decode(), v.decode(), len(n), len(n) + len(v) + 32) for n, v in HeaderTable.STATIC_TABLE
 )
 _STATIC_LEN = len(_STATIC)
-_MAX_STRINGS = 512  # decoded literals remembered
+_MAX_STRINGS = 512  # decoded literals remembered...
+_MAX_STRING_BYTES = 256  # ...if no longer than this: at most 128 KiB a connection, whatever a client sends
 _MAX_INT = 1 << 32  # larger integers are an attack, not a header
 
 
@@ -49,6 +50,7 @@ class Decoder:
     def decode(self, data: bytes) -> list[tuple[str, str]]:
         """A header block's fields, in order (HPACKDecodingError and its kin on a malformed block, after
         which the table is not to be trusted: the connection ends)."""
+        data = bytes(data)  # (a no-op for bytes) its slices key the literals remembered
         out: list[tuple[str, str]] = []
         i, end, listed = 0, len(data), 0
         while i < end:
@@ -121,9 +123,10 @@ class Decoder:
             text = octets.decode("utf-8")
         except UnicodeDecodeError as e:
             raise HPACKDecodingError("Unable to decode headers as UTF-8") from e
-        if len(self._strings) >= _MAX_STRINGS:
-            self._strings.clear()
-        self._strings[raw] = (text, len(octets))
+        if k - i <= _MAX_STRING_BYTES:
+            if len(self._strings) >= _MAX_STRINGS:
+                self._strings.clear()
+            self._strings[raw] = (text, len(octets))
         return text, len(octets), k
 
     def _add(self, entry: _Entry) -> None:

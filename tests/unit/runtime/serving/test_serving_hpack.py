@@ -111,3 +111,20 @@ def test_limits_the_settings_set() -> None:
     with pytest.raises(HPACKError):
         Decoder().decode(b"\x82\x3f\xe1\x1f")  # a size update after a field
     assert Decoder().decode(b"\x82\x86") == [(":method", "GET"), (":scheme", "http")]
+
+
+def test_what_the_decoder_remembers_stays_small_whatever_a_client_sends() -> None:
+    """Long literals (here 600 distinct values of 4 KB) are decoded but not remembered: a client cannot make
+    a connection's memory of decoded strings grow past its bound."""
+    from runtime.serving.protocol import hpackdec
+
+    d = Decoder(max_header_list_size=1 << 20)
+    enc = Encoder()
+    for i in range(600):
+        value = f"{i:04d}" + "v" * 4096
+        assert d.decode(enc.encode([("x-big", value), ("x-small", str(i % 7))])) == [
+            ("x-big", value),
+            ("x-small", str(i % 7)),
+        ]
+    kept = sum(len(k) + len(v[0]) for k, v in d._strings.items())
+    assert len(d._strings) <= hpackdec._MAX_STRINGS and kept <= 2 * 256 * hpackdec._MAX_STRINGS
