@@ -29,6 +29,8 @@
 #   deviations   the server's --launch-deviations (a launch's budget beyond its mean), 2 against 0, interleaved
 #                (2 0 2 0), ResNet-50 at 64 clients over REST (hack/serve-profile.py's SUMMARY: rows/s, mean batch,
 #                device idle with a batch being launched); $RUNS as for idle
+#   gather       bench/h2d_gather_bench.py: a batch's copies from a registered arena to the GPU, torch's ways against
+#                the CUDA driver's (µs of the launching thread, alone and beside Python threads), to $OUT/gather.md
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -114,6 +116,8 @@ deviations)
         timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
     done
   done ;;
+gather)
+  timeout 300 python bench/h2d_gather_bench.py | tee "${OUT:-/tmp}/gather.md" ;;
 precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
   # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench
   for v in 0 1; do
@@ -122,5 +126,5 @@ precompile) # cold start with a filled compile cache, torch's caching precompile
       --workdir "/tmp/kf-precompile-$v" > "${OUT:-/tmp}/precompile-$v.log" 2>&1
     echo "TORCH_CACHING_PRECOMPILE=$v rc=$?"; grep -E "Cold|Error" "${OUT:-/tmp}/precompile-$v.log" | tail -3
   done ;;
-*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|spread|idle|deviations|precompile" >&2; exit 2 ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|spread|idle|deviations|gather|precompile" >&2; exit 2 ;;
 esac
