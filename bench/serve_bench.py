@@ -586,8 +586,8 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/ready").read()
             )
             lines.append(
-                f"\n### {model} ({a.device}, {a.precision}; server: {info['backend']}/{info['mode']}: "
-                f"{info['compile_path']}; fallbacks: {info['fallbacks'] or 'none'})\n"
+                f"\n### {model} ({a.device}: {info['hardware']}, {a.precision}; server: {info['backend']}/"
+                f"{info['mode']}: {info['compile_path']}; fallbacks: {info['fallbacks'] or 'none'})\n"
             )
             lines.append(
                 f"Cold start to ready: {cold:.1f} s with an empty compile cache, {warm:.1f} s with the cache "
