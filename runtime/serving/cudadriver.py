@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,12 +118,18 @@ _driver: Driver | None = None
 _tried = False
 
 
+OFF_ENV = "KUBEFORGE_CUDA_DRIVER_CALLS"  # "0": torch's calls only (a driver whose batch call misbehaves)
+
+
 def load() -> Driver | None:
-    """The process's Driver, or None where libcuda cannot be loaded (no NVIDIA driver: CPU, CI) or torch is
-    not built for CUDA (ROCm: its pointers and streams are HIP's)."""
+    """The process's Driver, or None where libcuda cannot be loaded (no NVIDIA driver: CPU, CI), torch is not
+    built for CUDA (ROCm: its pointers and streams are HIP's), or OFF_ENV is "0"."""
     global _driver, _tried
     if not _tried:
         _tried = True
+        if os.environ.get(OFF_ENV) == "0":
+            log.info("CUDA driver calls turned off; torch's are used", extra={"env": OFF_ENV})
+            return None
         if torch.version.cuda is None:
             return None
         try:

@@ -754,3 +754,19 @@ def test_cuda_driver_copies_rows_back_to_back_in_one_batch_call_or_one_call_each
     assert lib.calls == [
         ("cuMemcpyHtoDAsync_v2", (d, r.data_ptr(), r.nbytes, 0)) for d, r in zip(want_dsts, rows, strict=True)
     ]
+
+
+def test_cuda_driver_calls_can_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KUBEFORGE_CUDA_DRIVER_CALLS=0 keeps torch's calls, whatever the machine has, and says so."""
+    import logging
+
+    from runtime.serving import cudadriver
+
+    monkeypatch.setenv(cudadriver.OFF_ENV, "0")
+    monkeypatch.setattr(cudadriver, "_tried", False)
+    monkeypatch.setattr(cudadriver, "_driver", None)
+    with caplog.at_level(logging.INFO, logger="kubeforge.serve"):
+        assert cudadriver.load() is None
+    assert any("turned off" in r.getMessage() for r in caplog.records)
