@@ -292,6 +292,18 @@ def _wrk(
     }
 
 
+def load_span(rows: float, rps: float, seconds: float) -> tuple[float, float]:
+    """(requests served, seconds of load) of one measured point, from the rows the server counted (one per
+    request here) and the load generator's rate: what the server's counters and CPU cover is the generator's
+    whole run, grpcload's half-second warm-up included, not only its `seconds` of window. Until 2026-12-05
+    the window alone divided them, which put (seconds + 0.5) / seconds into every gRPC row's CPU per
+    request and device shares (1.17x at 3 s: BERT's gRPC device "busy 101 %"); REST rows (wrk, no warm-up)
+    were right. Without counted rows (the naive server), the window."""
+    if rows > 0 and rps > 0:
+        return rows, rows / rps
+    return (max(1.0, rps * seconds) if rps == rps else 1.0), seconds
+
+
 def _grpc_load(tool: str, target: str, req: bytes, c: int, seconds: float, tmp: Path) -> dict[str, float]:
     """Closed-loop ModelInfer calls with `tool`: bench/grpcload (what the tables use), or ghz (named so)."""
     bf = tmp / "grpc.bin"
@@ -528,9 +540,9 @@ def _measure_server(
         k1 = counters()
         d = {k: k1[k] - k0[k] for k in _COUNTERS}
         r["batch"] = d["kubeforge_batch_size_sum"] / max(1.0, d["kubeforge_batch_size_count"])
-        r["busy"] = 100 * d["kubeforge_device_busy_seconds_total"] / a.seconds
-        r["late"] = 100 * d["kubeforge_device_idle_seconds_total"] / a.seconds
-        requests = max(1.0, r["rps"] * a.seconds)
+        requests, span = load_span(d["kubeforge_batch_size_sum"], r["rps"], a.seconds)
+        r["busy"] = 100 * d["kubeforge_device_busy_seconds_total"] / span
+        r["late"] = 100 * d["kubeforge_device_idle_seconds_total"] / span
         r["cpu_model"], r["cpu_workers"] = (m1 - m0) / requests * 1e6, (w1 - w0) / requests * 1e6
         results[key] = r
 

@@ -156,7 +156,9 @@ def main() -> None:
             if p is not None:
                 p.wait()
         d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
-        n, nb = r["rps"] * secs, max(1.0, d.get("kubeforge_batch_size_count", 1.0))
+        # requests served and the seconds they took, warm-ups included (see serve_bench.load_span)
+        n, span = sb.load_span(d.get("kubeforge_batch_size_sum", 0.0), r["rps"], secs)
+        nb = max(1.0, d.get("kubeforge_batch_size_count", 1.0))
         handled = max(1.0, d.get("kubeforge_request_latency_seconds_count", 1.0))
 
         def idle(why: str) -> float:
@@ -167,10 +169,10 @@ def main() -> None:
             f"CPU us/request model {1e6 * (c1[0] - c0[0]) / n:.0f} "
             f"workers {1e6 * (c1[1] - c0[1]) / n:.0f} | mean batch "
             f"{d.get('kubeforge_batch_size_sum', 0) / nb:.1f}, device busy "
-            f"{100 * d.get('kubeforge_device_busy_seconds_total', 0) / secs:.0f}% (idle with a request "
-            f"waiting {100 * (idle('queued') + idle('launching')) / secs:.0f}%: queued "
-            f"{100 * idle('queued') / secs:.0f}%, launching {100 * idle('launching') / secs:.0f}%; "
-            f"for one {100 * idle('no_requests') / secs:.0f}%), "
+            f"{100 * d.get('kubeforge_device_busy_seconds_total', 0) / span:.0f}% (idle with a request "
+            f"waiting {100 * (idle('queued') + idle('launching')) / span:.0f}%: queued "
+            f"{100 * idle('queued') / span:.0f}%, launching {100 * idle('launching') / span:.0f}%; "
+            f"for one {100 * idle('no_requests') / span:.0f}%), "
             f"launch to answer "
             f"{1e3 * d.get('kubeforge_batch_run_seconds_sum', 0) / nb:.2f} ms, oldest queued "
             f"{1e3 * d.get('kubeforge_queue_time_seconds_sum', 0) / nb:.2f} ms, in the REST handler "
@@ -181,14 +183,14 @@ def main() -> None:
                 if (n_hop := d.get(f"kubeforge_worker_hop_seconds_count:{way}", 0))
             )
         )
-        busy = sorted(((t1[k] - t0.get(k, 0.0)) / secs, k) for k in t1)
+        busy = sorted(((t1[k] - t0.get(k, 0.0)) / span, k) for k in t1)
         print(
             f"THREADS {env('TAG', '')}: "
             + ", ".join(f"{k} {100 * v:.0f}%" for v, k in reversed(busy) if v >= 0.01)
             + f" | client CPU {1e6 * client / n:.0f} us/request | inputs "
             + ", ".join(f"{k.split(':')[1]} {v:.0f}" for k, v in d.items() if k.startswith(_INPUTS))
         )
-        shares = sorted(((100 * (v - w0.get(k, 0.0)) / secs, held.get(k, -1)) for k, v in w1.items()))[::-1]
+        shares = sorted(((100 * (v - w0.get(k, 0.0)) / span, held.get(k, -1)) for k, v in w1.items()))[::-1]
         print(
             f"WORKERS {env('TAG', '')}: each one's CPU (% of a core) / connections, busiest first: "
             + " ".join(f"{x:.0f}/{n}" for x, n in shares)
