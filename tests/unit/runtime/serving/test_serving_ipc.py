@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -268,15 +269,36 @@ def test_pagelock_register_without_cuda_changes_nothing() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("copy_stream", [False, True], ids=["one-stream", "copy-stream"])
+@pytest.mark.parametrize("driver", ["driver", "driver-fails", "torch"])
 def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
-    tmp_path: Path, copy_stream: bool
+    tmp_path: Path, copy_stream: bool, driver: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Large rows from a registered arena go to the GPU by DMA, small rows through the staging buffer;
     both give the batch the CPU concatenation gives (with a copy stream, once the compute stream waited for
-    it, as cuda_runner does)."""
+    it, as cuda_runner does): through the CUDA driver, through torch's copies once a driver call failed,
+    and through torch's alone (KUBEFORGE_CUDA_DRIVER_CALLS=0)."""
+    from runtime.serving import cudadriver
     from runtime.serving.batching import cat_and_pad
     from runtime.serving.hub import _page_lock, _page_unlock
     from runtime.serving.server import pinned_gather
+
+    monkeypatch.setattr(cudadriver, "_tried", False)
+    monkeypatch.setattr(cudadriver, "_driver", None)
+    if driver == "torch":
+        monkeypatch.setenv(cudadriver.OFF_ENV, "0")
+    loaded = cudadriver.load()
+    assert (loaded is None) == (driver == "torch")
+    calls: list[int] = []  # the driver's batch copies asked for
+    if loaded is not None:
+        real = loaded.copy_rows
+
+        def counted(*args: Any) -> None:
+            calls.append(1)
+            if driver == "driver-fails":
+                raise RuntimeError("CUDA driver error 1")
+            real(*args)
+
+        monkeypatch.setattr(loaded, "copy_rows", counted)
 
     # a memfd as in the server: CUDA page-locks shared memory pages, not every file system's
     arena = ipc.Arena.anonymous(f"kubeforge-test-{os.getpid()}", 4, 1 << 20)
@@ -301,6 +323,8 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
             for g, w in zip(got, want, strict=True):
                 assert g.device.type == "cuda" and torch.equal(g.cpu(), w), rows
         torch.cuda.synchronize()
+        # a batch's large rows in one driver call each time; a failed call hands over to torch for good
+        assert len(calls) == {"driver": 2, "driver-fails": 1, "torch": 0}[driver]
     finally:
         # unregister before unmapping, as the hub does: a registration outliving its mapping makes CUDA
         # refuse the next mapping at that address ("already registered"), which failed the next GPU test
