@@ -40,7 +40,7 @@ SWITCH_INTERVAL_S = 0.001  # the server's (runtime/serving/server.py)
 Gather = Callable[[list[torch.Tensor], int], torch.Tensor]
 
 
-def ways(device: str, stream: torch.cuda.Stream) -> dict[str, Gather]:
+def ways(device: str) -> dict[str, Gather]:
     drv = cudadriver.load()
 
     def empty(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -149,7 +149,7 @@ def main() -> None:
     for i, row in enumerate(arena):
         row.copy_(torch.randn(1, n, generator=torch.Generator().manual_seed(i)))
     stream = torch.cuda.Stream(device)
-    table = ways(device, stream)
+    table = ways(device)
     drv = cudadriver.load()
     print(
         f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, rows of {args.row_bytes} B; "
