@@ -3,11 +3,12 @@
 Every gRPC call starts with a header block. A block of one-byte indexed fields reads the table without
 changing it, and http2.py remembers its result; but a client with a deadline (grpc-go, ...) sends its
 `grpc-timeout` as a new literal each call, inserted into the dynamic table, which shifts every index the next
-block uses: no two blocks alike, and `hpack.Decoder` took ~19 µs for each of them (8 fields; a method call
+block uses: no two blocks alike, and `hpack.Decoder` took 18.5 µs for each of them (8 fields; a method call
 and a memoryview per field). This decoder walks the block once, with the static table pre-decoded and the
 literal strings it has decoded remembered by their bytes (Huffman decoding is most of a literal's cost, and
 the same strings come back call after call). The `hpack` package still does the Huffman decoding, and its
 exception classes are raised for the same faults: a test decodes random blocks with both and compares.
+bench/http2_bench.py times both (ours: 4.7 µs for that block).
 """
 
 from __future__ import annotations
