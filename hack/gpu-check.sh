@@ -2,10 +2,10 @@
 # On the lent GPU machine (see hack/device-kit.sh; carry .cache/dev), one part per call (each fits in 10 min):
 #   tests        the CUDA-only tests in one pytest process
 #   tables       the bench tables of $MODELS (bert resnet50), $PATHS (binary,grpc; add shm for inputs through
-#                Triton's system shared memory: what the sockets cost), max batch 32, 8 workers, to
-#                $OUT/<model>.md (whatever finished comes back if the call runs out of time); the compile caches
-#                stay under /tmp/kf-serve-profile, where hack/serve-profile.py (copy-stream, ab, ...) finds them
-#                on the same warm machine (so run it first: its cold start needs them empty)
+#                Triton's system shared memory: what the sockets cost), at $CONC clients (1,16,64), max batch
+#                32, 8 workers, to $OUT/<model>.md (whatever finished comes back if the call runs out of time);
+#                the compile caches stay under /tmp/kf-serve-profile, where hack/serve-profile.py (copy-stream,
+#                ab, ...) finds them on the same warm machine (so run it first: its cold start needs them empty)
 #   copy-stream  a same-machine A/B of --copy-stream with ResNet-50 (8 workers, $C clients (64), max batch 32,
 #                REST, or gRPC with GRPC=1;
 #                $TAGS: the runs, default one-stream copy-stream one-stream copy-stream),
@@ -47,9 +47,10 @@ tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose pac
 tables)
   for m in ${MODELS:-bert resnet50}; do
     t=230; [[ $m == resnet50 ]] && t=330; [[ ${PATHS:-} == *shm* ]] && t=$((t + 90))
+    [[ -n ${CONC:-} ]] && t=$((t + 90))
     timeout $t python bench/serve_bench.py --device cuda --models "$m" --mode aot --precision bf16 --max-batch 32 \
-      --delay-ms 2.0 --seconds 3 --workers 8 --paths "${PATHS:-binary,grpc}" --workdir /tmp/kf-serve-profile \
-      --out "${OUT:-/tmp}/$m.md" > "${OUT:-/tmp}/$m.log" 2>&1
+      --delay-ms 2.0 --seconds 3 --workers 8 --paths "${PATHS:-binary,grpc}" --concurrency "${CONC:-1,16,64}" \
+      --workdir /tmp/kf-serve-profile --out "${OUT:-/tmp}/$m.md" > "${OUT:-/tmp}/$m.log" 2>&1
     echo "$m rc=$?"; grep -E "^\||Cold" "${OUT:-/tmp}/$m.log" | tail -22
   done ;;
 copy-stream)
