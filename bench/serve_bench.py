@@ -266,6 +266,7 @@ def _wrk(
             f"-t{threads}",
             f"-c{c}",
             f"-d{seconds:.0f}s",
+            f"--timeout={seconds + 10:.0f}s",  # wrk's 2 s would count a slow server's answers as none at all
             "--latency",
             "-s",
             str(lua),
@@ -284,11 +285,12 @@ def _wrk(
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    lost = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
         "rps": float(rps[1]) if rps else float("nan"),
         "p50": ms("50"),
         "p99": ms("99"),
-        "errors": float(bad[1]) if bad else 0.0,
+        "errors": (float(bad[1]) if bad else 0.0) + (sum(map(float, lost.groups())) if lost else 0.0),
     }
 
 
@@ -748,7 +750,8 @@ def main() -> int:
     lines = [
         f"`python bench/serve_bench.py --device {a.device} --models {a.models} --mode {a.mode} "
         f"--precision {a.precision} --max-batch {a.max_batch} --delay-ms {a.delay_ms} "
-        f"--seconds {a.seconds:.0f} --workers {','.join(map(str, a.workers_list))} --paths {a.paths}`"
+        f"--seconds {a.seconds:.0f} --workers {','.join(map(str, a.workers_list))} --paths {a.paths} "
+        f"--concurrency {','.join(map(str, a.concurrency))}{' --copy-stream' if a.copy_stream else ''}`"
     ]
     with tempfile.TemporaryDirectory(prefix="kf-bench-") as d:
         work = Path(a.workdir or d)
