@@ -1,0 +1,57 @@
+"""bench/serve_bench.py's pure parts: wrk's report, the "x naive" cell, what a point's counters cover."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "bench"))
+import serve_bench
+
+# wrk 4.2's report with --latency, for a server that answered some requests late and refused others
+WRK = """Running 3s test @ http://127.0.0.1:8000/v2/models/m/infer
+  4 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     8.06ms    2.10ms  15.97ms   71.20%
+    Req/Sec     1.85k   120.00     2.10k    70.00%
+  Latency Distribution
+     50%    8.06ms
+     75%    9.10ms
+     90%   11.40ms
+     99%    1.20s
+  22113 requests in 3.00s, 5.10MB read
+  Socket errors: connect 0, read 2, write 0, timeout 5
+  Non-2xx or 3xx responses: 7
+Requests/sec:   7371.00
+Transfer/sec:      1.70MB
+"""
+
+
+def test_wrk_report_gives_rate_percentiles_and_every_kind_of_error() -> None:
+    r = serve_bench.parse_wrk(WRK)
+    assert r["rps"] == 7371.0
+    assert r["p50"] == pytest.approx(8.06)
+    assert r["p99"] == pytest.approx(1200.0)  # seconds read as such
+    assert r["errors"] == 7 + 2 + 5  # refusals, then read errors and timeouts
+
+
+def test_wrk_report_without_errors_or_a_rate() -> None:
+    clean = "\n".join(x for x in WRK.splitlines() if "errors" not in x and "Non-2xx" not in x)
+    assert serve_bench.parse_wrk(clean)["errors"] == 0
+    assert math.isnan(serve_bench.parse_wrk("unable to connect to 127.0.0.1:8000")["rps"])
+
+
+def test_times_naive_is_a_lower_bound_when_the_naive_server_answered_nothing() -> None:
+    assert serve_bench.times_naive(100.0, 5.0, 3) == "20.0"
+    # nothing answered within 3 s: the naive server's rate was below 1/3 row/s, the ratio above 3x ours
+    assert serve_bench.times_naive(11551.0, 0.0, 3) == "> 34,653"
+    assert serve_bench.times_naive(11551.0, float("nan"), 3) == ""  # its load failed: no claim at all
+
+
+def test_load_span_covers_the_generator_warm_up() -> None:
+    # 3 s of window, grpcload's 0.5 s warm-up before it: the server counted 3.5 s worth of requests
+    assert serve_bench.load_span(35_000, 10_000, 3) == (35_000, 3.5)
+    assert serve_bench.load_span(0, 400.0, 3) == (1200.0, 3)  # no counted rows (the naive server): the window
