@@ -43,6 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from runtime.serving.config import ServeConfig  # noqa: E402  (torch-free: the server's defaults)
 
 
 @dataclass
@@ -108,7 +109,7 @@ def _warm_sizes(a: argparse.Namespace) -> tuple[int, ...]:
 def serve_kubeforge(a: argparse.Namespace) -> None:
     from runtime.serving.loader import LoadedModel
     from runtime.serving.logs import setup_logging
-    from runtime.serving.server import ServeConfig, Server
+    from runtime.serving.server import Server
 
     setup_logging("info")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(a.cache) / "inductor"))
@@ -221,7 +222,7 @@ def _start(
         getattr(a, "warmup_batch_sizes", ""),
         *(["--copy-stream"] if getattr(a, "copy_stream", False) else []),
         "--launch-deviations",
-        str(getattr(a, "launch_deviations", 2.0)),
+        str(getattr(a, "launch_deviations", ServeConfig.launch_deviations)),
         "--grpc-server",
         getattr(a, "grpc_server", "native"),
         "--balance",
@@ -716,7 +717,12 @@ def main() -> int:
         help="warm-up batch sizes, comma-separated; each is also a padding bucket on CUDA (default: 1,MAX)",
     )
     p.add_argument("--copy-stream", action="store_true", help="the server's --copy-stream (CUDA)")
-    p.add_argument("--launch-deviations", type=float, default=2.0, help="the server's --launch-deviations")
+    p.add_argument(
+        "--launch-deviations",
+        type=float,
+        default=ServeConfig.launch_deviations,
+        help="the server's --launch-deviations",
+    )
     p.add_argument("--grpc-server", default="native", choices=["native", "grpcio"], help="the server's")
     p.add_argument(
         "--balance", default="least-connections", choices=["least-connections", "kernel"], help="the server's"

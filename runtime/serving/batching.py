@@ -65,6 +65,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from runtime.serving.config import LAUNCH_DEVIATIONS
 from runtime.serving.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -184,9 +185,6 @@ class _FutureSink:
 
 
 _FUTURES = _FutureSink()
-
-
-LAUNCH_DEVIATIONS = 2.0  # a launch's budget beyond its mean, by default (--launch-deviations)
 
 
 def _ewma(old: float | None, sample: float) -> float:

@@ -23,7 +23,11 @@ from typing import Any
 
 import yaml
 
+from runtime.serving.config import ServeConfig
 from runtime.serving.signature import TensorSpec
+
+D = ServeConfig  # every flag's default is the config field's
+MB = 1 << 20
 
 log = logging.getLogger("runtime.serving.cli")
 T0 = time.time()
@@ -31,12 +35,19 @@ T0 = time.time()
 
 def _spec_defaults(path: str) -> dict[str, Any]:
     """Flag defaults from an InferenceService YAML (validated by crds.inferenceservice)."""
-    doc = yaml.safe_load(Path(path).read_text())
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"kubeforge-serve: --spec {path}: cannot read it as YAML: {e}") from None
     spec = doc.get("spec", doc) if isinstance(doc, dict) else None
     if not isinstance(spec, dict):
-        raise SystemExit(f"--spec {path}: not an InferenceService or its spec")
+        raise SystemExit(f"kubeforge-serve: --spec {path}: not an InferenceService or its spec")
+    from crds import validation
     from crds.inferenceservice import InferenceServiceSpec
 
+    problems = validation.errors({"kind": "InferenceService", "spec": spec})
+    if problems:  # the API server's own words, each naming its field
+        raise SystemExit(f"kubeforge-serve: --spec {path}: " + "; ".join(problems))
     s = InferenceServiceSpec.model_validate(spec).model_dump()
     out: dict[str, Any] = {
         "backend": s["compile"]["backend"],
@@ -81,15 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--backend",
-        default="auto",
+        default=D.backend,
         choices=["auto", "cuda", "tensorrt", "rocm", "npu", "mlu", "cpu", "eager"],
     )
-    g.add_argument("--mode", default="aot", choices=["aot", "jit", "eager"])
+    g.add_argument("--mode", default=D.mode, choices=["aot", "jit", "eager"])
     g.add_argument(
-        "--warmup-batch-sizes", default="1,8", help="comma-separated; compiled and checked vs eager"
+        "--warmup-batch-sizes",
+        default=",".join(map(str, D.warmup_batch_sizes)),
+        help="comma-separated; compiled and checked vs eager",
     )
-    g.add_argument("--max-batch-size", type=_positive, default=32)
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--max-batch-size", type=_positive, default=D.max_batch_size)
+    g.add_argument("--precision", default=D.precision, choices=["fp32", "fp16", "bf16"])
     g.add_argument(
         "--strict", action="store_true", help="fail instead of falling back to eager on a bad check"
     )
@@ -104,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--log-format", default="json", choices=["json", "text"])
     g.add_argument(
         "--log-level",
-        default="info",
+        default=D.log_level,
         type=str.lower,
         choices=["debug", "info", "warning", "error"],
         help="the least severe level logged at start (debug: a line per answered request too); changed while "
@@ -113,20 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--torch-threads",
         type=int,
-        default=0,
+        default=D.torch_threads,
         help="intra-op threads of the model (default 0: all cores but one on a CPU, 4 on an accelerator)",
     )
     sub.add_parser("compile", parents=[common], help="compile into the cache and exit (init container)")
     s = sub.add_parser("serve", parents=[common], help="serve over REST and gRPC")
-    s.add_argument("--host", default="0.0.0.0")
-    s.add_argument("--http-port", type=int, default=8080)
-    s.add_argument("--grpc-port", type=int, default=8081)
-    s.add_argument("--max-delay-ms", type=_milliseconds, default=2.0)
-    s.add_argument("--max-queue-size", type=_positive, default=1024)
+    s.add_argument("--host", default=D.host)
+    s.add_argument("--http-port", type=int, default=D.http_port)
+    s.add_argument("--grpc-port", type=int, default=D.grpc_port)
+    s.add_argument("--max-delay-ms", type=_milliseconds, default=D.max_delay_ms)
+    s.add_argument("--max-queue-size", type=_positive, default=D.max_queue_size)
     s.add_argument(
         "--queue-timeout-ms",
         type=_milliseconds,
-        default=0.0,
+        default=D.queue_timeout_ms,
         help="the longest a request waits in the queue; past it it is dropped unrun with 504 / "
         "DEADLINE_EXCEEDED (0: no limit). A client's own deadline (Triton's `timeout` parameter, "
         "grpc-timeout) applies as well",
@@ -134,14 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--lifo-after-ms",
         type=_milliseconds,
-        default=0.0,
+        default=D.lifo_after_ms,
         help="overload: once the oldest queued request has waited this long, batches take the newest "
         "requests first, whose clients are most likely still waiting (0: always oldest first)",
     )
     s.add_argument(
         "--priority-levels",
         type=_count,
-        default=0,
+        default=D.priority_levels,
         help="levels of Triton's `priority` request parameter, 1 the most urgent: batches take the most "
         "urgent requests first, and a full queue refuses the least urgent first (0: none, the parameter "
         "is ignored)",
@@ -149,13 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--default-priority-level",
         type=_count,
-        default=0,
+        default=D.default_priority_level,
         help="the level of a request that names none, or one past the last (0: the last, least urgent)",
     )
     s.add_argument(
         "--pad-multiple",
         type=int,
-        default=None,
+        default=D.pad_multiple,
         help="pad variable non-batch dims (sequence lengths) up to a multiple, for fewer shapes",
     )
     s.add_argument(
@@ -167,25 +180,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--balance",
-        default="least-connections",
+        default=D.balance,
         choices=["least-connections", "kernel"],
         help="how client connections reach 2+ protocol workers: least-connections (the model process "
         "accepts each and deals it to the worker holding the fewest) or kernel (every worker listens, "
         "SO_REUSEPORT: a hash of the client's address picks one, however loaded; no hop for clients that "
         "open a connection per request)",
     )
-    s.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body (413 past it)")
+    s.add_argument(
+        "--max-payload-mb",
+        type=float,
+        default=D.max_payload_bytes / MB,
+        help="largest request body (413 past it)",
+    )
     s.add_argument(
         "--max-inflight-mb",
         type=float,
-        default=0.0,
+        default=D.max_inflight_bytes / MB,
         help="request bytes one process (the server, or each protocol worker) holds at once for requests "
         "being received, queued or answered; past it new requests get 429 / RESOURCE_EXHAUSTED "
         "(0: 4 x --max-payload-mb)",
     )
     s.add_argument(
         "--grpc-server",
-        default="native",
+        default=D.grpc_server,
         choices=["native", "grpcio"],
         help="gRPC over our own HTTP/2 (native: unary calls, no TLS or compression) or grpcio's grpc.aio",
     )
@@ -208,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--launch-deviations",
         type=_deviations,
-        default=2.0,
+        default=D.launch_deviations,
         help="GPUs: a batch's launch starts this many mean deviations of the launches' seconds, beside "
         "their mean, before the device is expected to be free (0: the mean alone). Larger: fewer idle gaps "
         "behind a slow launch, batches a little smaller (docs/serving.md)",
@@ -222,18 +240,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--drain-delay-s",
         type=float,
-        default=0.0,
+        default=D.drain_delay_s,
         help="after SIGTERM, keep serving (readiness 503) this long before closing the listeners",
     )
     s.add_argument(
-        "--grace-s", type=float, default=30.0, help="longest wait for in-flight requests to finish"
+        "--grace-s", type=float, default=D.grace_s, help="longest wait for in-flight requests to finish"
     )
     return p
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from runtime.serving.server import ServeConfig
-
     if not args.model_uri:
         raise SystemExit("kubeforge-serve: --model-uri (or a --spec with spec.model.uri) is required")
     try:
@@ -274,8 +290,8 @@ def _config(args: argparse.Namespace) -> Any:
             priority_levels=args.priority_levels,
             default_priority_level=args.default_priority_level,
             pad_multiple=args.pad_multiple,
-            max_payload_bytes=int(args.max_payload_mb * (1 << 20)),
-            max_inflight_bytes=int(args.max_inflight_mb * (1 << 20)),
+            max_payload_bytes=int(args.max_payload_mb * MB),
+            max_inflight_bytes=int(args.max_inflight_mb * MB),
             drain_delay_s=args.drain_delay_s,
             grace_s=args.grace_s,
             workers=_workers(args.workers),

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from runtime.serving import errors, ipc
+from runtime.serving.config import ServeConfig
 from runtime.serving.errors import InferError, ModelFailure, Unavailable
 from runtime.serving.logs import apply_log_settings
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
-from runtime.serving.server import ServeConfig, freeze_heap, start_protocol
+from runtime.serving.server import freeze_heap, start_protocol
 from runtime.serving.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)

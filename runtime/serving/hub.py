@@ -38,11 +38,12 @@ from typing import Any, TypeVar
 
 from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Answer, Batcher, Pending
+from runtime.serving.config import ServeConfig
 from runtime.serving.errors import InferError, Unavailable
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
 from runtime.serving.logs import name_os_thread
 from runtime.serving.metrics import Metrics, merge
-from runtime.serving.server import DEALT_GRPC, DEALT_HTTP, ServeConfig
+from runtime.serving.server import DEALT_GRPC, DEALT_HTTP
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -15,17 +15,17 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from runtime.serving import compile as compiler
 from runtime.serving import cudadriver, ipc, pagelock
-from runtime.serving.batching import LAUNCH_DEVIATIONS, Batcher, BatchRunner, Gather
+from runtime.serving.batching import Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
+from runtime.serving.config import ServeConfig
 from runtime.serving.detect import detect_hardware
 from runtime.serving.errors import BadRequest
 from runtime.serving.loader import LoadedModel, load_model
@@ -59,51 +59,6 @@ EXTENSIONS = [
     "statistics",  # Triton's, protocol.triton
     "logging",  # Triton's, protocol.triton and logs (changes only with --allow-log-settings)
 ]
-
-
-@dataclass
-class ServeConfig:
-    model_uri: str
-    model_name: str | None = None
-    cache_dir: Path | None = None
-    backend: str = "auto"
-    mode: str = "aot"
-    warmup_batch_sizes: tuple[int, ...] = (1, 8)
-    precision: str = "fp32"
-    strict: bool = False
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
-    max_batch_size: int = 32
-    max_delay_ms: float = 2.0
-    max_queue_size: int = 1024
-    queue_timeout_ms: float = 0.0  # the longest a request waits in the queue; 0: no limit
-    lifo_after_ms: float = 0.0  # the oldest request's wait past which the newest go first; 0: never
-    priority_levels: int = 0  # of Triton's `priority` parameter (batching.Batcher); 0: none
-    default_priority_level: int = 0  # of requests that name none; 0: the last level
-    pad_multiple: int | None = None
-    host: str = "0.0.0.0"
-    http_port: int = 8080
-    grpc_port: int = 8081
-    max_payload_bytes: int = 64 << 20
-    max_inflight_bytes: int = 0  # request bytes a process holds at once (http1.Budget); 0: 4 x max payload
-    drain_delay_s: float = 0.0
-    grace_s: float = 30.0
-    torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
-    copy_stream: bool = False  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
-    launch_deviations: float = LAUNCH_DEVIATIONS  # pipelined: a launch's budget beyond its mean (Batcher)
-    grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio
-    workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
-    # how client connections reach 2+ protocol workers: least-connections (the model process accepts them and
-    # deals each to the worker holding the fewest, see hub.Hub) or kernel (SO_REUSEPORT: a hash of the
-    # client's address and port picks the worker)
-    balance: str = "least-connections"
-    # Triton's system shared memory extension (protocol.sharedmem): off unless asked for; the registry
-    # directory every process of the server shares (made by Server when empty)
-    allow_client_shm: bool = False
-    allow_log_settings: bool = False  # Triton's POST v2/logging / LogSettings may change the log settings
-    shm_registry: str = ""
-    log_level: str = "info"
-    started: float = field(default_factory=time.time)
 
 
 @dataclass

@@ -108,3 +108,54 @@ def test_launch_deviations_default_to_two_and_reach_the_config() -> None:
     assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).launch_deviations == 2.0
     args = parser.parse_args(["serve", "--model-uri", "m", "--launch-deviations", "0"])
     assert cli._config(args).launch_deviations == 0.0
+
+
+def test_no_flags_and_an_inferenceservice_of_defaults_both_give_serveconfigs_defaults(tmp_path: Path) -> None:
+    """One set of defaults: the flags read theirs from ServeConfig, and an InferenceService that sets nothing
+    (the CRD's own defaults) starts the same server as no flags at all."""
+    import dataclasses
+
+    from runtime.serving.config import ServeConfig
+
+    default = ServeConfig(model_uri="models:/m/1")
+    skip = {"model_uri", "started", "cache_dir"}  # given; the start time; $KUBEFORGE_CACHE_DIR
+    parser = cli._parser()
+    bare = cli._config(parser.parse_args(["serve", "--model-uri", "models:/m/1"]))
+    spec = tmp_path / "isvc.yaml"
+    spec.write_text(yaml.safe_dump({"spec": {"model": {"uri": "models:/m/1"}}}))
+    for sp in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        sp.set_defaults(**cli._spec_defaults(str(spec)))
+    from_spec = cli._config(parser.parse_args(["serve"]))
+    for f in dataclasses.fields(ServeConfig):
+        if f.name not in skip:
+            assert getattr(bare, f.name) == getattr(default, f.name), f.name
+            assert getattr(from_spec, f.name) == getattr(default, f.name), f.name
+
+
+def test_the_cli_module_and_its_defaults_load_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, runtime.serving.cli as c; c._parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("spec:\n  model:\n    uri: iris\n", "spec.model.uri: "),
+        (
+            "spec:\n  model: {uri: 'models:/a/1'}\n  batching: {maxBatchSize: 0}\n",
+            "spec.batching.maxBatchSize: Input should be greater than or equal to 1",
+        ),
+        ("a: [", "cannot read it as YAML"),
+        ("- 1\n", "not an InferenceService or its spec"),
+    ],
+)
+def test_a_bad_spec_file_ends_the_cli_with_the_field_named(tmp_path: Path, text: str, says: str) -> None:
+    spec = tmp_path / "isvc.yaml"
+    spec.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--spec", str(spec)])
+    assert says in str(e.value) and str(spec) in str(e.value)

@@ -360,8 +360,8 @@ class _Recording:
 def test_a_workers_requests_of_one_loop_turn_reach_the_model_process_in_one_write(tmp_path: Path) -> None:
     import asyncio
 
+    from runtime.serving.config import ServeConfig
     from runtime.serving.frontend import Worker, WorkerConfig, _Link
-    from runtime.serving.server import ServeConfig
 
     a = _arena(tmp_path)
     cfg = WorkerConfig(0, str(tmp_path / "sock"), a.path, a.slots, a.slot_bytes, ServeConfig(model_uri="x"))
@@ -399,8 +399,8 @@ def test_a_cancelled_request_is_dropped_in_the_model_process_and_ends_once_it_an
     stay counted while the model process may still hold them."""
     import asyncio
 
+    from runtime.serving.config import ServeConfig
     from runtime.serving.frontend import Worker, WorkerConfig, _Link
-    from runtime.serving.server import ServeConfig
 
     a = _arena(tmp_path)
     cfg = WorkerConfig(0, str(tmp_path / "sock"), a.path, a.slots, a.slot_bytes, ServeConfig(model_uri="x"))
@@ -434,9 +434,9 @@ def test_a_body_read_into_a_slot_travels_from_there_aligned_and_the_slot_comes_b
 
     import orjson
 
+    from runtime.serving.config import ServeConfig
     from runtime.serving.frontend import Worker, WorkerConfig, _Link
     from runtime.serving.protocol.codec import decode_request
-    from runtime.serving.server import ServeConfig
     from runtime.serving.signature import Signature, TensorSpec
 
     a = _arena(tmp_path, slots=2, slot_bytes=1 << 16)
@@ -510,8 +510,8 @@ def test_a_body_let_go_after_its_answer_leaves_its_slot_to_the_body_that_took_it
     one call in ~3,000 failed as "compressed", its first byte overwritten)."""
     import asyncio
 
+    from runtime.serving.config import ServeConfig
     from runtime.serving.frontend import Worker, WorkerConfig, _Link
-    from runtime.serving.server import ServeConfig
 
     a = _arena(tmp_path, slots=2, slot_bytes=1 << 16)
     cfg = WorkerConfig(0, str(tmp_path / "sock"), a.path, a.slots, a.slot_bytes, ServeConfig(model_uri="x"))
