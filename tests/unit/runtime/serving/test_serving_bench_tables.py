@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "bench"))
-import serve_bench
+_spec = importlib.util.spec_from_file_location(
+    "serve_bench", Path(__file__).resolve().parents[4] / "bench" / "serve_bench.py"
+)
+assert _spec is not None and _spec.loader is not None
+serve_bench = importlib.util.module_from_spec(_spec)
+sys.modules["serve_bench"] = serve_bench  # its dataclasses look their module up
+_spec.loader.exec_module(serve_bench)
 
 # wrk 4.2's report with --latency, for a server that answered some requests late and refused others
 WRK = """Running 3s test @ http://127.0.0.1:8000/v2/models/m/infer
