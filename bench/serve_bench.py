@@ -224,9 +224,9 @@ def _start(
         "--launch-deviations",
         str(getattr(a, "launch_deviations", ServeConfig.launch_deviations)),
         "--grpc-server",
-        getattr(a, "grpc_server", "native"),
+        getattr(a, "grpc_server", ServeConfig.grpc_server),
         "--balance",
-        getattr(a, "balance", "least-connections"),
+        getattr(a, "balance", ServeConfig.balance),
         "--paths",
         getattr(a, "paths", ""),
     ]
@@ -723,9 +723,11 @@ def main() -> int:
         default=ServeConfig.launch_deviations,
         help="the server's --launch-deviations",
     )
-    p.add_argument("--grpc-server", default="native", choices=["native", "grpcio"], help="the server's")
     p.add_argument(
-        "--balance", default="least-connections", choices=["least-connections", "kernel"], help="the server's"
+        "--grpc-server", default=ServeConfig.grpc_server, choices=["native", "grpcio"], help="the server's"
+    )
+    p.add_argument(
+        "--balance", default=ServeConfig.balance, choices=["least-connections", "kernel"], help="the server's"
     )
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)

@@ -105,8 +105,8 @@ def main() -> None:
         warmup_batch_sizes=env("BUCKETS", ""),
         copy_stream=env("COPY_STREAM") == "1",
         launch_deviations=float(env("LAUNCH_DEVIATIONS", str(sb.ServeConfig.launch_deviations))),
-        grpc_server=env("GRPC_SERVER", "native"),
-        balance=env("BALANCE", "least-connections"),
+        grpc_server=env("GRPC_SERVER", sb.ServeConfig.grpc_server),
+        balance=env("BALANCE", sb.ServeConfig.balance),
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)
