@@ -42,13 +42,16 @@ def _spec_defaults(path: str) -> dict[str, Any]:
     spec = doc.get("spec", doc) if isinstance(doc, dict) else None
     if not isinstance(spec, dict):
         raise SystemExit(f"kubeforge-serve: --spec {path}: not an InferenceService or its spec")
+    from pydantic import ValidationError
+
     from crds import validation
     from crds.inferenceservice import InferenceServiceSpec
 
-    problems = validation.errors({"kind": "InferenceService", "spec": spec})
-    if problems:  # the API server's own words, each naming its field
-        raise SystemExit(f"kubeforge-serve: --spec {path}: " + "; ".join(problems))
-    s = InferenceServiceSpec.model_validate(spec).model_dump()
+    try:
+        s = InferenceServiceSpec.model_validate(spec).model_dump()
+    except ValidationError:  # said in the API server's own words, each naming its field
+        problems = validation.errors({"kind": "InferenceService", "spec": spec})
+        raise SystemExit(f"kubeforge-serve: --spec {path}: " + "; ".join(problems)) from None
     out: dict[str, Any] = {
         "backend": s["compile"]["backend"],
         "mode": s["compile"]["mode"],
