@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.serving import cudadriver, pagelock
+from runtime.serving.server import SWITCH_INTERVAL_S  # the model process's, as the launching thread has it
 
 SLOTS, SLOT_BYTES = 64, 1 << 20
-SWITCH_INTERVAL_S = 0.001  # the server's (runtime/serving/server.py)
 
 Gather = Callable[[list[torch.Tensor], int], torch.Tensor]
 
