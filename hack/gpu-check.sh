@@ -36,6 +36,11 @@
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
 #                carry it too), same machine, interleaved base/new/base/new, for each line "MODEL C GRPC" of
 #                $RUNS (default: datapath's load, "tinyimage 64 0"); D seconds per run (5)
+#   trees        the tree against copies of it with each of $PATCHES applied (files, carried; a copy is named
+#                after its file), same machine, interleaved (tree, each patch; twice), for each line of $RUNS as
+#                for ab: several branches in one call (`git diff main BRANCH > .cache/patches/NAME.patch`);
+#                $LOGGREP: each run's last server log line that holds it
+# $PATCH (tests): run them in a copy of the tree with that patch applied (a branch's tests, no checkout)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .cache/dev/setup.sh >/dev/null 2>&1
@@ -43,6 +48,10 @@ export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.cache/dev/bin:/tmp/site/bin:$PATH BE
 export BENCH_GRPC_CONNECTIONS=16 GRPC_LOAD=$PWD/.cache/dev/bin/grpcload
 case ${1:-tests} in
 tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose packages the GPU image lacks
+  if [[ -n ${PATCH:-} ]]; then
+    rm -rf /tmp/tests-tree && cp -a . /tmp/tests-tree && cd /tmp/tests-tree && git apply "$PATCH" || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+  fi
   timeout 500 python -m pytest -q --noconftest -p no:cacheprovider tests/unit/runtime/serving -k gpu 2>&1 | tail -15 ;;
 tables)
   for m in ${MODELS:-bert resnet50}; do
@@ -92,6 +101,24 @@ ab)
         TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|WORKERS|Error|errors")
     done
   done ;;
+trees)
+  names=(tree) dirs=("$PWD")
+  for p in ${PATCHES:?}; do
+    n=$(basename "$p" .patch) d=/tmp/tree-$(basename "$p" .patch)
+    rm -rf "$d" && cp -a . "$d" && (cd "$d" && git apply "$p") || exit 1
+    names+=("$n") dirs+=("$d")
+  done
+  echo "${RUNS:-tinyimage 64 0}" | while read -r m c g; do
+    [[ -z $m ]] && continue
+    for round in 1 2; do
+      for i in "${!names[@]}"; do
+        (cd "${dirs[$i]}" && PYTHONPATH=/tmp/site:${dirs[$i]} MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 \
+          GRPC=$g TAG=$m-c$c-g$g-${names[$i]} timeout 200 python hack/serve-profile.py 2>&1 |
+          grep -E "SUMMARY|THREADS|WORKERS|Error|errors")
+        [[ -n ${LOGGREP:-} ]] && grep -a "$LOGGREP" /tmp/kf-serve-profile/log | tail -1
+      done
+    done
+  done ;;
 spread)
   echo "${RUNS:-$'resnet50 64 0 16\nresnet50 64 1 16'}" | while read -r m c g n; do
     [[ -z $m ]] && continue
@@ -127,5 +154,5 @@ precompile) # cold start with a filled compile cache, torch's caching precompile
       --workdir "/tmp/kf-precompile-$v" > "${OUT:-/tmp}/precompile-$v.log" 2>&1
     echo "TORCH_CACHING_PRECOMPILE=$v rc=$?"; grep -E "Cold|Error" "${OUT:-/tmp}/precompile-$v.log" | tail -3
   done ;;
-*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|spread|idle|deviations|gather|precompile" >&2; exit 2 ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|trees|spread|idle|deviations|gather|precompile" >&2; exit 2 ;;
 esac
