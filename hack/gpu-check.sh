@@ -31,6 +31,8 @@
 #                device idle with a batch being launched); $RUNS as for idle
 #   gather       bench/h2d_gather_bench.py: a batch's copies from a registered arena to the GPU, torch's ways against
 #                the CUDA driver's (µs of the launching thread, alone and beside Python threads), to $OUT/gather.md
+#   overlap      bench/h2d_overlap_bench.py: ResNet-50 in a CUDA graph with its inputs over the host link on the
+#                compute stream, on a second stream a batch ahead, at full and half bytes, to $OUT/overlap.md
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -146,6 +148,8 @@ deviations)
   done ;;
 gather)
   timeout 300 python bench/h2d_gather_bench.py | tee "${OUT:-/tmp}/gather.md" ;;
+overlap)
+  timeout 300 python bench/h2d_overlap_bench.py | tee "${OUT:-/tmp}/overlap.md" ;;
 precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
   # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench
   for v in 0 1; do
@@ -154,5 +158,5 @@ precompile) # cold start with a filled compile cache, torch's caching precompile
       --workdir "/tmp/kf-precompile-$v" > "${OUT:-/tmp}/precompile-$v.log" 2>&1
     echo "TORCH_CACHING_PRECOMPILE=$v rc=$?"; grep -E "Cold|Error" "${OUT:-/tmp}/precompile-$v.log" | tail -3
   done ;;
-*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|trees|spread|idle|deviations|gather|precompile" >&2; exit 2 ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|trees|spread|idle|deviations|gather|overlap|precompile" >&2; exit 2 ;;
 esac
