@@ -2,9 +2,9 @@
 
 The server copies a ResNet-50 batch's 19.3 MB of FP32 images on the compute stream, before its compute. With
 those copies left out it served 24 % more rows/s; with them started early, on a stream of their own, the
-launch-to-answer time fell as much, yet the rows/s did not follow (docs/benchmarks.md, eighth session). This
-takes the server out: ResNet-50 in bf16 at batch 32, its forward pass captured in a CUDA graph (no launch
-cost), replayed back to back, with each batch's inputs brought in one of these ways:
+launch-to-answer time fell close to that with no copies, yet the rows/s did not follow (docs/benchmarks.md,
+eighth session). This takes the server out: ResNet-50 in bf16 at batch 32, its forward pass captured in a
+CUDA graph (no launch cost), replayed back to back, with each batch's inputs brought in one of these ways:
 
     none          no copies: the raw model (the ceiling)
     d2d           a device-to-device copy of the batch into the graph's input, no host link
@@ -14,16 +14,20 @@ cost), replayed back to back, with each batch's inputs brought in one of these w
     in-half       as in-stream with bf16 images: half the bytes (protocol workers narrowing the inputs)
     side-half     as side-stream with bf16 images
 
-The modes run interleaved, `--rounds` times, `--batches` batches each; the table gives the median ms per
-batch, rows/s, and the ratio against none. The inputs are checked: the last batch's logits equal those of a
-batch run with no copies from the same images.
+each from two kinds of host memory (Source): torch's pinned memory, one copy a batch, and the server's kind,
+rows scattered over an anonymous mapping registered with CUDA, a copy a row. The modes run interleaved,
+`--rounds` times, `--batches` batches each; the table gives the median ms per batch, rows/s, and the ratio
+against none. The inputs are checked: each way's logits for a batch equal those of the same images copied
+in synchronously.
 
-    python bench/h2d_overlap_bench.py [--batch 32] [--batches 100] [--rounds 3]
+    python bench/h2d_overlap_bench.py [--batch 32] [--batches 100] [--rounds 3] [--host pinned,registered]
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
+import random
 import statistics
 import sys
 import time
@@ -34,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.serving import pagelock
 from runtime.serving.examples import ResNet50
 
 MODES = ("none", "d2d", "in-stream", "side-stream", "in-half", "side-half")
@@ -55,27 +60,71 @@ def captured(
     return g, out
 
 
-def run_mode(mode: str, batches: int, ctx: dict[str, object]) -> float:
+class Source:
+    """Four batches of host inputs, and how a batch reaches a device tensor (queued on the current stream):
+    pinned, one copy of the whole batch from torch's page-locked memory (cudaHostAlloc); registered, a copy
+    per row from 1 MiB slots of an anonymous mapping registered with CUDA (cudaHostRegister), as the server's
+    rows come from the protocol workers' arenas (the server issues them in one driver call; here a torch call
+    each: the CPU still stays ahead of the device)."""
+
+    def __init__(self, kind: str, batches: list[torch.Tensor]) -> None:
+        self.kind = kind
+        self.nbytes = batches[0].nbytes
+        if kind == "pinned":
+            self.rows = [[b.pin_memory()] for b in batches]
+            return
+        row = batches[0][0].nbytes
+        slot = -(-row // (1 << 20)) << 20
+        n = sum(len(b) for b in batches)
+        self._map = mmap.mmap(-1, n * slot)
+        base = torch.frombuffer(self._map, dtype=torch.uint8)
+        if not pagelock.register(base.data_ptr(), base.numel()):
+            raise SystemExit("h2d_overlap_bench: cudaHostRegister refused the mapping")
+        order = list(range(n))
+        random.Random(0).shuffle(order)  # scattered, as slots are
+        self.rows, i = [], 0
+        for b in batches:
+            rows = []
+            for r in b:
+                at = order[i] * slot
+                view = base[at : at + row].view(b.dtype).view(r.shape)
+                view.copy_(r)
+                rows.append(view.unsqueeze(0))
+                i += 1
+            self.rows.append(rows)
+
+    def bring(self, dst: torch.Tensor, k: int) -> None:
+        rows = self.rows[k % len(self.rows)]
+        if len(rows) == 1:
+            dst.copy_(rows[0], non_blocking=True)
+            return
+        for i, r in enumerate(rows):
+            dst[i : i + 1].copy_(r, non_blocking=True)
+
+    def batch(self, k: int) -> torch.Tensor:
+        return torch.cat(self.rows[k % len(self.rows)])
+
+
+def run_mode(
+    mode: str,
+    batches: int,
+    graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]],
+    src: dict[str, Source],
+    side: torch.cuda.Stream,
+) -> float:
     """Seconds per batch of `batches` batches in `mode`, device-bound (the CPU only queues work)."""
-    half = mode.endswith("half")
-    g: torch.cuda.CUDAGraph = ctx["g16" if half else "g32"]  # type: ignore[assignment]
-    static: torch.Tensor = ctx["in16" if half else "in32"]  # type: ignore[assignment]
-    hosts: list[torch.Tensor] = ctx["host16" if half else "host32"]  # type: ignore[assignment]
-    bufs: list[torch.Tensor] = ctx["buf16" if half else "buf32"]  # type: ignore[assignment]
-    side: torch.cuda.Stream = ctx["side"]  # type: ignore[assignment]
+    width = "16" if mode.endswith("half") else "32"
+    g, static = graphs[width]
+    source = src[width]
     compute = torch.cuda.current_stream()
+    bufs = [torch.empty_like(static) for _ in range(2)]
     events = [torch.cuda.Event() for _ in bufs]  # type: ignore[no-untyped-call]
 
     def prefetch(k: int) -> None:
         with torch.cuda.stream(side):
-            bufs[k % len(bufs)].copy_(hosts[k % len(hosts)], non_blocking=True)
-            events[k % len(bufs)].record(side)
+            source.bring(bufs[k % 2], k)
+            events[k % 2].record(side)
 
-    steps: dict[str, Callable[[int], object]] = {
-        "none": lambda k: None,
-        "d2d": lambda k: static.copy_(bufs[k % len(bufs)]),
-        "in-stream": lambda k: static.copy_(hosts[k % len(hosts)], non_blocking=True),  # and in-half
-    }
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     if mode.startswith("side"):
@@ -87,10 +136,12 @@ def run_mode(mode: str, batches: int, ctx: dict[str, object]) -> float:
                 # the one batch k-1 read, in a copy into the graph's input queued on the compute stream
                 side.wait_stream(compute)
                 prefetch(k + 1)
-            compute.wait_event(events[k % len(bufs)])
-            static.copy_(bufs[k % len(bufs)])
-        else:
-            steps[mode.replace("-half", "-stream")](k)
+            compute.wait_event(events[k % 2])
+            static.copy_(bufs[k % 2])
+        elif mode == "d2d":
+            static.copy_(bufs[k % 2])
+        elif mode != "none":  # in-stream, in-half
+            source.bring(static, k)
         g.replay()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / batches
@@ -101,61 +152,54 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--host", default="pinned,registered", help="host memory kinds (see Source)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("h2d_overlap_bench: needs a CUDA device", file=sys.stderr)
         sys.exit(2)
     torch.manual_seed(0)
     dev = "cuda"
-    model = ResNet50().to(dev).eval()
-    net = model.to(torch.bfloat16)
+    net = ResNet50().to(dev).eval().to(torch.bfloat16)
 
     def fwd32(x: torch.Tensor) -> torch.Tensor:  # the served model's first step: its inputs cast to bf16
         out: torch.Tensor = net(x.to(torch.bfloat16))
         return out
 
     shape = (a.batch, 3, 224, 224)
-    host32 = [torch.randn(shape).pin_memory() for _ in range(4)]
-    host16 = [h.to(torch.bfloat16).pin_memory() for h in host32]
+    images = [torch.randn(shape) for _ in range(4)]
     in32 = torch.empty(shape, device=dev)
     in16 = torch.empty(shape, device=dev, dtype=torch.bfloat16)
-    g32, out32 = captured(fwd32, in32)
-    g16, out16 = captured(net, in16)
-    ctx: dict[str, object] = {
-        "g32": g32,
-        "g16": g16,
-        "in32": in32,
-        "in16": in16,
-        "host32": host32,
-        "host16": host16,
-        "buf32": [torch.empty(shape, device=dev) for _ in range(2)],
-        "buf16": [torch.empty(shape, device=dev, dtype=torch.bfloat16) for _ in range(2)],
-        "side": torch.cuda.Stream(),  # type: ignore[no-untyped-call]
-    }
-    for m in MODES:  # warm every path once, and check the inputs arrive right
-        run_mode(m, 2, ctx)
-    checks = {}
-    for m, out, hosts in (("side-stream", out32, host32), ("side-half", out16, host16)):
-        run_mode(m, 3, ctx)  # its last batch: hosts[2]
-        got = out.clone()
-        (in32 if out is out32 else in16).copy_(hosts[2])
-        (g32 if out is out32 else g16).replay()
-        torch.cuda.synchronize()
-        checks[m] = torch.equal(got, out)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    for _ in range(a.rounds):
-        for m in MODES:
-            times[m].append(run_mode(m, a.batches, ctx))
+    (g32, out32), (g16, out16) = captured(fwd32, in32), captured(net, in16)
+    graphs = {"32": (g32, in32), "16": (g16, in16)}
+    outs = {"32": out32, "16": out16}
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     name = torch.cuda.get_device_name()
     print(f"ResNet-50, bf16, batch {a.batch}, CUDA graph, {name}; {a.rounds} rounds x {a.batches} batches")
-    print(f"inputs checked: {checks}")
-    print("| inputs | bytes a batch | ms per batch (median) | rows/s | x none |")
-    print("|---|---:|---:|---:|---:|")
-    base = statistics.median(times["none"])
-    for m in MODES:
-        t = statistics.median(times[m])
-        nbytes = 0 if m in ("none", "d2d") else (host16 if m.endswith("half") else host32)[0].nbytes
-        print(f"| {m} | {nbytes / 1e6:.1f} MB | {t * 1e3:.3f} | {a.batch / t:,.0f} | {base / t:.2f} |")
+    print("| host memory | inputs | MB a batch | ms per batch (median) | rows/s | x none | inputs checked |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for kind in a.host.split(","):
+        src = {"32": Source(kind, images), "16": Source(kind, [x.to(torch.bfloat16) for x in images])}
+        checks = {}
+        for m in MODES:  # warm every path, and check that batch 2 arrives whole (the graph's answer to it)
+            run_mode(m, 3, graphs, src, side)
+            if m in ("none", "d2d"):
+                continue
+            width = "16" if m.endswith("half") else "32"
+            got = outs[width].clone()
+            graphs[width][1].copy_(src[width].batch(2))
+            graphs[width][0].replay()
+            torch.cuda.synchronize()
+            checks[m] = torch.equal(got, outs[width])
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for _ in range(a.rounds):
+            for m in MODES:
+                times[m].append(run_mode(m, a.batches, graphs, src, side))
+        base = statistics.median(times["none"])
+        for m in MODES:
+            t = statistics.median(times[m])
+            mb = 0.0 if m in ("none", "d2d") else src["16" if m.endswith("half") else "32"].nbytes / 1e6
+            ok = "" if m not in checks else ("yes" if checks[m] else "NO")
+            print(f"| {kind} | {m} | {mb:.1f} | {t * 1e3:.3f} | {a.batch / t:,.0f} | {base / t:.2f} | {ok} |")
 
 
 if __name__ == "__main__":
