@@ -41,13 +41,28 @@
 #   trees        the tree against copies of it with each of $PATCHES applied (files, carried; a copy is named
 #                after its file), same machine, interleaved (tree, each patch; twice), for each line of $RUNS as
 #                for ab: several branches in one call (`git diff main BRANCH > .cache/patches/NAME.patch`);
-#                $LOGGREP: each run's last server log line that holds it
+#                $LOGGREP (ab too): each run's last server log line that holds it
 # $PATCH (tests): run them in a copy of the tree with that patch applied (a branch's tests, no checkout)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash .cache/dev/setup.sh >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.cache/dev/bin:/tmp/site/bin:$PATH BENCH_WRK_THREADS=4
 export BENCH_GRPC_CONNECTIONS=16 GRPC_LOAD=$PWD/.cache/dev/bin/grpcload
+# ab and trees: hack/serve-profile.py in each of the trees $dirs (named $names), in turn, twice, for each line
+# "MODEL C GRPC" of $RUNS
+interleaved() {
+  echo "${RUNS:-tinyimage 64 0}" | while read -r m c g; do
+    [[ -z $m ]] && continue
+    for round in 1 2; do
+      for i in "${!names[@]}"; do
+        (cd "${dirs[$i]}" && PYTHONPATH=/tmp/site:${dirs[$i]} MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 \
+          GRPC=$g TAG=$m-c$c-g$g-${names[$i]} timeout 200 python hack/serve-profile.py 2>&1 |
+          grep -E "SUMMARY|THREADS|WORKERS|Error|errors")
+        [[ -n ${LOGGREP:-} ]] && grep -a "$LOGGREP" /tmp/kf-serve-profile/log | tail -1
+      done
+    done
+  done
+}
 case ${1:-tests} in
 tests) # --noconftest: the tests' conftest loads the cluster fixtures, whose packages the GPU image lacks
   if [[ -n ${PATCH:-} ]]; then
@@ -95,14 +110,7 @@ latency)
     timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" ;;
 ab)
   base=/tmp/ab-base; rm -rf $base && cp -a . $base && (cd $base && git apply -R .cache/ab.patch) || exit 1
-  echo "${RUNS:-tinyimage 64 0}" | while read -r m c g; do
-    [[ -z $m ]] && continue
-    for tree in base new base new; do
-      dir=$PWD; [[ $tree == base ]] && dir=$base
-      (cd "$dir" && PYTHONPATH=/tmp/site:$dir MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g \
-        TAG=$m-c$c-g$g-$tree timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|WORKERS|Error|errors")
-    done
-  done ;;
+  names=(base new) dirs=("$base" "$PWD"); interleaved ;;
 trees)
   names=(tree) dirs=("$PWD")
   for p in ${PATCHES:?}; do
@@ -110,17 +118,7 @@ trees)
     rm -rf "$d" && cp -a . "$d" && (cd "$d" && git apply "$p") || exit 1
     names+=("$n") dirs+=("$d")
   done
-  echo "${RUNS:-tinyimage 64 0}" | while read -r m c g; do
-    [[ -z $m ]] && continue
-    for round in 1 2; do
-      for i in "${!names[@]}"; do
-        (cd "${dirs[$i]}" && PYTHONPATH=/tmp/site:${dirs[$i]} MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 \
-          GRPC=$g TAG=$m-c$c-g$g-${names[$i]} timeout 200 python hack/serve-profile.py 2>&1 |
-          grep -E "SUMMARY|THREADS|WORKERS|Error|errors")
-        [[ -n ${LOGGREP:-} ]] && grep -a "$LOGGREP" /tmp/kf-serve-profile/log | tail -1
-      done
-    done
-  done ;;
+  interleaved ;;
 spread)
   echo "${RUNS:-$'resnet50 64 0 16\nresnet50 64 1 16'}" | while read -r m c g n; do
     [[ -z $m ]] && continue
