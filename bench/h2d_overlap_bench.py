@@ -15,7 +15,7 @@ CUDA graph (no launch cost), replayed back to back, with each batch's inputs bro
     side-half     as side-stream with bf16 images
 
 each from two kinds of host memory (Source): torch's pinned memory, one copy a batch, and the server's kind,
-rows scattered over an anonymous mapping registered with CUDA, a copy a row. The modes run interleaved,
+rows scattered over a protocol worker's arena registered with CUDA, a copy a row. The modes run interleaved,
 `--rounds` times, `--batches` batches each; the table gives the median ms per batch, rows/s, and the ratio
 against none. The inputs are checked: each way's logits for a batch equal those of the same images copied
 in synchronously.
@@ -26,7 +26,7 @@ in synchronously.
 from __future__ import annotations
 
 import argparse
-import mmap
+import os
 import random
 import statistics
 import sys
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.serving import pagelock
+from runtime.serving import ipc, pagelock
 from runtime.serving.examples import ResNet50
 
 MODES = ("none", "d2d", "in-stream", "side-stream", "in-half", "side-half")
@@ -63,9 +63,9 @@ def captured(
 class Source:
     """Four batches of host inputs, and how a batch reaches a device tensor (queued on the current stream):
     pinned, one copy of the whole batch from torch's page-locked memory (cudaHostAlloc); registered, a copy
-    per row from 1 MiB slots of an anonymous mapping registered with CUDA (cudaHostRegister), as the server's
-    rows come from the protocol workers' arenas (the server issues them in one driver call; here a torch call
-    each: the CPU still stays ahead of the device)."""
+    per row from the 1 MiB slots of a protocol worker's arena (ipc.Arena) registered with CUDA
+    (cudaHostRegister), as the server's rows come (the server issues them in one driver call; here a torch
+    call each: the CPU still stays ahead of the device)."""
 
     def __init__(self, kind: str, batches: list[torch.Tensor]) -> None:
         self.kind = kind
@@ -74,19 +74,19 @@ class Source:
             self.rows = [[b.pin_memory()] for b in batches]
             return
         row = batches[0][0].nbytes
-        slot = -(-row // (1 << 20)) << 20
         n = sum(len(b) for b in batches)
-        self._map = mmap.mmap(-1, n * slot)
-        base = torch.frombuffer(self._map, dtype=torch.uint8)
-        if not pagelock.register(base.data_ptr(), base.numel()):
-            raise SystemExit("h2d_overlap_bench: cudaHostRegister refused the mapping")
+        # the server's own kind: a protocol worker's arena, registered as the hub registers it
+        self._arena = ipc.Arena.anonymous(f"kubeforge-overlap-{os.getpid()}", n, -(-row // (1 << 20)) << 20)
+        if not pagelock.register(self._arena.address, self._arena.size):
+            raise SystemExit("h2d_overlap_bench: cudaHostRegister refused the arena")
+        base = torch.frombuffer(self._arena.buf, dtype=torch.uint8)
         order = list(range(n))
         random.Random(0).shuffle(order)  # scattered, as slots are
         self.rows, i = [], 0
         for b in batches:
             rows = []
             for r in b:
-                at = order[i] * slot
+                at = ipc.HEADER_BYTES + order[i] * self._arena.slot_bytes
                 view = base[at : at + row].view(b.dtype).view(r.shape)
                 view.copy_(r)
                 rows.append(view.unsqueeze(0))
