@@ -335,23 +335,11 @@ def test_modelversion_model_name_and_source_are_immutable(kf: Any, ns: str) -> N
 
 
 def _status(kf: Any, ns: str, name: str, phase: str) -> None:
-    kf.kubectl(
-        "patch",
-        "trainingjob",
-        name,
-        "-n",
-        ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": {"phase": phase}}),
-    )
+    kf.merge_patch("trainingjob", name, ns, {"status": {"phase": phase}}, "--subresource=status")
 
 
 def _patch(kf: Any, ns: str, name: str, spec: dict[str, Any]) -> Any:
-    return kf.kubectl(
-        "patch", "trainingjob", name, "-n", ns, "--type=merge", "-p", json.dumps({"spec": spec}), check=False
-    )
+    return kf.merge_patch("trainingjob", name, ns, {"spec": spec}, check=False)
 
 
 def test_trainingjob_layout_is_frozen_while_running(kf: Any, ns: str) -> None:

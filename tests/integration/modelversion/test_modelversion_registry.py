@@ -82,43 +82,21 @@ def test_create_alias_move_tag_and_delete_policies(
     assert aliases_of(client, model) == {"champion": versions["keep"], "staging": versions["archive"]}
 
     # move: champion goes from "keep" to "delete"; tags and description change
-    cluster.kubectl(
-        "patch",
+    cluster.merge_patch(
         "modelversion",
         "keep",
-        "-n",
         ns,
-        "--type=merge",
-        "-p",
-        '{"spec": {"aliases": [], "tags": {"team": "b", "stage": "x"}, "description": "second"}}',
+        {"spec": {"aliases": [], "tags": {"team": "b", "stage": "x"}, "description": "second"}},
     )
     wait_for("champion released", lambda: "champion" not in aliases_of(client, model))
-    cluster.kubectl(
-        "patch",
-        "modelversion",
-        "delete",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        '{"spec": {"aliases": ["champion"]}}',
-    )
+    cluster.merge_patch("modelversion", "delete", ns, {"spec": {"aliases": ["champion"]}})
     wait_for("champion moved", lambda: aliases_of(client, model).get("champion") == versions["delete"])
     wait_for(
         "status of keep", lambda: (get_mv(cluster, ns, "keep") or {}).get("status", {}).get("aliases") == []
     )
     v = client.get_model_version(model, versions["keep"])
     assert v.tags["team"] == "b" and v.tags["stage"] == "x" and v.description == "second"
-    cluster.kubectl(
-        "patch",
-        "modelversion",
-        "keep",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        '{"spec": {"tags": {"team": "b", "stage": null}}}',
-    )
+    cluster.merge_patch("modelversion", "keep", ns, {"spec": {"tags": {"team": "b", "stage": None}}})
     wait_for("tag removed", lambda: "stage" not in client.get_model_version(model, versions["keep"]).tags)
     wait_for(
         "status of delete",

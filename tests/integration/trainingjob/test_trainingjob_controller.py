@@ -225,14 +225,10 @@ def test_exhausted_restart_budget_fails_the_job(cluster: Cluster, namespace: str
 def test_suspend_deletes_pods_and_resume_brings_them_back(cluster: Cluster, namespace: str) -> None:
     cluster.apply(trainingjob("pause", namespace, nodes={"count": 2}))
     running_pods(cluster, "pause", namespace, 2)
-    cluster.kubectl(
-        "patch", "trainingjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}'
-    )
+    cluster.merge_patch("trainingjob", "pause", namespace, {"spec": {"suspend": True}})
     wait_phase(cluster, "pause", namespace, "Suspended")
     cluster.wait_until("pods gone", lambda: not pods(cluster, "pause", namespace, "Running"))
-    cluster.kubectl(
-        "patch", "trainingjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
-    )
+    cluster.merge_patch("trainingjob", "pause", namespace, {"spec": {"suspend": False}})
     wait_phase(cluster, "pause", namespace, "Running")
     running_pods(cluster, "pause", namespace, 2)
 
@@ -376,17 +372,7 @@ def test_queued_job_waits_for_kueue_then_runs_once_admitted(cluster: Cluster, na
     assert job_suspended(cluster, "queued", namespace), "the Job was unsuspended before admission"
     assert not pods(cluster, "queued", namespace)
     # Kueue admits the workload: it unsuspends the Job with its own field manager
-    cluster.kubectl(
-        "patch",
-        "job",
-        "queued",
-        "-n",
-        namespace,
-        "--type=merge",
-        "--field-manager=kueue",
-        "-p",
-        '{"spec":{"suspend":false}}',
-    )
+    cluster.merge_patch("job", "queued", namespace, {"spec": {"suspend": False}}, "--field-manager=kueue")
     running_pods(cluster, "queued", namespace, 1)
     wait_phase(cluster, "queued", namespace, "Running")
     cluster.kubectl("annotate", "trainingjob", "queued", "-n", namespace, "touch=2", "--overwrite")
