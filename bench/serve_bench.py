@@ -425,8 +425,14 @@ def _ceiling(
             host = [x.cpu().pin_memory() for x in xs]
             h = timed(lambda host=host: b.compiled.run([t.to(b.device, non_blocking=True) for t in host]), n)
             out[n].update(host_rps=h["rps"], host_p50=h["p50"], host_p99=h["p99"])
+        progress(f"ceiling at batch {n}: " + ", ".join(f"{k} {v:,.2f}" for k, v in out[n].items()))
     out[0] = {"mode": b.compiled.mode, "path": b.compiled.path}  # type: ignore[dict-item]
     return out
+
+
+def progress(line: str) -> None:
+    """One measured point, on stderr as it comes: what a run cut short (a lent GPU's limit) still gives."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def cpu_seconds_of(stat: Path) -> float:
@@ -567,6 +573,9 @@ def _measure_server(
         r["late"] = 100 * d["kubeforge_device_idle_seconds_total"] / span
         r["cpu_model"], r["cpu_workers"] = (m1 - m0) / requests * 1e6, (w1 - w0) / requests * 1e6
         results[key] = r
+        progress(
+            f"{key[0]} at {key[1]}: {r['rps']:,.0f} rows/s, p50 {r['p50']:.2f} ms, batch {r['batch']:.1f}"
+        )
 
     for c in a.concurrency:
         if "json" in a.paths:
@@ -610,6 +619,7 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
     lines: list[str] = []
     # cold starts: empty cache, then the cache the first start filled
     proc, port, gport, cold = _start("kubeforge", a, model, cache, log, a.workers_list[0])
+    progress(f"{model}: cold start {cold:.1f} s")
     _stop(proc)
     results: dict[tuple[str, int], dict[str, float]] = {}
     for wi, workers in enumerate(a.workers_list):
