@@ -33,6 +33,7 @@
 #                the CUDA driver's (µs of the launching thread, alone and beside Python threads), to $OUT/gather.md
 #   overlap      bench/h2d_overlap_bench.py: ResNet-50 in a CUDA graph with its inputs over the host link on the
 #                compute stream, on a second stream a batch ahead, at full and half bytes, to $OUT/overlap.md
+#                ($OVERLAP_FLAGS: its flags, e.g. --compile for the forward pass as the server compiles it)
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
@@ -147,7 +148,7 @@ deviations)
 gather)
   timeout 300 python bench/h2d_gather_bench.py | tee "${OUT:-/tmp}/gather.md" ;;
 overlap)
-  timeout 300 python bench/h2d_overlap_bench.py | tee "${OUT:-/tmp}/overlap.md" ;;
+  timeout 300 python bench/h2d_overlap_bench.py ${OVERLAP_FLAGS:-} | tee "${OUT:-/tmp}/overlap.md" ;;
 precompile) # cold start with a filled compile cache, torch's caching precompile (dynamo's traces cached too)
   # off then on, $MODEL (resnet50), 13 buckets; the naive server and a 1 s load come with the bench
   for v in 0 1; do
