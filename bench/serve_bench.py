@@ -683,17 +683,8 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
                 f"{r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
                 f"{r.get('batch', float('nan')):.1f} | {_cpu_cell(r)} | {_device_cell(r)} |"
             )
-    if any("host_rps" in ceil[min(c, a.max_batch)] for c in a.concurrency):
-        shares = [
-            f"{path} at {c}: {100 * r['rps'] / ceil[min(c, a.max_batch)]['host_rps']:.0f} %"
-            for (path, c), r in results.items()
-            if path.startswith("kubeforge")
-        ]
-        lines.append(
-            "\nAgainst the ceiling with its inputs from host memory (where a server's inputs start): "
-            + "; ".join(shares)
-            + "."
-        )
+    if shares := host_shares(results, ceil, a.max_batch):
+        lines.append(f"\n{shares}")
     best = f"kubeforge w{a.workers_list[-1]}"
     if 1 in a.concurrency:
         kf1 = results.get((f"{best} gRPC", 1)) or results[(f"{best} REST binary", 1)]
@@ -716,6 +707,23 @@ _COUNTERS = (
     "kubeforge_device_busy_seconds_total",
     "kubeforge_device_idle_seconds_total",  # with a request waiting (queued, launching) only
 )
+
+
+def host_shares(
+    results: dict[tuple[str, int], dict[str, float]], ceil: dict[int, dict[str, float]], max_batch: int
+) -> str:
+    """Each Kubeforge point's rows/s as a share of the ceiling with its inputs from host memory at the same
+    batch (min(concurrency, max batch)); empty where that ceiling was not measured (CPU)."""
+    shares = [
+        f"{path} at {c}: {100 * r['rps'] / ce['host_rps']:.0f} %"
+        for (path, c), r in results.items()
+        if path.startswith("kubeforge") and "host_rps" in (ce := ceil[min(c, max_batch)])
+    ]
+    if not shares:
+        return ""
+    return "Against the ceiling with its inputs from host memory (where a server's inputs start): " + (
+        "; ".join(shares) + "."
+    )
 
 
 def times_naive(rps: float, naive: float, seconds: float) -> str:

@@ -61,3 +61,21 @@ def test_load_span_covers_the_generator_warm_up() -> None:
     # 3 s of window, grpcload's 0.5 s warm-up before it: the server counted 3.5 s worth of requests
     assert serve_bench.load_span(35_000, 10_000, 3) == (35_000, 3.5)
     assert serve_bench.load_span(0, 400.0, 3) == (1200.0, 3)  # no counted rows (the naive server): the window
+
+
+def test_host_shares_compare_each_server_point_with_the_host_input_ceiling_at_its_batch() -> None:
+    results = {
+        ("kubeforge w8 REST binary", 1): {"rps": 700.0},
+        ("kubeforge w8 REST binary", 64): {"rps": 12_000.0},
+        ("naive FastAPI eager", 64): {"rps": 3.0},  # not a server point of ours
+    }
+    ceil = {
+        1: {"rps": 2_000.0, "host_rps": 1_750.0},
+        32: {"rps": 18_000.0, "host_rps": 15_000.0},  # concurrency 64 runs at the max batch, 32
+    }
+    line = serve_bench.host_shares(results, ceil, max_batch=32)
+    assert "kubeforge w8 REST binary at 1: 40 %" in line
+    assert "kubeforge w8 REST binary at 64: 80 %" in line
+    assert "naive" not in line
+    # on a CPU there is no host-input ceiling: no line at all
+    assert serve_bench.host_shares(results, {1: {"rps": 2_000.0}, 32: {"rps": 9.0}}, max_batch=32) == ""
