@@ -136,7 +136,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         launch_deviations=a.launch_deviations,
         grpc_server=a.grpc_server,
         balance=a.balance,
-        allow_client_shm="shm" in a.paths,
+        allow_client_shm="shm" in a.path_set,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
     asyncio.run(Server(cfg, lambda: loaded).run())
@@ -316,8 +316,14 @@ def load_span(rows: float, rps: float, seconds: float) -> tuple[float, float]:
     return (max(1.0, rps * seconds) if rps == rps else 1.0), seconds
 
 
-def _grpc_load(tool: str, target: str, req: bytes, c: int, seconds: float, tmp: Path) -> dict[str, float]:
-    """Closed-loop ModelInfer calls with `tool`: bench/grpcload (what the tables use), or ghz (named so)."""
+PATHS = {"json", "binary", "grpc", "grpc-xnet", "shm"}  # --paths
+
+
+def _grpc_load(
+    tool: str, target: str, req: bytes, c: int, seconds: float, tmp: Path, flags: list[str] | None = None
+) -> dict[str, float]:
+    """Closed-loop ModelInfer calls with `tool`: bench/grpcload (what the tables use; `flags`, else
+    $BENCH_GRPCLOAD_FLAGS, are its own), or ghz (named so)."""
     bf = tmp / "grpc.bin"
     bf.write_bytes(req)
     conns = str(min(c, int(os.environ.get("BENCH_GRPC_CONNECTIONS", "4"))))
@@ -328,7 +334,7 @@ def _grpc_load(tool: str, target: str, req: bytes, c: int, seconds: float, tmp: 
         cmd += ["-z", f"{seconds:.0f}s", "--connections", conns, "--format", "json", target]
     else:
         cmd = [tool, "-addr", target, "-request", str(bf), "-c", str(c), "-connections", conns]
-        cmd += ["-d", f"{seconds:.0f}s", *os.environ.get("BENCH_GRPCLOAD_FLAGS", "").split()]
+        cmd += ["-d", f"{seconds:.0f}s", *(flags or os.environ.get("BENCH_GRPCLOAD_FLAGS", "").split())]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     try:
         r = json.loads(proc.stdout)
@@ -545,7 +551,7 @@ def _measure_server(
     """Load one running Kubeforge server at every concurrency, over each protocol path."""
     oip_json, oip_bin, head_len, grpc_wire = bodies(model)
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
-    shm_rest, shm_grpc, shm_done = shm_bodies(model, port) if "shm" in a.paths else (b"", b"", None)
+    shm_rest, shm_grpc, shm_done = shm_bodies(model, port) if "shm" in a.path_set else (b"", b"", None)
 
     def counters() -> dict[str, float]:
         """The server's batch and device counters: rows and batches, device busy seconds, and its idle
@@ -578,7 +584,7 @@ def _measure_server(
         )
 
     for c in a.concurrency:
-        if "json" in a.paths:
+        if "json" in a.path_set:
             measured((f"{label} REST json", c), lambda c=c: _wrk(url, oip_json, c, a.seconds, {}, tmp))
         measured(
             (f"{label} REST binary", c),
@@ -594,10 +600,17 @@ def _measure_server(
                 tmp,
             ),
         )
-        if grpc_load and "grpc" in a.paths:
+        if grpc_load and "grpc" in a.path_set:
             measured(
                 (f"{label} gRPC", c),
                 lambda c=c: _grpc_load(grpc_load, f"127.0.0.1:{gport}", grpc_wire, c, a.seconds, tmp),
+            )
+        if grpc_load and "grpc-xnet" in a.path_set:  # frames as large as the server allows (grpcio's way)
+            measured(
+                (f"{label} gRPC x/net", c),
+                lambda c=c: _grpc_load(
+                    grpc_load, f"127.0.0.1:{gport}", grpc_wire, c, a.seconds, tmp, ["-h2", "xnet"]
+                ),
             )
         if shm_done is not None:  # the row in a registered shared memory region, named by the request
             measured((f"{label} REST shm", c), lambda c=c: _wrk(url, shm_rest, c, a.seconds, {}, tmp))
@@ -800,12 +813,17 @@ def main() -> int:
     p.add_argument(
         "--paths",
         default="json,binary,grpc",
-        help="which Kubeforge request paths to load (json, binary, grpc; shm: the row in a registered "
-        "system shared memory region, over REST and gRPC, the server started with --allow-client-shm)",
+        help="which Kubeforge request paths to load (json, binary, grpc; grpc-xnet: gRPC from x/net's HTTP/2 "
+        "client, frames as large as the server allows, as grpcio's C core sends them, not grpc-go's 16 KiB; "
+        "shm: the row in a registered system shared memory region, over REST and gRPC, the server started "
+        "with --allow-client-shm)",
     )
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--workdir", help="keep server logs and caches here (default: a temporary folder)")
     a = p.parse_args()
+    a.path_set = set(filter(None, a.paths.split(",")))
+    if unknown := a.path_set - PATHS:
+        p.error(f"--paths: unknown {', '.join(sorted(unknown))}; choose from {', '.join(sorted(PATHS))}")
     a.workers_list = [int(w) for w in str(a.workers).split(",")]
     a.workers = a.workers_list[0]
     if a.role == "_kubeforge":
@@ -818,7 +836,7 @@ def main() -> int:
         print("wrk not found: install it (Debian/Ubuntu: apt-get install -y wrk)", file=sys.stderr)
         return 2
     grpc_load = grpc_load_tool(a.grpc_load)
-    if grpc_load is None and "grpc" in a.paths:
+    if grpc_load is None and a.path_set & {"grpc", "grpc-xnet"}:
         print(
             "no gRPC load generator (Go builds bench/grpcload; or --grpc-load PATH): gRPC rows skipped",
             file=sys.stderr,

@@ -16,8 +16,10 @@
 #                worker under $OUT/{rest,grpc} (ResNet-50 reaches the same rows/s: its limit is this path)
 #   latency      where a batch-1 request's time goes (BERT, 8 workers, 1 client; $MODEL to change): hops, thread
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
-#   clients      gRPC load from ghz against bench/grpcload, ResNet-50 ($MODEL), 8 workers, 1 then 64 clients:
-#                what the load generator costs the rows it measures
+#   clients      gRPC load from bench/grpcload's two HTTP/2 clients, interleaved ($TOOLS: grpc-go xnet grpc-go
+#                xnet; ghz too if named), ResNet-50 ($MODEL), 8 workers, at each of $CONCS (1 64) clients:
+#                what the client's framing (16 KiB DATA frames, or as large as the server allows, as grpcio's C
+#                core sends them) costs the server and the latency it measures
 #   spread       how the load spreads over the protocol workers (hack/serve-profile.py's WORKERS line), the
 #                server's --balance least-connections against kernel, interleaved (least, kernel, least,
 #                kernel), for each line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default:
@@ -99,10 +101,12 @@ datapath)
       TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
   done ;;
 clients)
-  for c in 1 64; do
-    for tool in ghz grpcload; do
-      GRPC_LOAD=$PWD/.cache/dev/bin/$tool MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=1 \
-        TAG=$tool-c$c timeout 150 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
+  for c in ${CONCS:-1 64}; do
+    for tool in ${TOOLS:-grpc-go xnet grpc-go xnet}; do
+      flags="-h2 $tool"; load=grpcload; [[ $tool == ghz ]] && flags="" load=ghz
+      GRPC_LOAD=$PWD/.cache/dev/bin/$load BENCH_GRPCLOAD_FLAGS=$flags MODEL=${MODEL:-resnet50} W=8 C=$c D=5 \
+        DEV=cuda MAXB=32 GRPC=1 TAG=$tool-c$c timeout 150 python hack/serve-profile.py 2>&1 |
+        grep -E "SUMMARY|THREADS|Error"
     done
   done ;;
 latency)

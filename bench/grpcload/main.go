@@ -5,21 +5,38 @@
 //
 //	grpcload -addr 127.0.0.1:8001 -request req.bin -c 64 -connections 16 -d 5s
 //	grpcload ... -stream /inference.GRPCInferenceService/ModelStreamInfer   # requests on one stream per caller
+//	grpcload ... -h2 xnet   # unary calls over golang.org/x/net/http2, in DATA frames as large as the server allows
+//
+// grpc-go writes a message in 16 KiB DATA frames whatever the server's SETTINGS_MAX_FRAME_SIZE (37 frames for
+// a 602 KB image); grpcio's C core, which tritonclient and Triton's perf_analyzer use, sends frames as large
+// as the server allows (3-4 for the same image with grpcio 1.85: hack/grpc-frames.py). -h2 xnet sends them as
+// x/net's HTTP/2 client does, up to the server's limit or 512 KiB (2 for that image; 16 KiB frames only for a
+// connection's first call, sent before the server's SETTINGS are read, which the warm-up takes): the same
+// calls (headers, the 5-byte message prefix, grpc-status in the trailers), framed as the C core frames them.
 //
 // prints one JSON object: calls completed in the window, rps, latency percentiles (ms), errors by code.
 package main
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
+	"golang.org/x/net/http2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
@@ -75,11 +92,20 @@ func main() {
 		"one at a time, instead of a unary call each")
 	window := flag.Int("window", 0, "static HTTP/2 receive windows, stream and connection, in bytes (0: grpc-go's default, "+
 		"64 KiB grown by its bandwidth estimate, which pings the server as answers arrive)")
+	h2 := flag.String("h2", "grpc-go", "the HTTP/2 client: grpc-go (16 KiB DATA frames), or xnet "+
+		"(golang.org/x/net/http2: frames as large as the server allows, up to 512 KiB; unary calls only)")
 	flag.Parse()
 	req, err := os.ReadFile(*reqPath)
-	if err != nil || *c < 1 || *conns < 1 {
-		fmt.Fprintln(os.Stderr, "grpcload: -request FILE (a serialized message), -c >= 1 and -connections >= 1:", err)
+	if err != nil || *c < 1 || *conns < 1 || (*h2 != "grpc-go" && *h2 != "xnet") || (*h2 == "xnet" && *stream != "") {
+		fmt.Fprintln(os.Stderr, "grpcload: -request FILE (a serialized message), -c >= 1, -connections >= 1, "+
+			"-h2 grpc-go or xnet (xnet: no -stream):", err)
 		os.Exit(2)
+	}
+	var xnet []*xnetConn
+	if *h2 == "xnet" {
+		for i := 0; i < min(*conns, *c); i++ {
+			xnet = append(xnet, newXnetConn(*addr, *method, req))
+		}
 	}
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -145,7 +171,11 @@ func main() {
 					n = got.n
 				} else {
 					ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-					err = conn.Invoke(ctx, *method, &req, &n)
+					if xnet != nil {
+						n, err = xnet[w%len(xnet)].invoke(ctx)
+					} else {
+						err = conn.Invoke(ctx, *method, &req, &n)
+					}
 					cancel()
 				}
 				t1 := time.Now()
@@ -194,4 +224,61 @@ func main() {
 	r.P50, r.P90, r.P99 = pct(0.50), pct(0.90), pct(0.99)
 	out, _ := json.Marshal(r)
 	fmt.Println(string(out))
+}
+
+// xnetConn makes unary gRPC calls over one HTTP/2 connection of golang.org/x/net/http2's client (its own
+// Transport: one connection, every caller's calls multiplexed on it, as grpc-go's ClientConn does).
+type xnetConn struct {
+	client *http.Client
+	url    string
+	body   []byte // the message with gRPC's 5-byte prefix (uncompressed, length)
+}
+
+func newXnetConn(addr, method string, req []byte) *xnetConn {
+	body := make([]byte, 5+len(req))
+	binary.BigEndian.PutUint32(body[1:5], uint32(len(req)))
+	copy(body[5:], req)
+	t := &http2.Transport{
+		AllowHTTP: true, // h2c: HTTP/2 over plain TCP, with prior knowledge (as gRPC's insecure channels)
+		DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, addr)
+		},
+	}
+	return &xnetConn{client: &http.Client{Transport: t}, url: "http://" + addr + method, body: body}
+}
+
+// invoke makes one call: the answer's message length, or the call's error (its gRPC status where the server
+// sent one).
+func (x *xnetConn) invoke(ctx context.Context) (int, error) {
+	r, err := http.NewRequestWithContext(ctx, http.MethodPost, x.url, bytes.NewReader(x.body))
+	if err != nil {
+		return 0, err
+	}
+	r.Header.Set("Content-Type", "application/grpc")
+	r.Header.Set("TE", "trailers")
+	resp, err := x.client.Do(r)
+	if err != nil {
+		return 0, status.FromContextError(err).Err()
+	}
+	defer resp.Body.Close()
+	got, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, status.FromContextError(err).Err()
+	}
+	code := resp.Trailer.Get("Grpc-Status")
+	if code == "" { // a trailers-only answer: the status in the headers
+		code = resp.Header.Get("Grpc-Status")
+	}
+	if n, e := strconv.Atoi(code); e != nil || n != 0 {
+		msg := resp.Trailer.Get("Grpc-Message") + resp.Header.Get("Grpc-Message")
+		if e != nil {
+			return 0, status.Errorf(codes.Unknown, "HTTP %d without a grpc-status", resp.StatusCode)
+		}
+		return 0, status.Error(codes.Code(n), msg)
+	}
+	if len(got) < 5 {
+		return 0, status.Errorf(codes.Internal, "an answer of %d bytes: no message", len(got))
+	}
+	return int(binary.BigEndian.Uint32(got[1:5])), nil
 }

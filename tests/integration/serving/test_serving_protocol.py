@@ -470,14 +470,18 @@ def test_large_inputs_under_load_each_get_their_own_answer_over_rest_and_grpc(
     assert wide_server.log("a shared-memory slot was given back twice; ignored") is None
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("how", ["unary", "stream", "xnet"])
 def test_a_grpc_go_client_under_load_gets_no_error(
-    wide_server: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool
+    wide_server: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     """grpc-go (bench/grpcload, built with Go) as a second real client: 16 KiB DATA frames, its own flow
     control and pings, 8 concurrent callers of 64 KiB over 4 connections for 2 s, each with a unary call per
-    request, or all its requests on one ModelStreamInfer call. Every request succeeds and each answer is the
-    size of a ModelInferResponse for one row (inside a ModelStreamInferResponse on a stream)."""
+    request, or all its requests on one ModelStreamInfer call; or (xnet) unary calls from
+    golang.org/x/net/http2's client, each message in one DATA frame as grpcio's C core sends it. Every request
+    succeeds and each answer is the size of a ModelInferResponse for one row (inside a
+    ModelStreamInferResponse on a stream); with xnet, calls for a model the server lacks come back with
+    its gRPC status, NOT_FOUND, read from the trailers."""
+    stream = how == "stream"
     import json
     import shutil
     import subprocess
@@ -497,9 +501,18 @@ def test_a_grpc_go_client_under_load_gets_no_error(
     (tmp_path / "req.bin").write_bytes(req.SerializeToString())
     cmd = [tool, "-addr", wide_server.grpc_url, "-request", str(tmp_path / "req.bin"), "-c", "8"]
     cmd += ["-stream", "/inference.GRPCInferenceService/ModelStreamInfer"] if stream else []
+    cmd += ["-h2", "xnet"] if how == "xnet" else []
     out = subprocess.run([*cmd, "-connections", "4", "-d", "2s"], capture_output=True, text=True, timeout=120)
     r = json.loads(out.stdout)
     assert r["errors"] == {} and r["calls"] >= 50, r
+    if how == "xnet":
+        req.model_name = "absent"
+        (tmp_path / "absent.bin").write_bytes(req.SerializeToString())
+        cmd[cmd.index(str(tmp_path / "req.bin"))] = str(tmp_path / "absent.bin")
+        out = subprocess.run([*cmd, "-d", "1s"], capture_output=True, text=True, timeout=120)
+        failed = json.loads(out.stdout)
+        assert failed["calls"] == 0 and failed["errors"].get("NotFound", 0) > 0, failed
+        assert "absent" in failed["first_error"], failed
     resp = pb.ModelInferResponse(model_name="wide", model_version="1")
     resp.outputs.add(name="output__0", datatype="FP32", shape=[1, 4])
     resp.raw_output_contents.append(bytes(16))

@@ -1,0 +1,120 @@
+"""How a gRPC client frames one large request: the DATA frames it sends (a diagnostic, not a test).
+
+Listens on 127.0.0.1 as our server does at the HTTP/2 level (SETTINGS: 16 MiB windows, 1 MiB frames; PINGs and
+SETTINGS answered), takes two unary calls of a `--bytes` message from each client below on one connection,
+counts each call's DATA frames and their sizes, and answers nothing (each call then times out; only the
+framing is measured; the first call may go before the client has read our SETTINGS):
+
+    grpcio         grpcio's C core, what tritonclient.grpc and Triton's perf_analyzer use
+    grpc-go        bench/grpcload (the tables' gRPC load), grpc-go's client
+    xnet           bench/grpcload -h2 xnet, golang.org/x/net/http2's client
+
+    python hack/grpc-frames.py [--bytes 602153] [--grpcload .cache/gobin/grpcload]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import grpc
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, SETTINGS, PING, WINDOW_UPDATE, ACK = 0, 4, 6, 8, 1
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack(">BHBBI", n >> 16, n & 0xFFFF, kind, flags, sid) + payload
+
+
+def data_frames(srv: socket.socket, want: int, calls: int = 2) -> list[list[int]]:
+    """Accept one connection and return, for each of its first `calls` calls, the sizes of the DATA frames
+    that carry its `want` bytes (the first call may go before the client has read our SETTINGS)."""
+    conn, _ = srv.accept()
+    conn.settimeout(5)
+    settings = struct.pack(">HIHI", 4, 1 << 24, 5, 1 << 20)  # INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE
+    conn.sendall(
+        frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 24) - 65535))
+    )
+    buf, streams = b"", dict[int, list[int]]()  # stream id: its DATA frames' sizes
+
+    def done() -> bool:
+        return sum(sum(v) >= want for v in streams.values()) >= calls
+
+    try:
+        while len(buf) < len(PREFACE):
+            buf += conn.recv(1 << 16)
+        buf = buf[len(PREFACE) :]
+        while not done():
+            while len(buf) >= 9:
+                hi, lo, kind, flags, sid = struct.unpack(">BHBBI", buf[:9])
+                n = hi << 16 | lo
+                if len(buf) < 9 + n:
+                    break
+                if kind in (SETTINGS, PING) and not flags & ACK:
+                    conn.sendall(frame(kind, ACK, 0, buf[9 : 9 + n] if kind == PING else b""))
+                elif kind == DATA:
+                    streams.setdefault(sid, []).append(n)
+                buf = buf[9 + n :]
+            if done():
+                break
+            more = conn.recv(1 << 20)
+            if not more:
+                break
+            buf += more
+    except TimeoutError:
+        pass
+    conn.close()
+    return [v for _, v in sorted(streams.items()) if sum(v) >= want]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bytes", type=int, default=602_153, help="the message's size (a ResNet-50 request's)")
+    ap.add_argument("--grpcload", default=".cache/gobin/grpcload", help="bench/grpcload's binary")
+    a = ap.parse_args()
+    message = bytes(a.bytes)
+    want = a.bytes + 5  # gRPC's message prefix
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "req.bin"
+        req.write_bytes(message)
+        for client in ("grpcio", "grpc-go", "xnet"):
+            srv = socket.create_server(("127.0.0.1", 0))
+            port = srv.getsockname()[1]
+            result: list[list[list[int]]] = []
+            t = threading.Thread(target=lambda s=srv, r=result: r.append(data_frames(s, want)))
+            t.start()
+            if client == "grpcio":
+                opts = [("grpc.max_send_message_length", 1 << 30)]
+                with grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
+                    call = ch.unary_unary(METHOD, request_serializer=bytes, response_deserializer=bytes)
+                    for _ in range(2):
+                        with contextlib.suppress(grpc.RpcError):  # no answer comes: only the framing counts
+                            call(message, timeout=1)
+            elif not Path(a.grpcload).is_file():
+                print(f"{client}: no {a.grpcload} (python bench/serve_bench.py builds it)", file=sys.stderr)
+                srv.close()
+                continue
+            else:
+                cmd = [a.grpcload, "-addr", f"127.0.0.1:{port}", "-request", str(req), "-warmup", "0s"]
+                cmd += ["-d", "2500ms", "-timeout", "1s", *(["-h2", "xnet"] if client == "xnet" else [])]
+                subprocess.run(cmd, capture_output=True, timeout=60)
+            t.join(timeout=10)
+            srv.close()
+            for i, sizes in enumerate(result[0] if result else []):
+                span = f"{min(sizes):,} to {max(sizes):,} bytes each"
+                print(f"{client}, call {i + 1}: {len(sizes)} DATA frames for {want:,} bytes, {span}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
