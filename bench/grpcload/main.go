@@ -239,7 +239,8 @@ func newXnetConn(addr, method string, req []byte) *xnetConn {
 	binary.BigEndian.PutUint32(body[1:5], uint32(len(req)))
 	copy(body[5:], req)
 	t := &http2.Transport{
-		AllowHTTP: true, // h2c: HTTP/2 over plain TCP, with prior knowledge (as gRPC's insecure channels)
+		AllowHTTP:          true, // h2c: HTTP/2 over plain TCP, with prior knowledge (as gRPC's insecure channels)
+		DisableCompression: true, // no accept-encoding: gzip, which no gRPC client sends
 		DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, network, addr)
