@@ -48,6 +48,13 @@
 # $PATCH (tests): run them in a copy of the tree with that patch applied (a branch's tests, no checkout)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# everything printed also goes to $OUT/gpu-check.log, which comes back whole: a call's reply keeps only the
+# last 12,000 characters (the ninth session lost half an A/B that way)
+if [[ -n ${OUT:-} ]]; then
+  exec > >(tee -a "$OUT/gpu-check.log") 2>&1
+  tee_pid=$!
+  trap 'exec >&- 2>&-; wait $tee_pid' EXIT  # the log whole before the call ends
+fi
 bash .cache/dev/setup.sh >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.cache/dev/bin:/tmp/site/bin:$PATH BENCH_WRK_THREADS=4
 export BENCH_GRPC_CONNECTIONS=16 GRPC_LOAD=$PWD/.cache/dev/bin/grpcload
