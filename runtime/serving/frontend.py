@@ -89,12 +89,9 @@ class RemoteModel(ServedModel):
 
     worker: Worker
 
-    async def infer(
-        self, inputs: list[torch.Tensor], rows: int, *, deadline: float = math.inf, priority: int = 0
+    async def _run(
+        self, inputs: list[torch.Tensor], rows: int, deadline: float, priority: int
     ) -> tuple[torch.Tensor, ...]:
-        if not self.ready:
-            self.batcher.withdraw()
-            raise Unavailable(f"model {self.name!r} is not ready")
         return await self.worker.infer(inputs, rows, deadline, priority)
 
 

@@ -51,6 +51,12 @@ class ServedModel:
         if not self.ready:
             self.batcher.withdraw()
             raise Unavailable(f"model {self.name!r} is not ready")
+        return await self._run(inputs, rows, deadline, priority)
+
+    async def _run(
+        self, inputs: list[torch.Tensor], rows: int, deadline: float, priority: int
+    ) -> tuple[torch.Tensor, ...]:
+        """A ready model's request, to its batcher in this process."""
         return await _waker().run(self.batcher, inputs, rows, deadline, priority)
 
 
