@@ -146,3 +146,46 @@ def test_server_threads_carry_their_names_to_the_os() -> None:
     t.start()
     t.join()
     assert seen["comm"] == "batcher-a-long-"  # the kernel keeps 15 bytes
+
+
+def test_a_request_for_a_model_not_ready_is_refused_by_name_and_withdrawn_wherever_it_runs() -> None:
+    """ServedModel (batches in this process) and RemoteModel (batches in the model process): while the model
+    compiles or warms up, a request is refused (503 / UNAVAILABLE) naming the model, and the batcher stops
+    waiting for it (its announcement withdrawn); once ready, each runs it where its batches run."""
+    from runtime.serving.batching import Batcher
+    from runtime.serving.errors import Unavailable
+    from runtime.serving.frontend import RemoteModel
+    from runtime.serving.model import ServedModel
+
+    sig = Signature((TensorSpec("x", "FP32", (-1, 2)),), (TensorSpec("y", "FP32", (-1, 2)),))
+    x = torch.ones(1, 2)
+
+    class Worker:  # stands in for the worker's link to the model process: records what reaches it
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def infer(self, *args: Any) -> tuple[torch.Tensor, ...]:
+            self.calls += 1
+            return (args[0][0] * 3,)
+
+    batcher = Batcher(lambda xs: (xs[0] * 2,), max_batch_size=4)
+    worker = Worker()
+    local = ServedModel("local", "1", sig, batcher, 4)
+    remote = RemoteModel("remote", "1", sig, batcher, 4)
+    remote.worker = worker  # type: ignore[assignment]
+
+    async def main() -> None:
+        for model in (local, remote):
+            batcher.announce()
+            with pytest.raises(Unavailable, match=f"model '{model.name}' is not ready"):
+                await model.infer([x], 1)
+            assert batcher._announced == 0
+        assert worker.calls == 0
+        local.ready = remote.ready = True
+        assert torch.equal((await local.infer([x], 1))[0], x * 2)
+        assert torch.equal((await remote.infer([x], 1))[0], x * 3) and worker.calls == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close(5)
