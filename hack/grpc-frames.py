@@ -1,9 +1,9 @@
 """How a gRPC client frames one large request: the DATA frames it sends (a diagnostic, not a test).
 
-Listens on 127.0.0.1 as our server does at the HTTP/2 level (SETTINGS: 16 MiB windows, 1 MiB frames; PINGs and
-SETTINGS answered), takes two unary calls of a `--bytes` message from each client below on one connection,
-counts each call's DATA frames and their sizes, and answers nothing (each call then times out; only the
-framing is measured; the first call may go before the client has read our SETTINGS):
+Listens on 127.0.0.1 and opens each connection as our server does (http2.SERVER_PREFACE: 16 MiB windows,
+1 MiB frames; PINGs and SETTINGS answered), takes two unary calls of a `--bytes` message from each client
+below on one connection, counts each call's DATA frames and their sizes, and answers nothing (each call then
+times out; only the framing is measured; the first call may go before the client has read our SETTINGS):
 
     grpcio         grpcio's C core, what tritonclient.grpc and Triton's perf_analyzer use
     grpc-go        bench/grpcload (the tables' gRPC load), grpc-go's client
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,11 @@ from pathlib import Path
 
 import grpc
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, SETTINGS, PING, WINDOW_UPDATE, ACK = 0, 4, 6, 8, 1
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.serving.protocol.http2 import _FRAME, ACK, DATA, PING, PREFACE, SERVER_PREFACE, SETTINGS, frame
+
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return struct.pack(">BHBBI", n >> 16, n & 0xFFFF, kind, flags, sid) + payload
 
 
 def data_frames(srv: socket.socket, want: int, calls: int = 2) -> list[list[int]]:
@@ -41,10 +37,7 @@ def data_frames(srv: socket.socket, want: int, calls: int = 2) -> list[list[int]
     that carry its `want` bytes (the first call may go before the client has read our SETTINGS)."""
     conn, _ = srv.accept()
     conn.settimeout(5)
-    settings = struct.pack(">HIHI", 4, 1 << 24, 5, 1 << 20)  # INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE
-    conn.sendall(
-        frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 24) - 65535))
-    )
+    conn.sendall(SERVER_PREFACE)
     buf, streams = b"", dict[int, list[int]]()  # stream id: its DATA frames' sizes
 
     def done() -> bool:
@@ -56,8 +49,8 @@ def data_frames(srv: socket.socket, want: int, calls: int = 2) -> list[list[int]
         buf = buf[len(PREFACE) :]
         while not done():
             while len(buf) >= 9:
-                hi, lo, kind, flags, sid = struct.unpack(">BHBBI", buf[:9])
-                n = hi << 16 | lo
+                hi, lo, kind, flags, sid = _FRAME.unpack_from(buf)
+                n = hi << 8 | lo
                 if len(buf) < 9 + n:
                     break
                 if kind in (SETTINGS, PING) and not flags & ACK:

@@ -105,6 +105,25 @@ def frame(kind: int, flags: int, sid: int, payload: bytes | memoryview = b"") ->
     return _FRAME.pack(n >> 8, n & 0xFF, kind, flags, sid) + payload
 
 
+# what the server sends first on each connection: our SETTINGS, and the connection window raised to WINDOW
+SERVER_PREFACE = frame(
+    SETTINGS,
+    0,
+    0,
+    struct.pack(
+        ">HIHIHIHI",
+        3,  # MAX_CONCURRENT_STREAMS
+        MAX_STREAMS,
+        4,  # INITIAL_WINDOW_SIZE
+        WINDOW,
+        5,  # MAX_FRAME_SIZE
+        MAX_FRAME,
+        6,  # MAX_HEADER_LIST_SIZE
+        MAX_HEADER_LIST,
+    ),
+) + frame(WINDOW_UPDATE, 0, 0, (WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))
+
+
 def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
     limit = (1 << prefix_bits) - 1
     if value < limit:
@@ -274,21 +293,7 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.server.connections.add(self)
-        settings = struct.pack(
-            ">HIHIHIHI",
-            3,  # MAX_CONCURRENT_STREAMS
-            MAX_STREAMS,
-            4,  # INITIAL_WINDOW_SIZE
-            WINDOW,
-            5,  # MAX_FRAME_SIZE
-            MAX_FRAME,
-            6,  # MAX_HEADER_LIST_SIZE
-            MAX_HEADER_LIST,
-        )
-        transport.write(
-            frame(SETTINGS, 0, 0, settings)
-            + frame(WINDOW_UPDATE, 0, 0, (WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))
-        )
+        transport.write(SERVER_PREFACE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
