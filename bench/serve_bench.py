@@ -600,18 +600,15 @@ def _measure_server(
                 tmp,
             ),
         )
-        if grpc_load and "grpc" in a.path_set:
-            measured(
-                (f"{label} gRPC", c),
-                lambda c=c: _grpc_load(grpc_load, f"127.0.0.1:{gport}", grpc_wire, c, a.seconds, tmp),
-            )
-        if grpc_load and "grpc-xnet" in a.path_set:  # frames as large as the server allows (grpcio's way)
-            measured(
-                (f"{label} gRPC x/net", c),
-                lambda c=c: _grpc_load(
-                    grpc_load, f"127.0.0.1:{gport}", grpc_wire, c, a.seconds, tmp, ["-h2", "xnet"]
-                ),
-            )
+        # grpc-xnet: frames as large as the server allows (grpcio's way), not grpc-go's 16 KiB
+        for path, row, flags in (("grpc", "gRPC", None), ("grpc-xnet", "gRPC x/net", ["-h2", "xnet"])):
+            if grpc_load and path in a.path_set:
+                measured(
+                    (f"{label} {row}", c),
+                    lambda c=c, flags=flags: _grpc_load(
+                        grpc_load, f"127.0.0.1:{gport}", grpc_wire, c, a.seconds, tmp, flags
+                    ),
+                )
         if shm_done is not None:  # the row in a registered shared memory region, named by the request
             measured((f"{label} REST shm", c), lambda c=c: _wrk(url, shm_rest, c, a.seconds, {}, tmp))
             if grpc_load:
