@@ -106,6 +106,11 @@ class Source:
         return torch.cat(self.rows[k % len(self.rows)])
 
 
+def width(mode: str) -> str:
+    """Which inputs a mode brings: "16" (bf16 images, the half modes) or "32" (FP32)."""
+    return "16" if mode.endswith("half") else "32"
+
+
 def run_mode(
     mode: str,
     batches: int,
@@ -114,9 +119,8 @@ def run_mode(
     side: torch.cuda.Stream,
 ) -> float:
     """Seconds per batch of `batches` batches in `mode`, device-bound (the CPU only queues work)."""
-    width = "16" if mode.endswith("half") else "32"
-    g, static = graphs[width]
-    source = src[width]
+    g, static = graphs[width(mode)]
+    source = src[width(mode)]
     compute = torch.cuda.current_stream()
     bufs = [torch.empty_like(static) for _ in range(2)]
     events = [torch.cuda.Event() for _ in bufs]  # type: ignore[no-untyped-call]
@@ -195,12 +199,12 @@ def main() -> None:
             run_mode(m, 3, graphs, src, side)
             if m in ("none", "d2d"):
                 continue
-            width = "16" if m.endswith("half") else "32"
-            got = outs[width].clone()
-            graphs[width][1].copy_(src[width].batch(2))
-            graphs[width][0].replay()
+            w = width(m)
+            got = outs[w].clone()
+            graphs[w][1].copy_(src[w].batch(2))
+            graphs[w][0].replay()
             torch.cuda.synchronize()
-            checks[m] = torch.equal(got, outs[width])
+            checks[m] = torch.equal(got, outs[w])
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for _ in range(a.rounds):
             for m in MODES:
@@ -208,7 +212,7 @@ def main() -> None:
         base = statistics.median(times["none"])
         for m in MODES:
             t = statistics.median(times[m])
-            mb = 0.0 if m in ("none", "d2d") else src["16" if m.endswith("half") else "32"].nbytes / 1e6
+            mb = 0.0 if m in ("none", "d2d") else src[width(m)].nbytes / 1e6
             ok = "" if m not in checks else ("yes" if checks[m] else "NO")
             print(f"| {kind} | {m} | {mb:.1f} | {t * 1e3:.3f} | {a.batch / t:,.0f} | {base / t:.2f} | {ok} |")
 

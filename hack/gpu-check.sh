@@ -126,7 +126,7 @@ ab)
 trees)
   names=(tree) dirs=("$PWD")
   for p in ${PATCHES:?}; do
-    n=$(basename "$p" .patch) d=/tmp/tree-$(basename "$p" .patch)
+    n=$(basename "$p" .patch) && d=/tmp/tree-$n
     rm -rf "$d" && cp -a . "$d" && (cd "$d" && git apply "$p") || exit 1
     names+=("$n") dirs+=("$d")
   done
