@@ -223,7 +223,7 @@ def _start(
         str(workers),
         "--warmup-batch-sizes",
         getattr(a, "warmup_batch_sizes", ""),
-        *(["--copy-stream"] if getattr(a, "copy_stream", False) else []),
+        "--copy-stream" if getattr(a, "copy_stream", ServeConfig.copy_stream) else "--no-copy-stream",
         "--launch-deviations",
         str(getattr(a, "launch_deviations", ServeConfig.launch_deviations)),
         "--grpc-server",
@@ -780,7 +780,12 @@ def main() -> int:
         default="",
         help="warm-up batch sizes, comma-separated; each is also a padding bucket on CUDA (default: 1,MAX)",
     )
-    p.add_argument("--copy-stream", action="store_true", help="the server's --copy-stream (CUDA)")
+    p.add_argument(
+        "--copy-stream",
+        action=argparse.BooleanOptionalAction,
+        default=ServeConfig.copy_stream,
+        help="the server's --copy-stream (CUDA; on by default, as the server's)",
+    )
     p.add_argument(
         "--launch-deviations",
         type=float,
@@ -843,7 +848,7 @@ def main() -> int:
         f"`python bench/serve_bench.py --device {a.device} --models {a.models} --mode {a.mode} "
         f"--precision {a.precision} --max-batch {a.max_batch} --delay-ms {a.delay_ms} "
         f"--seconds {a.seconds:.0f} --workers {','.join(map(str, a.workers_list))} --paths {a.paths} "
-        f"--concurrency {','.join(map(str, a.concurrency))}{' --copy-stream' if a.copy_stream else ''}`"
+        f"--concurrency {','.join(map(str, a.concurrency))}{'' if a.copy_stream else ' --no-copy-stream'}`"
     ]
     with tempfile.TemporaryDirectory(prefix="kf-bench-") as d:
         work = Path(a.workdir or d)

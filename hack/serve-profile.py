@@ -14,8 +14,8 @@ With GIL=1 it also records a py-spy `--gil` profile of the model process (needs 
 Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (seconds), DEV (cpu|cuda),
 DELAY (max delay ms, default 2), MAXB (max batch, 64),
 BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
-COPY_STREAM (1: --copy-stream), LAUNCH_DEVIATIONS (the server's --launch-deviations, its default), BALANCE
-(the server's --balance), GIL (1: py-spy profile to $OUT/gil.raw),
+COPY_STREAM (0: --no-copy-stream; default 1), LAUNCH_DEVIATIONS (the server's --launch-deviations, its
+default), BALANCE (the server's --balance), GIL (1: py-spy profile to $OUT/gil.raw),
 SPY (py-spy path), TAG (label),
 GRPC (1: load ModelInfer over gRPC, not REST with wrk; GRPC_LOAD: bench/grpcload's binary (the default,
 built with Go when missing) or a ghz; GRPC_SERVER: native|grpcio),
@@ -103,7 +103,7 @@ def main() -> None:
         precision="bf16" if dev == "cuda" else "fp32",
         start_timeout=600,
         warmup_batch_sizes=env("BUCKETS", ""),
-        copy_stream=env("COPY_STREAM") == "1",
+        copy_stream=env("COPY_STREAM", "1") == "1",
         launch_deviations=float(env("LAUNCH_DEVIATIONS", str(sb.ServeConfig.launch_deviations))),
         grpc_server=env("GRPC_SERVER", sb.ServeConfig.grpc_server),
         balance=env("BALANCE", sb.ServeConfig.balance),

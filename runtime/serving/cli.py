@@ -236,9 +236,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--copy-stream",
-        action="store_true",
-        help="CUDA: copy inputs to the GPU on a stream of their own, overlapping the batch before "
-        "(large inputs such as images; no gain measured on an H200, off by default: docs/serving.md)",
+        action=argparse.BooleanOptionalAction,
+        default=D.copy_stream,
+        help="CUDA: copy inputs to the GPU on a stream of their own, overlapping the batch before (on by "
+        "default: ResNet-50 on an H100 at 128 clients, +26 %% rows/s; --no-copy-stream: one stream; "
+        "docs/serving.md)",
     )
     s.add_argument(
         "--drain-delay-s",

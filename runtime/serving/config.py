@@ -40,7 +40,7 @@ class ServeConfig:
     drain_delay_s: float = 0.0
     grace_s: float = 30.0
     torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
-    copy_stream: bool = False  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
+    copy_stream: bool = True  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
     launch_deviations: float = LAUNCH_DEVIATIONS  # pipelined: a launch's budget beyond its mean (Batcher)
     grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto

@@ -97,10 +97,11 @@ def test_duration_flags_refuse_negative_and_non_numbers(capsys: pytest.CaptureFi
     assert cli._config(args).lifo_after_ms == 2.5
 
 
-def test_copy_stream_is_off_unless_asked_for() -> None:
+def test_copy_stream_is_on_unless_turned_off() -> None:
     parser = cli._parser()
-    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).copy_stream is False
-    assert cli._config(parser.parse_args(["serve", "--model-uri", "m", "--copy-stream"])).copy_stream is True
+    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).copy_stream is True
+    off = parser.parse_args(["serve", "--model-uri", "m", "--no-copy-stream"])
+    assert cli._config(off).copy_stream is False
 
 
 def test_launch_deviations_default_to_two_and_reach_the_config() -> None:
