@@ -81,10 +81,13 @@ def _measure(size: int, frame_size: int, deadline: bool, calls: int) -> float:
         conn.connection_made(Sink())
 
         def feed(data: bytes) -> None:
+            """As asyncio's reads: each into the buffer the connection gives (its read buffer, or the rest
+            of a DATA frame's message), at most that buffer's size."""
             view = memoryview(data)
             while len(view):
-                n = min(len(view), len(server.scratch))
-                server.scratch[:n] = view[:n]
+                buf = conn.get_buffer(-1)
+                n = min(len(view), len(buf))
+                buf[:n] = view[:n]
                 conn.buffer_updated(n)
                 view = view[n:]
 

@@ -810,6 +810,70 @@ def test_a_message_in_many_small_data_frames_arrives_whole_and_its_windows_are_r
     _serve(Echo(), scenario)
 
 
+def test_the_rest_of_a_large_data_frame_is_read_straight_into_its_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Large DATA frames (as grpcio's C core sends them) written in pieces, so that reads end mid-frame: the
+    rest of each frame is read into the call's message itself, not the read buffer, and the message still
+    arrives whole (two frames, each begun in a read of its own) and is answered; with a content-length, the
+    bytes read that way count against it (more DATA than it says resets the stream; the connection goes
+    on)."""
+    lent: list[int] = []
+    get_buffer, buffer_updated = http2._Connection.get_buffer, http2._Connection.buffer_updated
+
+    def updated(self: http2._Connection, nbytes: int) -> None:
+        if self.lent is not None:
+            lent.append(nbytes)
+        buffer_updated(self, nbytes)
+
+    monkeypatch.setattr(http2._Connection, "buffer_updated", updated)
+    assert http2._Connection.get_buffer is get_buffer  # (the path under test is not patched)
+    message = os.urandom(600_000)
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    frames = [body[:400_000], body[400_000:]]
+
+    async def send_in_pieces(c: RawClient, sid: int, frames: list[bytes], piece: int = 50_000) -> None:
+        for n, payload in enumerate(frames):
+            data = http2.frame(http2.DATA, http2.END_STREAM if n else 0, sid, payload)
+            for i in range(0, len(data), piece):
+                c.w.write(data[i : i + piece])
+                await c.w.drain()
+                await asyncio.sleep(0.005)  # each piece in a read of its own
+
+    async def scenario(target: str, _: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        c.call(1, "/t.E/Echo", b"", data=False)
+        for sid in (0, 1):  # room for the echo
+            c.w.write(http2.frame(http2.WINDOW_UPDATE, 0, sid, (1 << 20).to_bytes(4, "big")))
+        await send_in_pieces(c, 1, frames)
+        headers, data = await c.answer(1)
+        assert headers["grpc-status"] == "0" and data[5:] == message[::-1]
+        # most of the message went straight in: all but the reads that began each frame and the frames'
+        # last few bytes (a read's tail under LEND_MIN)
+        assert len(lent) >= 8 and sum(lent) >= len(body) - 2 * (50_000 + http2.LEND_MIN), lent
+        lent.clear()
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Echo"), (":authority", "x")]
+        fields += [("content-type", "application/grpc"), ("content-length", "300000")]
+        c.w.write(http2.frame(http2.HEADERS, http2.END_HEADERS, 3, c.enc.encode(fields)))
+        # one frame, no END_STREAM, its 400,000 bytes in whole pieces: all but the first piece lent
+        await send_in_pieces(c, 3, [body[: 400_000 - 9]])
+
+        async def reset() -> tuple[int, int, int, bytes]:
+            while (f := await c.frames())[0] != http2.RST_STREAM:
+                pass
+            return f
+
+        f = await asyncio.wait_for(reset(), 5)
+        assert f[2] == 3 and int.from_bytes(f[3], "big") == http2.PROTOCOL_ERROR and lent
+        c.call(5, "/t.E/Echo", b"ab")  # the connection goes on
+        headers, data = await c.answer(5)
+        assert headers["grpc-status"] == "0" and data == b"\x00\x00\x00\x00\x02ba"
+        c.w.close()
+
+    _serve(Echo(), scenario)
+
+
 def test_a_call_reset_before_its_task_ran_gives_its_bytes_back_and_a_stream_ended_from_outside_stops() -> (
     None
 ):
