@@ -315,8 +315,9 @@ class _Connection(asyncio.BufferedProtocol):
         """Where the next read lands: the read buffer, or, for the rest of a unary call's DATA frame under
         way (LEND_MIN or more), the call's message itself, so that its bytes are copied once (by the
         kernel), as a REST body's are. Of a 602 KB image sent in frames as large as we allow (grpcio's C
-        core: tritonclient, perf_analyzer; bench/grpcload -h2 xnet) 57 % go that way (the read that finds a
-        frame's start takes up to READ_CHUNK of it); grpc-go's 16 KiB frames mostly arrive whole (2 %)."""
+        core: tritonclient, perf_analyzer; bench/grpcload -h2 xnet) 40-57 % go that way (the read that finds
+        a frame's start takes up to READ_CHUNK of it); grpc-go's 16 KiB frames mostly arrive whole (1-2 %):
+        hack/grpc-lend.py."""
         self.lent = None
         if self.data_left >= LEND_MIN and not self.buf:
             s = self.streams.get(self.data_sid)
