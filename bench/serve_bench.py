@@ -687,10 +687,11 @@ def run_model(a: argparse.Namespace, model: str, tmp: Path, grpc_load: str | Non
                 continue
             n = _batch_of(r)
             own_pct = f"{100 * r['rps'] / ceil[n]['rps']:.0f}" if n else ""
+            x = "1.0" if path.startswith("naive") else times_naive(r["rps"], naive, a.seconds)
             lines.append(
-                f"| {c} | {path} | {r['rps']:,.0f} | {times_naive(r['rps'], naive, a.seconds)} | "
+                f"| {c} | {path} | {r['rps']:,.0f} | {x if r['rps'] else ''} | "
                 f"{100 * r['rps'] / ce['rps']:.0f} | {own_pct} | "
-                f"{r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} | "
+                f"{latency_cell(r, 'p50')} | {latency_cell(r, 'p99')} | {r['errors']:.0f} | "
                 f"{r.get('batch', float('nan')):.1f} | {_cpu_cell(r)} | {_device_cell(r)} |"
             )
     if shares := host_shares(results, ceil, a.max_batch):
@@ -743,6 +744,12 @@ def times_naive(rps: float, naive: float, seconds: float) -> str:
     if not math.isfinite(naive) or naive < 0:
         return ""
     return f"> {rps * seconds:,.0f}" if naive == 0 else f"{rps / naive:.1f}"
+
+
+def latency_cell(r: dict[str, float], key: str) -> str:
+    """A point's p50 or p99 in ms; "none" where no request was answered within the run (no latency to
+    give: not 0.00)."""
+    return f"{r[key]:.2f}" if r["rps"] > 0 else "none"
 
 
 def _batch_of(r: dict[str, float]) -> int:

@@ -57,6 +57,11 @@ def test_times_naive_is_a_lower_bound_when_the_naive_server_answered_nothing() -
     assert serve_bench.times_naive(11551.0, float("nan"), 3) == ""  # its load failed: no claim at all
 
 
+def test_a_point_that_answered_nothing_has_no_latency() -> None:
+    assert serve_bench.latency_cell({"rps": 0.0, "p50": 0.0}, "p50") == "none"
+    assert serve_bench.latency_cell({"rps": 12.0, "p50": 54.734}, "p50") == "54.73"
+
+
 def test_load_span_covers_the_generator_warm_up() -> None:
     # 3 s of window, grpcload's 0.5 s warm-up before it: the server counted 3.5 s worth of requests
     assert serve_bench.load_span(35_000, 10_000, 3) == (35_000, 3.5)
