@@ -470,7 +470,8 @@ def test_connections_are_dealt_to_the_worker_holding_the_fewest(registry: Regist
                     c.close()
             _await_closed([emptied], port)
             more = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-            assert _await_holders(pids, port, more) == [emptied] * 3
+            got = _await_holders(pids, port, more)
+            assert got == [emptied] * 3, (got, [r for r in s.logs if r.get("level") == "warning"])
             if port == s.grpc_port:  # the gauge per process (the /metrics request is a connection too)
                 text = httpx.get(f"{s.url}/metrics").text
                 held = [
