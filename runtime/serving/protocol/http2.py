@@ -335,22 +335,18 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_active = time.monotonic()
-        if self.lent is not None:  # the read went straight into a call's message (get_buffer)
-            s, self.lent = self.lent, None
-            s.filled += nbytes
-            self.data_left -= nbytes
-            if s.counted:
-                s.received += nbytes
-                self._overran(s)
-            if not self.data_left:
-                self._data_end(self.data_flags, self.data_sid)
-            self._write(acks_wait=True)
-            return
+        lent, self.lent = self.lent, None
         data = self.server.scratch[:nbytes]
         if self.data_left:  # the rest of a DATA frame: straight to its message
-            n = min(self.data_left, nbytes)
+            n = min(self.data_left, nbytes)  # all of this read if it was lent (get_buffer's bound)
             self.data_left -= n
-            self._data_bytes(self.data_sid, data[:n])
+            if lent is None:
+                self._data_bytes(self.data_sid, data[:n])
+            else:  # the read landed in the message itself: only counted
+                lent.filled += n
+                if lent.counted:
+                    lent.received += n
+                    self._overran(lent)
             if not self.data_left:
                 self._data_end(self.data_flags, self.data_sid)
             data = data[n:]
