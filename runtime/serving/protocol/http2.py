@@ -876,6 +876,7 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             if timer is not None:
                 timer.cancel()
+            self.last_active = time.monotonic()  # quiet from its answer on, as HTTP/1.1 counts (not before)
 
     def _not_grpc(self, s: _Stream) -> None:
         """A plain HTTP answer to a request that is not a gRPC call (a browser, curl, a health checker): 405

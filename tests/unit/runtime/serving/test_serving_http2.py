@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -464,17 +465,39 @@ def test_quiet_connections_close_unless_a_call_is_being_answered() -> None:
         blocked.call(1, "/t.E/Echo", bytes(100_000))  # its answer: more than the 64 KiB window it opens
         async with _channel(target) as ch:
             assert await ch.unary_unary("/t.E/Slow")(b"") == b"late"  # 2 s of no bytes, being answered
+            assert len(server.connections) == 1  # the grpcio channel's: the quiet ones closed meanwhile
             for raw in (c, blocked):
                 while (f := await asyncio.wait_for(raw.frames(), 5))[0] != http2.GOAWAY:
                     pass
                 assert int.from_bytes(f[3][4:8], "big") == http2.NO_ERROR and b"nothing received" in f[3][8:]
                 assert await raw.r.read() == b""  # then closed
-            assert len(server.connections) == 1  # the grpcio channel's, answered meanwhile
             await asyncio.sleep(2.0)  # idle past keepalive_s: closed too
             assert not server.connections
             assert await ch.unary_unary("/t.E/Echo")(b"again") == b"niaga"  # on a new connection
 
     _serve(Echo().handlers() | {"/t.E/Slow": slow}, scenario, keepalive_s=0.5)
+
+
+def test_a_connection_is_quiet_from_its_last_answer_on_not_from_its_last_read() -> None:
+    """A call answered after more than keepalive_s leaves its connection open for keepalive_s more (as
+    HTTP/1.1 counts): a client that sent nothing while waiting must not lose the connection it is about to
+    send its next call on."""
+
+    async def slow(message: memoryview) -> bytes:
+        await asyncio.sleep(1.0)
+        return b"late"
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        c.call(1, "/t.E/Slow", b"")
+        headers, data = await c.answer(1)  # a raw client: nothing sent while it waits, nor after
+        assert headers["grpc-status"] == "0" and data.endswith(b"late")
+        assert len(server.connections) == 1
+        assert not server._stale(time.monotonic() - server.keepalive_s)  # not quiet for 1 s: answered now
+        assert await until(lambda: not server.connections, 3.0)  # quiet from here on: then closed
+
+    _serve({"/t.E/Slow": slow}, scenario, keepalive_s=0.5)
 
 
 def test_calls_started_and_cancelled_at_once_past_the_burst_end_the_connection() -> None:
