@@ -49,6 +49,16 @@ class Echo:
         return {"/t.E/Echo": echo, "/t.E/Fail": fail}
 
 
+def _late(seconds: float) -> http2.Handler:
+    """A handler that answers b"late" after `seconds`."""
+
+    async def late(message: memoryview) -> bytes:
+        await asyncio.sleep(seconds)
+        return b"late"
+
+    return late
+
+
 def _serve(
     app: Echo | dict[str, http2.Handler],
     scenario: Callable[[str, GrpcServer], Awaitable[None]],
@@ -452,10 +462,6 @@ def test_quiet_connections_close_unless_a_call_is_being_answered() -> None:
     and an idle one, whose client reconnects for its next call; a connection whose call is being answered
     stays, however long the answer takes."""
 
-    async def slow(message: memoryview) -> bytes:
-        await asyncio.sleep(2.0)
-        return b"late"
-
     async def scenario(target: str, server: GrpcServer) -> None:
         host, port = target.split(":")
         c = RawClient(*await asyncio.open_connection(host, int(port)))
@@ -475,17 +481,13 @@ def test_quiet_connections_close_unless_a_call_is_being_answered() -> None:
             assert not server.connections
             assert await ch.unary_unary("/t.E/Echo")(b"again") == b"niaga"  # on a new connection
 
-    _serve(Echo().handlers() | {"/t.E/Slow": slow}, scenario, keepalive_s=0.5)
+    _serve(Echo().handlers() | {"/t.E/Slow": _late(2.0)}, scenario, keepalive_s=0.5)
 
 
 def test_a_connection_is_quiet_from_its_last_answer_on_not_from_its_last_read() -> None:
     """A call answered after more than keepalive_s leaves its connection open for keepalive_s more (as
     HTTP/1.1 counts): a client that sent nothing while waiting must not lose the connection it is about to
     send its next call on."""
-
-    async def slow(message: memoryview) -> bytes:
-        await asyncio.sleep(1.0)
-        return b"late"
 
     async def scenario(target: str, server: GrpcServer) -> None:
         host, port = target.split(":")
@@ -497,7 +499,7 @@ def test_a_connection_is_quiet_from_its_last_answer_on_not_from_its_last_read() 
         assert not server._stale(time.monotonic() - server.keepalive_s)  # not quiet for 1 s: answered now
         assert await until(lambda: not server.connections, 3.0)  # quiet from here on: then closed
 
-    _serve({"/t.E/Slow": slow}, scenario, keepalive_s=0.5)
+    _serve({"/t.E/Slow": _late(1.0)}, scenario, keepalive_s=0.5)
 
 
 def test_calls_started_and_cancelled_at_once_past_the_burst_end_the_connection() -> None:
