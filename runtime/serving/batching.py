@@ -228,7 +228,7 @@ class Batcher:
         self._run: BatchRunner | None = run
         self._setup = setup
         self.ready = threading.Event()  # set once the runner exists
-        self.error: BaseException | None = None  # why setup failed
+        self.error: BaseException | None = None  # why setup failed, or the batcher thread (_failed)
         self.name = name
         self.max_batch_size = max_batch_size if batched else 1
         self.max_delay_s = max_delay_s
@@ -257,6 +257,7 @@ class Batcher:
         self._external: Callable[[], int] = lambda: 0  # the same, counted by protocol worker processes
         self._gather: Gather = cat_and_pad
         self._closed = False
+        self._refusal = ""  # what a request gets once the batcher thread failed (_failed)
         self._inflight = 0  # batches taken and not yet answered
         self._running = 0  # batches launched on the device and not yet done there
         self._depth = max(1, depth)  # batches in flight at most
@@ -280,6 +281,9 @@ class Batcher:
         self._free_at = 0.0
         self._answer_s = 0.0  # running estimate of the seconds from a batch's launch to its answers
         self._finisher: threading.Thread | None = None
+        # told (from the batcher thread) what ended it if anything but close() did: a bug of ours, after which
+        # nothing would answer requests (set before the first submit)
+        self.on_failure: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -387,7 +391,7 @@ class Batcher:
             if announced:
                 self._announced = max(0, self._announced - 1)
             if self._closed:
-                raise Unavailable(f"model {self.name!r} is shutting down")
+                raise Unavailable(self._refusal or f"model {self.name!r} is shutting down")
             queue = self._queue
             if self.priority_levels:
                 p.priority = priority if 0 < priority <= self.priority_levels else self.default_priority
@@ -631,14 +635,37 @@ class Batcher:
                 target=self._finish_loop, name=f"finish-{self.name}", daemon=True
             )
             self._finisher.start()
-        while True:
-            batch = self._take()
-            if batch is None:
-                break
-            self._launch(batch)
+        batch: list[Pending] | None = None
+        try:
+            while True:
+                batch = None
+                batch = self._take()
+                if batch is None:
+                    break
+                self._launch(batch)
+        except BaseException as e:
+            self._failed(e, batch or [])
         if self._finisher is not None:
             self._launched.put(None)
             self._finisher.join()
+
+    def _failed(self, e: BaseException, batch: list[Pending]) -> None:
+        """The batcher thread's loop raised (a bug of ours, in it or in its source): refuse requests from now
+        on, answer the queued ones and the batch under way, if any, with Unavailable, and tell on_failure."""
+        self.error = e
+        log.critical(
+            "the batcher thread failed; no request can be answered from now on",
+            extra={"model": self.name},
+            exc_info=e,
+        )
+        why = f"model {self.name!r} cannot answer: its batcher failed ({type(e).__name__}: {e}); restarting"
+        with self._cond:
+            self._closed, self._refusal = True, why
+            pending, self._queue = list(self._queue), deque()
+            self._rows.clear()
+        _fail_all([p for p in batch if p not in pending] + pending, Unavailable(why))
+        if self.on_failure is not None:
+            self.on_failure(e)
 
     def _launch(self, batch: list[Pending]) -> None:
         start = time.perf_counter()

@@ -309,7 +309,7 @@ class Server:
         self.metrics = Metrics()
         self.repo = Repository([])
         self.draining = False
-        self.error: BaseException | None = None  # why the model failed to load (re-raised by the CLI)
+        self.error: BaseException | None = None  # why the model failed to load or the batcher thread failed
         self.http_port = cfg.http_port
         self.grpc_port = cfg.grpc_port
         self._stop = asyncio.Event()
@@ -388,7 +388,19 @@ class Server:
             default_priority=cfg.default_priority_level,
             launch_deviations=cfg.launch_deviations,
         )
+        loop = asyncio.get_running_loop()
+
+        def failed(e: BaseException) -> None:
+            loop.call_soon_threadsafe(self._batcher_failed, e)
+
+        batcher.on_failure = failed
         self._pending = (batcher, holder)
+
+    def _batcher_failed(self, e: BaseException) -> None:
+        """The batcher thread failed (a bug of ours, logged there): drain, then exit with the error (the CLI
+        raises it), so that the pod restarts rather than stay up answering nothing."""
+        self.error = e
+        self.request_stop("the batcher thread failed")
 
     async def _await_model(self) -> None:
         assert self._pending is not None

@@ -163,6 +163,56 @@ def test_model_error_fails_only_that_batch() -> None:
     b.close(5)
 
 
+class _BrokenSource:
+    """A batcher Source with a bug: once `fail` is set, its pump raises."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def pump(self, timeout: float | None) -> None:
+        if self.fail:
+            raise RuntimeError("a bug in the source")
+        time.sleep(0.001 if timeout is None else min(timeout, 0.001))
+
+    def wake(self) -> None:
+        pass
+
+
+def test_a_batcher_thread_that_fails_answers_every_request_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should the batcher thread's loop raise (a bug of ours, here in its source), nothing would answer the
+    queued requests: they get Unavailable naming the failure, so do later ones, on_failure is told (the
+    server then drains and exits, so the pod restarts), and the failure is logged as critical."""
+    started, gate = threading.Event(), threading.Event()
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        started.set()
+        gate.wait(5)
+        return (xs[0] * 2,)
+
+    b = Batcher(run, max_batch_size=1, max_delay_s=0.0, max_queue_size=10)
+    told: list[BaseException] = []
+    b.on_failure = told.append
+    source = _BrokenSource()
+    b.set_source(source)
+    first = b.submit([torch.ones(1, 2)], 1)
+    assert started.wait(5)  # its batch runs, held at the gate
+    queued = b.submit([torch.ones(1, 2)], 1)
+    source.fail = True
+    with caplog.at_level("CRITICAL", logger="runtime.serving.batching"):
+        gate.set()
+        assert torch.equal(first.result(5)[0], torch.full((1, 2), 2.0))  # the batch under way is answered
+        with pytest.raises(Unavailable, match=r"batcher failed \(RuntimeError: a bug in the source\)"):
+            queued.result(5)
+    assert [str(e) for e in told] == ["a bug in the source"] and b.error is told[0]
+    with pytest.raises(Unavailable, match="batcher failed"):
+        b.submit([torch.ones(1, 2)], 1)
+    assert "the batcher thread failed" in caplog.text
+    b.close(5)
+    assert not b._thread.is_alive()
+
+
 def _gated(seen: list[float], sizes: list[int] | None = None):  # type: ignore[no-untyped-def]
     """A runner that holds each batch until its gate is set, then doubles it; records the first column."""
     gate = threading.Event()

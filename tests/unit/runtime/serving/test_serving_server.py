@@ -100,6 +100,41 @@ def test_a_failure_after_loading_is_reported_and_never_ready(
             s._pending[0].close(5)
 
 
+def test_a_failed_batcher_thread_drains_the_server_and_ends_it_with_the_error() -> None:
+    """The batcher thread failing (a bug of ours; here its source raises) makes the server not ready and
+    stop, its error kept for the CLI to raise (a non-zero exit: the pod restarts instead of staying up
+    answering nothing)."""
+    from runtime.serving.errors import Unavailable
+
+    class Broken:
+        def pump(self, timeout: float | None) -> None:
+            raise RuntimeError("a bug in the hub")
+
+        def wake(self) -> None:
+            pass
+
+    async def main(s: srv.Server) -> None:
+        from tests.fixtures.polling import until
+
+        await _start(s)
+        assert s.is_ready()
+        b = s.repo.get("mlp").batcher
+        b.set_source(Broken())
+        b.submit([torch.ones(1, 16)], 1)  # wakes the batcher thread, which then pumps its source
+        assert await until(lambda: s._stop.is_set(), 10)
+        assert isinstance(s.error, RuntimeError) and str(s.error) == "a bug in the hub"
+        assert s.draining and not s.is_ready()
+        with pytest.raises(Unavailable, match="batcher failed"):
+            b.submit([torch.ones(1, 16)], 1)
+
+    s = _server()
+    try:
+        asyncio.run(main(s))
+    finally:
+        if s._pending is not None:
+            s._pending[0].close(5)
+
+
 def test_a_batch_of_results_wakes_the_event_loop_once() -> None:
     from runtime.serving import model
     from runtime.serving.batching import Answer
