@@ -635,10 +635,10 @@ class Batcher:
                 target=self._finish_loop, name=f"finish-{self.name}", daemon=True
             )
             self._finisher.start()
-        batch: list[Pending] | None = None
+        batch: list[Pending] | None
         try:
             while True:
-                batch = None
+                batch = None  # an answered batch is not failed again below
                 batch = self._take()
                 if batch is None:
                     break
