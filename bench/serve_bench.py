@@ -26,7 +26,6 @@ what a request costs the server itself, the CPU a GPU host spends per request.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
@@ -112,7 +111,7 @@ def _warm_sizes(a: argparse.Namespace) -> tuple[int, ...]:
 def serve_kubeforge(a: argparse.Namespace) -> None:
     from runtime.serving.loader import LoadedModel
     from runtime.serving.logs import setup_logging
-    from runtime.serving.server import Server
+    from runtime.serving.server import Server, run_event_loop
 
     setup_logging("info")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(a.cache) / "inductor"))
@@ -136,10 +135,11 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         launch_deviations=a.launch_deviations,
         grpc_server=a.grpc_server,
         balance=a.balance,
+        event_loop=a.event_loop,
         allow_client_shm="shm" in a.path_set,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
-    asyncio.run(Server(cfg, lambda: loaded).run())
+    run_event_loop(Server(cfg, lambda: loaded).run(), cfg.event_loop)
 
 
 def serve_naive(a: argparse.Namespace) -> None:
@@ -230,6 +230,8 @@ def _start(
         getattr(a, "grpc_server", ServeConfig.grpc_server),
         "--balance",
         getattr(a, "balance", ServeConfig.balance),
+        "--event-loop",
+        getattr(a, "event_loop", ServeConfig.event_loop),
         "--paths",
         getattr(a, "paths", ""),
     ]
@@ -804,6 +806,9 @@ def main() -> int:
     )
     p.add_argument(
         "--balance", default=ServeConfig.balance, choices=["least-connections", "kernel"], help="the server's"
+    )
+    p.add_argument(
+        "--event-loop", default=ServeConfig.event_loop, choices=["asyncio", "uvloop"], help="the server's"
     )
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)

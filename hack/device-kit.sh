@@ -12,7 +12,7 @@ mkdir -p "$K/wheels" "$K/bin" "$K/lib"
 pip=${PIP:-$ROOT/.venv/bin/pip}
 "$pip" download -q -d "$K/wheels" --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-  fastapi uvicorn httptools orjson grpcio protobuf==6.33.6 prometheus_client pyyaml py-spy numpy==2.4.6 pytest hpack
+  fastapi uvicorn httptools orjson grpcio protobuf==6.33.6 prometheus_client pyyaml py-spy numpy==2.4.6 pytest hpack uvloop
 [[ -x $K/bin/ghz ]] || GOBIN=$K/bin CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" github.com/bojand/ghz/cmd/ghz@latest
 (cd "$ROOT/bench/grpcload" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$K/bin/grpcload" .)
 if [[ ! -x $K/bin/wrk ]]; then
@@ -29,6 +29,6 @@ cat >"$K/setup.sh" <<'EOS'
 # on the device: install the carried wheels into /tmp/site (no index there)
 python -c "import numpy" 2>/dev/null || extra=numpy  # keep the image's numpy where it has one
 pip install -q --no-index --find-links "$(dirname "$0")/wheels" --target /tmp/site \
-  fastapi uvicorn httptools orjson grpcio protobuf prometheus_client pyyaml py-spy pytest hpack ${extra:-} 2>&1 | tail -2
+  fastapi uvicorn httptools orjson grpcio protobuf prometheus_client pyyaml py-spy pytest hpack uvloop ${extra:-} 2>&1 | tail -2
 EOS
 du -sh "$K"

@@ -20,6 +20,9 @@
 #                xnet; ghz too if named), ResNet-50 ($MODEL), 8 workers, at each of $CONCS (1 64) clients:
 #                what the client's framing (16 KiB DATA frames, or as large as the server allows, as grpcio's C
 #                core sends them) costs the server and the latency it measures
+#   loops        the server's --event-loop, asyncio against uvloop, interleaved (asyncio uvloop asyncio uvloop),
+#                ResNet-50 ($MODEL), 8 workers, REST then gRPC, at each of $CONCS (1 128) clients
+#                (hack/serve-profile.py's SUMMARY lines: rows/s, p50, CPU per request of the workers)
 #   spread       how the load spreads over the protocol workers (hack/serve-profile.py's WORKERS line), the
 #                server's --balance least-connections against kernel, interleaved (least, kernel, least,
 #                kernel), for each line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default:
@@ -94,6 +97,16 @@ copy-stream)
     cs=0; [[ $tag == copy-stream ]] && cs=1
     MODEL=${MODEL:-resnet50} W=8 C=${C:-64} D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs GRPC=${GRPC:-0} TAG=$tag \
       timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" | tail -2
+  done ;;
+loops)
+  # --event-loop asyncio against uvloop, interleaved, at each of $CONCS (1 128), REST then gRPC
+  for c in ${CONCS:-1 128}; do
+    for g in 0 1; do
+      for loop in asyncio uvloop asyncio uvloop; do
+        MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=$g EVENT_LOOP=$loop TAG=$loop-c$c-g$g \
+          timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error" | tail -1
+      done
+    done
   done ;;
 grpc)
   for g in native grpcio; do

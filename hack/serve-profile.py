@@ -15,8 +15,8 @@ Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (
 DELAY (max delay ms, default 2), MAXB (max batch, 64),
 BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
 COPY_STREAM (0: --no-copy-stream; default 1), LAUNCH_DEVIATIONS (the server's --launch-deviations, its
-default), BALANCE (the server's --balance), GIL (1: py-spy profile to $OUT/gil.raw),
-SPY (py-spy path), TAG (label),
+default), BALANCE (the server's --balance), EVENT_LOOP (its --event-loop),
+GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label),
 GRPC (1: load ModelInfer over gRPC, not REST with wrk; GRPC_LOAD: bench/grpcload's binary (the default,
 built with Go when missing) or a ghz; GRPC_SERVER: native|grpcio),
 SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw; NATIVE=1: with C frames),
@@ -107,6 +107,7 @@ def main() -> None:
         launch_deviations=float(env("LAUNCH_DEVIATIONS", str(sb.ServeConfig.launch_deviations))),
         grpc_server=env("GRPC_SERVER", sb.ServeConfig.grpc_server),
         balance=env("BALANCE", sb.ServeConfig.balance),
+        event_loop=env("EVENT_LOOP", sb.ServeConfig.event_loop),
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)

@@ -24,7 +24,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -34,7 +34,7 @@ from runtime.serving.errors import InferError, ModelFailure, Unavailable
 from runtime.serving.logs import apply_log_settings
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
-from runtime.serving.server import freeze_heap, start_protocol
+from runtime.serving.server import event_loop_name, freeze_heap, run_event_loop, start_protocol
 from runtime.serving.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ class _Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
 
     def data_received(self, data: bytes) -> None:
         for kind, payload in self.reader.feed(data):
@@ -369,6 +368,7 @@ class Worker:
         assert self.link.transport is not None
         self.link.transport.write(ipc.frame(ipc.HELLO, cfg.index.to_bytes(4, "little")))
         freeze_heap(f"protocol worker {cfg.index}")
+        log.info("protocol worker serving", extra={"worker": cfg.index, "event_loop": event_loop_name()})
         await self._stop.wait()
         await stop()
         if self.link.transport is not None:
@@ -384,4 +384,4 @@ def main(cfg: WorkerConfig) -> None:
     setup_logging(cfg.serve.log_level, json=cfg.log_json)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    asyncio.run(Worker(cfg).run())
+    run_event_loop(Worker(cfg).run(), cfg.serve.event_loop)

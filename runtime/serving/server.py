@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -154,6 +154,22 @@ def h2d_seconds_per_byte(device: str, nbytes: int = 16 << 20) -> float:
     end.record()
     end.synchronize()
     return float(start.elapsed_time(end)) / 1e3 / (4 * nbytes)
+
+
+def run_event_loop(main: Coroutine[Any, Any, None], kind: str) -> None:
+    """Run `main` on the event loop `kind` names (--event-loop): asyncio's own, or uvloop's (libuv's; the
+    package is optional, and checked for when the flag is parsed)."""
+    if kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+def event_loop_name() -> str:
+    """The running event loop's package, as the logs name it: asyncio or uvloop."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 def freeze_heap(process: str) -> None:
@@ -520,6 +536,7 @@ class Server:
                 "grpc_port": self.grpc_port,
                 "host": cfg.host,
                 "workers": workers,
+                "event_loop": event_loop_name(),
             },
         )
         model_task = asyncio.create_task(self._await_model())

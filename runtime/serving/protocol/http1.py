@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -172,8 +172,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- asyncio --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -517,7 +516,7 @@ def close_then_drop(transport: asyncio.BaseTransport, period: float) -> None:
     """Close `transport`: what we wrote still goes out first, as slowly as its client reads; but once a
     whole `period` passes with none of it reaching the client, drop it (a client that reads nothing would
     keep the connection, and every byte written for it, for ever)."""
-    assert isinstance(transport, asyncio.WriteTransport)
+    transport = cast(asyncio.WriteTransport, transport)  # uvloop's are not asyncio.WriteTransport instances
     held = transport.get_write_buffer_size()
     transport.close()
     if not held:

@@ -53,7 +53,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from hpack.exceptions import HPACKError
 
@@ -292,10 +292,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- asyncio --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
         self.server.connections.add(self)
-        transport.write(SERVER_PREFACE)
+        self.transport.write(SERVER_PREFACE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)

@@ -271,6 +271,40 @@ def test_grpcio_server_streams_too(registry: Registry) -> None:
         assert s.stop() == 0
 
 
+def test_uvloop_serves_rest_and_grpc_from_the_protocol_workers(registry: Registry) -> None:
+    """`--event-loop uvloop`: the model process and two protocol workers on uvloop's event loop answer
+    tritonclient over REST (binary) and gRPC, a stream too, as on asyncio's, and stop cleanly."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    s = start_mlp(registry, "2", "--event-loop", "uvloop")
+    try:
+        s.wait_ready()
+        x = np.random.default_rng(40).standard_normal((3, 16), dtype=np.float32)
+        h = th.InferenceServerClient(s.url.removeprefix("http://"))
+        inp = th.InferInput("input__0", [3, 16], "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        out = h.infer("mlp", [inp], outputs=[th.InferRequestedOutput("output__0", binary_data=True)])
+        np.testing.assert_allclose(out.as_numpy("output__0"), _eager(registry, x), rtol=1e-5, atol=1e-6)
+        g = tg.InferenceServerClient(s.grpc_url)
+        ginp = tg.InferInput("input__0", [3, 16], "FP32")
+        ginp.set_data_from_numpy(x)
+        np.testing.assert_allclose(
+            g.infer("mlp", [ginp]).as_numpy("output__0"), _eager(registry, x), rtol=1e-5, atol=1e-6
+        )
+        xs = [np.random.default_rng(41 + i).standard_normal((2, 16), dtype=np.float32) for i in range(3)]
+        answers, errors = _stream(s.grpc_url, "mlp", xs)
+        assert len(errors) == 1 and "unknown input 'nope'" in errors[0], errors
+        for i, xi in enumerate(xs):
+            np.testing.assert_allclose(answers[f"s{i}"], _eager(registry, xi), rtol=1e-5, atol=1e-6)
+        assert s.log("listening")["event_loop"] == "uvloop"  # type: ignore[index]
+        serving = s.wait_log("protocol worker serving", 10)  # the workers' own loops
+        assert serving["event_loop"] == "uvloop"
+        assert sorted(e["worker"] for e in s.logs if e.get("msg") == "protocol worker serving") == [0, 1]
+    finally:
+        assert s.stop() == 0
+
+
 def test_the_standard_grpc_health_protocol_answers_kubernetes_grpc_probes(mlp_server: Serve) -> None:
     """grpc.health.v1.Health/Check: readiness under "" (the server as a whole), "ready" and the inference
     service's name, liveness under "live"; another service is NOT_FOUND, Watch is not served."""

@@ -104,6 +104,26 @@ def test_copy_stream_is_on_unless_turned_off() -> None:
     assert cli._config(off).copy_stream is False
 
 
+def test_the_event_loop_is_asyncio_unless_uvloop_is_asked_for_and_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    parser = cli._parser()
+    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).event_loop == "asyncio"
+    args = parser.parse_args(["serve", "--model-uri", "m", "--event-loop", "uvloop"])
+    assert cli._config(args).event_loop == "uvloop"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--model-uri", "m", "--event-loop", "uvloop"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--event-loop uvloop" in err and "pip install uvloop" in err
+
+
 def test_launch_deviations_default_to_two_and_reach_the_config() -> None:
     parser = cli._parser()
     assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).launch_deviations == 2.0

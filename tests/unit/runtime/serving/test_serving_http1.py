@@ -26,6 +26,9 @@ from runtime.serving.protocol.http1 import (
 )
 from tests.fixtures.polling import until
 
+# every test on asyncio's event loop and on uvloop's (--event-loop)
+pytestmark = pytest.mark.usefixtures("each_event_loop")
+
 
 class EchoApp:
     """GET /x answers at once; POST echoes the body (after `delay` s); bodies go to buffers it keeps."""

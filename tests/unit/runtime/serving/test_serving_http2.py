@@ -23,6 +23,9 @@ from runtime.serving.protocol.http2 import GrpcServer, RpcError
 from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, field_start, split_field
 from tests.fixtures.polling import until
 
+# every test on asyncio's event loop and on uvloop's (--event-loop)
+pytestmark = pytest.mark.usefixtures("each_event_loop")
+
 
 class Echo:
     """/t.E/Echo answers its request reversed (after `delay` s); /t.E/Fail ends with a status."""
