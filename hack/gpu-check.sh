@@ -17,7 +17,7 @@
 #   latency      where a batch-1 request's time goes (BERT, 8 workers, 1 client; $MODEL to change): hops, thread
 #                CPU, and py-spy profiles of the model process (waiting included) and of a worker, to $OUT/latency
 #   clients      gRPC load from bench/grpcload's two HTTP/2 clients, interleaved ($TOOLS: grpc-go xnet grpc-go
-#                xnet; ghz too if named), ResNet-50 ($MODEL), 8 workers, at each of $CONCS (1 64) clients:
+#                xnet; ghz too if named, with a kit built with GHZ=1), ResNet-50 ($MODEL), 8 workers, at each of $CONCS (1 64) clients:
 #                what the client's framing (16 KiB DATA frames, or as large as the server allows, as grpcio's C
 #                core sends them) costs the server and the latency it measures
 #   loops        the server's --event-loop, asyncio against uvloop, interleaved (asyncio uvloop asyncio uvloop),
