@@ -298,9 +298,11 @@ def test_uvloop_serves_rest_and_grpc_from_the_protocol_workers(registry: Registr
         for i, xi in enumerate(xs):
             np.testing.assert_allclose(answers[f"s{i}"], _eager(registry, xi), rtol=1e-5, atol=1e-6)
         assert s.log("listening")["event_loop"] == "uvloop"  # type: ignore[index]
-        serving = s.wait_log("protocol worker serving", 10)  # the workers' own loops
-        assert serving["event_loop"] == "uvloop"
-        assert sorted(e["worker"] for e in s.logs if e.get("msg") == "protocol worker serving") == [0, 1]
+        deadline = time.monotonic() + 10  # the workers' own loops, each logged once it serves
+        while len(workers := [e for e in s.logs if e.get("msg") == "protocol worker serving"]) < 2:
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.05)
+        assert sorted((e["worker"], e["event_loop"]) for e in workers) == [(0, "uvloop"), (1, "uvloop")]
     finally:
         assert s.stop() == 0
 
