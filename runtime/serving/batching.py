@@ -622,11 +622,7 @@ class Batcher:
             except BaseException as e:
                 self.error = e
                 log.exception("model setup failed", extra={"model": self.name})
-                with self._cond:
-                    self._closed = True
-                    pending, self._queue = list(self._queue), deque()
-                    self._rows.clear()
-                _fail_all(pending, Unavailable(f"model {self.name!r} failed to load: {e}"))
+                self._abandon(Unavailable(f"model {self.name!r} failed to load: {e}"))
                 self.ready.set()
                 return
         self.ready.set()
@@ -659,13 +655,19 @@ class Batcher:
             exc_info=e,
         )
         why = f"model {self.name!r} cannot answer: its batcher failed ({type(e).__name__}: {e}); restarting"
-        with self._cond:
-            self._closed, self._refusal = True, why
-            pending, self._queue = list(self._queue), deque()
-            self._rows.clear()
-        _fail_all([p for p in batch if p not in pending] + pending, Unavailable(why))
+        self._refusal = why  # read by submit once _abandon has closed the batcher
+        self._abandon(Unavailable(why), batch)
         if self.on_failure is not None:
             self.on_failure(e)
+
+    def _abandon(self, error: Exception, batch: list[Pending] | None = None) -> None:
+        """Refuse requests from now on, and answer the queued ones and `batch` (taken off the queue, not
+        answered) with `error`."""
+        with self._cond:
+            self._closed = True
+            pending, self._queue = list(self._queue), deque()
+            self._rows.clear()
+        _fail_all([*(batch or []), *pending], error)
 
     def _launch(self, batch: list[Pending]) -> None:
         start = time.perf_counter()
