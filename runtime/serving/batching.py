@@ -50,6 +50,7 @@ batch; `submit` (a Future per request) is the simple form for callers that want 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import math
@@ -247,6 +248,7 @@ class Batcher:
         self._variable_dims = [list(v) for v in variable_dims]  # per input: non-batch dims that vary
         self._pad_multiple = pad_multiple
         self._observer = observer
+        self._observer_failed = False  # it raised once (logged then)
         # told how many requests it dropped unrun, and why ("cancelled", "expired")
         self._dropped: Callable[[int, str], object] | None = None
         self._queue: deque[Pending] = deque()
@@ -645,16 +647,17 @@ class Batcher:
             self._launched.put(None)
             self._finisher.join()
 
-    def _failed(self, e: BaseException, batch: list[Pending]) -> None:
-        """The batcher thread's loop raised (a bug of ours, in it or in its source): refuse requests from now
-        on, answer the queued ones and the batch under way, if any, with Unavailable, and tell on_failure."""
+    def _failed(self, e: BaseException, batch: list[Pending], thread: str = "batcher thread") -> None:
+        """The `thread`'s loop raised (a bug of ours, in it or in its source): refuse requests from
+        now on, answer the queued ones and the batch under way, if any, with Unavailable, and tell
+        on_failure."""
         self.error = e
         log.critical(
-            "the batcher thread failed; no request can be answered from now on",
+            f"the {thread} failed; no request can be answered from now on",
             extra={"model": self.name},
             exc_info=e,
         )
-        why = f"model {self.name!r} cannot answer: its batcher failed ({type(e).__name__}: {e}); restarting"
+        why = f"model {self.name!r} cannot answer: its {thread} failed ({type(e).__name__}: {e}); restarting"
         self._refusal = why  # read by submit once _abandon has closed the batcher
         self._abandon(Unavailable(why), batch)
         if self.on_failure is not None:
@@ -667,6 +670,10 @@ class Batcher:
             self._closed = True
             pending, self._queue = list(self._queue), deque()
             self._rows.clear()
+            # wake the batcher thread if it waits for a batch in flight to end (it stops): unless its source's
+            # wake-up is what failed
+            with contextlib.suppress(Exception):
+                self._notify()
         _fail_all([*(batch or []), *pending], error)
 
     def _launch(self, batch: list[Pending]) -> None:
@@ -718,32 +725,45 @@ class Batcher:
     def _finish_loop(self) -> None:
         name_os_thread()
         last_done = 0.0
-        while (item := self._launched.get()) is not None:
-            live, wait, start, launched, bucket = item
-            try:
-                outs = self._wait(live, wait)
-                done = time.perf_counter()
+        unanswered: list[Pending] = []  # the batch being finished until its requests have their answers
+        try:
+            while (item := self._launched.get()) is not None:
+                live, wait, start, launched, bucket = item
+                unanswered = live
+                try:
+                    outs = self._wait(live, wait)
+                    done = time.perf_counter()
+                    with self._cond:
+                        self._running -= 1
+                        # the device started on this batch once it was launched and the one before was done
+                        took = done - max(launched, last_done)
+                        self._device_s[bucket] = _ewma(self._device_s.get(bucket), took)
+                        if not self._running:
+                            self._free_at = 0.0
+                            # idle from now: with a batch being launched (this one counts in _inflight until
+                            # it is answered), with requests queued, or for want of requests
+                            self._idle_since = done
+                            self._idle_why = (
+                                "launching"
+                                if self._inflight - 1 > self._running
+                                else ("queued" if self._queue else "no_requests")
+                            )
+                        self._notify()  # the next batch may go now
+                    last_done = done
+                    if outs is not None:
+                        self._answer(live, outs, start, took)
+                    unanswered = []
+                finally:
+                    self._done_batch()
+        except BaseException as e:
+            self._failed(e, unanswered, "batcher's finishing thread")
+            # the batches launched before the batcher thread saw it closed, until it stops (None)
+            while (item := self._launched.get()) is not None:
+                _fail_all(item[0], Unavailable(self._refusal))
                 with self._cond:
                     self._running -= 1
-                    # the device started on this batch once it was launched and the one before was done
-                    took = done - max(launched, last_done)
-                    self._device_s[bucket] = _ewma(self._device_s.get(bucket), took)
-                    if not self._running:
-                        self._free_at = 0.0
-                        # idle from now: with a batch being launched (this one counts in _inflight until it
-                        # is answered), with requests queued, or for want of requests
-                        self._idle_since = done
-                        self._idle_why = (
-                            "launching"
-                            if self._inflight - 1 > self._running
-                            else ("queued" if self._queue else "no_requests")
-                        )
-                    self._notify()  # the next batch may go now
-                last_done = done
-                if outs is not None:
-                    self._answer(live, outs, start, took)
-            finally:
-                self._done_batch()
+                    self._inflight -= 1
+                    self._cond.notify()
 
     def _done_batch(self) -> None:
         with self._cond:
@@ -810,7 +830,12 @@ class Batcher:
             device = ran if device_s is None else device_s
             n = len(live)
             queued = n * start - sum(p.enqueued for p in live)
-            self._observer(offset, n, start - live[0].enqueued, queued, ran, device)
+            try:
+                self._observer(offset, n, start - live[0].enqueued, queued, ran, device)
+            except Exception:  # a bug in the metrics: the requests have their answers, and serving goes on
+                if not self._observer_failed:
+                    self._observer_failed = True
+                    log.exception("recording a batch's metrics failed (logged once; serving goes on)")
 
     def _split(self, outs: Outputs, offset: int, p: Pending) -> Outputs | BaseException:
         if not self.batched:

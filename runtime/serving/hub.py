@@ -41,7 +41,7 @@ from runtime.serving.batching import Answer, Batcher, Pending
 from runtime.serving.config import ServeConfig
 from runtime.serving.errors import InferError, Unavailable
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
-from runtime.serving.logs import name_os_thread
+from runtime.serving.logs import vital_thread
 from runtime.serving.metrics import Metrics, merge
 from runtime.serving.server import DEALT_GRPC, DEALT_HTTP
 
@@ -97,13 +97,12 @@ class _Writer:
     """One thread sends every worker its responses: each wake-up sends each worker everything queued for it
     in one write. (A thread per worker made the threads wanting the GIL outnumber the batcher thread.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, failed: Callable[[BaseException], object] | None = None) -> None:
         self.cond = threading.Condition()
         self.dirty: dict[int, _Conn] = {}
-        threading.Thread(target=self._loop, name="hub-write", daemon=True).start()
+        vital_thread(self._loop, "hub-write", failed)
 
     def _loop(self) -> None:
-        name_os_thread()
         while True:
             with self.cond:
                 while not self.dirty:
@@ -189,8 +188,11 @@ class Hub:
         metrics: Metrics,
         state: Callable[[], dict[str, Any]],
         set_log: Callable[[object], dict[str, Any]] | None = None,
+        failed: Callable[[BaseException], object] | None = None,
     ) -> None:
-        """`set_log`: changes Triton's log settings (the server's; InferError when refused)."""
+        """`set_log`: changes Triton's log settings (the server's; InferError when refused); `failed`: told
+        (from that thread) when one of the hub's threads fails: a bug of ours, after which requests hang."""
+        self.failed = failed
         self.n = workers
         self.set_log = set_log
         self.batcher = batcher
@@ -230,7 +232,7 @@ class Hub:
         self._gathers: dict[int, tuple[dict[int, bytes], threading.Event]] = {}
         self._gather_ids = iter(range(1, 1 << 62))
         self._ctx = multiprocessing.get_context("spawn")
-        self._writer = _Writer()
+        self._writer = _Writer(failed)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel: selectors.BaseSelector = selectors.SelectSelector()
         self._sel = register(self._sel, self._wake_r, _WAKE)
@@ -255,13 +257,11 @@ class Hub:
             )
         with self._lock:
             if not self._handed:
-                self._reader = threading.Thread(target=self._read, name="hub-read", daemon=True)
-                self._reader.start()
+                self._reader = vital_thread(self._read, "hub-read", self.failed)
         for i in range(self.n):
             self._spawn(i)
         if self.dealing:
-            self._dealer = threading.Thread(target=self._deal_loop, name="hub-deal", daemon=True)
-            self._dealer.start()
+            self._dealer = vital_thread(self._deal_loop, "hub-deal", self.failed)
 
     def wait_started(self, timeout: float) -> None:
         """Until every worker listens and said hello (RuntimeError naming the missing ones otherwise)."""
@@ -353,7 +353,6 @@ class Hub:
     def _read(self) -> None:
         """Until the model is ready a thread of its own reads every worker's connection (and accepts new
         ones); then the batcher thread takes over (`pump`)."""
-        name_os_thread()
         while not self._handed:
             self._select(None)
 
@@ -546,7 +545,6 @@ class Hub:
 
     # -- dealing client connections (least-connections) --
     def _deal_loop(self) -> None:
-        name_os_thread()
         sel = selectors.DefaultSelector()  # waits without a timeout: epoll's rounding costs nothing here
         for kind, listener in self._dealt:
             listener.setblocking(False)

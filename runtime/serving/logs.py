@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -150,3 +151,26 @@ def name_os_thread() -> None:
         libc.prctl(15, threading.current_thread().name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
+
+
+def vital_thread(
+    target: Callable[[], object], name: str, failed: Callable[[BaseException], object] | None
+) -> threading.Thread:
+    """Start a daemon thread the server cannot serve without: should `target` raise (a bug of ours), the
+    failure is logged as critical and `failed` is told (the server then drains and exits with it, so that the
+    pod restarts rather than stay up answering nothing)."""
+
+    def run() -> None:
+        name_os_thread()
+        try:
+            target()
+        except BaseException as e:
+            logging.getLogger("runtime.serving").critical(
+                f"thread {name} failed: the server cannot serve without it; stopping", exc_info=e
+            )
+            if failed is not None:
+                failed(e)
+
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    return t

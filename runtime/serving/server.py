@@ -7,6 +7,7 @@ compiled model passed its check against eager, and back to 503 as soon as SIGTER
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -325,7 +326,8 @@ class Server:
         self.metrics = Metrics()
         self.repo = Repository([])
         self.draining = False
-        self.error: BaseException | None = None  # why the model failed to load or the batcher thread failed
+        self.error: BaseException | None = None  # why the model failed to load or a vital thread failed
+        self._loop: asyncio.AbstractEventLoop | None = None  # run's
         self.http_port = cfg.http_port
         self.grpc_port = cfg.grpc_port
         self._stop = asyncio.Event()
@@ -359,7 +361,9 @@ class Server:
         }
 
     def _start_model(self) -> None:
+        """Load the model on its batcher thread (call from the event loop that serves)."""
         cfg = self.cfg
+        self._loop = asyncio.get_running_loop()
         holder: dict[str, Prepared] = {}
 
         def setup() -> BatchRunner:
@@ -404,19 +408,21 @@ class Server:
             default_priority=cfg.default_priority_level,
             launch_deviations=cfg.launch_deviations,
         )
-        loop = asyncio.get_running_loop()
-
-        def failed(e: BaseException) -> None:
-            loop.call_soon_threadsafe(self._batcher_failed, e)
-
-        batcher.on_failure = failed
+        batcher.on_failure = self._thread_failed
         self._pending = (batcher, holder)
 
-    def _batcher_failed(self, e: BaseException) -> None:
-        """The batcher thread failed (a bug of ours, logged there): drain, then exit with the error (the CLI
-        raises it), so that the pod restarts rather than stay up answering nothing."""
-        self.error = e
-        self.request_stop("the batcher thread failed")
+    def _thread_failed(self, e: BaseException) -> None:
+        """A thread the server cannot serve without failed (the batcher's, its finishing thread, one of the
+        protocol worker hub's; a bug of ours, logged there), told from that thread: drain, then exit with the
+        error (the CLI raises it), so that the pod restarts rather than stay up answering nothing."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped already
+            self._loop.call_soon_threadsafe(self._stop_failed, e)
+
+    def _stop_failed(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        self.request_stop("a thread failed")
 
     async def _await_model(self) -> None:
         assert self._pending is not None
@@ -574,6 +580,7 @@ class Server:
             metrics=self.metrics,
             state=self.worker_state,
             set_log=self.set_log,
+            failed=self._thread_failed,
         )
         self._hub = hub
         self.http_port, self.grpc_port = hub.cfg.http_port, hub.cfg.grpc_port

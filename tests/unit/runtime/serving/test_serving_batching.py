@@ -203,14 +203,81 @@ def test_a_batcher_thread_that_fails_answers_every_request_and_says_so(
     with caplog.at_level("CRITICAL", logger="runtime.serving.batching"):
         gate.set()
         assert torch.equal(first.result(5)[0], torch.full((1, 2), 2.0))  # the batch under way is answered
-        with pytest.raises(Unavailable, match=r"batcher failed \(RuntimeError: a bug in the source\)"):
+        with pytest.raises(Unavailable, match=r"batcher thread failed \(RuntimeError: a bug in the source\)"):
             queued.result(5)
     assert [str(e) for e in told] == ["a bug in the source"] and b.error is told[0]
-    with pytest.raises(Unavailable, match="batcher failed"):
+    with pytest.raises(Unavailable, match="batcher thread failed"):
         b.submit([torch.ones(1, 2)], 1)
     assert "the batcher thread failed" in caplog.text
     b.close(5)
     assert not b._thread.is_alive()
+
+
+class _WakeBrokenSource(_BrokenSource):
+    """A source whose wake-up raises once told to (as writing a closed pipe would): the thread that wakes
+    the batcher thread from its pump, here the finishing thread, fails."""
+
+    def pump(self, timeout: float | None) -> None:
+        time.sleep(0.001 if timeout is None else min(timeout, 0.001))
+
+    def wake(self) -> None:
+        if self.fail:
+            raise OSError("a bug in the wake-up")
+
+
+def test_a_finishing_thread_that_fails_answers_every_request_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Pipelined, the finishing thread answers the launched batches: should it fail, they would never be
+    answered and the batcher thread would wait for a free slot forever. The batch it was finishing, the
+    batch launched behind it and the queued request get Unavailable naming the failure; so do later ones;
+    on_failure is told, and both threads end on close."""
+    launched: list[int] = []
+    gates: list[threading.Event] = []
+    b = Batcher(_deferred(torch.nn.Identity(), launched, gates), max_batch_size=1, max_delay_s=0.0, depth=2)
+    told: list[BaseException] = []
+    b.on_failure = told.append
+    source = _WakeBrokenSource()
+    b.set_source(source)
+    futs = [b.submit([torch.ones(1, 2)], 1) for _ in range(3)]
+    assert holds_within(lambda: len(launched) == 2)  # the third waits for a free slot
+    source.fail = True
+    with caplog.at_level("CRITICAL", logger="runtime.serving.batching"):
+        gates[0].set()  # the first batch is done: waking the batcher thread for the next one fails
+        for f in futs:
+            with pytest.raises(
+                Unavailable, match=r"finishing thread failed \(OSError: a bug in the wake-up\)"
+            ):
+                f.result(5)
+    assert [str(e) for e in told] == ["a bug in the wake-up"] and b.error is told[0]
+    with pytest.raises(Unavailable, match="finishing thread failed"):
+        b.submit([torch.ones(1, 2)], 1)
+    assert "the batcher's finishing thread failed" in caplog.text
+    source.fail = False  # close wakes the batcher thread too
+    b.close(5)
+    assert b._finisher is not None
+    assert not b._thread.is_alive() and not b._finisher.is_alive()
+    assert b._inflight == 0 and b._running == 0
+
+
+def test_a_failing_metrics_observer_is_logged_once_and_requests_are_still_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[int] = []
+
+    def observer(*args: Any) -> None:
+        calls.append(args[0])
+        raise ZeroDivisionError("a bug in the metrics")
+
+    b = Batcher(lambda xs: (xs[0] * 2,), max_batch_size=1, max_delay_s=0.0, observer=observer)
+    with caplog.at_level("ERROR", logger="runtime.serving.batching"):
+        for i in range(3):
+            assert torch.equal(
+                b.submit([torch.full((1, 2), float(i))], 1).result(5)[0], torch.full((1, 2), 2.0 * i)
+            )
+    b.close(5)
+    assert calls == [1, 1, 1]
+    assert caplog.text.count("recording a batch's metrics failed") == 1 and b.error is None
 
 
 def _gated(seen: list[float], sizes: list[int] | None = None):  # type: ignore[no-untyped-def]

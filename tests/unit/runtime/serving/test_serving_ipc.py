@@ -588,6 +588,31 @@ def test_answers_to_a_worker_go_out_directly_and_in_order_when_its_socket_is_ful
     worker_end.close()
 
 
+def test_a_failing_hub_writer_thread_is_logged_as_critical_and_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer thread sends the workers their answers: should it fail (a bug of ours; here it is handed
+    something that is not bytes), answers would stop with nothing said. The failure is logged as critical
+    and `failed` told (the server then drains and exits: runtime.serving.server, `_thread_failed`)."""
+    import socket
+
+    from runtime.serving.hub import _Conn, _Writer
+
+    told: list[BaseException] = []
+    got = threading.Event()
+    with caplog.at_level("CRITICAL", logger="runtime.serving"):
+        writer = _Writer(lambda e: (told.append(e), got.set()))
+        ours, worker_end = socket.socketpair()
+        conn = _Conn(0, ours, _arena(tmp_path), writer)
+        conn.sending = True  # earlier messages still being sent: this one goes to the writer thread
+        conn.post("not bytes")  # type: ignore[arg-type]
+        assert got.wait(5)
+    assert len(told) == 1 and isinstance(told[0], TypeError)
+    assert "thread hub-write failed" in caplog.text
+    ours.close()
+    worker_end.close()
+
+
 def test_hub_selector_takes_descriptors_past_fd_setsize_and_forgets_closed_sockets() -> None:
     import resource
     import selectors

@@ -126,7 +126,7 @@ def test_a_failed_batcher_thread_drains_the_server_and_ends_it_with_the_error() 
         assert await until(lambda: s._stop.is_set(), 10)
         assert isinstance(s.error, RuntimeError) and str(s.error) == "a bug in the hub"
         assert s.draining and not s.is_ready()
-        with pytest.raises(Unavailable, match="batcher failed"):
+        with pytest.raises(Unavailable, match="batcher thread failed"):
             b.submit([torch.ones(1, 16)], 1)
 
     s = _server()
