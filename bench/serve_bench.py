@@ -808,7 +808,10 @@ def main() -> int:
         "--balance", default=ServeConfig.balance, choices=["least-connections", "kernel"], help="the server's"
     )
     p.add_argument(
-        "--event-loop", default=ServeConfig.event_loop, choices=["asyncio", "uvloop"], help="the server's"
+        "--event-loop",
+        default=ServeConfig.event_loop,
+        choices=["auto", "asyncio", "uvloop"],
+        help="the server's",
     )
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)

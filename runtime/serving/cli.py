@@ -213,10 +213,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--event-loop",
         default=D.event_loop,
-        choices=["asyncio", "uvloop"],
-        help="the event loop of the processes that serve REST and gRPC: asyncio's own, or uvloop (libuv; "
-        "needs the uvloop package). This machine, gRPC: 12-18 %% less worker CPU per request; REST: the "
-        "same (docs/serving.md)",
+        choices=["auto", "asyncio", "uvloop"],
+        help="the event loop of the processes that serve REST and gRPC: asyncio's own, or uvloop's (libuv; "
+        "needs the uvloop package, which the serving extra installs); auto (the default): uvloop's when "
+        "installed. On a lent GPU host uvloop took 17 %% off a worker's CPU per gRPC request "
+        "(docs/serving.md)",
     )
     s.add_argument(
         "--allow-client-shm",
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "event_loop", "asyncio") == "uvloop" and importlib.util.find_spec("uvloop") is None:
         parser.error(
             "--event-loop uvloop: the Python package uvloop is not installed; pip install uvloop (the "
-            "serving extra, kubeforge[serving], includes it), or leave --event-loop at asyncio"
+            "serving extra, kubeforge[serving], includes it), or set --event-loop to auto or asyncio"
         )
     from runtime.serving.logs import setup_logging
 
@@ -410,8 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(info, default=str))
             return 0
-        from runtime.serving.server import Server, run_event_loop
+        from runtime.serving.server import Server, event_loop_kind, run_event_loop
 
+        if cfg.event_loop == "auto" and event_loop_kind("auto") == "asyncio":
+            log.info(
+                "uvloop is not installed: REST and gRPC are served on asyncio's event loop (pip install"
+                " uvloop, in the serving extra, for less CPU per gRPC request)"
+            )
         server = Server(cfg)
         run_event_loop(server.run(), cfg.event_loop)
         if server.error is not None:

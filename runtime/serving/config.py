@@ -43,7 +43,8 @@ class ServeConfig:
     copy_stream: bool = True  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
     launch_deviations: float = LAUNCH_DEVIATIONS  # pipelined: a launch's budget beyond its mean (Batcher)
     grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio
-    event_loop: str = "asyncio"  # of the processes that serve the protocols: asyncio's own, or uvloop's
+    # of the processes that serve the protocols: asyncio's own, uvloop's, or auto (uvloop's when installed)
+    event_loop: str = "auto"
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
     # how client connections reach 2+ protocol workers: least-connections (the model process accepts them and
     # deals each to the worker holding the fewest, see hub.Hub) or kernel (SO_REUSEPORT: a hash of the

@@ -271,13 +271,17 @@ def test_grpcio_server_streams_too(registry: Registry) -> None:
         assert s.stop() == 0
 
 
-def test_uvloop_serves_rest_and_grpc_from_the_protocol_workers(registry: Registry) -> None:
-    """`--event-loop uvloop`: the model process and two protocol workers on uvloop's event loop answer
-    tritonclient over REST (binary) and gRPC, a stream too, as on asyncio's, and stop cleanly."""
+@pytest.mark.parametrize(("flags", "loop"), [((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")])
+def test_both_event_loops_serve_rest_and_grpc_from_the_protocol_workers(
+    registry: Registry, flags: tuple[str, ...], loop: str
+) -> None:
+    """The model process and two protocol workers on uvloop's event loop (the default where it is installed,
+    as the serving extra does) or on asyncio's (`--event-loop asyncio`) answer tritonclient over REST
+    (binary) and gRPC, a stream too, and stop cleanly."""
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
-    s = start_mlp(registry, "2", "--event-loop", "uvloop")
+    s = start_mlp(registry, "2", *flags)
     try:
         s.wait_ready()
         x = np.random.default_rng(40).standard_normal((3, 16), dtype=np.float32)
@@ -297,12 +301,12 @@ def test_uvloop_serves_rest_and_grpc_from_the_protocol_workers(registry: Registr
         assert len(errors) == 1 and "unknown input 'nope'" in errors[0], errors
         for i, xi in enumerate(xs):
             np.testing.assert_allclose(answers[f"s{i}"], _eager(registry, xi), rtol=1e-5, atol=1e-6)
-        assert s.log("listening")["event_loop"] == "uvloop"  # type: ignore[index]
+        assert s.log("listening")["event_loop"] == loop  # type: ignore[index]
         deadline = time.monotonic() + 10  # the workers' own loops, each logged once it serves
         while len(workers := [e for e in s.logs if e.get("msg") == "protocol worker serving"]) < 2:
             assert time.monotonic() < deadline, workers
             time.sleep(0.05)
-        assert sorted((e["worker"], e["event_loop"]) for e in workers) == [(0, "uvloop"), (1, "uvloop")]
+        assert sorted((e["worker"], e["event_loop"]) for e in workers) == [(0, loop), (1, loop)]
     finally:
         assert s.stop() == 0
 

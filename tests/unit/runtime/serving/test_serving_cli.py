@@ -104,19 +104,24 @@ def test_copy_stream_is_on_unless_turned_off() -> None:
     assert cli._config(off).copy_stream is False
 
 
-def test_the_event_loop_is_asyncio_unless_uvloop_is_asked_for_and_installed(
+def test_the_event_loop_is_uvloops_where_installed_unless_asyncio_is_asked_for(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import importlib.util
 
+    from runtime.serving.server import event_loop_kind
+
     parser = cli._parser()
-    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).event_loop == "asyncio"
-    args = parser.parse_args(["serve", "--model-uri", "m", "--event-loop", "uvloop"])
-    assert cli._config(args).event_loop == "uvloop"
+    default = cli._config(parser.parse_args(["serve", "--model-uri", "m"])).event_loop
+    assert default == "auto" and event_loop_kind(default) == "uvloop"  # the serving extra installs it
+    for kind in ("asyncio", "uvloop"):
+        args = parser.parse_args(["serve", "--model-uri", "m", "--event-loop", kind])
+        assert event_loop_kind(cli._config(args).event_loop) == kind
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
     )
+    assert event_loop_kind("auto") == "asyncio"  # without the package: asyncio's, no error
     with pytest.raises(SystemExit) as e:
         cli.main(["serve", "--model-uri", "m", "--event-loop", "uvloop"])
     assert e.value.code == 2
