@@ -19,7 +19,8 @@ default), BALANCE (the server's --balance), EVENT_LOOP (its --event-loop),
 GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label),
 GRPC (1: load ModelInfer over gRPC, not REST with wrk; GRPC_LOAD: bench/grpcload's binary (the default,
 built with Go when missing) or a ghz; GRPC_SERVER: native|grpcio),
-SPYW (1: py-spy profile of the first protocol worker to $OUT/worker.raw; NATIVE=1: with C frames),
+SPYW (1: py-spy profile of the protocol worker holding the most client connections 0.5 s into the load, to
+$OUT/worker.raw; NATIVE=1: with C frames),
 WALL (1: py-spy profile of the model process's threads, waiting included, to $OUT/wall.raw).
 
 A second line, THREADS, gives each model-process thread's CPU over the run (percent of one core, by the
@@ -133,17 +134,24 @@ def main() -> None:
                 cmd = [env("SPY", "py-spy"), "record", "-p", str(proc.pid), "-d", str(max(1, int(secs) - 2))]
                 cmd += ["-r", "400", "-f", "raw", "-o", str(out), "--nonblocking"]
                 spies.append(subprocess.Popen([*cmd, "--gil" if flag == "GIL" else "--idle"]))
-        spyw = None
-        if env("SPYW") == "1":
-            workers_ = sb.protocol_workers(proc.pid)
+        spyw: list[subprocess.Popen[bytes]] = []
+        pids = list(w0)
+
+        def spy_worker() -> None:
+            """py-spy on the worker holding the most client connections once the load is on (with few
+            clients most workers hold none: the first one's profile came back empty at one client)."""
+            held_now = sb.connections_held(pids, {port, gport}) if pids else []
+            busiest = pids[held_now.index(max(held_now))] if pids else str(proc.pid)
             out = Path(env("OUT", str(tmp))) / "worker.raw"
-            cmd = [env("SPY", "py-spy"), "record", "-p", workers_[0], "-d", str(max(1, int(secs) - 2))]
+            cmd = [env("SPY", "py-spy"), "record", "-p", busiest, "-d", str(max(1, int(secs) - 2))]
             # NATIVE=1: C frames too (py-spy then stops the worker for each sample)
             how = ["--native"] if env("NATIVE") == "1" else ["--nonblocking"]
-            spyw = subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), *how])
+            spyw.append(subprocess.Popen([*cmd, "-r", "400", "-f", "raw", "-o", str(out), *how]))
+
+        if env("SPYW") == "1":
+            threading.Timer(0.5, spy_worker).start()
         client0 = _children_cpu()
         held: dict[str, int] = {}  # connections per worker, halfway through the run
-        pids = list(w0)
         w = threading.Timer(
             secs / 2, lambda: held.update(zip(pids, sb.connections_held(pids, {port, gport}), strict=True))
         )
@@ -153,9 +161,8 @@ def main() -> None:
         client = _children_cpu() - client0  # py-spy is not waited for yet: the load generator's alone
         m1, c1, t1 = _sums(port), sb._cpu_seconds(proc.pid), _thread_cpu(proc.pid)
         w1 = _worker_cpu(proc.pid)
-        for p in [*spies, spyw]:
-            if p is not None:
-                p.wait()
+        for p in [*spies, *spyw]:
+            p.wait()
         d = {k: v - m0.get(k, 0.0) for k, v in m1.items()}
         # requests served and the seconds they took, warm-ups included (see serve_bench.load_span)
         n, span = sb.load_span(d.get("kubeforge_batch_size_sum", 0.0), r["rps"], secs)

@@ -19,6 +19,7 @@ THREADS = (
     "Hub._read",
     "_Writer._loop",
     "BaseEventLoop.run_forever",
+    "Runner.run",  # uvloop's loop (C: no run_forever frame); asyncio's has run_forever inside it
 )
 
 
@@ -32,7 +33,7 @@ def main() -> None:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             names = [frame.split(" (")[0] for frame in stack.split(";")]
-            thread = next((n for n in names if n in THREADS), None)
+            thread = next((n for n in reversed(names) if n in THREADS), None)  # the innermost
             if thread is None:
                 continue
             i = names.index(thread)
