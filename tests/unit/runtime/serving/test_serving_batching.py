@@ -240,7 +240,8 @@ def test_a_finishing_thread_that_fails_answers_every_request_and_says_so(
     source = _WakeBrokenSource()
     b.set_source(source)
     futs = [b.submit([torch.ones(1, 2)], 1) for _ in range(3)]
-    assert holds_within(lambda: len(launched) == 2)  # the third waits for a free slot
+    assert holds_within(lambda: len(launched) == 2)  # the third waits for a free slot,
+    assert holds_within(lambda: b._pumping)  # the batcher thread in its source's pump meanwhile
     source.fail = True
     with caplog.at_level("CRITICAL", logger="runtime.serving.batching"):
         gates[0].set()  # the first batch is done: waking the batcher thread for the next one fails
