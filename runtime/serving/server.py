@@ -709,6 +709,8 @@ async def start_protocol(
         render_metrics=render_metrics,
         slot_body=slot_body,
         triton=triton,
+        max_payload=cfg.max_payload_bytes,
+        budget=budget,
     )
     http = HttpServer(app, max_payload=cfg.max_payload_bytes, budget=budget)
     http.on_close = on_close

@@ -18,9 +18,10 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), as a server:
 - bidirectional streaming calls (`stream_handlers`: Triton's ModelStreamInfer): each request message
   answered on the call as its handler returns, several at once; OK once the client is done and every answer
   is out;
-- unary calls: POST, content-type application/grpc*, one length-prefixed uncompressed message each way
-  (compressed ones get UNIMPLEMENTED, naming the fix), grpc-timeout (DEADLINE_EXCEEDED), status and
-  percent-encoded message in the trailers, or trailers-only for errors;
+- unary calls: POST, content-type application/grpc*, one length-prefixed message each way (a request's
+  inflated when compressed, grpc-encoding gzip or deflate: protocol.compression; answers uncompressed),
+  grpc-timeout (DEADLINE_EXCEEDED), status and percent-encoded message in the trailers, or trailers-only
+  for errors;
 - flow control on what we send: a response waits for the client's windows and goes in frames no larger than
   the client allows;
 - the errors RFC 9113 asks for (h2spec passes every case: tests/integration/serving): frames on streams never
@@ -39,7 +40,7 @@ answering at once cost a protocol worker one more socket write per call, and its
 Without open calls they go at once (keepalives).
 
 Not here: TLS (the pod's mesh or an ingress terminates it), client- or server-only streaming, server push,
-compression.
+compressed answers.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from typing import Any, cast
 
 from hpack.exceptions import HPACKError
 
+from runtime.serving.protocol.compression import ACCEPTED, CompressionError, inflate
 from runtime.serving.protocol.hpackdec import Decoder
 from runtime.serving.protocol.http1 import READ_CHUNK, Body, Budget, Listener, PlainBody, close_then_drop
 
@@ -183,12 +185,12 @@ def parse_timeout(value: str | None) -> float | None:
     return int(value[:-1]) * _UNITS[value[-1]]
 
 
-def _compressed(headers: dict[str, str]) -> RpcError:
-    return RpcError(
-        UNIMPLEMENTED,
-        f"compressed messages ({headers.get('grpc-encoding', '?')}) are not supported: send them "
-        "uncompressed (grpc-encoding identity)",
-    )
+# how a refused compressed message ends its call (protocol.compression's kinds)
+_INFLATE_FAILED = {
+    "unsupported": (UNIMPLEMENTED, (("grpc-accept-encoding", ACCEPTED),)),
+    "too_large": (RESOURCE_EXHAUSTED, ()),
+    "busy": (RESOURCE_EXHAUSTED, PUSHBACK),
+}
 
 
 def malformed(fields: Sequence[tuple[str, str]], trailers: bool) -> str:
@@ -776,9 +778,6 @@ class _Connection(asyncio.BufferedProtocol):
         handler = self.server.stream_handlers[s.headers[":path"]]
         assert s.inbox is not None
         while (body := await s.inbox.get()) is not None:
-            if body.view[0]:
-                self._give(body)
-                raise _compressed(s.headers)
             one = asyncio.get_running_loop().create_task(self._stream_one(s, handler, body))
             running.add(one)
             # its bytes back once it is done, even cancelled before it ran (no finally runs then)
@@ -804,12 +803,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._release(s)
 
     async def _stream_one(self, s: _Stream, handler: Handler, body: Body) -> None:
+        held = 0  # request bytes held for an inflated message
         try:  # (its bytes go back when this task is done: _message_done)
-            reply = await handler(body.view[5:])
+            request, held = self._message(s, body.view)
+            reply = await handler(request)
         except Exception as e:  # it ends the whole call (answers to other messages are dropped)
             self._failed(s, e)
             self._stop_stream(s)
             return
+        finally:
+            self.server.budget.give(held)
         if self.transport is None or self.streams.get(s.sid) is not s:
             return  # reset by the client meanwhile, or the connection is gone
         if not s.started:
@@ -848,10 +851,33 @@ class _Connection(asyncio.BufferedProtocol):
             raise RpcError(UNIMPLEMENTED, f"unknown method {h.get(':path')!r}")
         if s.body is None or s.filled != len(s.body.view):  # no prefix, or fewer bytes than it said
             raise RpcError(INTERNAL, "a unary call carries exactly one length-prefixed message")
-        body = s.body.view
-        if body[0]:
-            raise _compressed(h)
-        self._answer(s, await handler(body[5:]))
+        message, held = self._message(s, s.body.view)
+        try:
+            self._answer(s, await handler(message))
+        finally:
+            self.server.budget.give(held)
+
+    def _message(self, s: _Stream, data: memoryview) -> tuple[memoryview, int]:
+        """A request message without its length prefix, inflated when its compressed flag is set
+        (protocol.compression), and the request bytes held for it, which the caller gives back once it is
+        answered."""
+        if not data[0]:
+            return data[5:], 0
+        encoding = s.headers.get("grpc-encoding", "identity")
+        if encoding.strip().lower() == "identity":
+            raise RpcError(
+                INTERNAL,
+                "a message flagged compressed while grpc-encoding is identity: clear its flag, or name"
+                " its encoding (gzip, deflate)",
+            )
+        try:
+            out = inflate(
+                data[5:], encoding, self.server.max_message, self.server.budget, "grpc", "request message"
+            )
+        except CompressionError as e:
+            code, trailers = _INFLATE_FAILED.get(e.kind, (INTERNAL, ()))
+            raise RpcError(code, e.message, trailers=trailers) from None
+        return memoryview(out), len(out)
 
     async def _guarded(self, s: _Stream, work: Callable[[], Awaitable[None]]) -> None:
         """Run a call's `work` (in the call's task): a status for what it raises, DEADLINE_EXCEEDED once its

@@ -26,9 +26,11 @@ from runtime.serving.errors import BadRequest, InferError, NotFound
 from runtime.serving.metrics import CONTENT_TYPE, Metrics
 from runtime.serving.model import Repository, ServedModel
 from runtime.serving.protocol.codec import decode_request, encode_response, parse_json, shm_register_body
+from runtime.serving.protocol.compression import CompressionError, inflate
 from runtime.serving.protocol.http1 import (
     JSON,
     Body,
+    Budget,
     HttpError,
     PlainBody,
     Request,
@@ -76,7 +78,13 @@ class RestApp:
         render_metrics: Callable[[], Awaitable[bytes]] | None = None,
         slot_body: SlotBody | None = None,
         triton: Extensions | None = None,
+        max_payload: int = 64 << 20,
+        budget: Budget | None = None,
     ) -> None:
+        """`max_payload`, `budget`: what a compressed request body may inflate to, and the process's request
+        bytes it is held against (protocol.compression)."""
+        self.max_payload = max_payload
+        self.budget = budget or Budget(4 * max_payload)
         self.repo = repo
         self.triton = triton or Extensions(repo, metrics, {}, render_metrics)
         self.metrics = metrics
@@ -243,21 +251,30 @@ class RestApp:
         self.metrics.started(model_label)
         shm = self.triton.shm
         decoded = None
+        inflated = 0  # request bytes held for an inflated body (given back once answered)
         try:
             header_len: int | None = None
             deadline = math.inf
+            encodings: list[str] = []
             for k, v in req.headers:
                 if k == b"inference-header-content-length":
                     header_len = _int_header(k, v)
-                elif k == b"content-encoding" and v not in (b"identity", b""):
-                    raise HttpError(415, f"Content-Encoding {v.decode(errors='replace')} is not supported")
+                elif k == b"content-encoding":
+                    encodings += [e.strip() for e in v.decode(errors="replace").split(",")]
                 elif k == ENVOY_TIMEOUT:
                     # what is left of a proxy's route timeout (Envoy, Istio, Knative: KServe's stack)
                     ms = _int_header(k, v)
                     if ms < 0:
                         raise BadRequest(f"header {k.decode()} is negative: {ms} ms")
                     deadline = time.monotonic() + ms / 1000 if ms else math.inf
-            decoded = decode_request(body.view, header_len, model.signature, model.max_batch_size, shm)
+            view = body.view
+            encodings = [e for e in encodings if e.lower() not in ("identity", "")]
+            if len(encodings) > 1:
+                raise HttpError(415, f"Content-Encoding {', '.join(encodings)}: send the body encoded once")
+            if encodings:
+                view = memoryview(self._inflate(view, encodings[0]))
+                inflated = len(view)
+            decoded = decode_request(view, header_len, model.signature, model.max_batch_size, shm)
             if announced is not None:
                 announced.take()  # infer() consumes the announcement
             else:
@@ -295,9 +312,18 @@ class RestApp:
         finally:
             if decoded is not None and decoded.shm_reads is not None and shm is not None:
                 shm.release(decoded.shm_reads)
+            self.budget.give(inflated)
             self.metrics.ended(model_label)
             seconds = time.perf_counter() - t0 if code == 200 else None
             self.metrics.answered(model_label, "rest", str(code), seconds)
+
+    def _inflate(self, data: memoryview, encoding: str) -> bytearray:
+        """A compressed request body inflated (protocol.compression), or the HTTP error that refuses it."""
+        try:
+            return inflate(data, encoding, self.max_payload, self.budget, "rest", "request body")
+        except CompressionError as e:
+            status = {"unsupported": 415, "too_large": 413, "busy": 429}.get(e.kind, 400)
+            raise HttpError(status, f"Content-Encoding {encoding}: {e.message}") from None
 
 
 SHM_ROUTES = ("/v2/systemsharedmemory/", "/v2/cudasharedmemory/")

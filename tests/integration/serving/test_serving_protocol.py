@@ -75,6 +75,66 @@ def test_tritonclient_http(registry: Registry, mlp_server: Serve, binary: bool) 
     np.testing.assert_allclose(res.as_numpy("output__0"), _eager(registry, x), rtol=1e-5, atol=1e-6)
 
 
+def test_compressed_requests_from_tritonclient_and_plain_http(registry: Registry, mlp_server: Serve) -> None:
+    """tritonclient's request compression (HTTP: gzip and deflate bodies, asking for compressed answers
+    too, which come uncompressed and read as such; gRPC: compressed messages) gets the eager model's
+    answers; a body that inflates past --max-payload-mb (0.25 MB here), an unknown encoding and a cut stream
+    are refused naming the problem, and the server serves on."""
+    import gzip
+    import json
+
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    x = np.random.default_rng(7).standard_normal((3, 16), dtype=np.float32)
+    want = _eager(registry, x)
+    h = th.InferenceServerClient(mlp_server.url.removeprefix("http://"))
+    g = tg.InferenceServerClient(mlp_server.grpc_url)
+    for alg in ("gzip", "deflate"):
+        for binary in (True, False):
+            inp = th.InferInput("input__0", [3, 16], "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            res = h.infer(
+                "mlp",
+                [inp],
+                outputs=[th.InferRequestedOutput("output__0", binary_data=binary)],
+                request_compression_algorithm=alg,
+                response_compression_algorithm=alg,
+            )
+            np.testing.assert_allclose(res.as_numpy("output__0"), want, rtol=1e-5, atol=1e-6)
+        ginp = tg.InferInput("input__0", [3, 16], "FP32")
+        ginp.set_data_from_numpy(x)
+        res = g.infer("mlp", [ginp], compression_algorithm=alg)
+        np.testing.assert_allclose(res.as_numpy("output__0"), want, rtol=1e-5, atol=1e-6)
+    zeros = np.zeros((20, 5000), np.float32)  # ~0.5 MB as JSON, a few KB compressed
+    body = {
+        "inputs": [
+            {"name": "input__0", "datatype": "FP32", "shape": [20, 5000], "data": zeros.ravel().tolist()}
+        ]
+    }
+    packed = gzip.compress(json.dumps(body).encode())
+    url = f"{mlp_server.url}/v2/models/mlp/infer"
+    r = httpx.post(url, content=packed, headers={"content-encoding": "gzip"})
+    assert r.status_code == 413 and "inflates past the server's limit of 262144 bytes" in r.json()["error"]
+    r = httpx.post(url, content=packed, headers={"content-encoding": "br"})
+    assert r.status_code == 415 and "send gzip, deflate or identity" in r.json()["error"]
+    small = {
+        "inputs": [{"name": "input__0", "datatype": "FP32", "shape": [3, 16], "data": x.ravel().tolist()}]
+    }
+    r = httpx.post(
+        url, content=gzip.compress(json.dumps(small).encode())[:-30], headers={"content-encoding": "gzip"}
+    )
+    assert r.status_code == 400 and "ends before its gzip stream does" in r.json()["error"]
+    big = tg.InferInput("input__0", [5000, 16], "FP32")
+    big.set_data_from_numpy(np.zeros((5000, 16), np.float32))  # 320 KB inflated, past the limit
+    with pytest.raises(tg.InferenceServerException) as e:
+        g.infer("mlp", [big], compression_algorithm="gzip")
+    assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "inflates past" in e.value.message()
+    inp = th.InferInput("input__0", [3, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(h.infer("mlp", [inp]).as_numpy("output__0"), want, rtol=1e-5, atol=1e-6)
+
+
 def test_tritonclient_grpc(registry: Registry, mlp_server: Serve) -> None:
     import tritonclient.grpc as tg
 
