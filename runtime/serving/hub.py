@@ -52,6 +52,9 @@ _WAKE = object()  # the selector's key for the wake-up pipe
 _FD_SETSIZE = 1024
 SLOT_BYTES = 1 << 20  # one 224x224x3 FP32 image (602 KB) per slot, with room to spare
 MAX_SLOTS = 64  # per worker: 64 requests in flight through shared memory, more travel inline
+# a dead worker that cannot be started again (no processes, descriptors or memory left) is tried again after
+# this long, doubling up to the most
+RESPAWN_FIRST_S, RESPAWN_MAX_S = 0.5, 30.0
 
 
 def take_turns(ready: list[T], turn: int, handle: Callable[[T], object], over: Callable[[], bool]) -> int:
@@ -302,7 +305,16 @@ class Hub:
                 self._channels[i] = ours
         cfg = WorkerConfig(i, self._socket_path, path, arena.slots, SLOT_BYTES, self.cfg, dealt=theirs)
         p = self._ctx.Process(target=main, args=(cfg,), name=f"kubeforge-frontend-{i}", daemon=True)
-        p.start()  # the worker inherits its end of the socket pair (spawn passes it as a descriptor)
+        try:
+            p.start()  # the worker inherits its end of the socket pair (spawn passes it as a descriptor)
+        except BaseException:
+            arena.close()
+            with self._lock:
+                mine = self._channels.pop(i) if theirs is not None else None
+            for sock in (mine, theirs):
+                if sock is not None:
+                    sock.close()
+            raise
         if theirs is not None:
             theirs.close()
         with self._lock:
@@ -519,7 +531,18 @@ class Hub:
             "protocol worker exited; starting it again",
             extra={"worker": conn.index, "exitcode": None if p is None else p.exitcode},
         )
-        self._spawn(conn.index)
+        delay = RESPAWN_FIRST_S
+        while not self.stopping:
+            try:
+                self._spawn(conn.index)
+                break
+            except Exception as e:  # out of processes, descriptors or memory: the others serve meanwhile
+                log.error(
+                    "starting a protocol worker again failed; retrying",
+                    extra={"worker": conn.index, "error": f"{type(e).__name__}: {e}", "retry_in_s": delay},
+                )
+                time.sleep(delay)
+                delay = min(2 * delay, RESPAWN_MAX_S)
         self._release_arena(conn)
 
     def _release_arena(self, conn: _Conn) -> None:

@@ -819,3 +819,57 @@ def test_cuda_driver_calls_can_be_turned_off(
     with caplog.at_level(logging.INFO, logger="kubeforge.serve"):
         assert cudadriver.load() is None
     assert any("turned off" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dead_worker_that_cannot_be_started_again_is_retried_and_leaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starting a dead protocol worker again can fail (no processes, descriptors or memory left for a
+    moment): the hub logs it and tries again, doubling the wait, rather than leave the slot dead for good;
+    each failed try's arena and dealing sockets are closed, and the dead worker's arena is released."""
+    import socket
+
+    from runtime.serving import hub as hubmod
+    from runtime.serving.config import ServeConfig
+
+    class Flaky:
+        starts = 0
+
+        def __init__(self, **kw: Any) -> None:
+            self.exitcode = None
+
+        def start(self) -> None:
+            Flaky.starts += 1
+            if Flaky.starts <= 2:
+                raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(hubmod, "RESPAWN_FIRST_S", 0.01)
+    cfg = ServeConfig(model_uri="m", host="127.0.0.1", http_port=0, grpc_port=0, balance="least-connections")
+    b = Batcher(lambda xs: (xs[0],), max_batch_size=1, max_delay_s=0.0)
+    hub = hubmod.Hub(workers=2, cfg=cfg, batcher=b, metrics=Metrics(), state=dict)
+    made: list[ipc.Arena] = []
+    real_arena = hub._new_arena
+
+    def new_arena(name: str) -> ipc.Arena:
+        made.append(real_arena(name))
+        return made[-1]
+
+    monkeypatch.setattr(hub, "_new_arena", new_arena)
+    monkeypatch.setattr(hub._ctx, "Process", Flaky)
+    ours, theirs = socket.socketpair()
+    dead = hubmod._Conn(0, ours, _arena(tmp_path), hub._writer)
+    try:
+        with caplog.at_level("ERROR", logger="runtime.serving.hub"):
+            hub._lost(dead)
+        assert Flaky.starts == 3
+        assert caplog.text.count("starting a protocol worker again failed; retrying") == 2
+        assert [a.closed for a in made] == [True, True, False]  # the failed tries' arenas, the new one's
+        assert hub._arenas[0] is made[2] and isinstance(hub._procs[0], Flaky)
+        assert list(hub._channels) == [0]  # the new worker's dealing socket alone
+        assert dead.arena.closed  # the dead worker's, released once its requests were answered (none)
+    finally:
+        theirs.close()
+        made[-1].close()
+        for sock in [*hub._channels.values(), *hub._holds, hub._listener]:
+            sock.close()
+        b.close(5)
