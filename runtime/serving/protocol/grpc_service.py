@@ -519,7 +519,7 @@ def infer_buffer(slot_body: SlotBody) -> Buffer:
     from runtime.serving.protocol.rest import SLOT_BODY_MIN
 
     def make(size: int, seen: memoryview) -> Body | None:
-        if size < SLOT_BODY_MIN:
+        if size < SLOT_BODY_MIN or seen[0]:  # compressed: inflated out of it (protocol.compression)
             return None
         at = field_start(seen[5:], RAW_INPUT_CONTENTS)
         return slot_body(size, 5 + (at or 0))

@@ -97,7 +97,9 @@ class RestApp:
     def body_buffer(self, req: Request, length: int) -> Body:
         body: Body | None = None
         infer = req.method == "POST" and req.path.endswith("/infer")
-        if infer and self.slot_body is not None and length >= SLOT_BODY_MIN:
+        # a compressed body is inflated out of its buffer (protocol.compression): no slot for it
+        encoded = req.header(b"content-encoding") not in (None, b"", b"identity")
+        if infer and self.slot_body is not None and length >= SLOT_BODY_MIN and not encoded:
             head = req.header(b"inference-header-content-length")
             if head is not None and head.isdigit():
                 body = self.slot_body(length, int(head))

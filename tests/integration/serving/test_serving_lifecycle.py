@@ -629,5 +629,17 @@ def test_large_inputs_reach_the_model_process_from_where_rest_and_grpc_received_
         after = placements()
         moved = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("in_place", "copied", "inline")}
         assert moved == {"in_place": 2.0, "copied": 2.0, "inline": 0.0}, moved
+        # compressed (~180 KB on the wire): inflated out of the bytes received, then copied into a slot
+        g = tg.InferInput("input__0", list(big.shape), "FP32")
+        g.set_data_from_numpy(big)
+        got = grpc_client.infer("mlp", [g], compression_algorithm="gzip").as_numpy("output__0")
+        np.testing.assert_allclose(got, want[id(big)], rtol=1e-5, atol=1e-6)
+        h = th.InferInput("input__0", list(big.shape), "FP32")
+        h.set_data_from_numpy(big, binary_data=True)
+        got = http_client.infer("mlp", [h], request_compression_algorithm="gzip").as_numpy("output__0")
+        np.testing.assert_allclose(got, want[id(big)], rtol=1e-5, atol=1e-6)
+        last = placements()
+        moved = {k: last.get(k, 0.0) - after.get(k, 0.0) for k in ("in_place", "copied", "inline")}
+        assert moved == {"in_place": 0.0, "copied": 2.0, "inline": 0.0}, moved
     finally:
         assert s.stop() == 0
