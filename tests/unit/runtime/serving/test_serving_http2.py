@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 import pytest
@@ -327,18 +328,27 @@ class RawClient:
         w.write(http2.PREFACE + http2.frame(http2.SETTINGS, 0, 0))
 
     def call(
-        self, sid: int, path: str, message: bytes, *, timeout: str | None = None, data: bool = True
+        self,
+        sid: int,
+        path: str,
+        message: bytes,
+        *,
+        timeout: str | None = None,
+        data: bool = True,
+        encoding: str | None = None,
+        compressed: bool = False,
     ) -> None:
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x")]
         headers += [("content-type", "application/grpc"), ("te", "trailers")]
         headers += [("grpc-timeout", timeout)] if timeout else []
+        headers += [("grpc-encoding", encoding)] if encoding else []
         block = self.enc.encode(headers)
         half = len(block) // 2  # HEADERS + CONTINUATION
         self.w.write(http2.frame(http2.HEADERS, 0, sid, block[:half]))
         self.w.write(http2.frame(http2.CONTINUATION, http2.END_HEADERS, sid, block[half:]))
         if not data:
             return
-        body = b"\x00" + len(message).to_bytes(4, "big") + message
+        body = bytes((int(compressed),)) + len(message).to_bytes(4, "big") + message
         padded = bytes((3,)) + body + b"\x00\x00\x00"  # PADDED: pad length, data, padding
         self.w.write(http2.frame(http2.DATA, http2.PADDED | http2.END_STREAM, sid, padded))
 
@@ -359,6 +369,37 @@ class RawClient:
                     return headers, data
             elif kind == http2.DATA and s == sid:
                 data += payload
+
+
+def test_compressed_messages_gzip_cannot_read_end_their_call_naming_the_problem() -> None:
+    """What grpcio never sends: an encoding other than gzip and deflate (UNIMPLEMENTED, telling the ones we
+    take in grpc-accept-encoding), the compressed flag with grpc-encoding identity, a corrupt gzip message
+    (INTERNAL); a raw client's gzip message is answered."""
+    import gzip
+
+    async def scenario(target: str, server: GrpcServer) -> None:
+        host, port = target.split(":")
+        c = RawClient(*await asyncio.open_connection(host, int(port)))
+        c.call(1, "/t.E/Echo", b"packed", encoding="zstd", compressed=True)
+        headers, _ = await c.answer(1)
+        assert headers["grpc-status"] == str(http2.UNIMPLEMENTED)
+        assert "encoded as 'zstd': send gzip, deflate or identity" in unquote(headers["grpc-message"])
+        assert headers["grpc-accept-encoding"] == "identity,deflate,gzip"
+        c.call(3, "/t.E/Echo", b"packed", compressed=True)
+        headers, _ = await c.answer(3)
+        assert headers["grpc-status"] == str(http2.INTERNAL)
+        assert "flagged compressed while grpc-encoding is identity" in unquote(headers["grpc-message"])
+        c.call(5, "/t.E/Echo", b"not gzip", encoding="gzip", compressed=True)
+        headers, _ = await c.answer(5)
+        assert headers["grpc-status"] == str(http2.INTERNAL)
+        assert "request message is not valid gzip data" in unquote(headers["grpc-message"])
+        c.call(7, "/t.E/Echo", gzip.compress(b"hello"), encoding="gzip", compressed=True)
+        headers, data = await c.answer(7)
+        assert headers["grpc-status"] == "0" and data == b"\x00\x00\x00\x00\x05olleh"
+        assert server.budget.held == 0
+        c.w.close()
+
+    _serve(Echo(), scenario)
 
 
 def test_split_header_blocks_padding_ping_and_a_server_side_deadline() -> None:
