@@ -79,3 +79,27 @@ def test_bad_compressed_bodies_are_refused_naming_the_problem(
         inflate(packed, encoding, 16 << 20, budget, "rest", "request body")
     assert e.value.kind == kind and says in e.value.message
     assert budget.held == 0
+
+
+def test_rest_refusals_map_to_the_statuses_that_name_them() -> None:
+    """RestApp's answer to each refusal: 415 another encoding, 413 past --max-payload-mb, 429 (Retry-After,
+    as for every 429) when the process's request bytes are spent, 400 a cut stream."""
+    from runtime.serving.metrics import Metrics
+    from runtime.serving.model import Repository
+    from runtime.serving.protocol.http1 import HttpError
+    from runtime.serving.protocol.rest import RestApp
+
+    budget = Budget(4 << 20)
+    app = RestApp(Repository([]), Metrics(), dict, is_ready=lambda: True, max_payload=2 << 20, budget=budget)
+    packed = gzip.compress(bytes(1 << 20))
+    assert bytes(app._inflate(memoryview(packed), "gzip")) == bytes(1 << 20)
+    budget.give(1 << 20)
+    cases = [("zstd", packed, 415), ("gzip", gzip.compress(bytes(3 << 20)), 413), ("gzip", packed[:-9], 400)]
+    cases.append(("gzip", packed, 429))  # with 3.5 MiB held by other requests: 1 MiB more does not fit
+    for encoding, body, status in cases:
+        if status == 429:
+            budget.take(3584 << 10, "rest")
+        with pytest.raises(HttpError) as e:
+            app._inflate(memoryview(body), encoding)
+        assert e.value.status == status and e.value.message.startswith(f"Content-Encoding {encoding}: ")
+    assert budget.held == 3584 << 10
