@@ -23,6 +23,9 @@
 #   loops        the server's --event-loop, asyncio against uvloop, interleaved (asyncio uvloop asyncio uvloop),
 #                ResNet-50 ($MODEL), 8 workers, REST then gRPC, at each of $CONCS (1 128) clients
 #                (hack/serve-profile.py's SUMMARY lines: rows/s, p50, CPU per request of the workers)
+#   poll         the server's --busy-poll-us, $POLLS (0 2000 0 2000) interleaved, ResNet-50 ($MODEL), 8 workers,
+#                REST then gRPC, at each of $CONCS (1 128) clients (hack/serve-profile.py's SUMMARY lines: p50,
+#                rows/s, CPU per request of the model process and the workers)
 #   spread       how the load spreads over the protocol workers (hack/serve-profile.py's WORKERS line), the
 #                server's --balance least-connections against kernel, interleaved (least, kernel, least,
 #                kernel), for each line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default:
@@ -104,6 +107,15 @@ loops)
     for g in 0 1; do
       for loop in asyncio uvloop asyncio uvloop; do
         MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=$g EVENT_LOOP=$loop TAG=$loop-c$c-g$g \
+          timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error" | tail -1
+      done
+    done
+  done ;;
+poll)
+  for c in ${CONCS:-1 128}; do
+    for g in 0 1; do
+      for us in ${POLLS:-0 2000 0 2000}; do
+        MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=$g BUSY_POLL=$us TAG=poll$us-c$c-g$g \
           timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error" | tail -1
       done
     done

@@ -15,7 +15,7 @@ Environment: MODEL (bench model), W (protocol workers), C (wrk connections), D (
 DELAY (max delay ms, default 2), MAXB (max batch, 64),
 BUCKETS (warm-up sizes, each a CUDA bucket: 1,16,24,32,48,64),
 COPY_STREAM (0: --no-copy-stream; default 1), LAUNCH_DEVIATIONS (the server's --launch-deviations, its
-default), BALANCE (the server's --balance), EVENT_LOOP (its --event-loop),
+default), BALANCE (the server's --balance), EVENT_LOOP (its --event-loop), BUSY_POLL (its --busy-poll-us),
 GIL (1: py-spy profile to $OUT/gil.raw), SPY (py-spy path), TAG (label),
 GRPC (1: load ModelInfer over gRPC, not REST with wrk; GRPC_LOAD: bench/grpcload's binary (the default,
 built with Go when missing) or a ghz; GRPC_SERVER: native|grpcio),
@@ -109,6 +109,7 @@ def main() -> None:
         grpc_server=env("GRPC_SERVER", sb.ServeConfig.grpc_server),
         balance=env("BALANCE", sb.ServeConfig.balance),
         event_loop=env("EVENT_LOOP", sb.ServeConfig.event_loop),
+        busy_poll_us=float(env("BUSY_POLL", str(sb.ServeConfig.busy_poll_us))),
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)

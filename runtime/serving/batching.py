@@ -262,6 +262,7 @@ class Batcher:
         self._refusal = ""  # what a request gets once the batcher thread failed (_failed)
         self._inflight = 0  # batches taken and not yet answered
         self._running = 0  # batches launched on the device and not yet done there
+        self.last_taken = 0  # requests run by the last batch formed (busypoll: 1 at light load)
         self._depth = max(1, depth)  # batches in flight at most
         self._source: Source | None = None
         self._pumping = False  # the batcher thread is in its source's pump (under _cond)
@@ -326,6 +327,11 @@ class Batcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        """Batches taken and not answered yet (read without the lock: a hint)."""
+        return self._inflight
 
     @property
     def busy(self) -> bool:
@@ -577,6 +583,7 @@ class Batcher:
                 rest.reverse()
         self._queue = deque(rest)
         self._inflight += 1
+        self.last_taken = len(taken)
         return batch
 
     def _fit(self, rows_each: list[int]) -> int:

@@ -220,6 +220,15 @@ def _parser() -> argparse.ArgumentParser:
         "(docs/serving.md)",
     )
     s.add_argument(
+        "--busy-poll-us",
+        type=_busy_poll,
+        default=D.busy_poll_us,
+        help="poll before sleeping: how many microseconds a protocol worker, and the model process's batcher "
+        "thread when no batch is in flight, keep polling for the message they expect next before they "
+        "sleep (0, the default: sleep at once). Trades CPU for the wake-ups of batch-1 requests "
+        "(docs/serving.md)",
+    )
+    s.add_argument(
         "--allow-client-shm",
         action="store_true",
         help="let clients register system shared memory regions and pass tensors through them (Triton's "
@@ -315,6 +324,7 @@ def _config(args: argparse.Namespace) -> Any:
             launch_deviations=args.launch_deviations,
             grpc_server=args.grpc_server,
             event_loop=args.event_loop,
+            busy_poll_us=args.busy_poll_us,
             allow_client_shm=args.allow_client_shm,
             allow_log_settings=args.allow_log_settings,
         )
@@ -340,6 +350,19 @@ def _deviations(value: str) -> float:
         n = -1.0
     if not 0 <= n <= 10:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of deviations from 0 to 10 (default 2)")
+    return n
+
+
+def _busy_poll(value: str) -> float:
+    """--busy-poll-us: microseconds, 0 to 10,000 (argparse names the flag in its error)."""
+    try:
+        n = float(value)
+    except ValueError:
+        n = -1.0
+    if not 0 <= n <= 10_000:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of microseconds from 0 to 10000 (0, the default: no polling)"
+        )
     return n
 
 

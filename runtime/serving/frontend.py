@@ -29,6 +29,7 @@ from typing import Any, cast
 import torch
 
 from runtime.serving import errors, ipc
+from runtime.serving.busypoll import LoopPoller
 from runtime.serving.config import ServeConfig
 from runtime.serving.errors import InferError, ModelFailure, Unavailable
 from runtime.serving.logs import apply_log_settings
@@ -105,6 +106,8 @@ class _Link(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
 
     def data_received(self, data: bytes) -> None:
+        if len(self.worker._pending) <= 1:  # light load (busypoll): answers, the clients' next requests soon
+            self.worker.poller.kick()
         for kind, payload in self.reader.feed(data):
             self.worker.on_message(kind, payload)
 
@@ -144,6 +147,9 @@ class Worker:
         self._hub_lost = False
         self.link: _Link | None = None
         self._outbox: list[bytes] = []  # requests for the model process, sent once per loop turn
+        self.poller = LoopPoller(
+            cfg.serve.busy_poll_us / 1e6, self.metrics.busy_poll.labels(str(cfg.index)).inc
+        )
         # slots holding request bodies being read or decoded, by offset: the body that holds each. A slot
         # handed to the model process with its request leaves this map; back in the arena once answered, it
         # may be lent to a new body before the first body's HTTP layer lets go of it, which then frees nothing
@@ -205,6 +211,8 @@ class Worker:
 
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
+        if len(self._pending) <= 1:  # light load (busypoll): their answers come next
+            self.poller.kick()
         if self._hub_there():
             assert self.link is not None and self.link.transport is not None
             self.link.transport.write(out[0] if len(out) == 1 else b"".join(out))

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Answer, Batcher, Pending
+from runtime.serving.busypoll import poll_select
 from runtime.serving.config import ServeConfig
 from runtime.serving.errors import InferError, Unavailable
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
@@ -244,6 +245,10 @@ class Hub:
         self._woken = False  # wake() was called during this round
         self._turn = 0  # the ready connection a round starts with (see take_turns)
         self._reader: threading.Thread | None = None
+        # the batcher thread's polling (busypoll): at light load (its last batch ran one request) and with no
+        # batch in flight, whose finishing thread would wait for the GIL the polling holds between calls
+        self._poll_s = cfg.busy_poll_us / 1e6
+        self._polled = metrics.busy_poll.labels("model").inc
         batcher.set_external_announced(self.announced)
         batcher.set_source(self)
 
@@ -395,7 +400,11 @@ class Hub:
         start = time.perf_counter()
         self._woken = False
         try:
-            ready = self._sel.select(timeout)
+            b = self.batcher
+            if cut and self._poll_s and timeout != 0 and not b.inflight and b.last_taken <= 1:
+                ready = poll_select(self._sel, timeout, self._poll_s, self._polled)
+            else:
+                ready = self._sel.select(timeout)
         except (OSError, ValueError):  # select() refuses a descriptor closed meanwhile (stop, a lost worker)
             if not prune(self._sel):
                 log.exception("waiting for the protocol workers failed")

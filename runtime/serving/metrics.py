@@ -124,6 +124,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.busy_poll = Counter(
+            "kubeforge_busy_poll_seconds",
+            "Seconds spent polling before sleeping (--busy-poll-us), by process (a protocol worker's index;"
+            " model: the batcher thread): a worker's stretches of polling in wall time, the work its event"
+            " loop did meanwhile included; the batcher thread's polling alone. 0 with polling off.",
+            ["process"],
+            registry=r,
+        )
         self.connections = Gauge(
             "kubeforge_client_connections",
             "Client connections open, by protocol and by the process that holds them (a protocol worker's"

@@ -331,13 +331,18 @@ def test_grpcio_server_streams_too(registry: Registry) -> None:
         assert s.stop() == 0
 
 
-@pytest.mark.parametrize(("flags", "loop"), [((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")])
+@pytest.mark.parametrize(
+    ("flags", "loop"),
+    [((), "uvloop"), (("--event-loop", "asyncio", "--busy-poll-us", "5000"), "asyncio")],
+    ids=["uvloop", "asyncio-busy-poll"],
+)
 def test_both_event_loops_serve_rest_and_grpc_from_the_protocol_workers(
     registry: Registry, flags: tuple[str, ...], loop: str
 ) -> None:
     """The model process and two protocol workers on uvloop's event loop (the default where it is installed,
     as the serving extra does) or on asyncio's (`--event-loop asyncio`) answer tritonclient over REST
-    (binary) and gRPC, a stream too, and stop cleanly."""
+    (binary) and gRPC, a stream too, and stop cleanly. With `--busy-poll-us` the worker that served and the
+    batcher thread polled (kubeforge_busy_poll_seconds), and nothing polls without it."""
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
@@ -367,6 +372,13 @@ def test_both_event_loops_serve_rest_and_grpc_from_the_protocol_workers(
             assert time.monotonic() < deadline, workers
             time.sleep(0.05)
         assert sorted((e["worker"], e["event_loop"]) for e in workers) == [(0, loop), (1, loop)]
+        text = httpx.get(f"{s.url}/metrics").text
+        polled = {p: metric_sum(text, f'kubeforge_busy_poll_seconds_total{{process="{p}"}}') for p in "01"}
+        polled["model"] = metric_sum(text, 'kubeforge_busy_poll_seconds_total{process="model"}')
+        if "--busy-poll-us" in flags:  # a worker's stretches each last the budget at least
+            assert polled["model"] > 0 and polled["0"] + polled["1"] >= 0.005, text
+        else:
+            assert polled == {"0": 0.0, "1": 0.0, "model": 0.0}, text
     finally:
         assert s.stop() == 0
 

@@ -60,6 +60,9 @@ def test_spec_yaml_gives_defaults_and_flags_override(tmp_path: Path) -> None:
         ("--launch-deviations", "-1"),
         ("--launch-deviations", "nan"),
         ("--launch-deviations", "many"),
+        ("--busy-poll-us", "-1"),
+        ("--busy-poll-us", "20000"),
+        ("--busy-poll-us", "long"),
     ],
 )
 def test_batching_flags_refuse_values_that_would_serve_nothing(
@@ -134,6 +137,13 @@ def test_launch_deviations_default_to_two_and_reach_the_config() -> None:
     assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).launch_deviations == 2.0
     args = parser.parse_args(["serve", "--model-uri", "m", "--launch-deviations", "0"])
     assert cli._config(args).launch_deviations == 0.0
+
+
+def test_busy_polling_is_off_by_default_and_reaches_the_config() -> None:
+    parser = cli._parser()
+    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).busy_poll_us == 0.0
+    args = parser.parse_args(["serve", "--model-uri", "m", "--busy-poll-us", "1500"])
+    assert cli._config(args).busy_poll_us == 1500.0
 
 
 def test_no_flags_and_an_inferenceservice_of_defaults_both_give_serveconfigs_defaults(tmp_path: Path) -> None:

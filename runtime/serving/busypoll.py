@@ -1,0 +1,88 @@
+"""Polling before sleeping (`--busy-poll-us`): a process that expects a message within microseconds keeps
+asking for it, instead of sleeping until the kernel wakes it.
+
+A batch-1 request crosses three sleeps on the server's side: the protocol worker waits for the client's
+request, the model process's batcher thread for the worker's, the worker again for the batch's answer. Each
+wake-up costs what the host's scheduler and idle states make it: on this machine 30-50 µs, on lent GPU hosts
+29-47 µs at p50 and 60-178 at p90 after 1.5 ms idle (`hack/launch-probe.py`). Polling for a while first
+trades CPU (at most the budget per wait, and only while the process has nothing else to do) for that
+latency. Off by default: docs/serving.md has what it measured.
+
+- `LoopPoller`: an event loop (asyncio's or uvloop's) keeps a callback ready for the budget after each
+  `kick`, so that its next waits for I/O have a timeout of 0: the loop polls its sockets between turns
+  instead of sleeping in epoll. Kicked when a worker sends requests to the model process (their answers
+  come next) and when answers arrive (the clients' next requests do).
+- `poll_select`: a selector's `select`, polling with timeouts of 0 for up to the budget before the one that
+  sleeps. The model process's batcher thread reads the workers' requests that way while no batch is in
+  flight: polling holds the GIL between calls, which the thread finishing a batch would wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import time
+from collections.abc import Callable
+
+
+class LoopPoller:
+    """Keeps the running event loop polling (no sleep in its waits for I/O) for `budget_s` after each
+    `kick`; `budget_s` 0: never (kick does nothing). `polled` is told the seconds of each stretch of polling
+    as it ends (wall time: the work the loop did meanwhile included)."""
+
+    def __init__(self, budget_s: float, polled: Callable[[float], object] | None = None) -> None:
+        self.budget_s = budget_s
+        self.polled = polled
+        self.until = 0.0
+        self.since = 0.0  # when this stretch of polling began
+        self.polling = False
+        self.turns = 0  # loop turns it kept from sleeping (tests, diagnostics)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def kick(self) -> None:
+        if not self.budget_s:
+            return
+        now = time.perf_counter()
+        self.until = now + self.budget_s
+        if not self.polling:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self.polling, self.since = True, now
+            self._loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        # a ready callback: the loop's next wait for I/O has a timeout of 0 (asyncio's and libuv's both)
+        now = time.perf_counter()
+        if now < self.until:
+            self.turns += 1
+            assert self._loop is not None
+            self._loop.call_soon(self._turn)
+            return
+        self.polling = False
+        if self.polled is not None:
+            self.polled(now - self.since)
+
+
+def poll_select(
+    sel: selectors.BaseSelector,
+    timeout: float | None,
+    budget_s: float,
+    polled: Callable[[float], object] | None = None,
+) -> list[tuple[selectors.SelectorKey, int]]:
+    """`sel.select(timeout)`, polling (timeouts of 0) for up to `budget_s` of it first; `polled` is told the
+    seconds spent polling."""
+    start = time.perf_counter()
+    end = start + (budget_s if timeout is None else min(budget_s, timeout))
+    while True:
+        ready = sel.select(0)
+        now = time.perf_counter()
+        if ready or now >= end:
+            break
+    if polled is not None:
+        polled(now - start)
+    if ready:
+        return ready
+    if timeout is None:
+        return sel.select(None)
+    left = start + timeout - now
+    return sel.select(left) if left > 0 else []

@@ -1,0 +1,135 @@
+"""Polling before sleeping (busypoll, --busy-poll-us): an event loop kept from sleeping for the budget after
+each kick, asyncio's and uvloop's, and a selector that polls before the wait that sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from runtime.serving.busypoll import LoopPoller, poll_select
+from runtime.serving.server import run_event_loop
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, None]], kind: str) -> None:
+    run_event_loop(main(), kind)
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_a_kicked_loop_polls_for_its_budget_then_sleeps_again(kind: str) -> None:
+    stretches: list[float] = []
+    poller = LoopPoller(0.02, stretches.append)
+
+    async def main() -> None:
+        poller.kick()
+        await asyncio.sleep(0.01)
+        poller.kick()  # a kick while polling moves the end, in the same stretch
+        await asyncio.sleep(0.06)
+        assert not poller.polling
+        turns = poller.turns
+        await asyncio.sleep(0.03)
+        assert poller.turns == turns  # asleep again: no turns without a kick
+
+    _run(main, kind)
+    assert poller.turns > 50  # turn after turn, not a timer
+    assert len(stretches) == 1 and 0.025 <= stretches[0] < 0.07, stretches  # timers round to 1 ms
+
+
+def test_while_polling_asyncios_loop_waits_for_io_with_a_timeout_of_zero() -> None:
+    """What polling means for the loop: its selector is asked with timeout 0 until the budget is spent, then
+    with no timeout (nothing else scheduled: it sleeps until I/O comes)."""
+    timeouts: list[tuple[float, float | None]] = []
+    poller = LoopPoller(0.01)
+
+    async def main() -> None:
+        sel = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        select = sel.select
+
+        def recorded(timeout: float | None = None) -> Any:
+            timeouts.append((time.perf_counter(), timeout))
+            return select(timeout)
+
+        sel.select = recorded
+        r, w = socket.socketpair()
+        got = asyncio.Event()
+        asyncio.get_running_loop().add_reader(r.fileno(), got.set)
+        start = time.perf_counter()
+        poller.kick()
+        threading.Timer(0.05, w.send, (b"x",)).start()
+        await got.wait()
+        asyncio.get_running_loop().remove_reader(r.fileno())
+        r.close()
+        w.close()
+        polling = [t for at, t in timeouts if at < start + 0.01]
+        assert len(polling) > 20 and set(polling) == {0}, polling[:5]
+        at, first = next((at, t) for at, t in timeouts if t != 0)
+        assert first is None and at >= start + 0.01  # then asleep until the byte came
+
+    _run(main, "asyncio")
+
+
+def test_without_a_budget_a_kick_does_nothing() -> None:
+    stretches: list[float] = []
+    poller = LoopPoller(0.0, stretches.append)
+
+    async def main() -> None:
+        poller.kick()
+        await asyncio.sleep(0.01)
+
+    _run(main, "asyncio")
+    assert (poller.turns, poller.polling, stretches) == (0, False, [])
+
+
+@pytest.fixture()
+def pair() -> Any:
+    r, w = socket.socketpair()
+    sel = selectors.SelectSelector()
+    sel.register(r, selectors.EVENT_READ)
+    yield sel, w
+    sel.close()
+    r.close()
+    w.close()
+
+
+def test_poll_select_returns_at_once_what_is_there(pair: Any) -> None:
+    sel, w = pair
+    w.send(b"x")
+    polled: list[float] = []
+    assert len(poll_select(sel, None, 1.0, polled.append)) == 1
+    assert polled[0] < 0.1
+
+
+def test_poll_select_finds_what_comes_while_it_polls(pair: Any) -> None:
+    sel, w = pair
+    polled: list[float] = []
+    threading.Timer(0.01, w.send, (b"x",)).start()
+    assert len(poll_select(sel, None, 2.0, polled.append)) == 1
+    assert 0.005 <= polled[0] < 1.0  # found by polling, well before the budget's end
+
+
+def test_poll_select_sleeps_after_its_budget_until_what_comes(pair: Any) -> None:
+    sel, w = pair
+    polled: list[float] = []
+    threading.Timer(0.08, w.send, (b"x",)).start()
+    start = time.perf_counter()
+    assert len(poll_select(sel, None, 0.01, polled.append)) == 1
+    assert time.perf_counter() - start >= 0.07
+    assert 0.01 <= polled[0] < 0.07  # the budget, then the wait that sleeps
+
+
+def test_poll_select_keeps_to_a_timeout_shorter_than_its_budget(pair: Any) -> None:
+    sel, _ = pair
+    polled: list[float] = []
+    start = time.perf_counter()
+    assert poll_select(sel, 0.02, 1.0, polled.append) == []
+    assert 0.02 <= time.perf_counter() - start < 0.5
+    assert 0.02 <= polled[0] < 0.5
+    start = time.perf_counter()
+    assert poll_select(sel, 0.04, 0.01) == []  # then asleep for the rest of the timeout
+    assert 0.04 <= time.perf_counter() - start < 0.5
