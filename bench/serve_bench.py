@@ -136,7 +136,7 @@ def serve_kubeforge(a: argparse.Namespace) -> None:
         grpc_server=a.grpc_server,
         balance=a.balance,
         event_loop=a.event_loop,
-        busy_poll_us=a.busy_poll_us,
+        busy_poll_us=None if a.busy_poll_us == "auto" else float(a.busy_poll_us),
         allow_client_shm="shm" in a.path_set,
     )
     loaded = LoadedModel(module, sig, a.model, "1", cfg.model_uri, f"bench-{a.model}-seed0", Path("."))
@@ -234,7 +234,7 @@ def _start(
         "--event-loop",
         getattr(a, "event_loop", ServeConfig.event_loop),
         "--busy-poll-us",
-        str(getattr(a, "busy_poll_us", ServeConfig.busy_poll_us)),
+        str(getattr(a, "busy_poll_us", "auto")),
         "--paths",
         getattr(a, "paths", ""),
     ]
@@ -816,7 +816,7 @@ def main() -> int:
         choices=["auto", "asyncio", "uvloop"],
         help="the server's",
     )
-    p.add_argument("--busy-poll-us", type=float, default=ServeConfig.busy_poll_us, help="the server's")
+    p.add_argument("--busy-poll-us", default="auto", help="the server's (auto or microseconds)")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--grpc-port", type=int, default=0)

@@ -109,7 +109,7 @@ def main() -> None:
         grpc_server=env("GRPC_SERVER", sb.ServeConfig.grpc_server),
         balance=env("BALANCE", sb.ServeConfig.balance),
         event_loop=env("EVENT_LOOP", sb.ServeConfig.event_loop),
-        busy_poll_us=float(env("BUSY_POLL", str(sb.ServeConfig.busy_poll_us))),
+        busy_poll_us=env("BUSY_POLL", "auto"),
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)

@@ -6,7 +6,15 @@ request, the model process's batcher thread for the worker's, the worker again f
 wake-up costs what the host's scheduler and idle states make it: on this machine 30-50 µs, on lent GPU hosts
 29-47 µs at p50 and 60-178 at p90 after 1.5 ms idle (`hack/launch-probe.py`). Polling for a while first
 trades CPU (at most the budget per wait, and only while the process has nothing else to do) for that
-latency. Off by default: docs/serving.md has what it measured.
+latency: on a lent H100 host, ResNet-50 at 1 client, p50 1.60 -> 1.04-1.08 ms over REST and 1.80-1.82 ->
+1.33-1.38 over gRPC, rows/s at 128 clients within the runs' spread (docs/benchmarks.md). Polling is for light
+load: a worker polls while it has at most one request in the model process, the batcher thread while no
+batch is in flight and its last one ran one request; under load they are seldom idle anyway.
+
+`auto` (the default, `resolve`): AUTO_US next to an accelerator when the CPUs the server may use (its
+affinity, and the cgroup's quota: a pod's CPU limit) cover every worker and the model process's two threads
+polling at once; otherwise none, since polling past a CPU limit gets the pod throttled, and on a CPU-only
+server the cores run the model.
 
 - `LoopPoller`: an event loop (asyncio's or uvloop's) keeps a callback ready for the budget after each
   `kick`, so that its next waits for I/O have a timeout of 0: the loop polls its sockets between turns
@@ -20,9 +28,44 @@ latency. Off by default: docs/serving.md has what it measured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import selectors
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+AUTO_US = 2000.0  # covers a batch-1 round trip to the model process on a GPU (ResNet-50: ~1 ms)
+
+
+def cpus_allowed() -> float:
+    """CPUs this process may use: its affinity, and the cgroup's CPU quota when lower (v2 cpu.max, v1
+    cpu.cfs_quota_us / cpu.cfs_period_us)."""
+    n = float(len(os.sched_getaffinity(0)))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, int(quota) / int(period))
+    with contextlib.suppress(OSError, ValueError):
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        if quota_us > 0:
+            n = min(n, quota_us / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text()))
+    return n
+
+
+def resolve(
+    asked: float | None, workers: int, accelerator: bool, cpus: float | None = None
+) -> tuple[float, str]:
+    """The budget in µs for `--busy-poll-us` `asked` (None: auto) with `workers` protocol workers, and why."""
+    if asked is not None:
+        return asked, "asked for"
+    if not accelerator:
+        return 0.0, "auto: no accelerator (the cores run the model)"
+    cpus = cpus_allowed() if cpus is None else cpus
+    need = workers + 2  # every worker, the batcher thread and the thread waiting for the device
+    if cpus < need:
+        return 0.0, f"auto: {cpus:g} CPUs allowed, fewer than the {need} polling could take at once"
+    return AUTO_US, f"auto: next to an accelerator, {cpus:g} CPUs allowed"
 
 
 class LoopPoller:

@@ -46,8 +46,8 @@ class ServeConfig:
     # of the processes that serve the protocols: asyncio's own, uvloop's, or auto (uvloop's when installed)
     event_loop: str = "auto"
     # poll before sleeping (busypoll): how long a protocol worker, and the batcher thread with no batch in
-    # flight, keep polling for the message they expect next; 0: sleep at once
-    busy_poll_us: float = 0.0
+    # flight, keep polling for the message they expect next; 0: sleep at once; None: auto (busypoll.resolve)
+    busy_poll_us: float | None = None
     workers: int | None = None  # protocol worker processes; 0: one event loop in this process; None: auto
     # how client connections reach 2+ protocol workers: least-connections (the model process accepts them and
     # deals each to the worker holding the fewest, see hub.Hub) or kernel (SO_REUSEPORT: a hash of the

@@ -148,7 +148,7 @@ class Worker:
         self.link: _Link | None = None
         self._outbox: list[bytes] = []  # requests for the model process, sent once per loop turn
         self.poller = LoopPoller(
-            cfg.serve.busy_poll_us / 1e6, self.metrics.busy_poll.labels(str(cfg.index)).inc
+            (cfg.serve.busy_poll_us or 0.0) / 1e6, self.metrics.busy_poll.labels(str(cfg.index)).inc
         )
         # slots holding request bodies being read or decoded, by offset: the body that holds each. A slot
         # handed to the model process with its request leaves this map; back in the arena once answered, it

@@ -247,7 +247,7 @@ class Hub:
         self._reader: threading.Thread | None = None
         # the batcher thread's polling (busypoll): at light load (its last batch ran one request) and with no
         # batch in flight, whose finishing thread would wait for the GIL the polling holds between calls
-        self._poll_s = cfg.busy_poll_us / 1e6
+        self._poll_s = (cfg.busy_poll_us or 0.0) / 1e6
         self._polled = metrics.busy_poll.labels("model").inc
         batcher.set_external_announced(self.announced)
         batcher.set_source(self)

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from runtime.serving import busypoll, cudadriver, ipc, pagelock
 from runtime.serving import compile as compiler
-from runtime.serving import cudadriver, ipc, pagelock
 from runtime.serving.batching import Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
 from runtime.serving.config import ServeConfig
@@ -583,9 +583,12 @@ class Server:
         from runtime.serving.hub import Hub
 
         assert self._pending is not None
+        accelerator = self.cfg.backend != "cpu" and detect_hardware().family != "cpu"
+        budget, why = busypoll.resolve(self.cfg.busy_poll_us, n, accelerator)
+        log.info("polling before sleeping", extra={"busy_poll_us": budget, "why": why})
         hub = Hub(
             workers=n,
-            cfg=self.cfg,
+            cfg=replace(self.cfg, busy_poll_us=budget),
             batcher=self._pending[0],
             metrics=self.metrics,
             state=self.worker_state,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from runtime.serving.busypoll import LoopPoller, poll_select
+from runtime.serving.busypoll import AUTO_US, LoopPoller, cpus_allowed, poll_select, resolve
 from runtime.serving.server import run_event_loop
 
 
@@ -133,3 +133,20 @@ def test_poll_select_keeps_to_a_timeout_shorter_than_its_budget(pair: Any) -> No
     start = time.perf_counter()
     assert poll_select(sel, 0.04, 0.01) == []  # then asleep for the rest of the timeout
     assert 0.04 <= time.perf_counter() - start < 0.5
+
+
+def test_auto_polls_next_to_an_accelerator_only_where_the_cpus_allowed_cover_every_poller() -> None:
+    assert resolve(None, 8, True, cpus=16) == (AUTO_US, "auto: next to an accelerator, 16 CPUs allowed")
+    assert resolve(None, 8, True, cpus=10)[0] == AUTO_US  # 8 workers, the batcher and the device's waiter
+    budget, why = resolve(None, 8, True, cpus=4)  # a pod's CPU limit of 4: polling would be throttled
+    assert budget == 0 and "4 CPUs allowed, fewer than the 10" in why
+    budget, why = resolve(None, 2, False, cpus=64)
+    assert budget == 0 and "no accelerator" in why
+    assert resolve(750.0, 8, False, cpus=1) == (750.0, "asked for")  # as asked, whatever the machine
+    assert resolve(0.0, 8, True, cpus=64)[0] == 0
+
+
+def test_the_cpus_allowed_are_at_most_this_process_affinity() -> None:
+    import os
+
+    assert 0 < cpus_allowed() <= len(os.sched_getaffinity(0))

@@ -139,11 +139,12 @@ def test_launch_deviations_default_to_two_and_reach_the_config() -> None:
     assert cli._config(args).launch_deviations == 0.0
 
 
-def test_busy_polling_is_off_by_default_and_reaches_the_config() -> None:
+def test_busy_polling_is_auto_by_default_and_reaches_the_config() -> None:
     parser = cli._parser()
-    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).busy_poll_us == 0.0
-    args = parser.parse_args(["serve", "--model-uri", "m", "--busy-poll-us", "1500"])
-    assert cli._config(args).busy_poll_us == 1500.0
+    assert cli._config(parser.parse_args(["serve", "--model-uri", "m"])).busy_poll_us is None
+    for given, want in (("1500", 1500.0), ("0", 0.0), ("auto", None)):
+        args = parser.parse_args(["serve", "--model-uri", "m", "--busy-poll-us", given])
+        assert cli._config(args).busy_poll_us == want
 
 
 def test_no_flags_and_an_inferenceservice_of_defaults_both_give_serveconfigs_defaults(tmp_path: Path) -> None:
