@@ -106,8 +106,7 @@ class _Link(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport instances
 
     def data_received(self, data: bytes) -> None:
-        if len(self.worker._pending) <= 1:  # light load (busypoll): answers, the clients' next requests soon
-            self.worker.poller.kick()
+        self.worker.poll()  # answers: the clients' next requests come soon
         for kind, payload in self.reader.feed(data):
             self.worker.on_message(kind, payload)
 
@@ -211,11 +210,16 @@ class Worker:
 
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
-        if len(self._pending) <= 1:  # light load (busypoll): their answers come next
-            self.poller.kick()
+        self.poll()  # their answers come next
         if self._hub_there():
             assert self.link is not None and self.link.transport is not None
             self.link.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def poll(self) -> None:
+        """Keep the event loop polling for the budget (busypoll), at light load: at most one request of this
+        worker's in the model process."""
+        if len(self._pending) <= 1:
+            self.poller.kick()
 
     def slot_body(self, length: int, header_len: int) -> SlotBody | None:
         """A free slot to read a request body of `length` bytes into (the kernel writes it to shared memory
