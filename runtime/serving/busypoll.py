@@ -28,29 +28,13 @@ server the cores run the model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import selectors
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from runtime.serving.detect import cpus_allowed
 
 AUTO_US = 2000.0  # covers a batch-1 round trip to the model process on a GPU (ResNet-50: ~1 ms)
-
-
-def cpus_allowed() -> float:
-    """CPUs this process may use: its affinity, and the cgroup's CPU quota when lower (v2 cpu.max, v1
-    cpu.cfs_quota_us / cpu.cfs_period_us)."""
-    n = float(len(os.sched_getaffinity(0)))
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, int(quota) / int(period))
-    with contextlib.suppress(OSError, ValueError):
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        if quota_us > 0:
-            n = min(n, quota_us / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text()))
-    return n
 
 
 def resolve(

@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
         "--torch-threads",
         type=int,
         default=D.torch_threads,
-        help="intra-op threads of the model (default 0: all cores but one on a CPU, 4 on an accelerator)",
+        help="intra-op threads of the model (default 0: all CPUs allowed but one on a CPU, 4 on an "
+        "accelerator; the CPUs allowed are the affinity and the pod's CPU limit, not the node's cores)",
     )
     sub.add_parser("compile", parents=[common], help="compile into the cache and exit (init container)")
     s = sub.add_parser("serve", parents=[common], help="serve over REST and gRPC")

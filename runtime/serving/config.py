@@ -39,7 +39,7 @@ class ServeConfig:
     max_inflight_bytes: int = 0  # request bytes a process holds at once (http1.Budget); 0: 4 x max payload
     drain_delay_s: float = 0.0
     grace_s: float = 30.0
-    torch_threads: int = 0  # model's intra-op threads; 0: all cores but one (CPU), 4 (accelerator)
+    torch_threads: int = 0  # intra-op threads; 0: the CPUs allowed but one (CPU), 4 (accelerator)
     copy_stream: bool = True  # CUDA: copy inputs to the GPU on a stream of their own (see pinned_gather)
     launch_deviations: float = LAUNCH_DEVIATIONS  # pipelined: a launch's budget beyond its mean (Batcher)
     grpc_server: str = "native"  # native: protocol.http2; grpcio: grpc.aio

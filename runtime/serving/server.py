@@ -11,7 +11,7 @@ import contextlib
 import gc
 import importlib.util
 import logging
-import os
+import math
 import signal
 import socket
 import sys
@@ -28,7 +28,7 @@ from runtime.serving import compile as compiler
 from runtime.serving.batching import Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
 from runtime.serving.config import ServeConfig
-from runtime.serving.detect import detect_hardware
+from runtime.serving.detect import cpus_allowed, detect_hardware
 from runtime.serving.errors import BadRequest
 from runtime.serving.loader import LoadedModel, load_model
 from runtime.serving.logs import apply_log_settings, checked_log_settings, log_settings
@@ -299,8 +299,9 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
 
 def _set_threads(n: int) -> None:
     """Leave a core to the event loop: with every core in an OpenMP team, its barriers wait on threads the
-    event loop has descheduled, and a CPU batch runs many times slower (measured 10x on 2 cores)."""
-    n = n or max(1, (os.cpu_count() or 2) - 1)
+    event loop has descheduled, and a CPU batch runs many times slower (measured 10x on 2 cores). The cores
+    are the CPUs allowed (affinity, a pod's CPU limit), not the node's: torch's default counts the node's."""
+    n = n or max(1, math.ceil(cpus_allowed()) - 1)
     torch.set_num_threads(n)
     log.info("torch threads", extra={"intra_op_threads": n})
 
@@ -495,12 +496,12 @@ class Server:
 
     def worker_count(self) -> int:
         """Protocol worker processes: as configured, else none on a CPU-only machine (the cores run the
-        model) and half the cores, at most 8, next to an accelerator."""
+        model) and half the CPUs allowed (affinity, a pod's CPU limit), at most 8, next to an accelerator."""
         if self.cfg.workers is not None:
             return self.cfg.workers
         if detect_hardware().family == "cpu":
             return 0
-        return min(8, max(1, (os.cpu_count() or 2) // 2))
+        return min(8, max(1, int(cpus_allowed()) // 2))
 
     def worker_state(self) -> dict[str, Any]:
         """What protocol workers need to answer health, metadata and readiness themselves."""

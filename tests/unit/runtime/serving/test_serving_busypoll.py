@@ -4,16 +4,19 @@ each kick, asyncio's and uvloop's, and a selector that polls before the wait tha
 from __future__ import annotations
 
 import asyncio
+import os
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from runtime.serving.busypoll import AUTO_US, LoopPoller, cpus_allowed, poll_select, resolve
+from runtime.serving.busypoll import AUTO_US, LoopPoller, poll_select, resolve
+from runtime.serving.detect import cpus_allowed
 from runtime.serving.server import run_event_loop
 
 
@@ -146,7 +149,51 @@ def test_auto_polls_next_to_an_accelerator_only_where_the_cpus_allowed_cover_eve
     assert resolve(0.0, 8, True, cpus=64)[0] == 0
 
 
-def test_the_cpus_allowed_are_at_most_this_process_affinity() -> None:
-    import os
+def test_the_cpus_allowed_are_the_affinity_or_the_cgroups_quota_when_lower(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert cpus_allowed(tmp_path) == cores  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no limit
+    assert cpus_allowed(tmp_path) == cores
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # a pod's limit of 500m
+    assert cpus_allowed(tmp_path) == 0.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()  # cgroup v1: -1 is no limit
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus_allowed(tmp_path) == cores
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    assert cpus_allowed(tmp_path) == min(cores, 1.5)
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("garbage\n")  # unreadable: no limit assumed
+    assert cpus_allowed(tmp_path) == cores
+    assert 0 < cpus_allowed() <= cores  # this machine's own
 
-    assert 0 < cpus_allowed() <= len(os.sched_getaffinity(0))
+
+def test_torch_threads_and_protocol_workers_follow_the_cpus_allowed_not_the_nodes_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pod limited to 4 CPUs on a 64-core node: 3 intra-op threads (one CPU left to the event loop) and 2
+    protocol workers next to an accelerator, not 63 threads and 8 workers throttled by the limit."""
+    import torch
+
+    from runtime.serving import server as srv
+    from runtime.serving.detect import Device, Hardware
+
+    monkeypatch.setattr(srv, "cpus_allowed", lambda: 4.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the node's
+    before = torch.get_num_threads()
+    try:
+        srv._set_threads(0)
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(srv, "cpus_allowed", lambda: 2.5)  # 2500m: the threads round up, one left
+        srv._set_threads(0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    gpu = Device("cuda:0", "H100", "h100")
+    hw = Hardware("cuda", {"cuda": gpu, "cpu": Device("cpu", "cpu", "cpu")})
+    monkeypatch.setattr(srv, "detect_hardware", lambda: hw)
+    server = srv.Server(srv.ServeConfig(model_uri="m"), lambda: None)  # type: ignore[arg-type,return-value]
+    monkeypatch.setattr(srv, "cpus_allowed", lambda: 4.0)
+    assert server.worker_count() == 2
+    monkeypatch.setattr(srv, "cpus_allowed", lambda: 64.0)
+    assert server.worker_count() == 8
