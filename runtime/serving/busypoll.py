@@ -32,7 +32,7 @@ import selectors
 import time
 from collections.abc import Callable
 
-from runtime.serving.detect import cpus_allowed
+from runtime.cpus import cpus_allowed
 
 AUTO_US = 2000.0  # covers a batch-1 round trip to the model process on a GPU (ResNet-50: ~1 ms)
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
-import os
 import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -51,22 +48,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpus_allowed(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
-    """CPUs this process may use: its affinity, and the cgroup's CPU quota when lower (v2 `cpu.max`, v1
-    `cpu/cpu.cfs_quota_us` over `cpu.cfs_period_us`): a pod's CPU limit. `os.cpu_count()` counts the node's
-    cores: 64 threads under a limit of 4 CPUs get the pod throttled for most of every period."""
-    n = float(len(os.sched_getaffinity(0)))
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, int(quota) / int(period))
-    with contextlib.suppress(OSError, ValueError):
-        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
-        if quota_us > 0:
-            n = min(n, quota_us / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text()))
-    return n
 
 
 def _try_import(module: str) -> tuple[bool, str]:

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from runtime.cpus import cpus_allowed
 from runtime.serving import busypoll, cudadriver, ipc, pagelock
 from runtime.serving import compile as compiler
 from runtime.serving.batching import Batcher, BatchRunner, Gather
 from runtime.serving.compile.base import Runner
 from runtime.serving.config import ServeConfig
-from runtime.serving.detect import cpus_allowed, detect_hardware
+from runtime.serving.detect import detect_hardware
 from runtime.serving.errors import BadRequest
 from runtime.serving.loader import LoadedModel, load_model
 from runtime.serving.logs import apply_log_settings, checked_log_settings, log_settings

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from crds.common import SPEC_FILE_NAME, SPEC_MOUNT_DIR
 from crds.trainingjob import TrainingJobSpec, TrainingProgress
+from runtime.cpus import cpus_allowed
 from runtime.training.parallel.dims import LayoutError, validate_range
 from runtime.training.progress import FileSink, write_termination_log
 from runtime.training.protocol import EntryPointError
@@ -210,8 +211,9 @@ def _launch(
         worker_args.append("--bar")
     if config.start_method == "fork":  # import once here, so forked workers start with everything loaded
         _preload(spec)
-    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: no oversubscription of the node's cores
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: no oversubscription of the CPUs allowed
+        # (affinity, and the pod's CPU limit: the node's cores under a limit get the pod throttled)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_allowed()) // nproc))
     # The agent's shared TCPStore outlives a restart without a per-attempt key prefix, so re-formed workers
     # can read the dead group's gloo/NCCL addresses; a store per rendezvous round (hosted by rank 0)
     # avoids it.

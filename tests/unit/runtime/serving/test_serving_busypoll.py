@@ -10,13 +10,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from runtime.serving.busypoll import AUTO_US, LoopPoller, poll_select, resolve
-from runtime.serving.detect import cpus_allowed
 from runtime.serving.server import run_event_loop
 
 
@@ -147,25 +145,6 @@ def test_auto_polls_next_to_an_accelerator_only_where_the_cpus_allowed_cover_eve
     assert budget == 0 and "no accelerator" in why
     assert resolve(750.0, 8, False, cpus=1) == (750.0, "asked for")  # as asked, whatever the machine
     assert resolve(0.0, 8, True, cpus=64)[0] == 0
-
-
-def test_the_cpus_allowed_are_the_affinity_or_the_cgroups_quota_when_lower(tmp_path: Path) -> None:
-    cores = len(os.sched_getaffinity(0))
-    assert cpus_allowed(tmp_path) == cores  # no cgroup files: the affinity
-    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no limit
-    assert cpus_allowed(tmp_path) == cores
-    (tmp_path / "cpu.max").write_text("50000 100000\n")  # a pod's limit of 500m
-    assert cpus_allowed(tmp_path) == 0.5
-    (tmp_path / "cpu.max").unlink()
-    (tmp_path / "cpu").mkdir()  # cgroup v1: -1 is no limit
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert cpus_allowed(tmp_path) == cores
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
-    assert cpus_allowed(tmp_path) == min(cores, 1.5)
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("garbage\n")  # unreadable: no limit assumed
-    assert cpus_allowed(tmp_path) == cores
-    assert 0 < cpus_allowed() <= cores  # this machine's own
 
 
 def test_torch_threads_and_protocol_workers_follow_the_cpus_allowed_not_the_nodes_cores(
