@@ -873,3 +873,49 @@ def test_a_dead_worker_that_cannot_be_started_again_is_retried_and_leaks_nothing
         for sock in [*hub._channels.values(), *hub._holds, hub._listener]:
             sock.close()
         b.close(5)
+
+
+def test_the_batcher_thread_polls_only_at_light_load_with_no_batch_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """busypoll's rule in the hub: the batcher thread's rounds (`cut`) poll before sleeping when no batch is
+    in flight (its finishing thread would wait for the GIL that polling holds) and the last batch ran one
+    request (light load); not the reader thread's rounds before the model is ready, not with polling off."""
+    import runtime.serving.hub as hubmod
+    from runtime.serving.config import ServeConfig
+
+    class Batches:  # what the hub reads of its batcher (no batcher thread racing these rounds)
+        inflight = 0
+        last_taken = 0
+
+        def set_external_announced(self, announced: Any) -> None:
+            pass
+
+        def set_source(self, source: Any) -> None:
+            pass
+
+    polls: list[float | None] = []
+
+    def poll_select(sel: Any, timeout: float | None, budget: float, polled: Any) -> list[Any]:
+        polls.append(timeout)
+        polled(budget)
+        return []
+
+    monkeypatch.setattr(hubmod, "poll_select", poll_select)
+    b = Batches()
+    for budget in (500.0, 0.0):
+        cfg = ServeConfig(model_uri="m", host="127.0.0.1", http_port=0, grpc_port=0, busy_poll_us=budget)
+        metrics = Metrics()
+        hub = hubmod.Hub(workers=1, cfg=cfg, batcher=b, metrics=metrics, state=dict)  # type: ignore[arg-type]
+        try:
+            polls.clear()
+            rounds = [(0, 1, True), (1, 1, True), (0, 3, True), (0, 0, False), (0, 0, True)]
+            for inflight, last, cut in rounds:  # batches in flight, requests in the last one, a batcher round
+                b.inflight, b.last_taken = inflight, last
+                hub._select(0.001, cut=cut)
+            assert polls == ([0.001, 0.001] if budget else []), budget
+            text = metrics.render().decode()
+            assert f'kubeforge_busy_poll_seconds_total{{process="model"}} {2 * budget / 1e6}' in text, text
+        finally:
+            for sock in [*hub._holds, hub._listener]:
+                sock.close()
