@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from runtime.serving import ipc, pagelock
 from runtime.serving.batching import Answer, Batcher, Pending
-from runtime.serving.busypoll import poll_select
+from runtime.serving.busypoll import Pace, poll_select
 from runtime.serving.config import ServeConfig
 from runtime.serving.errors import InferError, Unavailable
 from runtime.serving.frontend import WorkerConfig, listen_socket, main
@@ -245,10 +245,12 @@ class Hub:
         self._woken = False  # wake() was called during this round
         self._turn = 0  # the ready connection a round starts with (see take_turns)
         self._reader: threading.Thread | None = None
-        # the batcher thread's polling (busypoll): at light load (its last batch ran one request) and with no
-        # batch in flight, whose finishing thread would wait for the GIL the polling holds between calls
+        # the batcher thread's polling (busypoll): at light load (its last batch ran one request, requests
+        # come MIN_GAP_S apart or more) and with no batch in flight, whose finishing thread would wait for the
+        # GIL the polling holds between calls
         self._poll_s = (cfg.busy_poll_us or 0.0) / 1e6
         self._polled = metrics.busy_poll.labels("model").inc
+        self._pace = Pace()  # of the workers' requests (polling at light load only)
         batcher.set_external_announced(self.announced)
         batcher.set_source(self)
 
@@ -401,7 +403,8 @@ class Hub:
         self._woken = False
         try:
             b = self.batcher
-            if cut and self._poll_s and timeout != 0 and not b.inflight and b.last_taken <= 1:
+            light = not b.inflight and b.last_taken <= 1 and self._pace.light()
+            if cut and self._poll_s and timeout != 0 and light:
                 ready = poll_select(self._sel, timeout, self._poll_s, self._polled)
             else:
                 ready = self._sel.select(timeout)
@@ -467,6 +470,7 @@ class Hub:
 
     def _handle(self, conn: _Conn, kind: int, payload: bytearray) -> None:
         if kind == ipc.REQ:
+            self._pace.arrived()
             self._hop.observe(time.monotonic() - ipc.sent_at(kind, payload))
             try:
                 rid, rows, inputs, deadline, priority = ipc.decode_request(

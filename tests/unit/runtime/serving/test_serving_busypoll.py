@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from runtime.serving.busypoll import AUTO_US, LoopPoller, poll_select, resolve
+from runtime.serving.busypoll import AUTO_US, MIN_GAP_S, LoopPoller, Pace, poll_select, resolve
 from runtime.serving.server import run_event_loop
 
 
@@ -176,3 +176,23 @@ def test_torch_threads_and_protocol_workers_follow_the_cpus_allowed_not_the_node
     assert server.worker_count() == 2
     monkeypatch.setattr(srv, "cpus_allowed", lambda: 64.0)
     assert server.worker_count() == 8
+
+
+def test_the_pace_is_light_while_requests_come_further_apart_than_min_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    pace = Pace()
+    assert pace.light()  # nothing yet
+    for _ in range(3):  # one client's round trips: 1 ms apart
+        clock[0] += 0.001
+        pace.arrived()
+    assert pace.light() and pace.gap == pytest.approx(0.001)
+    for _ in range(20):  # then 10,000 requests a second: not light once the mean has followed
+        clock[0] += 0.0001
+        pace.arrived()
+    assert not pace.light() and pace.gap < MIN_GAP_S
+    clock[0] += 0.004  # four requests sent at once after 4 ms: 1 ms apart each
+    pace.arrived(4)
+    assert pace.gap == pytest.approx(0.0001 + (0.001 - 0.0001) * 0.2, rel=0.05)

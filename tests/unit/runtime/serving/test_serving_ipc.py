@@ -879,9 +879,11 @@ def test_the_batcher_thread_polls_only_at_light_load_with_no_batch_in_flight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """busypoll's rule in the hub: the batcher thread's rounds (`cut`) poll before sleeping when no batch is
-    in flight (its finishing thread would wait for the GIL that polling holds) and the last batch ran one
-    request (light load); not the reader thread's rounds before the model is ready, not with polling off."""
+    in flight (its finishing thread would wait for the GIL that polling holds), the last batch ran one
+    request and requests come further apart than MIN_GAP_S (light load); not the reader thread's rounds
+    before the model is ready, not with polling off."""
     import runtime.serving.hub as hubmod
+    from runtime.serving.busypoll import MIN_GAP_S
     from runtime.serving.config import ServeConfig
 
     class Batches:  # what the hub reads of its batcher (no batcher thread racing these rounds)
@@ -916,6 +918,10 @@ def test_the_batcher_thread_polls_only_at_light_load_with_no_batch_in_flight(
             assert polls == ([0.001, 0.001] if budget else []), budget
             text = metrics.render().decode()
             assert f'kubeforge_busy_poll_seconds_total{{process="model"}} {2 * budget / 1e6}' in text, text
+            hub._pace.gap = MIN_GAP_S / 2  # requests coming fast: not light load
+            b.inflight, b.last_taken = 0, 1
+            hub._select(0.001, cut=True)
+            assert len(polls) == (2 if budget else 0)
         finally:
             for sock in [*hub._holds, hub._listener]:
                 sock.close()
