@@ -80,8 +80,9 @@ def resolve(
 
 class LoopPoller:
     """Keeps the running event loop polling (no sleep in its waits for I/O) for `budget_s` after each
-    `kick`; `budget_s` 0: never (kick does nothing). `polled` is told the seconds of each stretch of polling
-    as it ends (wall time: the work the loop did meanwhile included)."""
+    `kick` while the requests it is told of (`arrived`) come at a light pace; `budget_s` 0: never (both do
+    nothing). `polled` is told the seconds of each stretch of polling as it ends (wall time: the work the
+    loop did meanwhile included)."""
 
     def __init__(self, budget_s: float, polled: Callable[[float], object] | None = None) -> None:
         self.budget_s = budget_s
@@ -90,10 +91,15 @@ class LoopPoller:
         self.since = 0.0  # when this stretch of polling began
         self.polling = False
         self.turns = 0  # loop turns it kept from sleeping (tests, diagnostics)
+        self.pace = Pace()
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def arrived(self, n: int = 1) -> None:
+        if self.budget_s:
+            self.pace.arrived(n)
+
     def kick(self) -> None:
-        if not self.budget_s:
+        if not self.budget_s or not self.pace.light():
             return
         now = time.perf_counter()
         self.until = now + self.budget_s

@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 
 from runtime.serving import errors, ipc
-from runtime.serving.busypoll import LoopPoller, Pace
+from runtime.serving.busypoll import LoopPoller
 from runtime.serving.config import ServeConfig
 from runtime.serving.errors import InferError, ModelFailure, Unavailable
 from runtime.serving.logs import apply_log_settings
@@ -146,7 +146,6 @@ class Worker:
         self._hub_lost = False
         self.link: _Link | None = None
         self._outbox: list[bytes] = []  # requests for the model process, sent once per loop turn
-        self.pace = Pace()  # of the requests sent to the model process
         self.poller = LoopPoller(
             (cfg.serve.busy_poll_us or 0.0) / 1e6, self.metrics.busy_poll.labels(str(cfg.index)).inc
         )
@@ -211,7 +210,7 @@ class Worker:
 
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
-        self.pace.arrived(len(out))
+        self.poller.arrived(len(out))
         self.poll()  # their answers come next
         if self._hub_there():
             assert self.link is not None and self.link.transport is not None
@@ -219,8 +218,9 @@ class Worker:
 
     def poll(self) -> None:
         """Keep the event loop polling for the budget (busypoll), at light load: at most one request of this
-        worker's in the model process, and requests not coming faster than busypoll.MIN_GAP_S apart."""
-        if len(self._pending) <= 1 and self.pace.light():
+        worker's in the model process, and requests not coming faster than busypoll.MIN_GAP_S apart (the
+        poller's pace)."""
+        if len(self._pending) <= 1:
             self.poller.kick()
 
     def slot_body(self, length: int, header_len: int) -> SlotBody | None:

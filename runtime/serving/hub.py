@@ -402,9 +402,7 @@ class Hub:
         start = time.perf_counter()
         self._woken = False
         try:
-            b = self.batcher
-            light = not b.inflight and b.last_taken <= 1 and self._pace.light()
-            if cut and self._poll_s and timeout != 0 and light:
+            if cut and self._poll_s and timeout != 0 and self._light_load():
                 ready = poll_select(self._sel, timeout, self._poll_s, self._polled)
             else:
                 ready = self._sel.select(timeout)
@@ -424,6 +422,12 @@ class Hub:
         ends = start + timeout if timeout else math.inf
         over = (lambda: self._woken or time.perf_counter() >= ends) if cut else (lambda: False)
         self._turn = take_turns(conns, self._turn, self._ready, over)
+
+    def _light_load(self) -> bool:
+        """busypoll: no batch in flight (its finishing thread would wait for the GIL polling holds), the last
+        one ran one request, and the workers' requests come MIN_GAP_S apart or more."""
+        b = self.batcher
+        return not b.inflight and b.last_taken <= 1 and self._pace.light()
 
     def _ready(self, key: selectors.SelectorKey) -> None:
         if key.data is not None:
@@ -470,7 +474,8 @@ class Hub:
 
     def _handle(self, conn: _Conn, kind: int, payload: bytearray) -> None:
         if kind == ipc.REQ:
-            self._pace.arrived()
+            if self._poll_s:
+                self._pace.arrived()
             self._hop.observe(time.monotonic() - ipc.sent_at(kind, payload))
             try:
                 rid, rows, inputs, deadline, priority = ipc.decode_request(

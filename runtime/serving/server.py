@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -500,9 +500,14 @@ class Server:
         model) and half the CPUs allowed (affinity, a pod's CPU limit), at most 8, next to an accelerator."""
         if self.cfg.workers is not None:
             return self.cfg.workers
-        if detect_hardware().family == "cpu":
+        if self._family == "cpu":
             return 0
         return min(8, max(1, int(cpus_allowed()) // 2))
+
+    @cached_property
+    def _family(self) -> str:
+        """The hardware's best family (detect_hardware), probed once for the start-up's choices."""
+        return detect_hardware().family
 
     def worker_state(self) -> dict[str, Any]:
         """What protocol workers need to answer health, metadata and readiness themselves."""
@@ -585,8 +590,9 @@ class Server:
         from runtime.serving.hub import Hub
 
         assert self._pending is not None
-        accelerator = self.cfg.backend != "cpu" and detect_hardware().family != "cpu"
-        budget, why = busypoll.resolve(self.cfg.busy_poll_us, n, accelerator)
+        asked = self.cfg.busy_poll_us  # None: auto, which asks what the hardware is
+        accelerator = asked is None and self.cfg.backend != "cpu" and self._family != "cpu"
+        budget, why = busypoll.resolve(asked, n, accelerator)
         log.info("polling before sleeping", extra={"busy_poll_us": budget, "why": why})
         hub = Hub(
             workers=n,
