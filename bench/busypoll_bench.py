@@ -17,21 +17,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_bench as sb
-
-
-def _requests(port: int) -> float:
-    """Requests the server answered so far (kubeforge_requests_total over every process)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("kubeforge_requests_total{")
-    )
 
 
 def _point(
@@ -56,9 +45,10 @@ def _point(
         return sb._wrk(url, body, c, s, headers, tmp)
 
     load(1)  # warm
-    n0, (m0, w0) = _requests(port), sb._cpu_seconds(pid)
+    rows0, (m0, w0) = sb.server_counters(port)["kubeforge_batch_size_sum"], sb._cpu_seconds(pid)
     r = load(seconds)
-    n, (m1, w1) = max(1.0, _requests(port) - n0), sb._cpu_seconds(pid)
+    rows1, (m1, w1) = sb.server_counters(port)["kubeforge_batch_size_sum"], sb._cpu_seconds(pid)
+    n, _ = sb.load_span(rows1 - rows0, r["rps"], seconds)  # one row a request; grpcload's warm-up counted
     r["model_us"], r["workers_us"] = 1e6 * (m1 - m0) / n, 1e6 * (w1 - w0) / n
     return r
 

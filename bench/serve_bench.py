@@ -492,6 +492,20 @@ def connections_held(pids: list[str], ports: set[int]) -> list[int]:
     return counts
 
 
+def server_counters(port: int) -> dict[str, float]:
+    """A Kubeforge server's batch and device counters: rows and batches, device busy seconds, and its idle
+    seconds with a request waiting (kubeforge_device_idle_seconds, reasons queued and launching)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    out = dict.fromkeys(_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{")[0]
+        if name == "kubeforge_device_idle_seconds_total" and 'reason="no_requests"' in line:
+            continue
+        if name in out:
+            out[name] += float(line.split()[-1])
+    return out
+
+
 def bodies(model: str) -> tuple[bytes, bytes, int, bytes]:
     """One row's request for `model`, as each path sends it: the REST JSON body, the REST binary body (JSON
     header, then the tensor; binary outputs asked for) with its header's length, and the serialized gRPC
@@ -558,25 +572,12 @@ def _measure_server(
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
     shm_rest, shm_grpc, shm_done = shm_bodies(model, port) if "shm" in a.path_set else (b"", b"", None)
 
-    def counters() -> dict[str, float]:
-        """The server's batch and device counters: rows and batches, device busy seconds, and its idle
-        seconds with a request waiting (kubeforge_device_idle_seconds, reasons queued and launching)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        out = dict.fromkeys(_COUNTERS, 0.0)
-        for line in text.splitlines():
-            name = line.split("{")[0]
-            if name == "kubeforge_device_idle_seconds_total" and 'reason="no_requests"' in line:
-                continue
-            if name in out:
-                out[name] += float(line.split()[-1])
-        return out
-
     def measured(key: tuple[str, int], fn: Callable[[], dict[str, float]]) -> None:
-        k0 = counters()
+        k0 = server_counters(port)
         m0, w0 = _cpu_seconds(pid)
         r = fn()
         m1, w1 = _cpu_seconds(pid)
-        k1 = counters()
+        k1 = server_counters(port)
         d = {k: k1[k] - k0[k] for k in _COUNTERS}
         r["batch"] = d["kubeforge_batch_size_sum"] / max(1.0, d["kubeforge_batch_size_count"])
         requests, span = load_span(d["kubeforge_batch_size_sum"], r["rps"], a.seconds)
