@@ -196,3 +196,19 @@ def test_the_pace_is_light_while_requests_come_further_apart_than_min_gap(
     clock[0] += 0.004  # four requests sent at once after 4 ms: 1 ms apart each
     pace.arrived(4)
     assert pace.gap == pytest.approx(0.0001 + (0.001 - 0.0001) * 0.2, rel=0.05)
+
+
+def test_a_poller_told_of_requests_coming_fast_does_not_poll() -> None:
+    fast = LoopPoller(0.02)
+    off = LoopPoller(0.0)
+
+    async def main() -> None:
+        for _ in range(50):  # a burst: far less than MIN_GAP_S apart
+            fast.arrived()
+            off.arrived()
+        fast.kick()
+        await asyncio.sleep(0.01)
+
+    _run(main, "asyncio")
+    assert not fast.pace.light() and (fast.turns, fast.polling) == (0, False)
+    assert off.pace.last == 0.0  # without a budget nothing is kept per request
