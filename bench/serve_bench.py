@@ -362,8 +362,10 @@ def _grpc_load(
 
 
 def grpc_load_tool(given: str) -> str | None:
-    """The gRPC load generator: `given` if it is a file, else bench/grpcload built into .cache/gobin (with
-    Go, when missing or older than its source); None without either."""
+    """The gRPC load generator: `given` (or else $GRPC_LOAD) if it is a file, else bench/grpcload built into
+    .cache/gobin (with Go, when missing or older than its source); None without either. On the lent GPU
+    machine there is no Go: $GRPC_LOAD names the kit's binary (hack/device-kit.sh)."""
+    given = given or os.environ.get("GRPC_LOAD", "")
     if given:
         return given if Path(given).is_file() else None
     src, out = ROOT / "bench/grpcload", ROOT / ".cache/gobin/grpcload"

@@ -84,3 +84,17 @@ def test_host_shares_compare_each_server_point_with_the_host_input_ceiling_at_it
     assert "naive" not in line
     # on a CPU there is no host-input ceiling: no line at all
     assert serve_bench.host_shares(results, {1: {"rps": 2_000.0}, 32: {"rps": 9.0}}, max_batch=32) == ""
+
+
+def test_the_grpc_load_generator_named_in_the_environment_is_the_one_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the lent GPU machine there is no Go to build bench/grpcload: every bench takes $GRPC_LOAD (the
+    thirteenth session's busypoll_bench ignored it and refused to run there)."""
+    tool = tmp_path / "grpcload"
+    tool.write_bytes(b"")
+    monkeypatch.setenv("GRPC_LOAD", str(tool))
+    assert serve_bench.grpc_load_tool("") == str(tool)
+    assert serve_bench.grpc_load_tool(str(tmp_path / "given")) is None  # named but missing: no other is taken
+    monkeypatch.setenv("GRPC_LOAD", str(tmp_path / "missing"))
+    assert serve_bench.grpc_load_tool("") is None
