@@ -10,6 +10,10 @@ times out; only the framing is measured; the first call may go before the client
     xnet           bench/grpcload -h2 xnet, golang.org/x/net/http2's client
 
     python hack/grpc-frames.py [--bytes 602153] [--grpcload .cache/gobin/grpcload]
+
+With `--concurrent N`, N calls at once on one connection from grpc-go and from x/net's client: at which of
+the connection's DATA frames each call's message was complete. grpc-go sends a 16 KiB frame of each call in
+turn (its writer's round robin), so every message completes near the end of all N.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from runtime.serving.protocol.http2 import _FRAME, ACK, DATA, PING, PREFACE, SER
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def data_frames(srv: socket.socket, want: int, calls: int = 2) -> list[list[int]]:
+def data_frames(
+    srv: socket.socket, want: int, calls: int = 2, order: list[int] | None = None
+) -> list[list[int]]:
     """Accept one connection and return, for each of its first `calls` calls, the sizes of the DATA frames
     that carry its `want` bytes (the first call may go before the client has read our SETTINGS)."""
     conn, _ = srv.accept()
@@ -57,6 +63,8 @@ def data_frames(srv: socket.socket, want: int, calls: int = 2) -> list[list[int]
                     conn.sendall(frame(kind, ACK, 0, buf[9 : 9 + n] if kind == PING else b""))
                 elif kind == DATA:
                     streams.setdefault(sid, []).append(n)
+                    if order is not None:  # the connection's DATA frames in turn, by stream
+                        order.append(sid)
                 buf = buf[9 + n :]
             if done():
                 break
@@ -74,7 +82,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bytes", type=int, default=602_153, help="the message's size (a ResNet-50 request's)")
     ap.add_argument("--grpcload", default=".cache/gobin/grpcload", help="bench/grpcload's binary")
+    ap.add_argument("--concurrent", type=int, default=1, help="calls at once on one connection (Go clients)")
     a = ap.parse_args()
+    if a.concurrent > 1:
+        return interleaving(a)
     message = bytes(a.bytes)
     want = a.bytes + 5  # gRPC's message prefix
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +117,35 @@ def main() -> int:
             for i, sizes in enumerate(result[0] if result else []):
                 span = f"{min(sizes):,} to {max(sizes):,} bytes each"
                 print(f"{client}, call {i + 1}: {len(sizes)} DATA frames for {want:,} bytes, {span}")
+    return 0
+
+
+def interleaving(a: argparse.Namespace) -> int:
+    """--concurrent: the frame at which each of N concurrent calls' messages was whole, per Go client."""
+    want = a.bytes + 5
+    if not Path(a.grpcload).is_file():
+        print(f"no {a.grpcload} (python bench/serve_bench.py builds it)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "req.bin"
+        req.write_bytes(bytes(a.bytes))
+        for client in ("grpc-go", "xnet"):
+            srv = socket.create_server(("127.0.0.1", 0))
+            order: list[int] = []
+            t = threading.Thread(target=data_frames, args=(srv, want, a.concurrent, order))
+            t.start()
+            cmd = [a.grpcload, "-addr", f"127.0.0.1:{srv.getsockname()[1]}", "-request", str(req)]
+            cmd += ["-warmup", "0s", "-d", "2500ms", "-timeout", "1s", "-c", str(a.concurrent)]
+            cmd += ["-connections", "1", *(["-h2", "xnet"] if client == "xnet" else [])]
+            subprocess.run(cmd, capture_output=True, timeout=60)
+            t.join(timeout=10)
+            srv.close()
+            last = {sid: i + 1 for i, sid in enumerate(order)}  # each stream's last frame, 1-based
+            done = sorted(last.values())[: a.concurrent]
+            print(
+                f"{client}: {a.concurrent} calls on one connection, {len(order)} DATA frames; "
+                f"the messages were whole at frames {', '.join(map(str, done))}"
+            )
     return 0
 
 
