@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostspeed
 import serve_bench as sb
 
 
@@ -85,6 +86,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="busypoll-bench-"))
     cache = str(tmp / "cache")
     runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    before = hostspeed.measure()
     for _ in range(a.rounds):
         for budget in budgets:
             server.busy_poll_us = budget
@@ -112,7 +114,10 @@ def main() -> int:
                         )
             finally:
                 sb._stop(proc)
+    after = hostspeed.measure()
     print(f"`python bench/busypoll_bench.py {' '.join(sys.argv[1:])}`".rstrip() + "\n")
+    print(before.line("before the runs"))
+    print(after.line("after them") + "\n")
     print(
         f"{a.model} on {a.device}, {a.workers} protocol worker(s), {a.seconds:g} s a point, {a.rounds} rounds"
     )

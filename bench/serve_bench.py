@@ -872,11 +872,15 @@ def main() -> int:
         f"--seconds {a.seconds:.0f} --workers {','.join(map(str, a.workers_list))} --paths {a.paths} "
         f"--concurrency {','.join(map(str, a.concurrency))}{'' if a.copy_stream else ' --no-copy-stream'}`"
     ]
+    import hostspeed  # this folder: the script's own
+
     with tempfile.TemporaryDirectory(prefix="kf-bench-") as d:
         work = Path(a.workdir or d)
         work.mkdir(parents=True, exist_ok=True)
         for model in a.models.split(","):
+            before = hostspeed.measure()
             lines += run_model(a, model, work, grpc_load)
+            lines += ["", before.line("before this model's points"), hostspeed.measure().line("after them")]
             print("\n".join(lines), flush=True)
     text = "\n".join(lines) + "\n"
     if a.out:

@@ -73,7 +73,7 @@ interleaved() {
       for i in "${!names[@]}"; do
         (cd "${dirs[$i]}" && PYTHONPATH=/tmp/site:${dirs[$i]} MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 \
           GRPC=$g TAG=$m-c$c-g$g-${names[$i]} timeout 200 python hack/serve-profile.py 2>&1 |
-          grep -E "SUMMARY|THREADS|WORKERS|Error|errors")
+          grep -E "SUMMARY|THREADS|WORKERS|HOST|Error|errors")
         [[ -n ${LOGGREP:-} ]] && grep -a "$LOGGREP" /tmp/kf-serve-profile/log | tail -1
       done
     done
@@ -99,7 +99,7 @@ copy-stream)
   for tag in ${TAGS:-one-stream copy-stream one-stream copy-stream}; do
     cs=0; [[ $tag == copy-stream ]] && cs=1
     MODEL=${MODEL:-resnet50} W=8 C=${C:-64} D=5 DEV=cuda MAXB=32 COPY_STREAM=$cs GRPC=${GRPC:-0} TAG=$tag \
-      timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" | tail -2
+      timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|HOST|Error" | tail -3
   done ;;
 loops)
   # --event-loop asyncio against uvloop, interleaved, at each of $CONCS (1 128), REST then gRPC
@@ -107,7 +107,7 @@ loops)
     for g in 0 1; do
       for loop in asyncio uvloop asyncio uvloop; do
         MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=$g EVENT_LOOP=$loop TAG=$loop-c$c-g$g \
-          timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error" | tail -1
+          timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|HOST|Error" | tail -2
       done
     done
   done ;;
@@ -116,7 +116,7 @@ poll)
     for g in 0 1; do
       for us in ${POLLS:-0 2000 0 2000}; do
         MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=$g BUSY_POLL=$us TAG=poll$us-c$c-g$g \
-          timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|Error" | tail -1
+          timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|HOST|Error" | tail -2
       done
     done
   done ;;
@@ -130,7 +130,7 @@ datapath)
   for g in ${PROTOCOLS:-0 1}; do  # 0 REST, 1 gRPC
     d=${OUT:-/tmp/gpu-datapath}/$([[ $g == 1 ]] && echo grpc || echo rest); mkdir -p "$d"
     MODEL=tinyimage W=8 C=64 D=5 DEV=cuda MAXB=32 GRPC=$g GIL=1 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d \
-      TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
+      TAG=$(basename "$d") timeout 100 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|HOST|Error"
   done ;;
 clients)
   for c in ${CONCS:-1 64}; do
@@ -138,13 +138,13 @@ clients)
       flags="-h2 $tool"; load=grpcload; [[ $tool == ghz ]] && flags="" load=ghz
       GRPC_LOAD=$PWD/.cache/dev/bin/$load BENCH_GRPCLOAD_FLAGS=$flags MODEL=${MODEL:-resnet50} W=8 C=$c D=5 \
         DEV=cuda MAXB=32 GRPC=1 TAG=$tool-c$c timeout 150 python hack/serve-profile.py 2>&1 |
-        grep -E "SUMMARY|THREADS|Error"
+        grep -E "SUMMARY|THREADS|HOST|Error"
     done
   done ;;
 latency)
   d=${OUT:-/tmp/gpu-latency}/latency; mkdir -p "$d"
   MODEL=${MODEL:-bert} W=8 C=1 D=5 DEV=cuda MAXB=32 WALL=1 SPYW=1 SPY=/tmp/site/bin/py-spy OUT=$d TAG=c1 \
-    timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error" ;;
+    timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|HOST|Error" ;;
 ab)
   base=/tmp/ab-base; rm -rf $base && cp -a . $base && (cd $base && git apply -R .cache/ab.patch) || exit 1
   names=(base new) dirs=("$base" "$PWD"); interleaved ;;
@@ -162,7 +162,7 @@ spread)
     for b in least-connections kernel least-connections kernel; do
       BALANCE=$b BENCH_GRPC_CONNECTIONS=$n MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g \
         TAG=$m-c$c-g$g-n$n-$b timeout 200 python hack/serve-profile.py 2>&1 |
-        grep -E "SUMMARY|THREADS|WORKERS|Error|errors"
+        grep -E "SUMMARY|THREADS|WORKERS|HOST|Error|errors"
     done
   done ;;
 idle)
@@ -170,7 +170,7 @@ idle)
     [[ -z $m ]] && continue
     for i in 1 2; do
       MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g TAG=$m-c$c-g$g-$i timeout 200 python hack/serve-profile.py \
-        2>&1 | grep -E "SUMMARY|THREADS|Error"
+        2>&1 | grep -E "SUMMARY|THREADS|HOST|Error"
     done
   done ;;
 deviations)
@@ -178,7 +178,7 @@ deviations)
     [[ -z $m ]] && continue
     for k in 2 0 2 0; do
       LAUNCH_DEVIATIONS=$k MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 GRPC=$g TAG=$m-c$c-g$g-dev$k \
-        timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|Error"
+        timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|HOST|Error"
     done
   done ;;
 gather)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
+import hostspeed  # noqa: E402
 import serve_bench as sb  # noqa: E402
 
 _INPUTS = "kubeforge_worker_inputs_total"
@@ -113,6 +114,7 @@ def main() -> None:
     )
     tmp = Path(env("WORK", "/tmp/kf-serve-profile"))
     tmp.mkdir(exist_ok=True)
+    before = hostspeed.measure()
     proc, port, gport, _ = sb._start("kubeforge", a, model, str(tmp / f"cache-{model}"), tmp / "log", workers)
     try:
         _, body, head_len, wire = sb.bodies(model)
@@ -206,6 +208,7 @@ def main() -> None:
         )
     finally:
         sb._stop(proc)
+    print(f"HOST {env('TAG', '')}: before {before.short()} | after {hostspeed.measure().short()}")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,20 @@ def test_the_grpc_load_generator_named_in_the_environment_is_the_one_used(
     assert serve_bench.grpc_load_tool(str(tmp_path / "given")) is None  # named but missing: no other is taken
     monkeypatch.setenv("GRPC_LOAD", str(tmp_path / "missing"))
     assert serve_bench.grpc_load_tool("") is None
+
+
+def test_the_host_line_measures_this_host_and_names_each_figure() -> None:
+    """Each bench table carries how fast the host was before and after its points (bench/hostspeed.py)."""
+    spec = importlib.util.spec_from_file_location(
+        "hostspeed", Path(__file__).resolve().parents[4] / "bench" / "hostspeed.py"
+    )
+    assert spec is not None and spec.loader is not None
+    hostspeed = importlib.util.module_from_spec(spec)
+    sys.modules["hostspeed"] = hostspeed  # its dataclass looks its module up
+    spec.loader.exec_module(hostspeed)
+    h = hostspeed.measure()
+    assert 1 < h.python_ns < 100_000 and 0.01 < h.copy_gbps < 10_000 and 0 < h.wakeup_us < 1_000_000
+    assert h.cpus >= 1 and h.cpu_model
+    line = h.line("before")
+    assert line.startswith("host (before): Python ") and f"{h.copy_gbps:.1f} GB/s" in line
+    assert f"{h.cpus:g} CPUs allowed" in line and "µs" in h.short()
