@@ -6,16 +6,24 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "serve_bench", Path(__file__).resolve().parents[4] / "bench" / "serve_bench.py"
-)
-assert _spec is not None and _spec.loader is not None
-serve_bench = importlib.util.module_from_spec(_spec)
-sys.modules["serve_bench"] = serve_bench  # its dataclasses look their module up
-_spec.loader.exec_module(serve_bench)
+
+def _bench_module(name: str) -> Any:
+    """bench/<name>.py, imported by its path (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[4] / "bench" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+serve_bench = _bench_module("serve_bench")
 
 # wrk 4.2's report with --latency, for a server that answered some requests late and refused others
 WRK = """Running 3s test @ http://127.0.0.1:8000/v2/models/m/infer
@@ -102,14 +110,7 @@ def test_the_grpc_load_generator_named_in_the_environment_is_the_one_used(
 
 def test_the_host_line_measures_this_host_and_names_each_figure() -> None:
     """Each bench table carries how fast the host was before and after its points (bench/hostspeed.py)."""
-    spec = importlib.util.spec_from_file_location(
-        "hostspeed", Path(__file__).resolve().parents[4] / "bench" / "hostspeed.py"
-    )
-    assert spec is not None and spec.loader is not None
-    hostspeed = importlib.util.module_from_spec(spec)
-    sys.modules["hostspeed"] = hostspeed  # its dataclass looks its module up
-    spec.loader.exec_module(hostspeed)
-    h = hostspeed.measure()
+    h = _bench_module("hostspeed").measure()
     assert 1 < h.python_ns < 100_000 and 0.01 < h.copy_gbps < 10_000 and 0 < h.wakeup_us < 1_000_000
     assert h.cpus >= 1 and h.cpu_model
     line = h.line("before")
