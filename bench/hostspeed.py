@@ -97,6 +97,7 @@ def _wakeup_us(rounds: int = 400) -> float:
     a, b = socket.socketpair()
     child = subprocess.Popen([sys.executable, "-c", _ECHO, str(b.fileno())], pass_fds=(b.fileno(),))
     b.close()
+    a.settimeout(10)  # a child that never came up fails the measurement instead of hanging it
     samples = []
     try:
         a.sendall(b"x")
@@ -108,8 +109,12 @@ def _wakeup_us(rounds: int = 400) -> float:
             a.recv(64)
             samples.append(time.perf_counter() - t)
     finally:
-        a.close()
-        child.wait(5)
+        a.close()  # the child reads its end: it exits
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
     return statistics.median(samples) * 1e6
 
 
