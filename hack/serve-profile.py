@@ -27,7 +27,9 @@ A second line, THREADS, gives each model-process thread's CPU over the run (perc
 names the server gives its OS threads), the load generator's CPU per request (wrk, grpcload or ghz), and
 where the workers put the inputs (kubeforge_worker_inputs_total: in place in shared memory, copied there,
 inline). A third, WORKERS, gives each protocol worker's CPU over the run (percent of one core) and the client
-connections it holds halfway through, busiest first: how evenly the load spread.
+connections it holds halfway through, busiest first: how evenly the load spread. A fourth, HOST, says how fast
+the host was before the server started and after it stopped (bench/hostspeed.py): lent machines differ, and
+change while they are held.
 """
 
 from __future__ import annotations
