@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-.venv/.ready: pyproject.toml setup.py runtime/serving/protocol/_h2fast.c hack/python-env.sh
+.venv/.ready: pyproject.toml hack/python-env.sh
 	@bash hack/python-env.sh >/dev/null
 	@touch $@
 

@@ -26,9 +26,6 @@
 #   poll         the server's --busy-poll-us, $POLLS (0 2000 0 2000) interleaved, ResNet-50 ($MODEL), 8 workers,
 #                REST then gRPC, at each of $CONCS (1 128) clients (hack/serve-profile.py's SUMMARY lines: p50,
 #                rows/s, CPU per request of the model process and the workers)
-#   receive      the gRPC receive loop in C against the Python one (KUBEFORGE_PURE_PYTHON=1), interleaved
-#                ($LOOPS: python c python c python c), ResNet-50 ($MODEL), 8 workers, gRPC at each of $CONCS
-#                (128 1) clients (hack/serve-profile.py's SUMMARY lines: rows/s, p50, the workers' CPU per request)
 #   spread       how the load spreads over the protocol workers (hack/serve-profile.py's WORKERS line), the
 #                server's --balance least-connections against kernel, interleaved (least, kernel, least,
 #                kernel), for each line "MODEL C GRPC CONNECTIONS" of $RUNS (CONNECTIONS: gRPC's; default:
@@ -123,15 +120,6 @@ poll)
       done
     done
   done ;;
-receive)
-  for c in ${CONCS:-128 1}; do
-    for loop in ${LOOPS:-python c python c python c}; do
-      pure=0; [[ $loop == python ]] && pure=1
-      KUBEFORGE_PURE_PYTHON=$pure MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=1 TAG=$loop-c$c \
-        timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|HOST|Error" | tail -2
-      grep -a -o '"grpc_receive_loop":"[^"]*"' /tmp/kf-serve-profile/log | tail -1
-    done
-  done ;;
 grpc)
   for g in native grpcio; do
     timeout 280 python bench/serve_bench.py --device cuda --models ${MODEL:-bert} --mode aot --precision bf16 \
@@ -205,5 +193,5 @@ precompile) # cold start with a filled compile cache, torch's caching precompile
       --workdir "/tmp/kf-precompile-$v" > "${OUT:-/tmp}/precompile-$v.log" 2>&1
     echo "TORCH_CACHING_PRECOMPILE=$v rc=$?"; grep -E "Cold|Error" "${OUT:-/tmp}/precompile-$v.log" | tail -3
   done ;;
-*) echo "usage: $0 tests|tables|copy-stream|receive|grpc|datapath|clients|latency|ab|trees|spread|idle|deviations|gather|overlap|precompile" >&2; exit 2 ;;
+*) echo "usage: $0 tests|tables|copy-stream|grpc|datapath|clients|latency|ab|trees|spread|idle|deviations|gather|overlap|precompile" >&2; exit 2 ;;
 esac

@@ -35,7 +35,7 @@ from runtime.serving.loader import LoadedModel, load_model
 from runtime.serving.logs import apply_log_settings, checked_log_settings, log_settings
 from runtime.serving.metrics import Metrics
 from runtime.serving.model import Repository, ServedModel
-from runtime.serving.protocol import datatypes, http2
+from runtime.serving.protocol import datatypes
 from runtime.serving.protocol.http1 import Body, Listener
 from runtime.serving.protocol.rest import SLOT_BODY_MIN, SlotBody
 from runtime.serving.signature import Signature, TensorSpec
@@ -560,7 +560,6 @@ class Server:
                 "host": cfg.host,
                 "workers": workers,
                 "event_loop": event_loop_name(),
-                "grpc_receive_loop": http2.RECEIVE_LOOP,
             },
         )
         model_task = asyncio.create_task(self._await_model())

@@ -50,7 +50,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import os
 import socket
 import struct
 import time
@@ -62,20 +61,6 @@ from hpack.exceptions import HPACKError
 from runtime.serving.protocol.compression import ACCEPTED, CompressionError, inflate
 from runtime.serving.protocol.hpackdec import Decoder
 from runtime.serving.protocol.http1 import READ_CHUNK, Body, Budget, Listener, PlainBody, close_then_drop
-
-# The middle of unary calls' messages taken in C (setup.py builds it where a C compiler is; optional), unless
-# KUBEFORGE_PURE_PYTHON=1; else by the Python loop in _Connection._frames. RECEIVE_LOOP says which (the
-# server's "listening" log line).
-data_run: Callable[[dict[int, Any], memoryview, int, int, int, int], tuple[int, int]] | None = None
-if os.environ.get("KUBEFORGE_PURE_PYTHON", "") not in ("", "0"):
-    RECEIVE_LOOP = "python (KUBEFORGE_PURE_PYTHON)"
-else:
-    try:
-        from runtime.serving.protocol._h2fast import data_run as _data_run
-    except ImportError as e:  # pragma: no cover - installed without a C compiler
-        RECEIVE_LOOP = f"python (the C loop is not built: {e})"
-    else:
-        data_run, RECEIVE_LOOP = _data_run, "c"
 
 log = logging.getLogger(__name__)
 
@@ -412,13 +397,6 @@ class _Connection(asyncio.BufferedProtocol):
                 self.data_left, self.data_sid, self.data_flags = length - have, sid, flags
                 return end
             if kind == DATA and not flags & (PADDED | END_STREAM):
-                if data_run is not None and not self.block_sid:  # the run of such frames from here, in C
-                    moved, self.recv_unacked = data_run(
-                        self.streams, view, off, end, self.recv_unacked, WINDOW // 2
-                    )
-                    if moved != off:
-                        off = moved
-                        continue
                 s = self.streams.get(sid)
                 # the middle of a unary call's message (grpc-go sends 16 KiB frames): straight into its
                 # buffer, what _data_start, _receive and _data_end do for it in one place

@@ -19,7 +19,7 @@ import pytest
 
 from runtime.serving.frontend import listen_socket
 from runtime.serving.protocol import http2
-from runtime.serving.protocol.http1 import Budget, PlainBody
+from runtime.serving.protocol.http1 import Budget
 from runtime.serving.protocol.http2 import GrpcServer, RpcError
 from runtime.serving.protocol.protowire import RAW_INPUT_CONTENTS, field_start, split_field
 from tests.fixtures.polling import until
@@ -863,16 +863,10 @@ def test_protocol_errors_are_answered_as_rfc_9113_says_and_late_frames_of_a_rese
     _serve(Echo(), scenario)
 
 
-@pytest.mark.parametrize("loop", ["c", "python"])
-def test_a_message_in_many_small_data_frames_arrives_whole_and_its_windows_are_refilled(
-    loop: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A 9 MiB message in 16 KiB DATA frames (as grpc-go sends them; the receiving side's fast path, in C
-    and in Python), each read holding several frames and ending mid-frame: the echo is the message reversed,
-    and past half of each 16 MiB window the server sent WINDOW_UPDATEs for the connection and the stream."""
-    assert http2.data_run is not None, "the C receive loop (setup.py) is not built: pip install -e . needs cc"
-    if loop == "python":
-        monkeypatch.setattr(http2, "data_run", None)
+def test_a_message_in_many_small_data_frames_arrives_whole_and_its_windows_are_refilled() -> None:
+    """A 9 MiB message in 16 KiB DATA frames (as grpc-go sends them; the receiving side's fast path), each
+    read holding several frames and ending mid-frame: the echo is the message reversed, and past half of
+    each 16 MiB window the server sent WINDOW_UPDATEs for the connection and the stream."""
     message = bytes(range(256)) * (9 << 12)  # 9 MiB
 
     async def scenario(target: str, _: GrpcServer) -> None:
@@ -997,62 +991,3 @@ def test_a_call_reset_before_its_task_ran_gives_its_bytes_back_and_a_stream_ende
         c.w.close()
 
     _serve(Echo().handlers(), scenario, stream_handlers=_stream_handlers(cancelled))
-
-
-class _Held:
-    """What data_run reads of a call: the attributes of http2._Stream it looks at."""
-
-    def __init__(
-        self, size: int, *, task: object = None, inbox: object = None, counted: bool = False
-    ) -> None:
-        self.body: PlainBody | None = PlainBody(memoryview(bytearray(size)))
-        self.task, self.inbox, self.counted = task, inbox, counted
-        self.filled = self.unacked = 0
-
-
-def test_the_c_receive_loop_takes_a_run_of_middle_data_frames_and_stops_at_the_first_it_may_not() -> None:
-    """data_run, the C loop: interleaved streams' 16 KiB frames land in their own messages at their own
-    offsets (large payloads through non-temporal stores, small ones through memcpy), the counters grow by
-    each payload, and it stops, leaving the frame to the Python loop, at each frame that is not its to take:
-    padded, END_STREAM, not DATA, cut short, a stream unknown, with a task, streaming, counted, without its
-    buffer, with no room left, or one that would reach the WINDOW_UPDATE threshold."""
-    assert http2.data_run is not None, "the C receive loop (setup.py) is not built: pip install -e . needs cc"
-    run = http2.data_run
-    a, b = _Held(40_000), _Held(40_000)
-    a.filled, a.unacked = 100, 7
-    streams: dict[int, Any] = {1: a, 3: b}
-    pay = [os.urandom(16384), os.urandom(16384), os.urandom(3000), os.urandom(5)]
-    wire = b"".join(
-        http2.frame(http2.DATA, 0, sid, p) for sid, p in ((1, pay[0]), (3, pay[1]), (1, pay[2]), (3, pay[3]))
-    )
-    stop = http2.frame(http2.DATA, http2.END_STREAM, 1, b"end")
-    view = memoryview(b"xx" + wire + stop)
-    off, unacked = run(streams, view, 2, len(view), 50, http2.WINDOW // 2)
-    assert (off, unacked) == (2 + len(wire), 50 + sum(map(len, pay)))
-    assert bytes(a.body.view[100 : 100 + 16384 + 3000]) == pay[0] + pay[2]  # type: ignore[union-attr]
-    assert bytes(b.body.view[: 16384 + 5]) == pay[1] + pay[3]  # type: ignore[union-attr]
-    assert (a.filled, a.unacked, b.filled, b.unacked) == (100 + 19384, 7 + 19384, 16389, 16389)
-
-    def taken(frame: bytes, s: Any, conn_unacked: int = 0, limit: int = http2.WINDOW // 2) -> int:
-        view = memoryview(frame)
-        return int(run({1: s}, view, 0, len(view), conn_unacked, limit)[0])
-
-    data = http2.frame(http2.DATA, 0, 1, b"abc")
-    assert taken(data, _Held(10)) == len(data)
-    assert taken(data[:-1], _Held(10)) == 0  # cut short
-    assert taken(http2.frame(http2.DATA, http2.PADDED, 1, b"\x00abc"), _Held(10)) == 0
-    assert taken(http2.frame(http2.HEADERS, 0, 1, b"abc"), _Held(10)) == 0
-    assert taken(http2.frame(http2.DATA, 0, 3, b"abc"), _Held(10)) == 0  # no such stream
-    assert taken(data, _Held(10, task=object())) == 0
-    assert taken(data, _Held(10, inbox=object())) == 0
-    assert taken(data, _Held(10, counted=True)) == 0
-    assert taken(data, _Held(2)) == 0  # no room
-    unbuffered = _Held(10)
-    unbuffered.body = None
-    assert taken(data, unbuffered) == 0
-    assert taken(data, _Held(10), conn_unacked=7, limit=10) == 0  # the connection's update is due
-    near = _Held(10)
-    near.unacked = 7
-    assert taken(data, near, limit=10) == 0 and near.filled == 0  # the stream's
-    with pytest.raises(ValueError, match="within the view"):
-        run({}, memoryview(data), 0, len(data) + 1, 0, 10)
