@@ -228,7 +228,8 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
     """Assemble a batch on the device without synchronous copies from pageable memory.
 
     Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, which the hub
-    registers with CUDA: pagelock) go to the device by DMA with no CPU copy, the batch's copies in one call
+    registers with CUDA: pagelock), and a batch of one request's rows whatever their size, go to the device
+    by DMA with no CPU copy, the batch's copies in one call
     of the CUDA driver's that keeps the GIL (cudadriver). torch's calls let go of the GIL and take it back,
     and this thread is the one every batch waits for: with a call per row (and `is_pinned()`, a driver call,
     per row) it spent half its time waiting to get the GIL back from the threads that read requests and
@@ -279,7 +280,9 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
             shape = (padded_rows, *ts[0].shape[1:])
             sizes = [t.shape[0] for t in ts]
             rows = sum(sizes)
-            if ts[0].nbytes >= DIRECT_COPY_ROW_BYTES * sizes[0] and all(map(pagelock.holds, ts)):
+            # one request's rows: one copy either way, so straight from its slot (BERT's 1 KB ids at batch 1)
+            direct = len(ts) == 1 or ts[0].nbytes >= DIRECT_COPY_ROW_BYTES * sizes[0]
+            if direct and all(map(pagelock.holds, ts)):
                 batch = torch.empty(shape, dtype=ts[0].dtype, device=device)
                 if not driver_copy(batch, ts):
                     # one call for the batch's copies: no Python, and no GIL hand-over, between them

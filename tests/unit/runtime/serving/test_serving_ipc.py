@@ -241,7 +241,8 @@ def test_pagelock_holds_only_tensors_wholly_inside_a_registered_range() -> None:
 
 def test_pinned_gather_direct_path_equals_concatenation() -> None:
     """The direct path's logic (one call copying every request's rows into its place, padding zeroed) on the
-    CPU: rows in a range marked page-locked take it, and the batch equals the plain concatenation."""
+    CPU: large rows in a range marked page-locked take it, and so do one request's small rows; the batch
+    equals the plain concatenation."""
     from runtime.serving.batching import cat_and_pad
     from runtime.serving.server import DIRECT_COPY_ROW_BYTES, pinned_gather
 
@@ -254,6 +255,16 @@ def test_pinned_gather_direct_path_equals_concatenation() -> None:
             got = pinned_gather("cpu")(parts, padded)
             assert torch.equal(got[0], cat_and_pad(parts, padded)[0]), padded
             assert got[0].data_ptr() != host.data_ptr()  # a new batch, not a view of the rows
+        # one request's small rows take it too (one copy either way); the staging path would need CUDA here
+        one = [[host[1:3, :8].contiguous()]]
+        pagelock._add(one[0][0].data_ptr(), one[0][0].nbytes)
+        try:
+            assert torch.equal(pinned_gather("cpu")(one, 4)[0], cat_and_pad(one, 4)[0])
+        finally:
+            pagelock._remove(one[0][0].data_ptr())
+        if not torch.cuda.is_available():  # two requests' small rows are staged: page-locked host memory
+            with pytest.raises(RuntimeError):
+                pinned_gather("cpu")([[host[0:1, :8], host[1:2, :8]]], 2)
     finally:
         pagelock._remove(host.data_ptr())
 
