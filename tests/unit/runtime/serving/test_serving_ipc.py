@@ -284,10 +284,10 @@ def test_pagelock_register_without_cuda_changes_nothing() -> None:
 def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
     tmp_path: Path, copy_stream: bool, driver: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Large rows from a registered arena go to the GPU by DMA, small rows through the staging buffer;
-    both give the batch the CPU concatenation gives (with a copy stream, once the compute stream waited for
-    it, as cuda_runner does): through the CUDA driver, through torch's copies once a driver call failed,
-    and through torch's alone (KUBEFORGE_CUDA_DRIVER_CALLS=0)."""
+    """Large rows from a registered arena, and a lone request's small ones, go to the GPU by DMA, other small
+    rows through the staging buffer; both give the batch the CPU concatenation gives (with a copy stream,
+    once the compute stream waited for it, as cuda_runner does): through the CUDA driver, through torch's
+    copies once a driver call failed, and through torch's alone (KUBEFORGE_CUDA_DRIVER_CALLS=0)."""
     from runtime.serving import cudadriver
     from runtime.serving.batching import cat_and_pad
     from runtime.serving.hub import _page_lock, _page_unlock
@@ -317,15 +317,16 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
     _page_lock(arena)
     try:
         big = [torch.randn(1, 3, 128, 128), torch.randn(2, 3, 128, 128)]  # 196 KB rows: direct copies
-        placed = [arena.place([t], arena.take(t.numel() * 4))[0] for t in big]
-        views = [
+        ids = torch.randint(0, 9, (1, 8))  # 64 bytes in a slot: direct too as the batch's only request
+        placed = [arena.place([t], arena.take(t.numel() * t.element_size()))[0] for t in [*big, ids]]
+        *views, ids_view = [
             ipc.decode_request(memoryview(ipc.encode_request(0, 1, [p])[5:]), arena.buf)[2][0] for p in placed
         ]
-        assert all(v.is_pinned() and pagelock.holds(v) for v in views)
+        assert all(v.is_pinned() and pagelock.holds(v) for v in [*views, ids_view])
         small = [torch.randint(0, 9, (1, 8)), torch.randint(0, 9, (2, 8))]  # pageable: staging buffer
         stream = torch.cuda.Stream() if copy_stream else None  # type: ignore[no-untyped-call]
         gather = pinned_gather("cuda", stream)
-        for parts in ([views, small[:2]], [[views[0]], [small[0]]]):
+        for parts in ([views, small[:2]], [[views[0]], [small[0]]], [[ids_view]]):
             rows = sum(t.shape[0] for t in parts[0])
             got = gather(parts, 4)
             if stream is not None:
@@ -334,8 +335,9 @@ def test_gpu_gather_from_page_locked_arena_equals_cpu_concatenation(
             for g, w in zip(got, want, strict=True):
                 assert g.device.type == "cuda" and torch.equal(g.cpu(), w), rows
         torch.cuda.synchronize()
-        # a batch's large rows in one driver call each time; a failed call hands over to torch for good
-        assert len(calls) == {"driver": 2, "driver-fails": 1, "torch": 0}[driver]
+        # a batch's large rows (or its one request's) in one driver call each time; a failed call hands over
+        # to torch for good
+        assert len(calls) == {"driver": 3, "driver-fails": 1, "torch": 0}[driver]
     finally:
         # unregister before unmapping, as the hub does: a registration outliving its mapping makes CUDA
         # refuse the next mapping at that address ("already registered"), which failed the next GPU test
