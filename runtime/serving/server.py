@@ -229,11 +229,11 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
 
     Large rows that already lie in page-locked memory (protocol workers' shared-memory arenas, which the hub
     registers with CUDA: pagelock), and a batch of one request's rows whatever their size, go to the device
-    by DMA with no CPU copy, the batch's copies in one call
-    of the CUDA driver's that keeps the GIL (cudadriver). torch's calls let go of the GIL and take it back,
-    and this thread is the one every batch waits for: with a call per row (and `is_pinned()`, a driver call,
-    per row) it spent half its time waiting to get the GIL back from the threads that read requests and
-    answer batches (H200, 602 KB rows, 13,000 rows/s); torch's `_foreach_copy_`, one call for the batch,
+    by DMA with no CPU copy, the batch's copies in one call of the CUDA driver's that keeps the GIL
+    (cudadriver). torch's calls let go of the GIL and take it back, and this thread is the one every batch
+    waits for: with a call per row (and `is_pinned()`, a driver call, per row) it spent half its time
+    waiting to get the GIL back from the threads that read requests and answer batches (H200, 602 KB rows,
+    13,000 rows/s); torch's `_foreach_copy_`, one call for the batch,
     still took ~0.3 ms of ~0.6 for launching a batch of 21 rows, the driver's batch call 0.05. Anything
     else is concatenated into a page-locked buffer whose copy to the device does not wait. The buffer comes
     from torch's caching host allocator, which reuses a block only after the copies queued from it have
