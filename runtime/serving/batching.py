@@ -352,10 +352,13 @@ class Batcher:
             self._source = source
             self._notify()
 
-    def withdraw(self) -> None:
-        """An announced request will not be submitted (bad input)."""
+    def withdraw(self, notify: bool = False) -> None:
+        """An announced request will not be submitted (bad input), or an announcement held for requests that
+        may come is given up (`notify`: a batch waiting for it forms now)."""
         with self._cond:
             self._announced = max(0, self._announced - 1)
+            if notify:
+                self._notify(now=False)
 
     def submit(
         self,

@@ -217,8 +217,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "asyncio", "uvloop"],
         help="the event loop of the processes that serve REST and gRPC: asyncio's own, or uvloop's (libuv; "
         "needs the uvloop package, which the serving extra installs); auto (the default): uvloop's when "
-        "installed. On a lent GPU host uvloop took 17 %% off a worker's CPU per gRPC request; without "
-        "protocol workers (CPU-only) asyncio's served 8-18 %% more REST rows/s at 64 clients "
+        "installed. On a lent GPU host uvloop took 17 %% off a worker's CPU per gRPC request "
         "(docs/serving.md)",
     )
     s.add_argument(

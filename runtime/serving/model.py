@@ -70,6 +70,11 @@ class _Waker:
         self._lock = threading.Lock()
         self._done: list[tuple[Any, tuple[torch.Tensor, ...] | BaseException]] = []
         self._scheduled = False
+        # the batchers that got a request in this turn of the loop: each holds one announcement until the turn
+        # ends, so that a batch does not form from its first requests. uvloop runs its loop without the GIL
+        # and takes it for each callback, which lets the batcher's thread in between: MLP, 64 REST clients,
+        # no protocol workers, 40 rows a batch without the hold, 51 with it (docs/benchmarks.md)
+        self._held: list[Batcher] = []
         # requests whose task was cancelled (run): handed back before the task saw it, or awaited by the task
         self._gone: set[asyncio.Future[Any]] = set()
         self._released: dict[asyncio.Future[Any], asyncio.Future[None]] = {}
@@ -78,6 +83,11 @@ class _Waker:
         self, batcher: Batcher, inputs: list[torch.Tensor], rows: int, deadline: float, priority: int = 0
     ) -> tuple[torch.Tensor, ...]:
         mine: asyncio.Future[tuple[torch.Tensor, ...]] = self._loop.create_future()
+        if batcher not in self._held:  # the turn's first request: a batch forming waits for the turn's rest
+            batcher.announce()
+            self._held.append(batcher)
+            if len(self._held) == 1:
+                self._loop.call_soon(self._end_turn)
         pending = batcher.submit_to(
             self, mine, inputs, rows, announced=True, deadline=deadline, priority=priority
         )
@@ -96,6 +106,12 @@ class _Waker:
                 released = self._released[mine] = self._loop.create_future()
                 await released
             raise
+
+    def _end_turn(self) -> None:
+        """The loop turn whose requests were announced as one is over: the batches may form."""
+        held, self._held = self._held, []
+        for b in held:
+            b.withdraw(notify=True)
 
     def deliver(self, answer: Answer) -> None:  # the batcher's threads
         results = answer.results()

@@ -185,6 +185,49 @@ def test_server_threads_carry_their_names_to_the_os() -> None:
     assert seen["comm"] == "batcher-a-long-"  # the kernel keeps 15 bytes
 
 
+def test_one_loop_turns_requests_form_one_batch_though_the_batcher_thread_runs_between_them() -> None:
+    """Requests that reach a model in one turn of the event loop are one batch, even when the batcher's thread
+    gets the GIL between them (as under uvloop, which runs its loop without the GIL): the turn's first
+    request holds an announcement until the turn ends, and giving it up lets the batch form at once (not
+    after max_delay); each request gets its own rows back."""
+    import time
+
+    from runtime.serving.batching import Batcher
+    from runtime.serving.model import ServedModel
+
+    sig = Signature((TensorSpec("x", "FP32", (-1, 2)),), (TensorSpec("y", "FP32", (-1, 2)),))
+    sizes: list[int] = []
+
+    def run(xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        sizes.append(xs[0].shape[0])
+        return (xs[0] * 2,)
+
+    batcher = Batcher(run, max_batch_size=8, max_delay_s=5.0)
+    model = ServedModel("m", "1", sig, batcher, 8, ready=True)
+
+    def let_go_of_the_gil() -> None:  # inside this turn: the batcher's thread, woken, runs meanwhile
+        time.sleep(0.02)
+
+    async def one(i: int) -> tuple[torch.Tensor, ...]:
+        if i:  # between one request queued and the next one read (not announced yet: still unread)
+            let_go_of_the_gil()
+        batcher.announce()  # as the protocol layers do once a request's body is known
+        return await model.infer([torch.full((1, 2), float(i))], 1)
+
+    async def main() -> list[tuple[torch.Tensor, ...]]:
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    t0 = time.perf_counter()
+    try:
+        outs = asyncio.run(main())
+    finally:
+        batcher.close(5)
+    assert sizes == [4]
+    assert time.perf_counter() - t0 < 2.5  # the held announcement given up with a notify, not timed out
+    assert [float(o[0][0, 0]) for o in outs] == [0.0, 2.0, 4.0, 6.0]
+    assert batcher._announced == 0
+
+
 def test_a_request_for_a_model_not_ready_is_refused_by_name_and_withdrawn_wherever_it_runs() -> None:
     """ServedModel (batches in this process) and RemoteModel (batches in the model process): while the model
     compiles or warms up, a request is refused (503 / UNAVAILABLE) naming the model, and the batcher stops
