@@ -877,10 +877,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kf-bench-") as d:
         work = Path(a.workdir or d)
         work.mkdir(parents=True, exist_ok=True)
+        before = hostspeed.measure()
         for model in a.models.split(","):
-            before = hostspeed.measure()
             lines += run_model(a, model, work, grpc_load)
-            lines += ["", before.line("before this model's points"), hostspeed.measure().line("after them")]
+            after = hostspeed.measure()  # also the next model's "before": nothing runs in between
+            lines += ["", before.line("before this model's points"), after.line("after them")]
+            before = after
             print("\n".join(lines), flush=True)
     text = "\n".join(lines) + "\n"
     if a.out:
