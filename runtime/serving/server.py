@@ -233,11 +233,11 @@ def pinned_gather(device: str, copy_stream: torch.cuda.Stream | None = None) -> 
     (cudadriver). torch's calls let go of the GIL and take it back, and this thread is the one every batch
     waits for: with a call per row (and `is_pinned()`, a driver call, per row) it spent half its time
     waiting to get the GIL back from the threads that read requests and answer batches (H200, 602 KB rows,
-    13,000 rows/s); torch's `_foreach_copy_`, one call for the batch,
-    still took ~0.3 ms of ~0.6 for launching a batch of 21 rows, the driver's batch call 0.05. Anything
-    else is concatenated into a page-locked buffer whose copy to the device does not wait. The buffer comes
-    from torch's caching host allocator, which reuses a block only after the copies queued from it have
-    run: with batches in flight, a buffer still waiting for its copy is never overwritten.
+    13,000 rows/s); torch's `_foreach_copy_`, one call for the batch, still took ~0.3 ms of ~0.6 for
+    launching a batch of 21 rows, the driver's batch call 0.05. Anything else is concatenated into a
+    page-locked buffer whose copy to the device does not wait. The buffer comes from torch's caching host
+    allocator, which reuses a block only after the copies queued from it have run: with batches in flight, a
+    buffer still waiting for its copy is never overwritten.
 
     With `copy_stream` the copies go on that stream, so the next batch's inputs travel to the GPU while the
     compute stream still runs the batch before (cuda_runner makes each batch wait for its own copies). On the
