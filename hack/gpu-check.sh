@@ -45,7 +45,8 @@
 #   precompile   ResNet-50's cold start with the compile cache, TORCH_CACHING_PRECOMPILE=0 then 1 (each fills
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
-#                carry it too), same machine, interleaved base/new/base/new, for each line "MODEL C GRPC" of
+#                carry it too; `git apply -R --check .cache/ab.patch` here first: an older commit's diff may
+#                no longer apply to the tree, and the call then ends at once), same machine, interleaved base/new/base/new, for each line "MODEL C GRPC" of
 #                $RUNS (default: datapath's load, "tinyimage 64 0"); D seconds per run (5)
 #   trees        the tree against copies of it with each of $PATCHES applied (files, carried; a copy is named
 #                after its file), same machine, interleaved (tree, each patch; twice), for each line of $RUNS as
@@ -74,7 +75,7 @@ interleaved() {
         (cd "${dirs[$i]}" && PYTHONPATH=/tmp/site:${dirs[$i]} MODEL=$m W=8 C=$c D=${D:-5} DEV=cuda MAXB=32 \
           GRPC=$g TAG=$m-c$c-g$g-${names[$i]} timeout 200 python hack/serve-profile.py 2>&1 |
           grep -E "SUMMARY|THREADS|WORKERS|HOST|Error|errors")
-        [[ -n ${LOGGREP:-} ]] && grep -a "$LOGGREP" /tmp/kf-serve-profile/log | tail -1
+        if [[ -n ${LOGGREP:-} ]]; then grep -a "$LOGGREP" /tmp/kf-serve-profile/log | tail -1; fi
       done
     done
   done
