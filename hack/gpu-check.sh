@@ -50,8 +50,9 @@
 #                its own cache first)
 #   ab           the tree against itself with .cache/ab.patch reversed (`git diff HEAD~1 > .cache/ab.patch`,
 #                carry it too; `git apply -R --check .cache/ab.patch` here first: an older commit's diff may
-#                no longer apply to the tree, and the call then ends at once), same machine, interleaved base/new/base/new, for each line "MODEL C GRPC" of
-#                $RUNS (default: datapath's load, "tinyimage 64 0"); D seconds per run (5)
+#                no longer apply to the tree, and the call then ends at once), same machine, interleaved
+#                base/new/base/new, for each line "MODEL C GRPC" of $RUNS (default: datapath's load,
+#                "tinyimage 64 0"); D seconds per run (5)
 #   trees        the tree against copies of it with each of $PATCHES applied (files, carried; a copy is named
 #                after its file), same machine, interleaved (tree, each patch; twice), for each line of $RUNS as
 #                for ab: several branches in one call (`git diff main BRANCH > .cache/patches/NAME.patch`);
@@ -119,8 +120,8 @@ loops)
 gomaxprocs)
   for c in ${CONCS:-128 1}; do
     for g in "" "${PROCS:-4}" "" "${PROCS:-4}"; do
-      env ${g:+GOMAXPROCS=$g} MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=1 TAG=gomaxprocs${g:-all}-c$c \
-        timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|HOST|Error"
+      env ${g:+GOMAXPROCS=$g} MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=1 \
+        TAG=gomaxprocs${g:-all}-c$c timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|HOST|Error"
     done
   done ;;
 poll)
