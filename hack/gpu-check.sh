@@ -121,7 +121,8 @@ gomaxprocs)
   for c in ${CONCS:-128 1}; do
     for g in "" "${PROCS:-4}" "" "${PROCS:-4}"; do
       env ${g:+GOMAXPROCS=$g} MODEL=${MODEL:-resnet50} W=8 C=$c D=5 DEV=cuda MAXB=32 GRPC=1 \
-        TAG=gomaxprocs${g:-all}-c$c timeout 200 python hack/serve-profile.py 2>&1 | grep -E "SUMMARY|THREADS|HOST|Error"
+        TAG=gomaxprocs${g:-all}-c$c timeout 200 python hack/serve-profile.py 2>&1 |
+        grep -E "SUMMARY|THREADS|HOST|Error"
     done
   done ;;
 poll)
