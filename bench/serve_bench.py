@@ -15,7 +15,8 @@ apart from how large the load let them grow. Cold start = process start to
 /v2/health/ready 200, with an empty compile cache and again with the cache the first start filled.
 
 `--workers 0,8` measures the server with its protocol on the model process's event loop and with 8 protocol
-worker processes, in the same run. Client parallelism: BENCH_WRK_THREADS (default 2) wrk threads,
+worker processes, in the same run. Client parallelism: BENCH_WRK_THREADS (default 2) wrk threads, as many Go
+threads for the gRPC load generator (BENCH_GRPC_PROCS to set them apart; 0: one per CPU),
 BENCH_GRPC_CONNECTIONS (default 4) gRPC connections.
 
 The last column is the server's CPU time per request during each point (model process, and the worker
@@ -261,6 +262,16 @@ local f = io.open("%s", "rb"); wrk.body = f:read("*all"); f:close()
 """
 
 
+def client_threads(c: int) -> int:
+    """The OS threads a load generator may run at `c` concurrent requests: $BENCH_WRK_THREADS (default 2),
+    at most one a request. wrk takes it as -t; grpcload (and ghz) as GOMAXPROCS, unless $BENCH_GRPC_PROCS
+    says otherwise (0: Go's default, one per CPU). Both generators share the host with the server, so they
+    get the same budget: on a lent H100, 16 CPUs, ResNet-50 at 128 clients, grpcload with one Go thread per
+    CPU spent 282-296 µs of CPU a call against 224-260 with 4, and the server answered 11,764-11,840 rows/s
+    against 12,336-14,858 (docs/benchmarks.md, the sixteenth session)."""
+    return max(1, min(c, int(os.environ.get("BENCH_WRK_THREADS", "2"))))
+
+
 def _wrk(
     url: str, body: bytes, c: int, seconds: float, headers: dict[str, str], tmp: Path
 ) -> dict[str, float]:
@@ -268,7 +279,7 @@ def _wrk(
     bf.write_bytes(body)
     extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items() if k != "Content-Type")
     lua.write_text(_LUA % (headers.get("Content-Type", "application/json"), extra, bf))
-    threads = max(1, min(c, int(os.environ.get("BENCH_WRK_THREADS", "2"))))
+    threads = client_threads(c)
     out = subprocess.run(
         [
             shutil.which("wrk") or "wrk",
@@ -340,7 +351,11 @@ def _grpc_load(
     else:
         cmd = [tool, "-addr", target, "-request", str(bf), "-c", str(c), "-connections", conns]
         cmd += ["-d", f"{seconds:.0f}s", *(flags or os.environ.get("BENCH_GRPCLOAD_FLAGS", "").split())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    procs = os.environ.get("BENCH_GRPC_PROCS", "")
+    env = dict(os.environ)
+    if procs != "0":
+        env["GOMAXPROCS"] = procs or str(client_threads(c))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env)
     try:
         r = json.loads(proc.stdout)
     except ValueError:

@@ -108,6 +108,32 @@ def test_the_grpc_load_generator_named_in_the_environment_is_the_one_used(
     assert serve_bench.grpc_load_tool("") is None
 
 
+def test_the_grpc_load_generator_gets_the_threads_wrk_gets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both load generators share the host with the server: grpcload runs as many Go threads as wrk runs
+    threads (GOMAXPROCS), at most one a request, unless $BENCH_GRPC_PROCS sets them (0: Go's own default)."""
+    tool = tmp_path / "grpcload"  # answers as grpcload does, its rate the GOMAXPROCS it was given (-1: none)
+    tool.write_text(
+        '#!/bin/sh\necho "{\\"calls\\": 1, \\"rps\\": ${GOMAXPROCS:--1}, \\"p50_ms\\": 1, '
+        '\\"p99_ms\\": 2, \\"errors\\": {}}"\n'
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("BENCH_WRK_THREADS", "4")
+    monkeypatch.setenv("GOMAXPROCS", "16")  # the caller's own is not what the generator gets
+    monkeypatch.delenv("BENCH_GRPC_PROCS", raising=False)
+
+    def procs(c: int) -> float:
+        return serve_bench._grpc_load(str(tool), "127.0.0.1:1", b"x", c, 1, tmp_path)["rps"]
+
+    assert (procs(128), procs(2)) == (4, 2)
+    monkeypatch.setenv("BENCH_GRPC_PROCS", "3")
+    assert procs(128) == 3
+    monkeypatch.setenv("BENCH_GRPC_PROCS", "0")
+    monkeypatch.delenv("GOMAXPROCS")
+    assert procs(128) == -1
+
+
 def test_the_host_line_measures_this_host_and_names_each_figure() -> None:
     """Each bench table carries how fast the host was before and after its points (bench/hostspeed.py)."""
     h = _bench_module("hostspeed").measure()
