@@ -23,6 +23,7 @@ from crds.trainingjob import TrainingJobSpec
 from runtime.training.models import build_task
 from runtime.training.parallel import data_parallel
 from runtime.training.parallel.dims import ParallelDims, resolve
+from runtime.training.parallel.materialize import materialize, to_device
 from runtime.training.parallel.pipeline import Pipeline, build_pipeline
 from runtime.training.protocol import ParallelContext, TrainTask, check_task_supports
 from runtime.training.stores import LOOPBACK, loopback_store
@@ -105,7 +106,7 @@ class Job:
     parts: list[nn.Module]
     optimizers: list[torch.optim.Optimizer]
     pipeline: Pipeline | None
-    plain_model: nn.Module | None  # an unparallelized copy on CPU (rank 0), for logging the final model
+    plain_model: nn.Module | None  # an unparallelized copy (rank 0; meta until filled), to log the model
     loss_scale: float = 1.0
     good_steps: int = 0
 
@@ -209,6 +210,7 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
         power_sgd_rank=spec.power_sgd_rank,
         activation_checkpointing=str(spec.activation_checkpointing),
         compile=spec.compile,
+        materialize=lambda module: materialize(module, device, task.init_weights),
     )
     parallelize = task.parallelize or data_parallel.default_parallelize
     job = Job(
@@ -232,7 +234,8 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
         job.pipeline = build_pipeline(task.model, task.split_pipeline, parallelize, ctx, pp_loss)
         job.parts = job.pipeline.parts
     else:
-        job.parts = [parallelize(task.model.to(device), ctx)]
+        job.parts = [parallelize(to_device(task.model, device), ctx)]
+        ctx.materialize(job.parts[0])
     o = spec.optimizer
     job.optimizers = [
         torch.optim.AdamW(

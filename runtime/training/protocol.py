@@ -21,7 +21,10 @@ Rules:
   it implements tensor parallelism; default: torch.compile of the whole model when asked, then data
   parallelism), ``split_pipeline`` (cut the model into pipeline stages), ``flops_per_sample`` (enables
   MFU), ``tokens_per_sample`` (reports tokens/s), ``example_input`` (the MLflow signature of the logged
-  model; default: the first sample).
+  model; default: the first sample), ``init_weights`` (for a model built under ``torch.device("meta")``:
+  ``init_weights(name, shape)`` returns a parameter's or buffer's full initial value on the CPU, and each
+  rank fills only its own shards from it once the model is parallelized, so that no rank ever holds the
+  whole model; runtime.training.parallel.materialize).
 A model without ``parallelize`` cannot use tensor parallelism and one without ``split_pipeline`` cannot
 be pipelined: the job then fails at once with a message naming the field.
 """
@@ -59,6 +62,9 @@ class ParallelContext:
     power_sgd_rank: int
     activation_checkpointing: str  # none | full | selective
     compile: bool
+    # fills a model built on the meta device (parallel.materialize; nothing for one that is not): what a
+    # parallelize function calls before a wrapper that needs storage (DDP), the runtime after it
+    materialize: Callable[[nn.Module], None] = lambda module: None
 
     @property
     def param_dtype(self) -> torch.dtype | None:
@@ -85,6 +91,9 @@ class TrainTask:
     example_input: torch.Tensor | None = None
     name: str = "custom"
     params: dict[str, Any] = field(default_factory=dict)
+    # for a model built on the meta device: a parameter's or buffer's full initial value on the CPU, by its
+    # name and shape (parallel.materialize fills each rank's shards from it once the model is parallelized)
+    init_weights: Callable[[str, torch.Size], torch.Tensor] | None = None
 
 
 def resolve_entrypoint(ref: str) -> Callable[..., Any]:

@@ -29,6 +29,7 @@ from runtime.training.data import step_batches
 from runtime.training.job import build_job
 from runtime.training.metrics import MetricsFile, ProfileWindow, Throughput, peak_flops
 from runtime.training.parallel.dims import LayoutError
+from runtime.training.parallel.materialize import materialize
 from runtime.training.progress import FileSink, PodAnnotationSink, ProgressPublisher, Sink, TerminalBar
 from runtime.training.protocol import EntryPointError
 from runtime.training.spec import load_spec
@@ -179,6 +180,7 @@ def train(spec: TrainingJobSpec, args: argparse.Namespace) -> int:
     ckpt.wait()
     done = stop_at >= o.steps
     if done and rank0 and job.plain_model is not None and ckpt.last_path:
+        materialize(job.plain_model, torch.device("cpu"), job.task.init_weights)  # built on meta: storage
         load_model_weights(job.plain_model, ckpt.last_path)
         example = (
             job.task.example_input if job.task.example_input is not None else job.task.dataset[0][0][None]

@@ -6,6 +6,7 @@ every pipeline stage and every layout: a checkpoint taken with one layout loads 
 from __future__ import annotations
 
 import copy
+import zlib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -105,33 +106,50 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))  # type: ignore[no-any-return]
 
 
+def rope(a: LlamaArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin tables, (max_seq_len, head_dim / 2)."""
+    hd = a.dim // a.heads
+    inv = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.outer(torch.arange(a.max_seq_len, dtype=torch.float64), inv)
+    return ang.cos().float(), ang.sin().float()
+
+
+def init_tensor(a: LlamaArgs, seed: int, name: str, shape: torch.Size) -> torch.Tensor:
+    """The initial full value of the parameter or buffer ``name`` on the CPU: norms 1, the output layer
+    N(0, dim^-1/2), every other weight N(0, 0.02), each drawn from its own generator (seed and name), so that
+    a rank can fill one tensor without drawing the others first (parallel.materialize)."""
+    if name in ("rope_cos", "rope_sin"):
+        return rope(a)[name == "rope_sin"]
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    std = a.dim**-0.5 if name.startswith("output") else 0.02
+    return torch.empty(shape).normal_(0.0, std, generator=g)
+
+
 class Transformer(nn.Module):
     """Token ids (batch, seq) -> logits (batch, seq, vocab). A pipeline stage is a Transformer with some
     layers
     deleted and, except on the first / last stage, no embedding / no norm and output."""
 
-    def __init__(self, a: LlamaArgs) -> None:
+    def __init__(self, a: LlamaArgs, seed: int = 0) -> None:
         super().__init__()
         self.args = a
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(a.vocab, a.dim)
         self.layers = nn.ModuleDict({str(i): Block(a) for i in range(a.layers)})
         self.norm: nn.RMSNorm | None = nn.RMSNorm(a.dim, eps=a.norm_eps)
         self.output: nn.Linear | None = nn.Linear(a.dim, a.vocab, bias=False)
-        hd = a.dim // a.heads
-        inv = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        ang = torch.outer(torch.arange(a.max_seq_len, dtype=torch.float64), inv)
-        self.register_buffer("rope_cos", ang.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", ang.sin().float(), persistent=False)
-        self.init_weights()
+        cos, sin = rope(a)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if not self.rope_cos.is_meta:  # on the meta device, parallel.materialize fills it from init_tensor
+            self.init_weights(seed)
 
-    def init_weights(self) -> None:
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or name == "norm.weight":
-                nn.init.ones_(p)
-            elif name.startswith("output"):
-                nn.init.normal_(p, std=self.args.dim**-0.5)
-            else:
-                nn.init.normal_(p, std=0.02)
+    def init_weights(self, seed: int) -> None:
+        """Every parameter from ``init_tensor``: the same values whatever the layout or device."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(init_tensor(self.args, seed, name, p.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
@@ -246,10 +264,12 @@ def build_task(spec: TrainingJobSpec) -> TrainTask:
         dataset = ByteText(spec.data.path, seq, spec.optimizer.seed)
     else:
         dataset = SyntheticTokens(a.vocab, seq, spec.optimizer.seed)
-    torch.manual_seed(spec.optimizer.seed)
-    model = Transformer(a)
+    seed = spec.optimizer.seed
+    with torch.device("meta"):  # storage comes once it is sharded (parallel.materialize)
+        model = Transformer(a)
     return TrainTask(
         model=model,
+        init_weights=lambda name, shape: init_tensor(a, seed, name, shape),
         dataset=dataset,
         loss_fn=lm_loss,
         parallelize=parallelize_llama,

@@ -51,6 +51,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext, units: Sequence[
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    ctx.materialize(model)  # DDP broadcasts rank 0's weights as it starts: they must exist
     group = ctx.mesh["dp_replicate"].get_group()
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = DistributedDataParallel(model, process_group=group, device_ids=ids, broadcast_buffers=False)

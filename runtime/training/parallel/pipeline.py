@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from runtime.training.parallel.materialize import to_device
 from runtime.training.protocol import ParallelContext, ParallelizeFn, SplitFn
 
 SCHEDULES: dict[str, Any] = {
@@ -58,7 +59,8 @@ def build_pipeline(
     ids = stage_ids(pp_mesh.get_local_rank(), dims.pp, dims.stages_per_rank)
     parts, stages = [], []
     for sid, part in zip(ids, split(model, ids, dims.num_stages), strict=True):
-        part = parallelize(part.to(ctx.device), ctx)
+        part = parallelize(to_device(part, ctx.device), ctx)
+        ctx.materialize(part)
         parts.append(part)
         stages.append(PipelineStage(part, sid, dims.num_stages, ctx.device, group=pp_mesh.get_group()))
     cls = SCHEDULES[dims.schedule]
