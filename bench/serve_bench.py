@@ -268,7 +268,7 @@ def client_threads(c: int) -> int:
     says otherwise (0: Go's default, one per CPU). Both generators share the host with the server, so they
     get the same budget: on a lent H100, 16 CPUs, ResNet-50 at 128 clients, grpcload with one Go thread per
     CPU spent 282-296 µs of CPU a call against 224-260 with 4, and the server answered 11,764-11,840 rows/s
-    against 12,336-14,858 (docs/benchmarks.md, the sixteenth session)."""
+    against 12,336-14,858 (docs/benchmarks.md, the seventeenth session)."""
     return max(1, min(c, int(os.environ.get("BENCH_WRK_THREADS", "2"))))
 
 

@@ -26,8 +26,9 @@
 #   gomaxprocs   the gRPC load generator's Go threads, $PROCS (default 4) against Go's default (one per CPU),
 #                interleaved (default, $PROCS, default, $PROCS), ResNet-50 ($MODEL), 8 workers, at each of $CONCS
 #                (128 1) clients (hack/serve-profile.py's SUMMARY, THREADS (the client's CPU) and HOST lines):
-#                whether grpc-go's share of the host's cores is what gRPC's rows/s at 128 clients lacks (ran in
-#                the sixteenth session: the bench now gives grpcload wrk's threads; $BENCH_GRPC_PROCS, 0 for Go's)
+#                whether grpc-go's share of the host's cores is what gRPC's rows/s at 128 clients lacks
+#                (ran in the seventeenth session: the bench now gives grpcload wrk's threads; the arms set
+#                $BENCH_GRPC_PROCS, 0 for Go's default)
 #   poll         the server's --busy-poll-us, $POLLS (0 2000 0 2000) interleaved, ResNet-50 ($MODEL), 8 workers,
 #                REST then gRPC, at each of $CONCS (1 128) clients (hack/serve-profile.py's SUMMARY lines: p50,
 #                rows/s, CPU per request of the model process and the workers)

@@ -25,7 +25,7 @@ from runtime.training.parallel import data_parallel
 from runtime.training.parallel.dims import ParallelDims, resolve
 from runtime.training.parallel.materialize import materialize, to_device
 from runtime.training.parallel.pipeline import Pipeline, build_pipeline
-from runtime.training.protocol import ParallelContext, TrainTask, check_task_supports
+from runtime.training.protocol import EntryPointError, ParallelContext, TrainTask, check_task_supports
 from runtime.training.stores import LOOPBACK, loopback_store
 
 log = logging.getLogger("kubeforge.train")
@@ -194,6 +194,14 @@ class Job:
         return loss, norm, finite
 
 
+def _fill(module: nn.Module, device: torch.device, task: TrainTask) -> None:
+    """parallel.materialize, its complaints about the task's init_weights a user error (no restart)."""
+    try:
+        materialize(module, device, task.init_weights)
+    except ValueError as e:
+        raise EntryPointError(f"TrainTask.init_weights: {e}") from e
+
+
 def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
     device = init_distributed()
     dims = resolve(spec, dist.get_world_size())
@@ -210,7 +218,7 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
         power_sgd_rank=spec.power_sgd_rank,
         activation_checkpointing=str(spec.activation_checkpointing),
         compile=spec.compile,
-        materialize=lambda module: materialize(module, device, task.init_weights),
+        materialize=lambda module: _fill(module, device, task),
     )
     parallelize = task.parallelize or data_parallel.default_parallelize
     job = Job(

@@ -141,6 +141,13 @@ def load_task(ref: str, spec: TrainingJobSpec) -> TrainTask:
         )
     if not callable(task.loss_fn):
         raise EntryPointError(f"spec.model.entrypoint {ref!r}: TrainTask.loss_fn must be callable")
+    meta = any(t.is_meta for t in (*task.model.parameters(), *task.model.buffers()))
+    if meta and not callable(task.init_weights):
+        raise EntryPointError(
+            f"spec.model.entrypoint {ref!r}: TrainTask.model is on the meta device, so "
+            "TrainTask.init_weights must be set (name, shape -> the tensor's full initial value on the CPU); "
+            "or build the model on the CPU"
+        )
     return task
 
 

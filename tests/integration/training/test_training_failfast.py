@@ -48,10 +48,19 @@ def test_rejected_before_any_worker_starts(
     assert expected in capsys.readouterr().err
 
 
-def test_user_entrypoint_trains(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entrypoint", "parallelism"),
+    [
+        ("regression_task", {}),
+        ("meta_regression_task", {}),  # FSDP2 shards on meta, then each rank fills its own
+        ("meta_regression_task", {"dataMode": "ddp"}),  # filled before DDP broadcasts rank 0's weights
+    ],
+)
+def test_user_entrypoint_trains(tmp_path: Path, entrypoint: str, parallelism: dict) -> None:
     spec = {
-        "model": {"entrypoint": "training_entrypoints:regression_task"},
+        "model": {"entrypoint": f"training_entrypoints:{entrypoint}"},
         "optimizer": {"steps": 30, "globalBatchSize": 32, "learningRate": 0.3},
+        "parallelism": parallelism,
         "checkpoint": {"intervalSteps": 100, "path": str(tmp_path / "c")},
     }
     run = run_local(tmp_path, spec, 2, name="user")
@@ -60,9 +69,16 @@ def test_user_entrypoint_trains(tmp_path: Path) -> None:
     assert losses[30] < losses[1] / 10
 
 
-def test_entrypoint_returning_the_wrong_type_fails_fast(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entrypoint", "expected"),
+    [
+        ("wrong_type", "must return runtime.training.protocol.TrainTask"),
+        ("meta_without_init", "TrainTask.init_weights must be set"),
+    ],
+)
+def test_a_bad_entrypoint_task_fails_fast(tmp_path: Path, entrypoint: str, expected: str) -> None:
     spec = {
-        "model": {"entrypoint": "training_entrypoints:wrong_type"},
+        "model": {"entrypoint": f"training_entrypoints:{entrypoint}"},
         "checkpoint": {"path": str(tmp_path / "c")},
     }
     t0 = time.monotonic()  # restarts still happen (the agent restarts any failure) but each fails at once
@@ -70,4 +86,4 @@ def test_entrypoint_returning_the_wrong_type_fails_fast(tmp_path: Path) -> None:
     assert run.code == cli.EXIT_USER_ERROR
     assert time.monotonic() - t0 < 60
     assert run.progress["state"] == "failed"
-    assert "must return runtime.training.protocol.TrainTask" in run.progress["message"]
+    assert expected in run.progress["message"]

@@ -19,6 +19,26 @@ def regression_task(spec: Any) -> TrainTask:
     return TrainTask(model=nn.Linear(4, 1), dataset=TensorDataset(x, y), loss_fn=F.mse_loss, name="linreg")
 
 
+def meta_regression_task(spec: Any) -> TrainTask:
+    """The same regression with its model built on the meta device: each rank fills its own shards."""
+    task = regression_task(spec)
+    with torch.device("meta"):
+        task.model = nn.Linear(4, 1)
+
+    def init(name: str, shape: torch.Size) -> torch.Tensor:
+        return torch.full(shape, 0.1 if name == "weight" else 0.0)
+
+    task.init_weights = init
+    return task
+
+
+def meta_without_init(spec: Any) -> TrainTask:
+    task = regression_task(spec)
+    with torch.device("meta"):
+        task.model = nn.Linear(4, 1)
+    return task
+
+
 def wrong_type(spec: Any) -> dict[str, Any]:
     return {"model": nn.Linear(4, 1)}
 
