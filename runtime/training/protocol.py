@@ -22,9 +22,9 @@ Rules:
   parallelism), ``split_pipeline`` (cut the model into pipeline stages), ``flops_per_sample`` (enables
   MFU), ``tokens_per_sample`` (reports tokens/s), ``example_input`` (the MLflow signature of the logged
   model; default: the first sample), ``init_weights`` (for a model built under ``torch.device("meta")``:
-  ``init_weights(name, shape)`` returns a parameter's or buffer's full initial value on the CPU, and each
-  rank fills only its own shards from it once the model is parallelized, so that no rank ever holds the
-  whole model; runtime.training.parallel.materialize).
+  ``init_weights(name, shape, device)`` returns a parameter's or buffer's full initial value, made on the
+  rank's ``device`` (or anywhere: it is moved), and each rank fills only its own shards from it once the
+  model is parallelized, so that no rank ever holds the whole model; runtime.training.parallel.materialize).
 A model without ``parallelize`` cannot use tensor parallelism and one without ``split_pipeline`` cannot
 be pipelined: the job then fails at once with a message naming the field.
 """
@@ -91,9 +91,9 @@ class TrainTask:
     example_input: torch.Tensor | None = None
     name: str = "custom"
     params: dict[str, Any] = field(default_factory=dict)
-    # for a model built on the meta device: a parameter's or buffer's full initial value on the CPU, by its
-    # name and shape (parallel.materialize fills each rank's shards from it once the model is parallelized)
-    init_weights: Callable[[str, torch.Size], torch.Tensor] | None = None
+    # for a model built on the meta device: a parameter's or buffer's full initial value by its name and
+    # shape, made on the device given (parallel.materialize fills each rank's shards from it)
+    init_weights: Callable[[str, torch.Size, torch.device], torch.Tensor] | None = None
 
 
 def resolve_entrypoint(ref: str) -> Callable[..., Any]:
@@ -145,7 +145,7 @@ def load_task(ref: str, spec: TrainingJobSpec) -> TrainTask:
     if meta and not callable(task.init_weights):
         raise EntryPointError(
             f"spec.model.entrypoint {ref!r}: TrainTask.model is on the meta device, so "
-            "TrainTask.init_weights must be set (name, shape -> the tensor's full initial value on the CPU); "
+            "TrainTask.init_weights must be set (name, shape, device -> the tensor's full initial value); "
             "or build the model on the CPU"
         )
     return task

@@ -2,8 +2,9 @@
 
 A task whose model is built under ``torch.device("meta")`` (the built-in llama) has no storage until it is
 parallelized: tensor parallelism and FSDP2 shard the meta parameters, then ``materialize`` gives each rank
-storage for its own shards alone and fills them from the task's ``init_weights(name, shape)``, which returns
-a parameter's or buffer's full value on the CPU, one tensor at a time. A rank's peak is its shards plus the
+storage for its own shards alone and fills them from the task's ``init_weights(name, shape, device)``,
+which returns a parameter's or buffer's full value (made on the rank's device, or moved there), one tensor
+at a time. A rank's peak is its shards plus the
 largest single tensor, not the model: a plain build holds the full model on every rank before sharding
 (an 8b llama: ~32 GB of host memory per process). The full value depends on the name and shape alone, so
 every layout starts from the same weights (the equivalence tests compare layouts against one process).
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-InitFn = Callable[[str, torch.Size], torch.Tensor]
+InitFn = Callable[[str, torch.Size, torch.device], torch.Tensor]
 
 # what wrappers add to a parameter's name: activation checkpointing, torch.compile, DDP
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -42,8 +43,8 @@ def to_device(module: nn.Module, device: torch.device) -> nn.Module:
 
 def materialize(module: nn.Module, device: torch.device, init: InitFn | None) -> None:
     """Give a (possibly parallelized) module on the meta device storage on ``device`` and fill it: each
-    parameter and buffer gets ``init(name, full shape)``, of which a sharded one (DTensor) keeps its own
-    shards. Nothing happens to a module with no meta tensors."""
+    parameter and buffer gets ``init(name, full shape, device)``, of which a sharded one (DTensor) keeps its
+    own shards. Nothing happens to a module with no meta tensors."""
     if not on_meta(module):
         return
     if init is None:
@@ -54,7 +55,7 @@ def materialize(module: nn.Module, device: torch.device, init: InitFn | None) ->
     module.to_empty(device=device)
     with torch.no_grad():
         for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
-            full = init(canonical(name), t.shape)
+            full = init(canonical(name), t.shape, device)
             if tuple(full.shape) != tuple(t.shape):
                 raise ValueError(
                     f"init_weights({canonical(name)!r}) gave shape {tuple(full.shape)}, "

@@ -25,8 +25,8 @@ def meta_regression_task(spec: Any) -> TrainTask:
     with torch.device("meta"):
         task.model = nn.Linear(4, 1)
 
-    def init(name: str, shape: torch.Size) -> torch.Tensor:
-        return torch.full(shape, 0.1 if name == "weight" else 0.0)
+    def init(name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, 0.1 if name == "weight" else 0.0)  # on the CPU: moved to the device
 
     task.init_weights = init
     return task

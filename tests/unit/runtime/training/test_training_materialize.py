@@ -55,7 +55,8 @@ def test_wrapped_names_are_filled_by_the_unwrapped_name() -> None:
         model = nn.Sequential(checkpoint_wrapper(nn.Linear(3, 2)))
     seen: list[str] = []
 
-    def init(name: str, shape: torch.Size) -> torch.Tensor:
+    def init(name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        assert device == CPU
         seen.append(name)
         return torch.full(shape, 3.0)
 
@@ -73,4 +74,4 @@ def test_a_meta_model_without_an_init_or_with_a_wrong_shape_says_what_to_fix() -
     with torch.device("meta"):
         model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"init_weights\('weight'\) gave shape \(3, 2\), expected \(2, 3\)"):
-        materialize(model, CPU, lambda name, shape: torch.zeros(tuple(reversed(shape))))
+        materialize(model, CPU, lambda name, shape, device: torch.zeros(tuple(reversed(shape))))
