@@ -3,12 +3,17 @@ are the equivalence tests': a wrong shard moves their losses at once)."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint import state_dict_saver
 
 from crds.trainingjob import TrainingJobSpec
+from runtime.training.checkpoint import load_model_weights
 from runtime.training.models.llama import Transformer, build_task, llama_args
 from runtime.training.parallel.materialize import canonical, materialize, on_meta, to_device
 
@@ -75,3 +80,21 @@ def test_a_meta_model_without_an_init_or_with_a_wrong_shape_says_what_to_fix() -
         model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"init_weights\('weight'\) gave shape \(3, 2\), expected \(2, 3\)"):
         materialize(model, CPU, lambda name, shape, device: torch.zeros(tuple(reversed(shape))))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_the_copy_kept_to_log_the_model_is_filled_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """Rank 0's unsharded copy stays on meta for the whole job; at the end it gets storage, RoPE's tables
+    (no checkpoint holds them) and the checkpoint's weights, and answers as the trained model does."""
+    spec = _spec()
+    task = build_task(spec)
+    plain = copy.deepcopy(task.model)
+    assert on_meta(plain)
+    trained = Transformer(llama_args(spec), seed=3)  # other weights than the init's
+    state_dict_saver.save(
+        {"model": trained.state_dict()}, checkpoint_id=str(tmp_path / "step-9"), no_dist=True
+    )
+    materialize(plain, CPU, task.init_weights)
+    load_model_weights(plain, str(tmp_path / "step-9"))
+    x = torch.randint(0, 64, (2, 16))
+    assert torch.equal(plain(x), trained(x))
