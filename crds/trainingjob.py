@@ -179,6 +179,12 @@ class ParallelismSpec(KubeModel):
         default=1, ge=1, description="For hsdp: number of replica groups; data must be a multiple of it."
     )
     tensor: int = Field(default=1, ge=1, le=64, description="Tensor-parallel degree (DTensor plans).")
+    sequence_parallel: bool = Field(
+        default=False,
+        description="With tensor > 1: split the activations between the tensor-parallel layers along the "
+        "sequence too (Megatron's sequence parallelism): norms and residuals hold 1/tensor of the tokens "
+        "per rank. data.sequenceLength must be a multiple of tensor.",
+    )
     pipeline: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel degree (stages).")
     pipeline_schedule: PipelineSchedule = Field(
         default=PipelineSchedule.one_f_one_b, description="GPipe, 1F1B or Interleaved1F1B."
@@ -214,6 +220,13 @@ class ParallelismSpec(KubeModel):
             "(every stage needs work): raise microBatches",
             check=lambda m: m.pipeline == 1 or m.micro_batches >= m.pipeline,
             field_path=".microBatches",
+        ),
+        Rule(
+            cel="!self.sequenceParallel || self.tensor > 1",
+            message="parallelism.sequenceParallel splits what tensor parallelism replicates: set "
+            "parallelism.tensor to 2 or more, or sequenceParallel to false",
+            check=lambda m: not m.sequence_parallel or m.tensor > 1,
+            field_path=".sequenceParallel",
         ),
         Rule(
             cel="self.dataReplicate == 1 || self.dataMode == 'hsdp'",

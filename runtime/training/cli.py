@@ -58,7 +58,8 @@ def validate(spec: TrainingJobSpec, min_nodes: int, max_nodes: int, nproc: int) 
         from runtime.training.models.llama import check_layout, llama_args
 
         par = spec.parallelism
-        check_layout(llama_args(spec), par.tensor, par.pipeline * par.stages_per_rank)
+        sp_len = spec.data.sequence_length if par.sequence_parallel else 0
+        check_layout(llama_args(spec), par.tensor, par.pipeline * par.stages_per_rank, sp_len)
     elif spec.model.builtin is not None:
         from runtime.training.models.vision import WIDTHS
 

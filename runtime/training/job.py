@@ -218,6 +218,7 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
         power_sgd_rank=spec.power_sgd_rank,
         activation_checkpointing=str(spec.activation_checkpointing),
         compile=spec.compile,
+        sequence_parallel=dims.sequence_parallel,
         materialize=lambda module: _fill(module, device, task),
     )
     parallelize = task.parallelize or data_parallel.default_parallelize

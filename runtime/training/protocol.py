@@ -62,6 +62,9 @@ class ParallelContext:
     power_sgd_rank: int
     activation_checkpointing: str  # none | full | selective
     compile: bool
+    # with tensor parallelism, split the activations along the sequence too (parallelism.sequenceParallel;
+    # a parallelize function that does tensor parallelism applies it, as parallelize_llama does)
+    sequence_parallel: bool = False
     # fills a model built on the meta device (parallel.materialize; nothing for one that is not): what a
     # parallelize function calls before a wrapper that needs storage (DDP), the runtime after it
     materialize: Callable[[nn.Module], None] = lambda module: None

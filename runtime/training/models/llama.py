@@ -188,10 +188,16 @@ def llama_args(spec: TrainingJobSpec) -> LlamaArgs:
     return a
 
 
-def check_layout(a: LlamaArgs, tp: int, num_stages: int) -> None:
+def check_layout(a: LlamaArgs, tp: int, num_stages: int, sequence_parallel_len: int = 0) -> None:
+    """`sequence_parallel_len`: the sequence length split over tp ranks (0: no sequence parallelism)."""
     for what, n in (("heads", a.n_kv_heads), ("ffn hidden size", a.hidden), ("vocabulary", a.vocab)):
         if n % tp:
             raise ValueError(f"llama {what} ({n}) must be divisible by parallelism.tensor ({tp})")
+    if sequence_parallel_len % tp:
+        raise ValueError(
+            f"parallelism.sequenceParallel splits data.sequenceLength ({sequence_parallel_len}) over "
+            f"parallelism.tensor ({tp}): make the sequence length a multiple of it, or turn it off"
+        )
     if a.layers < num_stages:
         raise ValueError(
             f"llama has {a.layers} layers, fewer than the {num_stages} pipeline stages "
@@ -216,7 +222,7 @@ def parallelize_llama(model: nn.Module, ctx: ParallelContext) -> nn.Module:
 
     assert isinstance(model, Transformer)
     if ctx.dims.tp_enabled:
-        tensor_parallel.apply_llama_tp(model, ctx.mesh["tp"])
+        tensor_parallel.apply_llama_tp(model, ctx.mesh["tp"], ctx.sequence_parallel)
     if ctx.activation_checkpointing != "none":
         data_parallel.apply_ac(model.layers, ctx.activation_checkpointing)
     if ctx.compile:

@@ -33,6 +33,7 @@ class ParallelDims:
     stages_per_rank: int
     micro_batches: int
     global_batch: int
+    sequence_parallel: bool = False  # activations split along the sequence over the tp ranks too
 
     @property
     def dp(self) -> int:
@@ -71,7 +72,9 @@ class ParallelDims:
         return (
             f"world {self.world_size} = pp {self.pp} x dp {self.dp} ({self.data_mode}"
             + (f", {self.dp_replicate} replicas x {self.dp_shard} shards" if self.data_mode == "hsdp" else "")
-            + f") x tp {self.tp}; global batch {self.global_batch} = {self.dp} x {self.micro_batches} "
+            + f") x tp {self.tp}"
+            + (" (sequence parallel)" if self.sequence_parallel else "")
+            + f"; global batch {self.global_batch} = {self.dp} x {self.micro_batches} "
             f"micro-batches of {self.micro_batch}"
         )
 
@@ -170,6 +173,7 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
         stages_per_rank=spr,
         micro_batches=mb,
         global_batch=gb,
+        sequence_parallel=par.sequence_parallel and tp > 1,
     )
 
 

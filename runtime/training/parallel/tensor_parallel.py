@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleInput,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 
@@ -32,15 +34,39 @@ BLOCK_PLAN: dict[str, type[ColwiseParallel] | type[RowwiseParallel]] = {
 }
 
 
-def apply_llama_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
+def apply_llama_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     """Shard heads and the FFN hidden size over ``tp_mesh``; the embedding and the output layer shard the
-    vocabulary and return replicated activations / logits."""
+    vocabulary and return replicated activations / logits.
+
+    ``sequence_parallel`` (Megatron's sequence parallelism, as torchtitan applies it): between the blocks'
+    matmuls the activations are split along the sequence instead of replicated, so the norms and the
+    residual stream hold 1/tp of the tokens on each rank: the row-parallel layers reduce-scatter their output
+    over the sequence instead of all-reducing it, and each block all-gathers it before its column-parallel
+    layers. The same bytes cross the wire; the norms' and the residuals' activations shrink by tp."""
+    seq = Shard(1)
     top: dict[str, ParallelStyle] = {}
     if model.tok_embeddings is not None:
-        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        out = seq if sequence_parallel else Replicate()
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=out)
     if model.output is not None:
-        top["output"] = ColwiseParallel(output_layouts=Replicate())
+        inp = seq if sequence_parallel else Replicate()
+        top["output"] = ColwiseParallel(input_layouts=inp, output_layouts=Replicate())
+    if model.norm is not None and sequence_parallel:
+        top["norm"] = SequenceParallel()
     if top:
         parallelize_module(model, tp_mesh, top)  # type: ignore[arg-type]
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, {k: style() for k, style in BLOCK_PLAN.items()})
+        plan: dict[str, ParallelStyle] = {k: style() for k, style in BLOCK_PLAN.items()}
+        if sequence_parallel:
+            for norm in ("attention_norm", "ffn_norm"):
+                plan[norm] = SequenceParallel()
+            for proj in ("attention.wo", "feed_forward.w2"):
+                plan[proj] = RowwiseParallel(output_layouts=seq)
+            # the attention takes (x, cos, sin): only x is split, and gathered whole before wq / wk / wv
+            plan["attention"] = PrepareModuleInput(
+                input_layouts=(seq, None, None), desired_input_layouts=(Replicate(), None, None)
+            )
+            plan["feed_forward"] = PrepareModuleInput(
+                input_layouts=(seq,), desired_input_layouts=(Replicate(),)
+            )
+        parallelize_module(block, tp_mesh, plan)

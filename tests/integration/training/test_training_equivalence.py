@@ -34,6 +34,8 @@ LAYOUTS: list[tuple[str, int, dict[str, Any]]] = [
     ),
     ("hsdp-2x2", 4, {"data": 4, "dataMode": "hsdp", "dataReplicate": 2}),
     ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2, **PP}),
+    ("tp2-sp", 2, {"tensor": 2, "sequenceParallel": True}),
+    ("dp2-tp2-pp2-sp", 8, {"data": 2, "tensor": 2, "pipeline": 2, "sequenceParallel": True, **PP}),
 ]
 
 
@@ -67,6 +69,7 @@ def test_layout_follows_single_process_curve(
     assert run.code == 0
     start = run.events("start")[0]
     assert start["world_size"] == nproc
+    assert ("(sequence parallel)" in start["layout"]) == bool(layout.get("sequenceParallel"))
     ref, got = baseline.losses(), run.losses()
     assert sorted(got) == list(range(1, STEPS + 1))
     assert ref[STEPS] < ref[1] - 0.5, "the baseline must actually learn for the comparison to mean anything"

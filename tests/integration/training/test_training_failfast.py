@@ -30,6 +30,12 @@ pytestmark = pytest.mark.integration
             {"model": {"builtin": "cnn"}, "data": {"builtin": "digits"}, "parallelism": {"tensor": 2}},
             "tensor: 1",
         ),
+        (2, {"parallelism": {"sequenceParallel": True}}, "set parallelism.tensor to 2 or more"),
+        (
+            2,
+            {"parallelism": {"tensor": 2, "sequenceParallel": True}, "data": {"sequenceLength": 15}},
+            "data.sequenceLength (15) over parallelism.tensor (2)",
+        ),
         (2, {"model": {"entrypoint": "no_such_package.mod:make"}}, "no_such_package.mod"),
         (2, {"model": {"entrypoint": "training_entrypoints:missing"}}, "no attribute 'missing'"),
         (2, {"model": {"entrypoint": "training_entrypoints:NOT_CALLABLE"}}, "not a function"),
