@@ -186,6 +186,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         tjob({"parallelism": {"dataReplicate": 2}}),
         "parallelism.dataReplicate above 1 needs dataMode hsdp",
     ),
+    (
+        "tj-sequence-parallel-alone",
+        tjob({"parallelism": {"sequenceParallel": True}}),
+        "parallelism.sequenceParallel splits what tensor parallelism replicates",
+    ),
     ("tj-precision-enum", tjob({"precision": "fp8"}), 'spec.precision: Unsupported value: "fp8"'),
     (
         "tj-exit-code-range",
