@@ -1,6 +1,8 @@
-"""What sequence parallelism saves: the activations a tensor-parallel rank keeps for the backward pass, with
-the llama's activations between blocks replicated (tensor parallelism alone) and split along the sequence
-(`parallelism.sequenceParallel`), measured in the same run on 2 processes (gloo, 127.0.0.1).
+"""What sequence and loss parallelism save: the activations a tensor-parallel rank keeps for the backward
+pass of the llama's forward and cross-entropy, with the activations between blocks replicated (tensor
+parallelism alone) or split along the sequence (`parallelism.sequenceParallel`), and the logits gathered
+whole or left split over the vocabulary (loss parallelism, on whenever there is tensor parallelism and no
+pipeline), measured in the same run on 2 processes (gloo, 127.0.0.1).
 
 Activation bytes are counted as autograd saves them (torch.autograd.graph.saved_tensors_hooks: each distinct
 storage once, parameters left out), so the figure is exact and the same on any machine; the step time is
@@ -25,8 +27,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _saved_bytes(model: Any, x: Any) -> tuple[int, Any]:
-    """Bytes of the distinct non-parameter storages autograd saves during `model(x)`, and the loss."""
+def _loss(model: Any, x: Any, y: Any) -> Any:
+    """The llama's cross-entropy and its backward; under loss_parallel when the logits come vocabulary-split
+    (as the runtime's train step does)."""
+    import contextlib
+
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from runtime.training.models.llama import lm_loss
+
+    logits = model(x)
+    with loss_parallel() if isinstance(logits, DTensor) else contextlib.nullcontext():
+        loss = lm_loss(logits, y)
+        loss.backward()
+    return loss
+
+
+def _saved_bytes(model: Any, x: Any, y: Any) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves during a forward, loss and backward."""
     import torch
 
     params = {
@@ -47,8 +66,8 @@ def _saved_bytes(model: Any, x: Any) -> tuple[int, Any]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x).float().pow(2).mean()
-    return sum(seen.values()), loss
+        _loss(model, x, y)
+    return sum(seen.values())
 
 
 def _rank(rank: int, port: int, a: argparse.Namespace, out: str) -> None:
@@ -63,22 +82,23 @@ def _rank(rank: int, port: int, a: argparse.Namespace, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     args = LlamaArgs(dim=a.dim, layers=a.layers, heads=a.heads, vocab=a.vocab, max_seq_len=a.seq)
     mesh = init_device_mesh("cpu", (2,))
-    x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, a.vocab, (a.batch, a.seq), generator=g) for _ in range(2))
     result: dict[str, Any] = {}
-    for name, tp, sp in (
-        ("one process (no tensor parallelism)", False, False),
-        ("tensor 2", True, False),
-        ("tensor 2, sequence parallel", True, True),
+    for name, tp, sp, lp in (
+        ("one process (no tensor parallelism)", False, False, False),
+        ("tensor 2", True, False, False),
+        ("tensor 2, sequence parallel", True, True, False),
+        ("tensor 2, sequence and loss parallel", True, True, True),
     ):
         model = Transformer(args, seed=0)
         if tp:
-            apply_llama_tp(model, mesh, sp)
-        saved, loss = _saved_bytes(model, x)
-        loss.backward()
+            apply_llama_tp(model, mesh, sp, lp)
+        saved = _saved_bytes(model, x, y)
         times = []
         for _ in range(a.steps):
             t0 = time.perf_counter()
-            model(x).float().pow(2).mean().backward()
+            _loss(model, x, y)
             dist.barrier()
             times.append(time.perf_counter() - t0)
         result[name] = {"saved_mb": saved / 2**20, "step_ms": 1e3 * sorted(times)[len(times) // 2]}

@@ -163,8 +163,11 @@ class Job:
                 mb = self.dims.micro_batches
                 total = torch.zeros((), device=self.device)
                 for x, y in zip(inputs.chunk(mb), targets.chunk(mb), strict=True):
-                    part = self.task.loss_fn(self.parts[0](x), y) / mb
-                    (part * self.loss_scale).backward()  # type: ignore[no-untyped-call]
+                    out = self.parts[0](x)
+                    with _loss_context(out):
+                        part = self.task.loss_fn(out, y) / mb
+                        (part * self.loss_scale).backward()  # type: ignore[no-untyped-call]
+                    part = part.full_tensor() if isinstance(part, DTensor) else part
                     total += part.detach().float()
                 loss = total
         norm = grad_norm(self.params(), self.mesh["pp"].get_group() if self.dims.pp_enabled else None)
@@ -194,6 +197,16 @@ class Job:
         return loss, norm, finite
 
 
+def _loss_context(out: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """Logits that come vocabulary-sharded (a DTensor: ParallelContext.loss_parallel) go into the loss, and
+    its backward, under DTensor's loss_parallel: cross-entropy over the shards, the logits never gathered."""
+    if not isinstance(out, DTensor):
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
 def _fill(module: nn.Module, device: torch.device, task: TrainTask) -> None:
     """parallel.materialize, its complaints about the task's init_weights a user error (no restart)."""
     try:
@@ -219,6 +232,7 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
         activation_checkpointing=str(spec.activation_checkpointing),
         compile=spec.compile,
         sequence_parallel=dims.sequence_parallel,
+        loss_parallel=dims.tp_enabled and not dims.pp_enabled,
         materialize=lambda module: _fill(module, device, task),
     )
     parallelize = task.parallelize or data_parallel.default_parallelize

@@ -222,7 +222,7 @@ def parallelize_llama(model: nn.Module, ctx: ParallelContext) -> nn.Module:
 
     assert isinstance(model, Transformer)
     if ctx.dims.tp_enabled:
-        tensor_parallel.apply_llama_tp(model, ctx.mesh["tp"], ctx.sequence_parallel)
+        tensor_parallel.apply_llama_tp(model, ctx.mesh["tp"], ctx.sequence_parallel, ctx.loss_parallel)
     if ctx.activation_checkpointing != "none":
         data_parallel.apply_ac(model.layers, ctx.activation_checkpointing)
     if ctx.compile:

@@ -34,7 +34,9 @@ BLOCK_PLAN: dict[str, type[ColwiseParallel] | type[RowwiseParallel]] = {
 }
 
 
-def apply_llama_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+def apply_llama_tp(
+    model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = False, loss_parallel: bool = False
+) -> None:
     """Shard heads and the FFN hidden size over ``tp_mesh``; the embedding and the output layer shard the
     vocabulary and return replicated activations / logits.
 
@@ -42,7 +44,10 @@ def apply_llama_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: b
     matmuls the activations are split along the sequence instead of replicated, so the norms and the
     residual stream hold 1/tp of the tokens on each rank: the row-parallel layers reduce-scatter their output
     over the sequence instead of all-reducing it, and each block all-gathers it before its column-parallel
-    layers. The same bytes cross the wire; the norms' and the residuals' activations shrink by tp."""
+    layers. The same bytes cross the wire; the norms' and the residuals' activations shrink by tp.
+
+    ``loss_parallel``: the output layer's logits stay split over the vocabulary (a DTensor) for a loss run
+    under DTensor's loss_parallel: no rank holds a whole (batch, seq, vocab) of them."""
     seq = Shard(1)
     top: dict[str, ParallelStyle] = {}
     if model.tok_embeddings is not None:
@@ -50,7 +55,11 @@ def apply_llama_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: b
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=out)
     if model.output is not None:
         inp = seq if sequence_parallel else Replicate()
-        top["output"] = ColwiseParallel(input_layouts=inp, output_layouts=Replicate())
+        # loss parallel: the logits stay a DTensor split over the vocabulary
+        out = Shard(-1) if loss_parallel else Replicate()
+        top["output"] = ColwiseParallel(
+            input_layouts=inp, output_layouts=out, use_local_output=not loss_parallel
+        )
     if model.norm is not None and sequence_parallel:
         top["norm"] = SequenceParallel()
     if top:
