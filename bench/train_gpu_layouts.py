@@ -9,7 +9,8 @@ against a bf16 matrix-product ceiling measured in the same run.
     python bench/train_gpu_layouts.py --preset tiny --seq 128 --steps 6 --warmup 2 --log-every 2 \
         --layouts 1,d4,d2t2,d2p2,t2p2
 
-A layout is `1` (one GPU) or degrees such as `d2t2p2` (data 2 x tensor 2 x pipeline 2; a missing letter is 1).
+A layout is `1` (one GPU) or degrees such as `d2t2p2` (data 2 x tensor 2 x pipeline 2; a missing letter is 1;
+`:sp` after it: with sequence parallelism).
 Every layout keeps the same work per GPU: `--batch` sequences of `--seq` tokens per GPU per step, so the
 global batch is batch x GPUs; a data rank's share is split over its tensor x pipeline GPUs. Data parallelism
 is FSDP2 (`dataMode: fsdp`); pipelines run 1F1B with `--micro-batches` micro-batches per step.
@@ -84,10 +85,12 @@ atexit.register(_kf_bench_mem)
 
 def parse_layout(text: str) -> dict[str, int]:
     """`1` -> one GPU; `d2t2p2` -> data 2, tensor 2, pipeline 2 (missing letters are 1); a `:eager` suffix
-    runs that layout without torch.compile."""
+    runs that layout without torch.compile, a `:sp` suffix with sequence parallelism."""
     text = text.strip()
     if text.endswith(":eager"):
         return {**parse_layout(text[: -len(":eager")]), "eager": 1}
+    if text.endswith(":sp"):
+        return {**parse_layout(text[: -len(":sp")]), "sp": 1}
     if text == "1":
         return {"d": 1, "t": 1, "p": 1}
     parts = re.findall(r"([dtp])(\d+)", text)
@@ -100,7 +103,9 @@ def parse_layout(text: str) -> dict[str, int]:
 
 
 def layout_name(lay: dict[str, int]) -> str:
-    eager = " (eager, no compile)" if lay.get("eager") else ""
+    eager = (" (eager, no compile)" if lay.get("eager") else "") + (
+        " (sequence parallel)" if lay.get("sp") else ""
+    )
     if lay["d"] * lay["t"] * lay["p"] == 1:
         return "1 GPU" + eager
     words = (("d", "data "), ("t", "tensor "), ("p", "pipeline "))
@@ -203,6 +208,7 @@ def spec_for(args: argparse.Namespace, lay: dict[str, int], tmp: Path) -> dict[s
         "pipeline": lay["p"],
         "dataMode": "fsdp",
         "microBatches": mb,
+        "sequenceParallel": bool(lay.get("sp")),
     }
     if lay["p"] > 1:
         par["pipelineSchedule"] = "1F1B"
