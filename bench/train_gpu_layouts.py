@@ -9,8 +9,9 @@ against a bf16 matrix-product ceiling measured in the same run.
     python bench/train_gpu_layouts.py --preset tiny --seq 128 --steps 6 --warmup 2 --log-every 2 \
         --layouts 1,d4,d2t2,d2p2,t2p2
 
-A layout is `1` (one GPU) or degrees such as `d2t2p2` (data 2 x tensor 2 x pipeline 2; a missing letter is 1;
-`:sp` after it: with sequence parallelism).
+A layout is `1` (one GPU) or degrees such as `d2t2p2` (data 2 x tensor 2 x pipeline 2; a missing letter is 1),
+then suffixes: `:sp` sequence parallelism, `:zb` / `:i1f1b` two stages a GPU under InterleavedZeroBubble /
+Interleaved1F1B, `:eager` no torch.compile.
 Every layout keeps the same work per GPU: `--batch` sequences of `--seq` tokens per GPU per step, so the
 global batch is batch x GPUs; a data rank's share is split over its tensor x pipeline GPUs. Data parallelism
 is FSDP2 (`dataMode: fsdp`); pipelines run 1F1B with `--micro-batches` micro-batches per step.
@@ -83,33 +84,40 @@ atexit.register(_kf_bench_mem)
 """
 
 
+FLAGS = {  # a layout's suffixes, and what its name says of each
+    "eager": " (eager, no compile)",
+    "sp": " (sequence parallel)",
+    "i1f1b": " (Interleaved1F1B, 2 stages a GPU)",
+    "zb": " (InterleavedZeroBubble, 2 stages a GPU, no compile: the runtime refuses both)",
+}
+
+
 def parse_layout(text: str) -> dict[str, int]:
-    """`1` -> one GPU; `d2t2p2` -> data 2, tensor 2, pipeline 2 (missing letters are 1); a `:eager` suffix
-    runs that layout without torch.compile, a `:sp` suffix with sequence parallelism."""
-    text = text.strip()
-    if text.endswith(":eager"):
-        return {**parse_layout(text[: -len(":eager")]), "eager": 1}
-    if text.endswith(":sp"):
-        return {**parse_layout(text[: -len(":sp")]), "sp": 1}
+    """`1` -> one GPU; `d2t2p2` -> data 2, tensor 2, pipeline 2 (missing letters are 1); suffixes (FLAGS):
+    `:eager` runs that layout without torch.compile, `:sp` with sequence parallelism, `:i1f1b` / `:zb` its
+    pipeline with two stages a GPU, Interleaved1F1B / InterleavedZeroBubble."""
+    text, *flags = text.strip().split(":")
+    bad = sorted(set(flags) - set(FLAGS))
+    if bad:
+        raise ValueError(f"layout suffixes {bad}: expected some of {sorted(FLAGS)}")
     if text == "1":
-        return {"d": 1, "t": 1, "p": 1}
-    parts = re.findall(r"([dtp])(\d+)", text)
-    if not parts or "".join(f"{k}{v}" for k, v in parts) != text:
-        raise ValueError(f"layout {text!r}: expected 1 or letters d/t/p with degrees, e.g. d2t2p2")
-    out = {"d": 1, "t": 1, "p": 1}
-    for k, v in parts:
-        out[k] = int(v)
-    return out
+        out = {"d": 1, "t": 1, "p": 1}
+    else:
+        parts = re.findall(r"([dtp])(\d+)", text)
+        if not parts or "".join(f"{k}{v}" for k, v in parts) != text:
+            raise ValueError(f"layout {text!r}: expected 1 or letters d/t/p with degrees, e.g. d2t2p2")
+        out = {"d": 1, "t": 1, "p": 1}
+        for k, v in parts:
+            out[k] = int(v)
+    return {**out, **dict.fromkeys(flags, 1)}
 
 
 def layout_name(lay: dict[str, int]) -> str:
-    eager = (" (eager, no compile)" if lay.get("eager") else "") + (
-        " (sequence parallel)" if lay.get("sp") else ""
-    )
+    flags = "".join(said for flag, said in FLAGS.items() if lay.get(flag))
     if lay["d"] * lay["t"] * lay["p"] == 1:
-        return "1 GPU" + eager
+        return "1 GPU" + flags
     words = (("d", "data "), ("t", "tensor "), ("p", "pipeline "))
-    return " x ".join(f"{w}{lay[k]}" for k, w in words if lay[k] > 1) + eager
+    return " x ".join(f"{w}{lay[k]}" for k, w in words if lay[k] > 1) + flags
 
 
 # ---------------------------------------------------------------------------------------------- ceiling
@@ -212,6 +220,9 @@ def spec_for(args: argparse.Namespace, lay: dict[str, int], tmp: Path) -> dict[s
     }
     if lay["p"] > 1:
         par["pipelineSchedule"] = "1F1B"
+        for flag, schedule in (("i1f1b", "Interleaved1F1B"), ("zb", "InterleavedZeroBubble")):
+            if lay.get(flag):
+                par["pipelineSchedule"], par["stagesPerRank"] = schedule, 2
     return {
         "apiVersion": "kubeforge.io/v1alpha1",
         "kind": "TrainingJob",
@@ -227,7 +238,7 @@ def spec_for(args: argparse.Namespace, lay: dict[str, int], tmp: Path) -> dict[s
             "processesPerNode": gpus,
             "parallelism": par,
             "precision": "bf16",
-            "compile": args.compile and not lay.get("eager"),
+            "compile": args.compile and not lay.get("eager") and not lay.get("zb"),
             "checkpoint": {"intervalSteps": 1_000_000, "path": str(tmp / "ckpt")},
         },
     }

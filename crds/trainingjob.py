@@ -159,6 +159,10 @@ class PipelineSchedule(StrEnum):
     gpipe = "GPipe"
     one_f_one_b = "1F1B"
     interleaved_1f1b = "Interleaved1F1B"
+    interleaved_zero_bubble = "InterleavedZeroBubble"
+
+
+_INTERLEAVED = ("Interleaved1F1B", "InterleavedZeroBubble")
 
 
 class ParallelismSpec(KubeModel):
@@ -187,10 +191,15 @@ class ParallelismSpec(KubeModel):
     )
     pipeline: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel degree (stages).")
     pipeline_schedule: PipelineSchedule = Field(
-        default=PipelineSchedule.one_f_one_b, description="GPipe, 1F1B or Interleaved1F1B."
+        default=PipelineSchedule.one_f_one_b,
+        description="GPipe, 1F1B, Interleaved1F1B or InterleavedZeroBubble (zero bubble: "
+        "weight gradients computed in the pipeline's idle slots).",
     )
     stages_per_rank: int = Field(
-        default=1, ge=1, le=8, description="Pipeline stages per rank; Interleaved1F1B needs 2 or more."
+        default=1,
+        ge=1,
+        le=8,
+        description="Pipeline stages per rank; the interleaved schedules need 2 or more.",
     )
     micro_batches: int = Field(
         default=1,
@@ -201,17 +210,20 @@ class ParallelismSpec(KubeModel):
 
     x_rules = (
         Rule(
-            cel="self.pipelineSchedule != 'Interleaved1F1B' || self.stagesPerRank >= 2",
-            message="parallelism.stagesPerRank must be at least 2 for pipelineSchedule Interleaved1F1B: "
+            cel="!(self.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble']) || "
+            "self.stagesPerRank >= 2",
+            message="parallelism.stagesPerRank must be at least 2 for pipelineSchedule Interleaved1F1B or "
+            "InterleavedZeroBubble: "
             "set stagesPerRank to 2 or more, or use 1F1B",
-            check=lambda m: m.pipeline_schedule != "Interleaved1F1B" or m.stages_per_rank >= 2,
+            check=lambda m: m.pipeline_schedule not in _INTERLEAVED or m.stages_per_rank >= 2,
             field_path=".stagesPerRank",
         ),
         Rule(
-            cel="self.stagesPerRank == 1 || self.pipelineSchedule == 'Interleaved1F1B'",
-            message="parallelism.stagesPerRank above 1 needs pipelineSchedule Interleaved1F1B: "
-            "set pipelineSchedule to Interleaved1F1B or stagesPerRank to 1",
-            check=lambda m: m.stages_per_rank == 1 or m.pipeline_schedule == "Interleaved1F1B",
+            cel="self.stagesPerRank == 1 || "
+            "self.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble']",
+            message="parallelism.stagesPerRank above 1 needs pipelineSchedule Interleaved1F1B or "
+            "InterleavedZeroBubble: set pipelineSchedule to one of them or stagesPerRank to 1",
+            check=lambda m: m.stages_per_rank == 1 or m.pipeline_schedule in _INTERLEAVED,
             field_path=".stagesPerRank",
         ),
         Rule(

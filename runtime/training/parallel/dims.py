@@ -21,6 +21,10 @@ class LayoutError(ValueError):
     """The parallel layout cannot run at this world size; the message says what to change."""
 
 
+# schedules that run several stages per rank (looped: rank r holds stages r, r + pp, ...)
+INTERLEAVED = frozenset({"Interleaved1F1B", "InterleavedZeroBubble"})
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     world_size: int
@@ -29,7 +33,7 @@ class ParallelDims:
     dp_shard: int
     tp: int
     data_mode: str  # fsdp | ddp | hsdp
-    schedule: str  # GPipe | 1F1B | Interleaved1F1B
+    schedule: str  # GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble
     stages_per_rank: int
     micro_batches: int
     global_batch: int
@@ -129,12 +133,22 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
         )
     schedule = str(par.pipeline_schedule)
     spr = par.stages_per_rank
-    if schedule == "Interleaved1F1B" and spr < 2:
-        raise LayoutError("pipelineSchedule Interleaved1F1B needs parallelism.stagesPerRank of 2 or more")
-    if schedule != "Interleaved1F1B" and spr != 1:
+    interleaved = schedule in INTERLEAVED
+    if interleaved and spr < 2:
+        raise LayoutError(f"pipelineSchedule {schedule} needs parallelism.stagesPerRank of 2 or more")
+    if not interleaved and spr != 1:
         raise LayoutError(
             f"pipelineSchedule {schedule} runs one stage per rank; set stagesPerRank: 1 or "
-            "pipelineSchedule: Interleaved1F1B"
+            "pipelineSchedule: Interleaved1F1B or InterleavedZeroBubble"
+        )
+    if schedule == "InterleavedZeroBubble" and spec.compile:
+        # each backward is split into its input and its weight gradients; a compiled block's backward is one
+        # graph, and under torch 2.15 the ranks then fall out of step (one waits for a gradient the others
+        # never send): refused rather than left to hang
+        raise LayoutError(
+            "pipelineSchedule InterleavedZeroBubble splits each backward into input and weight gradients, "
+            "which torch.compile'd blocks cannot do: set compile: false, or use pipelineSchedule "
+            "Interleaved1F1B"
         )
     mb = par.micro_batches
     if pp > 1 and mb < pp:
@@ -143,9 +157,9 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
             f"pipeline idles; "
             f"set microBatches to {pp} or more"
         )
-    if pp > 1 and schedule == "Interleaved1F1B" and mb % pp:
+    if pp > 1 and interleaved and mb % pp:
         raise LayoutError(
-            f"Interleaved1F1B needs parallelism.microBatches ({mb}) to be a multiple of "
+            f"{schedule} needs parallelism.microBatches ({mb}) to be a multiple of "
             f"parallelism.pipeline ({pp})"
         )
     gb = spec.optimizer.global_batch_size

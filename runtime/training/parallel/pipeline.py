@@ -9,8 +9,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
 
+from runtime.training.parallel.dims import INTERLEAVED
 from runtime.training.parallel.materialize import to_device
 from runtime.training.protocol import ParallelContext, ParallelizeFn, SplitFn
 
@@ -18,6 +25,9 @@ SCHEDULES: dict[str, Any] = {
     "GPipe": ScheduleGPipe,
     "1F1B": Schedule1F1B,
     "Interleaved1F1B": ScheduleInterleaved1F1B,
+    # zero bubble: each backward split into its input and its weight gradients, the weights' run in the
+    # bubbles the other schedules leave idle (Qi et al., 2023)
+    "InterleavedZeroBubble": ScheduleInterleavedZeroBubble,
 }
 
 
@@ -64,6 +74,6 @@ def build_pipeline(
         parts.append(part)
         stages.append(PipelineStage(part, sid, dims.num_stages, ctx.device, group=pp_mesh.get_group()))
     cls = SCHEDULES[dims.schedule]
-    target = stages if dims.schedule == "Interleaved1F1B" else stages[0]
+    target = stages if dims.schedule in INTERLEAVED else stages[0]
     schedule = cls(target, n_microbatches=dims.micro_batches, loss_fn=loss_fn, scale_grads=True)
     return Pipeline(schedule, parts, has_first=0 in ids, has_last=dims.num_stages - 1 in ids)

@@ -187,6 +187,14 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "parallelism.dataReplicate above 1 needs dataMode hsdp",
     ),
     (
+        "tj-zero-bubble-one-stage",
+        tjob(
+            {"parallelism": {"pipeline": 2, "microBatches": 2, "pipelineSchedule": "InterleavedZeroBubble"}}
+        ),
+        "parallelism.stagesPerRank must be at least 2 for pipelineSchedule Interleaved1F1B or "
+        "InterleavedZeroBubble",
+    ),
+    (
         "tj-sequence-parallel-alone",
         tjob({"parallelism": {"sequenceParallel": True}}),
         "parallelism.sequenceParallel splits what tensor parallelism replicates",

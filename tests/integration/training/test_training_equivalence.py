@@ -32,6 +32,11 @@ LAYOUTS: list[tuple[str, int, dict[str, Any]]] = [
         4,
         {"tensor": 2, "pipeline": 2, "pipelineSchedule": "Interleaved1F1B", "stagesPerRank": 2, **PP},
     ),
+    (
+        "dp2-pp2-zero-bubble",  # 2 ranks x 2 stages each under FSDP2: 4 layers
+        4,
+        {"data": 2, "pipeline": 2, "pipelineSchedule": "InterleavedZeroBubble", "stagesPerRank": 2, **PP},
+    ),
     ("hsdp-2x2", 4, {"data": 4, "dataMode": "hsdp", "dataReplicate": 2}),
     ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2, **PP}),
     ("tp2-sp", 2, {"tensor": 2, "sequenceParallel": True}),

@@ -33,6 +33,20 @@ pytestmark = pytest.mark.integration
         (2, {"parallelism": {"sequenceParallel": True}}, "set parallelism.tensor to 2 or more"),
         (
             2,
+            {
+                "parallelism": {
+                    "pipeline": 2,
+                    "pipelineSchedule": "InterleavedZeroBubble",
+                    "stagesPerRank": 2,
+                    "microBatches": 2,
+                },
+                "model": {"builtin": "llama", "options": {"dim": 32, "layers": 4, "heads": 4}},
+                "compile": True,
+            },
+            "which torch.compile'd blocks cannot do: set compile: false",
+        ),
+        (
+            2,
             {"parallelism": {"tensor": 2, "sequenceParallel": True}, "data": {"sequenceLength": 15}},
             "data.sequenceLength (15) over parallelism.tensor (2)",
         ),
