@@ -1,7 +1,9 @@
-"""Tensor parallelism with DTensor plans (Megatron-style column / row splits, no sequence parallelism).
+"""Tensor parallelism with DTensor plans (Megatron-style column / row splits), optionally with sequence
+parallelism and with loss parallelism (`apply_llama_tp`).
 
-Activations between blocks stay replicated plain tensors, so tensor-parallel blocks compose with pipeline
-stages and FSDP2 without layout changes at the boundaries.
+Activations between blocks are plain tensors, replicated or (sequence parallel) this rank's part of the
+sequence, so tensor-parallel blocks compose with pipeline stages and FSDP2 without layout changes at the
+boundaries; only the logits may leave as a DTensor (loss parallel, never under a pipeline).
 """
 
 from __future__ import annotations
