@@ -554,6 +554,17 @@ class TrainingJobSpec(KubeModel):
             check=lambda m: m.gradient_compression != "powerSGD" or m.parallelism.data_mode == "ddp",
             field_path=".gradientCompression",
         ),
+        # zero bubble splits each backward into input and weight gradients; a compiled block's backward is
+        # one graph, and under torch 2.15 the ranks fell out of step (rank 0 waited for a gradient, the others
+        # exited 0): refused rather than left to fail that way
+        Rule(
+            cel="!self.compile || self.parallelism.pipelineSchedule != 'InterleavedZeroBubble'",
+            message="pipelineSchedule InterleavedZeroBubble splits each backward into input and weight "
+            "gradients, which torch.compile'd blocks cannot do: set compile: false, or use pipelineSchedule "
+            "Interleaved1F1B",
+            check=lambda m: not m.compile or m.parallelism.pipeline_schedule != "InterleavedZeroBubble",
+            field_path=".compile",
+        ),
         Rule(
             cel="!has(self.env) || !self.env.exists(k, k in " + repr(list(RESERVED_ENV)) + ")",
             message="env must not set variables the operator owns (MASTER_ADDR, MASTER_PORT, "

@@ -141,15 +141,6 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
             f"pipelineSchedule {schedule} runs one stage per rank; set stagesPerRank: 1 or "
             "pipelineSchedule: Interleaved1F1B or InterleavedZeroBubble"
         )
-    if schedule == "InterleavedZeroBubble" and spec.compile:
-        # each backward is split into its input and its weight gradients; a compiled block's backward is one
-        # graph, and under torch 2.15 the ranks then fall out of step (one waits for a gradient the others
-        # never send): refused rather than left to hang
-        raise LayoutError(
-            "pipelineSchedule InterleavedZeroBubble splits each backward into input and weight gradients, "
-            "which torch.compile'd blocks cannot do: set compile: false, or use pipelineSchedule "
-            "Interleaved1F1B"
-        )
     mb = par.micro_batches
     if pp > 1 and mb < pp:
         raise LayoutError(

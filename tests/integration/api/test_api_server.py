@@ -195,6 +195,21 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "InterleavedZeroBubble",
     ),
     (
+        "tj-zero-bubble-compiled",
+        tjob(
+            {
+                "compile": True,
+                "parallelism": {
+                    "pipeline": 2,
+                    "microBatches": 2,
+                    "pipelineSchedule": "InterleavedZeroBubble",
+                    "stagesPerRank": 2,
+                },
+            }
+        ),
+        "which torch.compile'd blocks cannot do: set compile: false",
+    ),
+    (
         "tj-sequence-parallel-alone",
         tjob({"parallelism": {"sequenceParallel": True}}),
         "parallelism.sequenceParallel splits what tensor parallelism replicates",
