@@ -1,7 +1,8 @@
-"""What the benchmarks share: the local training run's command-line arguments."""
+"""What the benchmarks share: the local training run's command-line arguments, a free port."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 
@@ -21,3 +22,10 @@ def local_run_args(job: Path, procs: int, metrics: Path, log_every: int = 10) ->
         "--max-restarts",
         "0",
     ]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -45,7 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import _free_port, _stop, _wait_http  # noqa: E402
+from bench.common import free_port  # noqa: E402
+from bench.serve_bench import _stop, _wait_http  # noqa: E402
 
 
 @dataclass
@@ -256,7 +257,7 @@ def main() -> int:
         for load in loads:
             base: float | None = None
             for case in cases:
-                port, gport = _free_port(), _free_port()
+                port, gport = free_port(), free_port()
                 cmd = [
                     sys.executable, "-m", "runtime.serving.cli", "serve", "--model-uri", str(model),
                     "--model-name", "sleepy", "--mode", "eager", "--max-batch-size", str(a.max_batch),

@@ -46,6 +46,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import free_port  # noqa: E402
 from runtime.serving.config import ServeConfig  # noqa: E402  (torch-free: the server's defaults)
 
 
@@ -172,14 +173,6 @@ def serve_naive(a: argparse.Namespace) -> None:
 
 
 # -- measurement --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
@@ -198,7 +191,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float
 def _start(
     kind: str, a: argparse.Namespace, model: str, cache: str, log: Path, workers: int = 0
 ) -> tuple[subprocess.Popen[bytes], int, int, float]:
-    port, gport = _free_port(), _free_port()
+    port, gport = free_port(), free_port()
     cmd = [
         sys.executable,
         __file__,

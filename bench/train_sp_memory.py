@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port  # noqa: E402
 
 
 def _loss(model: Any, x: Any, y: Any) -> Any:
@@ -48,19 +49,17 @@ def _saved_bytes(model: Any, x: Any, y: Any) -> int:
     """Bytes of the distinct non-parameter storages autograd saves during a forward, loss and backward."""
     import torch
 
-    params = {
-        p.to_local().untyped_storage().data_ptr()
-        if hasattr(p, "to_local")
-        else p.untyped_storage().data_ptr()
-        for p in model.parameters()
-    }
+    def storage(t: torch.Tensor) -> Any:
+        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's part
+        while hasattr(local, "elem"):  # a collective's result (AsyncCollectiveTensor) holds the tensor
+            local = local.elem
+        return local.untyped_storage()
+
+    params = {storage(p).data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        while hasattr(local, "elem"):  # a collective's result (AsyncCollectiveTensor) holds the tensor
-            local = local.elem
-        s = local.untyped_storage()
+        s = storage(t)
         if s.data_ptr() not in params:
             seen[s.data_ptr()] = s.nbytes()
         return t
@@ -118,9 +117,7 @@ def main() -> None:
     a = p.parse_args()
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "r")
         mp.spawn(_rank, args=(port, a, out), nprocs=2)

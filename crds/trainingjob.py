@@ -162,7 +162,8 @@ class PipelineSchedule(StrEnum):
     interleaved_zero_bubble = "InterleavedZeroBubble"
 
 
-_INTERLEAVED = ("Interleaved1F1B", "InterleavedZeroBubble")
+# the schedules that run several stages per rank (looped: rank r holds stages r, r + pp, ...)
+INTERLEAVED_SCHEDULES = frozenset({"Interleaved1F1B", "InterleavedZeroBubble"})
 
 
 class ParallelismSpec(KubeModel):
@@ -215,7 +216,7 @@ class ParallelismSpec(KubeModel):
             message="parallelism.stagesPerRank must be at least 2 for pipelineSchedule Interleaved1F1B or "
             "InterleavedZeroBubble: "
             "set stagesPerRank to 2 or more, or use 1F1B",
-            check=lambda m: m.pipeline_schedule not in _INTERLEAVED or m.stages_per_rank >= 2,
+            check=lambda m: m.pipeline_schedule not in INTERLEAVED_SCHEDULES or m.stages_per_rank >= 2,
             field_path=".stagesPerRank",
         ),
         Rule(
@@ -223,7 +224,7 @@ class ParallelismSpec(KubeModel):
             "self.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble']",
             message="parallelism.stagesPerRank above 1 needs pipelineSchedule Interleaved1F1B or "
             "InterleavedZeroBubble: set pipelineSchedule to one of them or stagesPerRank to 1",
-            check=lambda m: m.stages_per_rank == 1 or m.pipeline_schedule in _INTERLEAVED,
+            check=lambda m: m.stages_per_rank == 1 or m.pipeline_schedule in INTERLEAVED_SCHEDULES,
             field_path=".stagesPerRank",
         ),
         Rule(

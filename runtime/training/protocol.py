@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from runtime.training.parallel.materialize import on_meta
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -147,8 +149,7 @@ def load_task(ref: str, spec: TrainingJobSpec) -> TrainTask:
         )
     if not callable(task.loss_fn):
         raise EntryPointError(f"spec.model.entrypoint {ref!r}: TrainTask.loss_fn must be callable")
-    meta = any(t.is_meta for t in (*task.model.parameters(), *task.model.buffers()))
-    if meta and not callable(task.init_weights):
+    if on_meta(task.model) and not callable(task.init_weights):
         raise EntryPointError(
             f"spec.model.entrypoint {ref!r}: TrainTask.model is on the meta device, so "
             "TrainTask.init_weights must be set (name, shape, device -> the tensor's full initial value); "

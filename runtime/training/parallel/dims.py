@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from crds.trainingjob import TrainingJobSpec
+from crds.trainingjob import INTERLEAVED_SCHEDULES, TrainingJobSpec
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -19,10 +19,6 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 class LayoutError(ValueError):
     """The parallel layout cannot run at this world size; the message says what to change."""
-
-
-# schedules that run several stages per rank (looped: rank r holds stages r, r + pp, ...)
-INTERLEAVED = frozenset({"Interleaved1F1B", "InterleavedZeroBubble"})
 
 
 @dataclass(frozen=True)
@@ -133,7 +129,7 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
         )
     schedule = str(par.pipeline_schedule)
     spr = par.stages_per_rank
-    interleaved = schedule in INTERLEAVED
+    interleaved = schedule in INTERLEAVED_SCHEDULES
     if interleaved and spr < 2:
         raise LayoutError(f"pipelineSchedule {schedule} needs parallelism.stagesPerRank of 2 or more")
     if not interleaved and spr != 1:

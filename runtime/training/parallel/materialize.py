@@ -4,10 +4,10 @@ A task whose model is built under ``torch.device("meta")`` (the built-in llama) 
 parallelized: tensor parallelism and FSDP2 shard the meta parameters, then ``materialize`` gives each rank
 storage for its own shards alone and fills them from the task's ``init_weights(name, shape, device)``,
 which returns a parameter's or buffer's full value (made on the rank's device, or moved there), one tensor
-at a time. A rank's peak is its shards plus the
-largest single tensor, not the model: a plain build holds the full model on every rank before sharding
-(an 8b llama: ~32 GB of host memory per process). The full value depends on the name and shape alone, so
-every layout starts from the same weights (the equivalence tests compare layouts against one process).
+at a time. A rank's peak is its shards plus the largest single tensor, not the model: a plain build holds
+the full model on every rank before sharding (an 8b llama: ~32 GB of host memory per process). The full
+value depends on the name and shape alone, so every layout starts from the same weights (the equivalence
+tests compare layouts against one process).
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ def materialize(module: nn.Module, device: torch.device, init: InitFn | None) ->
         )
     module.to_empty(device=device)
     with torch.no_grad():
-        for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
-            full = init(canonical(name), t.shape, device)
+        for wrapped, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+            name = canonical(wrapped)
+            full = init(name, t.shape, device)
             if tuple(full.shape) != tuple(t.shape):
                 raise ValueError(
-                    f"init_weights({canonical(name)!r}) gave shape {tuple(full.shape)}, "
-                    f"expected {tuple(t.shape)}"
+                    f"init_weights({name!r}) gave shape {tuple(full.shape)}, expected {tuple(t.shape)}"
                 )
             full = full.to(device=device, dtype=t.dtype)
             if isinstance(t, DTensor):

@@ -17,7 +17,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
-from runtime.training.parallel.dims import INTERLEAVED
+from crds.trainingjob import INTERLEAVED_SCHEDULES
 from runtime.training.parallel.materialize import to_device
 from runtime.training.protocol import ParallelContext, ParallelizeFn, SplitFn
 
@@ -74,6 +74,6 @@ def build_pipeline(
         parts.append(part)
         stages.append(PipelineStage(part, sid, dims.num_stages, ctx.device, group=pp_mesh.get_group()))
     cls = SCHEDULES[dims.schedule]
-    target = stages if dims.schedule in INTERLEAVED else stages[0]
+    target = stages if dims.schedule in INTERLEAVED_SCHEDULES else stages[0]
     schedule = cls(target, n_microbatches=dims.micro_batches, loss_fn=loss_fn, scale_grads=True)
     return Pipeline(schedule, parts, has_first=0 in ids, has_last=dims.num_stages - 1 in ids)
