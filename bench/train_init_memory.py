@@ -69,6 +69,21 @@ def worker(spec_path: str, way: str) -> dict[str, Any]:
     }
 
 
+def draw_rate() -> float:
+    """Normal random numbers one CPU thread draws a second, as the llama's init draws them (best of 3)."""
+    import torch
+
+    torch.set_num_threads(1)
+    t = torch.empty(32 * 2**20)
+    g = torch.Generator().manual_seed(0)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        t.normal_(0.0, 0.02, generator=g)
+        best = min(best, time.perf_counter() - start)
+    return t.numel() / best
+
+
 def run_way(spec_path: Path, way: str, world: int) -> list[dict[str, Any]]:
     port = free_port()
     procs = []
@@ -135,6 +150,11 @@ def main() -> None:
         shard = max(r["shard_mb"] for r in rs)
         secs = max(r["seconds"] for r in rs)
         print(f"| {label} | {peak:,.0f} | {after:,.0f} | {shard:,.0f} | {secs:.1f} | {peak / cpu_peak:.2f} |")
+    rate = draw_rate()
+    print(
+        f"\nOne CPU thread draws {rate / 1e6:,.0f} M normal numbers a second here: each rank of the meta "
+        f"build draws the whole model, {model_mb * 2**20 / 4 / rate:.1f} s of it for this one."
+    )
 
 
 if __name__ == "__main__":

@@ -122,8 +122,8 @@ def init_tensor(
     """The initial full value of the parameter or buffer ``name``, made on ``device``: norms 1, the output
     layer N(0, dim^-1/2), every other weight N(0, 0.02), each drawn from its own generator (seed and name) on
     that device, so that a rank can fill one tensor without drawing the others first (parallel.materialize).
-    The values depend on the device type's generator: CPU ranks agree with each other, GPU ranks too. A GPU
-    draws an 8b model's 8 G numbers in milliseconds; a CPU core draws ~250 M a second (32 s)."""
+    The values depend on the device type's generator: CPU ranks agree with each other, GPU ranks too. One
+    CPU thread draws ~263 M a second (bench/train_init_memory.py): a GPU rank draws on its device instead."""
     if name in ("rope_cos", "rope_sin"):
         return rope(a)[name == "rope_sin"].to(device)
     if name.endswith("norm.weight"):
