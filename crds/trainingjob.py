@@ -160,10 +160,17 @@ class PipelineSchedule(StrEnum):
     one_f_one_b = "1F1B"
     interleaved_1f1b = "Interleaved1F1B"
     interleaved_zero_bubble = "InterleavedZeroBubble"
+    zbv_zero_bubble = "ZBVZeroBubble"
 
 
 # the schedules that run several stages per rank (looped: rank r holds stages r, r + pp, ...)
 INTERLEAVED_SCHEDULES = frozenset({"Interleaved1F1B", "InterleavedZeroBubble"})
+# the V-shaped ones: exactly two stages per rank, rank r holding stages r and 2 pp - 1 - r (the first rank
+# holds the first and the last stage, so the loss is computed where the inputs enter)
+V_SCHEDULES = frozenset({"ZBVZeroBubble"})
+MULTI_STAGE_SCHEDULES = INTERLEAVED_SCHEDULES | V_SCHEDULES
+# the schedules that split each backward into input and weight gradients (zero bubble)
+SPLIT_BACKWARD_SCHEDULES = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble"})
 
 
 class ParallelismSpec(KubeModel):
@@ -193,14 +200,16 @@ class ParallelismSpec(KubeModel):
     pipeline: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel degree (stages).")
     pipeline_schedule: PipelineSchedule = Field(
         default=PipelineSchedule.one_f_one_b,
-        description="GPipe, 1F1B, Interleaved1F1B or InterleavedZeroBubble (zero bubble: "
-        "weight gradients computed in the pipeline's idle slots).",
+        description="GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble or ZBVZeroBubble (zero bubble: "
+        "weight gradients computed in the pipeline's idle slots; ZBV: two stages a rank placed in a V, "
+        "rank r holding stages r and 2 x pipeline - 1 - r).",
     )
     stages_per_rank: int = Field(
         default=1,
         ge=1,
         le=8,
-        description="Pipeline stages per rank; the interleaved schedules need 2 or more.",
+        description="Pipeline stages per rank; the interleaved schedules need 2 or more, ZBVZeroBubble "
+        "exactly 2.",
     )
     micro_batches: int = Field(
         default=1,
@@ -220,11 +229,19 @@ class ParallelismSpec(KubeModel):
             field_path=".stagesPerRank",
         ),
         Rule(
+            cel="self.pipelineSchedule != 'ZBVZeroBubble' || self.stagesPerRank == 2",
+            message="parallelism.stagesPerRank must be 2 for pipelineSchedule ZBVZeroBubble (its V places "
+            "two stages on each rank): set stagesPerRank to 2",
+            check=lambda m: m.pipeline_schedule not in V_SCHEDULES or m.stages_per_rank == 2,
+            field_path=".stagesPerRank",
+        ),
+        Rule(
             cel="self.stagesPerRank == 1 || "
-            "self.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble']",
-            message="parallelism.stagesPerRank above 1 needs pipelineSchedule Interleaved1F1B or "
-            "InterleavedZeroBubble: set pipelineSchedule to one of them or stagesPerRank to 1",
-            check=lambda m: m.stages_per_rank == 1 or m.pipeline_schedule in INTERLEAVED_SCHEDULES,
+            "self.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble', 'ZBVZeroBubble']",
+            message="parallelism.stagesPerRank above 1 needs pipelineSchedule Interleaved1F1B, "
+            "InterleavedZeroBubble or ZBVZeroBubble: set pipelineSchedule to one of them or stagesPerRank "
+            "to 1",
+            check=lambda m: m.stages_per_rank == 1 or m.pipeline_schedule in MULTI_STAGE_SCHEDULES,
             field_path=".stagesPerRank",
         ),
         Rule(
@@ -559,11 +576,12 @@ class TrainingJobSpec(KubeModel):
         # one graph, and under torch 2.15 the ranks fell out of step (rank 0 waited for a gradient, the others
         # exited 0): refused rather than left to fail that way
         Rule(
-            cel="!self.compile || self.parallelism.pipelineSchedule != 'InterleavedZeroBubble'",
-            message="pipelineSchedule InterleavedZeroBubble splits each backward into input and weight "
-            "gradients, which torch.compile'd blocks cannot do: set compile: false, or use pipelineSchedule "
-            "Interleaved1F1B",
-            check=lambda m: not m.compile or m.parallelism.pipeline_schedule != "InterleavedZeroBubble",
+            cel="!self.compile || !(self.parallelism.pipelineSchedule in "
+            "['InterleavedZeroBubble', 'ZBVZeroBubble'])",
+            message="pipelineSchedules InterleavedZeroBubble and ZBVZeroBubble split each backward into "
+            "input and weight gradients, which torch.compile'd blocks cannot do: set compile: false, or use "
+            "pipelineSchedule Interleaved1F1B",
+            check=lambda m: not m.compile or m.parallelism.pipeline_schedule not in SPLIT_BACKWARD_SCHEDULES,
             field_path=".compile",
         ),
         Rule(

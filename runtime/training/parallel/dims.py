@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from crds.trainingjob import INTERLEAVED_SCHEDULES, TrainingJobSpec
+from crds.trainingjob import INTERLEAVED_SCHEDULES, MULTI_STAGE_SCHEDULES, V_SCHEDULES, TrainingJobSpec
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -132,10 +132,12 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
     interleaved = schedule in INTERLEAVED_SCHEDULES
     if interleaved and spr < 2:
         raise LayoutError(f"pipelineSchedule {schedule} needs parallelism.stagesPerRank of 2 or more")
-    if not interleaved and spr != 1:
+    if schedule in V_SCHEDULES and spr != 2:
+        raise LayoutError(f"pipelineSchedule {schedule} needs parallelism.stagesPerRank: 2 (its V)")
+    if schedule not in MULTI_STAGE_SCHEDULES and spr != 1:
         raise LayoutError(
             f"pipelineSchedule {schedule} runs one stage per rank; set stagesPerRank: 1 or "
-            "pipelineSchedule: Interleaved1F1B or InterleavedZeroBubble"
+            "pipelineSchedule: Interleaved1F1B, InterleavedZeroBubble or ZBVZeroBubble"
         )
     mb = par.micro_batches
     if pp > 1 and mb < pp:

@@ -15,9 +15,10 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
 )
 
-from crds.trainingjob import INTERLEAVED_SCHEDULES
+from crds.trainingjob import MULTI_STAGE_SCHEDULES, V_SCHEDULES
 from runtime.training.parallel.materialize import to_device
 from runtime.training.protocol import ParallelContext, ParallelizeFn, SplitFn
 
@@ -28,6 +29,9 @@ SCHEDULES: dict[str, Any] = {
     # zero bubble: each backward split into its input and its weight gradients, the weights' run in the
     # bubbles the other schedules leave idle (Qi et al., 2023)
     "InterleavedZeroBubble": ScheduleInterleavedZeroBubble,
+    # the same with two stages a rank placed in a V (Qi et al., 2023, section 6): the first rank holds the
+    # first and the last stage, so each rank's two stages do equal work at either end of a micro-batch
+    "ZBVZeroBubble": ScheduleZBVZeroBubble,
 }
 
 
@@ -52,8 +56,11 @@ class Pipeline:
         return losses
 
 
-def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
-    """Looped assignment: rank r holds stages r, r + pp, r + 2 pp, ..."""
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
+    """Looped assignment: rank r holds stages r, r + pp, r + 2 pp, ...; under a V schedule r and
+    2 pp - 1 - r."""
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + i * pp for i in range(stages_per_rank)]
 
 
@@ -66,7 +73,7 @@ def build_pipeline(
 ) -> Pipeline:
     dims = ctx.dims
     pp_mesh = ctx.mesh["pp"]
-    ids = stage_ids(pp_mesh.get_local_rank(), dims.pp, dims.stages_per_rank)
+    ids = stage_ids(pp_mesh.get_local_rank(), dims.pp, dims.stages_per_rank, dims.schedule)
     parts, stages = [], []
     for sid, part in zip(ids, split(model, ids, dims.num_stages), strict=True):
         part = parallelize(to_device(part, ctx.device), ctx)
@@ -74,6 +81,6 @@ def build_pipeline(
         parts.append(part)
         stages.append(PipelineStage(part, sid, dims.num_stages, ctx.device, group=pp_mesh.get_group()))
     cls = SCHEDULES[dims.schedule]
-    target = stages if dims.schedule in INTERLEAVED_SCHEDULES else stages[0]
+    target = stages if dims.schedule in MULTI_STAGE_SCHEDULES else stages[0]
     schedule = cls(target, n_microbatches=dims.micro_batches, loss_fn=loss_fn, scale_grads=True)
     return Pipeline(schedule, parts, has_first=0 in ids, has_last=dims.num_stages - 1 in ids)

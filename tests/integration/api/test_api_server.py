@@ -210,6 +210,20 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "which torch.compile'd blocks cannot do: set compile: false",
     ),
     (
+        "tj-zbv-three-stages",
+        tjob(
+            {
+                "parallelism": {
+                    "pipeline": 2,
+                    "microBatches": 2,
+                    "pipelineSchedule": "ZBVZeroBubble",
+                    "stagesPerRank": 3,
+                }
+            }
+        ),
+        "parallelism.stagesPerRank must be 2 for pipelineSchedule ZBVZeroBubble",
+    ),
+    (
         "tj-sequence-parallel-alone",
         tjob({"parallelism": {"sequenceParallel": True}}),
         "parallelism.sequenceParallel splits what tensor parallelism replicates",

@@ -37,6 +37,11 @@ LAYOUTS: list[tuple[str, int, dict[str, Any]]] = [
         4,
         {"data": 2, "pipeline": 2, "pipelineSchedule": "InterleavedZeroBubble", "stagesPerRank": 2, **PP},
     ),
+    (
+        "dp2-pp2-zbv",  # 2 ranks x 2 stages each in a V under FSDP2: rank 0 holds the first and last layer
+        4,
+        {"data": 2, "pipeline": 2, "pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 2, **PP},
+    ),
     ("hsdp-2x2", 4, {"data": 4, "dataMode": "hsdp", "dataReplicate": 2}),
     ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2, **PP}),
     ("tp2-sp", 2, {"tensor": 2, "sequenceParallel": True}),

@@ -48,6 +48,20 @@ TJ_CASES: list[tuple[str, dict[str, Any], str]] = [
         "stagesPerRank must be",
     ),
     (
+        "zbv",
+        {**LLAMA, "parallelism": {"pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 3}},
+        "stagesPerRank must be 2 for pipelineSchedule ZBVZeroBubble",
+    ),
+    (
+        "zbv compiled",
+        {
+            **LLAMA,
+            "compile": True,
+            "parallelism": {"pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 2},
+        },
+        "ZBVZeroBubble split each backward",
+    ),
+    (
         "micro",
         {**LLAMA, "processesPerNode": 2, "parallelism": {"pipeline": 2}},
         "microBatches must be at least",

@@ -42,6 +42,11 @@ def _snake(name: str) -> str:
             2,
             {"num_stages": 4, "dp": 1},
         ),
+        (
+            {"pipeline": 2, "pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 2, "microBatches": 2},
+            4,
+            {"num_stages": 4, "dp": 2},
+        ),
     ],
 )
 def test_layouts(par: dict[str, Any], world: int, expect: dict[str, int]) -> None:
@@ -63,6 +68,11 @@ def test_layouts(par: dict[str, Any], world: int, expect: dict[str, int]) -> Non
         ({"pipeline": 2}, 8, "parallelism.microBatches (1) must be at least parallelism.pipeline (2)"),
         ({"pipeline": 2, "pipelineSchedule": "Interleaved1F1B", "microBatches": 2}, 8, "stagesPerRank"),
         ({"stagesPerRank": 2}, 8, "stagesPerRank: 1"),
+        (
+            {"pipeline": 2, "pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 3, "microBatches": 2},
+            8,
+            "stagesPerRank: 2",
+        ),
         ({"batch": 12}, 8, "optimizer.globalBatchSize (12)"),
         (
             {
@@ -89,3 +99,17 @@ def test_elastic_range_checks_every_world_size() -> None:
     assert [d.dp for d in validate_range(s, 1, 2, 4)] == [2, 4]
     with pytest.raises(LayoutError, match="inside the elastic range 1:3"):
         validate_range(s, 1, 3, 4)  # 3 nodes: dp 6 does not divide the global batch of 8
+
+
+@pytest.mark.parametrize("pp", [1, 2, 4])
+def test_stage_placement_covers_every_stage_once(pp: int) -> None:
+    """Looped (rank r: r, r + pp) and V-shaped (rank r: r, 2 pp - 1 - r) placements each hold every stage
+    once; in the V the first rank holds the first and the last stage."""
+    from runtime.training.parallel.pipeline import stage_ids
+
+    looped = [stage_ids(r, pp, 2, "Interleaved1F1B") for r in range(pp)]
+    v = [stage_ids(r, pp, 2, "ZBVZeroBubble") for r in range(pp)]
+    for placement in (looped, v):
+        assert sorted(i for ids in placement for i in ids) == list(range(2 * pp))
+    assert v[0] == [0, 2 * pp - 1] and v[-1] == [pp - 1, pp]
+    assert looped[0] == [0, pp]
