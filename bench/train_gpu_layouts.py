@@ -10,8 +10,8 @@ against a bf16 matrix-product ceiling measured in the same run.
         --layouts 1,d4,d2t2,d2p2,t2p2
 
 A layout is `1` (one GPU) or degrees such as `d2t2p2` (data 2 x tensor 2 x pipeline 2; a missing letter is 1),
-then suffixes: `:sp` sequence parallelism, `:zb` / `:zbv` / `:i1f1b` two stages a GPU under
-InterleavedZeroBubble / ZBVZeroBubble / Interleaved1F1B, `:eager` no torch.compile.
+then suffixes: `:sp` sequence parallelism, `:zb` / `:zbv` / `:dpv` / `:i1f1b` two stages a GPU under
+InterleavedZeroBubble / ZBVZeroBubble / DualPipeV / Interleaved1F1B, `:eager` no torch.compile.
 Every layout keeps the same work per GPU: `--batch` sequences of `--seq` tokens per GPU per step, so the
 global batch is batch x GPUs; a data rank's share is split over its tensor x pipeline GPUs. Data parallelism
 is FSDP2 (`dataMode: fsdp`); pipelines run 1F1B with `--micro-batches` micro-batches per step.
@@ -90,13 +90,15 @@ FLAGS = {  # a layout's suffixes, and what its name says of each
     "i1f1b": " (Interleaved1F1B, 2 stages a GPU)",
     "zb": " (InterleavedZeroBubble, 2 stages a GPU, no compile: the runtime refuses both)",
     "zbv": " (ZBVZeroBubble, 2 stages a GPU in a V, no compile: the runtime refuses both)",
+    "dpv": " (DualPipeV, 2 stages a GPU in a V, no compile: the runtime refuses both)",
 }
 
 
 def parse_layout(text: str) -> dict[str, int]:
     """`1` -> one GPU; `d2t2p2` -> data 2, tensor 2, pipeline 2 (missing letters are 1); suffixes (FLAGS):
     `:eager` runs that layout without torch.compile, `:sp` with sequence parallelism, `:i1f1b` / `:zb` /
-    `:zbv` its pipeline with two stages a GPU, Interleaved1F1B / InterleavedZeroBubble / ZBVZeroBubble."""
+    `:zbv` / `:dpv` its pipeline with two stages a GPU, Interleaved1F1B / InterleavedZeroBubble /
+    ZBVZeroBubble / DualPipeV."""
     text, *flags = text.strip().split(":")
     bad = sorted(set(flags) - set(FLAGS))
     if bad:
@@ -225,6 +227,7 @@ def spec_for(args: argparse.Namespace, lay: dict[str, int], tmp: Path) -> dict[s
             ("i1f1b", "Interleaved1F1B"),
             ("zb", "InterleavedZeroBubble"),
             ("zbv", "ZBVZeroBubble"),
+            ("dpv", "DualPipeV"),
         ):
             if lay.get(flag):
                 par["pipelineSchedule"], par["stagesPerRank"] = schedule, 2
@@ -243,7 +246,9 @@ def spec_for(args: argparse.Namespace, lay: dict[str, int], tmp: Path) -> dict[s
             "processesPerNode": gpus,
             "parallelism": par,
             "precision": "bf16",
-            "compile": args.compile and not lay.get("eager") and not lay.get("zb") and not lay.get("zbv"),
+            "compile": args.compile
+            and not lay.get("eager")
+            and not any(lay.get(f) for f in ("zb", "zbv", "dpv")),
             "checkpoint": {"intervalSteps": 1_000_000, "path": str(tmp / "ckpt")},
         },
     }

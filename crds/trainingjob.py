@@ -161,16 +161,26 @@ class PipelineSchedule(StrEnum):
     interleaved_1f1b = "Interleaved1F1B"
     interleaved_zero_bubble = "InterleavedZeroBubble"
     zbv_zero_bubble = "ZBVZeroBubble"
+    dual_pipe_v = "DualPipeV"
 
 
 # the schedules that run several stages per rank (looped: rank r holds stages r, r + pp, ...)
 INTERLEAVED_SCHEDULES = frozenset({"Interleaved1F1B", "InterleavedZeroBubble"})
 # the V-shaped ones: exactly two stages per rank, rank r holding stages r and 2 pp - 1 - r (the first rank
 # holds the first and the last stage, so the loss is computed where the inputs enter)
-V_SCHEDULES = frozenset({"ZBVZeroBubble"})
+V_SCHEDULES = frozenset({"ZBVZeroBubble", "DualPipeV"})
 MULTI_STAGE_SCHEDULES = INTERLEAVED_SCHEDULES | V_SCHEDULES
 # the schedules that split each backward into input and weight gradients (zero bubble)
-SPLIT_BACKWARD_SCHEDULES = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble"})
+SPLIT_BACKWARD_SCHEDULES = frozenset({"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"})
+
+
+def _cel_list(names: frozenset[str]) -> str:
+    return "[" + ", ".join(f"'{n}'" for n in sorted(names)) + "]"
+
+
+def _prose(names: frozenset[str]) -> str:
+    *most, last = sorted(names)
+    return f"{', '.join(most)} or {last}"
 
 
 class ParallelismSpec(KubeModel):
@@ -200,16 +210,18 @@ class ParallelismSpec(KubeModel):
     pipeline: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel degree (stages).")
     pipeline_schedule: PipelineSchedule = Field(
         default=PipelineSchedule.one_f_one_b,
-        description="GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble or ZBVZeroBubble (zero bubble: "
-        "weight gradients computed in the pipeline's idle slots; ZBV: two stages a rank placed in a V, "
-        "rank r holding stages r and 2 x pipeline - 1 - r).",
+        description="GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble or DualPipeV "
+        "(zero bubble: weight gradients computed in the pipeline's idle slots; ZBVZeroBubble and DualPipeV: "
+        "two stages a rank placed in a V, rank r holding stages r and 2 x pipeline - 1 - r; DualPipeV "
+        "(DeepSeek's) also pairs one micro-batch's forward with another's backward, and needs microBatches "
+        "of at least 2 x pipeline).",
     )
     stages_per_rank: int = Field(
         default=1,
         ge=1,
         le=8,
-        description="Pipeline stages per rank; the interleaved schedules need 2 or more, ZBVZeroBubble "
-        "exactly 2.",
+        description="Pipeline stages per rank; the interleaved schedules need 2 or more, the V-shaped ones "
+        "(ZBVZeroBubble, DualPipeV) exactly 2.",
     )
     micro_batches: int = Field(
         default=1,
@@ -220,29 +232,32 @@ class ParallelismSpec(KubeModel):
 
     x_rules = (
         Rule(
-            cel="!(self.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble']) || "
-            "self.stagesPerRank >= 2",
-            message="parallelism.stagesPerRank must be at least 2 for pipelineSchedule Interleaved1F1B or "
-            "InterleavedZeroBubble: "
-            "set stagesPerRank to 2 or more, or use 1F1B",
+            cel=f"!(self.pipelineSchedule in {_cel_list(INTERLEAVED_SCHEDULES)}) || self.stagesPerRank >= 2",
+            message="parallelism.stagesPerRank must be at least 2 for pipelineSchedule "
+            f"{_prose(INTERLEAVED_SCHEDULES)}: set stagesPerRank to 2 or more, or use 1F1B",
             check=lambda m: m.pipeline_schedule not in INTERLEAVED_SCHEDULES or m.stages_per_rank >= 2,
             field_path=".stagesPerRank",
         ),
         Rule(
-            cel="self.pipelineSchedule != 'ZBVZeroBubble' || self.stagesPerRank == 2",
-            message="parallelism.stagesPerRank must be 2 for pipelineSchedule ZBVZeroBubble (its V places "
-            "two stages on each rank): set stagesPerRank to 2",
+            cel=f"!(self.pipelineSchedule in {_cel_list(V_SCHEDULES)}) || self.stagesPerRank == 2",
+            message="parallelism.stagesPerRank must be 2 for pipelineSchedule "
+            f"{_prose(V_SCHEDULES)} (their V places two stages on each rank): set stagesPerRank to 2",
             check=lambda m: m.pipeline_schedule not in V_SCHEDULES or m.stages_per_rank == 2,
             field_path=".stagesPerRank",
         ),
         Rule(
-            cel="self.stagesPerRank == 1 || "
-            "self.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble', 'ZBVZeroBubble']",
-            message="parallelism.stagesPerRank above 1 needs pipelineSchedule Interleaved1F1B, "
-            "InterleavedZeroBubble or ZBVZeroBubble: set pipelineSchedule to one of them or stagesPerRank "
-            "to 1",
+            cel=f"self.stagesPerRank == 1 || self.pipelineSchedule in {_cel_list(MULTI_STAGE_SCHEDULES)}",
+            message="parallelism.stagesPerRank above 1 needs pipelineSchedule "
+            f"{_prose(MULTI_STAGE_SCHEDULES)}: set pipelineSchedule to one of them or stagesPerRank to 1",
             check=lambda m: m.stages_per_rank == 1 or m.pipeline_schedule in MULTI_STAGE_SCHEDULES,
             field_path=".stagesPerRank",
+        ),
+        Rule(
+            cel="self.pipelineSchedule != 'DualPipeV' || self.microBatches >= 2 * self.pipeline",
+            message="parallelism.microBatches must be at least 2 x parallelism.pipeline (the stages) for "
+            "pipelineSchedule DualPipeV: raise microBatches, or use ZBVZeroBubble",
+            check=lambda m: m.pipeline_schedule != "DualPipeV" or m.micro_batches >= 2 * m.pipeline,
+            field_path=".microBatches",
         ),
         Rule(
             cel="self.pipeline == 1 || self.microBatches >= self.pipeline",
@@ -576,9 +591,9 @@ class TrainingJobSpec(KubeModel):
         # one graph, and under torch 2.15 the ranks fell out of step (rank 0 waited for a gradient, the others
         # exited 0): refused rather than left to fail that way
         Rule(
-            cel="!self.compile || !(self.parallelism.pipelineSchedule in "
-            "['InterleavedZeroBubble', 'ZBVZeroBubble'])",
-            message="pipelineSchedules InterleavedZeroBubble and ZBVZeroBubble split each backward into "
+            cel="!self.compile || "
+            f"!(self.parallelism.pipelineSchedule in {_cel_list(SPLIT_BACKWARD_SCHEDULES)})",
+            message=f"pipelineSchedules {_prose(SPLIT_BACKWARD_SCHEDULES)} split each backward into "
             "input and weight gradients, which torch.compile'd blocks cannot do: set compile: false, or use "
             "pipelineSchedule Interleaved1F1B",
             check=lambda m: not m.compile or m.parallelism.pipeline_schedule not in SPLIT_BACKWARD_SCHEDULES,

@@ -70,7 +70,9 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (
-            f"world {self.world_size} = pp {self.pp} x dp {self.dp} ({self.data_mode}"
+            f"world {self.world_size} = pp {self.pp}"
+            + (f" ({self.schedule}, {self.stages_per_rank} stages a rank)" if self.pp > 1 else "")
+            + f" x dp {self.dp} ({self.data_mode}"
             + (f", {self.dp_replicate} replicas x {self.dp_shard} shards" if self.data_mode == "hsdp" else "")
             + f") x tp {self.tp}"
             + (" (sequence parallel)" if self.sequence_parallel else "")
@@ -137,9 +139,19 @@ def resolve(spec: TrainingJobSpec, world_size: int) -> ParallelDims:
     if schedule not in MULTI_STAGE_SCHEDULES and spr != 1:
         raise LayoutError(
             f"pipelineSchedule {schedule} runs one stage per rank; set stagesPerRank: 1 or "
-            "pipelineSchedule: Interleaved1F1B, InterleavedZeroBubble or ZBVZeroBubble"
+            f"pipelineSchedule: one of {', '.join(sorted(MULTI_STAGE_SCHEDULES))}"
         )
     mb = par.micro_batches
+    if pp > 1 and schedule == "DualPipeV" and mb < 2 * pp:
+        raise LayoutError(
+            f"pipelineSchedule DualPipeV needs parallelism.microBatches ({mb}) of at least 2 x "
+            f"parallelism.pipeline ({2 * pp}, its stages); set microBatches to {2 * pp} or more"
+        )
+    if pp > 1:
+        from runtime.training.parallel.pipeline import missing_schedule  # torch's pipelining: only here
+
+        if why := missing_schedule(schedule):
+            raise LayoutError(why)
     if pp > 1 and mb < pp:
         raise LayoutError(
             f"parallelism.microBatches ({mb}) must be at least parallelism.pipeline ({pp}) or the "

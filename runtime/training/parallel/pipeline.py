@@ -15,8 +15,8 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
-    ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining import schedules as _schedules
 
 from crds.trainingjob import MULTI_STAGE_SCHEDULES, V_SCHEDULES
 from runtime.training.parallel.materialize import to_device
@@ -31,8 +31,22 @@ SCHEDULES: dict[str, Any] = {
     "InterleavedZeroBubble": ScheduleInterleavedZeroBubble,
     # the same with two stages a rank placed in a V (Qi et al., 2023, section 6): the first rank holds the
     # first and the last stage, so each rank's two stages do equal work at either end of a micro-batch
-    "ZBVZeroBubble": ScheduleZBVZeroBubble,
+    "ZBVZeroBubble": getattr(_schedules, "ScheduleZBVZeroBubble", None),
+    # DeepSeek's DualPipe in a V: the same placement, one micro-batch's forward paired with another's
+    # backward (an OVERLAP_F_B action, which torch runs one after the other unless a function that overlaps
+    # them is registered with the schedule's register_custom_function: we register none)
+    "DualPipeV": getattr(_schedules, "ScheduleDualPipeV", None),  # torch 2.9 and later
 }
+
+
+def missing_schedule(name: str) -> str | None:
+    """Why this torch cannot run pipeline schedule `name`, or None if it can."""
+    if name in SCHEDULES and SCHEDULES[name] is None:
+        return (
+            f"pipelineSchedule {name} is not in this torch ({torch.__version__}): upgrade torch, or use "
+            "another pipelineSchedule"
+        )
+    return None
 
 
 @dataclass

@@ -221,7 +221,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
                 }
             }
         ),
-        "parallelism.stagesPerRank must be 2 for pipelineSchedule ZBVZeroBubble",
+        "parallelism.stagesPerRank must be 2 for pipelineSchedule DualPipeV or ZBVZeroBubble",
     ),
     (
         "tj-sequence-parallel-alone",

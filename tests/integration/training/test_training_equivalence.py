@@ -42,6 +42,11 @@ LAYOUTS: list[tuple[str, int, dict[str, Any]]] = [
         4,
         {"data": 2, "pipeline": 2, "pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 2, **PP},
     ),
+    (
+        "dp2-pp2-dualpipev",  # the same V; DualPipeV needs micro-batches >= stages: 4
+        4,
+        {"data": 2, "pipeline": 2, "pipelineSchedule": "DualPipeV", "stagesPerRank": 2, "microBatches": 4},
+    ),
     ("hsdp-2x2", 4, {"data": 4, "dataMode": "hsdp", "dataReplicate": 2}),
     ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2, **PP}),
     ("tp2-sp", 2, {"tensor": 2, "sequenceParallel": True}),
@@ -80,6 +85,9 @@ def test_layout_follows_single_process_curve(
     start = run.events("start")[0]
     assert start["world_size"] == nproc
     assert ("(sequence parallel)" in start["layout"]) == bool(layout.get("sequenceParallel"))
+    if layout.get("pipeline", 1) > 1:  # the schedule asked for is the one that ran
+        schedule = layout.get("pipelineSchedule", "1F1B")
+        assert f"({schedule}, {layout.get('stagesPerRank', 1)} stages a rank)" in start["layout"]
     ref, got = baseline.losses(), run.losses()
     assert sorted(got) == list(range(1, STEPS + 1))
     assert ref[STEPS] < ref[1] - 0.5, "the baseline must actually learn for the comparison to mean anything"

@@ -50,7 +50,7 @@ TJ_CASES: list[tuple[str, dict[str, Any], str]] = [
     (
         "zbv",
         {**LLAMA, "parallelism": {"pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 3}},
-        "stagesPerRank must be 2 for pipelineSchedule ZBVZeroBubble",
+        "stagesPerRank must be 2 for pipelineSchedule DualPipeV or ZBVZeroBubble",
     ),
     (
         "zbv compiled",
@@ -60,6 +60,19 @@ TJ_CASES: list[tuple[str, dict[str, Any], str]] = [
             "parallelism": {"pipelineSchedule": "ZBVZeroBubble", "stagesPerRank": 2},
         },
         "ZBVZeroBubble split each backward",
+    ),
+    (
+        "dualpipev micro-batches",
+        {
+            **LLAMA,
+            "parallelism": {
+                "pipelineSchedule": "DualPipeV",
+                "stagesPerRank": 2,
+                "pipeline": 2,
+                "microBatches": 3,
+            },
+        },
+        "microBatches must be at least 2 x parallelism.pipeline (the stages) for pipelineSchedule DualPipeV",
     ),
     (
         "micro",

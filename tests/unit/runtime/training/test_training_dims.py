@@ -73,6 +73,11 @@ def test_layouts(par: dict[str, Any], world: int, expect: dict[str, int]) -> Non
             8,
             "stagesPerRank: 2",
         ),
+        (
+            {"pipeline": 2, "pipelineSchedule": "DualPipeV", "stagesPerRank": 2, "microBatches": 2},
+            8,
+            "DualPipeV needs parallelism.microBatches (2) of at least 2 x parallelism.pipeline (4",
+        ),
         ({"batch": 12}, 8, "optimizer.globalBatchSize (12)"),
         (
             {
@@ -108,8 +113,9 @@ def test_stage_placement_covers_every_stage_once(pp: int) -> None:
     from runtime.training.parallel.pipeline import stage_ids
 
     looped = [stage_ids(r, pp, 2, "Interleaved1F1B") for r in range(pp)]
-    v = [stage_ids(r, pp, 2, "ZBVZeroBubble") for r in range(pp)]
-    for placement in (looped, v):
-        assert sorted(i for ids in placement for i in ids) == list(range(2 * pp))
-    assert v[0] == [0, 2 * pp - 1] and v[-1] == [pp - 1, pp]
+    for schedule in ("ZBVZeroBubble", "DualPipeV"):
+        v = [stage_ids(r, pp, 2, schedule) for r in range(pp)]
+        assert sorted(i for ids in v for i in ids) == list(range(2 * pp))
+        assert v[0] == [0, 2 * pp - 1] and v[-1] == [pp - 1, pp]
+    assert sorted(i for ids in looped for i in ids) == list(range(2 * pp))
     assert looped[0] == [0, pp]
