@@ -119,3 +119,19 @@ def test_stage_placement_covers_every_stage_once(pp: int) -> None:
         assert v[0] == [0, 2 * pp - 1] and v[-1] == [pp - 1, pp]
     assert sorted(i for ids in looped for i in ids) == list(range(2 * pp))
     assert looped[0] == [0, pp]
+
+
+def test_a_schedule_this_torch_lacks_is_refused_naming_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DualPipeV came with torch 2.9 (pyproject allows 2.6): on a torch without it the layout check says so
+    before any worker starts, instead of a KeyError or None call inside the workers."""
+    import torch
+
+    from runtime.training.parallel import pipeline
+
+    monkeypatch.setitem(pipeline.SCHEDULES, "DualPipeV", None)
+    par = {"pipeline": 2, "pipelineSchedule": "DualPipeV", "stagesPerRank": 2, "microBatches": 4}
+    with pytest.raises(LayoutError) as err:
+        resolve(spec(**par), 4)
+    assert f"pipelineSchedule DualPipeV is not in this torch ({torch.__version__})" in str(err.value)
+    monkeypatch.undo()
+    assert resolve(spec(**par), 4).schedule == "DualPipeV"
