@@ -107,7 +107,9 @@ def runtime_run(
     job.write_text(json.dumps(spec))
     metrics = tmp / f"metrics-{gpus}.jsonl"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
-    cmd = [sys.executable, "-m", "runtime.training.cli", *local_run_args(job, gpus, metrics)]
+    # a record every 10 steps, or every step in a short run (12 steps left two records: nothing to time)
+    every = 10 if steps >= 30 else 1
+    cmd = [sys.executable, "-m", "runtime.training.cli", *local_run_args(job, gpus, metrics, every)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -115,6 +117,8 @@ def runtime_run(
         raise RuntimeError(f"runtime run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     logged = [r for r in recs if "loss" in r]
+    if len(logged) < 3:
+        raise RuntimeError(f"{len(logged)} metrics records in {steps} steps: run more steps (--steps)")
     first, last = logged[1], logged[-1]  # skip the first logged step: it includes compilation
     tps = (last["step"] - first["step"]) * batch * gpus * seq / (last["time"] - first["time"])
     from runtime.training.models.llama import PRESETS, flops_per_token
