@@ -1,8 +1,9 @@
 """What sequence and loss parallelism save: the activations a tensor-parallel rank keeps for the backward
 pass of the llama's forward and cross-entropy, with the activations between blocks replicated (tensor
 parallelism alone) or split along the sequence (`parallelism.sequenceParallel`), and the logits gathered
-whole or left split over the vocabulary (loss parallelism, on whenever there is tensor parallelism and no
-pipeline), measured in the same run on 2 processes (gloo, 127.0.0.1).
+whole or left split over the vocabulary (loss parallelism, on whenever there is tensor parallelism), for
+the whole model and for the last of 2 pipeline stages (half the layers, the output layer and the loss),
+measured in the same run on 2 processes (gloo, 127.0.0.1).
 
 Activation bytes are counted as autograd saves them (torch.autograd.graph.saved_tensors_hooks: each distinct
 storage once, parameters left out), so the figure is exact and the same on any machine; the step time is
@@ -74,7 +75,7 @@ def _rank(rank: int, port: int, a: argparse.Namespace, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from runtime.training.models.llama import LlamaArgs, Transformer
+    from runtime.training.models.llama import LlamaArgs, Transformer, split_llama
     from runtime.training.parallel.tensor_parallel import apply_llama_tp
 
     torch.set_num_threads(1)
@@ -84,20 +85,28 @@ def _rank(rank: int, port: int, a: argparse.Namespace, out: str) -> None:
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(0, a.vocab, (a.batch, a.seq), generator=g) for _ in range(2))
     result: dict[str, Any] = {}
-    for name, tp, sp, lp in (
-        ("one process (no tensor parallelism)", False, False, False),
-        ("tensor 2", True, False, False),
-        ("tensor 2, sequence parallel", True, True, False),
-        ("tensor 2, sequence and loss parallel", True, True, True),
+    # the last of 2 pipeline stages takes the previous stage's activations (this rank's half of the sequence
+    # under sequence parallelism) and ends in the output layer and the loss
+    hidden = torch.randn(a.batch, a.seq // 2, a.dim, generator=g)
+    for name, tp, sp, lp, last_stage in (
+        ("one process (no tensor parallelism)", False, False, False, False),
+        ("tensor 2", True, False, False, False),
+        ("tensor 2, sequence parallel", True, True, False, False),
+        ("tensor 2, sequence and loss parallel", True, True, True, False),
+        ("last of 2 pipeline stages, tensor 2, sequence parallel", True, True, False, True),
+        ("last of 2 pipeline stages, tensor 2, sequence and loss parallel", True, True, True, True),
     ):
         model = Transformer(args, seed=0)
+        if last_stage:
+            model = split_llama(model, [1], 2)[0]
         if tp:
             apply_llama_tp(model, mesh, sp, lp)
-        saved = _saved_bytes(model, x, y)
+        inputs = hidden if last_stage else x
+        saved = _saved_bytes(model, inputs, y)
         times = []
         for _ in range(a.steps):
             t0 = time.perf_counter()
-            _loss(model, x, y)
+            _loss(model, inputs, y)
             dist.barrier()
             times.append(time.perf_counter() - t0)
         result[name] = {"saved_mb": saved / 2**20, "step_ms": 1e3 * sorted(times)[len(times) // 2]}

@@ -153,7 +153,9 @@ class Job:
         loss: torch.Tensor | None
         with self.autocast():
             if self.pipeline is not None:
-                losses = self.pipeline.step(inputs, targets)
+                with _pipeline_loss_context(self.dims):
+                    losses = self.pipeline.step(inputs, targets)
+                losses = [x.full_tensor() if isinstance(x, DTensor) else x for x in losses]
                 loss = (
                     torch.stack([x.detach().float() for x in losses]).mean() / self.loss_scale
                     if losses
@@ -207,6 +209,16 @@ def _loss_context(out: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     return loss_parallel()
 
 
+def _pipeline_loss_context(dims: ParallelDims) -> contextlib.AbstractContextManager[None]:
+    """The pipeline's loss and backward run inside its step: under loss_parallel on every rank when tensor
+    parallelism leaves the last stage's logits vocabulary-sharded (ops on plain tensors are unaffected)."""
+    if not dims.tp_enabled:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
 def _fill(module: nn.Module, device: torch.device, task: TrainTask) -> None:
     """parallel.materialize, its complaints about the task's init_weights a user error (no restart)."""
     try:
@@ -232,7 +244,7 @@ def build_job(spec: TrainingJobSpec, *, keep_plain_copy: bool) -> Job:
         activation_checkpointing=str(spec.activation_checkpointing),
         compile=spec.compile,
         sequence_parallel=dims.sequence_parallel,
-        loss_parallel=dims.tp_enabled and not dims.pp_enabled,
+        loss_parallel=dims.tp_enabled,
         materialize=lambda module: _fill(module, device, task),
     )
     parallelize = task.parallelize or data_parallel.default_parallelize

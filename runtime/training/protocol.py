@@ -67,8 +67,9 @@ class ParallelContext:
     # with tensor parallelism, split the activations along the sequence too (parallelism.sequenceParallel;
     # a parallelize function that does tensor parallelism applies it, as parallelize_llama does)
     sequence_parallel: bool = False
-    # with tensor parallelism and no pipeline: the model may return its logits vocabulary-sharded (a DTensor,
-    # as parallelize_llama does); the loss then runs under DTensor's loss_parallel (cross-entropy only)
+    # with tensor parallelism: the model (a pipeline's last stage) may return its logits vocabulary-sharded (a
+    # DTensor, as parallelize_llama does); the loss then runs under DTensor's loss_parallel (cross-entropy
+    # only)
     loss_parallel: bool = False
     # fills a model built on the meta device (parallel.materialize; nothing for one that is not): what a
     # parallelize function calls before a wrapper that needs storage (DDP), the runtime after it

@@ -3,7 +3,7 @@ parallelism and with loss parallelism (`apply_llama_tp`).
 
 Activations between blocks are plain tensors, replicated or (sequence parallel) this rank's part of the
 sequence, so tensor-parallel blocks compose with pipeline stages and FSDP2 without layout changes at the
-boundaries; only the logits may leave as a DTensor (loss parallel, never under a pipeline).
+boundaries; only the logits may leave as a DTensor (loss parallel), from the last stage of a pipeline too.
 """
 
 from __future__ import annotations
