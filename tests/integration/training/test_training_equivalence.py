@@ -85,7 +85,7 @@ def test_layout_follows_single_process_curve(
     start = run.events("start")[0]
     assert start["world_size"] == nproc
     assert ("(sequence parallel)" in start["layout"]) == bool(layout.get("sequenceParallel"))
-    if layout.get("pipeline", 1) > 1:  # the schedule asked for is the one that ran
+    if layout.get("pipeline", 1) > 1:  # the layout line names the schedule and the stages a rank
         schedule = layout.get("pipelineSchedule", "1F1B")
         assert f"({schedule}, {layout.get('stagesPerRank', 1)} stages a rank)" in start["layout"]
     ref, got = baseline.losses(), run.losses()
