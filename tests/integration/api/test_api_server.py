@@ -141,7 +141,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "tj-stages-without-interleaved",
         tjob({"parallelism": {"stagesPerRank": 2}}),
-        "parallelism.stagesPerRank above 1 needs pipelineSchedule Interleaved1F1B",
+        "parallelism.stagesPerRank above 1 needs pipelineSchedule DualPipeV, Interleaved1F1B, "
+        "InterleavedZeroBubble or ZBVZeroBubble",
     ),
     (
         "tj-micro-batches",
