@@ -47,6 +47,18 @@ LAYOUTS: list[tuple[str, int, dict[str, Any]]] = [
         4,
         {"data": 2, "pipeline": 2, "pipelineSchedule": "DualPipeV", "stagesPerRank": 2, "microBatches": 4},
     ),
+    (
+        "tp2-pp2-dualpipev-sp",  # the V under tensor and sequence parallelism: rank 0's last stage ends in
+        4,  # vocabulary-sharded logits (loss parallel) while its first stage takes the tokens
+        {
+            "tensor": 2,
+            "pipeline": 2,
+            "pipelineSchedule": "DualPipeV",
+            "stagesPerRank": 2,
+            "microBatches": 4,
+            "sequenceParallel": True,
+        },
+    ),
     ("hsdp-2x2", 4, {"data": 4, "dataMode": "hsdp", "dataReplicate": 2}),
     ("dp2-tp2-pp2", 8, {"data": 2, "tensor": 2, "pipeline": 2, **PP}),
     ("tp2-sp", 2, {"tensor": 2, "sequenceParallel": True}),
