@@ -31,16 +31,14 @@ from bench.common import free_port  # noqa: E402
 
 def _loss(model: Any, x: Any, y: Any) -> Any:
     """The llama's cross-entropy and its backward; under loss_parallel when the logits come vocabulary-split
-    (as the runtime's train step does)."""
-    import contextlib
-
+    (the runtime's train step's own loss_context)."""
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.parallel import loss_parallel
 
+    from runtime.training.job import loss_context
     from runtime.training.models.llama import lm_loss
 
     logits = model(x)
-    with loss_parallel() if isinstance(logits, DTensor) else contextlib.nullcontext():
+    with loss_context(isinstance(logits, DTensor)):
         loss = lm_loss(logits, y)
         loss.backward()
     return loss

@@ -153,7 +153,9 @@ class Job:
         loss: torch.Tensor | None
         with self.autocast():
             if self.pipeline is not None:
-                with _pipeline_loss_context(self.dims):
+                # the loss and its backward run inside the step, where the last stage's logits come
+                # vocabulary-sharded whenever there is tensor parallelism
+                with loss_context(self.dims.tp_enabled):
                     losses = self.pipeline.step(inputs, targets)
                 losses = [x.full_tensor() if isinstance(x, DTensor) else x for x in losses]
                 loss = (
@@ -166,7 +168,7 @@ class Job:
                 total = torch.zeros((), device=self.device)
                 for x, y in zip(inputs.chunk(mb), targets.chunk(mb), strict=True):
                     out = self.parts[0](x)
-                    with _loss_context(out):
+                    with loss_context(isinstance(out, DTensor)):
                         part = self.task.loss_fn(out, y) / mb
                         (part * self.loss_scale).backward()  # type: ignore[no-untyped-call]
                     part = part.full_tensor() if isinstance(part, DTensor) else part
@@ -199,20 +201,11 @@ class Job:
         return loss, norm, finite
 
 
-def _loss_context(out: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-    """Logits that come vocabulary-sharded (a DTensor: ParallelContext.loss_parallel) go into the loss, and
-    its backward, under DTensor's loss_parallel: cross-entropy over the shards, the logits never gathered."""
-    if not isinstance(out, DTensor):
-        return contextlib.nullcontext()
-    from torch.distributed.tensor.parallel import loss_parallel
-
-    return loss_parallel()
-
-
-def _pipeline_loss_context(dims: ParallelDims) -> contextlib.AbstractContextManager[None]:
-    """The pipeline's loss and backward run inside its step: under loss_parallel on every rank when tensor
-    parallelism leaves the last stage's logits vocabulary-sharded (ops on plain tensors are unaffected)."""
-    if not dims.tp_enabled:
+def loss_context(sharded: bool) -> contextlib.AbstractContextManager[None]:
+    """With logits that come vocabulary-sharded (a DTensor: ParallelContext.loss_parallel), the loss and its
+    backward run under DTensor's loss_parallel: cross-entropy over the shards, the logits never gathered (ops
+    on plain tensors are unaffected)."""
+    if not sharded:
         return contextlib.nullcontext()
     from torch.distributed.tensor.parallel import loss_parallel
 

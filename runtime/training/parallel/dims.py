@@ -29,7 +29,7 @@ class ParallelDims:
     dp_shard: int
     tp: int
     data_mode: str  # fsdp | ddp | hsdp
-    schedule: str  # GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble
+    schedule: str  # a crds.trainingjob.PipelineSchedule value
     stages_per_rank: int
     micro_batches: int
     global_batch: int
