@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import local_run_args  # noqa: E402
+from crds.trainingjob import SPLIT_BACKWARD_SCHEDULES  # noqa: E402
 
 DATASHEET_BF16 = 989.5e12  # H100/H200 SXM dense bf16
 NO_MULTICAST = {
@@ -91,6 +92,15 @@ FLAGS = {  # a layout's suffixes, and what its name says of each
     "zb": " (InterleavedZeroBubble, 2 stages a GPU, no compile: the runtime refuses both)",
     "zbv": " (ZBVZeroBubble, 2 stages a GPU in a V, no compile: the runtime refuses both)",
     "dpv": " (DualPipeV, 2 stages a GPU in a V, no compile: the runtime refuses both)",
+}
+
+
+# the suffixes that pick a pipeline schedule with two stages a GPU
+SCHEDULE_FLAGS = {
+    "i1f1b": "Interleaved1F1B",
+    "zb": "InterleavedZeroBubble",
+    "zbv": "ZBVZeroBubble",
+    "dpv": "DualPipeV",
 }
 
 
@@ -223,12 +233,7 @@ def spec_for(args: argparse.Namespace, lay: dict[str, int], tmp: Path) -> dict[s
     }
     if lay["p"] > 1:
         par["pipelineSchedule"] = "1F1B"
-        for flag, schedule in (
-            ("i1f1b", "Interleaved1F1B"),
-            ("zb", "InterleavedZeroBubble"),
-            ("zbv", "ZBVZeroBubble"),
-            ("dpv", "DualPipeV"),
-        ):
+        for flag, schedule in SCHEDULE_FLAGS.items():
             if lay.get(flag):
                 par["pipelineSchedule"], par["stagesPerRank"] = schedule, 2
     return {
@@ -246,9 +251,10 @@ def spec_for(args: argparse.Namespace, lay: dict[str, int], tmp: Path) -> dict[s
             "processesPerNode": gpus,
             "parallelism": par,
             "precision": "bf16",
+            # the runtime refuses compile with the schedules that split the backward (zero bubble)
             "compile": args.compile
             and not lay.get("eager")
-            and not any(lay.get(f) for f in ("zb", "zbv", "dpv")),
+            and par.get("pipelineSchedule") not in SPLIT_BACKWARD_SCHEDULES,
             "checkpoint": {"intervalSteps": 1_000_000, "path": str(tmp / "ckpt")},
         },
     }
