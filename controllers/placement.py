@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from crds.common import Accelerator
+from crds.common import Accelerator, Resources
 
 
 @dataclass(frozen=True)
@@ -44,3 +44,19 @@ def placement(acc: Accelerator) -> Placement:
         tolerations=[{"key": vendor.resource, "operator": "Exists", "effect": "NoSchedule"}],
         node_selector={vendor.product_label: acc.product} if acc.product else {},
     )
+
+
+def pod_resources(resources: Resources | None, acc: Accelerator) -> dict[str, Any]:
+    """A container's `resources`: the spec's CPU and memory, and the accelerators (extended resources, so
+    their requests equal their limits)."""
+    out: dict[str, Any] = {}
+    for kind in ("requests", "limits"):
+        rl = getattr(resources, kind) if resources else None
+        values = {k: v for k, v in (rl.to_wire() if rl else {}).items() if v is not None}
+        if values:
+            out[kind] = values
+    accel = placement(acc).resources
+    if accel:
+        out["limits"] = {**out.get("limits", {}), **accel}
+        out["requests"] = {**out.get("requests", {}), **accel}
+    return out

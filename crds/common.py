@@ -131,6 +131,12 @@ def image_field() -> Any:
     )
 
 
+def pod_image(spec: Any, operator_image: str) -> str:
+    """The image pods run: spec.image when the object sets it, else the operator's (the model's default
+    only stands in for it where no operator is involved, as in a local run)."""
+    return str(spec.image) if "image" in spec.model_fields_set else operator_image
+
+
 # Alias names as MLflow and models:/name@alias URIs accept them ('latest' and v<N> are reserved by MLflow).
 ALIAS_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
 AliasName = Annotated[str, Field(min_length=1, max_length=63, pattern=ALIAS_PATTERN)]

@@ -16,13 +16,10 @@ an API call.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,14 +27,15 @@ import kopf
 from pydantic import ValidationError
 
 from controllers import config
-from controllers.kube import KubeError, compare_versions, kube
+from controllers.kube import KubeError, kube
+from controllers.statuswriter import StatusWriter
+from controllers.syncloop import SyncLoop
 from controllers.trainingjob import render
 from controllers.trainingjob.status import JobView, PodView, derive, finished_job, job_view, pod_view
 from crds.common import API_VERSION, GROUP, LABEL_TRAINING_JOB, VERSION
 from crds.trainingjob import TrainingJobSpec, object_rule_errors
 
 PLURAL = "trainingjobs"
-DEBOUNCE_SECONDS = 0.05
 log = logging.getLogger("kubeforge.trainingjob")
 Key = tuple[str, str]
 
@@ -46,33 +44,12 @@ APPLY_RECHECK_SECONDS = 300.0
 _ns_done: dict[str, float] = {}  # namespace -> when its shared objects were last applied
 _ns_locks: dict[str, threading.Lock] = {}  # namespace -> held while its shared objects are applied
 _applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # TrainingJob -> (render inputs, when applied)
-_sent: dict[Key, Sent] = {}  # TrainingJob -> our last status patch
+_status = StatusWriter("TrainingJob")
 # TrainingJob -> (its uid, last view) of its finished Job that was deleted (ttlSecondsAfterFinished) perhaps
 # before a sync saw it finish: the sync then still learns how it ended instead of starting it again
 _finished: dict[Key, tuple[str, JobView]] = {}
-_executor: list[concurrent.futures.Executor] = []  # kopf's (settings.execution), sized by controllers.app
-_pending: dict[Key, asyncio.Task[None]] = {}
+_loop = SyncLoop(lambda key: sync(key), log)
 _live: dict[str, Any] = {}  # the kopf indexes, captured from the first handler call (they are live views)
-
-
-@dataclass(frozen=True)
-class Sent:
-    """Our last status patch of a TrainingJob."""
-
-    before: str | None  # the resourceVersion of the index's copy the status was derived from
-    after: str | None  # the resourceVersion the patch produced
-    status: dict[str, Any]
-
-
-def unseen(version: str | None, sent: Sent) -> bool:
-    """Whether the index's copy at `version` predates our last status patch (decisions must then build on
-    what we sent, not on its status). Every version older than the patch's own does: also a copy from
-    between two patches of ours, the first seen and the second not yet. Telling that copy by equality with
-    the version a patch was derived from took it for current, and a sync built on the older status undid
-    the newer one (which fits a CI sighting: a held scale-up's Job back at 3 nodes beside a status of 4).
-    Versions that do not compare (not decimal integers) fall back to that equality."""
-    order = compare_versions(version, sent.after)
-    return version == sent.before if order is None else order < 0
 
 
 class _QuietRoutineSuccess(logging.Filter):
@@ -103,13 +80,10 @@ def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     _ns_done.clear()
     _ns_locks.clear()
     _applied.clear()
-    _sent.clear()
+    _status.clear()
     _finished.clear()
-    _pending.clear()
     _live.clear()
-    # syncs run in kopf's executor (settings.execution.max_workers threads), not asyncio's default one,
-    # which has only cpu_count + 4 threads
-    _executor[:] = [settings.execution.executor]
+    _loop.reset(settings.execution.executor)
 
 
 # The indexes are async: they only copy fields, and so never wait for a thread behind the syncs.
@@ -140,31 +114,7 @@ def _schedule(key: Key, kwargs: dict[str, Any]) -> None:
     for index in ("tj_objects", "tj_jobs", "tj_pods"):
         if index in kwargs:
             _live[index] = kwargs[index]
-    task = _pending.get(key)
-    if task is not None and not task.done():
-        return
-    _pending[key] = asyncio.get_running_loop().create_task(_debounced(key))
-
-
-def _start_sync(key: Key) -> None:
-    # Only now does a new event need another sync: the ones that came while this one waited for a thread
-    # are in the indexes it is about to read.
-    _pending.pop(key, None)
-    sync(key)
-
-
-async def _debounced(key: Key) -> None:
-    await asyncio.sleep(DEBOUNCE_SECONDS)
-    loop = asyncio.get_running_loop()
-    try:
-        executor = _executor[0] if _executor else None
-        await loop.run_in_executor(executor, _start_sync, key)
-    except KubeError as e:
-        log.warning("sync of %s/%s failed (%s); retrying", *key, e)
-        await asyncio.sleep(2.0)
-        _schedule(key, {})
-    except Exception:  # never let one object take the operator down
-        log.exception("sync of %s/%s failed unexpectedly", *key)
+    _loop.schedule(key)
 
 
 def _first(store: Iterable[Any] | None) -> Any:
@@ -177,7 +127,7 @@ async def on_trainingjob(type: str, namespace: str | None, name: str, **kwargs: 
         _schedule((namespace or "", name), kwargs)
     else:
         _applied.pop((namespace or "", name), None)
-        _sent.pop((namespace or "", name), None)
+        _status.forget((namespace or "", name))
         _finished.pop((namespace or "", name), None)
 
 
@@ -213,66 +163,8 @@ async def tick(namespace: str | None, name: str, **kwargs: Any) -> None:
     _schedule((namespace or "", name), kwargs)
 
 
-def _body(obj: dict[str, Any]) -> dict[str, Any]:
-    meta = obj["metadata"]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainingJob",
-        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-    }
-
-
 def _event(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kube().event(_body(obj), type_, reason, message)
-
-
-def _patch_status(obj: dict[str, Any], new: dict[str, Any]) -> None:
-    old = obj.get("status") or {}
-    if new == old:
-        return
-    meta = obj["metadata"]
-    key, version = (meta["namespace"], meta["name"]), meta.get("resourceVersion")
-    sent = _sent.get(key)
-    if sent is not None and sent.status == new and unseen(version, sent):
-        return  # sent already: the index has not seen our patch yet
-    # The whole status, not its difference from `old`: `old` comes from the index and may predate our last
-    # patch, and a difference taken against it could leave a field of that patch standing beside fields of
-    # this one (seen: nodesTarget 3 from one sync, nodesReady 4 from the next).
-    patch = dict(new)
-    patch.update({k: None for k in (*old, *(sent.status if sent else ())) if k not in new})
-    out = kube().patch(
-        API_VERSION, "TrainingJob", meta["namespace"], meta["name"], {"status": patch}, subresource="status"
-    )
-    _sent[key] = Sent(version, (out.get("metadata") or {}).get("resourceVersion"), new)
-
-
-def _invalid(obj: dict[str, Any], problems: list[str]) -> None:
-    """A spec the API server let through (older CRD, validation off) that we cannot run: say so, never
-    raise."""
-    message = "; ".join(problems)[:2000]
-    status = dict(obj.get("status") or {})
-    generation = obj["metadata"].get("generation", 0)
-    from controllers.conditions import set_condition
-
-    conds = set_condition(
-        status.get("conditions") or [],
-        "Failed",
-        True,
-        "InvalidSpec",
-        message,
-        generation=generation,
-        now=_now(),
-    )
-    new = {
-        **status,
-        "phase": "Failed",
-        "message": message,
-        "conditions": conds,
-        "observedGeneration": generation,
-    }
-    if new != status:
-        _event(obj, "Warning", "InvalidSpec", message)
-        _patch_status(obj, new)
+    _status.event(obj, type_, reason, message)
 
 
 def _validate(obj: dict[str, Any]) -> TrainingJobSpec | list[str]:
@@ -293,7 +185,7 @@ def sync(key: Key) -> None:
         return
     spec = _validate(obj)
     if isinstance(spec, list):
-        _invalid(obj, spec)
+        _status.invalid(obj, spec, condition=("Failed", True), now=_now())
         return
     cfg = config.load()
     meta = obj["metadata"]
@@ -307,10 +199,7 @@ def sync(key: Key) -> None:
     if job is None and (gone := _finished.get(key)) is not None and gone[0] == meta["uid"]:
         job = gone[1]  # finished, then collected before a sync saw it finish
     pods: list[PodView] = list(_live["tj_pods"].get(key) or ())
-    previous = dict(obj.get("status") or {})
-    sent = _sent.get(key)
-    if sent is not None and unseen(meta.get("resourceVersion"), sent):
-        previous = dict(sent.status)  # our last status patch, which the index has not seen yet
+    previous = _status.previous(obj)  # or our last status patch, when the index has not seen it yet
     generation, now = int(meta.get("generation") or 0), _now()
     outcome = derive(spec, generation, previous, job, pods, now)
     terminal = outcome.status.get("phase") in ("Succeeded", "Failed")
@@ -340,7 +229,7 @@ def sync(key: Key) -> None:
     for type_, reason, message in outcome.events:
         _event(obj, type_, reason, message)
     outcome.status["selector"] = render.selector(owner)
-    _patch_status(obj, outcome.status)
+    _status.write(obj, outcome.status)
 
 
 def _ensure_namespace(namespace: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from controllers.placement import placement
+from controllers.placement import placement, pod_resources
 from crds.common import (
     API_VERSION,
     LABEL_MANAGED_BY,
@@ -29,6 +29,7 @@ from crds.common import (
     LABEL_TRAINING_JOB,
     SPEC_FILE_NAME,
     SPEC_MOUNT_DIR,
+    pod_image,
 )
 from crds.trainingjob import TrainingJobSpec
 
@@ -144,20 +145,6 @@ def _env(owner: Owner, spec: TrainingJobSpec, cfg: RenderConfig) -> list[Obj]:
     return env
 
 
-def _resources(spec: TrainingJobSpec) -> Obj:
-    out: Obj = {}
-    for kind in ("requests", "limits"):
-        rl = getattr(spec.resources, kind) if spec.resources else None
-        values = {k: v for k, v in (rl.to_wire() if rl else {}).items() if v is not None}
-        if values:
-            out[kind] = values
-    accel = placement(spec.accelerator).resources
-    if accel:  # extended resources: requests must equal limits
-        out["limits"] = {**out.get("limits", {}), **accel}
-        out["requests"] = {**out.get("requests", {}), **accel}
-    return out
-
-
 def _volumes(owner: Owner, spec: TrainingJobSpec) -> tuple[list[Obj], list[Obj]]:
     ckpt: Obj = (
         {"persistentVolumeClaim": {"claimName": spec.checkpoint.claim_name}}
@@ -192,11 +179,11 @@ def pod_template(owner: Owner, spec: TrainingJobSpec, cfg: RenderConfig) -> Obj:
         "containers": [
             {
                 "name": CONTAINER,
-                "image": spec.image or cfg.default_image,
+                "image": pod_image(spec, cfg.default_image),
                 "command": ["kubeforge-train", f"{SPEC_MOUNT_DIR}/{SPEC_FILE_NAME}"],
                 "env": _env(owner, spec, cfg),
                 "ports": [{"name": "rdzv", "containerPort": RDZV_PORT, "protocol": "TCP"}],
-                "resources": _resources(spec),
+                "resources": pod_resources(spec.resources, spec.accelerator),
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controllers.kube import compare_versions
-from controllers.trainingjob.handlers import Sent, unseen
+from controllers.statuswriter import Sent, unseen
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,57 @@
+"""Debounced, level-triggered syncs: the scheduling the TrainingJob and InferenceService controllers share.
+
+Every event about an object (its own, its children's) asks for one `sync(key)` of it; a burst of events for
+one object collapses into one sync, run DEBOUNCE_SECONDS later in kopf's executor (settings.execution: its
+max_workers threads, not asyncio's default pool of cpu_count + 4). A sync that fails on the API is retried
+2 s later; any other exception is logged and never takes the operator down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+
+from controllers.kube import KubeError
+
+Key = tuple[str, str]
+DEBOUNCE_SECONDS = 0.05
+RETRY_SECONDS = 2.0
+
+
+class SyncLoop:
+    def __init__(self, sync: Callable[[Key], None], log: logging.Logger) -> None:
+        self._sync = sync
+        self._log = log
+        self._pending: dict[Key, asyncio.Task[None]] = {}
+        self._executor: concurrent.futures.Executor | None = None
+
+    def reset(self, executor: concurrent.futures.Executor | None) -> None:
+        """Forget an earlier run's state (tests run the operator several times in one process)."""
+        self._pending.clear()
+        self._executor = executor
+
+    def schedule(self, key: Key) -> None:
+        """Sync `key` soon (call from the event loop)."""
+        task = self._pending.get(key)
+        if task is not None and not task.done():
+            return
+        self._pending[key] = asyncio.get_running_loop().create_task(self._debounced(key))
+
+    def _start(self, key: Key) -> None:
+        # Only now does a new event need another sync: the ones that came while this one waited for a
+        # thread are in the indexes it is about to read.
+        self._pending.pop(key, None)
+        self._sync(key)
+
+    async def _debounced(self, key: Key) -> None:
+        await asyncio.sleep(DEBOUNCE_SECONDS)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._start, key)
+        except KubeError as e:
+            self._log.warning("sync of %s/%s failed (%s); retrying", *key, e)
+            await asyncio.sleep(RETRY_SECONDS)
+            self.schedule(key)
+        except Exception:  # never let one object take the operator down
+            self._log.exception("sync of %s/%s failed unexpectedly", *key)
