@@ -12,6 +12,7 @@ from typing import Any, cast
 import kopf
 
 from controllers import config
+from controllers.inferenceservice import handlers as _inferenceservice_handlers  # noqa: F401  (registers handlers)
 from controllers.trainingjob import handlers as _trainingjob_handlers  # noqa: F401  (registers handlers)
 from crds.common import API_VERSION, FINALIZER, GROUP
 

@@ -266,6 +266,7 @@ class InferenceServiceStatus(KubeModel):
     """Observed state of an InferenceService."""
 
     phase: InferenceServicePhase | None = Field(default=None, description="Lifecycle phase.")
+    message: str | None = Field(default=None, description="Why the phase is what it is.")
     conditions: list[Condition] | None = Field(
         default=None, json_schema_extra=CONDITIONS_LIST, description="Ready, PredictorReady, CanaryReady."
     )

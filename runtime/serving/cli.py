@@ -133,7 +133,13 @@ def _parser() -> argparse.ArgumentParser:
         help="intra-op threads of the model (default 0: all CPUs allowed but one on a CPU, 4 on an "
         "accelerator; the CPUs allowed are the affinity and the pod's CPU limit, not the node's cores)",
     )
-    sub.add_parser("compile", parents=[common], help="compile into the cache and exit (init container)")
+    c = sub.add_parser("compile", parents=[common], help="compile into the cache and exit (init container)")
+    c.add_argument(
+        "--termination-log",
+        type=Path,
+        help="also write the compile summary (JSON), or the error, to this file: Kubernetes' termination"
+        " message (/dev/termination-log), which the operator reads into the InferenceService's status",
+    )
     s = sub.add_parser("serve", parents=[common], help="serve over REST and gRPC")
     s.add_argument("--host", default=D.host)
     s.add_argument("--http-port", type=int, default=D.http_port)
@@ -437,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds_since_start": round(time.time() - T0, 3),
             }
             print(json.dumps(info, default=str))
+            _termination_message(args, json.dumps(info, default=str))
             return 0
         from runtime.serving.server import Server, event_loop_kind, run_event_loop
 
@@ -452,19 +459,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BackendUnavailable as e:
         log.error("backend unavailable", extra={"error": str(e)})
-        print(f"kubeforge-serve: {e}", file=sys.stderr)
-        return 3
+        return _fail(args, f"kubeforge-serve: {e}", 3)
     except ModelLoadError as e:
         log.error("model cannot be loaded", extra={"error": str(e)})
-        print(f"kubeforge-serve: {e}", file=sys.stderr)
-        return 4
+        return _fail(args, f"kubeforge-serve: {e}", 4)
     except AssertionError as e:
         from runtime.serving.compile import describe
 
-        print(
-            f"kubeforge-serve: compiled model failed its check against eager: {describe(e)}", file=sys.stderr
+        return _fail(
+            args, f"kubeforge-serve: compiled model failed its check against eager: {describe(e)}", 5
         )
-        return 5
+
+
+def _termination_message(args: argparse.Namespace, text: str) -> None:
+    """Kubernetes keeps at most 4,096 bytes of a termination message: the start of `text` then."""
+    path = getattr(args, "termination_log", None)
+    if path is None:
+        return
+    try:
+        path.write_bytes(text.encode()[:4096])
+    except OSError as e:
+        log.warning("cannot write the termination message", extra={"path": str(path), "error": str(e)})
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    _termination_message(args, message)
+    return code
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registry, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
+    cache, term = tmp_path / "cache", tmp_path / "termination-log"
     args = [
         "--model-uri",
         "models:/mlp/1",
@@ -36,7 +36,7 @@ def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registr
         "1,3",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.serving.cli", "compile", *args],
+        [sys.executable, "-m", "runtime.serving.cli", "compile", *args, "--termination-log", str(term)],
         cwd=ROOT,
         env=registry.env,
         capture_output=True,
@@ -46,6 +46,7 @@ def test_compile_step_fills_the_cache_and_serve_starts_from_it(registry: Registr
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads(proc.stdout.strip().splitlines()[-1])
     assert first["backend"] == "cpu" and first["cache_hit"] is False
+    assert json.loads(term.read_text()) == first  # the pod's termination message: the operator reads it
     if first["mode"] != "aot":  # a fallback must say why (e.g. a torch whose AOTInductor loading crashes)
         assert first["fallbacks"] and first["fallbacks"][0].startswith("aot -> jit")
         pytest.skip(f"AOTInductor unusable here: {first['fallbacks']}")

@@ -559,7 +559,7 @@ def test_a_model_that_cannot_load_leaves_the_server_live_never_ready_and_saying_
     ],
 )
 def test_unavailable_backend_refuses_to_start_naming_what_is_missing(
-    registry: Registry, backend: str, missing: str
+    registry: Registry, backend: str, missing: str, tmp_path: Path
 ) -> None:
     from runtime.serving.detect import detect_hardware
 
@@ -575,6 +575,8 @@ def test_unavailable_backend_refuses_to_start_naming_what_is_missing(
             "models:/mlp@champion",
             "--backend",
             backend,
+            "--termination-log",
+            str(tmp_path / "termination-log"),
         ],
         cwd=ROOT,
         env=registry.env,
@@ -585,6 +587,9 @@ def test_unavailable_backend_refuses_to_start_naming_what_is_missing(
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert f"backend '{backend}' was asked for but is not available here" in proc.stderr
     assert missing in proc.stderr
+    # the init container's termination message: what the InferenceService's status shows
+    said = (tmp_path / "termination-log").read_text()
+    assert said.startswith("kubeforge-serve: ") and said in proc.stderr and missing in said
 
 
 def test_large_inputs_reach_the_model_process_from_where_rest_and_grpc_received_them(

@@ -1,0 +1,249 @@
+"""kopf glue of the InferenceService controller.
+
+Level-triggered, as the TrainingJob controller: every event of an InferenceService, of its Deployments or
+pods, or of a ModelVersion it names schedules one debounced `sync` of it (controllers.syncloop), which
+resolves its models (a ModelVersion reference to the version's models:/name/N once it is Ready), renders
+the children (render.py), applies them with server-side apply, derives the status (status.py) and patches
+it when it changed. kopf indexes hold the observed objects, so a sync costs no list calls. No finalizer:
+ownerReferences clean up the children.
+
+Children are re-applied only when what they are rendered from changed, a Deployment went missing, or
+APPLY_RECHECK_SECONDS passed (which also undoes edits of them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from controllers import config
+from controllers.inferenceservice import render
+from controllers.inferenceservice.status import (
+    DeploymentView,
+    ModelRef,
+    PodView,
+    deployment_view,
+    derive,
+    pod_view,
+)
+from controllers.kube import kube
+from controllers.statuswriter import StatusWriter
+from controllers.syncloop import SyncLoop
+from crds import validation
+from crds.common import GROUP, LABEL_INFERENCE_SERVICE, VERSION
+from crds.inferenceservice import InferenceServiceSpec
+
+PLURAL = "inferenceservices"
+APPLY_RECHECK_SECONDS = 300.0
+log = logging.getLogger("kubeforge.inferenceservice")
+Key = tuple[str, str]
+
+_status = StatusWriter("InferenceService")
+_applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # InferenceService -> (render inputs, when applied)
+_loop = SyncLoop(lambda key: sync(key), log)
+_live: dict[str, Any] = {}  # the kopf indexes, captured from handler calls (they are live views)
+INDEXES = ("isvc_objects", "isvc_deployments", "isvc_pods", "isvc_modelversions")
+
+
+class _QuietRoutineSuccess(logging.Filter):
+    ROUTINE = frozenset(
+        f"Handler {h!r} succeeded."
+        for h in ("on_inferenceservice", "on_isvc_deployment", "on_isvc_pod", "on_isvc_modelversion")
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.ROUTINE
+
+
+logging.getLogger("kopf.objects").addFilter(_QuietRoutineSuccess())
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Forget state of an earlier run in this process (tests run the operator several times)."""
+    _status.clear()
+    _applied.clear()
+    _live.clear()
+    _loop.reset(settings.execution.executor)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+async def isvc_objects(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    obj = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+    return {(namespace or "", name): obj}
+
+
+@kopf.index("apps", "v1", "deployments", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
+async def isvc_deployments(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, DeploymentView]:
+    return {(namespace or "", labels[LABEL_INFERENCE_SERVICE]): deployment_view(dict(body))}
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
+async def isvc_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, PodView]:
+    return {(namespace or "", labels[LABEL_INFERENCE_SERVICE]): pod_view(dict(body))}
+
+
+@kopf.index(GROUP, VERSION, "modelversions")
+async def isvc_modelversions(
+    namespace: str | None, name: str, status: kopf.Status, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    view = {"phase": status.get("phase"), "modelUri": status.get("modelUri"), "message": ready.get("message")}
+    return {(namespace or "", name): view}
+
+
+def _schedule(key: Key, kwargs: dict[str, Any]) -> None:
+    for index in INDEXES:
+        if index in kwargs:
+            _live[index] = kwargs[index]
+    _loop.schedule(key)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_inferenceservice(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
+    key = (namespace or "", name)
+    if type != "DELETED":
+        _schedule(key, kwargs)
+    else:
+        _applied.pop(key, None)
+        _status.forget(key)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
+async def on_isvc_deployment(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    _schedule((namespace or "", labels[LABEL_INFERENCE_SERVICE]), kwargs)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
+async def on_isvc_pod(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    _schedule((namespace or "", labels[LABEL_INFERENCE_SERVICE]), kwargs)
+
+
+@kopf.on.event(GROUP, VERSION, "modelversions")
+async def on_isvc_modelversion(namespace: str | None, name: str, **kwargs: Any) -> None:
+    """A ModelVersion changed: sync the InferenceServices of its namespace that name it."""
+    objects = kwargs.get("isvc_objects")
+    if objects is None:
+        return
+    ns = namespace or ""
+    for (obj_ns, obj_name), store in list(objects.items()):
+        obj = _first(store)
+        if obj_ns == ns and obj is not None and name in _version_refs(obj.get("spec") or {}):
+            _schedule((obj_ns, obj_name), kwargs)
+
+
+def _version_refs(spec: dict[str, Any]) -> set[str]:
+    refs = [spec.get("model") or {}, (spec.get("canary") or {}).get("model") or {}]
+    return {str(r["modelVersion"]) for r in refs if r.get("modelVersion")}
+
+
+def _first(store: Iterable[Any] | None) -> Any:
+    return next(iter(store or ()), None)
+
+
+def resolve(ref: Any, namespace: str, deployed: DeploymentView | None) -> ModelRef:
+    """A role's model: its uri, or its ModelVersion's models:/name/N once that is Ready. A version that stops
+    being Ready (an alias conflict, MLflow away) does not take down the pods serving it: the URI they run
+    stays resolved until the reference points elsewhere."""
+    if ref.uri:
+        return ModelRef(ref.uri)
+    name = ref.model_version
+    mv = _first((_live.get("isvc_modelversions") or {}).get((namespace, name)))
+    if mv is not None and mv.get("phase") == "Ready" and mv.get("modelUri"):
+        return ModelRef(str(mv["modelUri"]))
+    if (
+        deployed is not None
+        and deployed.model_uri
+        and mv is not None
+        and mv.get("modelUri") == deployed.model_uri
+    ):
+        return ModelRef(deployed.model_uri)
+    if mv is None:
+        return ModelRef(
+            None,
+            "ModelVersionNotFound",
+            f"ModelVersion {name} does not exist in namespace {namespace}: create it, or set model.uri",
+        )
+    phase = mv.get("phase") or "not registered yet"
+    detail = f": {mv['message']}" if mv.get("message") else ""
+    if phase == "Failed":
+        return ModelRef(None, "ModelVersionFailed", f"ModelVersion {name} failed{detail}", failed=True)
+    return ModelRef(None, "ModelVersionNotReady", f"ModelVersion {name} is {phase}{detail}")
+
+
+def sync(key: Key) -> None:
+    """Bring one InferenceService's children and status in line with its spec and what the cluster reports."""
+    if "isvc_objects" not in _live:
+        return
+    obj = _first(_live["isvc_objects"].get(key))
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return
+    problems = validation.errors({"kind": "InferenceService", **obj})
+    if problems:
+        _status.invalid(obj, problems, condition=("Ready", False), now=_now())
+        return
+    spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
+    meta = obj["metadata"]
+    owner = render.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    deployments: dict[str, DeploymentView] = {
+        d.role: d for d in (_live.get("isvc_deployments") or {}).get(key) or () if d.role in render.ROLES
+    }
+    pods: list[PodView] = list((_live.get("isvc_pods") or {}).get(key) or ())
+    refs = {render.PREDICTOR: resolve(spec.model, owner.namespace, deployments.get(render.PREDICTOR))}
+    if spec.canary is not None:
+        refs[render.CANARY] = resolve(spec.canary.model, owner.namespace, deployments.get(render.CANARY))
+    if refs[render.PREDICTOR].uri is not None:
+        _apply_children(key, owner, spec, refs, deployments)
+    generation = int(meta.get("generation") or 0)
+    outcome = derive(spec, owner, generation, _status.previous(obj), refs, deployments, pods, _now())
+    for type_, reason, message in outcome.events:
+        _status.event(obj, type_, reason, message)
+    _status.write(obj, outcome.status)
+
+
+def _apply_children(
+    key: Key,
+    owner: render.Owner,
+    spec: InferenceServiceSpec,
+    refs: dict[str, ModelRef],
+    deployments: dict[str, DeploymentView],
+) -> None:
+    cfg = config.load()
+    rcfg = render.RenderConfig(
+        default_image=cfg.runtime_image, mlflow_tracking_uri=cfg.pod_mlflow_tracking_uri
+    )
+    canary = refs.get(render.CANARY)
+    models = render.Models(refs[render.PREDICTOR].uri or "", canary.uri if canary else None)
+    pred = deployments.get(render.PREDICTOR)
+    # under autoscaling the canary follows the stable Deployment's size, which the autoscaler sets
+    stable_replicas = pred.replicas if pred and spec.autoscaling and spec.canary else None
+    inputs = (owner.uid, spec.model_dump_json(), models, stable_replicas, rcfg)
+    missing = pred is None or (models.canary is not None and render.CANARY not in deployments)
+    last = _applied.get(key)
+    if (
+        not missing
+        and last is not None
+        and last[0] == inputs
+        and time.monotonic() - last[1] < APPLY_RECHECK_SECONDS
+    ):
+        return
+    for child in render.render(owner, spec, rcfg, models, stable_replicas=stable_replicas):
+        kube().apply(child)
+    for api_version, kind, name in render.unwanted(spec, owner):
+        kube().delete(api_version, kind, owner.namespace, name)
+    _applied[key] = (inputs, time.monotonic())
