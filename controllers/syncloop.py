@@ -16,6 +16,24 @@ from collections.abc import Callable
 from controllers.kube import KubeError
 
 Key = tuple[str, str]
+
+
+class _Quiet(logging.Filter):
+    def __init__(self, routine: frozenset[str]) -> None:
+        super().__init__()
+        self.routine = routine
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.routine
+
+
+def quiet_handlers(*handlers: str, timers: tuple[str, ...] = ()) -> None:
+    """kopf logs every successful handler run at INFO: for watch handlers that run on every event of every
+    object and child, that is thousands of lines a minute that tell nothing."""
+    routine = {f"Handler {h!r} succeeded." for h in handlers} | {f"Timer {t!r} succeeded." for t in timers}
+    logging.getLogger("kopf.objects").addFilter(_Quiet(frozenset(routine)))
+
+
 DEBOUNCE_SECONDS = 0.05
 RETRY_SECONDS = 2.0
 

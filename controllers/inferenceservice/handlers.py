@@ -33,7 +33,7 @@ from controllers.inferenceservice.status import (
 )
 from controllers.kube import kube
 from controllers.statuswriter import StatusWriter
-from controllers.syncloop import SyncLoop
+from controllers.syncloop import SyncLoop, quiet_handlers
 from crds import validation
 from crds.common import GROUP, LABEL_INFERENCE_SERVICE, VERSION
 from crds.inferenceservice import InferenceServiceSpec
@@ -50,17 +50,7 @@ _live: dict[str, Any] = {}  # the kopf indexes, captured from handler calls (the
 INDEXES = ("isvc_objects", "isvc_deployments", "isvc_pods", "isvc_modelversions")
 
 
-class _QuietRoutineSuccess(logging.Filter):
-    ROUTINE = frozenset(
-        f"Handler {h!r} succeeded."
-        for h in ("on_inferenceservice", "on_isvc_deployment", "on_isvc_pod", "on_isvc_modelversion")
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in self.ROUTINE
-
-
-logging.getLogger("kopf.objects").addFilter(_QuietRoutineSuccess())
+quiet_handlers("on_inferenceservice", "on_isvc_deployment", "on_isvc_pod", "on_isvc_modelversion")
 
 
 def _now() -> str:

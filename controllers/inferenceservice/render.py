@@ -27,11 +27,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from controllers import owned
+from controllers.owned import Owner as Owner
+from controllers.owned import owned_meta
 from controllers.placement import placement, pod_resources
 from crds.common import (
-    API_VERSION,
     LABEL_INFERENCE_SERVICE,
     LABEL_MANAGED_BY,
     LABEL_PART_OF,
@@ -58,17 +58,6 @@ DEFAULT_CPU_TARGET = 80  # autoscaling with no target named: CPU utilization, as
 INFLIGHT_METRIC = "kubeforge_inflight"
 ANNOTATION_CONFIG_HASH = "kubeforge.io/config-hash"
 ANNOTATION_MODEL_URI = "kubeforge.io/model-uri"
-
-_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Identity of the InferenceService being rendered."""
-
-    name: str
-    namespace: str
-    uid: str
 
 
 @dataclass(frozen=True)
@@ -105,39 +94,13 @@ def selector(owner: Owner, role: str = PREDICTOR) -> str:
 
 
 def _meta(owner: Owner, name: str, role: str | None = None) -> Obj:
-    meta_labels = labels(owner)
-    if role:
-        meta_labels[LABEL_ROLE] = role
-    return {
-        "name": name,
-        "namespace": owner.namespace,
-        "labels": meta_labels,
-        "ownerReferences": [
-            {
-                "apiVersion": API_VERSION,
-                "kind": "InferenceService",
-                "name": owner.name,
-                "uid": owner.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
-    }
+    return owned_meta(
+        "InferenceService", owner, name, {**labels(owner), **({LABEL_ROLE: role} if role else {})}
+    )
 
 
 def spec_config_map(owner: Owner, spec: InferenceServiceSpec) -> Obj:
-    document = {
-        "apiVersion": API_VERSION,
-        "kind": "InferenceService",
-        "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
-        "spec": spec.to_wire(),
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(owner, f"{owner.name}-spec"),
-        "data": {SPEC_FILE: yaml.dump(document, Dumper=_DUMPER, sort_keys=True)},
-    }
+    return owned.spec_config_map("InferenceService", owner, spec, SPEC_FILE, labels(owner))
 
 
 def canary_replicas(stable: int, percent: int) -> int:

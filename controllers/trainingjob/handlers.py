@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from controllers import config
 from controllers.kube import KubeError, kube
 from controllers.statuswriter import StatusWriter
-from controllers.syncloop import SyncLoop
+from controllers.syncloop import SyncLoop, quiet_handlers
 from controllers.trainingjob import render
 from controllers.trainingjob.status import JobView, PodView, derive, finished_job, job_view, pod_view
 from crds.common import API_VERSION, GROUP, LABEL_TRAINING_JOB, VERSION
@@ -52,22 +52,7 @@ _loop = SyncLoop(lambda key: sync(key), log)
 _live: dict[str, Any] = {}  # the kopf indexes, captured from the first handler call (they are live views)
 
 
-class _QuietRoutineSuccess(logging.Filter):
-    """kopf logs every successful handler run at INFO: for these watch handlers, which run on every event of
-    every TrainingJob, Job and pod, that is thousands of lines a minute that tell nothing."""
-
-    ROUTINE = frozenset(
-        [
-            *(f"Handler {h!r} succeeded." for h in ("on_trainingjob", "on_job", "on_pod")),
-            "Timer 'tick' succeeded.",
-        ]
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in self.ROUTINE
-
-
-logging.getLogger("kopf.objects").addFilter(_QuietRoutineSuccess())
+quiet_handlers("on_trainingjob", "on_job", "on_pod", timers=("tick",))
 
 
 def _now() -> str:

@@ -179,3 +179,68 @@ def test_trained_model_is_registered_with_its_lineage(
     assert version.version == mv_status["registryVersion"]
     assert version.run_id == run_id
     assert version.source.startswith(f"runs:/{run_id}/") or run_id in version.source
+
+    # the trained model is deployed: the InferenceService resolves the ModelVersion to its fixed version, and
+    # the pod's compile step (run here, as the training pod's runtime was) loads that version from MLflow
+    served = {
+        "apiVersion": "kubeforge.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "digits", "namespace": namespace},
+        "spec": {
+            "image": "ghcr.io/kubeforge/runtime:test",
+            "model": {"modelVersion": "digits"},
+            "compile": {"mode": "eager", "backend": "cpu", "warmupBatchSizes": [1, 4]},
+        },
+    }
+    cluster.apply(served)
+    isvc = cluster.wait_until(
+        "InferenceService Ready",
+        lambda: (
+            (i := get_json(cluster, "infsvc", "digits", "-n", namespace)).get("status", {}).get("phase")
+            == "Ready"
+            and i
+        ),
+    )
+    assert isvc["status"]["modelUri"] == mv_status["modelUri"] == f"models:/{model}/{version.version}"  # type: ignore[index]
+    [serving_pod] = get_json(
+        cluster,
+        "pods",
+        "-n",
+        namespace,
+        "-l",
+        "kubeforge.io/inference-service=digits,kubeforge.io/role=predictor",
+    )["items"]
+    init = serving_pod["spec"]["initContainers"][0]
+    (tmp_path / "inferenceservice.yaml").write_text(
+        get_json(cluster, "configmap", "digits-spec", "-n", namespace)["data"]["inferenceservice.yaml"]
+    )
+    where = {  # the pod's paths, here
+        "/etc/kubeforge/inferenceservice.yaml": tmp_path / "inferenceservice.yaml",
+        "/var/cache/kubeforge": tmp_path / "cache",
+        "/dev/termination-log": tmp_path / "termination-log",
+    }
+    args = [str(where.get(a, a)) for a in init["args"]]
+    pod_env = {e["name"]: e["value"] for e in init["env"]}
+    assert pod_env["MLFLOW_TRACKING_URI"] == mlflow_server.uri
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.serving.cli", *init["command"][1:], *args],
+        env={**os.environ, **pod_env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    said = json.loads((tmp_path / "termination-log").read_text())
+    assert str(said["version"]) == version.version and said["backend"] and said["mode"] == "eager", said
+    # what that compile step said reaches the InferenceService's status through the pod (kwok's stand-in
+    # reads it from the environment): the new pods roll in and report it
+    served["spec"]["env"] = {"KWOK_COMPILE_SUMMARY": json.dumps(said)}  # type: ignore[index]
+    cluster.apply(served)
+    cluster.wait_until(
+        "status.backend from the compile step",
+        lambda: (
+            get_json(cluster, "infsvc", "digits", "-n", namespace).get("status", {}).get("backend")
+            == f"{said['backend']}/{said['mode']}"
+        ),
+    )
