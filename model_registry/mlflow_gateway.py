@@ -229,7 +229,9 @@ class MlflowGateway:
     ) -> ModelVersion:
         """Create a version, its tags set in the same call.
 
-        Not retried: look the version up by tag before calling again."""
+        Not retried: look the version up by tag before calling again. A runs:/ source goes through
+        `registrable_source` first."""
+        source, model_id = self.registrable_source(source)
         mv = self._call(
             "create version",
             lambda: self._client.create_model_version(
@@ -240,10 +242,38 @@ class MlflowGateway:
                 run_link=run_link or None,
                 description=description,
                 await_creation_for=0,
+                model_id=model_id,
             ),
             retry=False,
         )
         return _to_version(mv)
+
+    def registrable_source(self, source: str) -> tuple[str, str | None]:
+        """(source, model id) to register for `source`. MLflow 3 logs a model as a LoggedModel whose files
+        are stored apart from the run's artifacts: a runs:/<run>/<name> URI naming the run's logged model
+        <name> (the newest, if several) is registered as models:/<model id> with that id, as
+        mlflow.register_model does. Registered as the runs:/ URI, the server would point the version at the
+        run's artifact folder <name>, which is empty, and no server could load the version. (Listing the
+        run's artifacts first, as mlflow.register_model does, goes through MLflow's process-wide tracking
+        URI, not this client's.) Other sources, and runs without such a model, go as given."""
+        if not source.startswith("runs:/"):
+            return source, None
+        run_id, _, path = source.removeprefix("runs:/").partition("/")
+        path = path.strip("/")
+        if not path:
+            return source, None
+        run = self._call("get run", lambda: self._client.get_run(run_id))
+        found = self._call(
+            "search logged models",
+            lambda: self._client.search_logged_models(
+                [run.info.experiment_id], filter_string=f"name = '{_quote(path)}'"
+            ),
+        )
+        mine = [m for m in found if m.source_run_id == run_id]
+        if not mine:
+            return source, None
+        newest = max(mine, key=lambda m: m.creation_timestamp or 0)
+        return f"models:/{newest.model_id}", str(newest.model_id)
 
     def get_version(self, name: str, version: str) -> ModelVersion | None:
         try:

@@ -342,8 +342,15 @@ def autoscaler(owner: Owner, spec: InferenceServiceSpec) -> Obj:
     }
 
 
-def config_hash(cm: Obj) -> str:
-    return hashlib.sha256(cm["data"][SPEC_FILE].encode()).hexdigest()[:16]
+# What the spec says that the pods do not read from their spec file (sizes, the canary's share and model: they
+# reach the pods through the Deployments, or not at all). A change of them must not restart the stable pods.
+NOT_READ_BY_PODS = frozenset({"replicas", "autoscaling", "canary"})
+
+
+def config_hash(spec: InferenceServiceSpec) -> str:
+    """Hash of what the pods read from the spec file: a change of it rolls them."""
+    read = spec.model_dump_json(exclude=set(NOT_READ_BY_PODS))
+    return hashlib.sha256(read.encode()).hexdigest()[:16]
 
 
 def render(
@@ -357,7 +364,7 @@ def render(
     """Every child the InferenceService wants, in the order to apply them. `stable_replicas`: the stable
     Deployment's replicas now (what the autoscaler chose), which sizes the canary under autoscaling."""
     cm = spec_config_map(owner, spec)
-    digest = config_hash(cm)
+    digest = config_hash(spec)
     autoscaled = spec.autoscaling is not None
     stable = None if autoscaled else spec.replicas
     children = [

@@ -178,7 +178,9 @@ def test_trained_model_is_registered_with_its_lineage(
     version = client.get_model_version_by_alias(model, "staging")
     assert version.version == mv_status["registryVersion"]
     assert version.run_id == run_id
-    assert version.source.startswith(f"runs:/{run_id}/") or run_id in version.source
+    # MLflow 3 keeps a logged model's files apart from the run's artifacts: the version is that model
+    assert version.source.startswith("models:/m-"), version.source
+    assert client.get_logged_model(version.source.removeprefix("models:/")).source_run_id == run_id
 
     # the trained model is deployed: the InferenceService resolves the ModelVersion to its fixed version, and
     # the pod's compile step (run here, as the training pod's runtime was) loads that version from MLflow

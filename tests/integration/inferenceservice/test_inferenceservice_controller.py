@@ -66,7 +66,12 @@ def events(cluster: Cluster, namespace: str, name: str) -> list[tuple[str, str, 
 
 def test_rolls_out_on_gpu_nodes_scales_and_rolls_a_new_model_out(cluster: Cluster, namespace: str) -> None:
     cluster.apply(
-        isvc("digits", namespace, replicas=2, accelerator={"vendor": "nvidia", "product": "NVIDIA-H200"})
+        isvc(
+            "digits",
+            namespace,
+            replicas=2,
+            accelerator={"vendor": "nvidia", "product": "NVIDIA-H200", "count": 1},
+        )
     )
     st = wait_status(cluster, "digits", namespace, "Ready", lambda s: s.get("phase") == "Ready")
     assert (st["readyReplicas"], st["replicas"], st["modelUri"]) == (2, 2, V1)
@@ -172,8 +177,10 @@ def test_autoscaling_hands_replicas_to_an_hpa_and_takes_it_back(cluster: Cluster
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "kubeforge_inflight"
     # the real HPA controller raises the Deployment to its minimum; the operator does not fight it
     wait_status(cluster, "auto", namespace, "2 ready", lambda s: s.get("readyReplicas") == 2, timeout=90)
-    dep = get(cluster, "deployment", "auto-predictor", namespace)
-    assert dep is not None
+    out = cluster.kubectl(
+        "get", "deployment", "auto-predictor", "-n", namespace, "-o", "json", "--show-managed-fields"
+    )
+    dep = json.loads(out.stdout)
     managers = {
         f["manager"]
         for f in dep["metadata"]["managedFields"]

@@ -116,6 +116,10 @@ def test_a_spec_change_rolls_the_pods_through_the_config_hash() -> None:
 
     assert digest(spec()) == digest(spec())
     assert digest(spec()) != digest(spec(batching={"maxBatchSize": 8}))
+    assert digest(spec()) != digest(spec(compile={"mode": "jit"}))
+    # what reaches the pods otherwise, or not at all, does not restart the stable ones
+    canary = {"model": {"uri": "models:/bert/4"}, "trafficPercent": 30}
+    assert digest(spec()) == digest(spec(replicas=4, canary=canary, autoscaling={"maxReplicas": 3}))
 
 
 @pytest.mark.parametrize(
