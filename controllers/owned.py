@@ -52,7 +52,7 @@ def spec_config_map(kind: str, owner: Owner, spec: Any, file_name: str, labels: 
         "apiVersion": API_VERSION,
         "kind": kind,
         "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
-        "spec": spec.to_wire(),
+        "spec": spec.to_document(),
     }
     return {
         "apiVersion": "v1",

@@ -83,6 +83,13 @@ class KubeModel(BaseModel):
         """The object as the API server stores it: camelCase, without unset optional fields."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
+    def to_document(self) -> dict[str, Any]:
+        """The object for a runtime to read back exactly (the spec file pods mount, the one the training
+        launcher hands its workers): camelCase, every field, nulls included. Without its nulls a field set to
+        null where its default is not (optimizer.gradClipNorm: null, no clipping) would read back as the
+        default."""
+        return self.model_dump(by_alias=True, mode="json")
+
 
 def dns1035_ok(name: Any, limit: int) -> bool:
     """Mirror of name_rule's CEL: a DNS-1035 label of at most `limit` characters (anything else passes)."""

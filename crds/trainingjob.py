@@ -133,7 +133,7 @@ class OptimizerSpec(KubeModel):
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps before cosine decay.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
     grad_clip_norm: float | None = Field(
-        default=1.0, gt=0, description="Clip the global gradient norm to this value; unset disables clipping."
+        default=1.0, gt=0, description="Clip the global gradient norm to this value; null disables clipping."
     )
     seed: int = Field(
         default=0, ge=0, description="Seed for weights and data order (identical on every layout)."

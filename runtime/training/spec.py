@@ -40,4 +40,4 @@ def load_spec(path: str | Path, sets: list[str] | None = None) -> TrainingJobSpe
 
 
 def write_spec(spec: TrainingJobSpec, path: Path) -> None:
-    path.write_text(json.dumps({"spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json")}))
+    path.write_text(json.dumps({"spec": spec.to_document()}))

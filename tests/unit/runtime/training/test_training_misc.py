@@ -70,3 +70,20 @@ def test_overrides_parse_yaml_values() -> None:
         ["optimizer.steps=20", "parallelism.tensor=2", "compile=true"],
     )
     assert obj["spec"] == {"optimizer": {"steps": 20}, "parallelism": {"tensor": 2}, "compile": True}
+
+
+def test_a_null_that_differs_from_its_default_reaches_the_workers_and_the_pods(tmp_path: Path) -> None:
+    """optimizer.gradClipNorm: null turns clipping off (the default is 1.0): the spec file the launcher
+    writes for its workers, and the one the operator mounts into pods, must keep that null."""
+    from controllers.trainingjob import render
+    from runtime.training.spec import load_spec, write_spec
+
+    spec = TrainingJobSpec.model_validate({"model": {"builtin": "mlp"}, "optimizer": {"gradClipNorm": None}})
+    assert spec.optimizer.grad_clip_norm is None
+    write_spec(spec, tmp_path / "workers.json")
+    assert load_spec(tmp_path / "workers.json") == spec
+    owner = render.Owner(name="j", namespace="n", uid="u")
+    cm = render.spec_config_map(owner, spec)
+    (tmp_path / "pod.yaml").write_text(cm["data"]["trainingjob.yaml"])
+    assert load_spec(tmp_path / "pod.yaml").optimizer.grad_clip_norm is None
+    assert load_spec(tmp_path / "pod.yaml") == spec
