@@ -14,6 +14,7 @@ APPLY_RECHECK_SECONDS passed (which also undoes edits of them).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from controllers import config
+from controllers import config, registry
 from controllers.inferenceservice import render
 from controllers.inferenceservice.status import (
     DeploymentView,
@@ -37,9 +38,12 @@ from controllers.syncloop import SyncLoop, quiet_handlers
 from crds import validation
 from crds.common import GROUP, LABEL_INFERENCE_SERVICE, VERSION
 from crds.inferenceservice import InferenceServiceSpec
+from model_registry.mlflow_gateway import RegistryError
 
 PLURAL = "inferenceservices"
 APPLY_RECHECK_SECONDS = 300.0
+ALIAS_TIMER_SECONDS = 5.0  # how often an InferenceService naming an alias syncs (MLflow is asked less often)
+ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w-]+)$")
 log = logging.getLogger("kubeforge.inferenceservice")
 Key = tuple[str, str]
 
@@ -47,6 +51,8 @@ _status = StatusWriter("InferenceService")
 _applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # InferenceService -> (render inputs, when applied)
 _loop = SyncLoop(lambda key: sync(key), log)
 _live: dict[str, Any] = {}  # the kopf indexes, captured from handler calls (they are live views)
+# (registered model, alias) -> (the version it pointed at, when MLflow said so)
+_aliases: dict[tuple[str, str], tuple[str | None, float]] = {}
 INDEXES = ("isvc_objects", "isvc_deployments", "isvc_pods", "isvc_modelversions")
 
 
@@ -63,6 +69,7 @@ def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     _status.clear()
     _applied.clear()
     _live.clear()
+    _aliases.clear()
     _loop.reset(settings.execution.executor)
 
 
@@ -137,6 +144,17 @@ async def on_isvc_modelversion(namespace: str | None, name: str, **kwargs: Any) 
             _schedule((obj_ns, obj_name), kwargs)
 
 
+def _names_alias(spec: kopf.Spec, **_: Any) -> bool:
+    refs = [spec.get("model") or {}, (spec.get("canary") or {}).get("model") or {}]
+    return any(ALIAS_URI.match(str(r.get("uri") or "")) for r in refs)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=ALIAS_TIMER_SECONDS, when=_names_alias)
+async def recheck_alias(namespace: str | None, name: str, **kwargs: Any) -> None:
+    """An alias can move in MLflow without any event in the cluster: look again now and then."""
+    _schedule((namespace or "", name), kwargs)
+
+
 def _version_refs(spec: dict[str, Any]) -> set[str]:
     refs = [spec.get("model") or {}, (spec.get("canary") or {}).get("model") or {}]
     return {str(r["modelVersion"]) for r in refs if r.get("modelVersion")}
@@ -151,7 +169,7 @@ def resolve(ref: Any, namespace: str, deployed: DeploymentView | None) -> ModelR
     being Ready (an alias conflict, MLflow away) does not take down the pods serving it: the URI they run
     stays resolved until the reference points elsewhere."""
     if ref.uri:
-        return ModelRef(ref.uri)
+        return pin(ref.uri, deployed)
     name = ref.model_version
     mv = _first((_live.get("isvc_modelversions") or {}).get((namespace, name)))
     if mv is not None and mv.get("phase") == "Ready" and mv.get("modelUri"):
@@ -176,6 +194,36 @@ def resolve(ref: Any, namespace: str, deployed: DeploymentView | None) -> ModelR
     return ModelRef(None, "ModelVersionNotReady", f"ModelVersion {name} is {phase}{detail}")
 
 
+def pin(uri: str, deployed: DeploymentView | None) -> ModelRef:
+    """models:/<name>@<alias> as the version the alias points at in MLflow now, models:/<name>/<N>: every pod
+    then loads the same version, and an alias that moves rolls the pods to the new one like any other model
+    change (MLflow is asked about an alias at most once per KUBEFORGE_DRIFT_INTERVAL seconds). Without an
+    MLflow configured the URI goes to the pods as it is, each resolving it when it starts. Other URIs as they
+    are."""
+    m = ALIAS_URI.match(uri)
+    gw = registry.gateway()
+    if m is None or gw is None:
+        return ModelRef(uri)
+    name, alias = m["name"], m["alias"]
+    seen = _aliases.get((name, alias))
+    if seen is None or time.monotonic() - seen[1] >= config.load().drift_interval_seconds:
+        try:
+            seen = (gw.get_aliases(name).get(alias), time.monotonic())
+        except RegistryError as e:
+            if deployed is not None and (deployed.model_uri or "").startswith(f"models:/{name}/"):
+                return ModelRef(deployed.model_uri)  # MLflow away: what runs keeps running
+            return ModelRef(None, "RegistryUnavailable", f"cannot resolve {uri} in MLflow: {e}")
+        _aliases[(name, alias)] = seen
+    if seen[0] is None:
+        return ModelRef(
+            None,
+            "ModelAliasNotFound",
+            f"registered model {name} has no alias {alias} in MLflow: set the alias, or set the URI to"
+            f" models:/{name}/<version>",
+        )
+    return ModelRef(f"models:/{name}/{seen[0]}")
+
+
 def sync(key: Key) -> None:
     """Bring one InferenceService's children and status in line with its spec and what the cluster reports."""
     if "isvc_objects" not in _live:
@@ -198,7 +246,7 @@ def sync(key: Key) -> None:
     if spec.canary is not None:
         refs[render.CANARY] = resolve(spec.canary.model, owner.namespace, deployments.get(render.CANARY))
     if refs[render.PREDICTOR].uri is not None:
-        _apply_children(key, owner, spec, refs, deployments)
+        _apply_children(key, obj, owner, spec, refs, deployments)
     generation = int(meta.get("generation") or 0)
     outcome = derive(spec, owner, generation, _status.previous(obj), refs, deployments, pods, _now())
     for type_, reason, message in outcome.events:
@@ -208,6 +256,7 @@ def sync(key: Key) -> None:
 
 def _apply_children(
     key: Key,
+    obj: dict[str, Any],
     owner: render.Owner,
     spec: InferenceServiceSpec,
     refs: dict[str, ModelRef],
@@ -232,6 +281,11 @@ def _apply_children(
         and time.monotonic() - last[1] < APPLY_RECHECK_SECONDS
     ):
         return
+    for role in render.ROLES:
+        old = deployments[role].model_uri if role in deployments else None
+        new = models.stable if role == render.PREDICTOR else models.canary
+        if old and new and old != new:
+            _status.event(obj, "Normal", "ModelChanged", f"{role}: rolling out {new} in place of {old}")
     for child in render.render(owner, spec, rcfg, models, stable_replicas=stable_replicas):
         kube().apply(child)
     for api_version, kind, name in render.unwanted(spec, owner):

@@ -20,7 +20,6 @@ import datetime as dt
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from typing import Any
 
 import kopf
@@ -44,13 +43,13 @@ from controllers.modelversion.reconcile import (
     serving_references,
 )
 from controllers.modelversion.status import Observation, Status, build_status, status_patch
+from controllers.registry import _env_float, gateway
 from crds.common import API_VERSION, GROUP, VERSION
 from crds.modelversion import ModelVersionSpec
 from model_registry.mlflow_gateway import (
     FAILED_REGISTRATION,
     PENDING_REGISTRATION,
     READY,
-    MlflowGateway,
     ModelVersion,
     RegistryRejected,
     RegistryUnavailable,
@@ -59,13 +58,6 @@ from model_registry.mlflow_gateway import (
 PLURAL = "modelversions"
 INDEX = "modelversion_alias_claims"
 FAULT_ENV = "KUBEFORGE_FAULT"
-
-
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 MAX_BACKOFF = _env_float("KUBEFORGE_MODELVERSION_MAX_BACKOFF", 30.0)  # seconds between retries, at most
@@ -80,16 +72,6 @@ def _lock(uid: str) -> threading.Lock:
     """One reconcile at a time per object: the timer must never race a create into a second version."""
     with _locks_guard:
         return _locks.setdefault(uid, threading.Lock())
-
-
-@lru_cache(maxsize=4)
-def _gateway(tracking_uri: str, ui_url: str | None) -> MlflowGateway:
-    return MlflowGateway(tracking_uri, ui_url=ui_url, timeout_s=_env_float("KUBEFORGE_MLFLOW_TIMEOUT", 10.0))
-
-
-def gateway() -> MlflowGateway | None:
-    cfg = config.load()
-    return _gateway(cfg.mlflow_tracking_uri, cfg.mlflow_ui_url) if cfg.mlflow_tracking_uri else None
 
 
 def _fault(point: str) -> None:

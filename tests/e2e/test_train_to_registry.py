@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,6 @@ from tests.fixtures.mlflow import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("operator_with_mlflow")
-
-
-@pytest.fixture(scope="module")
-def mlflow_env(mlflow_server: MlflowServer) -> Iterator[str]:
-    """The operator reads its MLflow URI when it starts: set it before `operator`, restore it after."""
-    saved = {k: os.environ.get(k) for k in ("KUBEFORGE_MLFLOW_TRACKING_URI", "KUBEFORGE_DRIFT_INTERVAL")}
-    os.environ["KUBEFORGE_MLFLOW_TRACKING_URI"] = mlflow_server.uri
-    os.environ["KUBEFORGE_DRIFT_INTERVAL"] = "5"
-    yield mlflow_server.uri
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def operator_with_mlflow(mlflow_env: str, operator: Any) -> Any:
-    return operator
 
 
 def get_json(cluster: Cluster, *args: str) -> Any:

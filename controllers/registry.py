@@ -1,0 +1,26 @@
+"""The operator's MLflow registry client, shared by the controllers (None when no MLflow is configured)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from controllers import config
+from model_registry.mlflow_gateway import MlflowGateway
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@lru_cache(maxsize=4)
+def _gateway(tracking_uri: str, ui_url: str | None) -> MlflowGateway:
+    return MlflowGateway(tracking_uri, ui_url=ui_url, timeout_s=_env_float("KUBEFORGE_MLFLOW_TIMEOUT", 10.0))
+
+
+def gateway() -> MlflowGateway | None:
+    cfg = config.load()
+    return _gateway(cfg.mlflow_tracking_uri, cfg.mlflow_ui_url) if cfg.mlflow_tracking_uri else None
