@@ -41,6 +41,7 @@ _RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("batch/v1", "Job"): ("jobs", True),
     ("apps/v1", "Deployment"): ("deployments", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
+    ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): ("podgroups", True),

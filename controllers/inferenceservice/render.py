@@ -15,6 +15,8 @@ Children (all owned by the InferenceService, so deleting it garbage-collects the
 - Service <name>-canary (when spec.canary): the canary's pods alone, to try the canary directly.
 - HorizontalPodAutoscaler <name>-predictor (when spec.autoscaling): scales the stable Deployment, whose
   replicas the operator then leaves to it.
+- PodDisruptionBudget <name>-predictor: a drain evicts the stable pods one at a time; the pods of each role
+  are spread over nodes (softly).
 
 Every pod serves the model under the InferenceService's name, so a client's URL (/v2/models/<name>/infer)
 is the same whichever pod, stable or canary, answers it.
@@ -218,6 +220,17 @@ def pod_template(
         pod["tolerations"] = place.tolerations
     if place.node_selector:
         pod["nodeSelector"] = place.node_selector
+    # one node down should take as few of a role's pods as can be: spread them over nodes, softly (a
+    # GPU fleet may have fewer free nodes than replicas), counting only the pods of the same revision
+    pod["topologySpreadConstraints"] = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {LABEL_INFERENCE_SERVICE: owner.name, LABEL_ROLE: role}},
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+    ]
     return {
         "metadata": {
             "labels": {**labels(owner), LABEL_ROLE: role},
@@ -298,6 +311,19 @@ def canary_service(owner: Owner, spec: InferenceServiceSpec) -> Obj:
             "type": "ClusterIP",
             "selector": {LABEL_INFERENCE_SERVICE: owner.name, LABEL_ROLE: CANARY},
             "ports": _ports(spec),
+        },
+    }
+
+
+def disruption_budget(owner: Owner) -> Obj:
+    """Voluntary disruptions (a node drain, a cluster upgrade) evict the stable pods one at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, deployment_name(owner, PREDICTOR), PREDICTOR),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {LABEL_INFERENCE_SERVICE: owner.name, LABEL_ROLE: PREDICTOR}},
         },
     }
 
@@ -386,6 +412,7 @@ def render(
         )
         children.append(canary_service(owner, spec))
     children.append(service(owner, spec))
+    children.append(disruption_budget(owner))
     if autoscaled:
         children.append(autoscaler(owner, spec))
     return children

@@ -3,6 +3,7 @@ real API server (`kubectl apply --dry-run=server`)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import uuid
@@ -188,3 +189,75 @@ def test_crds_keep_off_drops_the_resource_policy(helm_bin: str) -> None:
     crds = by_kind(render(helm_bin, "crds.keep=false"), "CustomResourceDefinition")
     assert len(crds) == 3
     assert all("helm.sh/resource-policy" not in (c["metadata"].get("annotations") or {}) for c in crds)
+
+
+def _needed() -> list[tuple[str, str, str, str]]:
+    """(verb, group, resource, subresource) the controllers use: every kind controllers.kube may touch, the
+    watches kopf opens, status patches and events."""
+    from controllers.kube import _RESOURCES
+
+    out: list[tuple[str, str, str, str]] = []
+    for (api_version, kind), (plural, _) in _RESOURCES.items():
+        group = api_version.rpartition("/")[0]
+        if kind in ("Namespace", "Node"):
+            verbs = ["get", "list", "watch"]
+        elif kind == "Event":
+            verbs = ["create"]
+        elif group == "kubeforge.io":
+            verbs = ["get", "list", "watch", "patch"] + (
+                ["create", "delete"] if kind == "ModelVersion" else []
+            )
+            out.append(("patch", group, plural, "status"))
+        else:  # children: applied (created or patched), read, watched, deleted
+            verbs = ["get", "list", "watch", "create", "patch", "delete"]
+        out += [(v, group, plural, "") for v in verbs]
+    return out
+
+
+def test_the_operators_role_allows_what_the_controllers_do(helm_bin: str, cluster: Any, ns: str) -> None:
+    """The chart's ClusterRole, bound for real, asked by the API server's own authorizer (SubjectAccessReview)
+    for every call the controllers make: a kind added to a controller without RBAC fails here, not in a
+    user's cluster."""
+    release = f"rbac-{uuid.uuid4().hex[:6]}"
+    out = helm(helm_bin, "template", release, str(CHART), "--namespace", ns).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    rbac = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "ServiceAccount")]
+    (sa,) = by_kind(rbac, "ServiceAccount")
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(rbac))
+    try:
+        user = f"system:serviceaccount:{ns}:{sa['metadata']['name']}"
+        reviews = [
+            {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {
+                    "user": user,
+                    "groups": [
+                        "system:serviceaccounts",
+                        f"system:serviceaccounts:{ns}",
+                        "system:authenticated",
+                    ],
+                    "resourceAttributes": {
+                        "verb": verb,
+                        "group": group,
+                        "resource": resource,
+                        "subresource": sub,
+                        "namespace": ns,
+                    },
+                },
+            }
+            for verb, group, resource, sub in _needed()
+        ]
+        denied = []
+        for review in reviews:  # one create each: SubjectAccessReviews are not stored, and a List is not
+            answer = cluster.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review)).stdout
+            if not json.loads(answer)["status"].get("allowed"):
+                a = review["spec"]["resourceAttributes"]  # type: ignore[index]
+                denied.append(
+                    f"{a['verb']} {a['resource']}{'/' + a['subresource'] if a['subresource'] else ''}"
+                )
+        assert not denied, f"the chart's ClusterRole denies: {denied}"
+    finally:
+        for kind in ("ClusterRoleBinding", "ClusterRole"):
+            for d in by_kind(rbac, kind):
+                cluster.kubectl("delete", kind.lower(), d["metadata"]["name"], "--wait=false", check=False)

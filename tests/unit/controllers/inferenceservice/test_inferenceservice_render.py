@@ -56,6 +56,14 @@ def test_pods_compile_first_then_serve_the_same_model_under_the_services_name() 
         ("ConfigMap", "bert-spec"),
         ("Deployment", "bert-predictor"),
         ("Service", "bert"),
+        ("PodDisruptionBudget", "bert-predictor"),
+    }
+    pdb = out[("PodDisruptionBudget", "bert-predictor")]["spec"]
+    assert pdb == {
+        "maxUnavailable": 1,
+        "selector": {
+            "matchLabels": {"kubeforge.io/inference-service": "bert", "kubeforge.io/role": PREDICTOR}
+        },
     }
     dep = out[("Deployment", "bert-predictor")]
     assert dep["spec"]["replicas"] == 1
@@ -83,6 +91,12 @@ def test_pods_compile_first_then_serve_the_same_model_under_the_services_name() 
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["compile-cache"]["persistentVolumeClaim"] == {"claimName": "compile-cache"}
     assert server["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    [spread] = pod["topologySpreadConstraints"]
+    assert (spread["topologyKey"], spread["whenUnsatisfiable"]) == (
+        "kubernetes.io/hostname",
+        "ScheduleAnyway",
+    )
+    assert spread["labelSelector"]["matchLabels"]["kubeforge.io/role"] == PREDICTOR
     assert [p["containerPort"] for p in server["ports"]] == [8080, 8081]
     svc = out[("Service", "bert")]
     assert svc["spec"]["selector"] == {
