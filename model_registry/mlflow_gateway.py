@@ -90,6 +90,9 @@ class Run:
     experiment_id: str
     status: str
     artifact_uri: str
+    name: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)  # the last value of each
+    params: Mapping[str, str] = field(default_factory=dict)
 
 
 def _to_version(mv: Any) -> ModelVersion:
@@ -330,7 +333,36 @@ class MlflowGateway:
             experiment_id=str(r.info.experiment_id),
             status=str(r.info.status),
             artifact_uri=str(r.info.artifact_uri or ""),
+            name=str(r.info.run_name or ""),
+            metrics={k: float(v) for k, v in (r.data.metrics or {}).items()},
+            params={k: str(v) for k, v in (r.data.params or {}).items()},
         )
+
+    def list_models(self, max_results: int = 1000) -> list[RegisteredModel]:
+        """Registered models, by name."""
+        found = self._call(
+            "search registered models", lambda: self._client.search_registered_models(max_results=max_results)
+        )
+        return sorted(
+            (
+                RegisteredModel(
+                    name=m.name,
+                    aliases={a: str(v) for a, v in (m.aliases or {}).items()},
+                    tags=dict(m.tags or {}),
+                    description=str(m.description or ""),
+                )
+                for m in found
+            ),
+            key=lambda m: m.name,
+        )
+
+    def list_versions(self, name: str, max_results: int = 1000) -> list[ModelVersion]:
+        """Versions of `name`, newest first."""
+        q = f"name = '{_quote(name)}'"
+        found = self._call(
+            "search versions", lambda: self._client.search_model_versions(q, max_results=max_results)
+        )
+        return sorted((_to_version(mv) for mv in found), key=lambda v: -int(v.version))
 
     def run_link(self, run: Run) -> str:
         """Link to a run in MLflow's UI ('' when no UI URL is known)."""

@@ -226,3 +226,27 @@ def test_trained_model_is_registered_with_its_lineage(
             == f"{said['backend']}/{said['mode']}"
         ),
     )
+
+    # the registry service shows the whole line: the TrainingJob and its run, the ModelVersion, the
+    # InferenceService serving the version, and the run's metrics; read from the real API server and MLflow
+    from fastapi.testclient import TestClient
+    from sqlmodel import create_engine
+
+    from model_registry.mlflow_gateway import MlflowGateway
+    from model_registry.service import cluster_lister, create_app
+
+    app = create_app(
+        MlflowGateway(mlflow_server.uri),
+        create_engine(f"sqlite:///{tmp_path / 'lineage.db'}"),
+        cluster_lister(str(cluster.kubeconfig)),
+        refresh_seconds=0,
+    )
+    shown = TestClient(app).get(f"/api/models/{model}/versions/{version.version}").json()
+    line = {step: [(x["namespace"], x["name"]) for x in links] for step, links in shown["lineage"].items()}
+    assert line == {
+        "training": [(namespace, "digits")],
+        "registration": [(namespace, "digits")],
+        "deployment": [(namespace, "digits")],
+    }
+    assert shown["lineage"]["training"][0]["run_id"] == run_id
+    assert shown["run"]["metrics"]["loss"] == run.data.metrics["loss"]

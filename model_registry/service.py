@@ -1,0 +1,186 @@
+"""`kubeforge-registry`: the model registry's service and web UI (FastAPI).
+
+Models, versions and aliases, and each run's metrics, come from MLflow (the system of record) on every
+request; lineage (training job → run → version → deployments) from the kubeforge.io objects of the cluster,
+recorded in a database (model_registry.lineage) at most every `refresh_seconds`, so that it outlives the
+objects. JSON under /api, the same as HTML pages under /.
+
+    kubeforge-registry --mlflow-uri http://mlflow:5000 --db sqlite:////var/lib/kubeforge/lineage.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import jinja2
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, SQLModel, create_engine
+
+from model_registry import lineage
+from model_registry.mlflow_gateway import MlflowGateway, RegistryUnavailable
+
+Objects = Mapping[str, Iterable[Mapping[str, Any]]]
+KINDS = {
+    lineage.TRAINING: "trainingjobs",
+    lineage.REGISTRATION: "modelversions",
+    lineage.DEPLOYMENT: "inferenceservices",
+}
+
+
+def cluster_lister(kubeconfig: str | None = None) -> Callable[[], Objects]:
+    """The kubeforge.io objects of every namespace, read with the kubernetes client (in-cluster credentials,
+    else `kubeconfig`, else KUBECONFIG)."""
+    from kubernetes import client, config
+
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api = client.ApiClient()
+        except config.ConfigException:
+            api = config.new_client_from_config()  # type: ignore[no-untyped-call]
+    else:
+        api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    custom = client.CustomObjectsApi(api)
+
+    def objects() -> Objects:
+        out: dict[str, list[Mapping[str, Any]]] = {}
+        for kind, plural in KINDS.items():
+            listed = cast(
+                dict[str, Any], custom.list_cluster_custom_object("kubeforge.io", "v1alpha1", plural)
+            )
+            out[kind] = list(listed.get("items") or [])
+        return out
+
+    return objects
+
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True
+)
+
+
+def create_app(
+    gateway: MlflowGateway,
+    engine: Engine,
+    lister: Callable[[], Objects] | None = None,
+    refresh_seconds: float = 10.0,
+) -> FastAPI:
+    SQLModel.metadata.create_all(engine)
+    app = FastAPI(title="Kubeforge model registry")
+    refreshed = [float("-inf")]
+    lock = threading.Lock()
+
+    def refresh() -> None:
+        """Record the cluster's lineage, at most every refresh_seconds (a cluster away: the recorded one)."""
+        if lister is None:
+            return
+        with lock:
+            if time.monotonic() - refreshed[0] < refresh_seconds:
+                return
+            try:
+                objects = lister()
+            except Exception:  # the cluster is an enrichment: serve what was recorded
+                return
+            with Session(engine) as session:
+                lineage.observe(session, objects, datetime.now(UTC).replace(microsecond=0))
+            refreshed[0] = time.monotonic()
+
+    def registry(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except RegistryUnavailable as e:
+            raise HTTPException(503, f"MLflow is unavailable: {e}") from None
+
+    def models() -> dict[str, Any]:
+        return {"models": [asdict(m) for m in registry(gateway.list_models)]}
+
+    def model(name: str) -> dict[str, Any]:
+        found = registry(lambda: gateway.get_registered_model(name))
+        if found is None:
+            raise HTTPException(404, f"no registered model {name!r} in MLflow")
+        versions = registry(lambda: gateway.list_versions(name))
+        # MLflow's version search leaves aliases out: they come from the registered model
+        held = {v: sorted(a for a, n in found.aliases.items() if n == v) for v in found.aliases.values()}
+        return {
+            **asdict(found),
+            "versions": [{**asdict(v), "aliases": held.get(v.version, [])} for v in versions],
+        }
+
+    def version(name: str, number: str) -> dict[str, Any]:
+        v = registry(lambda: gateway.get_version(name, number))
+        if v is None:
+            raise HTTPException(404, f"no version {number} of registered model {name!r} in MLflow")
+        run = registry(lambda: gateway.get_run(v.run_id)) if v.run_id else None
+        refresh()
+        with Session(engine) as session:
+            links = lineage.lineage_of(session, name, number, v.run_id)
+            found = {step: [link.model_dump(mode="json") for link in ls] for step, ls in links.items()}
+        return {"version": asdict(v), "run": asdict(run) if run else None, "lineage": found}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/models")
+    def api_models() -> dict[str, Any]:
+        return models()
+
+    @app.get("/api/models/{name}")
+    def api_model(name: str) -> dict[str, Any]:
+        return model(name)
+
+    @app.get("/api/models/{name}/versions/{number}")
+    def api_version(name: str, number: str) -> dict[str, Any]:
+        return version(name, number)
+
+    def page(template: str, **context: Any) -> HTMLResponse:
+        return HTMLResponse(_ENV.get_template(template).render(**context))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return page("models.html", title="Models", **models())
+
+    @app.get("/models/{name}", response_class=HTMLResponse)
+    def model_page(name: str) -> HTMLResponse:
+        return page("model.html", title=name, **model(name))
+
+    @app.get("/models/{name}/versions/{number}", response_class=HTMLResponse)
+    def version_page(name: str, number: str) -> HTMLResponse:
+        got = version(name, number)
+        return page("version.html", title=f"{name} version {number}", v=got["version"], run=got["run"],
+                    lineage=got["lineage"])  # fmt: skip
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="kubeforge-registry", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mlflow-uri", required=True, help="MLflow tracking and registry server")
+    p.add_argument("--mlflow-ui-url", help="base of links to MLflow's UI (default: --mlflow-uri)")
+    p.add_argument("--db", default="sqlite:///lineage.db", help="SQLAlchemy URL of the lineage database")
+    p.add_argument(
+        "--kubeconfig", help="read the cluster with this file (default: in-cluster, else KUBECONFIG)"
+    )
+    p.add_argument("--no-cluster", action="store_true", help="no lineage from a cluster (MLflow only)")
+    p.add_argument("--refresh-seconds", type=float, default=10.0)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090)
+    args = p.parse_args(argv)
+    import uvicorn
+
+    app = create_app(
+        MlflowGateway(args.mlflow_uri, ui_url=args.mlflow_ui_url),
+        create_engine(args.db),
+        None if args.no_cluster else cluster_lister(args.kubeconfig),
+        args.refresh_seconds,
+    )
+    uvicorn.run(app, host=args.host, port=args.port)
