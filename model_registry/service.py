@@ -11,6 +11,7 @@ objects. JSON under /api, the same as HTML pages under /.
 from __future__ import annotations
 
 import argparse
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ from sqlmodel import Session, SQLModel, create_engine
 from model_registry import lineage
 from model_registry.mlflow_gateway import MlflowGateway, RegistryUnavailable
 
+log = logging.getLogger("kubeforge.registry")
 Objects = Mapping[str, Iterable[Mapping[str, Any]]]
 KINDS = {
     lineage.TRAINING: "trainingjobs",
@@ -88,7 +90,8 @@ def create_app(
                 return
             try:
                 objects = lister()
-            except Exception:  # the cluster is an enrichment: serve what was recorded
+            except Exception as e:  # the cluster is an enrichment: serve what was recorded
+                log.warning("lineage not refreshed, the cluster could not be read: %s", e)
                 return
             with Session(engine) as session:
                 lineage.observe(session, objects, datetime.now(UTC).replace(microsecond=0))
@@ -116,6 +119,8 @@ def create_app(
         }
 
     def version(name: str, number: str) -> dict[str, Any]:
+        if not number.isdigit():
+            raise HTTPException(404, f"{number!r} is not a version number (1, 2, ...)")
         v = registry(lambda: gateway.get_version(name, number))
         if v is None:
             raise HTTPException(404, f"no version {number} of registered model {name!r} in MLflow")

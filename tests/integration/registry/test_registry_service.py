@@ -85,6 +85,8 @@ def test_models_versions_metrics_lineage_and_pages(mlflow_server: MlflowServer, 
     missing = http.get(f"/api/models/{model}/versions/9")
     assert missing.status_code == 404 and "no version 9" in missing.json()["detail"]
     assert http.get("/api/models/no-such-model").status_code == 404
+    bad = http.get(f"/api/models/{model}/versions/latest")
+    assert bad.status_code == 404 and "not a version number" in bad.json()["detail"]
 
     index = http.get("/").text
     assert f'href="/models/{model}"' in index and "champion → 2" in index
