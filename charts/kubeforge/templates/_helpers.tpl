@@ -61,9 +61,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if and .Values.config.mlflowUiUrl (not .Values.config.mlflowTrackingUri) -}}
 {{- fail "config.mlflowUiUrl is set but config.mlflowTrackingUri is empty: set config.mlflowTrackingUri" -}}
 {{- end -}}
+{{- if and .Values.registry.enabled (not .Values.config.mlflowTrackingUri) -}}
+{{- fail "registry.enabled=true needs config.mlflowTrackingUri: the registry reads models, versions and metrics from MLflow" -}}
+{{- end -}}
 {{- range .Values.extraEnv -}}
 {{- if hasPrefix "KUBEFORGE_" .name -}}
 {{- fail (printf "extraEnv sets %s, which the chart sets from config: use the config.* value instead" .name) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubeforge.registryImage" -}}
+{{- if .Values.registry.image.repository -}}
+{{- printf "%s:%s" .Values.registry.image.repository (default .Chart.AppVersion .Values.registry.image.tag) -}}
+{{- else -}}
+{{- include "kubeforge.image" . -}}
 {{- end -}}
 {{- end -}}

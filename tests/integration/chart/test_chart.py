@@ -150,6 +150,7 @@ def test_values_reach_the_operator(helm_bin: str) -> None:
             ["extraEnv[0].name=KUBEFORGE_RUNTIME_IMAGE", "extraEnv[0].value=x"],
             "use the config.* value instead",
         ),
+        (["registry.enabled=true"], "registry.enabled=true needs config.mlflowTrackingUri"),
         (["unknownValue=1"], "unknownValue"),
         (["logging.format=xml"], "/logging/format"),
     ],
@@ -158,6 +159,7 @@ def test_values_reach_the_operator(helm_bin: str) -> None:
         "sa-without-name",
         "pod-uri-without-uri",
         "env-clash",
+        "registry-without-mlflow",
         "unknown-key",
         "enum",
     ],
@@ -179,10 +181,13 @@ def test_rendered_chart_is_accepted_by_the_api_server(helm_bin: str, cluster: An
         ns,
         "--set",
         "config.mlflowTrackingUri=http://mlflow:5000",
+        "--set",
+        "registry.enabled=true",
     ).stdout
     proc = cluster.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=out, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "deployment.apps/kf-kubeforge created (server dry run)" in proc.stdout
+    assert "deployment.apps/kf-kubeforge-registry created (server dry run)" in proc.stdout
 
 
 def test_crds_keep_off_drops_the_resource_policy(helm_bin: str) -> None:
@@ -226,38 +231,67 @@ def test_the_operators_role_allows_what_the_controllers_do(helm_bin: str, cluste
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(rbac))
     try:
         user = f"system:serviceaccount:{ns}:{sa['metadata']['name']}"
-        reviews = [
-            {
-                "apiVersion": "authorization.k8s.io/v1",
-                "kind": "SubjectAccessReview",
-                "spec": {
-                    "user": user,
-                    "groups": [
-                        "system:serviceaccounts",
-                        f"system:serviceaccounts:{ns}",
-                        "system:authenticated",
-                    ],
-                    "resourceAttributes": {
-                        "verb": verb,
-                        "group": group,
-                        "resource": resource,
-                        "subresource": sub,
-                        "namespace": ns,
-                    },
-                },
-            }
-            for verb, group, resource, sub in _needed()
-        ]
-        denied = []
-        for review in reviews:  # one create each: SubjectAccessReviews are not stored, and a List is not
-            answer = cluster.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review)).stdout
-            if not json.loads(answer)["status"].get("allowed"):
-                a = review["spec"]["resourceAttributes"]  # type: ignore[index]
-                denied.append(
-                    f"{a['verb']} {a['resource']}{'/' + a['subresource'] if a['subresource'] else ''}"
-                )
-        assert not denied, f"the chart's ClusterRole denies: {denied}"
+        denied = [a for a in _needed() if not _allowed(cluster, user, ns, *a)]
+        assert not denied, f"the chart's ClusterRole denies (verb, group, resource, subresource): {denied}"
     finally:
         for kind in ("ClusterRoleBinding", "ClusterRole"):
             for d in by_kind(rbac, kind):
                 cluster.kubectl("delete", kind.lower(), d["metadata"]["name"], "--wait=false", check=False)
+
+
+def _allowed(cluster: Any, user: str, ns: str, verb: str, group: str, resource: str, sub: str) -> bool:
+    """The API server's own authorizer on one call of `user` (a SubjectAccessReview: not stored)."""
+    sa_ns = user.split(":")[2]
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{sa_ns}", "system:authenticated"],
+            "resourceAttributes": {
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+                "subresource": sub,
+                "namespace": ns,
+            },
+        },
+    }
+    answer = cluster.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review)).stdout
+    return bool(json.loads(answer)["status"].get("allowed"))
+
+
+def test_the_registry_reads_the_kubeforge_objects_and_nothing_else(
+    helm_bin: str, cluster: Any, ns: str
+) -> None:
+    release = f"reg-{uuid.uuid4().hex[:6]}"
+    out = helm(
+        helm_bin, "template", release, str(CHART), "--namespace", ns,
+        "--set", "registry.enabled=true", "--set", "config.mlflowTrackingUri=http://mlflow:5000",
+        "--set", "registry.persistence.claimName=lineage",
+    ).stdout  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    name = f"{release}-kubeforge-registry"
+    (deploy,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == name]
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["kubeforge-registry"]
+    assert "--mlflow-uri=http://mlflow:5000" in container["args"] and "--host=0.0.0.0" in container["args"]
+    assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "lineage"}}]
+    assert pod["serviceAccountName"] == name
+    rbac = [
+        d
+        for d in docs
+        if d["kind"] in ("ClusterRole", "ClusterRoleBinding") and d["metadata"]["name"] == name
+    ]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
+    try:
+        user = f"system:serviceaccount:{ns}:{name}"
+        for plural in ("trainingjobs", "modelversions", "inferenceservices"):
+            assert _allowed(cluster, user, "", "list", "kubeforge.io", plural, "")
+        assert not _allowed(cluster, user, "", "patch", "kubeforge.io", "modelversions", "")
+        assert not _allowed(cluster, user, ns, "list", "", "secrets", "")
+        assert not _allowed(cluster, user, ns, "list", "", "pods", "")
+    finally:
+        for d in rbac:
+            cluster.kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "--wait=false", check=False)
