@@ -2,9 +2,10 @@
 
 Level-triggered, as the TrainingJob controller: every event of an InferenceService, of its Deployments or
 pods, or of a ModelVersion it names schedules one debounced `sync` of it (controllers.syncloop), which
-resolves its models (a ModelVersion reference to the version's models:/name/N once it is Ready), renders
-the children (render.py), applies them with server-side apply, derives the status (status.py) and patches
-it when it changed. kopf indexes hold the observed objects, so a sync costs no list calls. No finalizer:
+resolves its models (a ModelVersion reference to the version's models:/name/N once it is Ready, an MLflow
+alias to the version it points at: `pin`), renders the children (render.py), applies them with server-side
+apply, derives the status (status.py) and patches it when it changed. kopf indexes hold the observed
+objects, so a sync costs no list calls. No finalizer:
 ownerReferences clean up the children.
 
 Children are re-applied only when what they are rendered from changed, a Deployment went missing, or
@@ -56,7 +57,13 @@ _aliases: dict[tuple[str, str], tuple[str | None, float]] = {}
 INDEXES = ("isvc_objects", "isvc_deployments", "isvc_pods", "isvc_modelversions")
 
 
-quiet_handlers("on_inferenceservice", "on_isvc_deployment", "on_isvc_pod", "on_isvc_modelversion")
+quiet_handlers(
+    "on_inferenceservice",
+    "on_isvc_deployment",
+    "on_isvc_pod",
+    "on_isvc_modelversion",
+    timers=("recheck_alias",),
+)
 
 
 def _now() -> str:
