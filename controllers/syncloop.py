@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from controllers.kube import KubeError
 
@@ -38,20 +39,40 @@ DEBOUNCE_SECONDS = 0.05
 RETRY_SECONDS = 2.0
 
 
+def first(store: Iterable[Any] | None) -> Any:
+    """The one object a kopf index holds under a key (None: none)."""
+    return next(iter(store or ()), None)
+
+
 class SyncLoop:
-    def __init__(self, sync: Callable[[Key], None], log: logging.Logger) -> None:
+    """The syncs of one kind, and the kopf indexes they read (`indexes`: their names). kopf hands the indexes
+    to every handler as keyword arguments; `schedule` keeps them in `live` (they are live views), where a
+    sync, running outside any handler, reads them."""
+
+    def __init__(self, sync: Callable[[Key], None], log: logging.Logger, indexes: tuple[str, ...]) -> None:
         self._sync = sync
         self._log = log
+        self._indexes = indexes
+        self.live: dict[str, Any] = {}
         self._pending: dict[Key, asyncio.Task[None]] = {}
         self._executor: concurrent.futures.Executor | None = None
 
     def reset(self, executor: concurrent.futures.Executor | None) -> None:
         """Forget an earlier run's state (tests run the operator several times in one process)."""
         self._pending.clear()
+        self.live.clear()
         self._executor = executor
 
-    def schedule(self, key: Key) -> None:
-        """Sync `key` soon (call from the event loop)."""
+    def store(self, index: str, key: Any) -> Any:
+        """What index `index` holds under `key` (None: nothing, or the index not seen yet)."""
+        held = self.live.get(index)
+        return None if held is None else held.get(key)
+
+    def schedule(self, key: Key, handler_kwargs: Mapping[str, Any] | None = None) -> None:
+        """Sync `key` soon (call from the event loop, with the handler's keyword arguments when there are)."""
+        for index in self._indexes:
+            if handler_kwargs is not None and index in handler_kwargs:
+                self.live[index] = handler_kwargs[index]
         task = self._pending.get(key)
         if task is not None and not task.done():
             return

@@ -17,13 +17,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from controllers import config, registry
+from controllers import conditions, config, registry
 from controllers.inferenceservice import render
 from controllers.inferenceservice.status import (
     DeploymentView,
@@ -35,7 +33,7 @@ from controllers.inferenceservice.status import (
 )
 from controllers.kube import kube
 from controllers.statuswriter import StatusWriter
-from controllers.syncloop import SyncLoop, quiet_handlers
+from controllers.syncloop import SyncLoop, first, quiet_handlers
 from crds import validation
 from crds.common import GROUP, LABEL_INFERENCE_SERVICE, VERSION
 from crds.inferenceservice import InferenceServiceSpec
@@ -50,11 +48,11 @@ Key = tuple[str, str]
 
 _status = StatusWriter("InferenceService")
 _applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # InferenceService -> (render inputs, when applied)
-_loop = SyncLoop(lambda key: sync(key), log)
-_live: dict[str, Any] = {}  # the kopf indexes, captured from handler calls (they are live views)
+_loop = SyncLoop(
+    lambda key: sync(key), log, ("isvc_objects", "isvc_deployments", "isvc_pods", "isvc_modelversions")
+)
 # (registered model, alias) -> (the version it pointed at, when MLflow said so)
 _aliases: dict[tuple[str, str], tuple[str | None, float]] = {}
-INDEXES = ("isvc_objects", "isvc_deployments", "isvc_pods", "isvc_modelversions")
 
 
 quiet_handlers(
@@ -66,16 +64,11 @@ quiet_handlers(
 )
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @kopf.on.startup()
 def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Forget state of an earlier run in this process (tests run the operator several times)."""
     _status.clear()
     _applied.clear()
-    _live.clear()
     _aliases.clear()
     _loop.reset(settings.execution.executor)
 
@@ -111,18 +104,11 @@ async def isvc_modelversions(
     return {(namespace or "", name): view}
 
 
-def _schedule(key: Key, kwargs: dict[str, Any]) -> None:
-    for index in INDEXES:
-        if index in kwargs:
-            _live[index] = kwargs[index]
-    _loop.schedule(key)
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_inferenceservice(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
     key = (namespace or "", name)
     if type != "DELETED":
-        _schedule(key, kwargs)
+        _loop.schedule(key, kwargs)
     else:
         _applied.pop(key, None)
         _status.forget(key)
@@ -130,12 +116,12 @@ async def on_inferenceservice(type: str, namespace: str | None, name: str, **kwa
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
 async def on_isvc_deployment(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
-    _schedule((namespace or "", labels[LABEL_INFERENCE_SERVICE]), kwargs)
+    _loop.schedule((namespace or "", labels[LABEL_INFERENCE_SERVICE]), kwargs)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
 async def on_isvc_pod(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
-    _schedule((namespace or "", labels[LABEL_INFERENCE_SERVICE]), kwargs)
+    _loop.schedule((namespace or "", labels[LABEL_INFERENCE_SERVICE]), kwargs)
 
 
 @kopf.on.event(GROUP, VERSION, "modelversions")
@@ -146,9 +132,9 @@ async def on_isvc_modelversion(namespace: str | None, name: str, **kwargs: Any) 
         return
     ns = namespace or ""
     for (obj_ns, obj_name), store in list(objects.items()):
-        obj = _first(store)
+        obj = first(store)
         if obj_ns == ns and obj is not None and name in _version_refs(obj.get("spec") or {}):
-            _schedule((obj_ns, obj_name), kwargs)
+            _loop.schedule((obj_ns, obj_name), kwargs)
 
 
 def _names_alias(spec: kopf.Spec, **_: Any) -> bool:
@@ -159,16 +145,12 @@ def _names_alias(spec: kopf.Spec, **_: Any) -> bool:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=ALIAS_TIMER_SECONDS, when=_names_alias)
 async def recheck_alias(namespace: str | None, name: str, **kwargs: Any) -> None:
     """An alias can move in MLflow without any event in the cluster: look again now and then."""
-    _schedule((namespace or "", name), kwargs)
+    _loop.schedule((namespace or "", name), kwargs)
 
 
 def _version_refs(spec: dict[str, Any]) -> set[str]:
     refs = [spec.get("model") or {}, (spec.get("canary") or {}).get("model") or {}]
     return {str(r["modelVersion"]) for r in refs if r.get("modelVersion")}
-
-
-def _first(store: Iterable[Any] | None) -> Any:
-    return next(iter(store or ()), None)
 
 
 def resolve(ref: Any, namespace: str, deployed: DeploymentView | None) -> ModelRef:
@@ -178,7 +160,7 @@ def resolve(ref: Any, namespace: str, deployed: DeploymentView | None) -> ModelR
     if ref.uri:
         return pin(ref.uri, deployed)
     name = ref.model_version
-    mv = _first((_live.get("isvc_modelversions") or {}).get((namespace, name)))
+    mv = first(_loop.store("isvc_modelversions", (namespace, name)))
     if mv is not None and mv.get("phase") == "Ready" and mv.get("modelUri"):
         return ModelRef(str(mv["modelUri"]))
     if (
@@ -233,29 +215,29 @@ def pin(uri: str, deployed: DeploymentView | None) -> ModelRef:
 
 def sync(key: Key) -> None:
     """Bring one InferenceService's children and status in line with its spec and what the cluster reports."""
-    if "isvc_objects" not in _live:
-        return
-    obj = _first(_live["isvc_objects"].get(key))
+    obj = first(_loop.store("isvc_objects", key))
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
     problems = validation.errors({"kind": "InferenceService", **obj})
     if problems:
-        _status.invalid(obj, problems, condition=("Ready", False), now=_now())
+        _status.invalid(obj, problems, condition=("Ready", False), now=conditions.now())
         return
     spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
     meta = obj["metadata"]
     owner = render.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     deployments: dict[str, DeploymentView] = {
-        d.role: d for d in (_live.get("isvc_deployments") or {}).get(key) or () if d.role in render.ROLES
+        d.role: d for d in _loop.store("isvc_deployments", key) or () if d.role in render.ROLES
     }
-    pods: list[PodView] = list((_live.get("isvc_pods") or {}).get(key) or ())
+    pods: list[PodView] = list(_loop.store("isvc_pods", key) or ())
     refs = {render.PREDICTOR: resolve(spec.model, owner.namespace, deployments.get(render.PREDICTOR))}
     if spec.canary is not None:
         refs[render.CANARY] = resolve(spec.canary.model, owner.namespace, deployments.get(render.CANARY))
     if refs[render.PREDICTOR].uri is not None:
         _apply_children(key, obj, owner, spec, refs, deployments)
     generation = int(meta.get("generation") or 0)
-    outcome = derive(spec, owner, generation, _status.previous(obj), refs, deployments, pods, _now())
+    outcome = derive(
+        spec, owner, generation, _status.previous(obj), refs, deployments, pods, conditions.now()
+    )
     for type_, reason, message in outcome.events:
         _status.event(obj, type_, reason, message)
     _status.write(obj, outcome.status)

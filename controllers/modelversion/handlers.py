@@ -16,7 +16,6 @@ at the worst moment. Never set it anywhere else.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -24,7 +23,7 @@ from typing import Any
 
 import kopf
 
-from controllers import config
+from controllers import conditions, config
 from controllers.kube import KubeError, kube
 from controllers.modelversion.reconcile import (
     UID_TAG,
@@ -78,10 +77,6 @@ def _fault(point: str) -> None:
     """Test-only crash point (see the module docstring)."""
     if os.environ.get(FAULT_ENV) == point:
         os._exit(137)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _plain(obj: Any) -> Any:
@@ -145,7 +140,7 @@ class _Ctx:
         self.patch = patch
 
     def finish(self, obs: Observation) -> Status:
-        desired = build_status(self.prev, obs, _now())
+        desired = build_status(self.prev, obs, conditions.now())
         diff = status_patch(self.prev, desired)
         if diff:
             self.patch.setdefault("status", {}).update(diff)

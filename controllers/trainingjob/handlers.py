@@ -19,17 +19,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
-from controllers import config
+from controllers import conditions, config
 from controllers.kube import KubeError, kube
 from controllers.statuswriter import StatusWriter
-from controllers.syncloop import SyncLoop, quiet_handlers
+from controllers.syncloop import SyncLoop, first, quiet_handlers
 from controllers.trainingjob import render
 from controllers.trainingjob.status import JobView, PodView, derive, finished_job, job_view, pod_view
 from crds.common import API_VERSION, GROUP, LABEL_TRAINING_JOB, VERSION
@@ -48,15 +46,10 @@ _status = StatusWriter("TrainingJob")
 # TrainingJob -> (its uid, last view) of its finished Job that was deleted (ttlSecondsAfterFinished) perhaps
 # before a sync saw it finish: the sync then still learns how it ended instead of starting it again
 _finished: dict[Key, tuple[str, JobView]] = {}
-_loop = SyncLoop(lambda key: sync(key), log)
-_live: dict[str, Any] = {}  # the kopf indexes, captured from the first handler call (they are live views)
+_loop = SyncLoop(lambda key: sync(key), log, ("tj_objects", "tj_jobs", "tj_pods"))
 
 
 quiet_handlers("on_trainingjob", "on_job", "on_pod", timers=("tick",))
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @kopf.on.startup()
@@ -67,7 +60,6 @@ def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     _applied.clear()
     _status.clear()
     _finished.clear()
-    _live.clear()
     _loop.reset(settings.execution.executor)
 
 
@@ -94,22 +86,10 @@ async def tj_pods(
     return {(namespace or "", labels[LABEL_TRAINING_JOB]): pod_view(dict(body))}
 
 
-def _schedule(key: Key, kwargs: dict[str, Any]) -> None:
-    """Sync `key` soon; bursts of events for one TrainingJob collapse into one sync."""
-    for index in ("tj_objects", "tj_jobs", "tj_pods"):
-        if index in kwargs:
-            _live[index] = kwargs[index]
-    _loop.schedule(key)
-
-
-def _first(store: Iterable[Any] | None) -> Any:
-    return next(iter(store or ()), None)
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_trainingjob(type: str, namespace: str | None, name: str, **kwargs: Any) -> None:
     if type != "DELETED":
-        _schedule((namespace or "", name), kwargs)
+        _loop.schedule((namespace or "", name), kwargs)
     else:
         _applied.pop((namespace or "", name), None)
         _status.forget((namespace or "", name))
@@ -123,12 +103,12 @@ async def on_job(
     key = (namespace or "", labels[LABEL_TRAINING_JOB])
     if type == "DELETED" and (done := finished_job(dict(body))) is not None:
         _finished[key] = done
-    _schedule(key, kwargs)
+    _loop.schedule(key, kwargs)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_TRAINING_JOB: kopf.PRESENT})
 async def on_pod(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
-    _schedule((namespace or "", labels[LABEL_TRAINING_JOB]), kwargs)
+    _loop.schedule((namespace or "", labels[LABEL_TRAINING_JOB]), kwargs)
 
 
 def _needs_clock(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
@@ -145,7 +125,7 @@ def _needs_clock(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=5, when=_needs_clock)
 async def tick(namespace: str | None, name: str, **kwargs: Any) -> None:
     """Time-based decisions (a scale-up that waited too long) need a clock, not an event."""
-    _schedule((namespace or "", name), kwargs)
+    _loop.schedule((namespace or "", name), kwargs)
 
 
 def _event(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -163,14 +143,12 @@ def _validate(obj: dict[str, Any]) -> TrainingJobSpec | list[str]:
 
 def sync(key: Key) -> None:
     """Bring one TrainingJob's children and status in line with its spec and what the cluster reports."""
-    if "tj_objects" not in _live:
-        return
-    obj = _first(_live["tj_objects"].get(key))
+    obj = first(_loop.store("tj_objects", key))
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
     spec = _validate(obj)
     if isinstance(spec, list):
-        _status.invalid(obj, spec, condition=("Failed", True), now=_now())
+        _status.invalid(obj, spec, condition=("Failed", True), now=conditions.now())
         return
     cfg = config.load()
     meta = obj["metadata"]
@@ -180,12 +158,12 @@ def sync(key: Key) -> None:
         mlflow_tracking_uri=cfg.pod_mlflow_tracking_uri,
         gang_scheduler_name=cfg.gang_scheduler_name,
     )
-    job: JobView | None = _first(_live["tj_jobs"].get(key))
+    job: JobView | None = first(_loop.store("tj_jobs", key))
     if job is None and (gone := _finished.get(key)) is not None and gone[0] == meta["uid"]:
         job = gone[1]  # finished, then collected before a sync saw it finish
-    pods: list[PodView] = list(_live["tj_pods"].get(key) or ())
+    pods: list[PodView] = list(_loop.store("tj_pods", key) or ())
     previous = _status.previous(obj)  # or our last status patch, when the index has not seen it yet
-    generation, now = int(meta.get("generation") or 0), _now()
+    generation, now = int(meta.get("generation") or 0), conditions.now()
     outcome = derive(spec, generation, previous, job, pods, now)
     terminal = outcome.status.get("phase") in ("Succeeded", "Failed")
 
@@ -290,7 +268,7 @@ def _gang_unavailable(obj: dict[str, Any], status: dict[str, Any]) -> None:
         "PodGroupAPIMissing",
         message,
         generation=obj["metadata"].get("generation"),
-        now=_now(),
+        now=conditions.now(),
     )
     if not any(
         c.get("reason") == "PodGroupAPIMissing" for c in (obj.get("status") or {}).get("conditions") or []
