@@ -37,6 +37,14 @@ class OperatorConfig:
         return bool(self.mlflow_tracking_uri)
 
 
+def env_float(name: str, default: float) -> float:
+    """A number from the environment; `default` when it is unset or not a number."""
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 @lru_cache(maxsize=1)
 def load() -> OperatorConfig:
     env = os.environ

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from crds.common import API_VERSION
+from crds.common import API_VERSION, LABEL_MANAGED_BY, LABEL_PART_OF
 
 Obj = dict[str, Any]
 
@@ -25,6 +25,16 @@ class Owner:
     name: str
     namespace: str
     uid: str
+
+
+# what every object the operator makes carries
+MANAGED_LABELS = {LABEL_PART_OF: "kubeforge", LABEL_MANAGED_BY: "kubeforge-operator"}
+
+
+def owner_labels(label: str, owner: Owner) -> dict[str, str]:
+    """The labels of everything an object makes: `label` (its kind's, e.g. kubeforge.io/training-job)
+    naming it, and MANAGED_LABELS."""
+    return {label: owner.name, **MANAGED_LABELS}
 
 
 def owned_meta(kind: str, owner: Owner, name: str, labels: dict[str, str]) -> Obj:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 from controllers import config
 from model_registry.mlflow_gateway import MlflowGateway
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 @lru_cache(maxsize=4)
 def _gateway(tracking_uri: str, ui_url: str | None) -> MlflowGateway:
-    return MlflowGateway(tracking_uri, ui_url=ui_url, timeout_s=_env_float("KUBEFORGE_MLFLOW_TIMEOUT", 10.0))
+    return MlflowGateway(
+        tracking_uri, ui_url=ui_url, timeout_s=config.env_float("KUBEFORGE_MLFLOW_TIMEOUT", 10.0)
+    )
 
 
 def gateway() -> MlflowGateway | None:

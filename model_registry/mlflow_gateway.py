@@ -95,6 +95,15 @@ class Run:
     params: Mapping[str, str] = field(default_factory=dict)
 
 
+def _to_model(rm: Any) -> RegisteredModel:
+    return RegisteredModel(
+        name=rm.name,
+        aliases={a: str(v) for a, v in (rm.aliases or {}).items()},
+        tags=dict(rm.tags or {}),
+        description=str(rm.description or ""),
+    )
+
+
 def _to_version(mv: Any) -> ModelVersion:
     return ModelVersion(
         name=mv.name,
@@ -186,12 +195,7 @@ class MlflowGateway:
             rm = self._call("get registered model", lambda: self._client.get_registered_model(name))
         except NotFound:
             return None
-        return RegisteredModel(
-            name=rm.name,
-            aliases={a: str(v) for a, v in (rm.aliases or {}).items()},
-            tags=dict(rm.tags or {}),
-            description=str(rm.description or ""),
-        )
+        return _to_model(rm)
 
     def ensure_registered_model(self, name: str) -> RegisteredModel:
         """The registered model, created when missing (a concurrent creation is fine)."""
@@ -343,18 +347,7 @@ class MlflowGateway:
         found = self._call(
             "search registered models", lambda: self._client.search_registered_models(max_results=max_results)
         )
-        return sorted(
-            (
-                RegisteredModel(
-                    name=m.name,
-                    aliases={a: str(v) for a, v in (m.aliases or {}).items()},
-                    tags=dict(m.tags or {}),
-                    description=str(m.description or ""),
-                )
-                for m in found
-            ),
-            key=lambda m: m.name,
-        )
+        return sorted((_to_model(m) for m in found), key=lambda m: m.name)
 
     def list_versions(self, name: str, max_results: int = 1000) -> list[ModelVersion]:
         """Versions of `name`, newest first."""

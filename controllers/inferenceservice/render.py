@@ -31,12 +31,10 @@ from typing import Any
 
 from controllers import owned
 from controllers.owned import Owner as Owner
-from controllers.owned import owned_meta
+from controllers.owned import owned_meta, owner_labels
 from controllers.placement import placement, pod_resources
 from crds.common import (
     LABEL_INFERENCE_SERVICE,
-    LABEL_MANAGED_BY,
-    LABEL_PART_OF,
     LABEL_ROLE,
     SPEC_MOUNT_DIR,
     pod_image,
@@ -79,11 +77,7 @@ class Models:
 
 
 def labels(owner: Owner) -> dict[str, str]:
-    return {
-        LABEL_INFERENCE_SERVICE: owner.name,
-        LABEL_PART_OF: "kubeforge",
-        LABEL_MANAGED_BY: "kubeforge-operator",
-    }
+    return owner_labels(LABEL_INFERENCE_SERVICE, owner)
 
 
 def deployment_name(owner: Owner, role: str) -> str:
@@ -398,7 +392,9 @@ def render(
         deployment(owner, spec, cfg, PREDICTOR, models.stable, stable, digest),
     ]
     if spec.canary is not None and models.canary is not None:
-        base = spec.replicas if not autoscaled else (stable_replicas or max(1, spec.autoscaling.min_replicas))  # type: ignore[union-attr]
+        base = spec.replicas
+        if spec.autoscaling is not None:  # the size the autoscaler chose, else its floor
+            base = stable_replicas or max(1, spec.autoscaling.min_replicas)
         children.append(
             deployment(
                 owner,

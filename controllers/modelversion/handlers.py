@@ -42,7 +42,7 @@ from controllers.modelversion.reconcile import (
     serving_references,
 )
 from controllers.modelversion.status import Observation, Status, build_status, status_patch
-from controllers.registry import _env_float, gateway
+from controllers.registry import gateway
 from crds.common import API_VERSION, GROUP, VERSION
 from crds.modelversion import ModelVersionSpec
 from model_registry.mlflow_gateway import (
@@ -59,8 +59,8 @@ INDEX = "modelversion_alias_claims"
 FAULT_ENV = "KUBEFORGE_FAULT"
 
 
-MAX_BACKOFF = _env_float("KUBEFORGE_MODELVERSION_MAX_BACKOFF", 30.0)  # seconds between retries, at most
-SERVED_RECHECK = _env_float("KUBEFORGE_MODELVERSION_SERVED_RECHECK", 10.0)  # blocked deletion re-check
+MAX_BACKOFF = config.env_float("KUBEFORGE_MODELVERSION_MAX_BACKOFF", 30.0)  # seconds between retries, at most
+SERVED_RECHECK = config.env_float("KUBEFORGE_MODELVERSION_SERVED_RECHECK", 10.0)  # blocked deletion re-check
 DRIFT_INTERVAL = config.load().drift_interval_seconds
 
 _locks: dict[str, threading.Lock] = {}

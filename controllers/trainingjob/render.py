@@ -20,11 +20,9 @@ from typing import Any
 
 from controllers import owned
 from controllers.owned import Owner as Owner
-from controllers.owned import owned_meta
+from controllers.owned import owned_meta, owner_labels
 from controllers.placement import placement, pod_resources
 from crds.common import (
-    LABEL_MANAGED_BY,
-    LABEL_PART_OF,
     LABEL_ROLE,
     LABEL_TRAINING_JOB,
     SPEC_FILE_NAME,
@@ -61,11 +59,7 @@ class RenderConfig:
 
 
 def labels(owner: Owner) -> dict[str, str]:
-    return {
-        LABEL_TRAINING_JOB: owner.name,
-        LABEL_PART_OF: "kubeforge",
-        LABEL_MANAGED_BY: "kubeforge-operator",
-    }
+    return owner_labels(LABEL_TRAINING_JOB, owner)
 
 
 def selector(owner: Owner) -> str:
@@ -229,12 +223,12 @@ def pod_group(owner: Owner, spec: TrainingJobSpec) -> Obj:
 def namespace_objects(namespace: str) -> list[Obj]:
     """What every TrainingJob of `namespace` shares: the identity of training pods (rank 0 patches its own
     pod's progress annotation with it) and the headless Service that names them in DNS."""
-    owned = {LABEL_PART_OF: "kubeforge", LABEL_MANAGED_BY: "kubeforge-operator"}
-    meta = {"name": SERVICE_ACCOUNT, "namespace": namespace, "labels": owned}
+    shared = dict(owned.MANAGED_LABELS)
+    meta = {"name": SERVICE_ACCOUNT, "namespace": namespace, "labels": shared}
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": TRAINERS_SERVICE, "namespace": namespace, "labels": owned},
+        "metadata": {"name": TRAINERS_SERVICE, "namespace": namespace, "labels": shared},
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # rendezvous must resolve before pods are Ready
