@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from controllers import conditions, config, registry
 from controllers.inferenceservice import render
@@ -36,7 +37,7 @@ from controllers.statuswriter import StatusWriter
 from controllers.syncloop import SyncLoop, first, quiet_handlers
 from crds import validation
 from crds.common import GROUP, LABEL_INFERENCE_SERVICE, VERSION
-from crds.inferenceservice import InferenceServiceSpec
+from crds.inferenceservice import InferenceServiceSpec, object_rule_errors
 from model_registry.mlflow_gateway import RegistryError
 
 PLURAL = "inferenceservices"
@@ -218,11 +219,15 @@ def sync(key: Key) -> None:
     obj = first(_loop.store("isvc_objects", key))
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
-    problems = validation.errors({"kind": "InferenceService", **obj})
-    if problems:
+    spec: InferenceServiceSpec | None
+    try:  # validated once per sync; every problem in the API server's words only when there is one
+        spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
+    except ValidationError:
+        spec = None
+    if spec is None or object_rule_errors(obj):
+        problems = validation.errors({"kind": "InferenceService", **obj})
         _status.invalid(obj, problems, condition=("Ready", False), now=conditions.now())
         return
-    spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
     meta = obj["metadata"]
     owner = render.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     deployments: dict[str, DeploymentView] = {
