@@ -38,6 +38,13 @@ class Link(SQLModel, table=True):
     last_seen: datetime
 
 
+class Observation(SQLModel, table=True):
+    """The one row saying when `observe` last read the cluster (whether or not it saw any link)."""
+
+    id: int = Field(default=1, primary_key=True)
+    at: datetime
+
+
 def _links(kind: str, obj: Mapping[str, Any]) -> Iterable[dict[str, str]]:
     meta, spec, st = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     base = {"kind": kind, "namespace": str(meta.get("namespace") or ""), "name": str(meta.get("name") or "")}
@@ -95,6 +102,9 @@ def observe(session: Session, objects: Mapping[str, Iterable[Mapping[str, Any]]]
                     link.detail, link.last_seen = fields["detail"], now
                 session.add(link)
                 seen += 1
+    row = session.get(Observation, 1) or Observation(at=now)
+    row.at = now
+    session.add(row)
     session.commit()
     return seen
 
@@ -113,3 +123,10 @@ def lineage_of(session: Session, model_name: str, version: str, run_id: str) -> 
         REGISTRATION: list(registrations),
         DEPLOYMENT: sorted(deployments, key=lambda d: d.last_seen, reverse=True),
     }
+
+
+def last_observed(session: Session) -> datetime | None:
+    """When the cluster was last read: a link last seen before then belongs to an object that is gone (or
+    no longer says it); None before the first reading."""
+    row = session.get(Observation, 1)
+    return row.at if row else None

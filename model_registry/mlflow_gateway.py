@@ -342,6 +342,11 @@ class MlflowGateway:
             params={k: str(v) for k, v in (r.data.params or {}).items()},
         )
 
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """Every value logged for a run's metric, as (step, value) in the order MLflow returns them."""
+        found = self._call("get metric history", lambda: self._client.get_metric_history(run_id, key))
+        return [(int(m.step), float(m.value)) for m in found]
+
     def list_models(self, max_results: int = 1000) -> list[RegisteredModel]:
         """Registered models, by name."""
         found = self._call(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import jinja2
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_registry import lineage
+from model_registry import charts, lineage
 from model_registry.mlflow_gateway import MlflowGateway, RegistryUnavailable
 
 log = logging.getLogger("kubeforge.registry")
@@ -36,6 +38,7 @@ KINDS = {
     lineage.REGISTRATION: "modelversions",
     lineage.DEPLOYMENT: "inferenceservices",
 }
+MAX_CHARTS = 24  # a version page draws at most this many of its run's metrics (one MLflow call each)
 
 
 def cluster_lister(kubeconfig: str | None = None) -> Callable[[], Objects]:
@@ -68,6 +71,8 @@ def cluster_lister(kubeconfig: str | None = None) -> Callable[[], Objects]:
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True
 )
+# the record keeps full timestamps (two readings within a second must not look like one); pages show seconds
+_ENV.filters["seconds"] = lambda iso: datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def create_app(
@@ -94,7 +99,7 @@ def create_app(
                 log.warning("lineage not refreshed, the cluster could not be read: %s", e)
                 return
             with Session(engine) as session:
-                lineage.observe(session, objects, datetime.now(UTC).replace(microsecond=0))
+                lineage.observe(session, objects, datetime.now(UTC))
             refreshed[0] = time.monotonic()
 
     def registry(fn: Callable[[], Any]) -> Any:
@@ -103,8 +108,13 @@ def create_app(
         except RegistryUnavailable as e:
             raise HTTPException(503, f"MLflow is unavailable: {e}") from None
 
-    def models() -> dict[str, Any]:
-        return {"models": [asdict(m) for m in registry(gateway.list_models)]}
+    def models(q: str = "") -> dict[str, Any]:
+        """Registered models; with `q`, those whose name, an alias or the description holds it (any case)."""
+        found = registry(gateway.list_models)
+        want = q.strip().casefold()
+        if want:
+            found = [m for m in found if want in _haystack(m.name, *m.aliases, m.description)]
+        return {"models": [asdict(m) for m in found], "q": q}
 
     def model(name: str) -> dict[str, Any]:
         found = registry(lambda: gateway.get_registered_model(name))
@@ -128,16 +138,27 @@ def create_app(
         refresh()
         with Session(engine) as session:
             links = lineage.lineage_of(session, name, number, v.run_id)
-            found = {step: [link.model_dump(mode="json") for link in ls] for step, ls in links.items()}
-        return {"version": asdict(v), "run": asdict(run) if run else None, "lineage": found}
+            observed = lineage.last_observed(session)
+            found: dict[str, list[dict[str, Any]]] = {
+                step: [link.model_dump(mode="json") | {"current": link.last_seen == observed} for link in ls]
+                for step, ls in links.items()
+            }
+        return {
+            "version": asdict(v),
+            "run": asdict(run) | {"link": gateway.run_link(run)} if run else None,
+            "lineage": found,
+        }
+
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        return cast(list[tuple[int, float]], registry(lambda: gateway.metric_history(run_id, key)))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/api/models")
-    def api_models() -> dict[str, Any]:
-        return models()
+    def api_models(q: str = "") -> dict[str, Any]:
+        return models(q)
 
     @app.get("/api/models/{name}")
     def api_model(name: str) -> dict[str, Any]:
@@ -147,12 +168,30 @@ def create_app(
     def api_version(name: str, number: str) -> dict[str, Any]:
         return version(name, number)
 
-    def page(template: str, **context: Any) -> HTMLResponse:
-        return HTMLResponse(_ENV.get_template(template).render(**context))
+    @app.get("/api/runs/{run_id}/metrics/{key}")
+    def api_metric(run_id: str, key: str) -> dict[str, Any]:
+        """Every (step, value) logged for one of a run's metrics (NaN and infinities as MLflow keeps them:
+        strings, since JSON has no such numbers)."""
+        points = history(run_id, key)
+        return {
+            "run_id": run_id,
+            "key": key,
+            "history": [{"step": s, "value": x if math.isfinite(x) else str(x)} for s, x in points],
+        }
+
+    def page(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        return HTMLResponse(_ENV.get_template(template).render(**context), status_code=status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def error(request: Request, exc: StarletteHTTPException) -> Response:
+        """/api answers errors in JSON ({"detail": ...}); the pages in a page that says what went wrong."""
+        if request.url.path.startswith("/api/") or request.url.path == "/healthz":
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return page("error.html", exc.status_code, title=f"Error {exc.status_code}", detail=exc.detail)
 
     @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
-        return page("models.html", title="Models", **models())
+    def index(q: str = "") -> HTMLResponse:
+        return page("models.html", title="Models", **models(q))
 
     @app.get("/models/{name}", response_class=HTMLResponse)
     def model_page(name: str) -> HTMLResponse:
@@ -161,10 +200,25 @@ def create_app(
     @app.get("/models/{name}/versions/{number}", response_class=HTMLResponse)
     def version_page(name: str, number: str) -> HTMLResponse:
         got = version(name, number)
-        return page("version.html", title=f"{name} version {number}", v=got["version"], run=got["run"],
-                    lineage=got["lineage"])  # fmt: skip
+        run = got["run"]
+        keys = sorted(run["metrics"]) if run else []
+        drawn = {k: charts.line_chart(history(run["run_id"], k)) for k in keys[:MAX_CHARTS]}
+        return page(
+            "version.html",
+            title=f"{name} version {number}",
+            name=name,
+            v=got["version"],
+            run=run,
+            lineage=got["lineage"],
+            charts=drawn,
+            more_metrics=len(keys) - len(drawn),
+        )
 
     return app
+
+
+def _haystack(*texts: str) -> str:
+    return "\n".join(texts).casefold()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,12 @@ if not os.environ.get("KUBECONFIG"):
     )
 
 
-_PLUGINS = ["tests.fixtures.cluster", "tests.fixtures.mlflow", "tests.fixtures.operator"]
+_PLUGINS = [
+    "tests.fixtures.cluster",
+    "tests.fixtures.mlflow",
+    "tests.fixtures.operator",
+    "tests.fixtures.browser",
+]
 pytest_plugins = [p for p in _PLUGINS if importlib.util.find_spec(p) is not None]
 
 _TIERS = ("unit", "integration", "e2e")

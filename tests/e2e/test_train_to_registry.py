@@ -241,7 +241,8 @@ def test_trained_model_is_registered_with_its_lineage(
         cluster_lister(str(cluster.kubeconfig)),
         refresh_seconds=0,
     )
-    shown = TestClient(app).get(f"/api/models/{model}/versions/{version.version}").json()
+    http = TestClient(app)
+    shown = http.get(f"/api/models/{model}/versions/{version.version}").json()
     line = {step: [(x["namespace"], x["name"]) for x in links] for step, links in shown["lineage"].items()}
     assert line == {
         "training": [(namespace, "digits")],
@@ -250,3 +251,7 @@ def test_trained_model_is_registered_with_its_lineage(
     }
     assert shown["lineage"]["training"][0]["run_id"] == run_id
     assert shown["run"]["metrics"]["loss"] == run.data.metrics["loss"]
+    page = http.get(f"/models/{model}/versions/{version.version}")
+    curve = http.get(f"/api/runs/{run_id}/metrics/loss").json()["history"]
+    assert page.status_code == 200 and len(curve) > 1  # the training's loss, a curve on the version's page
+    assert '<figure class="chart" data-metric="loss">' in page.text and "<polyline points=" in page.text

@@ -70,17 +70,28 @@ def test_models_versions_metrics_lineage_and_pages(mlflow_server: MlflowServer, 
     lineage = got["lineage"]
     assert [(x["name"], x["detail"]) for x in lineage["training"]] == [("train", "Succeeded")]
     assert [x["name"] for x in lineage["registration"]] == ["v2"]
-    assert [(x["name"], x["detail"]) for x in lineage["deployment"]] == [
-        ("web", "100% of the traffic, 2 ready pod(s)")
+    assert [(x["name"], x["detail"], x["current"]) for x in lineage["deployment"]] == [
+        ("web", "100% of the traffic, 2 ready pod(s)", True)
     ]
+    assert (
+        got["run"]["link"]
+        == f"{mlflow_server.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    )
+    curve = http.get(f"/api/runs/{run.info.run_id}/metrics/loss").json()["history"]
+    assert curve == [{"step": 1, "value": 2.0}, {"step": 2, "value": 0.25}]
+
+    def named(q: str) -> list[str]:
+        return [m["name"] for m in http.get("/api/models", params={"q": q}).json()["models"]]
+
+    assert named(model.upper()) == [model] and model in named("CHAMPION")  # any case, aliases too
+    assert model not in named("nothing-like-it")
     assert http.get(f"/api/models/{model}/versions/1").json()["lineage"]["deployment"] == []
 
     # the record outlives the objects: the cluster forgets them, the registry does not
     objects.update(training=[], registration=[], deployment=[])
     again = http.get(f"/api/models/{model}/versions/2").json()["lineage"]
-    assert [x["name"] for x in again["training"]] == ["train"] and [
-        x["name"] for x in again["deployment"]
-    ] == ["web"]
+    assert [(x["name"], x["current"]) for x in again["training"]] == [("train", False)]
+    assert [(x["name"], x["current"]) for x in again["deployment"]] == [("web", False)]
 
     missing = http.get(f"/api/models/{model}/versions/9")
     assert missing.status_code == 404 and "no version 9" in missing.json()["detail"]

@@ -75,3 +75,14 @@ def test_uris_that_name_no_version_are_not_lineage() -> None:
     s = session()
     objs = {"deployment": [isvc("web", ("models:/digits@champion", 100, 1), ("runs:/abc/model", 0, 0))]}
     assert lineage.observe(s, objs, T1) == 0
+
+
+def test_when_the_cluster_was_last_read_even_when_it_showed_nothing() -> None:
+    s = session()
+    assert lineage.last_observed(s) is None
+    lineage.observe(s, {"deployment": [isvc("web", ("models:/digits/1", 100, 1))]}, T1)
+    lineage.observe(s, {"deployment": []}, T2)  # web is gone: the reading still counts
+    [web] = lineage.lineage_of(s, "digits", "1", "")["deployment"]
+    seen = lineage.last_observed(s)
+    # SQLite hands datetimes back without their zone (both sides alike: the service compares them as read)
+    assert seen is not None and seen.replace(tzinfo=UTC) == T2 and web.last_seen.replace(tzinfo=UTC) == T1
