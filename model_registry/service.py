@@ -15,7 +15,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,8 +29,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_registry import charts, lineage
-from model_registry.mlflow_gateway import MlflowGateway, RegistryUnavailable
+from model_registry import charts, lineage, promotions
+from model_registry.mlflow_gateway import MlflowGateway, RegisteredModel, RegistryError, RegistryUnavailable
 
 log = logging.getLogger("kubeforge.registry")
 Objects = Mapping[str, Iterable[Mapping[str, Any]]]
@@ -82,25 +83,61 @@ def create_app(
     refresh_seconds: float = 10.0,
 ) -> FastAPI:
     SQLModel.metadata.create_all(engine)
-    app = FastAPI(title="Kubeforge model registry")
     refreshed = [float("-inf")]
     lock = threading.Lock()
 
     def refresh() -> None:
-        """Record the cluster's lineage, at most every refresh_seconds (a cluster away: the recorded one)."""
-        if lister is None:
-            return
+        """Read the cluster (lineage) and MLflow's aliases (promotions), at most every refresh_seconds; what
+        cannot be read keeps what was recorded (the cluster is an enrichment, MLflow answers again later)."""
         with lock:
             if time.monotonic() - refreshed[0] < refresh_seconds:
                 return
-            try:
-                objects = lister()
-            except Exception as e:  # the cluster is an enrichment: serve what was recorded
-                log.warning("lineage not refreshed, the cluster could not be read: %s", e)
-                return
-            with Session(engine) as session:
-                lineage.observe(session, objects, datetime.now(UTC))
             refreshed[0] = time.monotonic()
+            now = datetime.now(UTC)
+            objects: Objects | None = None
+            if lister is not None:
+                try:
+                    objects = lister()
+                except Exception as e:
+                    log.warning("lineage not refreshed, the cluster could not be read: %s", e)
+            try:
+                listed: list[RegisteredModel] | None = gateway.list_models()
+            except RegistryError as e:
+                log.warning("promotions not recorded, MLflow could not be read: %s", e)
+                listed = None
+            with Session(engine) as session:
+                if objects is not None:
+                    lineage.observe(session, objects, now)
+                if listed is not None:
+                    declared = (
+                        None
+                        if objects is None
+                        else promotions.declarations(objects.get(lineage.REGISTRATION, ()))
+                    )
+                    promotions.record(session, {m.name: m.aliases for m in listed}, declared, now)
+
+    @asynccontextmanager
+    async def watch(_: FastAPI) -> AsyncIterator[None]:
+        """While served, read every refresh_seconds (at least 1 s apart) so that no page has to ask: an alias
+        moved and moved back while nobody looked still leaves its trail."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(max(refresh_seconds, 1.0)):
+                try:
+                    refresh()
+                except Exception:
+                    log.exception("reading the cluster and MLflow failed")
+
+        thread = threading.Thread(target=loop, name="registry-refresh", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(5)
+
+    app = FastAPI(title="Kubeforge model registry", lifespan=watch)
 
     def registry(fn: Callable[[], Any]) -> Any:
         try:
@@ -123,9 +160,13 @@ def create_app(
         versions = registry(lambda: gateway.list_versions(name))
         # MLflow's version search leaves aliases out: they come from the registered model
         held = {v: sorted(a for a, n in found.aliases.items() if n == v) for v in found.aliases.values()}
+        refresh()
+        with Session(engine) as session:
+            moves = [p.model_dump(mode="json") for p in promotions.trail(session, name)]
         return {
             **asdict(found),
             "versions": [{**asdict(v), "aliases": held.get(v.version, [])} for v in versions],
+            "promotions": moves,
         }
 
     def version(name: str, number: str) -> dict[str, Any]:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmodel import create_engine
+from sqlmodel import Session, create_engine
 
+from model_registry import promotions
 from model_registry.mlflow_gateway import MlflowGateway
 from model_registry.service import create_app
 from tests.fixtures.browser import serve
@@ -64,7 +66,18 @@ def test_filter_click_through_lineage_and_curve(
         "deployment": [serving],
     }
     gateway = MlflowGateway(mlflow_server.uri)
-    app = create_app(gateway, create_engine(f"sqlite:///{tmp_path / 'l.db'}"), lambda: objects, 0)
+    engine = create_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    app = create_app(gateway, engine, lambda: objects, 0)
+
+    def recorded(n: int) -> list[tuple[str | None, str]]:
+        """The trail once it holds n promotions (the service reads on its own, every second here)."""
+        deadline = time.monotonic() + 20
+        while True:
+            with Session(engine) as session:
+                moves = [(p.previous, p.version) for p in promotions.trail(session, model)]
+            if len(moves) >= n or time.monotonic() > deadline:
+                return moves
+            time.sleep(0.2)
 
     with serve(app) as url:
         # the list narrows while typing (the script), and the form filters on the server without one
@@ -85,6 +98,25 @@ def test_filter_click_through_lineage_and_curve(
         page.wait_for_url(f"{url}/models/{model}")
         versions = page.locator("#versions tbody tr")
         assert versions.count() == 2 and "champion" in versions.nth(0).inner_text()
+        promoted = page.locator("#promotions tbody tr")
+        assert (
+            promoted.count() == 1
+            and "2 (already so when the registry first read it)" in promoted.inner_text()
+        )
+
+        # promoted and rolled back while nobody looks: the service's own readings keep both moves
+        client.set_registered_model_alias(model, "champion", "1")
+        assert recorded(2)[0] == ("2", "1")
+        client.set_registered_model_alias(model, "champion", "2")
+        assert recorded(3)[0] == ("1", "2")
+        page.reload()
+        rows = [r.split("\t") for r in page.locator("#promotions tbody tr").all_inner_texts()]
+        assert [r[2] for r in rows] == [
+            "moved 1 → 2",
+            "moved 2 → 1",
+            "2 (already so when the registry first read it)",
+        ]
+        assert rows[0][3] == "outside Kubernetes (in MLflow)"
         page.click("#versions a >> text=2")
         page.wait_for_url(f"{url}/models/{model}/versions/2")
 

@@ -43,7 +43,7 @@ def test_models_versions_metrics_lineage_and_pages(mlflow_server: MlflowServer, 
         "registration": [
             {
                 "metadata": {"name": "v2", "namespace": "ml"},
-                "spec": {"modelName": model, "source": {"trainingJob": "train"}},
+                "spec": {"modelName": model, "source": {"trainingJob": "train"}, "aliases": ["champion"]},
                 "status": {"registryVersion": "2", "runId": run.info.run_id},
             }
         ],
@@ -86,6 +86,16 @@ def test_models_versions_metrics_lineage_and_pages(mlflow_server: MlflowServer, 
     assert named(model.upper()) == [model] and model in named("CHAMPION")  # any case, aliases too
     assert model not in named("nothing-like-it")
     assert http.get(f"/api/models/{model}/versions/1").json()["lineage"]["deployment"] == []
+
+    # promotions: the alias as first read (declared by the ModelVersion v2), then moved in MLflow itself
+    def trail() -> list[tuple[str, str | None, str, str]]:
+        moves = http.get(f"/api/models/{model}").json()["promotions"]
+        return [(p["alias"], p["previous"], p["version"], p["declared_by"]) for p in moves]
+
+    assert trail() == [("champion", None, "2", "ml/v2")]
+    client.set_registered_model_alias(model, "champion", "1")
+    assert trail() == [("champion", "2", "1", "outside Kubernetes"), ("champion", None, "2", "ml/v2")]
+    assert "moved 2 → 1" in http.get(f"/models/{model}").text
 
     # the record outlives the objects: the cluster forgets them, the registry does not
     objects.update(training=[], registration=[], deployment=[])
