@@ -45,6 +45,8 @@ _RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): ("podgroups", True),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): ("httproutes", True),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"): ("grpcroutes", True),
     (API_VERSION, "TrainingJob"): ("trainingjobs", True),
     (API_VERSION, "ModelVersion"): ("modelversions", True),
     (API_VERSION, "InferenceService"): ("inferenceservices", True),

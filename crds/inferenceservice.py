@@ -186,6 +186,59 @@ class PortsSpec(KubeModel):
     )
 
 
+# Gateway API's own pattern for a route's host name: lower-case DNS labels, optionally under a leading "*."
+Hostname = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    ),
+]
+
+
+class ParentRef(KubeModel):
+    """A Gateway (or one of its listeners) the route attaches to, as Gateway API's parentRefs name it."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Gateway.")
+    namespace: str | None = Field(
+        default=None, max_length=63, description="Its namespace (default: the InferenceService's)."
+    )
+    section_name: str | None = Field(
+        default=None, max_length=253, description="One of its listeners (default: every listener)."
+    )
+
+
+class RouteTarget(KubeModel):
+    """One protocol's route: where it attaches and which host names it answers."""
+
+    parent_refs: list[ParentRef] = Field(
+        min_length=1, max_length=32, description="Gateways (or listeners) the route attaches to."
+    )
+    hostnames: list[Hostname] | None = Field(
+        default=None,
+        max_length=16,
+        description="Host names the route answers (default: every host the listener accepts).",
+    )
+
+
+class RouteSpec(KubeModel):
+    """Exact traffic weights through the Gateway API: an HTTPRoute (REST) and a GRPCRoute (gRPC) named
+    after the InferenceService, splitting requests between the stable and canary pods by weight. The
+    cluster needs the Gateway API's CRDs and a Gateway controller; without a route, the split is by pods."""
+
+    http: RouteTarget | None = Field(default=None, description="HTTPRoute to the REST port.")
+    grpc: RouteTarget | None = Field(default=None, description="GRPCRoute to the gRPC port.")
+
+    x_rules = (
+        Rule(
+            cel="has(self.http) || has(self.grpc)",
+            message="route: set http, grpc or both (each with its parentRefs), or remove route",
+            check=lambda m: m.http is not None or m.grpc is not None,
+        ),
+    )
+
+
 _BACKEND_VENDOR = {"cuda": "nvidia", "tensorrt": "nvidia", "rocm": "amd", "npu": "ascend", "mlu": "cambricon"}
 
 
@@ -204,6 +257,9 @@ class InferenceServiceSpec(KubeModel):
         default=None, description="Autoscale instead of fixed replicas."
     )
     canary: CanarySpec | None = Field(default=None, description="Canary roll-out of a second model.")
+    route: RouteSpec | None = Field(
+        default=None, description="Route through a Gateway (Gateway API), for exact canary weights."
+    )
     ports: PortsSpec = Field(default_factory=PortsSpec, description="Listening ports.")
     resources: Resources | None = Field(default=None, description="CPU and memory per pod.")
     env: dict[str, str] | None = Field(
@@ -251,6 +307,7 @@ class InferenceServicePhase(StrEnum):
     compiling = "Compiling"
     ready = "Ready"
     rolling_out = "RollingOut"
+    routing = "Routing"
     failed = "Failed"
 
 
@@ -268,7 +325,9 @@ class InferenceServiceStatus(KubeModel):
     phase: InferenceServicePhase | None = Field(default=None, description="Lifecycle phase.")
     message: str | None = Field(default=None, description="Why the phase is what it is.")
     conditions: list[Condition] | None = Field(
-        default=None, json_schema_extra=CONDITIONS_LIST, description="Ready, PredictorReady, CanaryReady."
+        default=None,
+        json_schema_extra=CONDITIONS_LIST,
+        description="Ready, PredictorReady, CanaryReady, Routed.",
     )
     observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     url: str | None = Field(default=None, description="In-cluster URL of the REST endpoint.")

@@ -1,7 +1,8 @@
 """kopf glue of the InferenceService controller.
 
-Level-triggered, as the TrainingJob controller: every event of an InferenceService, of its Deployments or
-pods, or of a ModelVersion it names schedules one debounced `sync` of it (controllers.syncloop), which
+Level-triggered, as the TrainingJob controller: every event of an InferenceService, of its Deployments,
+pods or routes (Gateway API, when the cluster serves it), or of a ModelVersion it names schedules one
+debounced `sync` of it (controllers.syncloop), which
 resolves its models (a ModelVersion reference to the version's models:/name/N once it is Ready, an MLflow
 alias to the version it points at: `pin`), renders the children (render.py), applies them with server-side
 apply, derives the status (status.py) and patches it when it changed. kopf indexes hold the observed
@@ -23,7 +24,7 @@ import kopf
 from pydantic import ValidationError
 
 from controllers import conditions, config, registry
-from controllers.inferenceservice import render
+from controllers.inferenceservice import render, routes
 from controllers.inferenceservice.status import (
     DeploymentView,
     ModelRef,
@@ -32,7 +33,7 @@ from controllers.inferenceservice.status import (
     derive,
     pod_view,
 )
-from controllers.kube import kube
+from controllers.kube import KubeError, kube
 from controllers.statuswriter import StatusWriter
 from controllers.syncloop import SyncLoop, first, quiet_handlers
 from crds import validation
@@ -43,6 +44,7 @@ from model_registry.mlflow_gateway import RegistryError
 PLURAL = "inferenceservices"
 APPLY_RECHECK_SECONDS = 300.0
 ALIAS_TIMER_SECONDS = 5.0  # how often an InferenceService naming an alias syncs (MLflow is asked less often)
+ROUTE_RETRY_SECONDS = 30.0  # routes that could not be created (no Gateway API yet) are tried again this often
 ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w-]+)$")
 log = logging.getLogger("kubeforge.inferenceservice")
 Key = tuple[str, str]
@@ -50,8 +52,18 @@ Key = tuple[str, str]
 _status = StatusWriter("InferenceService")
 _applied: dict[Key, tuple[tuple[Any, ...], float]] = {}  # InferenceService -> (render inputs, when applied)
 _loop = SyncLoop(
-    lambda key: sync(key), log, ("isvc_objects", "isvc_deployments", "isvc_pods", "isvc_modelversions")
+    lambda key: sync(key),
+    log,
+    (
+        "isvc_objects",
+        "isvc_deployments",
+        "isvc_pods",
+        "isvc_modelversions",
+        "isvc_httproutes",
+        "isvc_grpcroutes",
+    ),
 )
+_route_errors: dict[Key, routes.Routing] = {}  # why the last apply could not create an object's routes
 # (registered model, alias) -> (the version it pointed at, when MLflow said so)
 _aliases: dict[tuple[str, str], tuple[str | None, float]] = {}
 
@@ -61,7 +73,8 @@ quiet_handlers(
     "on_isvc_deployment",
     "on_isvc_pod",
     "on_isvc_modelversion",
-    timers=("recheck_alias",),
+    "on_isvc_route",
+    timers=("recheck_alias", "recheck_routes"),
 )
 
 
@@ -71,6 +84,7 @@ def _reset(settings: kopf.OperatorSettings, **_: Any) -> None:
     _status.clear()
     _applied.clear()
     _aliases.clear()
+    _route_errors.clear()
     _loop.reset(settings.execution.executor)
 
 
@@ -96,6 +110,36 @@ async def isvc_pods(
     return {(namespace or "", labels[LABEL_INFERENCE_SERVICE]): pod_view(dict(body))}
 
 
+# The routes: indexed and watched when the cluster serves the Gateway API (kopf starts on its CRDs when they
+# appear, and says at start-up that it cannot serve them until then).
+def _route_index(namespace: str | None, labels: kopf.Labels, body: kopf.Body) -> dict[Key, routes.RouteView]:
+    return {(namespace or "", labels[LABEL_INFERENCE_SERVICE]): routes.route_view(dict(body))}
+
+
+@kopf.index("gateway.networking.k8s.io", "v1", "httproutes", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
+async def isvc_httproutes(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, routes.RouteView]:
+    return _route_index(namespace, labels, body)
+
+
+@kopf.index("gateway.networking.k8s.io", "v1", "grpcroutes", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT})
+async def isvc_grpcroutes(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, routes.RouteView]:
+    return _route_index(namespace, labels, body)
+
+
+@kopf.on.event(
+    "gateway.networking.k8s.io", "v1", "httproutes", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT}
+)
+@kopf.on.event(
+    "gateway.networking.k8s.io", "v1", "grpcroutes", labels={LABEL_INFERENCE_SERVICE: kopf.PRESENT}
+)
+async def on_isvc_route(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    _loop.schedule((namespace or "", labels[LABEL_INFERENCE_SERVICE]), kwargs)
+
+
 @kopf.index(GROUP, VERSION, "modelversions")
 async def isvc_modelversions(
     namespace: str | None, name: str, status: kopf.Status, **_: Any
@@ -112,6 +156,7 @@ async def on_inferenceservice(type: str, namespace: str | None, name: str, **kwa
         _loop.schedule(key, kwargs)
     else:
         _applied.pop(key, None)
+        _route_errors.pop(key, None)
         _status.forget(key)
 
 
@@ -147,6 +192,17 @@ def _names_alias(spec: kopf.Spec, **_: Any) -> bool:
 async def recheck_alias(namespace: str | None, name: str, **kwargs: Any) -> None:
     """An alias can move in MLflow without any event in the cluster: look again now and then."""
     _loop.schedule((namespace or "", name), kwargs)
+
+
+def _has_route(spec: kopf.Spec, **_: Any) -> bool:
+    return bool(spec.get("route"))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=ROUTE_RETRY_SECONDS, when=_has_route)
+async def recheck_routes(namespace: str | None, name: str, **kwargs: Any) -> None:
+    """Routes that could not be created are tried again (the Gateway API's CRDs may be installed since)."""
+    if (namespace or "", name) in _route_errors:
+        _loop.schedule((namespace or "", name), kwargs)
 
 
 def _version_refs(spec: dict[str, Any]) -> set[str]:
@@ -239,9 +295,13 @@ def sync(key: Key) -> None:
         refs[render.CANARY] = resolve(spec.canary.model, owner.namespace, deployments.get(render.CANARY))
     if refs[render.PREDICTOR].uri is not None:
         _apply_children(key, obj, owner, spec, refs, deployments)
+    observed = {
+        v.kind: v for index in ("isvc_httproutes", "isvc_grpcroutes") for v in _loop.store(index, key) or ()
+    }
+    route = routes.routing(spec, owner, observed, _route_errors.get(key))
     generation = int(meta.get("generation") or 0)
     outcome = derive(
-        spec, owner, generation, _status.previous(obj), refs, deployments, pods, conditions.now()
+        spec, owner, generation, _status.previous(obj), refs, deployments, pods, conditions.now(), route
     )
     for type_, reason, message in outcome.events:
         _status.event(obj, type_, reason, message)
@@ -268,20 +328,29 @@ def _apply_children(
     inputs = (owner.uid, spec.model_dump_json(), models, stable_replicas, rcfg)
     missing = pred is None or (models.canary is not None and render.CANARY not in deployments)
     last = _applied.get(key)
-    if (
-        not missing
-        and last is not None
-        and last[0] == inputs
-        and time.monotonic() - last[1] < APPLY_RECHECK_SECONDS
-    ):
+    recheck = ROUTE_RETRY_SECONDS if key in _route_errors else APPLY_RECHECK_SECONDS
+    if not missing and last is not None and last[0] == inputs and time.monotonic() - last[1] < recheck:
         return
     for role in render.ROLES:
         old = deployments[role].model_uri if role in deployments else None
         new = models.stable if role == render.PREDICTOR else models.canary
         if old and new and old != new:
             _status.event(obj, "Normal", "ModelChanged", f"{role}: rolling out {new} in place of {old}")
+    _route_errors.pop(key, None)
     for child in render.render(owner, spec, rcfg, models, stable_replicas=stable_replicas):
-        kube().apply(child)
+        if child["kind"] not in render.ROUTE_KINDS.values():
+            kube().apply(child)
+            continue
+        try:
+            kube().apply(child)
+        except KubeError as e:  # the rest serves without them: reported in status (Routed), not raised
+            if e.transient:
+                raise
+            _route_errors[key] = (
+                routes.gateway_api_missing(owner)
+                if e.status == 404
+                else routes.Routing(False, "RouteInvalid", f"{child['kind']} {owner.name}: {e.message}")
+            )
     for api_version, kind, name in render.unwanted(spec, owner):
         kube().delete(api_version, kind, owner.namespace, name)
     _applied[key] = (inputs, time.monotonic())

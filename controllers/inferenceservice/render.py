@@ -13,6 +13,10 @@ Children (all owned by the InferenceService, so deleting it garbage-collects the
   (docs/inferenceservice.md): kube-proxy spreads connections evenly over endpoints, so the canary's share is
   its pods' share of the endpoints. A canary of 0 % is left out of it, 100 % takes the stable pods out.
 - Service <name>-canary (when spec.canary): the canary's pods alone, to try the canary directly.
+- With spec.route (the Gateway API): Service <name>-predictor (the stable pods alone), an HTTPRoute <name>
+  (spec.route.http, to the REST port) and a GRPCRoute <name> (spec.route.grpc, to the gRPC port), each
+  splitting requests between <name>-predictor and <name>-canary by weight: the canary's share exactly, per
+  request, whatever the pod counts (the Service <name> keeps its split by pods for in-cluster clients).
 - HorizontalPodAutoscaler <name>-predictor (when spec.autoscaling): scales the stable Deployment, whose
   replicas the operator then leaves to it.
 - PodDisruptionBudget <name>-predictor: a drain evicts the stable pods one at a time; the pods of each role
@@ -58,6 +62,8 @@ DEFAULT_CPU_TARGET = 80  # autoscaling with no target named: CPU utilization, as
 INFLIGHT_METRIC = "kubeforge_inflight"
 ANNOTATION_CONFIG_HASH = "kubeforge.io/config-hash"
 ANNOTATION_MODEL_URI = "kubeforge.io/model-uri"
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+ROUTE_KINDS = {"http": "HTTPRoute", "grpc": "GRPCRoute"}  # spec.route field -> kind
 
 
 @dataclass(frozen=True)
@@ -296,17 +302,60 @@ def service(owner: Owner, spec: InferenceServiceSpec) -> Obj:
     }
 
 
-def canary_service(owner: Owner, spec: InferenceServiceSpec) -> Obj:
+def role_service(owner: Owner, spec: InferenceServiceSpec, role: str) -> Obj:
+    """<name>-<role>: one role's pods alone (the canary's, to try it directly; the stable ones, a route's
+    stable backend)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(owner, deployment_name(owner, CANARY), CANARY),
+        "metadata": _meta(owner, deployment_name(owner, role), role),
         "spec": {
             "type": "ClusterIP",
-            "selector": {LABEL_INFERENCE_SERVICE: owner.name, LABEL_ROLE: CANARY},
+            "selector": {LABEL_INFERENCE_SERVICE: owner.name, LABEL_ROLE: role},
             "ports": _ports(spec),
         },
     }
+
+
+def route(owner: Owner, spec: InferenceServiceSpec, protocol: str, with_canary: bool) -> Obj:
+    """The HTTPRoute ("http") or GRPCRoute ("grpc") <name>: every request of the listeners and host names it
+    attaches to, to the stable pods and, with a canary, to the canary's by weight (100 - p and p)."""
+    assert spec.route is not None
+    target = getattr(spec.route, protocol)
+    assert target is not None
+    port = spec.ports.http if protocol == "http" else spec.ports.grpc
+    backends: list[Obj] = [{"name": deployment_name(owner, PREDICTOR), "port": port}]
+    if with_canary and spec.canary is not None:
+        p = spec.canary.traffic_percent
+        backends = [
+            {**backends[0], "weight": 100 - p},
+            {"name": deployment_name(owner, CANARY), "port": port, "weight": p},
+        ]
+    parents: list[Obj] = []
+    for ref in target.parent_refs:
+        parent: Obj = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": ref.name}
+        if ref.namespace:
+            parent["namespace"] = ref.namespace
+        if ref.section_name:
+            parent["sectionName"] = ref.section_name
+        parents.append(parent)
+    rspec: Obj = {"parentRefs": parents, "rules": [{"backendRefs": backends}]}
+    if target.hostnames:
+        rspec["hostnames"] = list(target.hostnames)
+    return {
+        "apiVersion": GATEWAY_API,
+        "kind": ROUTE_KINDS[protocol],
+        "metadata": _meta(owner, owner.name),
+        "spec": rspec,
+    }
+
+
+def routes(owner: Owner, spec: InferenceServiceSpec, with_canary: bool) -> list[Obj]:
+    """The routes spec.route asks for (none without it)."""
+    if spec.route is None:
+        return []
+    wanted = [p for p in ROUTE_KINDS if getattr(spec.route, p) is not None]
+    return [route(owner, spec, p, with_canary) for p in wanted]
 
 
 def disruption_budget(owner: Owner) -> Obj:
@@ -362,9 +411,10 @@ def autoscaler(owner: Owner, spec: InferenceServiceSpec) -> Obj:
     }
 
 
-# What the spec says that the pods do not read from their spec file (sizes, the canary's share and model: they
-# reach the pods through the Deployments, or not at all). A change of them must not restart the stable pods.
-NOT_READ_BY_PODS = frozenset({"replicas", "autoscaling", "canary"})
+# What the spec says that the pods do not read from their spec file (sizes, the canary's share and model, the
+# routes: they reach the pods through the Deployments, or not at all). A change of them must not restart the
+# stable pods.
+NOT_READ_BY_PODS = frozenset({"replicas", "autoscaling", "canary", "route"})
 
 
 def config_hash(spec: InferenceServiceSpec) -> str:
@@ -381,8 +431,9 @@ def render(
     *,
     stable_replicas: int | None,
 ) -> list[Obj]:
-    """Every child the InferenceService wants, in the order to apply them. `stable_replicas`: the stable
-    Deployment's replicas now (what the autoscaler chose), which sizes the canary under autoscaling."""
+    """Every child the InferenceService wants, in the order to apply them (the routes, which need the Gateway
+    API's CRDs, last). `stable_replicas`: the stable Deployment's replicas now (what the autoscaler chose),
+    which sizes the canary under autoscaling."""
     cm = spec_config_map(owner, spec)
     digest = config_hash(spec)
     autoscaled = spec.autoscaling is not None
@@ -406,11 +457,14 @@ def render(
                 digest,
             )
         )
-        children.append(canary_service(owner, spec))
+        children.append(role_service(owner, spec, CANARY))
     children.append(service(owner, spec))
     children.append(disruption_budget(owner))
     if autoscaled:
         children.append(autoscaler(owner, spec))
+    if spec.route is not None:
+        children.append(role_service(owner, spec, PREDICTOR))
+        children += routes(owner, spec, with_canary=spec.canary is not None and models.canary is not None)
     return children
 
 
@@ -424,4 +478,9 @@ def unwanted(spec: InferenceServiceSpec, owner: Owner) -> list[tuple[str, str, s
         ]
     if spec.autoscaling is None:
         out.append(("autoscaling/v2", "HorizontalPodAutoscaler", deployment_name(owner, PREDICTOR)))
+    if spec.route is None:
+        out.append(("v1", "Service", deployment_name(owner, PREDICTOR)))
+    for protocol, kind in ROUTE_KINDS.items():
+        if spec.route is None or getattr(spec.route, protocol) is None:
+            out.append((GATEWAY_API, kind, owner.name))
     return out

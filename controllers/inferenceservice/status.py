@@ -9,8 +9,10 @@ Per role (predictor: the stable model; canary), the first that holds of:
 4. a pod cannot be scheduled, or its image cannot be pulled: Pending (RollingOut while old pods serve);
 5. a pod is compiling: Compiling (RollingOut while old pods serve);
 6. otherwise: RollingOut while some pod serves, else Pending.
-The InferenceService is Ready when the predictor is, and the canary too when there is one; its phase is Ready,
-else Failed if a role failed, else RollingOut, Compiling or Pending, the furthest along of its roles.
+The InferenceService is Ready when the predictor is, and the canary too when there is one, and with
+spec.route its routes carry the traffic (routes.py); its phase is Ready, else Failed if a role failed, else
+Routing when only the routes are missing, else RollingOut, Compiling or Pending, the furthest along of its
+roles.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from controllers.inferenceservice.render import (
     deployment_name,
     selector,
 )
+from controllers.inferenceservice.routes import Routing
 from crds.common import LABEL_ROLE
 from crds.inferenceservice import InferenceServiceSpec
 
@@ -238,14 +241,22 @@ def backend_of(pods: list[PodView], role: str = PREDICTOR) -> tuple[str | None, 
 
 
 def traffic(
-    spec: InferenceServiceSpec, refs: dict[str, ModelRef], states: dict[str, RoleState]
+    spec: InferenceServiceSpec,
+    refs: dict[str, ModelRef],
+    states: dict[str, RoleState],
+    weighted: bool = False,
 ) -> tuple[list[Obj], str]:
-    """Each model's share of the requests: by ready pods behind the Service (kube-proxy spreads connections
-    evenly over endpoints), and the summary for `kubectl get`."""
+    """Each model's share of the requests, and the summary for `kubectl get`: by weight through routes that
+    carry the traffic (`weighted`), else by ready pods behind the Service (kube-proxy spreads connections
+    evenly over endpoints)."""
     stable = states[PREDICTOR].serving
     if spec.canary is None:
         return [_target(refs[PREDICTOR], 100, stable)], "stable 100%"
     canary, asked = states[CANARY].serving, spec.canary.traffic_percent
+    if weighted:
+        share = asked
+        summary = f"stable {100 - share}% / canary {share}% (by weight)"
+        return [_target(refs[PREDICTOR], 100 - share, stable), _target(refs[CANARY], share, canary)], summary
     if asked in (0, 100):
         share = asked
     elif stable and canary:
@@ -273,10 +284,18 @@ def derive(
     deployments: dict[str, DeploymentView],
     pods: list[PodView],
     now: str,
+    route: Routing | None = None,
 ) -> Outcome:
+    """The status; `route`: whether spec.route's routes carry the traffic (None: no spec.route)."""
     roles = [PREDICTOR] + ([CANARY] if spec.canary is not None else [])
     states = {r: role_state(r, refs[r], deployments.get(r), pods, owner) for r in roles}
-    conds: list[Obj] = [c for c in previous.get("conditions") or [] if c.get("type") != "CanaryReady"]
+    conds: list[Obj] = [
+        c for c in previous.get("conditions") or [] if c.get("type") not in ("CanaryReady", "Routed")
+    ]
+    if route is not None:
+        conds = set_condition(
+            conds, "Routed", route.routed, route.reason, route.message, generation=generation, now=now
+        )
     for role, ctype in ((PREDICTOR, "PredictorReady"), (CANARY, "CanaryReady")):
         if role in states:
             s = states[role]
@@ -297,8 +316,10 @@ def derive(
         phase = "RollingOut" if phase == "Ready" else phase
         r = next(x for x in roles if states[x].phase != "Ready")
         reason, message = states[r].reason, f"{r}: {states[r].message}"
+    if phase == "Ready" and route is not None and not route.routed:
+        phase, reason, message = "Routing", route.reason, route.message
     conds = set_condition(conds, "Ready", phase == "Ready", reason, message, generation=generation, now=now)
-    targets, summary = traffic(spec, refs, states)
+    targets, summary = traffic(spec, refs, states, weighted=route is not None and route.routed)
     pred = deployments.get(PREDICTOR)
     host = f"{owner.name}.{owner.namespace}.svc"
     status: Obj = {

@@ -15,6 +15,8 @@ from crds.inferenceservice import InferenceServiceSpec
 from runtime.serving import cli
 
 OWNER = Owner(name="bert", namespace="serving", uid="u-1")
+GW = render.GATEWAY_API
+NO_ROUTE = [("v1", "Service", "bert-predictor"), (GW, "HTTPRoute", "bert"), (GW, "GRPCRoute", "bert")]
 CFG = RenderConfig(default_image="ghcr.io/kubeforge/runtime:9", mlflow_tracking_uri="http://mlflow:5000")
 
 
@@ -151,14 +153,20 @@ def test_canary_pods_and_the_services_selector_follow_the_traffic_share(
     assert args[args.index("--model-name") + 1] == "bert"  # clients address one name whichever pod answers
     assert out[("Service", "bert-canary")]["spec"]["selector"]["kubeforge.io/role"] == CANARY
     assert out[("Service", "bert")]["spec"]["selector"].get("kubeforge.io/role") == selected_role
-    assert render.unwanted(s, OWNER) == [("autoscaling/v2", "HorizontalPodAutoscaler", "bert-predictor")]
+    assert render.unwanted(s, OWNER) == [
+        ("autoscaling/v2", "HorizontalPodAutoscaler", "bert-predictor"),
+        *NO_ROUTE,
+    ]
 
 
 def test_an_unresolved_canary_model_renders_no_canary_and_keeps_what_runs() -> None:
     s = spec(canary={"model": {"modelVersion": "bert-v4"}})
     out = children(s, Models("models:/bert/3", None), stable_replicas=None)
     assert ("Deployment", "bert-canary") not in out
-    assert render.unwanted(s, OWNER) == [("autoscaling/v2", "HorizontalPodAutoscaler", "bert-predictor")]
+    assert render.unwanted(s, OWNER) == [
+        ("autoscaling/v2", "HorizontalPodAutoscaler", "bert-predictor"),
+        *NO_ROUTE,
+    ]
 
 
 def test_autoscaling_leaves_the_stable_replicas_to_the_hpa_and_sizes_the_canary_from_them() -> None:
@@ -174,7 +182,7 @@ def test_autoscaling_leaves_the_stable_replicas_to_the_hpa_and_sizes_the_canary_
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 10)  # 0 needs the HPAScaleToZero gate
     assert [m["type"] for m in hpa["metrics"]] == ["Pods"]
     assert hpa["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "8"}
-    assert render.unwanted(s, OWNER) == []
+    assert render.unwanted(s, OWNER) == NO_ROUTE
 
 
 @pytest.mark.parametrize(
@@ -204,4 +212,69 @@ def test_without_canary_or_autoscaling_their_children_are_unwanted() -> None:
         ("apps/v1", "Deployment", "bert-canary"),
         ("v1", "Service", "bert-canary"),
         ("autoscaling/v2", "HorizontalPodAutoscaler", "bert-predictor"),
+        *NO_ROUTE,
+    ]
+
+
+ROUTE = {
+    "http": {
+        "parentRefs": [{"name": "inference", "namespace": "gateways"}],
+        "hostnames": ["bert.example.com"],
+    },
+    "grpc": {"parentRefs": [{"name": "inference", "namespace": "gateways", "sectionName": "grpc"}]},
+}
+
+
+@pytest.mark.parametrize("percent", [0, 10, 100])
+def test_routes_split_by_weight_between_the_stable_and_canary_services(percent: int) -> None:
+    s = spec(replicas=3, canary={"model": {"uri": "models:/bert/4"}, "trafficPercent": percent}, route=ROUTE)
+    out = children(s, stable_replicas=None)
+    stable = out[("Service", "bert-predictor")]["spec"]
+    assert stable["selector"] == {"kubeforge.io/inference-service": "bert", "kubeforge.io/role": PREDICTOR}
+    http = out[("HTTPRoute", "bert")]
+    assert http["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert http["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert http["spec"]["parentRefs"] == [
+        {
+            "group": "gateway.networking.k8s.io",
+            "kind": "Gateway",
+            "name": "inference",
+            "namespace": "gateways",
+        }
+    ]
+    assert http["spec"]["hostnames"] == ["bert.example.com"]
+    assert http["spec"]["rules"] == [
+        {
+            "backendRefs": [
+                {"name": "bert-predictor", "port": 8080, "weight": 100 - percent},
+                {"name": "bert-canary", "port": 8080, "weight": percent},
+            ]
+        }
+    ]
+    grpc = out[("GRPCRoute", "bert")]["spec"]
+    assert grpc["parentRefs"][0]["sectionName"] == "grpc" and "hostnames" not in grpc
+    assert [(b["name"], b["port"], b["weight"]) for b in grpc["rules"][0]["backendRefs"]] == [
+        ("bert-predictor", 8081, 100 - percent),
+        ("bert-canary", 8081, percent),
+    ]
+    assert render.unwanted(s, OWNER) == [("autoscaling/v2", "HorizontalPodAutoscaler", "bert-predictor")]
+    # the routes are last: a cluster without the Gateway API gets every other child first
+    kinds = [k for k, _ in out]
+    assert kinds[-2:] == ["HTTPRoute", "GRPCRoute"]
+
+
+def test_a_route_without_canary_sends_everything_to_the_stable_pods_and_changes_no_pod() -> None:
+    s = spec(route={"http": ROUTE["http"]})
+    out = children(s, stable_replicas=None)
+    assert out[("HTTPRoute", "bert")]["spec"]["rules"] == [
+        {"backendRefs": [{"name": "bert-predictor", "port": 8080}]}
+    ]
+    assert ("GRPCRoute", "bert") not in out
+    assert (GW, "GRPCRoute", "bert") in render.unwanted(s, OWNER)
+    assert render.config_hash(s) == render.config_hash(spec())  # routing reaches no pod: no restart
+    # an unresolved canary model: no canary backend (its Service is not there either)
+    canary = spec(canary={"model": {"modelVersion": "bert-v4"}}, route=ROUTE)
+    out = children(canary, Models("models:/bert/3", None), stable_replicas=None)
+    assert [b["name"] for b in out[("HTTPRoute", "bert")]["spec"]["rules"][0]["backendRefs"]] == [
+        "bert-predictor"
     ]
