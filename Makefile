@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: help install lint test test-unit test-integration test-e2e cluster cluster-down crds demo mlflow mlflow-down clean
+.PHONY: help install lint test test-unit test-integration test-e2e cluster cluster-down crds demo mlflow mlflow-down images clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -50,6 +50,14 @@ mlflow: install ## start (or reuse) a local MLflow server (sqlite) and print its
 
 mlflow-down: ## stop the local MLflow server
 	@bash hack/mlflow.sh stop
+
+IMAGE_REGISTRY ?= ghcr.io/kubeforge
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER ?= docker
+images: ## build the operator and runtime images (DOCKER=docker or podman, IMAGE_REGISTRY, IMAGE_TAG)
+	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (or DOCKER=podman)"; exit 1; }
+	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
+	$(DOCKER) build -f runtime/Dockerfile -t $(IMAGE_REGISTRY)/runtime:$(IMAGE_TAG) .
 
 clean: ## remove local state (not the caches)
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache
