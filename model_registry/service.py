@@ -30,7 +30,13 @@ from sqlmodel import Session, SQLModel, create_engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_registry import charts, lineage, promotions
-from model_registry.mlflow_gateway import MlflowGateway, RegisteredModel, RegistryError, RegistryUnavailable
+from model_registry.mlflow_gateway import (
+    MlflowGateway,
+    NotFound,
+    RegisteredModel,
+    RegistryError,
+    RegistryUnavailable,
+)
 
 log = logging.getLogger("kubeforge.registry")
 Objects = Mapping[str, Iterable[Mapping[str, Any]]]
@@ -144,6 +150,10 @@ def create_app(
             return fn()
         except RegistryUnavailable as e:
             raise HTTPException(503, f"MLflow is unavailable: {e}") from None
+        except NotFound as e:
+            raise HTTPException(404, f"MLflow has no such thing: {e}") from None
+        except RegistryError as e:  # MLflow refused the request as asked
+            raise HTTPException(400, f"MLflow refused: {e}") from None
 
     def models(q: str = "") -> dict[str, Any]:
         """Registered models; with `q`, those whose name, an alias or the description holds it (any case)."""
@@ -209,10 +219,12 @@ def create_app(
     def api_version(name: str, number: str) -> dict[str, Any]:
         return version(name, number)
 
-    @app.get("/api/runs/{run_id}/metrics/{key}")
+    @app.get("/api/runs/{run_id}/metrics/{key:path}")  # keys may hold "/" (train/loss)
     def api_metric(run_id: str, key: str) -> dict[str, Any]:
         """Every (step, value) logged for one of a run's metrics (NaN and infinities as MLflow keeps them:
         strings, since JSON has no such numbers)."""
+        if registry(lambda: gateway.get_run(run_id)) is None:  # MLflow answers an unknown run's history: []
+            raise HTTPException(404, f"no run {run_id!r} in MLflow")
         points = history(run_id, key)
         return {
             "run_id": run_id,

@@ -79,6 +79,14 @@ def test_models_versions_metrics_lineage_and_pages(mlflow_server: MlflowServer, 
     )
     curve = http.get(f"/api/runs/{run.info.run_id}/metrics/loss").json()["history"]
     assert curve == [{"step": 1, "value": 2.0}, {"step": 2, "value": 0.25}]
+    client.log_metric(run.info.run_id, "eval/accuracy", 0.5, step=2)  # a key with a slash in it
+    assert http.get(f"/api/runs/{run.info.run_id}/metrics/eval/accuracy").json()["history"] == [
+        {"step": 2, "value": 0.5}
+    ]
+    unknown = http.get("/api/runs/0123456789abcdef0123456789abcdef/metrics/loss")
+    assert (
+        unknown.status_code == 404 and "no run '0123456789abcdef0123456789abcdef'" in unknown.json()["detail"]
+    )
 
     def named(q: str) -> list[str]:
         return [m["name"] for m in http.get("/api/models", params={"q": q}).json()["models"]]
