@@ -2,12 +2,11 @@
 
 Level-triggered, as the TrainingJob controller: every event of an InferenceService, of its Deployments,
 pods or routes (Gateway API, when the cluster serves it), or of a ModelVersion it names schedules one
-debounced `sync` of it (controllers.syncloop), which
-resolves its models (a ModelVersion reference to the version's models:/name/N once it is Ready, an MLflow
-alias to the version it points at: `pin`), renders the children (render.py), applies them with server-side
-apply, derives the status (status.py) and patches it when it changed. kopf indexes hold the observed
-objects, so a sync costs no list calls. No finalizer:
-ownerReferences clean up the children.
+debounced `sync` of it (controllers.syncloop), which resolves its models (a ModelVersion reference to the
+version's models:/name/N once it is Ready, an MLflow alias to the version it points at: `pin`), renders the
+children (render.py), applies them with server-side apply, derives the status (status.py, routes.py) and
+patches it when it changed. kopf indexes hold the observed objects, so a sync costs no list calls. No
+finalizer: ownerReferences clean up the children.
 
 Children are re-applied only when what they are rendered from changed, a Deployment went missing, or
 APPLY_RECHECK_SECONDS passed (which also undoes edits of them).
