@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import UniqueConstraint
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 TRAINING, REGISTRATION, DEPLOYMENT = "training", "registration", "deployment"
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
@@ -87,26 +87,29 @@ def _links(kind: str, obj: Mapping[str, Any]) -> Iterable[dict[str, str]]:
 
 def observe(session: Session, objects: Mapping[str, Iterable[Mapping[str, Any]]], now: datetime) -> int:
     """Record the links the objects show ({"training": TrainingJobs, "registration": ModelVersions,
-    "deployment": InferenceServices}); returns how many were seen. Links not seen keep their last_seen."""
-    seen = 0
-    for kind, objs in objects.items():
-        for obj in objs:
-            for fields in _links(kind, obj):
-                key = {k: fields[k] for k in ("kind", "namespace", "name", "model_name", "version")}
-                stmt = select(Link).filter_by(**key)
-                link = session.exec(stmt).first()
-                if link is None:
-                    link = Link.model_validate({**fields, "first_seen": now, "last_seen": now})
-                else:
-                    link.run_id = fields["run_id"] or link.run_id
-                    link.detail, link.last_seen = fields["detail"], now
-                session.add(link)
-                seen += 1
+    "deployment": InferenceServices}); returns how many were seen. Links not seen keep their last_seen.
+    The recorded links of the objects shown are read in a few queries (by name, 500 at a time), not one per
+    link."""
+    wanted = [fields for kind, objs in objects.items() for obj in objs for fields in _links(kind, obj)]
+    names = sorted({f["name"] for f in wanted})
+    held: dict[tuple[str, ...], Link] = {}
+    for i in range(0, len(names), 500):
+        for link in session.exec(select(Link).where(col(Link.name).in_(names[i : i + 500]))):
+            held[(link.kind, link.namespace, link.name, link.model_name, link.version)] = link
+    for fields in wanted:
+        key = tuple(fields[k] for k in ("kind", "namespace", "name", "model_name", "version"))
+        found = held.get(key)
+        if found is None:
+            found = held[key] = Link.model_validate({**fields, "first_seen": now, "last_seen": now})
+        else:
+            found.run_id = fields["run_id"] or found.run_id
+            found.detail, found.last_seen = fields["detail"], now
+        session.add(found)
     row = session.get(Observation, 1) or Observation(at=now)
     row.at = now
     session.add(row)
     session.commit()
-    return seen
+    return len(wanted)
 
 
 def lineage_of(session: Session, model_name: str, version: str, run_id: str) -> dict[str, list[Link]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, SQLModel, create_engine, select
 
 from model_registry import lineage
 
@@ -86,3 +86,17 @@ def test_when_the_cluster_was_last_read_even_when_it_showed_nothing() -> None:
     seen = lineage.last_observed(s)
     # SQLite hands datetimes back without their zone (both sides alike: the service compares them as read)
     assert seen is not None and seen.replace(tzinfo=UTC) == T2 and web.last_seen.replace(tzinfo=UTC) == T1
+
+
+def test_many_objects_are_recorded_once_each_and_updated_in_place() -> None:
+    s = session()
+    many = {"deployment": [isvc(f"web{i}", (f"models:/digits/{i}", 100, 1)) for i in range(1200)]}
+    assert lineage.observe(s, many, T1) == 1200  # more names than one query takes (500)
+    many["deployment"][700] = isvc("web700", ("models:/digits/700", 100, 3))
+    assert lineage.observe(s, many, T2) == 1200
+    links = s.exec(select(lineage.Link)).all()
+    assert len(links) == 1200 and {link.last_seen.replace(tzinfo=UTC) for link in links} == {T2}
+    [web700] = [link for link in links if link.name == "web700"]
+    assert (
+        web700.detail == "100% of the traffic, 3 ready pod(s)" and web700.first_seen.replace(tzinfo=UTC) == T1
+    )
