@@ -324,7 +324,9 @@ def _apply_children(
     pred = deployments.get(render.PREDICTOR)
     # under autoscaling the canary follows the stable Deployment's size, which the autoscaler sets
     stable_replicas = pred.replicas if pred and spec.autoscaling and spec.canary else None
-    inputs = (owner.uid, spec.model_dump_json(), models, stable_replicas, rcfg)
+    canary_dep = deployments.get(render.CANARY)
+    canary_serving = canary_dep is not None and canary_dep.ready > 0  # the routes' canary weight waits for it
+    inputs = (owner.uid, spec.model_dump_json(), models, stable_replicas, canary_serving, rcfg)
     missing = pred is None or (models.canary is not None and render.CANARY not in deployments)
     last = _applied.get(key)
     recheck = ROUTE_RETRY_SECONDS if key in _route_errors else APPLY_RECHECK_SECONDS
@@ -336,7 +338,10 @@ def _apply_children(
         if old and new and old != new:
             _status.event(obj, "Normal", "ModelChanged", f"{role}: rolling out {new} in place of {old}")
     _route_errors.pop(key, None)
-    for child in render.render(owner, spec, rcfg, models, stable_replicas=stable_replicas):
+    children = render.render(
+        owner, spec, rcfg, models, stable_replicas=stable_replicas, canary_serving=canary_serving
+    )
+    for child in children:
         if child["kind"] not in render.ROUTE_KINDS.values():
             kube().apply(child)
             continue

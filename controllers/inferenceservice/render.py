@@ -317,19 +317,19 @@ def role_service(owner: Owner, spec: InferenceServiceSpec, role: str) -> Obj:
     }
 
 
-def route(owner: Owner, spec: InferenceServiceSpec, protocol: str, with_canary: bool) -> Obj:
+def route(owner: Owner, spec: InferenceServiceSpec, protocol: str, canary_weight: int | None) -> Obj:
     """The HTTPRoute ("http") or GRPCRoute ("grpc") <name>: every request of the listeners and host names it
-    attaches to, to the stable pods and, with a canary, to the canary's by weight (100 - p and p)."""
+    attaches to, to the stable pods and, with a canary (`canary_weight` not None), to the canary's by weight
+    (100 - w and w)."""
     assert spec.route is not None
     target = getattr(spec.route, protocol)
     assert target is not None
     port = spec.ports.http if protocol == "http" else spec.ports.grpc
     backends: list[Obj] = [{"name": deployment_name(owner, PREDICTOR), "port": port}]
-    if with_canary and spec.canary is not None:
-        p = spec.canary.traffic_percent
+    if canary_weight is not None:
         backends = [
-            {**backends[0], "weight": 100 - p},
-            {"name": deployment_name(owner, CANARY), "port": port, "weight": p},
+            {**backends[0], "weight": 100 - canary_weight},
+            {"name": deployment_name(owner, CANARY), "port": port, "weight": canary_weight},
         ]
     parents: list[Obj] = []
     for ref in target.parent_refs:
@@ -350,12 +350,20 @@ def route(owner: Owner, spec: InferenceServiceSpec, protocol: str, with_canary: 
     }
 
 
-def routes(owner: Owner, spec: InferenceServiceSpec, with_canary: bool) -> list[Obj]:
+def canary_weight(spec: InferenceServiceSpec, canary_serving: bool) -> int:
+    """The canary's weight in the routes: its trafficPercent once one of its pods is ready, 0 before (a
+    Gateway would send that share to a Service without endpoints: errors, where the split by pods has
+    none)."""
+    assert spec.canary is not None
+    return spec.canary.traffic_percent if canary_serving else 0
+
+
+def routes(owner: Owner, spec: InferenceServiceSpec, canary_weight: int | None) -> list[Obj]:
     """The routes spec.route asks for (none without it)."""
     if spec.route is None:
         return []
     wanted = [p for p in ROUTE_KINDS if getattr(spec.route, p) is not None]
-    return [route(owner, spec, p, with_canary) for p in wanted]
+    return [route(owner, spec, p, canary_weight) for p in wanted]
 
 
 def disruption_budget(owner: Owner) -> Obj:
@@ -430,10 +438,12 @@ def render(
     models: Models,
     *,
     stable_replicas: int | None,
+    canary_serving: bool = True,
 ) -> list[Obj]:
     """Every child the InferenceService wants, in the order to apply them (the routes, which need the Gateway
     API's CRDs, last). `stable_replicas`: the stable Deployment's replicas now (what the autoscaler chose),
-    which sizes the canary under autoscaling."""
+    which sizes the canary under autoscaling; `canary_serving`: whether a canary pod is ready (its routes'
+    weight is 0 until one is)."""
     cm = spec_config_map(owner, spec)
     digest = config_hash(spec)
     autoscaled = spec.autoscaling is not None
@@ -464,7 +474,8 @@ def render(
         children.append(autoscaler(owner, spec))
     if spec.route is not None:
         children.append(role_service(owner, spec, PREDICTOR))
-        children += routes(owner, spec, with_canary=spec.canary is not None and models.canary is not None)
+        with_canary = spec.canary is not None and models.canary is not None
+        children += routes(owner, spec, canary_weight(spec, canary_serving) if with_canary else None)
     return children
 
 

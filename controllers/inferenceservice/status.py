@@ -253,9 +253,11 @@ def traffic(
     if spec.canary is None:
         return [_target(refs[PREDICTOR], 100, stable)], "stable 100%"
     canary, asked = states[CANARY].serving, spec.canary.traffic_percent
-    if weighted:
-        share = asked
-        summary = f"stable {100 - share}% / canary {share}% (by weight)"
+    if weighted:  # the canary's weight is 0 until one of its pods is ready (render.canary_weight)
+        share = asked if canary else 0
+        summary = f"stable {100 - share}% / canary {share}% (by weight" + (
+            f", asked {asked}%: no canary pod is ready)" if share != asked else ")"
+        )
         return [_target(refs[PREDICTOR], 100 - share, stable), _target(refs[CANARY], share, canary)], summary
     if asked in (0, 100):
         share = asked

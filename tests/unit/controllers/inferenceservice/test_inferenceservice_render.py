@@ -278,3 +278,12 @@ def test_a_route_without_canary_sends_everything_to_the_stable_pods_and_changes_
     assert [b["name"] for b in out[("HTTPRoute", "bert")]["spec"]["rules"][0]["backendRefs"]] == [
         "bert-predictor"
     ]
+
+
+def test_the_canarys_weight_waits_for_a_ready_canary_pod() -> None:
+    s = spec(canary={"model": {"uri": "models:/bert/4"}, "trafficPercent": 30}, route=ROUTE)
+    out = children(s, stable_replicas=None, canary_serving=False)
+    for kind in ("HTTPRoute", "GRPCRoute"):
+        weights = [b["weight"] for b in out[(kind, "bert")]["spec"]["rules"][0]["backendRefs"]]
+        assert weights == [100, 0]
+    assert out[("Deployment", "bert-canary")]["spec"]["replicas"] == 1  # the pods are still made

@@ -143,6 +143,12 @@ def test_status_reports_routing_and_the_split_by_weight() -> None:
     assert routed["trafficSummary"] == "stable 90% / canary 10% (by weight)"
     assert [(t["percent"], t["readyReplicas"]) for t in routed["traffic"]] == [(90, 3), (10, 1)]
 
+    # no canary pod ready: its weight is 0 (render.canary_weight), and the status says why
+    unready = {**deps, CANARY: DeploymentView(CANARY, 1, 1, 1, 1, 1, 0, 0, "models:/bert/4", None)}
+    accepted = routes.Routing(True, "Accepted", "")
+    held = derive(s, OWNER, 2, {}, refs, unready, pods, "2026-12-07T02:00:00Z", accepted).status
+    assert held["trafficSummary"] == "stable 100% / canary 0% (by weight, asked 10%: no canary pod is ready)"
+
     # spec.route removed: the condition goes with it
     gone = derive(s, OWNER, 3, routed, refs, deps, pods, "2026-12-07T02:01:00Z", None).status
     assert get_condition(gone["conditions"], "Routed") is None
