@@ -56,6 +56,13 @@ def test_models_versions_metrics_lineage_and_pages(mlflow_server: MlflowServer, 
             }
         ],
     }
+    # MLflow answers in pages: the gateway follows them to the end
+    gw = MlflowGateway(mlflow_server.uri)
+    extra = f"pages-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(extra)  # two models at least: pages of one
+    everything = [m.name for m in gw.list_models()]
+    assert {model, extra} <= set(everything) and [m.name for m in gw.list_models(page_size=1)] == everything
+    assert [v.version for v in gw.list_versions(model, page_size=1)] == ["2", "1"]
     engine = create_engine(f"sqlite:///{tmp_path / 'lineage.db'}")
     app = create_app(MlflowGateway(mlflow_server.uri), engine, lambda: objects, refresh_seconds=0)
     http = TestClient(app)
