@@ -255,3 +255,8 @@ def test_trained_model_is_registered_with_its_lineage(
     curve = http.get(f"/api/runs/{run_id}/metrics/loss").json()["history"]
     assert page.status_code == 200 and len(curve) > 1  # the training's loss, a curve on the version's page
     assert '<figure class="chart" data-metric="loss">' in page.text and "<polyline points=" in page.text
+    # the alias as the registry first read it, declared by the ModelVersion the TrainingJob created
+    moves = http.get(f"/api/models/{model}").json()["promotions"]
+    assert [(m["alias"], m["previous"], m["version"], m["declared_by"]) for m in moves] == [
+        ("staging", None, version.version, f"{namespace}/digits")
+    ]
