@@ -183,11 +183,29 @@ def test_rendered_chart_is_accepted_by_the_api_server(helm_bin: str, cluster: An
         "config.mlflowTrackingUri=http://mlflow:5000",
         "--set",
         "registry.enabled=true",
+        "--set",
+        "registry.ingress.enabled=true",
+        "--set",
+        "registry.ingress.host=registry.example.com",
+        "--set",
+        "registry.ingress.tlsSecretName=registry-tls",
     ).stdout
     proc = cluster.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=out, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "deployment.apps/kf-kubeforge created (server dry run)" in proc.stdout
     assert "deployment.apps/kf-kubeforge-registry created (server dry run)" in proc.stdout
+    assert "ingress.networking.k8s.io/kf-kubeforge-registry created (server dry run)" in proc.stdout
+    [ingress] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Ingress"]
+    [rule] = ingress["spec"]["rules"]
+    assert rule["host"] == "registry.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {
+        "name": "kf-kubeforge-registry",
+        "port": {"name": "http"},
+    }
+    assert ingress["spec"]["tls"] == [{"secretName": "registry-tls", "hosts": ["registry.example.com"]}]
+    plain = helm(helm_bin, "template", "kf", str(CHART), "--set", "config.mlflowTrackingUri=http://m:5000",
+                 "--set", "registry.enabled=true").stdout  # fmt: skip
+    assert "kind: Ingress" not in plain  # off by default
 
 
 def test_crds_keep_off_drops_the_resource_policy(helm_bin: str) -> None:
