@@ -11,6 +11,7 @@ objects. JSON under /api, the same as HTML pages under /.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import threading
@@ -46,6 +47,8 @@ KINDS = {
     lineage.DEPLOYMENT: "inferenceservices",
 }
 MAX_CHARTS = 24  # a version page draws at most this many of its run's metrics (one MLflow call each)
+COMPARED_VERSIONS = 20  # a model page shows the runs' metrics of this many newest versions (a call per run)
+COMPARED_METRICS = 6  # in this many columns: the metrics most of those runs logged
 
 
 def cluster_lister(kubeconfig: str | None = None) -> Callable[[], Objects]:
@@ -248,7 +251,19 @@ def create_app(
 
     @app.get("/models/{name}", response_class=HTMLResponse)
     def model_page(name: str) -> HTMLResponse:
-        return page("model.html", title=name, **model(name))
+        got = model(name)
+        runs: dict[str, dict[str, float]] = {}
+        for v in got["versions"][:COMPARED_VERSIONS]:
+            rid = v["run_id"]
+            if rid and rid not in runs:
+                run = registry(functools.partial(gateway.get_run, rid))
+                runs[rid] = dict(run.metrics) if run else {}
+        counts: dict[str, int] = {}
+        for metrics in runs.values():
+            for key in metrics:
+                counts[key] = counts.get(key, 0) + 1
+        columns = sorted(counts, key=lambda k: (-counts[k], k))[:COMPARED_METRICS]
+        return page("model.html", title=name, metric_columns=sorted(columns), run_metrics=runs, **got)
 
     @app.get("/models/{name}/versions/{number}", response_class=HTMLResponse)
     def version_page(name: str, number: str) -> HTMLResponse:

@@ -98,6 +98,10 @@ def test_filter_click_through_lineage_and_curve(
         page.wait_for_url(f"{url}/models/{model}")
         versions = page.locator("#versions tbody tr")
         assert versions.count() == 2 and "champion" in versions.nth(0).inner_text()
+        # each version's run's metrics side by side: the columns most runs logged, MLflow's last values
+        header = page.locator("#versions thead th").all_inner_texts()
+        assert header[:5] == ["version", "status", "aliases", "accuracy", "loss"]
+        assert versions.nth(0).locator("td.metric").all_inner_texts() == ["0.97", "nan"]
         promoted = page.locator("#promotions tbody tr")
         assert (
             promoted.count() == 1
@@ -117,6 +121,7 @@ def test_filter_click_through_lineage_and_curve(
             "2 (already so when the registry first read it)",
         ]
         assert rows[0][3] == "outside Kubernetes (in MLflow)"
+        page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
         page.click("#versions a >> text=2")
         page.wait_for_url(f"{url}/models/{model}/versions/2")
 
