@@ -56,8 +56,8 @@ IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DOCKER ?= docker
 images: ## build the operator and runtime images (DOCKER=docker or podman, IMAGE_REGISTRY, IMAGE_TAG)
 	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (or DOCKER=podman)"; exit 1; }
-	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
-	$(DOCKER) build -f runtime/Dockerfile -t $(IMAGE_REGISTRY)/runtime:$(IMAGE_TAG) .
+	$(DOCKER) build --target operator -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .
+	$(DOCKER) build --target runtime -t $(IMAGE_REGISTRY)/runtime:$(IMAGE_TAG) .
 
 clean: ## remove local state (not the caches)
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache

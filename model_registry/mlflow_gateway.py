@@ -347,38 +347,29 @@ class MlflowGateway:
         found = self._call("get metric history", lambda: self._client.get_metric_history(run_id, key))
         return [(int(m.step), float(m.value)) for m in found]
 
-    def list_models(self, page_size: int = 1000) -> list[RegisteredModel]:
-        """Every registered model, by name (MLflow's pages followed to the end)."""
+    def _all_pages(self, what: str, search: Callable[..., Any]) -> list[Any]:
+        """Every item of an MLflow search, its pages followed to the end (`search(page_token=...)`)."""
         out: list[Any] = []
         token: str | None = None
         while True:
-            page = self._call(
-                "search registered models",
-                functools.partial(
-                    self._client.search_registered_models, max_results=page_size, page_token=token
-                ),
-            )
+            page = self._call(what, functools.partial(search, page_token=token))
             out += list(page)
             token = getattr(page, "token", None)
             if not token:
-                return sorted((_to_model(m) for m in out), key=lambda m: m.name)
+                return out
+
+    def list_models(self, page_size: int = 1000) -> list[RegisteredModel]:
+        """Every registered model, by name."""
+        search = functools.partial(self._client.search_registered_models, max_results=page_size)
+        found = self._all_pages("search registered models", search)
+        return sorted((_to_model(m) for m in found), key=lambda m: m.name)
 
     def list_versions(self, name: str, page_size: int = 1000) -> list[ModelVersion]:
-        """Every version of `name`, newest first (MLflow's pages followed to the end)."""
+        """Every version of `name`, newest first."""
         q = f"name = '{_quote(name)}'"
-        out: list[Any] = []
-        token: str | None = None
-        while True:
-            page = self._call(
-                "search versions",
-                functools.partial(
-                    self._client.search_model_versions, q, max_results=page_size, page_token=token
-                ),
-            )
-            out += list(page)
-            token = getattr(page, "token", None)
-            if not token:
-                return sorted((_to_version(mv) for mv in out), key=lambda v: -int(v.version))
+        search = functools.partial(self._client.search_model_versions, q, max_results=page_size)
+        found = self._all_pages("search versions", search)
+        return sorted((_to_version(mv) for mv in found), key=lambda v: -int(v.version))
 
     def run_link(self, run: Run) -> str:
         """Link to a run in MLflow's UI ('' when no UI URL is known)."""

@@ -1,37 +1,56 @@
-"""The container images' Dockerfiles against the repository: CI runs no container engine, so what can be
-checked without building is checked here: every file they copy exists and reaches the build context, the
-package they install has every package of ours and the extras they name, the entry point is a console script
-that imports, the user is the chart's, and the base images are pinned."""
+"""The container images' Dockerfile against the repository: CI runs no container engine, so what can be
+checked without building is checked here: every file it copies exists and reaches the build context, a wheel
+built from that context alone holds every module and data file of ours, each target installs the extras it
+needs and runs a console script that imports, as the chart's user, on pinned bases."""
 
 from __future__ import annotations
 
 import fnmatch
 import importlib
 import shlex
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILES = {"operator": ROOT / "operator" / "Dockerfile", "runtime": ROOT / "runtime" / "Dockerfile"}
+DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# target -> (the extras it installs, the console script it runs)
+TARGETS = {
+    "operator": ({"operator", "registry"}, "kubeforge-operator"),
+    "runtime": ({"training", "serving"}, "kubeforge-serve"),
+}
 
 
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, rest) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each stage's (INSTRUCTION, rest), continuation lines joined, comments dropped; a stage's FROM first."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
     joined = ""
-    for line in path.read_text().splitlines():
+    for line in DOCKERFILE.read_text().splitlines():
         if line.lstrip().startswith("#") or not line.strip():
             continue
         joined += line.rstrip("\\").strip() + " "
-        if not line.rstrip().endswith("\\"):
-            word, _, rest = joined.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-            joined = ""
+        if line.rstrip().endswith("\\"):
+            continue
+        word, _, rest = joined.strip().partition(" ")
+        joined = ""
+        if word.upper() == "FROM":
+            current = out.setdefault(rest.split(" AS ")[1].strip(), [])
+        current.append((word.upper(), rest.strip()))
     return out
+
+
+def chain(name: str) -> list[tuple[str, str]]:
+    """A stage's instructions after those of the stages it is built FROM."""
+    steps = stages()[name]
+    base = steps[0][1].split(" AS ")[0].strip()
+    return (chain(base) if base in stages() else []) + steps
 
 
 def in_context(rel: str) -> bool:
@@ -41,58 +60,61 @@ def in_context(rel: str) -> bool:
         rule = rule.strip()
         if not rule or rule.startswith("#"):
             continue
-        negate = rule.startswith("!")
         pattern = rule.lstrip("!").rstrip("/")
         parts = Path(rel).parts
         if any(fnmatch.fnmatch("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
-            keep = negate
+            keep = rule.startswith("!")
     return keep
 
 
-@pytest.mark.parametrize("image", sorted(DOCKERFILES))
-def test_a_dockerfile_copies_what_exists_and_installs_every_package(image: str) -> None:
-    steps = instructions(DOCKERFILES[image])
-    copied: set[str] = set()
-    for word, rest in steps:
-        if word == "COPY" and not rest.startswith("--from"):
-            *sources, _dest = shlex.split(rest)
-            for src in sources:
-                assert (ROOT / src).exists(), f"{image}: COPY {src}: no such file in the repository"
-                assert in_context(src), (
-                    f"{image}: COPY {src}: .dockerignore keeps it out of the build context"
-                )
-                copied.add(src)
-    packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    missing = {p.rstrip("*") for p in packages} - copied
-    assert not missing, f"{image}: pip install . would lack the packages {missing}: COPY them"
-    assert PYPROJECT["project"]["readme"] in copied  # setuptools reads it when it builds the wheel
-    [install] = [rest for word, rest in steps if word == "RUN" and "pip install" in rest]
-    extras = install.split('".[', 1)[1].split("]", 1)[0].split(",")
-    assert set(extras) <= set(PYPROJECT["project"]["optional-dependencies"]), extras
+def copied() -> set[str]:
+    return {
+        src
+        for steps in stages().values()
+        for word, rest in steps
+        if word == "COPY" and not rest.startswith("--from")
+        for src in shlex.split(rest)[:-1]
+    }
 
 
-@pytest.mark.parametrize("image", sorted(DOCKERFILES))
-def test_a_dockerfile_runs_a_console_script_as_the_charts_user_on_pinned_bases(image: str) -> None:
-    steps = instructions(DOCKERFILES[image])
-    scripts = PYPROJECT["project"]["scripts"]
-    [entry] = [rest for word, rest in steps if word == "ENTRYPOINT"]
-    command = yaml.safe_load(entry)[0]
-    assert command in scripts, f"{image}: ENTRYPOINT {command} is not one of the package's scripts"
-    module, _, function = scripts[command].partition(":")
+def test_what_the_dockerfile_copies_exists_reaches_the_context_and_is_every_package() -> None:
+    sources = copied()
+    for src in sources:
+        assert (ROOT / src).exists(), f"COPY {src}: no such file in the repository"
+        assert in_context(src), f"COPY {src}: .dockerignore keeps it out of the build context"
+    packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert not packages - sources, f"pip install . would lack the packages {packages - sources}: COPY them"
+    assert PYPROJECT["project"]["readme"] in sources  # setuptools reads it when it builds the wheel
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_a_target_installs_its_extras_and_runs_a_script_as_the_charts_user(target: str) -> None:
+    extras, script = TARGETS[target]
+    # the final stage copies what its build stage installed
+    [(_, copy)] = [s for s in stages()[target] if s[0] == "COPY"]
+    builder = copy.split()[0].removeprefix("--from=")
+    [install] = [rest for word, rest in chain(builder) if word == "RUN" and "pip install" in rest]
+    named = set(install.split('".[', 1)[1].split("]", 1)[0].split(","))
+    assert named == extras and named <= set(PYPROJECT["project"]["optional-dependencies"])
+    [entry] = [rest for word, rest in stages()[target] if word == "ENTRYPOINT"]
+    assert yaml.safe_load(entry) == [script]
+    module, _, function = PYPROJECT["project"]["scripts"][script].partition(":")
     assert callable(getattr(importlib.import_module(module), function))
     values = yaml.safe_load((ROOT / "charts" / "kubeforge" / "values.yaml").read_text())
-    [user] = [rest for word, rest in steps if word == "USER"]
+    [user] = [rest for word, rest in stages()[target] if word == "USER"]
     assert user.split(":")[0] == str(values["podSecurityContext"]["runAsUser"])
-    bases = [rest.split()[0] for word, rest in steps if word == "FROM"]
-    assert bases and all(":" in b and not b.endswith(":latest") for b in bases), bases
+
+
+def test_bases_are_pinned_to_the_supported_python() -> None:
+    bases = [s[0][1].split(" AS ")[0].strip() for s in stages().values()]
+    external = [b for b in bases if b not in stages()]
     python = PYPROJECT["project"]["requires-python"].lstrip(">=")
-    assert all(f"python:{python}" in b for b in bases), (bases, python)
+    assert external and all(b == f"python:{python}-slim-bookworm" for b in external), external
 
 
-def test_the_chart_runs_the_operator_images_entry_point() -> None:
+def test_the_chart_runs_the_operator_images_entry_points() -> None:
     template = (ROOT / "charts" / "kubeforge" / "templates" / "deployment.yaml").read_text()
-    [entry] = [rest for word, rest in instructions(DOCKERFILES["operator"]) if word == "ENTRYPOINT"]
-    assert f"command: [{yaml.safe_load(entry)[0]}]" in template
+    assert f"command: [{TARGETS['operator'][1]}]" in template
     registry = (ROOT / "charts" / "kubeforge" / "templates" / "registry.yaml").read_text()
     assert (
         "command: [kubeforge-registry]" in registry
@@ -101,20 +123,11 @@ def test_the_chart_runs_the_operator_images_entry_point() -> None:
 
 
 def test_the_build_context_builds_a_wheel_with_every_file_the_packages_read(tmp_path: Path) -> None:
-    """What the images' `pip install .` gets: a wheel built from the files they COPY alone, which must hold
-    every tracked module and data file of our packages (templates, CRD manifests, protocol definitions)."""
-    import subprocess
-    import sys
-    import zipfile
-
+    """What the images' `pip install .` gets: a wheel built from the files the Dockerfile copies alone, which
+    must hold every tracked module and data file of our packages (templates, CRD manifests, protocol
+    definitions)."""
     context = tmp_path / "context"
-    sources = {
-        src
-        for word, rest in instructions(DOCKERFILES["operator"])
-        if word == "COPY" and not rest.startswith("--from")
-        for src in shlex.split(rest)[:-1]
-    }
-    tracked = subprocess.run(["git", "ls-files", *sorted(sources)], cwd=ROOT, capture_output=True, text=True)
+    tracked = subprocess.run(["git", "ls-files", *sorted(copied())], cwd=ROOT, capture_output=True, text=True)
     files = [f for f in tracked.stdout.splitlines() if in_context(f) and (ROOT / f).is_file()]
     for f in files:
         (context / f).parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +157,6 @@ def test_the_build_context_builds_a_wheel_with_every_file_the_packages_read(tmp_
         for f in files
         if f.split("/")[0] in {"crds", "controllers", "model_registry", "runtime"}
         and Path(f).suffix in {".py", ".html", ".yaml", ".proto", ".js", ".css"}
-        and "/tests/" not in f
     ]
     missing = [f for f in wanted if f not in names]
-    assert wanted and not missing, f"the image's package would lack {missing[:10]}"
+    assert wanted and not missing, f"the images' package would lack {missing[:10]}"
