@@ -17,6 +17,8 @@ from typing import Any
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from model_registry import readings
+
 TRAINING, REGISTRATION, DEPLOYMENT = "training", "registration", "deployment"
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
@@ -36,13 +38,6 @@ class Link(SQLModel, table=True):
     detail: str = ""  # training: phase; registration: source; deployment: traffic share and ready pods
     first_seen: datetime
     last_seen: datetime
-
-
-class Observation(SQLModel, table=True):
-    """The one row saying when `observe` last read the cluster (whether or not it saw any link)."""
-
-    id: int = Field(default=1, primary_key=True)
-    at: datetime
 
 
 def _links(kind: str, obj: Mapping[str, Any]) -> Iterable[dict[str, str]]:
@@ -105,9 +100,7 @@ def observe(session: Session, objects: Mapping[str, Iterable[Mapping[str, Any]]]
             found.run_id = fields["run_id"] or found.run_id
             found.detail, found.last_seen = fields["detail"], now
         session.add(found)
-    row = session.get(Observation, 1) or Observation(at=now)
-    row.at = now
-    session.add(row)
+    readings.mark_read(session, readings.CLUSTER, now)
     session.commit()
     return len(wanted)
 
@@ -131,5 +124,4 @@ def lineage_of(session: Session, model_name: str, version: str, run_id: str) -> 
 def last_observed(session: Session) -> datetime | None:
     """When the cluster was last read: a link last seen before then belongs to an object that is gone (or
     no longer says it); None before the first reading."""
-    row = session.get(Observation, 1)
-    return row.at if row else None
+    return readings.last_read(session, readings.CLUSTER)

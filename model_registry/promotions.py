@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from model_registry import readings
+
 Declarations = Mapping[tuple[str, str, str], str]  # (model, alias, version) -> "namespace/name"
 OUTSIDE = "outside Kubernetes"  # the cluster was read and no ModelVersion declares the alias there
 
@@ -29,13 +31,6 @@ class AliasState(SQLModel, table=True):
     model_name: str = Field(index=True)
     alias: str
     version: str
-
-
-class AliasReading(SQLModel, table=True):
-    """The one row saying when MLflow's aliases were last read (none: never, so nothing's past is known)."""
-
-    id: int = Field(default=1, primary_key=True)
-    at: datetime
 
 
 class Promotion(SQLModel, table=True):
@@ -74,11 +69,7 @@ def record(
     append what changed; returns the new promotions. `declared`: the cluster's ModelVersions' aliases (None:
     the cluster was not read). A model MLflow no longer lists keeps its trail as it was (a listing is not
     proof of deletion)."""
-    reading = session.get(AliasReading, 1)
-    first_reading = reading is None
-    reading = reading or AliasReading(at=now)
-    reading.at = now
-    session.add(reading)
+    first_reading = readings.mark_read(session, readings.MLFLOW, now) is None  # nothing's past is known
     state: dict[tuple[str, str], AliasState] = {
         (s.model_name, s.alias): s
         for s in session.exec(select(AliasState).where(col(AliasState.model_name).in_(list(aliases))))
