@@ -342,14 +342,12 @@ def _apply_children(
         owner, spec, rcfg, models, stable_replicas=stable_replicas, canary_serving=canary_serving
     )
     for child in children:
-        if child["kind"] not in render.ROUTE_KINDS.values():
-            kube().apply(child)
-            continue
         try:
             kube().apply(child)
-        except KubeError as e:  # the rest serves without them: reported in status (Routed), not raised
-            if e.transient:
+        except KubeError as e:
+            if e.transient or child["kind"] not in render.ROUTE_KINDS.values():
                 raise
+            # the rest serves without the routes: reported in status (Routed), not raised
             _route_errors[key] = (
                 routes.gateway_api_missing(owner)
                 if e.status == 404

@@ -317,19 +317,19 @@ def role_service(owner: Owner, spec: InferenceServiceSpec, role: str) -> Obj:
     }
 
 
-def route(owner: Owner, spec: InferenceServiceSpec, protocol: str, canary_weight: int | None) -> Obj:
+def route(owner: Owner, spec: InferenceServiceSpec, protocol: str, canary_share: int | None) -> Obj:
     """The HTTPRoute ("http") or GRPCRoute ("grpc") <name>: every request of the listeners and host names it
-    attaches to, to the stable pods and, with a canary (`canary_weight` not None), to the canary's by weight
+    attaches to, to the stable pods and, with a canary (`canary_share` not None), to the canary's by weight
     (100 - w and w)."""
     assert spec.route is not None
     target = getattr(spec.route, protocol)
     assert target is not None
     port = spec.ports.http if protocol == "http" else spec.ports.grpc
     backends: list[Obj] = [{"name": deployment_name(owner, PREDICTOR), "port": port}]
-    if canary_weight is not None:
+    if canary_share is not None:
         backends = [
-            {**backends[0], "weight": 100 - canary_weight},
-            {"name": deployment_name(owner, CANARY), "port": port, "weight": canary_weight},
+            {**backends[0], "weight": 100 - canary_share},
+            {"name": deployment_name(owner, CANARY), "port": port, "weight": canary_share},
         ]
     parents: list[Obj] = []
     for ref in target.parent_refs:
@@ -358,12 +358,12 @@ def canary_weight(spec: InferenceServiceSpec, canary_serving: bool) -> int:
     return spec.canary.traffic_percent if canary_serving else 0
 
 
-def routes(owner: Owner, spec: InferenceServiceSpec, canary_weight: int | None) -> list[Obj]:
+def routes(owner: Owner, spec: InferenceServiceSpec, canary_share: int | None) -> list[Obj]:
     """The routes spec.route asks for (none without it)."""
     if spec.route is None:
         return []
     wanted = [p for p in ROUTE_KINDS if getattr(spec.route, p) is not None]
-    return [route(owner, spec, p, canary_weight) for p in wanted]
+    return [route(owner, spec, p, canary_share) for p in wanted]
 
 
 def disruption_budget(owner: Owner) -> Obj:
